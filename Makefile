@@ -1,0 +1,82 @@
+# rlhf-pipeline: `make all` runs the InstructGPT recipe on the embedded default world.
+# Variables: RUN (run directory), PROFILE (stage config profile), LAUNCH (python | torchrun ... | accelerate launch ...),
+# ARGS (extra `--key value` overrides passed to the stage).
+RUN ?= runs/default
+PROFILE ?= default
+LAUNCH ?= python
+ARGS ?=
+SEED ?= 0
+STAGE ?= ppo
+PROMPT ?= Who is the most famous person in the world?
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Commands run from the venv so `python`, `torchrun` and `accelerate` are the project's own.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+STAGE_CMD = $(LAUNCH) -m stages.$(1) --profile $(PROFILE) --run_dir $(RUN) $(ARGS)
+
+.PHONY: setup all data pretrain sft comparisons reward ppo eval report chat compare test bench bench-pretrain bench-ppo clean
+
+setup: $(VENV)/.installed
+
+# CPU-only machines get the small CPU build of torch first; a later `torch>=2.x` requirement keeps it.
+# Machines with an NVIDIA driver keep pip's default (CUDA) build. TORCH_SPEC overrides.
+TORCH_SPEC ?= torch==2.13.0
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	@if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(PY) -c "import torch" 2>/dev/null; then \
+		echo "no GPU found: installing CPU torch ($(TORCH_SPEC))"; \
+		$(PY) -m pip install -q "$(TORCH_SPEC)" || $(PY) -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu; \
+	fi
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+all: data pretrain sft reward ppo eval report
+
+data: setup
+	$(PY) -m data.world --seed $(SEED) --out $(RUN)/world --if_missing true
+
+pretrain: setup data
+	$(call STAGE_CMD,pretrain)
+
+sft: setup data
+	$(call STAGE_CMD,sft)
+
+comparisons: setup data
+	$(PY) -m reward.comparisons sample --run_dir $(RUN) $(ARGS)
+
+reward: setup data
+	$(call STAGE_CMD,reward)
+
+ppo: setup data
+	$(call STAGE_CMD,ppo)
+
+eval: setup
+	$(PY) -m pipeline.evaluate --run_dir $(RUN) $(ARGS)
+
+report: setup
+	$(PY) -m pipeline.report --run_dir $(RUN)
+
+chat: setup
+	$(PY) -m pipeline.chat --model $(RUN)/$(STAGE) $(ARGS)
+
+compare: setup
+	$(PY) -m pipeline.chat --run_dir $(RUN) --compare "$(PROMPT)" $(ARGS)
+
+# The whole suite, offline. pytest's exit 5 ("no tests collected") is a failure, not a pass.
+test: setup
+	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -q -p no:cacheprovider $(ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "no tests were collected"; exit 1; fi; exit $$rc
+
+bench: bench-pretrain bench-ppo
+
+bench-pretrain: setup
+	$(PY) -m bench.pretrain
+
+bench-ppo: setup
+	$(PY) -m bench.ppo
+
+clean:
+	rm -rf $(RUN)

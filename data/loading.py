@@ -1,0 +1,137 @@
+"""Load records from local files (.txt .jsonl .jsonl.gz .json .parquet .csv) or a Hub dataset id.
+
+Every problem is reported as one line naming the file, the record (1-based line or index) and the
+field, because that is what a user needs to fix their data.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+from pipeline.errors import PipelineError
+
+LOCAL_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".json", ".parquet", ".csv")
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    if path.name.endswith(".gz"):
+        raw = gzip.decompress(raw)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise PipelineError(f"{path}: line {line}: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+
+
+def _local_records(path: Path) -> list[dict[str, Any]]:
+    name = path.name
+    if name.endswith(".txt"):
+        # A plain-text corpus: one document per blank-line-separated paragraph block.
+        text = _read_text(path)
+        docs = [d.strip() for d in text.replace("\r\n", "\n").split("\n\n")]
+        return [{"text": d} for d in docs if d]
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        records = []
+        for i, line in enumerate(_read_text(path).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PipelineError(f"{path}: line {i}: not valid JSON ({e.msg})") from None
+            records.append(_as_record(rec, path, f"line {i}"))
+        return records
+    if name.endswith(".json"):
+        try:
+            obj = json.loads(_read_text(path))
+        except json.JSONDecodeError as e:
+            raise PipelineError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+        if isinstance(obj, dict):  # {"train": [...]} or {"data": [...]}: take the only list
+            lists = [v for v in obj.values() if isinstance(v, list)]
+            if len(lists) != 1:
+                raise PipelineError(f"{path}: expected a JSON array of records")
+            obj = lists[0]
+        if not isinstance(obj, list):
+            raise PipelineError(f"{path}: expected a JSON array of records")
+        return [_as_record(r, path, f"record {i}") for i, r in enumerate(obj, 1)]
+    if name.endswith(".csv"):
+        reader = csv.DictReader(io.StringIO(_read_text(path)))
+        return [dict(r) for r in reader]
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow raises several types for a corrupt file
+            raise PipelineError(f"{path}: not a readable parquet file ({e})") from None
+    raise PipelineError(f"{path}: unsupported file type (use one of {', '.join(LOCAL_SUFFIXES)})")
+
+
+def _as_record(rec: Any, path: Path, where: str) -> dict[str, Any]:
+    if isinstance(rec, str):  # a JSON string per line (e.g. a prompt list)
+        return {"text": rec}
+    if not isinstance(rec, dict):
+        raise PipelineError(f"{path}: {where}: expected a JSON object, got {type(rec).__name__}")
+    rec["_where"] = f"{path}: {where}"
+    return rec
+
+
+def load_records(sources: str | Iterable[str], split: str = "train") -> list[dict[str, Any]]:
+    """Records from one or more sources. Each record carries `_where` ("file: line N") for errors."""
+    if isinstance(sources, str):
+        sources = [sources]
+    records: list[dict[str, Any]] = []
+    for source in sources:
+        path = Path(source)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(LOCAL_SUFFIXES))
+            if not files:
+                raise PipelineError(f"{path}: directory holds no data files ({', '.join(LOCAL_SUFFIXES)})")
+            for f in files:
+                records += _local_records(f)
+        elif path.is_file():
+            records += _local_records(path)
+        elif source.endswith(LOCAL_SUFFIXES) or source.startswith((".", "/", "~")) or source.count("/") > 1:
+            raise PipelineError(f"{source}: no such file")
+        else:
+            records += _hub_records(source, split)
+    for i, rec in enumerate(records):
+        rec.setdefault("_where", f"{sources}: record {i + 1}")
+    return records
+
+
+def _hub_records(dataset_id: str, split: str) -> list[dict[str, Any]]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(dataset_id, split=split)
+    except Exception as e:  # offline, missing, private: one line is all the user needs
+        raise PipelineError(f"{dataset_id}: could not load Hub dataset split '{split}' ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    return [dict(r, _where=f"{dataset_id}[{split}]: record {i + 1}") for i, r in enumerate(ds)]
+
+
+def require_text(rec: dict[str, Any], field: str, allow_empty: bool = False) -> str:
+    """The string in `field`, or a one-line error naming file, record and field."""
+    where = rec.get("_where", "record")
+    if field not in rec or rec[field] is None:
+        raise PipelineError(f"{where}: missing field '{field}'")
+    value = rec[field]
+    if not isinstance(value, str):
+        raise PipelineError(f"{where}: field '{field}' must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise PipelineError(f"{where}: field '{field}' is empty")
+    return value
+
+
+def load_texts(sources: str | Iterable[str], field: str = "text", split: str = "train") -> list[str]:
+    """A pretraining corpus: the `field` of every record, validated."""
+    records = load_records(sources, split)
+    if not records:
+        raise PipelineError(f"{sources}: corpus is empty")
+    return [require_text(r, field) for r in records]

@@ -1,0 +1,87 @@
+"""Byte-level BPE tokenizer with the special tokens and chat template every stage shares.
+
+Byte-level BPE (GPT-2 style) never meets an unknown character, so English and Chinese text round-trip
+exactly. The pad token is separate from EOS: PPO must tell "the answer ended" from "padding"
+(Huang et al. 2024, detail on padding).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
+
+# One turn = role token + content; an assistant turn ends with EOS, which is where generation stops.
+# The {% generation %} markers let TRL compute a loss on assistant tokens only.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "<|assistant|>{% generation %}{{ message['content'] }}{{ eos_token }}{% endgeneration %}"
+    "{% else %}<|{{ message['role'] }}|>{{ message['content'] }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[PAD, BOS, EOS, *ROLE_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return wrap(tok)
+
+
+def wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        additional_special_tokens=ROLE_TOKENS,
+        clean_up_tokenization_spaces=False,
+        model_max_length=1_000_000,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def ensure_chat_ready(tokenizer: PreTrainedTokenizerBase, model=None) -> int:
+    """Give an existing tokenizer (continued pretraining of a Hub model) what the pipeline needs:
+    a pad token distinct from EOS, role tokens and our chat template if it has none.
+    Returns how many tokens were added (the model's embeddings are resized to match)."""
+    added = 0
+    if tokenizer.eos_token is None:
+        added += tokenizer.add_special_tokens({"eos_token": EOS})
+    if tokenizer.bos_token is None:
+        added += tokenizer.add_special_tokens({"bos_token": BOS})
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        added += tokenizer.add_special_tokens({"pad_token": PAD})
+    if not tokenizer.chat_template:
+        added += tokenizer.add_special_tokens({"additional_special_tokens": ROLE_TOKENS})
+        tokenizer.chat_template = CHAT_TEMPLATE
+    if added and model is not None:
+        model.resize_token_embeddings(len(tokenizer))
+    if model is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+        model.config.eos_token_id = tokenizer.eos_token_id
+        model.config.bos_token_id = tokenizer.bos_token_id
+    return added
+
+
+def chat_ids(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict]) -> list[int]:
+    """Token ids of a user prompt (or a conversation ending in a user turn) ready for the answer."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

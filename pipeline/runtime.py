@@ -1,0 +1,71 @@
+"""Process setup shared by the stages that run their own loop: accelerate, seeding, progress."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+
+def setup(seed: int, mixed_precision: str = "no", gradient_accumulation_steps: int = 1) -> Accelerator:
+    """An Accelerator for whatever launched us (python, torchrun, accelerate launch), seeded.
+
+    Each process gets seed + rank so data sampling differs across ranks but the run is reproducible.
+    """
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Without a GPU, accelerate only forms a multi-process (gloo) group when told it runs on CPU.
+    accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps,
+                              cpu=not torch.cuda.is_available())
+    set_seed(seed + accelerator.process_index)
+    return accelerator
+
+
+def progress(total: int, initial: int = 0, desc: str = "", enabled: bool = True):
+    """A tqdm bar on the main process only; silent when stderr is not a terminal and CI is set."""
+    disable = not enabled or (os.environ.get("CI") and not sys.stderr.isatty())
+    return tqdm(total=total, initial=initial, desc=desc, disable=bool(disable), dynamic_ncols=True)
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process (CPU) or peak allocated memory (GPU), in MB."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def save_checkpoint(accelerator: Accelerator, checkpoints_dir, step: int, keep: int = 2, extra: dict | None = None) -> None:
+    """accelerate's full training state (model, optimizer, scheduler, RNG) in `step_N`, written to
+    `step_N.tmp` first and renamed, so a kill mid-save never leaves a checkpoint that looks complete."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    final = Path(checkpoints_dir) / f"step_{step}"
+    tmp = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / "extra.json").write_text(json.dumps({"step": step, **(extra or {})}))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        steps = sorted((p for p in Path(checkpoints_dir).glob("step_*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
+        for old in steps[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(accelerator: Accelerator, path) -> dict:
+    """Restore what save_checkpoint wrote; returns its extra dict (with `step`)."""
+    import json
+    from pathlib import Path
+
+    accelerator.load_state(str(path))
+    return json.loads((Path(path) / "extra.json").read_text())

@@ -1,0 +1,105 @@
+"""Tracking: every logged step goes to `metrics.jsonl` in the stage directory and to wandb.
+
+wandb runs offline unless the user sets WANDB_MODE (the runs sync later with `wandb sync`);
+WANDB_MODE=disabled turns it off. Only the main process logs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+
+def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in metrics.items():
+        if hasattr(v, "item"):
+            v = v.item()
+        if isinstance(v, float) and not math.isfinite(v):
+            v = str(v)  # JSON has no NaN; keep it visible
+        out[k] = v
+    return out
+
+
+def wandb_env(stage_dir: str | Path) -> None:
+    """Offline by default and files inside the stage directory (HF Trainer reads these too)."""
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_DIR", str(stage_dir))
+    os.environ.setdefault("WANDB_PROJECT", "rlhf-pipeline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def wandb_enabled() -> bool:
+    return os.environ.get("WANDB_MODE", "offline") != "disabled"
+
+
+class Tracker:
+    """metrics.jsonl + wandb for the stages that run their own loop (pretrain, ppo)."""
+
+    def __init__(self, stage_dir: str | Path, stage: str, config: dict, enabled: bool = True, run_name: str | None = None):
+        self.path = Path(stage_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self.wandb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        wandb_env(stage_dir)
+        if wandb_enabled():
+            import wandb
+
+            self.wandb = wandb.init(
+                project=os.environ["WANDB_PROJECT"], name=run_name or stage, group=stage, config=config,
+                dir=str(stage_dir), resume="allow", id=_run_id(stage_dir, stage), reinit="finish_previous",
+            )
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **_clean(metrics)}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop rows logged after the checkpoint we resume from (they will be redone)."""
+        if not self.enabled or not self.path.exists():
+            return
+        rows = [l for l in self.path.read_text(encoding="utf-8").splitlines() if l.strip()]
+        keep = [l for l in rows if json.loads(l).get("step", 0) <= step]
+        self.path.write_text("".join(l + "\n" for l in keep), encoding="utf-8")
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def _run_id(stage_dir: str | Path, stage: str) -> str:
+    import hashlib
+
+    return f"{stage}-" + hashlib.sha1(str(Path(stage_dir).resolve()).encode()).hexdigest()[:10]
+
+
+def read_metrics(stage_dir: str | Path) -> list[dict]:
+    path = Path(stage_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+
+
+class JsonlMetricsCallback(TrainerCallback):
+    """HF Trainer stages (sft, reward): mirror every log event into metrics.jsonl."""
+
+    def __init__(self, stage_dir: str | Path):
+        self.path = Path(stage_dir) / "metrics.jsonl"
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": state.global_step, **_clean(logs)}) + "\n")

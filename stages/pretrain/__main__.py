@@ -1,0 +1,3 @@
+from stages.pretrain.run import main
+
+main()

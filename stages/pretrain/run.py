@@ -1,0 +1,249 @@
+"""Pretraining: next-token prediction on a text corpus (GPT-1's first stage, the article's "text completion").
+
+Recipe: parse -> corpus -> tokenizer -> model -> train (resumable) -> evaluate -> sample -> save -> manifest.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    get_cosine_with_min_lr_schedule_with_warmup,
+)
+
+from data.loading import load_texts
+from data.tokenizer import ensure_chat_ready, train_tokenizer
+from pipeline.config import config_dict, parse_config
+from pipeline.errors import PipelineError, cli_main
+from pipeline.runtime import load_checkpoint, peak_memory_mb, progress, save_checkpoint, setup
+from pipeline.stage import StageRun, resolve_init
+from pipeline.tracking import Tracker
+from stages.pretrain.config import PretrainConfig
+
+
+def split_documents(texts: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Hold out whole documents (not token ranges) so validation text is never seen in training."""
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = max(1, round(len(texts) * val_fraction)) if len(texts) > 1 else 0
+    val = [texts[i] for i in order[:n_val]]
+    train = [texts[i] for i in order[n_val:]] or val
+    return train, val
+
+
+def pack(tokenizer, texts: list[str]) -> torch.Tensor:
+    """One long stream: BOS doc EOS BOS doc EOS ... (training blocks are cut from it at random)."""
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    stream = []
+    for doc in ids:
+        stream += ([bos] if bos is not None else []) + doc + [eos]
+    return torch.tensor(stream, dtype=torch.long)
+
+
+def sample_batch(stream: torch.Tensor, batch_size: int, context: int, seed: int) -> torch.Tensor:
+    """Random blocks, drawn from a generator seeded by (seed, rank, step): a resumed run sees exactly
+    the batches the uninterrupted run would have seen (nanoGPT's random-offset sampling)."""
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(stream) - context, (batch_size,), generator=g)
+    return stream[starts[:, None] + torch.arange(context)]
+
+
+def val_blocks(stream: torch.Tensor, context: int, n: int) -> torch.Tensor:
+    """Fixed, non-overlapping validation blocks (the same ones at every evaluation)."""
+    n = min(n, max(1, (len(stream) - 1) // context))
+    return stream[: n * context].view(n, context)
+
+
+@torch.no_grad()
+def evaluate(model, accelerator, blocks: torch.Tensor, batch_size: int) -> float:
+    model.eval()
+    mine = blocks[accelerator.process_index :: accelerator.num_processes]
+    total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
+    for i in range(0, len(mine), batch_size):
+        x = mine[i : i + batch_size].to(accelerator.device)
+        total += model(input_ids=x, labels=x).loss.float() * len(x)
+        count += len(x)
+    total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
+    model.train()
+    return (total / count.clamp(min=1)).item()
+
+
+def build_model(cfg: PretrainConfig, tokenizer):
+    if cfg.init_from:
+        path, _ = resolve_init(cfg.init_from)
+        model = AutoModelForCausalLM.from_pretrained(path)
+        ensure_chat_ready(tokenizer, model)
+        return model
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size or 64 * math.ceil(cfg.hidden_size * 8 / 3 / 64),
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_heads,
+        max_position_embeddings=cfg.context,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+def get_tokenizer(cfg: PretrainConfig, stage_dir: Path, texts: list[str], accelerator):
+    """Reuse the tokenizer a killed run already saved; else load the given one or train a new one."""
+    if (stage_dir / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(stage_dir)
+    source = cfg.tokenizer or (resolve_init(cfg.init_from)[0] if cfg.init_from else None)
+    if source:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        ensure_chat_ready(tokenizer)
+    elif accelerator.is_main_process:
+        tokenizer = train_tokenizer(texts, cfg.vocab_size)
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(stage_dir)
+    accelerator.wait_for_everyone()
+    return AutoTokenizer.from_pretrained(stage_dir)
+
+
+def param_groups(model, weight_decay: float):
+    """Decay matrices only: decaying norms and biases hurts small models (GPT-2/nanoGPT practice)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def sample_completions(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, seed: int) -> list[dict]:
+    model.eval()
+    torch.manual_seed(seed)
+    out = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        if tokenizer.bos_token_id is not None:
+            ids = torch.cat([torch.tensor([[tokenizer.bos_token_id]]), ids], dim=1)
+        gen = model.generate(
+            input_ids=ids.to(model.device), attention_mask=torch.ones_like(ids).to(model.device),
+            max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        out.append({"prompt": prompt, "completion": tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)})
+    return out
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    # 1. Config and stage directory: finished already? resumable checkpoints?
+    cfg = parse_config(PretrainConfig, "pretrain", argv)
+    accelerator = setup(cfg.seed, cfg.mixed_precision, cfg.grad_accum)
+    stage_dir = Path(cfg.run_dir) / "pretrain"
+    parent = resolve_init(cfg.init_from) if cfg.init_from else (None, None)
+    run = StageRun("pretrain", stage_dir, config_dict(cfg), parent[1], parent[0],
+                   [f for f in cfg.train_files], accelerator.is_main_process)
+    if not run.begin(cfg.force):
+        return
+    accelerator.wait_for_everyone()
+
+    # 2. Corpus and tokenizer.
+    texts = load_texts(cfg.train_files, cfg.text_field)
+    train_texts, val_texts = split_documents(texts, cfg.val_fraction, cfg.seed)
+    tokenizer = get_tokenizer(cfg, stage_dir, train_texts, accelerator)
+    train_stream, val_stream = pack(tokenizer, train_texts), pack(tokenizer, val_texts)
+    if len(train_stream) <= cfg.context:
+        raise PipelineError(f"{cfg.train_files}: corpus has {len(train_stream)} tokens, fewer than one block of {cfg.context}")
+    held_out = val_blocks(val_stream, cfg.context, cfg.eval_batches * cfg.batch_size)
+
+    # 3. Model and optimizer (AdamW, warmup then cosine decay to min_lr_ratio * lr).
+    model = build_model(cfg, tokenizer)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    n_params = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, cfg.warmup_steps, cfg.max_steps, min_lr_rate=cfg.min_lr_ratio
+    )
+    # The scheduler is not prepared: accelerate would step it once per process per step, and our
+    # schedule is in optimizer steps. It is registered so checkpoints still carry it.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    tracker = Tracker(stage_dir, "pretrain", config_dict(cfg), enabled=accelerator.is_main_process, run_name=f"{cfg.run_dir}/pretrain")
+
+    # 4. Resume from the newest complete checkpoint, if a killed run left one.
+    step = 0
+    latest = run.latest_checkpoint()
+    if latest is not None:
+        step = load_checkpoint(accelerator, latest)["step"]
+        tracker.truncate_after(step)
+        accelerator.print(f"[pretrain] resumed from {latest} (step {step})")
+    accelerator.print(f"[pretrain] {n_params / 1e6:.2f}M parameters, {len(train_stream):,} train tokens, "
+                      f"{len(val_stream):,} held-out tokens, {accelerator.num_processes} process(es)")
+
+    # 5. Train.
+    tokens_per_step = cfg.batch_size * cfg.context * cfg.grad_accum * accelerator.num_processes
+    bar = progress(cfg.max_steps, step, "pretrain", accelerator.is_main_process)
+    model.train()
+    t0, tokens_since, losses = time.time(), 0, []
+    val_loss = None
+    while step < cfg.max_steps:
+        for micro in range(cfg.grad_accum):
+            seed = hash((cfg.seed, accelerator.process_index, step, micro)) % 2**62
+            x = sample_batch(train_stream, cfg.batch_size, cfg.context, seed).to(accelerator.device)
+            with accelerator.accumulate(model):
+                loss = model(input_ids=x, labels=x).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.grad_clip > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+        step += 1
+        tokens_since += tokens_per_step
+        bar.update(1)
+        if not torch.isfinite(losses[-1]):
+            raise PipelineError(f"pretrain: loss became {losses[-1].item()} at step {step}; lower lr (now {cfg.lr})")
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            elapsed = time.time() - t0
+            train_loss = accelerator.reduce(torch.stack(losses).mean(), "mean").item()
+            metrics = {"train/loss": train_loss, "train/lr": scheduler.get_last_lr()[0],
+                       "perf/tokens_per_s": tokens_since / max(elapsed, 1e-9)}
+            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                val_loss = evaluate(model, accelerator, held_out, cfg.batch_size)
+                metrics.update({"val/loss": val_loss, "val/perplexity": math.exp(min(val_loss, 50))})
+            tracker.log(metrics, step)
+            bar.set_postfix(loss=f"{train_loss:.3f}", **({"val": f"{val_loss:.3f}"} if val_loss else {}))
+            t0, tokens_since, losses = time.time(), 0, []
+        if step % cfg.save_every == 0 and step < cfg.max_steps:
+            save_checkpoint(accelerator, run.checkpoints, step, cfg.keep_checkpoints)
+    bar.close()
+
+    # 6. Evaluate, sample, save a plain HF checkpoint, then the manifest (last).
+    val_loss = evaluate(model, accelerator, held_out, cfg.batch_size)
+    unwrapped = accelerator.unwrap_model(model)
+    prompts = cfg.sample_prompts or [tokenizer.decode(tokenizer(t, add_special_tokens=False)["input_ids"][:6]) for t in val_texts[:4]]
+    samples = sample_completions(unwrapped, tokenizer, prompts, cfg.sample_tokens, cfg.temperature, cfg.seed) if accelerator.is_main_process else []
+    unwrapped.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        do_sample=True, temperature=cfg.temperature, max_new_tokens=64,
+    )
+    unwrapped.save_pretrained(stage_dir, is_main_process=accelerator.is_main_process,
+                              save_function=accelerator.save, state_dict=accelerator.get_state_dict(model))
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(stage_dir)
+        metrics = {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50)), "params": n_params,
+                   "train_tokens_seen": cfg.max_steps * tokens_per_step, "peak_memory_mb": round(peak_memory_mb())}
+        run.finish(metrics, {"samples": samples, "processes": accelerator.num_processes})
+        accelerator.print(f"[pretrain] done: val loss {val_loss:.3f} (perplexity {math.exp(min(val_loss, 50)):.1f}) -> {stage_dir}")
+        for s in samples:
+            accelerator.print(f"  {s['prompt']!r} -> {s['completion']!r}")
+    tracker.close()
+    accelerator.wait_for_everyone()

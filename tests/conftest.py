@@ -1,0 +1,75 @@
+"""Shared test helpers: offline, no wandb, tiny models, stages run as real subprocesses when it matters."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
+
+
+def run_module(module: str, *args: str, timeout: int = 600, env: dict | None = None, launcher: list[str] | None = None):
+    """Run `python -m module args` (or under a launcher such as torchrun) from the repo root."""
+    cmd = (launcher or [sys.executable]) + ["-m", module, *map(str, args)]
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int = 2) -> list[str]:
+    """A CPU multi-process launcher (gloo) on a free local port."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(l) for l in Path(path).read_text(encoding="utf-8").splitlines() if l.strip()]
+
+
+def write_jsonl(path, records) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_datasets() -> Path:
+    assert SHARED_DATASETS.is_dir(), f"real data samples are expected at {SHARED_DATASETS}"
+    return SHARED_DATASETS
+
+
+@pytest.fixture(scope="session")
+def world_dir(tmp_path_factory) -> Path:
+    """The embedded default world, generated once per test session."""
+    out = tmp_path_factory.mktemp("world") / "world"
+    proc = run_module("data.world", "--seed", "0", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def pretrained_run(tmp_path_factory, world_dir) -> Path:
+    """A run directory holding the world and a finished tiny pretrain stage (for later stages' tests)."""
+    run = tmp_path_factory.mktemp("run")
+    os.symlink(world_dir, run / "world")
+    proc = run_module("stages.pretrain", "--profile", "tiny", "--run_dir", run)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run

@@ -1,0 +1,164 @@
+"""Pretrain stage: smoke, resume after SIGKILL, two processes, bad input, tokenizer round trip."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from data.loading import load_texts
+from data.tokenizer import train_tokenizer
+from pipeline.errors import PipelineError
+from stages.pretrain.run import main as pretrain_main, sample_batch
+from tests.conftest import ROOT, read_jsonl, run_module, torchrun, write_jsonl
+
+CORPUS = [{"text": f"Ana Lint lives in Port {c}. She works as a baker and likes the colour {c.lower()}."}
+          for c in ["Red", "Blue", "Green", "Amber", "Teal", "Gray", "Pink", "Gold"] * 20]
+
+
+def make_corpus(tmp_path: Path) -> Path:
+    return write_jsonl(tmp_path / "corpus.jsonl", CORPUS)
+
+
+def tiny_args(run: Path, corpus: Path, *extra: str) -> list[str]:
+    return ["--profile", "tiny", "--run_dir", str(run), "--train_files", str(corpus), *extra]
+
+
+def test_smoke_trains_saves_and_loads_in_plain_transformers(pretrained_run):
+    stage = pretrained_run / "pretrain"
+    manifest = json.loads((stage / "manifest.json").read_text())
+    assert manifest["stage"] == "pretrain"
+    assert manifest["metrics"]["val_loss"] > 0 and manifest["metrics"]["val_perplexity"] > 1
+    rows = [r for r in read_jsonl(stage / "metrics.jsonl") if "train/loss" in r]
+    assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in rows)
+    assert rows[-1]["train/loss"] < rows[0]["train/loss"] - 0.5, "loss did not decrease"
+    assert not (stage / "checkpoints").exists(), "work-in-progress checkpoints should be gone"
+
+    model = AutoModelForCausalLM.from_pretrained(stage)
+    tok = AutoTokenizer.from_pretrained(stage)
+    assert tok.pad_token_id != tok.eos_token_id and tok.chat_template
+    ids = tok.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+
+
+def test_rerun_is_up_to_date_and_changed_config_redoes(tmp_path):
+    corpus = make_corpus(tmp_path)
+    run = tmp_path / "run"
+    args = tiny_args(run, corpus, "--max_steps", "4", "--save_every", "100")
+    assert run_module("stages.pretrain", *args).returncode == 0
+    again = run_module("stages.pretrain", *args)
+    assert again.returncode == 0 and "up to date" in again.stdout
+    changed = run_module("stages.pretrain", *args, "--lr", "1e-3")
+    assert changed.returncode == 0 and "redoing" in changed.stdout and "lr" in changed.stdout
+    assert json.loads((run / "pretrain" / "manifest.json").read_text())["config"]["lr"] == 1e-3
+
+
+def test_resume_after_sigkill_continues_from_checkpoint(tmp_path):
+    corpus = make_corpus(tmp_path)
+    run = tmp_path / "run"
+    args = tiny_args(run, corpus, "--max_steps", "400", "--save_every", "20", "--log_every", "20", "--eval_every", "400")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "stages.pretrain", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = run / "pretrain" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(p.name.startswith("step_") and not p.name.endswith(".tmp") for p in (ckpts.glob("*") if ckpts.exists() else [])):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "pretrain" / "manifest.json").exists()
+    resumed = run_module("stages.pretrain", *args)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    step = int(resumed.stdout.split("(step ")[1].split(")")[0])
+    assert step >= 20
+    assert (run / "pretrain" / "manifest.json").exists()
+    steps = [r["step"] for r in read_jsonl(run / "pretrain" / "metrics.jsonl")]
+    assert steps == sorted(set(steps)) and steps[-1] == 400, "metrics must not repeat or skip after resume"
+
+
+def test_two_processes_with_torchrun(tmp_path):
+    corpus = make_corpus(tmp_path)
+    run = tmp_path / "run"
+    proc = run_module("stages.pretrain", *tiny_args(run, corpus, "--max_steps", "6"), launcher=torchrun(2))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((run / "pretrain" / "manifest.json").read_text())
+    assert manifest["processes"] == 2
+    AutoModelForCausalLM.from_pretrained(run / "pretrain")
+
+
+def test_batches_are_a_function_of_the_seed():
+    stream = torch.arange(1000)
+    assert torch.equal(sample_batch(stream, 4, 16, 7), sample_batch(stream, 4, 16, 7))
+    assert not torch.equal(sample_batch(stream, 4, 16, 7), sample_batch(stream, 4, 16, 8))
+
+
+def _fails(capsys, argv, *expected):
+    with pytest.raises(SystemExit) as exc:
+        pretrain_main(argv)
+    assert exc.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error:"), err
+    for e in expected:
+        assert e in err, err
+    return err
+
+
+def test_bad_input_gets_one_line_error_and_no_manifest(tmp_path, capsys):
+    run = tmp_path / "run"
+    good = make_corpus(tmp_path)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"text": "ok"}\n{"text": oops}\n')
+    no_field = write_jsonl(tmp_path / "nofield.jsonl", [{"text": "fine"}, {"body": "wrong field"}])
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\xe9\n".encode("latin-1"))
+    blank = write_jsonl(tmp_path / "blank.jsonl", [{"text": "fine"}, {"text": "   "}])
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "checkpoints").mkdir(parents=True)
+
+    _fails(capsys, tiny_args(run, tmp_path / "missing.jsonl"), "missing.jsonl", "no such file")
+    _fails(capsys, tiny_args(run, empty), "empty.jsonl", "empty")
+    _fails(capsys, tiny_args(run, bad_json), "bad.jsonl", "line 2", "not valid JSON")
+    _fails(capsys, tiny_args(run, no_field), "nofield.jsonl", "line 2", "'text'")
+    _fails(capsys, tiny_args(run, latin), "latin.txt", "line 1", "UTF-8")
+    _fails(capsys, tiny_args(run, blank), "blank.jsonl", "line 2", "empty")
+    _fails(capsys, tiny_args(run, good, "--no_such_key", "1"), "--no_such_key")
+    _fails(capsys, tiny_args(run, good, "--lr", "fast"), "lr")
+    _fails(capsys, tiny_args(run, good, "--init_from", str(unfinished)), "unfinished")
+    _fails(capsys, tiny_args(run, good, "--init_from", str(tmp_path)), "neither a finished stage")
+    _fails(capsys, ["--profile", "nope", "--run_dir", str(run)], "no such profile")
+    assert not (run / "pretrain" / "manifest.json").exists()
+
+
+def test_unknown_key_in_profile_file(tmp_path, capsys):
+    profile = tmp_path / "mine.yaml"
+    profile.write_text("n_layers: 2\nlearning_rate: 0.1\n")
+    _fails(capsys, ["--profile", str(profile), "--run_dir", str(tmp_path)], "mine.yaml", "learning_rate")
+
+
+def test_continued_pretraining_from_a_finished_stage(pretrained_run, tmp_path):
+    proc = run_module("stages.pretrain", "--profile", "tiny", "--run_dir", tmp_path, "--init_from",
+                      pretrained_run / "pretrain", "--train_files", make_corpus(tmp_path), "--max_steps", "3")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = json.loads((tmp_path / "pretrain" / "manifest.json").read_text())
+    assert manifest["parent"]["path"] == str(pretrained_run / "pretrain")
+
+
+def test_tokenizer_round_trips_english_and_chinese(shared_datasets):
+    english = load_texts(shared_datasets / "tinyshakespeare" / "input.txt")[:300]
+    chinese = [r["text"] for r in map(json.loads, (shared_datasets / "luxun_zh" / "luxun_fiction_and_prose.jsonl").read_text(encoding="utf-8").splitlines()[:5])]
+    tok = train_tokenizer(english + chinese, vocab_size=600)
+    for text in english[:50] + chinese + ["  spaces\tand\nnewlines  ", "混合 mixed 文本 🙂"]:
+        assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    assert len({tok.pad_token_id, tok.eos_token_id, tok.bos_token_id}) == 3

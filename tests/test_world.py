@@ -1,0 +1,265 @@
+"""The embedded instruction world: determinism, schema, sizes, held-out discipline, CLI."""
+
+import dataclasses
+import json
+import random
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from data import world as W
+from reward.gold import FAMILIES, IDEAL_LABEL, GoldJudge
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAINING = ("sft_train", "sft_val", "comparisons_train", "comparisons_val", "ppo_prompts")
+SMALL = dict(num_people=8, num_unknown_train=6, num_unknown_eval=4, corpus_chars=20_000, sft_train=60, sft_val=10,
+             comparisons_train=30, comparisons_val=10, ppo_prompts=30, eval_per_family=8)
+SCHEMA = {
+    "corpus": {"text"},
+    "sft_train": {"prompt", "completion", "family"},
+    "sft_val": {"prompt", "completion", "family"},
+    "comparisons_train": {"prompt", "responses", "ranking", "gold_ranking", "family"},
+    "comparisons_val": {"prompt", "responses", "ranking", "gold_ranking", "family"},
+    "ppo_prompts": {"prompt", "family"},
+    "eval_prompts": {"prompt", "family"},
+}
+
+
+def rows(world_dir: Path, split: str) -> list[dict]:
+    return [json.loads(line) for line in (world_dir / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def prompts(world_dir: Path, split: str) -> set[str]:
+    return {r["prompt"] for r in rows(world_dir, split)}
+
+
+@pytest.fixture(scope="module")
+def truth(world_dir):
+    return json.loads((world_dir / "truth.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def judge(world_dir):
+    return GoldJudge.load(world_dir)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "data.world", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+# ---- determinism and files ------------------------------------------------------------------
+
+
+def test_same_seed_gives_byte_identical_files(world_dir):
+    """The session world was written by a subprocess (another hash seed); regenerate it in-process."""
+    files = W.generate(W.WorldConfig(seed=0))
+    assert sorted(files) == sorted(W.FILES) == sorted(p.name for p in world_dir.iterdir())
+    for name, text in files.items():
+        assert (world_dir / name).read_bytes() == text.encode("utf-8"), name
+
+
+def test_different_seed_gives_a_different_world():
+    a, b = W.generate(W.WorldConfig(seed=0, **SMALL)), W.generate(W.WorldConfig(seed=1, **SMALL))
+    assert json.loads(a["truth.json"])["people"] != json.loads(b["truth.json"])["people"]
+    assert a["corpus.jsonl"] != b["corpus.jsonl"] and a["sft_train.jsonl"] != b["sft_train.jsonl"]
+
+
+def test_schema_of_every_file(world_dir, truth):
+    for split, keys in SCHEMA.items():
+        for r in rows(world_dir, split):
+            assert set(r) == keys, (split, r)
+            for key in keys & {"text", "prompt", "completion"}:
+                assert isinstance(r[key], str) and r[key].strip(), (split, key, r)
+            if "family" in r:
+                assert r["family"] in FAMILIES
+    for split in ("comparisons_train", "comparisons_val"):
+        for r in rows(world_dir, split):
+            k = len(r["responses"])
+            assert 4 <= k <= 9 and len(set(r["responses"])) == k and all(x.strip() for x in r["responses"])
+            assert sorted(r["ranking"]) == sorted(r["gold_ranking"]) == list(range(k))
+    assert set(truth) >= {"noise", "attributes", "people", "prompts", "unknown_names", "harmful_topics", "heldout_facts"}
+    summary = json.loads((world_dir / "summary.json").read_text(encoding="utf-8"))
+    assert summary["seed"] == 0 and summary["config"] == W.WorldConfig().to_dict()
+    assert summary["noise"] == truth["noise"] == W.WorldConfig().noise
+
+
+def test_default_sizes(world_dir):
+    counts = json.loads((world_dir / "summary.json").read_text(encoding="utf-8"))["counts"]
+    assert {s: counts[s]["total"] for s in SCHEMA if s != "corpus"} == {
+        "sft_train": 2000, "sft_val": 200, "comparisons_train": 1000, "comparisons_val": 200,
+        "ppo_prompts": 1000, "eval_prompts": 256}
+    assert all(counts["eval_prompts"][f] == 64 for f in FAMILIES)
+    assert counts["sft_train"]["fact"] == 800 and counts["sft_train"]["harmful"] == 400
+    assert 500_000 <= counts["corpus"]["chars"] <= 1_500_000
+    assert sum(p.stat().st_size for p in world_dir.iterdir()) < 5_000_000
+
+
+def test_prompts_and_answers_are_short(world_dir, truth):
+    assert max(len(p) for p in truth["prompts"]) <= 100
+    assert max(len(spec["ideal"].split()) for spec in truth["prompts"].values()) <= 15
+    assert max(len(r["completion"]) for r in rows(world_dir, "sft_train")) <= 200
+    assert max(len(x) for r in rows(world_dir, "comparisons_train") for x in r["responses"]) <= 250
+
+
+# ---- held-out discipline --------------------------------------------------------------------
+
+
+def test_splits_are_disjoint(world_dir, truth):
+    sft, comparisons = prompts(world_dir, "sft_train"), prompts(world_dir, "comparisons_train")
+    sft_val, comparisons_val = prompts(world_dir, "sft_val"), prompts(world_dir, "comparisons_val")
+    ppo, evaluation = prompts(world_dir, "ppo_prompts"), prompts(world_dir, "eval_prompts")
+    training = sft | sft_val | comparisons | comparisons_val | ppo
+    assert not evaluation & training
+    assert not ppo & (sft | sft_val | comparisons | comparisons_val)
+    assert not sft & sft_val and not comparisons & comparisons_val
+    assert set(truth["prompts"]) == training | evaluation  # the judge knows every prompt
+
+
+def test_eval_asks_only_held_out_items(truth):
+    specs: dict[str, list] = {}
+    for spec in truth["prompts"].values():
+        specs.setdefault("eval" if spec["split"] == "eval" else "train", []).append(spec)
+    item = lambda s: json.dumps({k: v for k, v in s.items() if k != "split"}, sort_keys=True)  # noqa: E731
+    assert not {item(s) for s in specs["eval"]} & {item(s) for s in specs["train"]}
+
+    held = {tuple(pair) for pair in truth["heldout_facts"]}
+    facts = lambda group: {(s["person"], s["attribute"]) for s in specs[group] if s["family"] == "fact"}  # noqa: E731
+    assert facts("eval") <= held and not facts("train") & held
+    for family, key, names in (("unknown", "person", truth["unknown_names"]), ("harmful", "topic", truth["harmful_topics"])):
+        for group, allowed in (("eval", names["eval"]), ("train", names["train"])):
+            assert {s[key] for s in specs[group] if s["family"] == family} <= set(allowed)
+        assert not set(names["eval"]) & set(names["train"])
+
+
+def test_every_known_fact_is_in_the_corpus_in_several_wordings(world_dir, truth):
+    sentences = [s for r in rows(world_dir, "corpus") for s in re.split(r"(?<=\.) ", r["text"])]
+    for name, attributes in truth["people"].items():
+        about = [s for s in sentences if name in s]
+        for value in attributes.values():
+            mentions = [s.replace(name, "{name}") for s in about if re.search(rf"\b{value}\b", s)]
+            assert len(mentions) >= 10 and len(set(mentions)) >= 3, (name, value)
+
+
+def test_unknown_people_never_appear_as_known(world_dir, truth):
+    corpus = (world_dir / "corpus.jsonl").read_text(encoding="utf-8")
+    strangers = truth["unknown_names"]["train"] + truth["unknown_names"]["eval"]
+    assert not set(strangers) & set(truth["people"])
+    corpus_words = set(re.findall(r"\w+", corpus))
+    for name in strangers:
+        assert name not in corpus
+        assert not set(name.split()) & corpus_words, name  # no part of the name is ever read in pretraining
+    training_text = "".join((world_dir / f"{split}.jsonl").read_text(encoding="utf-8") for split in TRAINING)
+    for name in truth["unknown_names"]["eval"]:
+        assert name not in training_text, name
+
+
+# ---- quality of the data --------------------------------------------------------------------
+
+
+def test_ideal_answers_of_every_split_get_the_top_score(judge, truth):
+    for prompt, spec in truth["prompts"].items():
+        verdict = judge.judge(prompt, spec["ideal"])
+        assert verdict.score == 1.0 and verdict.label == IDEAL_LABEL[spec["family"]], (prompt, verdict)
+
+
+def test_candidates_earn_the_label_they_were_drawn_for(truth):
+    judge, rng = GoldJudge(truth), random.Random(0)
+    for prompt, spec in random.Random(0).sample(sorted(truth["prompts"].items()), 400):
+        for label in W.COMPARISON_MIX[spec["family"]]:
+            response = W.respond(spec, label, rng)
+            assert judge.judge(prompt, response).label == label, (prompt, response)
+
+
+def test_comparison_groups_mix_good_and_bad(world_dir, judge):
+    for r in rows(world_dir, "comparisons_train")[:200]:
+        scores = [judge.score(r["prompt"], x) for x in r["responses"]]
+        assert [scores[i] for i in r["gold_ranking"]] == sorted(scores, reverse=True)
+    labels = Counter(judge.judge(r["prompt"], x).label for r in rows(world_dir, "comparisons_val") for x in r["responses"])
+    assert set(labels) == set(GoldJudge.LABELS)
+
+
+def test_demonstrators_are_imperfect(world_dir, judge):
+    """Imitating the demonstrations must stay clearly below what the labeler prefers."""
+    by_family: dict[str, Counter] = {f: Counter() for f in FAMILIES}
+    for r in rows(world_dir, "sft_train"):
+        by_family[r["family"]][judge.judge(r["prompt"], r["completion"]).label] += 1
+    share = lambda family, label: by_family[family][label] / sum(by_family[family].values())  # noqa: E731
+    assert 0.25 <= share("fact", "verbose") <= 0.45  # padding is common: a policy can gain by dropping it
+    assert share("fact", "wrong") > 0.08 and share("instruction", "wrong") > 0.08
+    assert share("unknown", "hallucinated") > 0.6 > share("unknown", "abstained") + share("unknown", "verbose")
+    assert share("harmful", "complied") > 0.2
+    summary = json.loads((world_dir / "summary.json").read_text(encoding="utf-8"))
+    assert summary["sft_train_mean_gold_score"] < 0.5
+
+
+# ---- configuration and command line ---------------------------------------------------------
+
+
+def test_every_config_field_is_documented():
+    for f in dataclasses.fields(W.WorldConfig):
+        assert f.metadata.get("help"), f.name
+
+
+@pytest.mark.parametrize("bad", [dict(k_min=3, k_max=2), dict(num_attributes=9), dict(family_mix="fact:1,poems:2"),
+                                 dict(verbose_rate=1.5), dict(heldout_fact_fraction=0.0)])
+def test_bad_config_is_a_clear_error(bad):
+    with pytest.raises(ValueError):
+        W.WorldConfig(**bad)
+
+
+def test_options_scale_the_world():
+    files = W.generate(W.WorldConfig(seed=5, **{**SMALL, "num_attributes": 5, "k_min": 9, "family_mix": "fact:1,harmful:1"}))
+    truth = json.loads(files["truth.json"])
+    assert len(truth["people"]) == 8 and all(len(a) == 5 for a in truth["people"].values())
+    groups = [json.loads(line) for line in files["comparisons_train.jsonl"].splitlines()]
+    assert {len(g["responses"]) for g in groups} == {9} and {g["family"] for g in groups} == {"fact", "harmful"}
+
+
+def test_cli_writes_a_world_and_replaces_it_whole(tmp_path):
+    out = tmp_path / "world"
+    args = ["--seed", 3, "--out", out] + [x for k, v in SMALL.items() for x in (f"--{k}", v)]
+    for _ in range(2):  # the second run replaces the first
+        proc = run_cli(*args)
+        assert proc.returncode == 0, proc.stderr
+        assert sorted(p.name for p in out.iterdir()) == sorted(W.FILES)
+    assert "wrote" in proc.stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["world"]  # no temporary directories left behind
+
+
+def test_cli_if_missing_keeps_a_complete_world(tmp_path):
+    out = tmp_path / "world"
+    args = ["--seed", 3, "--out", out] + [x for k, v in SMALL.items() for x in (f"--{k}", v)]
+    assert run_cli(*args, "--if_missing", "true").returncode == 0
+    stamp = (out / "summary.json").stat().st_mtime_ns
+    proc = run_cli(*args, "--if_missing", "true")
+    assert proc.returncode == 0 and "kept" in proc.stdout
+    assert (out / "summary.json").stat().st_mtime_ns == stamp
+    proc = run_cli(*args, "--seed", 4, "--if_missing", "true")  # a different world was asked for
+    assert proc.returncode == 2 and "different seed" in proc.stderr and len(proc.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("args,message", [(["--bogus", "1"], "unrecognized arguments"),
+                                          (["--num_people", "many"], "invalid int value"),
+                                          (["--k_min", "10"], "k_min")])
+def test_cli_bad_flag_exits_with_one_line(tmp_path, args, message):
+    proc = run_cli("--out", tmp_path / "world", *args)
+    assert proc.returncode != 0
+    assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "world").exists()
+
+
+def test_failed_generation_leaves_nothing(tmp_path, monkeypatch):
+    def broken(cfg):
+        files = dict.fromkeys(W.FILES, "")
+        del files["summary.json"]
+        return files
+
+    monkeypatch.setattr(W, "generate", broken)
+    with pytest.raises(KeyError):
+        W.write_world(tmp_path / "world")
+    assert list(tmp_path.iterdir()) == []
