@@ -84,8 +84,9 @@ def _as_record(rec: Any, path: Path, where: str) -> dict[str, Any]:
 
 def load_records(sources: str | Iterable[str], split: str = "train") -> list[dict[str, Any]]:
     """Records from one or more sources. Each record carries `_where` ("file: line N") for errors."""
-    if isinstance(sources, str):
+    if isinstance(sources, (str, Path)):
         sources = [sources]
+    sources = [str(s) for s in sources]
     records: list[dict[str, Any]] = []
     for source in sources:
         path = Path(source)
