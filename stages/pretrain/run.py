@@ -76,6 +76,11 @@ def evaluate(model, accelerator, blocks: torch.Tensor, batch_size: int) -> float
     return (total / count.clamp(min=1)).item()
 
 
+def weights_checksum(model) -> torch.Tensor:
+    """A float64 sum over all parameters: equal on every rank iff data parallelism kept them in sync."""
+    return torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().cpu()
+
+
 def build_model(cfg: PretrainConfig, tokenizer):
     if cfg.init_from:
         path, _ = resolve_init(cfg.init_from)
@@ -228,6 +233,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # 6. Evaluate, sample, save a plain HF checkpoint, then the manifest (last).
     val_loss = evaluate(model, accelerator, held_out, cfg.batch_size)
+    checksums = accelerator.gather(weights_checksum(model).to(accelerator.device)[None]).tolist()
     unwrapped = accelerator.unwrap_model(model)
     prompts = cfg.sample_prompts or [tokenizer.decode(tokenizer(t, add_special_tokens=False)["input_ids"][:6]) for t in val_texts[:4]]
     samples = sample_completions(unwrapped, tokenizer, prompts, cfg.sample_tokens, cfg.temperature, cfg.seed) if accelerator.is_main_process else []
@@ -241,7 +247,8 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer.save_pretrained(stage_dir)
         metrics = {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50)), "params": n_params,
                    "train_tokens_seen": cfg.max_steps * tokens_per_step, "peak_memory_mb": round(peak_memory_mb())}
-        run.finish(metrics, {"samples": samples, "processes": accelerator.num_processes})
+        run.finish(metrics, {"samples": samples, "processes": accelerator.num_processes,
+                             "weights_checksum_per_rank": checksums})
         accelerator.print(f"[pretrain] done: val loss {val_loss:.3f} (perplexity {math.exp(min(val_loss, 50)):.1f}) -> {stage_dir}")
         for s in samples:
             accelerator.print(f"  {s['prompt']!r} -> {s['completion']!r}")
