@@ -1,10 +1,11 @@
 # rlhf-pipeline: `make all` runs the InstructGPT recipe on the embedded default world.
 # Variables: RUN (run directory), PROFILE (stage config profile), LAUNCH (python | torchrun ... | accelerate launch ...),
-# ARGS (extra `--key value` overrides passed to the stage).
+# ARGS (extra `--key value` overrides passed to the stage), EVAL_ARGS (options for `make eval`).
 RUN ?= runs/default
 PROFILE ?= default
 LAUNCH ?= python
 ARGS ?=
+EVAL_ARGS ?=
 SEED ?= 0
 STAGE ?= ppo
 PROMPT ?= Who is the most famous person in the world?
@@ -54,7 +55,7 @@ ppo: setup data
 	$(call STAGE_CMD,ppo)
 
 eval: setup
-	$(PY) -m pipeline.evaluate --run_dir $(RUN) $(ARGS)
+	$(PY) -m pipeline.evaluate --run_dir $(RUN) $(EVAL_ARGS)
 
 report: setup
 	$(PY) -m pipeline.report --run_dir $(RUN)

@@ -1,0 +1,46 @@
+"""The whole recipe through the Makefile on the tiny profile: data -> pretrain -> sft -> reward -> ppo
+-> eval -> report, each stage consuming the previous one's checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+from tests.conftest import ROOT
+
+
+def make(*targets: str, run, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        ["make", *targets, f"RUN={run}", "PROFILE=tiny", "EVAL_ARGS=--max_prompts 24"],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env,
+    )
+
+
+def test_make_all_on_tiny_profile(tmp_path):
+    run = tmp_path / "run"
+    proc = make("all", run=run)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    manifests = {s: json.loads((run / s / "manifest.json").read_text()) for s in ("pretrain", "sft", "reward", "ppo")}
+    assert {s: m["stage"] for s, m in manifests.items()} == {s: s for s in manifests}
+    # Each stage names the directory of the one it was built from.
+    assert manifests["sft"]["parent"]["path"].endswith("pretrain")
+    assert manifests["reward"]["parent"]["path"].endswith("sft")
+    assert manifests["ppo"]["parent"]["path"].endswith("sft")
+
+    report = json.loads((run / "eval.json").read_text())
+    for stage in ("base", "sft", "ppo"):
+        assert stage in report["stages"], report["stages"].keys()
+    assert "ppo_vs_sft" in report["win_rates"]
+    text = (run / "report.md").read_text()
+    images = [line.split("](")[1].rstrip(")") for line in text.splitlines() if line.startswith("![")]
+    assert images, "report embeds no plots"
+    for image in images:
+        assert (run / image).stat().st_size > 1000
+
+    # A second `make all` finds every stage finished and redoes nothing.
+    again = make("pretrain", "sft", "reward", "ppo", run=run)
+    assert again.returncode == 0
+    assert again.stdout.count("up to date") == 4, again.stdout[-3000:]
