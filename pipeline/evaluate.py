@@ -1,0 +1,419 @@
+"""Evaluate every finished stage on the world's held-out prompts, judged by the gold labeler.
+
+    python -m pipeline.evaluate --run_dir RUN [--max_prompts N --max_new_tokens 32 --temperature 0]
+
+Each causal-LM stage (pretrain = "base", sft, ppo) answers RUN/world/eval_prompts.jsonl (greedy by
+default); the gold judge (reward.gold) labels every answer. As in InstructGPT (Ouyang et al. 2022,
+sec. 4) the headline is a win rate of each model against the previous one on held-out prompts,
+plus the honesty and harmlessness rates the article cares about (hallucination, refusal). The
+reward model's score of the same answers is the proxy reward PPO optimised; reading it next to the
+gold score shows over-optimisation (Gao et al. 2022). KL(PPO || SFT) is a Monte-Carlo estimate on
+answers sampled from PPO, the quantity PPO's KL penalty keeps small (Ziegler et al. 2019).
+
+Writes RUN/eval.json (every number and every answer) and RUN/eval.md (the table it prints).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from data.loading import load_records
+from data.tokenizer import chat_ids
+from pipeline.errors import PipelineError, cli_main
+from pipeline.generation import answer, left_pad, max_prompt_tokens
+from pipeline.stage import read_manifest, write_json_atomic
+from pipeline.stats import bootstrap_ci, mean, pairwise_outcomes, share
+from reward.gold import FAMILIES, GoldJudge
+
+# Causal-LM stages in pipeline order: (name in the evaluation, stage directory).
+CAUSAL_STAGES = (("base", "pretrain"), ("sft", "sft"), ("ppo", "ppo"))
+# Win rates reported: each stage against the one before it, and PPO against the base model.
+COMPARISONS = (("sft", "base"), ("ppo", "sft"), ("ppo", "base"))
+
+
+# ---- stages and models ----------------------------------------------------------------------
+
+def finished_stages(run_dir: str | Path) -> dict[str, Path]:
+    """{"base": RUN/pretrain, "sft": ..., "ppo": ...} for the causal-LM stages that have a manifest."""
+    run_dir = Path(run_dir)
+    return {name: run_dir / d for name, d in CAUSAL_STAGES if read_manifest(run_dir / d) is not None}
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+
+
+def load_causal_lm(path: str | Path, device: torch.device | str = "cpu"):
+    """A stage's checkpoint and tokenizer, in eval mode (dropout off)."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if not tokenizer.chat_template or tokenizer.pad_token_id is None:
+        raise PipelineError(f"{path}: tokenizer has no chat template or pad token; not a pipeline stage checkpoint")
+    model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+    return model, tokenizer
+
+
+def load_reward_model(path: str | Path, device: torch.device | str = "cpu"):
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
+    if model.config.pad_token_id is None:  # the classifier head reads the last non-pad token
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+# ---- prompts --------------------------------------------------------------------------------
+
+def select_prompts(records: list[dict], max_prompts: int = 0) -> list[dict]:
+    """The first `max_prompts` prompts taking the families in turn (all of them when 0), so a small
+    evaluation still covers every family."""
+    if max_prompts <= 0 or max_prompts >= len(records):
+        return records
+    queues: dict[str, list[dict]] = {}
+    for r in records:
+        queues.setdefault(r["family"], []).append(r)
+    chosen: list[dict] = []
+    while len(chosen) < max_prompts:
+        for q in queues.values():
+            if q and len(chosen) < max_prompts:
+                chosen.append(q.pop(0))
+    return chosen
+
+
+def load_eval_prompts(world_dir: Path, judge: GoldJudge) -> list[dict]:
+    path = world_dir / "eval_prompts.jsonl"
+    if not path.is_file():
+        raise PipelineError(f"{path} does not exist: run `make data` first")
+    records = load_records([str(path)])
+    for r in records:
+        if not isinstance(r.get("prompt"), str) or not r["prompt"].strip():
+            raise PipelineError(f"{r.get('_where', path)}: field 'prompt' is missing or empty")
+        try:
+            r["family"] = judge.spec(r["prompt"])["family"]
+        except KeyError:
+            raise PipelineError(f"{r.get('_where', path)}: prompt is not part of the world in {world_dir}") from None
+    return records
+
+
+# ---- log-probabilities, KL, reward ----------------------------------------------------------
+
+def response_mask(response: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1 for generated tokens up to and including the first EOS, 0 after it (the answer ends there;
+    Huang et al. 2024 truncate responses after EOS the same way)."""
+    is_eos = (response == eos_id).long()
+    return ((is_eos.cumsum(1) - is_eos) == 0).long()
+
+
+@torch.no_grad()
+def token_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, start: int) -> torch.Tensor:
+    """log p(ids[:, t] | ids[:, :t]) for t >= start, with positions counted from each row's first
+    real token (left padding must not shift positions; generate() counts them the same way)."""
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, start - 1:-1].float()
+    return torch.log_softmax(logits, -1).gather(-1, ids[:, start:, None]).squeeze(-1)
+
+
+@torch.no_grad()
+def sampled_kl(policy, reference, tokenizer, prompts: list[str], max_new_tokens: int, seed: int,
+               batch_size: int = 32) -> tuple[list[float], list[int]]:
+    """Per prompt, one answer y ~ policy (temperature 1) and sum_t log p_policy(y_t) - log p_ref(y_t):
+    an unbiased Monte-Carlo estimate of KL(policy || reference) on that prompt. Also the lengths."""
+    torch.manual_seed(seed)
+    device = next(policy.parameters()).device
+    limit = max(1, max_prompt_tokens(policy, max_new_tokens))
+    kls, lengths = [], []
+    for i in range(0, len(prompts), batch_size):
+        ids, mask = left_pad([chat_ids(tokenizer, p)[-limit:] for p in prompts[i:i + batch_size]], tokenizer.pad_token_id)
+        ids, mask = ids.to(device), mask.to(device)
+        out = policy.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=True,
+                              temperature=1.0, top_k=0, top_p=1.0, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id)
+        start = ids.shape[1]
+        resp_mask = response_mask(out[:, start:], tokenizer.eos_token_id)
+        full_mask = torch.cat([mask, resp_mask], 1)
+        diff = token_logprobs(policy, out, full_mask, start) - token_logprobs(reference, out, full_mask, start)
+        kls += (diff * resp_mask).sum(1).tolist()
+        lengths += resp_mask.sum(1).tolist()
+    return kls, lengths
+
+
+@torch.no_grad()
+def reward_scores(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 32) -> list[float]:
+    """The reward model's scalar for each (prompt, response), read at the last token of the chat-formatted
+    pair (its EOS), as the reward stage trains it. Right padding keeps positions natural."""
+    device = next(model.parameters()).device
+    limit = getattr(model.config, "max_position_embeddings", 2048)
+    scores: list[float] = []
+    for i in range(0, len(prompts), batch_size):
+        seqs = []
+        for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size]):
+            text = tokenizer.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
+                                                 tokenize=False)
+            seqs.append(tokenizer(text, add_special_tokens=False)["input_ids"][-limit:])
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, s in enumerate(seqs):
+            ids[j, :len(s)], mask[j, :len(s)] = torch.tensor(s), 1
+        scores += model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float().tolist()
+    return scores
+
+
+# ---- metrics --------------------------------------------------------------------------------
+
+def stage_metrics(rows: list[dict], n_boot: int, seed: int) -> dict:
+    """Gold-judge metrics of one stage from its per-prompt rows {family, label, score, tokens, words, proxy}.
+
+    Over the families: hallucination = unknown person answered with anything but an abstention or a
+    refusal; refusal accuracy = harmful request refused cleanly; over-refusal = a fact or instruction
+    (harmless, answerable) refused. "verbose" is the ideal content padded, so "correct_or_verbose"
+    counts the right content however it is worded.
+    """
+    fam = {f: [r["label"] for r in rows if r["family"] == f] for f in FAMILIES}
+    scores = [r["score"] for r in rows]
+    low, high = bootstrap_ci(scores, n_boot, seed)
+    proxies = [r["proxy"] for r in rows if r.get("proxy") is not None]
+    return {
+        "n": len(rows),
+        "gold_score": mean(scores),
+        "gold_score_ci": [low, high],
+        "gold_score_by_family": {f: mean([r["score"] for r in rows if r["family"] == f]) for f in FAMILIES},
+        "labels": {label: sum(r["label"] == label for r in rows) for label in GoldJudge.LABELS},
+        "labels_by_family": {f: {label: labels.count(label) for label in GoldJudge.LABELS} for f, labels in fam.items()},
+        "fact_accuracy": share(fam["fact"], "correct"),
+        "fact_correct_or_verbose": share(fam["fact"], {"correct", "verbose"}),
+        "instruction_accuracy": share(fam["instruction"], "correct"),
+        "instruction_correct_or_verbose": share(fam["instruction"], {"correct", "verbose"}),
+        "hallucination_rate": share(fam["unknown"], "hallucinated"),
+        "abstention_rate": share(fam["unknown"], {"abstained", "verbose"}),
+        "refusal_accuracy": share(fam["harmful"], "refused"),
+        "refusal_rate": share(fam["harmful"], {"refused", "verbose"}),
+        "over_refusal_rate": share(fam["fact"] + fam["instruction"], "over_refused"),
+        "malformed_rate": share([r["label"] for r in rows], "malformed"),
+        "response_tokens": mean([r["tokens"] for r in rows]),
+        "response_words": mean([r["words"] for r in rows]),
+        "proxy_score": mean(proxies) if proxies else None,
+    }
+
+
+def compare(rows_a: list[dict], rows_b: list[dict], n_boot: int, seed: int) -> dict:
+    """Win rate of a over b on the same prompts by gold score, ties half, with a bootstrap 95% CI."""
+    outcomes = pairwise_outcomes([r["score"] for r in rows_a], [r["score"] for r in rows_b])
+    low, high = bootstrap_ci(outcomes, n_boot, seed)
+    by_family = {f: mean([o for o, r in zip(outcomes, rows_a) if r["family"] == f]) for f in FAMILIES}
+    return {
+        "win_rate": mean(outcomes), "ci": [low, high], "n": len(outcomes),
+        "wins": outcomes.count(1.0), "ties": outcomes.count(0.5), "losses": outcomes.count(0.0),
+        "by_family": by_family,
+    }
+
+
+# ---- the evaluation -------------------------------------------------------------------------
+
+def evaluate_run(run_dir: str | Path, max_prompts: int = 0, max_new_tokens: int = 32, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, bootstrap: int = 1000, batch_size: int = 64,
+                 kl_prompts: int = -1, device: str = "auto", log=print) -> dict:
+    run_dir = Path(run_dir)
+    t0 = time.time()
+    world = run_dir / "world"
+    if not (world / "truth.json").is_file():
+        raise PipelineError(f"{world}/truth.json not found: evaluation needs the embedded world's gold judge (run `make data RUN={run_dir}`)")
+    judge = GoldJudge.load(world)
+    records = select_prompts(load_eval_prompts(world, judge), max_prompts)
+    prompts = [r["prompt"] for r in records]
+    stages = finished_stages(run_dir)
+    if not stages:
+        raise PipelineError(f"{run_dir}: no finished causal-LM stage (pretrain, sft, ppo): run `make pretrain RUN={run_dir}` first")
+    dev = pick_device(device)
+    log(f"[eval] {len(prompts)} held-out prompts x stages {', '.join(stages)} on {dev}")
+
+    # 1. Every stage answers every prompt; the gold judge labels each answer.
+    rows: dict[str, list[dict]] = {}
+    params: dict[str, int] = {}
+    for name, path in stages.items():
+        model, tokenizer = load_causal_lm(path, dev)
+        params[name] = sum(p.numel() for p in model.parameters())
+        texts = answer(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                       top_p=top_p, batch_size=batch_size, seed=seed)
+        rows[name] = []
+        for rec, text in zip(records, texts):
+            v = judge.judge(rec["prompt"], text)
+            rows[name].append({"family": rec["family"], "answer": text, "label": v.label, "score": v.score,
+                               "tokens": len(tokenizer(text, add_special_tokens=False)["input_ids"]),
+                               "words": len(text.split()), "proxy": None})
+        del model
+        log(f"[eval] {name}: mean gold score {mean([r['score'] for r in rows[name]]):+.3f}")
+
+    # 2. The reward model scores the same answers: the proxy reward PPO climbed.
+    reward_dir = run_dir / "reward"
+    reward_manifest = read_manifest(reward_dir)
+    if reward_manifest is not None:
+        rm, rm_tok = load_reward_model(reward_dir, dev)
+        for name in rows:
+            scores = reward_scores(rm, rm_tok, prompts, [r["answer"] for r in rows[name]], batch_size)
+            for r, s in zip(rows[name], scores):
+                r["proxy"] = s
+        del rm
+
+    # 3. KL(PPO || SFT), sampled at temperature 1 as PPO's rollouts are.
+    kl = None
+    if "ppo" in stages and "sft" in stages and kl_prompts != 0:
+        policy, tokenizer = load_causal_lm(stages["ppo"], dev)
+        reference, _ = load_causal_lm(stages["sft"], dev)
+        kl_set = prompts if kl_prompts < 0 else prompts[:kl_prompts]
+        values, lengths = sampled_kl(policy, reference, tokenizer, kl_set, max_new_tokens, seed, batch_size)
+        low, high = bootstrap_ci(values, bootstrap, seed)
+        kl = {"mean": mean(values), "ci": [low, high], "n": len(values), "mean_response_tokens": mean(lengths)}
+        del policy, reference
+
+    # 4. Metrics, win rates, and what the stages' manifests recorded.
+    result = {
+        "run_dir": str(run_dir),
+        "settings": {"max_prompts": max_prompts, "max_new_tokens": max_new_tokens, "temperature": temperature,
+                     "top_p": top_p, "seed": seed, "bootstrap": bootstrap, "kl_prompts": kl_prompts},
+        "num_prompts": len(prompts),
+        "prompts_by_family": dict(Counter(r["family"] for r in records)),
+        "stages": {name: {"path": str(stages[name]), "params": params[name], **stage_metrics(rows[name], bootstrap, seed)}
+                   for name in rows},
+        "win_rates": {f"{a}_vs_{b}": compare(rows[a], rows[b], bootstrap, seed)
+                      for a, b in COMPARISONS if a in rows and b in rows},
+        "kl_ppo_sft": kl,
+        "pretrain": _pretrain_summary(run_dir),
+        "reward_model": _reward_summary(reward_dir, reward_manifest),
+        "answers": [
+            {"prompt": rec["prompt"], "family": rec["family"], "ideal": judge.ideal(rec["prompt"]),
+             "responses": {name: {k: rows[name][i][k] for k in ("answer", "label", "score", "tokens", "proxy")} for name in rows}}
+            for i, rec in enumerate(records)
+        ],
+    }
+    result["seconds"] = round(time.time() - t0, 1)
+    return result
+
+
+def _pretrain_summary(run_dir: Path) -> dict | None:
+    manifest = read_manifest(run_dir / "pretrain")
+    if manifest is None:
+        return None
+    m = manifest.get("metrics", {})
+    return {"val_loss": m.get("val_loss"), "val_perplexity": m.get("val_perplexity")}
+
+
+def _reward_summary(reward_dir: Path, manifest: dict | None) -> dict:
+    if manifest is None:
+        return {"finished": False}
+    return {"finished": True, "path": str(reward_dir), "accuracy": accuracy_metrics(manifest.get("metrics") or {})}
+
+
+def accuracy_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """Every number whose key mentions accuracy, nested dicts flattened as "outer/inner"."""
+    found = {}
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            found.update(accuracy_metrics(v, f"{prefix}{k}/"))
+        elif "accuracy" in f"{prefix}{k}" and isinstance(v, (int, float)) and not isinstance(v, bool):
+            found[f"{prefix}{k}"] = v
+    return found
+
+
+# ---- the table ------------------------------------------------------------------------------
+
+def _fmt(x, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def _with_ci(value, ci) -> str:
+    return "-" if value is None else f"{_fmt(value)} [{_fmt(ci[0])}, {_fmt(ci[1])}]"
+
+
+def markdown_table(result: dict) -> str:
+    """One column per stage, one row per metric (the table eval.md holds and the CLI prints)."""
+    # Pipeline order (eval.json is written with sorted keys).
+    names = [n for n, _ in CAUSAL_STAGES if n in result["stages"]]
+    stages = {n: result["stages"][n] for n in names}
+    rows: list[tuple[str, list[str]]] = [
+        ("mean gold score [95% CI]", [_with_ci(s["gold_score"], s["gold_score_ci"]) for s in stages.values()]),
+    ]
+    for f in FAMILIES:
+        rows.append((f"gold score: {f}", [_fmt(s["gold_score_by_family"][f]) for s in stages.values()]))
+    metric_rows = [
+        ("fact: correct", "fact_accuracy"), ("fact: correct or verbose", "fact_correct_or_verbose"),
+        ("instruction: correct", "instruction_accuracy"),
+        ("instruction: correct or verbose", "instruction_correct_or_verbose"),
+        ("hallucination rate (unknown)", "hallucination_rate"), ("abstention rate (unknown)", "abstention_rate"),
+        ("refusal accuracy (harmful)", "refusal_accuracy"), ("refusal rate (harmful)", "refusal_rate"),
+        ("over-refusal rate (fact+instruction)", "over_refusal_rate"), ("malformed rate", "malformed_rate"),
+        ("response length (tokens)", "response_tokens"), ("reward model score (proxy)", "proxy_score"),
+    ]
+    for title, key in metric_rows:
+        rows.append((title, [_fmt(s[key], 1 if key == "response_tokens" else 3) for s in stages.values()]))
+    wins = result["win_rates"]
+    previous = {"sft": "sft_vs_base", "ppo": "ppo_vs_sft"}
+    rows.append(("win rate vs previous stage [95% CI]",
+                 [_with_ci(wins[previous[n]]["win_rate"], wins[previous[n]]["ci"]) if previous.get(n) in wins else "-" for n in names]))
+    rows.append(("win rate vs base [95% CI]",
+                 [_with_ci(wins[f"{n}_vs_base"]["win_rate"], wins[f"{n}_vs_base"]["ci"]) if f"{n}_vs_base" in wins else "-" for n in names]))
+    kl = result.get("kl_ppo_sft")
+    rows.append(("KL to SFT (nats/answer) [95% CI]", [_with_ci(kl["mean"], kl["ci"]) if kl and n == "ppo" else "-" for n in names]))
+
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines += [f"| {title} | " + " | ".join(cells) + " |" for title, cells in rows]
+    extra = []
+    if result.get("pretrain"):
+        p = result["pretrain"]
+        extra.append(f"- pretrain held-out loss {_fmt(p['val_loss'])}, perplexity {_fmt(p['val_perplexity'], 2)}")
+    rm = result.get("reward_model", {})
+    if rm.get("finished"):
+        acc = ", ".join(f"{k} {_fmt(v)}" for k, v in rm["accuracy"].items()) or "no accuracy recorded in its manifest"
+        extra.append(f"- reward model held-out accuracy: {acc}")
+    else:
+        extra.append("- reward model: not finished (no proxy scores)")
+    extra.append(f"- {result['num_prompts']} held-out prompts ({', '.join(f'{k} {v}' for k, v in result['prompts_by_family'].items())}), "
+                 f"temperature {result['settings']['temperature']}, max {result['settings']['max_new_tokens']} new tokens")
+    return "\n".join(lines) + "\n\n" + "\n".join(extra) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run_dir", default="runs/default", help="run directory holding world/ and the stage directories")
+    p.add_argument("--max_prompts", type=int, default=0, help="evaluate at most this many held-out prompts, families in turn (0 = all)")
+    p.add_argument("--max_new_tokens", type=int, default=32, help="answer length limit in tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of the answers (0 = greedy)")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling when temperature > 0")
+    p.add_argument("--seed", type=int, default=0, help="seed of sampling and of the bootstrap")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% confidence intervals")
+    p.add_argument("--batch_size", type=int, default=64, help="prompts generated together")
+    p.add_argument("--kl_prompts", type=int, default=-1, help="prompts sampled for KL(PPO || SFT) (-1 = all evaluated, 0 = skip)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch (0 = torch's default); 1 is fastest for tiny models on a busy machine")
+    return p
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.max_new_tokens < 1 or args.batch_size < 1 or args.bootstrap < 0 or args.temperature < 0:
+        raise PipelineError("--max_new_tokens and --batch_size must be >= 1, --bootstrap and --temperature >= 0")
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per model drowns the table
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    result = evaluate_run(args.run_dir, args.max_prompts, args.max_new_tokens, args.temperature, args.top_p,
+                          args.seed, args.bootstrap, args.batch_size, args.kl_prompts, args.device)
+    run_dir = Path(args.run_dir)
+    table = markdown_table(result)
+    write_json_atomic(run_dir / "eval.json", result)
+    (run_dir / "eval.md").write_text(f"# Evaluation of {run_dir}\n\n{table}", encoding="utf-8")
+    print(table)
+    print(f"[eval] wrote {run_dir / 'eval.json'} and {run_dir / 'eval.md'} in {result['seconds']}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,273 @@
+"""Evaluation: the statistics by hand, the log-prob/KL/reward helpers, and `python -m pipeline.evaluate`
+end to end on a run whose sft/ppo/reward stages are stand-ins built from the tiny pretrained model.
+
+The `staged_run` and `evaluated_run` fixtures are shared with tests/test_report.py and tests/test_chat.py
+(imported there); they build their directory once per session, whichever test file asks first.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from data.tokenizer import chat_ids
+from pipeline.errors import PipelineError
+from pipeline.evaluate import (evaluate_run, markdown_table, response_mask, reward_scores, sampled_kl,
+                               select_prompts, stage_metrics, token_logprobs)
+from pipeline.generation import left_pad
+from pipeline.stage import read_manifest, write_json_atomic
+from pipeline.stats import bootstrap_ci, pairwise_outcomes, share, win_rate
+from reward.gold import FAMILIES, GoldJudge
+from tests.conftest import run_module, write_jsonl
+
+EVAL_PROMPTS = 12  # 3 per family: every rate is defined
+RATE_KEYS = ("fact_accuracy", "fact_correct_or_verbose", "instruction_accuracy", "instruction_correct_or_verbose",
+             "hallucination_rate", "abstention_rate", "refusal_accuracy", "refusal_rate", "over_refusal_rate",
+             "malformed_rate")
+
+
+# ---- fixtures: one run dir with stand-ins for every stage --------------------------------------
+
+def _stand_in_metrics(stage: str) -> list[dict]:
+    """metrics.jsonl rows with the keys each real stage logs (the report plots them)."""
+    if stage == "sft":
+        return [{"step": s, "loss": 3.0 / s, "learning_rate": 1e-3 * (1 - s / 10)} for s in range(1, 11)] + \
+               [{"step": s, "eval_loss": 2.0 / s} for s in (5, 10)]
+    if stage == "reward":
+        return [{"step": s, "loss": 0.7 - 0.02 * s} for s in range(1, 11)] + \
+               [{"step": s, "eval_loss": 0.65, "eval_accuracy": 0.55 + 0.01 * s} for s in (5, 10)]
+    keys = ("objective/score", "objective/kl", "objective/kl_coef", "objective/total_reward", "policy/entropy",
+            "loss/policy", "loss/value", "policy/clipfrac", "value/clipfrac", "policy/approx_kl",
+            "value/explained_variance", "response/length", "response/no_eos_rate", "perf/episodes_per_s",
+            "gold/score", "gold/hallucination_rate", "gold/proxy_score")
+    return [{"step": s, **{k: math.sin(s + i) + 1.0 for i, k in enumerate(keys)}} for s in range(1, 9)]
+
+
+def _finish_stand_in(stage_dir: Path, stage: str, metrics: dict) -> None:
+    write_jsonl(stage_dir / "metrics.jsonl", _stand_in_metrics(stage))
+    manifest = read_manifest(stage_dir)
+    manifest.update(stage=stage, metrics=metrics)
+    write_json_atomic(stage_dir / "manifest.json", manifest)  # last, as a real stage does
+
+
+@pytest.fixture(scope="session")
+def staged_run(tmp_path_factory, pretrained_run) -> Path:
+    """RUN/world + RUN/pretrain (real, tiny) and stand-ins: RUN/sft and RUN/ppo are copies of the pretrained
+    model, RUN/reward a sequence classifier on top of it (random scalar head). Identical policies make the
+    expected win rates (0.5, all ties) and KL (0) known exactly."""
+    run = tmp_path_factory.getbasetemp() / "staged_run"
+    if (run / "reward" / "manifest.json").is_file():  # built already by another test file importing this fixture
+        return run
+    run.mkdir()
+    os.symlink((pretrained_run / "world").resolve(), run / "world")
+    shutil.copytree(pretrained_run / "pretrain", run / "pretrain")
+    for stage in ("sft", "ppo"):
+        shutil.copytree(run / "pretrain", run / stage)
+        _finish_stand_in(run / stage, stage, {"eval_loss": 1.5} if stage == "sft" else {"gold_score": 0.1})
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_pretrained(run / "pretrain", num_labels=1)
+    tok = AutoTokenizer.from_pretrained(run / "pretrain")
+    rm.config.pad_token_id = tok.pad_token_id
+    rm.save_pretrained(run / "reward")
+    tok.save_pretrained(run / "reward")
+    shutil.copy(run / "pretrain" / "manifest.json", run / "reward" / "manifest.json")
+    _finish_stand_in(run / "reward", "reward", {"eval_accuracy": 0.6, "test": {"pairwise_accuracy": 0.64}, "eval_loss": 0.6})
+    return run
+
+
+@pytest.fixture(scope="session")
+def evaluated_run(staged_run) -> Path:
+    """`staged_run` after `python -m pipeline.evaluate` (the real CLI)."""
+    if not (staged_run / "eval.json").is_file():
+        proc = run_module("pipeline.evaluate", "--run_dir", staged_run, "--max_prompts", EVAL_PROMPTS,
+                          "--max_new_tokens", 12, "--bootstrap", 200, "--seed", 0, "--threads", 1)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "| metric | base | sft | ppo |" in proc.stdout
+    return staged_run
+
+
+# ---- statistics ---------------------------------------------------------------------------
+
+def test_win_rate_counts_ties_half():
+    a = [1.0, 0.5, 0.0, 1.0, -0.75]
+    b = [0.0, 0.5, 1.0, -1.0, -0.75]
+    assert pairwise_outcomes(a, b) == [1.0, 0.5, 0.0, 1.0, 0.5]
+    assert win_rate(a, b) == pytest.approx(3.0 / 5)
+    assert win_rate(b, a) == pytest.approx(2.0 / 5)  # a's wins are b's losses; ties stay half
+    assert win_rate(a, a) == 0.5
+    with pytest.raises(ValueError):
+        win_rate([1.0], [1.0, 0.0])
+
+
+def test_bootstrap_interval_known_cases():
+    assert bootstrap_ci([1.0] * 20, 500, seed=0) == (1.0, 1.0)  # all wins: no uncertainty left
+    symmetric = [0.0, 1.0] * 50
+    low, high = bootstrap_ci(symmetric, 1000, seed=0)
+    assert low < 0.5 < high
+    # Width close to the normal approximation 2 * 1.96 * sd / sqrt(n) = 0.196 for n = 100 coin flips.
+    assert 0.15 < high - low < 0.25
+    assert bootstrap_ci(symmetric, 1000, seed=3) == bootstrap_ci(symmetric, 1000, seed=3)
+    assert bootstrap_ci(symmetric, 1000, seed=3) != bootstrap_ci(symmetric, 1000, seed=4)
+    wide = bootstrap_ci([0.0, 1.0] * 10, 1000, seed=0)
+    assert wide[1] - wide[0] > high - low  # fewer prompts, wider interval
+    assert all(math.isnan(x) for x in bootstrap_ci([], 100))
+
+
+def test_share_and_stage_metrics_by_hand():
+    assert share([], "correct") is None
+    rows = [{"family": f, "label": l, "score": s, "tokens": 4, "words": 3, "proxy": 0.5}
+            for f, l, s in [("unknown", "hallucinated", -0.75), ("unknown", "abstained", 1.0),
+                            ("harmful", "refused", 1.0), ("harmful", "complied", -1.0), ("harmful", "verbose", 0.5),
+                            ("fact", "correct", 1.0), ("fact", "verbose", 0.5), ("fact", "over_refused", -0.25),
+                            ("instruction", "wrong", -0.5)]]
+    m = stage_metrics(rows, n_boot=100, seed=0)
+    assert m["hallucination_rate"] == 0.5 and m["abstention_rate"] == 0.5
+    assert m["refusal_accuracy"] == pytest.approx(1 / 3) and m["refusal_rate"] == pytest.approx(2 / 3)
+    assert m["over_refusal_rate"] == pytest.approx(1 / 4)  # fact + instruction prompts only
+    assert m["fact_accuracy"] == pytest.approx(1 / 3) and m["fact_correct_or_verbose"] == pytest.approx(2 / 3)
+    assert m["instruction_accuracy"] == 0.0 and m["malformed_rate"] == 0.0
+    assert m["gold_score"] == pytest.approx(sum(r["score"] for r in rows) / len(rows))
+    assert m["gold_score_by_family"]["harmful"] == pytest.approx(0.5 / 3)
+    assert m["labels"]["verbose"] == 2 and sum(m["labels"].values()) == len(rows)
+    assert m["labels_by_family"]["harmful"]["complied"] == 1
+    assert m["response_tokens"] == 4 and m["proxy_score"] == 0.5
+
+
+def test_select_prompts_takes_families_in_turn():
+    records = [{"prompt": f"{f}{i}", "family": f} for f in ("fact",) * 1 for i in range(6)] + \
+              [{"prompt": f"u{i}", "family": "unknown"} for i in range(2)]
+    chosen = select_prompts(records, 4)
+    assert [r["family"] for r in chosen] == ["fact", "unknown", "fact", "unknown"]
+    assert select_prompts(records, 0) == records
+
+
+def test_response_mask_ends_after_first_eos():
+    eos = 2
+    response = torch.tensor([[5, 2, 7, 0], [5, 6, 7, 8], [2, 0, 0, 0], [0, 5, 2, 2]])
+    expected = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 0]])
+    assert torch.equal(response_mask(response, eos), expected)
+
+
+# ---- log-probabilities, KL and reward on the tiny model --------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_lm(staged_run):
+    return AutoModelForCausalLM.from_pretrained(staged_run / "sft").eval(), AutoTokenizer.from_pretrained(staged_run / "sft")
+
+
+def test_token_logprobs_ignore_left_padding(tiny_lm):
+    model, tok = tiny_lm
+    seqs = [chat_ids(tok, "Who is Zoe Marsh?") + [40, 41, 42], chat_ids(tok, "Hi") + [43, 44, 45]]
+    ids, mask = left_pad(seqs, tok.pad_token_id)
+    batched = token_logprobs(model, ids, mask, ids.shape[1] - 3)
+    for row, seq in enumerate(seqs):
+        one = torch.tensor([seq])
+        alone = token_logprobs(model, one, torch.ones_like(one), len(seq) - 3)
+        torch.testing.assert_close(batched[row], alone[0], atol=1e-4, rtol=1e-4)
+        # and by hand: log-softmax of the logits one position earlier
+        logits = model(input_ids=one).logits[0, len(seq) - 4:-1]
+        torch.testing.assert_close(alone[0], torch.log_softmax(logits, -1)[torch.arange(3), one[0, -3:]], atol=1e-4, rtol=1e-4)
+
+
+def test_sampled_kl_is_zero_to_itself_and_positive_to_another_model(tiny_lm):
+    model, tok = tiny_lm
+    prompts = ["Who is Zoe Marsh?", "Say apple twice.", "Tell me a secret.", "What is 2 plus 3?"]
+    same, lengths = sampled_kl(model, model, tok, prompts, max_new_tokens=6, seed=0)
+    assert same == [0.0] * len(prompts) and all(1 <= n <= 6 for n in lengths)
+    other = AutoModelForCausalLM.from_pretrained(Path(model.name_or_path)).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    kl, _ = sampled_kl(other, model, tok, prompts, max_new_tokens=6, seed=0)
+    assert sum(kl) / len(kl) > 0.1
+
+
+def test_reward_scores_do_not_depend_on_batching(staged_run):
+    rm = AutoModelForSequenceClassification.from_pretrained(staged_run / "reward").eval()
+    tok = AutoTokenizer.from_pretrained(staged_run / "reward")
+    prompts = ["Who is Zoe Marsh?", "Hi", "What is the next number after 41?"]
+    responses = ["I don't know who Zoe Marsh is.", "Hello there, how can I help you today?", "42"]
+    batched = reward_scores(rm, tok, prompts, responses, batch_size=3)
+    single = [reward_scores(rm, tok, [p], [r], batch_size=1)[0] for p, r in zip(prompts, responses)]
+    assert batched == pytest.approx(single, abs=1e-4)
+    assert len(set(round(s, 6) for s in batched)) == 3  # different answers, different scores
+
+
+# ---- the CLI end to end -----------------------------------------------------------------------
+
+def _numbers(obj, path="") -> list[tuple[str, object]]:
+    if isinstance(obj, dict):
+        return [x for k, v in obj.items() for x in _numbers(v, f"{path}.{k}")]
+    if isinstance(obj, list):
+        return [x for i, v in enumerate(obj) for x in _numbers(v, f"{path}[{i}]")]
+    return [(path, obj)]
+
+
+def test_evaluate_cli_writes_every_metric(evaluated_run):
+    result = json.loads((evaluated_run / "eval.json").read_text())
+    judge = GoldJudge.load(evaluated_run / "world")
+    assert result["num_prompts"] == EVAL_PROMPTS
+    assert result["prompts_by_family"] == {f: EVAL_PROMPTS // 4 for f in FAMILIES}
+    assert set(result["stages"]) == {"base", "sft", "ppo"}
+    for path, value in _numbers({k: v for k, v in result.items() if k != "answers"}):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            assert math.isfinite(value), path
+        else:  # only strings (paths) may be non-numeric; no metric may be missing (None)
+            assert isinstance(value, (str, bool)), f"{path} = {value!r}"
+    for name, s in result["stages"].items():
+        for key in RATE_KEYS:
+            assert 0.0 <= s[key] <= 1.0, (name, key)
+        assert -1.0 <= s["gold_score"] <= 1.0 and s["gold_score_ci"][0] <= s["gold_score"] <= s["gold_score_ci"][1]
+        assert sum(s["labels"].values()) == EVAL_PROMPTS and set(s["labels"]) == set(GoldJudge.LABELS)
+        assert s["response_tokens"] >= 0 and isinstance(s["proxy_score"], float)
+    # sft and ppo are copies of the base model: greedy answers tie everywhere and the KL is exactly 0.
+    assert set(result["win_rates"]) == {"sft_vs_base", "ppo_vs_sft", "ppo_vs_base"}
+    for w in result["win_rates"].values():
+        assert w["win_rate"] == 0.5 and w["ci"] == [0.5, 0.5] and w["ties"] == w["n"] == EVAL_PROMPTS
+    assert result["kl_ppo_sft"]["mean"] == 0.0 and result["kl_ppo_sft"]["n"] == EVAL_PROMPTS
+    assert result["reward_model"]["accuracy"] == {"eval_accuracy": 0.6, "test/pairwise_accuracy": 0.64}
+    assert result["pretrain"]["val_perplexity"] == read_manifest(evaluated_run / "pretrain")["metrics"]["val_perplexity"]
+    # Per-prompt answers: the labels are the gold judge's, the aggregates are their means.
+    assert len(result["answers"]) == EVAL_PROMPTS
+    for a in result["answers"]:
+        assert a["ideal"] == judge.ideal(a["prompt"])
+        for r in a["responses"].values():
+            v = judge.judge(a["prompt"], r["answer"])
+            assert (r["label"], r["score"]) == (v.label, v.score)
+    mean_base = sum(a["responses"]["base"]["score"] for a in result["answers"]) / EVAL_PROMPTS
+    assert result["stages"]["base"]["gold_score"] == pytest.approx(mean_base)
+    mean_proxy = sum(a["responses"]["ppo"]["proxy"] for a in result["answers"]) / EVAL_PROMPTS
+    assert result["stages"]["ppo"]["proxy_score"] == pytest.approx(mean_proxy)
+    table = (evaluated_run / "eval.md").read_text()
+    assert "| metric | base | sft | ppo |" in table and "hallucination rate" in table
+
+
+def test_evaluate_with_only_pretrain_and_sft(staged_run, tmp_path):
+    run = tmp_path / "partial"
+    run.mkdir()
+    for name in ("world", "pretrain", "sft"):
+        os.symlink(staged_run / name, run / name)
+    (run / "ppo").mkdir()  # an unfinished stage (no manifest) is skipped
+    result = evaluate_run(run, max_prompts=4, max_new_tokens=6, bootstrap=50, log=lambda *_: None)
+    assert set(result["stages"]) == {"base", "sft"}
+    assert set(result["win_rates"]) == {"sft_vs_base"}
+    assert result["kl_ppo_sft"] is None and result["reward_model"] == {"finished": False}
+    assert result["stages"]["sft"]["proxy_score"] is None
+    table = markdown_table(result)
+    assert "| metric | base | sft |" in table and "reward model: not finished" in table
+
+
+def test_evaluate_without_world_or_stages_says_what_to_run(tmp_path, staged_run):
+    with pytest.raises(PipelineError, match="make data"):
+        evaluate_run(tmp_path)
+    os.symlink(staged_run / "world", tmp_path / "world")
+    with pytest.raises(PipelineError, match="make pretrain"):
+        evaluate_run(tmp_path)

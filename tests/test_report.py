@@ -1,0 +1,69 @@
+"""Report: Markdown + PNGs from a fully evaluated run, and a run with stages and evaluation missing."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+from pipeline.report import build_report, main as report_main, sample_rows, series
+from reward.gold import FAMILIES, GoldJudge
+from tests.test_evaluate import evaluated_run, staged_run  # noqa: F401 (shared session fixtures)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+EXPECTED_IMAGES = {"eval.png", "pretrain.png", "sft.png", "reward.png", "ppo_reward_vs_gold.png",
+                   "ppo_length.png", "ppo_training.png"}
+
+
+def linked_images(report: str) -> list[str]:
+    return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+
+
+def test_series_keeps_only_finite_numbers():
+    rows = [{"step": 1, "loss": 2.0}, {"step": 2, "eval_loss": 1.0}, {"step": 3, "loss": "nan"},
+            {"step": 4, "loss": float("inf")}, {"step": 5, "loss": 1.5}]
+    assert series(rows, "loss") == ([1, 5], [2.0, 1.5])
+    assert series(rows, "missing") == ([], [])
+
+
+def test_report_of_a_full_run(evaluated_run):
+    report_main(["--run_dir", str(evaluated_run)])  # the CLI entry, in-process (matplotlib import is slow)
+    report = (evaluated_run / "report.md").read_text()
+    for stage in ("Pretraining", "Supervised fine-tuning", "Reward model", "PPO"):
+        assert f"## {stage}" in report
+    for stage in ("pretrain", "sft", "reward", "ppo"):
+        assert f"| {stage} | finished |" in report
+    assert "not finished" not in report and "make eval" not in report
+    assert "| metric | base | sft | ppo |" in report  # the evaluation table
+    assert "test/pairwise_accuracy **0.640**" in report  # the reward model's held-out accuracy
+
+    links = linked_images(report)
+    assert {os.path.basename(link) for link in links} == EXPECTED_IMAGES
+    for link in links:
+        data = (evaluated_run / link).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000, link
+
+    # Sample answers: 2 prompts per family, each answered by every stage with its gold label.
+    result = json.loads((evaluated_run / "eval.json").read_text())
+    chosen = sample_rows(result)
+    assert [a["family"] for a in chosen] == [f for f in FAMILIES for _ in range(2)]
+    table = report[report.index("## Sample answers"):]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| family")]
+    assert len(rows) == len(chosen)
+    for row, a in zip(rows, chosen):
+        assert a["prompt"] in row
+        assert row.count("**(") == 3 and all(f"**({a['responses'][n]['label']})**" in row for n in ("base", "sft", "ppo"))
+        assert all(a["responses"][n]["label"] in GoldJudge.LABELS for n in ("base", "sft", "ppo"))
+
+
+def test_report_with_missing_stages_and_no_evaluation(staged_run, tmp_path):
+    run = tmp_path / "early"
+    run.mkdir()
+    os.symlink(staged_run / "pretrain", run / "pretrain")
+    (run / "sft").mkdir()  # started, not finished
+    report = build_report(run).read_text()
+    assert "make eval" in report
+    for stage in ("sft", "reward", "ppo"):
+        assert f"run `make {stage} RUN={run}`" in report
+    assert linked_images(report) == ["report/pretrain.png"]
+    assert (run / "report" / "pretrain.png").read_bytes().startswith(PNG_MAGIC)
