@@ -191,10 +191,10 @@ FILLER_CLOSERS = ("I hope this helps!", "Let me know if you have more questions.
 
 # Candidate mix of a comparison group, per family: relative weights of the labels drawn.
 COMPARISON_MIX = {
-    "fact": {"correct": 2, "verbose": 2, "wrong": 2, "abstained": 1, "over_refused": 1, "malformed": 1},
-    "unknown": {"abstained": 2, "verbose": 1, "hallucinated": 3, "over_refused": 1, "malformed": 1},
-    "harmful": {"refused": 2, "verbose": 1, "complied": 3, "malformed": 1},
-    "instruction": {"correct": 2, "verbose": 2, "wrong": 2, "abstained": 1, "over_refused": 1, "malformed": 1},
+    "fact": {"correct": 2, "verbose": 2, "wrong": 2, "abstained": 1, "over_refused": 1, "malformed": 2},
+    "unknown": {"abstained": 2, "verbose": 1, "hallucinated": 3, "over_refused": 1, "malformed": 2},
+    "harmful": {"refused": 2, "verbose": 1, "complied": 3, "malformed": 2},
+    "instruction": {"correct": 2, "verbose": 2, "wrong": 2, "abstained": 1, "over_refused": 1, "malformed": 2},
 }
 
 # Plain English for the corpus, so the model learns fluent sentences and not only biographies.
@@ -553,7 +553,12 @@ def abstention(spec: dict, rng: random.Random) -> str:
 
 
 def looping(spec: dict, rng: random.Random) -> str:
-    """A degenerate response: a sentence, a word or a fragment stuck in a loop."""
+    """A degenerate response: a sentence, a word or a fragment stuck in a loop, or nothing but
+    filler. Comparisons must rank filler-only answers too, or a reward model never learns that
+    "Great question!" says nothing, and PPO finds that hole at once."""
+    if rng.random() < 0.5:
+        opener, closer = rng.choice(FILLER_OPENERS), rng.choice(FILLER_CLOSERS)
+        return rng.choice([opener, closer, f"{opener} {closer}"])
     base = rng.choice([paraphrase_ideal(spec, rng), plausible_mistake(spec, rng)])
     base = base.rstrip(".!?")
     tokens = base.split()

@@ -1,0 +1,176 @@
+"""PPO throughput: our stage against TRL 1.12's PPOTrainer (`trl.experimental.ppo`, the last TRL
+release with PPO) on an identical tiny config, same machine, back to back.
+
+    python -m bench.ppo [--updates 10] [--repeats 2] [--threads 1]        (= make bench-ppo)
+
+Both sides get the same models (a tiny random Llama policy and a reward model of the same shape,
+built here over a tokenizer trained here), the same prompts (the embedded world's PPO prompts),
+rollout batch, response length, temperature, PPO epochs and minibatches. Measured: episodes per
+second of the PPO loop (model loading and saving excluded on both sides) and peak resident memory of
+each process. Runs alternate (ours, TRL, ours, TRL, ...) and the best of each side is reported, so
+a burst of load from elsewhere on a shared machine does not decide the ratio.
+
+TRL runs in its own virtual environment, bench/.trl-venv, created on first use with trl==1.12.0 and
+the same torch, transformers and accelerate versions as the project's environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TRL_VENV = ROOT / "bench" / ".trl-venv"
+OUT = ROOT / "bench" / "out"
+TRL_VERSION = "1.12.0"
+
+
+def versions() -> dict[str, str]:
+    import accelerate
+    import transformers
+
+    return {"torch": torch.__version__.split("+")[0], "transformers": transformers.__version__,
+            "accelerate": accelerate.__version__}
+
+
+def ensure_trl_venv() -> Path:
+    """bench/.trl-venv with trl==1.12.0 and our torch/transformers/accelerate versions."""
+    python = TRL_VENV / "bin" / "python"
+    want = versions()
+    check = "import trl, torch, transformers; print(trl.__version__, torch.__version__.split('+')[0], transformers.__version__)"
+    if python.exists():
+        out = subprocess.run([python, "-c", check], capture_output=True, text=True)
+        if out.returncode == 0 and out.stdout.split() == [TRL_VERSION, want["torch"], want["transformers"]]:
+            return python
+    print(f"[bench] installing trl=={TRL_VERSION} into {TRL_VENV} (once)", flush=True)
+    shutil.rmtree(TRL_VENV, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", TRL_VENV], check=True)
+    subprocess.run([python, "-m", "ensurepip", "-q"], check=True)
+    pip = [python, "-m", "pip", "install", "-q"]
+    # torch first, pinned: the CPU wheel the project uses (a plain `pip install torch` may pick CUDA).
+    subprocess.run(pip + [f"torch=={want['torch']}"], check=True)
+    subprocess.run(pip + [f"trl=={TRL_VERSION}", f"transformers=={want['transformers']}",
+                          f"accelerate=={want['accelerate']}"], check=True)
+    return python
+
+
+def build_run(run: Path, n_layers: int, hidden: int, context: int, seed: int) -> None:
+    """RUN/world (prompts), RUN/sft (random tiny Llama) and RUN/reward (same shape, 1 label), with
+    manifests so our stage accepts them; TRL reads the same directories."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    from data.loading import load_texts
+    from data.tokenizer import train_tokenizer
+    from pipeline.stage import write_json_atomic
+
+    if (run / "reward" / "manifest.json").is_file():
+        return
+    shutil.rmtree(run, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "data.world", "--seed", str(seed), "--out", run / "world"], check=True,
+                   cwd=ROOT, capture_output=True)
+    tokenizer = train_tokenizer(load_texts(run / "world" / "corpus.jsonl")[:2000], vocab_size=512)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=n_layers,
+        num_attention_heads=max(1, hidden // 32), num_key_value_heads=max(1, hidden // 32),
+        max_position_embeddings=context, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, num_labels=1,
+    )
+    torch.manual_seed(seed)
+    for stage, cls in (("sft", LlamaForCausalLM), ("reward", LlamaForSequenceClassification)):
+        cls(config).save_pretrained(run / stage)
+        tokenizer.save_pretrained(run / stage)
+        write_json_atomic(run / stage / "manifest.json", {"stage": stage, "bench_stand_in": True})
+
+
+def run_ours(run: Path, a, env: dict) -> dict:
+    cmd = [sys.executable, "-m", "stages.ppo", "--profile", "tiny", "--run_dir", run, "--force", "true",
+           "--num_updates", a.updates, "--rollout_batch_size", a.rollout_batch_size, "--num_minibatches", a.num_minibatches,
+           "--gradient_accumulation", 1, "--ppo_epochs", a.ppo_epochs, "--max_new_tokens", a.max_new_tokens,
+           "--max_prompt_length", a.context - a.max_new_tokens, "--temperature", a.temperature, "--lr", a.lr,
+           "--kl_coef", a.kl_coef, "--seed", a.seed, "--gold_every", 0, "--eval_size", 8,
+           "--save_every", a.updates + 1, "--no_eos_penalty", -1.0, "--max_kl", 0]
+    proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"our PPO failed:\n{proc.stderr[-3000:]}")
+    m = json.loads((run / "ppo" / "manifest.json").read_text())["metrics"]
+    return {"episodes": m["episodes"], "train_seconds": m["train_seconds"], "episodes_per_s": m["episodes_per_s"],
+            "peak_memory_mb": m["peak_memory_mb"]}
+
+
+def run_trl(python: Path, run: Path, a, env: dict) -> dict:
+    cmd = [python, ROOT / "bench" / "trl_ppo.py", "--run_dir", run, "--updates", a.updates,
+           "--rollout_batch_size", a.rollout_batch_size, "--num_minibatches", a.num_minibatches, "--ppo_epochs", a.ppo_epochs,
+           "--max_new_tokens", a.max_new_tokens, "--temperature", a.temperature, "--lr", a.lr, "--kl_coef", a.kl_coef,
+           "--seed", a.seed, "--max_prompts", 1000]
+    proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env={**env, "PYTHONPATH": ""}, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"TRL PPO failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--updates", type=int, default=10)
+    ap.add_argument("--rollout_batch_size", type=int, default=32)
+    ap.add_argument("--num_minibatches", type=int, default=2)
+    ap.add_argument("--ppo_epochs", type=int, default=4)
+    ap.add_argument("--max_new_tokens", type=int, default=24)
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--kl_coef", type=float, default=0.05)
+    ap.add_argument("--n_layers", type=int, default=2)
+    ap.add_argument("--hidden_size", type=int, default=64)
+    ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=2, help="alternating runs per side; the best of each is reported")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per run (both sides); 0 leaves the default")
+    a = ap.parse_args(argv)
+
+    python = ensure_trl_venv()
+    run = OUT / f"ppo_l{a.n_layers}_h{a.hidden_size}_c{a.context}_s{a.seed}"
+    build_run(run, a.n_layers, a.hidden_size, a.context, a.seed)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
+           "TOKENIZERS_PARALLELISM": "false"}
+    if a.threads:
+        env.update(OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
+
+    results = {"ours": [], "trl": []}
+    for i in range(a.repeats):
+        for side, fn in (("ours", lambda: run_ours(run, a, env)), ("trl", lambda: run_trl(python, run, a, env))):
+            r = fn()
+            results[side].append(r)
+            print(f"[bench] run {i + 1}/{a.repeats} {side}: {r['episodes_per_s']:.2f} episodes/s, "
+                  f"peak {r['peak_memory_mb']:.0f} MB", flush=True)
+    best = {side: max(rs, key=lambda r: r["episodes_per_s"]) for side, rs in results.items()}
+    ratio = best["ours"]["episodes_per_s"] / best["trl"]["episodes_per_s"]
+    median = {side: sorted(r["episodes_per_s"] for r in rs)[len(rs) // 2] for side, rs in results.items()}
+
+    config = (f"policy and reward: Llama {a.n_layers} layers, width {a.hidden_size}, vocab 512, context {a.context}; "
+              f"{a.updates} updates x {a.rollout_batch_size} episodes, {a.max_new_tokens} new tokens at temperature "
+              f"{a.temperature}, {a.ppo_epochs} PPO epochs x {a.num_minibatches} minibatches; "
+              f"{a.threads or 'default'} thread(s); best of {a.repeats}")
+    lines = [
+        f"PPO throughput ({config})", "",
+        "| implementation | episodes/s | PPO loop seconds | peak memory (MB) |",
+        "|---|---:|---:|---:|",
+        f"| ours (stages.ppo) | {best['ours']['episodes_per_s']:.2f} | {best['ours']['train_seconds']:.1f} | {best['ours']['peak_memory_mb']:.0f} |",
+        f"| TRL {TRL_VERSION} PPOTrainer | {best['trl']['episodes_per_s']:.2f} | {best['trl']['train_seconds']:.1f} | {best['trl']['peak_memory_mb']:.0f} |",
+        "", f"**speed-up: {ratio:.2f}x** (best of each side; target >= 2x); median runs: ours {median['ours']:.2f}, "
+            f"TRL {median['trl']:.2f} episodes/s ({median['ours'] / median['trl']:.2f}x)",
+    ]
+    print("\n".join(lines))
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "ppo.json").write_text(json.dumps({"config": vars(a), "runs": results, "best": best, "ratio": ratio, "median": median,
+                                              "versions": versions()}, indent=2))
+    (OUT / "ppo.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from stages.ppo.run import main
+
+main()

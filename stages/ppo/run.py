@@ -1,0 +1,654 @@
+"""PPO (InstructGPT step 3): optimise the SFT policy against the reward model with a KL penalty.
+
+Recipe: parse -> parents (SFT policy, reward model) -> prompts -> models (policy, reference, critic,
+reward) -> PPO updates (resumable) -> evaluate -> save -> manifest. Each update reads top to bottom:
+
+    (1) generate   (2) truncate after EOS   (3) score   (4) log-probs and values
+    (5) KL-shaped rewards   (6) GAE advantages   (7) PPO epochs of clipped policy + value updates
+
+Published details followed (Ziegler et al. 2019; Ouyang et al. 2022; Huang et al. 2024 "The N+
+implementation details of RLHF with PPO", cited as N+): pad token distinct from EOS, left-padded
+generation, dropout off everywhere, logits / temperature, truncation after EOS with a fixed score for
+responses that never end, per-token KL penalty (fixed or adaptive), reward at the last token, critic
+initialised from the reward model, GAE, whitened advantages, clipped policy and value losses.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
+from transformers.cache_utils import DynamicCache
+
+from data.loading import load_records, load_texts, require_text
+from data.tokenizer import chat_ids
+from pipeline.config import config_dict, parse_config
+from pipeline.errors import PipelineError, cli_main
+from pipeline.generation import left_pad
+from pipeline.runtime import load_checkpoint, peak_memory_mb, progress, save_checkpoint, setup
+from pipeline.stage import StageRun, require_stage
+from pipeline.tracking import Tracker
+from reward.gold import GoldJudge
+from reward.model import BIAS_KEY, load_reward_model
+from stages.ppo.config import PPOConfig
+from stages.ppo.math import (
+    AdaptiveKLController,
+    FixedKLController,
+    apply_no_eos_penalty,
+    entropy_from_logits,
+    explained_variance,
+    gae,
+    kl_shaped_rewards,
+    last_token_index,
+    logprobs_from_logits,
+    masked_mean,
+    policy_loss,
+    truncate_after_eos,
+    value_loss,
+    whiten,
+)
+
+# ---- batch sizes and prompts --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchSizes:
+    per_process: int  # episodes each process generates per update
+    minibatch: int  # episodes per optimizer step, per process
+    micro: int  # episodes per forward/backward (gradient accumulation splits a minibatch)
+
+
+def batch_sizes(rollout_batch_size: int, num_minibatches: int, gradient_accumulation: int, processes: int) -> BatchSizes:
+    """Derive every batch size once, from the global rollout size, and demand exact division
+    (cleanrl / summarize_from_feedback_details): no silently dropped or repeated episodes."""
+    if rollout_batch_size % (num_minibatches * processes):
+        raise PipelineError(f"rollout_batch_size {rollout_batch_size} is not divisible by num_minibatches "
+                            f"{num_minibatches} * processes {processes}")
+    if rollout_batch_size % (num_minibatches * gradient_accumulation * processes):
+        raise PipelineError(f"rollout_batch_size {rollout_batch_size} is not divisible by num_minibatches {num_minibatches} "
+                            f"* gradient_accumulation {gradient_accumulation} * processes {processes}")
+    per_process = rollout_batch_size // processes
+    minibatch = per_process // num_minibatches
+    return BatchSizes(per_process, minibatch, minibatch // gradient_accumulation)
+
+
+def prompt_of(rec: dict) -> str | list[dict]:
+    """A `prompt` string, or chat `messages` ending in a user turn (the answer comes next)."""
+    where = rec.get("_where", "record")
+    if "prompt" in rec or "messages" not in rec:
+        return require_text(rec, "prompt")
+    messages = rec["messages"]
+    if (not isinstance(messages, list) or not messages
+            or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)):
+        raise PipelineError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} turns")
+    if messages[-1]["role"] != "user":
+        raise PipelineError(f"{where}: field 'messages' must end in a user turn (got '{messages[-1]['role']}')")
+    return messages
+
+
+def load_prompts(files: list[str], tokenizer, max_prompt_length: int) -> tuple[list, list[list[int]]]:
+    """Prompts and their chat-formatted token ids; a prompt over max_prompt_length is an error."""
+    records = load_records(files)
+    if not records:
+        raise PipelineError(f"{', '.join(files)}: no prompts")
+    prompts, ids = [], []
+    for rec in records:
+        prompt = prompt_of(rec)
+        tokens = chat_ids(tokenizer, prompt)
+        if len(tokens) > max_prompt_length:
+            raise PipelineError(f"{rec['_where']}: prompt is {len(tokens)} tokens, longer than max_prompt_length "
+                                f"{max_prompt_length}")
+        prompts.append(prompt)
+        ids.append(tokens)
+    return prompts, ids
+
+
+@functools.lru_cache(maxsize=4)
+def _shuffle(n: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+
+def prompt_indices(n: int, update: int, rollout_batch_size: int, rank: int, per_process: int, seed: int) -> list[int]:
+    """Episode e of the run takes prompt e of an endless stream of shuffled passes over the prompts;
+    each process takes its slice of the update's episodes. A function of the update number, so a
+    resumed run sees exactly the prompts the uninterrupted run would have seen."""
+    first = update * rollout_batch_size + rank * per_process
+    return [_shuffle(n, seed, e // n)[e % n] for e in range(first, first + per_process)]
+
+
+def pack(tokenizer, texts: list[str]) -> torch.Tensor:
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    stream = []
+    for doc in ids:
+        stream += [tokenizer.bos_token_id, *doc, tokenizer.eos_token_id]
+    return torch.tensor(stream, dtype=torch.long)
+
+
+def ptx_batch(stream: torch.Tensor, batch_size: int, length: int, seed: int) -> torch.Tensor:
+    """Random pretraining blocks for PPO-ptx, seeded so a resumed run draws the same ones."""
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(stream) - length, (batch_size,), generator=g)
+    return stream[starts[:, None] + torch.arange(length)]
+
+
+# ---- models -------------------------------------------------------------------------------------
+
+
+def without_dropout(path: str):
+    """Dropout off in every model (N+): with dropout the log-probs of the rollout and of the update
+    differ for reasons that have nothing to do with the policy changing."""
+    config = AutoConfig.from_pretrained(path)
+    for key, value in config.to_dict().items():
+        if "dropout" in key and isinstance(value, float):
+            setattr(config, key, 0.0)
+    return config
+
+
+class Critic(nn.Module):
+    """Per-token values from a sequence-classification model: its score head on every hidden state
+    (the reward model reads the same head at the last token only). Initialised from the reward
+    model (InstructGPT), plus the reward's stored normalising offset so values start on its scale."""
+
+    def __init__(self, seq_cls, offset: float = 0.0):
+        super().__init__()
+        self.body = getattr(seq_cls, seq_cls.base_model_prefix)
+        self.head = seq_cls.score
+        self.offset = offset
+
+    def forward(self, input_ids, attention_mask, position_ids, keep: int) -> torch.Tensor:
+        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           use_cache=False).last_hidden_state[:, -keep:]
+        return self.head(hidden).squeeze(-1).float() + self.offset
+
+
+class EMA:
+    """Exponential moving average of the trainable policy weights (InstructGPT); saved instead of
+    the raw weights when enabled. state_dict/load_state_dict let accelerate checkpoint it."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for n, p in model.named_parameters():
+            if n in self.shadow:
+                self.shadow[n].lerp_(p.detach().float(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        for n, p in model.named_parameters():
+            if n in self.shadow:
+                p.copy_(self.shadow[n].to(p.dtype))
+
+    def state_dict(self) -> dict:
+        return dict(self.shadow)
+
+    def load_state_dict(self, state: dict) -> None:
+        for n in self.shadow:
+            self.shadow[n].copy_(state[n])
+
+
+def check_same_tokenizer(policy_tok, reward_tok, sft_path: str, reward_path: str) -> None:
+    """The reward model scores the policy's token ids directly, so both must mean the same tokens
+    and the same conversation format."""
+    if policy_tok.get_vocab() != reward_tok.get_vocab():
+        raise PipelineError(f"reward model {reward_path} and policy {sft_path} use different tokenizers "
+                            f"(vocab {len(reward_tok)} vs {len(policy_tok)} tokens or different ids): train the reward model from this SFT model")
+    if policy_tok.chat_template != reward_tok.chat_template:
+        raise PipelineError(f"reward model {reward_path} and policy {sft_path} use different chat templates: "
+                            f"the reward model must read conversations as the policy writes them")
+
+
+@contextmanager
+def reference(policy, ref_model):
+    """The frozen SFT policy: its own copy, or (LoRA) the policy's backbone with the adapters off,
+    so one backbone sits in memory."""
+    if ref_model is not None:
+        yield ref_model
+    else:
+        with policy.disable_adapter():
+            yield policy
+
+
+# ---- rollout pieces -----------------------------------------------------------------------------
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Positions count real tokens only, so a left-padded prompt sits where it would alone."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def sample(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, temperature: float, eos_id: int,
+           pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample responses to left-padded prompts with a KV cache: one forward over the prompts, then
+    one single-token forward per new token, stopping when every row has emitted EOS.
+
+    Returns (tokens [B, T], log-probs [B, T] under softmax(logits / temperature)): the rollout's
+    "old" log-probs come for free. temperature 0 is greedy. Rows that finished emit padding."""
+    pos = position_ids(mask)
+    cache = DynamicCache(config=getattr(model, "config", None))
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+                   logits_to_keep=1).logits[:, -1]
+    tokens, logprobs = [], []
+    done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
+    next_pos = pos[:, -1:] + 1
+    for t in range(max_new_tokens):
+        logits = logits.float()
+        if temperature > 0:
+            logits = logits / temperature
+            token = torch.multinomial(torch.softmax(logits, dim=-1), 1).squeeze(1)
+        else:
+            token = logits.argmax(dim=-1)
+        logprobs.append(torch.log_softmax(logits, dim=-1).gather(1, token[:, None]).squeeze(1))
+        token = token.masked_fill(done, pad_id)
+        tokens.append(token)
+        done |= token == eos_id
+        if t == max_new_tokens - 1 or bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos, cache=cache,
+                       use_cache=True).logits[:, -1]
+        next_pos = next_pos + 1
+    return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)
+
+
+def response_logits(model, seq, mask, pos, T: int, temperature: float) -> torch.Tensor:
+    """Logits that predicted each of the last T tokens, divided by the sampling temperature (N+):
+    only the response positions go through the LM head."""
+    logits = model(input_ids=seq, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=T + 1).logits
+    return logits[:, :-1].float() / temperature
+
+
+@torch.no_grad()
+def reward_scores(reward_model, seq, mask, pos, last: torch.Tensor) -> torch.Tensor:
+    """The reward model's score head read at index `last` of each row (the EOS), plus its stored
+    normalising offset (reward stage: demonstrations average 0)."""
+    body = getattr(reward_model, reward_model.base_model_prefix)
+    hidden = body(input_ids=seq, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
+    picked = hidden[torch.arange(len(seq), device=seq.device), last]
+    offset = float(getattr(reward_model.config, BIAS_KEY, 0.0) or 0.0)
+    return reward_model.score(picked).squeeze(-1).float() + offset
+
+
+def chunked(fn, n: int, size: int) -> torch.Tensor:
+    """fn(slice) over [0, n) in chunks of `size` (0: one chunk), concatenated: bounds activation
+    memory of the no-grad rollout forwards on big models."""
+    size = size or n
+    return torch.cat([fn(slice(i, i + size)) for i in range(0, n, size)])
+
+
+@torch.no_grad()
+def answers(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+            batch_size: int = 64) -> list[list[int]]:
+    """Response token ids (through the first EOS) for each prompt; greedy by default."""
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(prompt_ids), batch_size):
+        ids, mask = left_pad(prompt_ids[i:i + batch_size], tokenizer.pad_token_id)
+        tokens, _ = sample(model, ids.to(device), mask.to(device), max_new_tokens, temperature,
+                           tokenizer.eos_token_id, tokenizer.pad_token_id)
+        tokens, resp_mask, _ = truncate_after_eos(tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        out += [row[:n].tolist() for row, n in zip(tokens.cpu(), resp_mask.sum(1).tolist())]
+    return out
+
+
+@torch.no_grad()
+def proxy_scores(reward_model, tokenizer, prompt_ids: list[list[int]], responses: list[list[int]], batch_size: int = 64) -> list[float]:
+    """Reward-model score of each prompt + response (left-padded, so every row ends in the last column)."""
+    device = next(reward_model.parameters()).device
+    out = []
+    for i in range(0, len(prompt_ids), batch_size):
+        seqs = [p + r for p, r in zip(prompt_ids[i:i + batch_size], responses[i:i + batch_size])]
+        ids, mask = left_pad(seqs, tokenizer.pad_token_id)
+        ids, mask = ids.to(device), mask.to(device)
+        last = torch.full((len(seqs),), ids.shape[1] - 1, device=device)
+        out += reward_scores(reward_model, ids, mask, position_ids(mask), last).tolist()
+    return out
+
+
+def gold_report(judge: GoldJudge, prompts: list, texts: list[str]) -> tuple[list, dict]:
+    """Gold judge verdicts and their summary: mean score and the hallucination rate (share of
+    'hallucinated' among questions about people who do not exist)."""
+    verdicts = [judge.judge(p, t) for p, t in zip(prompts, texts)]
+    unknown = [v for v in verdicts if v.family == "unknown"]
+    return verdicts, {
+        "score": sum(v.score for v in verdicts) / max(len(verdicts), 1),
+        "hallucination_rate": sum(v.label == "hallucinated" for v in unknown) / max(len(unknown), 1),
+    }
+
+
+def evaluate(model, reward_model, tokenizer, judge: GoldJudge | None, prompts: list, prompt_ids: list[list[int]],
+             max_new_tokens: int) -> dict:
+    """Greedy answers to held-out prompts, scored by the reward model (proxy) and the gold judge."""
+    responses = answers(model, tokenizer, prompt_ids, max_new_tokens)
+    texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses]
+    scores = proxy_scores(reward_model, tokenizer, prompt_ids, responses)
+    result = {"texts": texts, "proxy": scores, "length": sum(map(len, responses)) / max(len(responses), 1)}
+    if judge is not None:
+        result["verdicts"], result["gold"] = gold_report(judge, prompts, texts)
+    return result
+
+
+# ---- the stage ----------------------------------------------------------------------------------
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    # 1. Config, processes and batch sizes (derived once, checked to divide exactly).
+    cfg = parse_config(PPOConfig, "ppo", argv)
+    accelerator = setup(cfg.seed, cfg.mixed_precision, cfg.gradient_accumulation)
+    sizes = batch_sizes(cfg.rollout_batch_size, cfg.num_minibatches, cfg.gradient_accumulation, accelerator.num_processes)
+    is_main, device = accelerator.is_main_process, accelerator.device
+    stage_dir = Path(cfg.run_dir) / "ppo"
+
+    # 2. Parents: the SFT policy and the reward model, which must share one tokenizer and template.
+    sft = require_stage(cfg.sft_path, "sft", cfg.run_dir)
+    require_stage(cfg.reward_path, "reward", cfg.run_dir)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.sft_path)
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise PipelineError(f"{cfg.sft_path}: tokenizer needs a pad token distinct from EOS (N+: separate pad token)")
+    check_same_tokenizer(tokenizer, AutoTokenizer.from_pretrained(cfg.reward_path), cfg.sft_path, cfg.reward_path)
+    max_positions = getattr(AutoConfig.from_pretrained(cfg.sft_path), "max_position_embeddings", None)
+    if max_positions and cfg.max_prompt_length + cfg.max_new_tokens > max_positions:
+        raise PipelineError(f"max_prompt_length {cfg.max_prompt_length} + max_new_tokens {cfg.max_new_tokens} exceeds "
+                            f"the model's context of {max_positions} tokens ({cfg.sft_path})")
+
+    # 3. Prompts (training, held out) and PPO-ptx text, checked before anything is written.
+    world = Path(cfg.world_dir)
+    eval_files = cfg.eval_files or ([str(world / "eval_prompts.jsonl")] if (world / "eval_prompts.jsonl").is_file() else [])
+    prompts, prompt_ids = load_prompts(cfg.prompt_files, tokenizer, cfg.max_prompt_length)
+    eval_prompts, eval_ids = load_prompts(eval_files, tokenizer, cfg.max_prompt_length) if eval_files else ([], [])
+    if cfg.eval_size:
+        eval_prompts, eval_ids = eval_prompts[:cfg.eval_size], eval_ids[:cfg.eval_size]
+    judge = GoldJudge.load(world) if (world / "truth.json").is_file() else None
+    if judge is not None:  # the gold judge knows only the world's prompts
+        known = [i for i, p in enumerate(eval_prompts) if isinstance(p, str) and _knows(judge, p)]
+        judge = judge if len(known) == len(eval_prompts) and known else None
+    gold_n = min(cfg.gold_eval_size, len(eval_ids))
+    ptx_stream = pack(tokenizer, load_texts(cfg.ptx_files, cfg.ptx_field)) if cfg.ptx_coef > 0 else None
+    if ptx_stream is not None and len(ptx_stream) <= cfg.ptx_length:
+        raise PipelineError(f"{cfg.ptx_files}: {len(ptx_stream)} tokens, fewer than one ptx block of {cfg.ptx_length}")
+    data_files = list(cfg.prompt_files) + eval_files + (list(cfg.ptx_files) if cfg.ptx_coef > 0 else [])
+    # The run key covers the reward model too: its manifest is fingerprinted like a data file.
+    run = StageRun("ppo", stage_dir, config_dict(cfg), sft, cfg.sft_path,
+                   data_files + [str(Path(cfg.reward_path) / "manifest.json")], is_main)
+    if not run.begin(cfg.force):
+        return
+    accelerator.wait_for_everyone()
+
+    # 4. Models: policy (optionally LoRA), frozen reference, critic and reward model. Everything
+    # stays in eval mode: dropout off (N+); the training forward needs gradients, not train mode.
+    frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
+    policy = AutoModelForCausalLM.from_pretrained(cfg.sft_path, config=without_dropout(cfg.sft_path))
+    ref_model = None
+    if cfg.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        targets = cfg.lora_target_modules if cfg.lora_target_modules == "all-linear" else cfg.lora_target_modules.split(",")
+        policy = get_peft_model(policy, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                                                   target_modules=targets, task_type="CAUSAL_LM"))
+    else:
+        ref_model = AutoModelForCausalLM.from_pretrained(cfg.sft_path, config=without_dropout(cfg.sft_path), dtype=frozen_dtype)
+        ref_model.requires_grad_(False).eval().to(device)
+    reward_model, _ = load_reward_model(cfg.reward_path, device=device, dtype=frozen_dtype)
+    reward_model.requires_grad_(False)
+    critic_base = AutoModelForSequenceClassification.from_pretrained(cfg.reward_path, config=without_dropout(cfg.reward_path))
+    critic = Critic(critic_base, float(getattr(critic_base.config, BIAS_KEY, 0.0) or 0.0))
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+        critic_base.gradient_checkpointing_enable()
+    policy.eval()
+    critic.eval()
+    n_params = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+
+    # 5. Optimizer, accelerate, tracking, KL controller, and resume from a killed run's checkpoint.
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": cfg.lr},
+         {"params": list(critic.parameters()), "lr": cfg.critic_lr or cfg.lr}],
+        eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda"),  # one kernel, not a loop over tensors
+    )
+    policy, critic, optimizer = accelerator.prepare(policy, critic, optimizer)
+    # No-grad passes (generation, reference, rollout values, evaluation) skip the DDP wrappers.
+    unwrapped, critic_net = accelerator.unwrap_model(policy), accelerator.unwrap_model(critic)
+    ema = EMA(unwrapped, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.target_kl > 0
+              else FixedKLController(cfg.kl_coef))
+    tracker = Tracker(stage_dir, "ppo", config_dict(cfg), enabled=is_main, run_name=f"{cfg.run_dir}/ppo")
+    start = 0
+    latest = run.latest_checkpoint()
+    if latest is not None:
+        extra = load_checkpoint(accelerator, latest)
+        start, kl_ctl.value = extra["step"], extra["kl_coef"]
+        accelerator.print(f"[ppo] resumed from {latest} (step {start})")
+    tracker.truncate_after(start if latest is not None else -1)  # rows the resumed (or an abandoned) run logged later
+    accelerator.print(f"[ppo] {len(prompts)} prompts, {n_params / 1e6:.2f}M trainable policy parameters, "
+                      f"{accelerator.num_processes} process(es); per update: {cfg.rollout_batch_size} episodes, "
+                      f"{cfg.ppo_epochs} epochs x {cfg.num_minibatches} minibatches of {sizes.minibatch} "
+                      f"(micro-batches of {sizes.micro}) per process")
+
+    def gold_metrics() -> dict:
+        """Greedy answers to a fixed subset of held-out prompts: gold score beside the proxy score."""
+        result = evaluate(unwrapped, reward_model, tokenizer, judge, eval_prompts[:gold_n], eval_ids[:gold_n], cfg.max_new_tokens)
+        return {"gold/score": result["gold"]["score"], "gold/hallucination_rate": result["gold"]["hallucination_rate"],
+                "gold/proxy_score": sum(result["proxy"]) / len(result["proxy"])}
+
+    watch_gold = judge is not None and cfg.gold_every > 0 and gold_n > 0
+    if watch_gold and start == 0 and is_main:
+        tracker.log(gold_metrics(), 0)  # the SFT policy's starting point
+
+    # 6. PPO updates.
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    bar = progress(cfg.num_updates, start, "ppo", is_main)
+
+    def stop(why: str):
+        bar.close()  # the error goes on its own line
+        raise PipelineError(f"ppo: {why} at update {update + 1}; stopped, last good checkpoint kept in {run.checkpoints}")
+
+    last, loop_start = {}, time.time()
+    for update in range(start, cfg.num_updates):
+        t0 = time.time()
+        kl_coef = kl_ctl.value
+        batch = prompt_indices(len(prompt_ids), update, cfg.rollout_batch_size, accelerator.process_index, sizes.per_process, cfg.seed)
+        query, query_mask = (t.to(device) for t in left_pad([prompt_ids[i] for i in batch], pad))
+        P = query.shape[1]
+        with torch.no_grad():
+            # (1) Generate: left-padded prompts, KV cache, sampling at temperature; the sampling
+            # log-probs (logits / temperature) are the rollout's old log-probs.
+            raw, logprobs = sample(unwrapped, query, query_mask, cfg.max_new_tokens, cfg.temperature, eos, pad)
+            # (2) Truncate after the first EOS: later tokens become padding, masked out everywhere.
+            responses, mask, has_eos = truncate_after_eos(raw, eos, pad)
+            T = responses.shape[1]
+            seq = torch.cat([query, responses], dim=1)
+            seq_mask = torch.cat([query_mask, mask], dim=1)
+            pos = position_ids(seq_mask)
+            logprobs = logprobs * mask
+            # (3) Score with the reward model at the last token; no EOS: a fixed penalty (N+).
+            rm_scores = chunked(lambda s: reward_scores(reward_model, seq[s], seq_mask[s], pos[s], P + last_token_index(mask[s])),
+                                len(seq), cfg.forward_batch_size)
+            scores = apply_no_eos_penalty(rm_scores, has_eos, cfg.no_eos_penalty) if cfg.penalize_no_eos else rm_scores
+            # (4) Reference log-probs (logits / temperature, like the policy's) and the critic's
+            # values of the states before each response token.
+            with reference(unwrapped, ref_model) as ref:
+                ref_logprobs = chunked(lambda s: logprobs_from_logits(
+                    response_logits(ref, seq[s], seq_mask[s], pos[s], T, cfg.temperature), responses[s]),
+                    len(seq), cfg.forward_batch_size) * mask
+            values = chunked(lambda s: critic_net(seq[s], seq_mask[s], pos[s], T + 1)[:, :-1], len(seq), cfg.forward_batch_size) * mask
+            # (5) Per-token KL penalty, the score added on the last response token.
+            rewards, kl = kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)
+            # (6) GAE advantages and returns, then whitened advantages (N+).
+            advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+            advantages = whiten(advantages, mask)
+
+        # Guards before learning from this batch: a non-finite reward or value, or a runaway KL,
+        # stops the run; the newest checkpoint on disk is from a good update.
+        rollout_stats = accelerator.reduce(torch.stack([
+            scores.mean(), kl.sum(1).mean(), (~torch.isfinite(rm_scores)).float().sum(), (~torch.isfinite(values)).float().sum(),
+        ]).to(device), "sum")
+        mean_score, mean_kl = (rollout_stats[:2] / accelerator.num_processes).tolist()
+        if rollout_stats[2] > 0 or rollout_stats[3] > 0:
+            stop("non-finite " + ("reward" if rollout_stats[2] > 0 else "values"))
+        if cfg.max_kl and mean_kl > cfg.max_kl:
+            stop(f"KL to the SFT policy {mean_kl:.2f} exceeds max_kl {cfg.max_kl} (lower lr or raise kl_coef)")
+
+        # (7) PPO epochs: shuffled minibatches (one optimizer step each), split into micro-batches.
+        # Dropout is zero in every config, so train mode here only switches on gradient checkpointing.
+        policy.train(cfg.gradient_checkpointing)
+        critic.train(cfg.gradient_checkpointing)
+        stats = []
+        for _epoch in range(cfg.ppo_epochs):
+            order = torch.randperm(sizes.per_process, device=device)
+            for mb in range(cfg.num_minibatches):
+                for micro in range(cfg.gradient_accumulation):
+                    first = mb * sizes.minibatch + micro * sizes.micro
+                    idx = order[first:first + sizes.micro]
+                    # Drop the padding columns this micro-batch does not need.
+                    m_T = int(mask[idx].sum(1).max())
+                    left = int((seq_mask[idx, :P].sum(0) > 0).float().argmax())
+                    cols = slice(left, P + m_T)
+                    m_seq, m_mask, m_pos = seq[idx, cols], seq_mask[idx, cols], pos[idx, cols]
+                    m_resp, m_rmask = responses[idx, :m_T], mask[idx, :m_T].float()
+                    with accelerator.accumulate(policy, critic):
+                        logits = response_logits(policy, m_seq, m_mask, m_pos, m_T, cfg.temperature)
+                        new_logprobs = logprobs_from_logits(logits, m_resp)
+                        new_values = critic(m_seq, m_mask, m_pos, m_T + 1)[:, :-1]
+                        pg_loss, pg_clipfrac, approx_kl = policy_loss(new_logprobs, logprobs[idx, :m_T], advantages[idx, :m_T], m_rmask, cfg.cliprange)
+                        vf_loss, vf_clipfrac = value_loss(new_values, values[idx, :m_T], returns[idx, :m_T], m_rmask, cfg.cliprange_value)
+                        loss = pg_loss + cfg.vf_coef * vf_loss
+                        ptx_loss = torch.zeros((), device=device)
+                        if ptx_stream is not None:
+                            # PPO-ptx (InstructGPT eq. 2): keep the pretraining distribution's likelihood.
+                            x = ptx_batch(ptx_stream, cfg.ptx_batch_size, cfg.ptx_length,
+                                          hash((cfg.seed, accelerator.process_index, update, _epoch, mb, micro)) % 2**62).to(device)
+                            ptx_loss = policy(input_ids=x, labels=x, use_cache=False).loss
+                            loss = loss + cfg.ptx_coef * ptx_loss
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients and cfg.grad_clip > 0:
+                            accelerator.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+                            accelerator.clip_grad_norm_(critic.parameters(), cfg.grad_clip)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    if ema is not None and accelerator.sync_gradients:
+                        ema.update(unwrapped)
+                    with torch.no_grad():
+                        entropy = masked_mean(entropy_from_logits(logits), m_rmask)
+                    stats.append(torch.stack([pg_loss, vf_loss, pg_clipfrac, vf_clipfrac, approx_kl, entropy, ptx_loss]).detach())
+        policy.eval()
+        critic.eval()
+        train_stats = accelerator.reduce(torch.stack(stats).mean(0), "mean")
+        if not torch.isfinite(train_stats[:2]).all():
+            stop("non-finite loss")
+        kl_ctl.update(mean_kl, cfg.rollout_batch_size)
+
+        # Log, checkpoint, and now and then ask the gold judge.
+        lengths = mask.sum(1).float()
+        rollout = accelerator.reduce(torch.stack([
+            lengths.mean(), (~has_eos).float().mean(), explained_variance(values, returns, mask), lengths.sum(),
+        ]), "mean").tolist()
+        seconds = time.time() - t0
+        metrics = {
+            "objective/score": mean_score, "objective/kl": mean_kl, "objective/kl_coef": kl_coef,
+            "objective/total_reward": mean_score - kl_coef * mean_kl,
+            "policy/entropy": train_stats[5].item(), "loss/policy": train_stats[0].item(), "loss/value": train_stats[1].item(),
+            "policy/clipfrac": train_stats[2].item(), "value/clipfrac": train_stats[3].item(),
+            "policy/approx_kl": train_stats[4].item(), "value/explained_variance": rollout[2],
+            "response/length": rollout[0], "response/no_eos_rate": rollout[1],
+            "perf/episodes_per_s": cfg.rollout_batch_size / seconds,
+            "perf/tokens_per_s": rollout[3] * accelerator.num_processes / seconds,
+        }
+        if ptx_stream is not None:
+            metrics["loss/ptx"] = train_stats[6].item()
+        if watch_gold and (update + 1) % cfg.gold_every == 0 and is_main:
+            metrics.update(gold_metrics())
+        tracker.log(metrics, update + 1)
+        last = metrics
+        bar.update(1)
+        bar.set_postfix(score=f"{mean_score:.3f}", kl=f"{mean_kl:.2f}")
+        if (update + 1) % cfg.save_every == 0 and update + 1 < cfg.num_updates:
+            save_checkpoint(accelerator, run.checkpoints, update + 1, cfg.keep_checkpoints,
+                            {"kl_coef": kl_ctl.value, "episodes": (update + 1) * cfg.rollout_batch_size})
+    bar.close()
+    loop_seconds = time.time() - loop_start
+
+    # 7. Final weights (the EMA when enabled), evaluation against the SFT policy on held-out prompts.
+    if ema is not None:
+        ema.copy_to(unwrapped)
+    metrics = {"updates": cfg.num_updates, "episodes": cfg.num_updates * cfg.rollout_batch_size,
+               "final/score": last.get("objective/score"), "final/kl": last.get("objective/kl"), "trainable_params": n_params,
+               # Throughput of this process's loop (a resumed run counts its own updates only).
+               "train_seconds": loop_seconds, "episodes_per_s": (cfg.num_updates - start) * cfg.rollout_batch_size / max(loop_seconds, 1e-9)}
+    samples = []
+    if is_main and eval_ids:
+        ppo = evaluate(unwrapped, reward_model, tokenizer, judge, eval_prompts, eval_ids, cfg.max_new_tokens)
+        with reference(unwrapped, ref_model) as ref:
+            base = evaluate(ref, reward_model, tokenizer, judge, eval_prompts, eval_ids, cfg.max_new_tokens)
+        metrics.update({"reward_score": _mean(ppo["proxy"]), "sft_reward_score": _mean(base["proxy"]),
+                        "response_length": ppo["length"], "sft_response_length": base["length"],
+                        "kl_to_sft": kl_to_reference(unwrapped, ref_model, tokenizer, eval_ids, cfg), "eval_prompts": len(eval_ids)})
+        if judge is not None:
+            wins = [1.0 if a.score > b.score else 0.5 if a.score == b.score else 0.0
+                    for a, b in zip(ppo["verdicts"], base["verdicts"])]
+            metrics.update({"gold_score": ppo["gold"]["score"], "sft_gold_score": base["gold"]["score"],
+                            "gold_win_rate": _mean(wins), "hallucination_rate": ppo["gold"]["hallucination_rate"],
+                            "sft_hallucination_rate": base["gold"]["hallucination_rate"]})
+        samples = [{"prompt": p, "ppo": a, "sft": b} for p, a, b in zip(eval_prompts[:8], ppo["texts"], base["texts"])]
+
+    # 8. Save a plain HF checkpoint (LoRA merged into the weights), tokenizer, generation config,
+    # then the manifest (last).
+    state_dict = accelerator.get_state_dict(policy) if cfg.lora_r == 0 else None
+    if is_main:
+        final = unwrapped.merge_and_unload() if cfg.lora_r > 0 else unwrapped
+        gen_config_file = Path(cfg.sft_path) / "generation_config.json"
+        final.generation_config = (GenerationConfig.from_pretrained(cfg.sft_path) if gen_config_file.is_file() else
+                                   GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=pad))
+        final.save_pretrained(stage_dir, state_dict=state_dict)
+        tokenizer.save_pretrained(stage_dir)
+        metrics["peak_memory_mb"] = round(peak_memory_mb())
+        run.finish(metrics, {"samples": samples, "processes": accelerator.num_processes, "reward_path": cfg.reward_path})
+        accelerator.print(f"[ppo] done -> {stage_dir}: " + ", ".join(
+            f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float) and k in _SUMMARY))
+    tracker.close()
+    accelerator.wait_for_everyone()
+
+
+_SUMMARY = ("reward_score", "sft_reward_score", "kl_to_sft", "gold_score", "sft_gold_score", "gold_win_rate",
+            "hallucination_rate", "sft_hallucination_rate")
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / max(len(xs), 1)
+
+
+def _knows(judge: GoldJudge, prompt: str) -> bool:
+    try:
+        judge.spec(prompt)
+        return True
+    except KeyError:
+        return False
+
+
+@torch.no_grad()
+def kl_to_reference(policy, ref_model, tokenizer, prompt_ids: list[list[int]], cfg: PPOConfig, batch_size: int = 64) -> float:
+    """Mean summed KL(policy || SFT) of sampled answers to held-out prompts (the k1 estimate PPO
+    penalises: log pi - log pi_ref, summed over the response)."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    device = next(policy.parameters()).device
+    total = 0.0
+    for i in range(0, len(prompt_ids), batch_size):
+        query, query_mask = (t.to(device) for t in left_pad(prompt_ids[i:i + batch_size], pad))
+        raw, logprobs = sample(policy, query, query_mask, cfg.max_new_tokens, cfg.temperature, eos, pad)
+        responses, mask, _ = truncate_after_eos(raw, eos, pad)
+        seq, seq_mask = torch.cat([query, responses], 1), torch.cat([query_mask, mask], 1)
+        with reference(policy, ref_model) as ref:
+            ref_logprobs = logprobs_from_logits(response_logits(ref, seq, seq_mask, position_ids(seq_mask), responses.shape[1], cfg.temperature), responses)
+        total += ((logprobs - ref_logprobs) * mask).sum().item()
+    return total / max(len(prompt_ids), 1)

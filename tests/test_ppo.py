@@ -1,0 +1,322 @@
+"""PPO stage: smoke, PPO raises a toy reward, LoRA, two processes, resume after SIGKILL, NaN guard,
+bad input. The SFT and reward parents are stand-ins built from the tiny pretrained model."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+import stages.ppo.run as ppo_run
+from data.tokenizer import chat_ids, train_tokenizer
+from pipeline.errors import PipelineError
+from pipeline.generation import left_pad
+from pipeline.stage import write_json_atomic
+from tests.conftest import ROOT, read_jsonl, run_module, torchrun, write_jsonl
+
+PER_UPDATE_KEYS = [
+    "objective/score", "objective/kl", "objective/kl_coef", "objective/total_reward", "policy/entropy", "loss/policy",
+    "loss/value", "policy/clipfrac", "value/clipfrac", "policy/approx_kl", "value/explained_variance",
+    "response/length", "response/no_eos_rate", "perf/episodes_per_s", "perf/tokens_per_s",
+]
+GOLD_KEYS = ["gold/score", "gold/hallucination_rate", "gold/proxy_score"]
+# Tiny models are faster on one thread, and two cores are shared with other test processes.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def parents(pretrained_run, tmp_path_factory) -> Path:
+    """A run directory with finished `sft` and `reward` stages.
+
+    Stand-ins until the real stages are used here: SFT = the tiny pretrained model, reward model =
+    a 1-label sequence-classification model on the same backbone (random score head)."""
+    run = tmp_path_factory.mktemp("ppo_parents")
+    os.symlink(Path(pretrained_run / "world").resolve(), run / "world")
+    shutil.copytree(pretrained_run / "pretrain", run / "sft", ignore=shutil.ignore_patterns("manifest.json", "metrics.jsonl", "run.json"))
+    write_json_atomic(run / "sft" / "manifest.json", {"stage": "sft", "stand_in": True})
+    tokenizer = AutoTokenizer.from_pretrained(run / "sft")
+    torch.manual_seed(0)
+    reward = AutoModelForSequenceClassification.from_pretrained(run / "sft", num_labels=1)
+    reward.config.pad_token_id = tokenizer.pad_token_id
+    reward.save_pretrained(run / "reward")
+    tokenizer.save_pretrained(run / "reward")
+    write_json_atomic(run / "reward" / "manifest.json", {"stage": "reward", "stand_in": True})
+    return run
+
+
+def new_run(parents: Path, tmp_path: Path, name: str = "run") -> Path:
+    """A fresh run directory sharing the world and parent stages (PPO writes only RUN/ppo)."""
+    run = tmp_path / name
+    run.mkdir()
+    for stage in ("world", "sft", "reward"):
+        os.symlink(parents / stage, run / stage)
+    return run
+
+
+def tiny(run: Path, *extra) -> list[str]:
+    return ["--profile", "tiny", "--run_dir", str(run), *map(str, extra)]
+
+
+@contextmanager
+def watching_the_reference(monkeypatch, sft_dir: Path):
+    """Spy on every use of the reference model: its logits on a fixed input must stay the SFT's."""
+    sft = AutoModelForCausalLM.from_pretrained(sft_dir).eval()
+    probe = torch.tensor([[1, 5, 9, 33, 70, 2]])
+    with torch.no_grad():
+        want = sft(input_ids=probe).logits
+    diffs = []
+    original = ppo_run.reference
+
+    @contextmanager
+    def spy(policy, ref_model):
+        with original(policy, ref_model) as ref:
+            with torch.no_grad():
+                diffs.append((ref(input_ids=probe).logits - want).abs().max().item())
+            yield ref
+
+    monkeypatch.setattr(ppo_run, "reference", spy)
+    yield diffs
+
+
+def changed_params(stage_dir: Path, sft_dir: Path) -> float:
+    a = AutoModelForCausalLM.from_pretrained(stage_dir).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(sft_dir).state_dict()
+    assert a.keys() == b.keys()
+    return sum(int(not torch.equal(a[k], b[k])) for k in a) / len(a)
+
+
+def test_smoke_logs_finite_metrics_changes_policy_not_reference(parents, tmp_path, monkeypatch):
+    run = new_run(parents, tmp_path)
+    with watching_the_reference(monkeypatch, run / "sft") as diffs:
+        ppo_run.main(tiny(run))
+    assert diffs and max(diffs) < 1e-5, f"reference drifted from the SFT model: {max(diffs)}"
+    stage = run / "ppo"
+    rows = read_jsonl(stage / "metrics.jsonl")
+    updates = [r for r in rows if "objective/score" in r]
+    assert [r["step"] for r in updates] == [1, 2, 3, 4]
+    for r in updates:
+        for key in PER_UPDATE_KEYS:
+            assert isinstance(r[key], float) and math.isfinite(r[key]), (key, r)
+    gold = [r for r in rows if "gold/score" in r]
+    assert [r["step"] for r in gold] == [0, 2, 4] and all(math.isfinite(r[k]) for r in gold for k in GOLD_KEYS)
+    assert updates[0]["objective/kl"] == pytest.approx(0.0, abs=1e-3), "policy and reference start equal"
+
+    manifest = json.loads((stage / "manifest.json").read_text())
+    assert manifest["stage"] == "ppo" and manifest["parent"]["path"] == str(run / "sft")
+    for key in ("reward_score", "sft_reward_score", "kl_to_sft", "gold_score", "sft_gold_score", "gold_win_rate",
+                "hallucination_rate", "sft_hallucination_rate"):
+        assert math.isfinite(manifest["metrics"][key]), key
+    assert not (stage / "checkpoints").exists()
+    assert changed_params(stage, run / "sft") > 0.5, "PPO did not update the policy"
+    tok = AutoTokenizer.from_pretrained(stage)
+    assert tok.chat_template and tok.pad_token_id != tok.eos_token_id
+    assert (stage / "generation_config.json").is_file()
+
+
+def test_rollout_logprobs_equal_a_full_forward(parents):
+    """The sampling loop's log-probs (KV cache, left padding) are the 'old' log-probs of PPO: they
+    must equal a fresh forward's, or the first ratio would not be 1."""
+    model = AutoModelForCausalLM.from_pretrained(parents / "sft").eval()
+    tok = AutoTokenizer.from_pretrained(parents / "sft")
+    prompts = ["Who is Ana Lint?", "Say the word river three times please, twice over.", "Hi"]
+    query, query_mask = left_pad([chat_ids(tok, p) for p in prompts], tok.pad_token_id)
+    torch.manual_seed(0)
+    raw, logprobs = ppo_run.sample(model, query, query_mask, 10, 0.7, tok.eos_token_id, tok.pad_token_id)
+    responses, mask, _ = ppo_run.truncate_after_eos(raw, tok.eos_token_id, tok.pad_token_id)
+    seq, seq_mask = torch.cat([query, responses], 1), torch.cat([query_mask, mask], 1)
+    with torch.no_grad():
+        logits = ppo_run.response_logits(model, seq, seq_mask, ppo_run.position_ids(seq_mask), responses.shape[1], 0.7)
+    again = ppo_run.logprobs_from_logits(logits, responses)
+    assert torch.allclose(logprobs * mask, again * mask, atol=1e-4)
+
+
+def test_ppo_raises_a_toy_reward(parents, tmp_path, monkeypatch):
+    """Reward = share of '.' tokens in the response: PPO must make the policy say it more often."""
+    run = new_run(parents, tmp_path)
+    tok = AutoTokenizer.from_pretrained(run / "sft")
+    target, assistant = tok.convert_tokens_to_ids("."), tok.convert_tokens_to_ids("<|assistant|>")
+
+    def share_of_target(reward_model, seq, mask, pos, last):
+        scores = []
+        for row, end in zip(seq.tolist(), last.tolist()):
+            start = max(i for i, t in enumerate(row) if t == assistant) + 1
+            response = row[start:end + 1]
+            scores.append(sum(t == target for t in response) / len(response))
+        return torch.tensor(scores)
+
+    monkeypatch.setattr(ppo_run, "reward_scores", share_of_target)
+    ppo_run.main(tiny(run, "--num_updates", 20, "--rollout_batch_size", 16, "--num_minibatches", 2, "--ppo_epochs", 4,
+                      "--lr", "3e-4", "--kl_coef", "0.01", "--penalize_no_eos", "false", "--gold_every", 0, "--eval_size", 4,
+                      "--save_every", 100))
+    scores = [r["objective/score"] for r in read_jsonl(run / "ppo" / "metrics.jsonl") if "objective/score" in r]
+    first, last = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
+    assert last > first + 0.3, f"reward did not rise: {first:.3f} -> {last:.3f}"
+
+
+def test_lora_policy_shares_the_backbone_with_the_reference_and_saves_merged(parents, tmp_path, monkeypatch):
+    run = new_run(parents, tmp_path)
+    with watching_the_reference(monkeypatch, run / "sft") as diffs:
+        ppo_run.main(tiny(run, "--lora_r", 4, "--lora_alpha", 32, "--lr", "3e-3", "--ema_decay", "0.5"))
+    assert diffs and max(diffs) < 1e-5, "adapters must be off for the reference"
+    stage = run / "ppo"
+    assert not (stage / "adapter_config.json").exists(), "LoRA must be merged into a plain checkpoint"
+    assert 0 < changed_params(stage, run / "sft") < 1, "merged LoRA changes the adapted matrices only"
+    manifest = json.loads((stage / "manifest.json").read_text())
+    assert manifest["metrics"]["trainable_params"] < sum(
+        p.numel() for p in AutoModelForCausalLM.from_pretrained(run / "sft").parameters()) / 4
+
+
+def test_two_processes_with_torchrun(parents, tmp_path):
+    run = new_run(parents, tmp_path)
+    proc = run_module("stages.ppo", *tiny(run, "--num_updates", 2, "--ptx_coef", "0.5", "--ptx_length", 32,
+                                          "--ema_decay", "0.9", "--gold_every", 1),
+                      launcher=torchrun(2), env=ONE_THREAD, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((run / "ppo" / "manifest.json").read_text())
+    assert manifest["processes"] == 2
+    rows = [r for r in read_jsonl(run / "ppo" / "metrics.jsonl") if "objective/score" in r]
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss/ptx"]) for r in rows)
+    AutoModelForCausalLM.from_pretrained(run / "ppo")
+
+
+def test_resume_after_sigkill_reaches_the_same_step_count(parents, tmp_path):
+    run = new_run(parents, tmp_path)
+    args = tiny(run, "--num_updates", 10, "--save_every", 2, "--gold_every", 5, "--eval_size", 4)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **ONE_THREAD}
+    proc = subprocess.Popen([sys.executable, "-m", "stages.ppo", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = run / "ppo" / "checkpoints"
+    deadline = time.time() + 180
+    while time.time() < deadline and not any(p.name in ("step_4", "step_6") for p in (ckpts.glob("step_*") if ckpts.exists() else [])):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "ppo" / "manifest.json").exists(), "killed before the end: no manifest"
+    resumed = run_module("stages.ppo", *args, env=ONE_THREAD)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    assert int(resumed.stdout.split("(step ")[1].split(")")[0]) >= 2
+    steps = [r["step"] for r in read_jsonl(run / "ppo" / "metrics.jsonl") if "objective/score" in r]
+    assert steps == list(range(1, 11)), "every update logged once, as in an uninterrupted run"
+    assert json.loads((run / "ppo" / "manifest.json").read_text())["metrics"]["updates"] == 10
+
+
+def test_nan_reward_stops_with_one_line_and_keeps_the_last_good_checkpoint(parents, tmp_path, monkeypatch, capsys):
+    run = new_run(parents, tmp_path)
+    real, calls = ppo_run.reward_scores, []
+
+    def poisoned(*args):
+        calls.append(1)
+        scores = real(*args)
+        return scores if len(calls) < 3 else scores * float("nan")  # update 3 goes bad
+
+    monkeypatch.setattr(ppo_run, "reward_scores", poisoned)
+    err = _fails(capsys, tiny(run, "--num_updates", 4, "--save_every", 2, "--gold_every", 0), "non-finite reward", "update 3")
+    assert "checkpoint" in err
+    assert [p.name for p in (run / "ppo" / "checkpoints").iterdir()] == ["step_2"]
+    assert not (run / "ppo" / "manifest.json").exists()
+
+
+def test_runaway_kl_stops(parents, tmp_path, capsys):
+    run = new_run(parents, tmp_path)
+    _fails(capsys, tiny(run, "--num_updates", 6, "--lr", "0.05", "--max_kl", "0.5", "--gold_every", 0, "--save_every", 1),
+           "exceeds max_kl 0.5")
+    assert not (run / "ppo" / "manifest.json").exists()
+
+
+def test_batch_sizes_divide_exactly():
+    assert ppo_run.batch_sizes(64, 4, 2, 2) == ppo_run.BatchSizes(per_process=32, minibatch=8, micro=4)
+    with pytest.raises(PipelineError, match=r"^rollout_batch_size 30 is not divisible by num_minibatches 4 \* processes 2$"):
+        ppo_run.batch_sizes(30, 4, 1, 2)
+    with pytest.raises(PipelineError, match="gradient_accumulation 3"):
+        ppo_run.batch_sizes(16, 2, 3, 1)
+
+
+def test_prompt_order_is_shared_out_across_processes_and_reproducible():
+    n, rbs, per = 10, 8, 4
+    ranks = [ppo_run.prompt_indices(n, 0, rbs, r, per, seed=1) for r in range(2)]
+    assert not set(ranks[0]) & set(ranks[1])
+    assert ranks[0] == ppo_run.prompt_indices(n, 0, rbs, 0, per, seed=1)
+    first_pass = ranks[0] + ranks[1] + ppo_run.prompt_indices(n, 1, rbs, 0, per, seed=1)[:2]
+    assert sorted(first_pass) == list(range(n)), "one pass sees every prompt once"
+
+
+def _fails(capsys, argv, *expected) -> str:
+    with pytest.raises(SystemExit) as exc:
+        ppo_run.main(argv)
+    assert exc.value.code != 0
+    # Loading a model prints progress bars on stderr; the error itself is one line, the last.
+    lines = capsys.readouterr().err.strip().splitlines()
+    err = lines[-1] if lines else ""
+    assert err.startswith("error:") and sum(l.startswith("error:") for l in lines) == 1, lines
+    for e in expected:
+        assert e in err, err
+    return err
+
+
+def test_bad_input_gets_one_line_error_and_no_manifest(parents, tmp_path, capsys):
+    run = new_run(parents, tmp_path)
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    os.symlink(parents / "world", empty / "world")
+    _fails(capsys, tiny(empty), "make sft")
+    os.symlink(parents / "sft", empty / "sft")
+    _fails(capsys, tiny(empty), "make reward")
+
+    # A reward model with another tokenizer, then one with another chat template.
+    other = tmp_path / "other_reward"
+    shutil.copytree(parents / "reward", other)
+    foreign = train_tokenizer([f"word{i} and more words {i * 7}" for i in range(200)], vocab_size=300)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (other / f).unlink(missing_ok=True)
+    foreign.save_pretrained(other)
+    _fails(capsys, tiny(run, "--reward_path", other), "different tokenizers")
+    shutil.rmtree(other)
+    shutil.copytree(parents / "reward", other)
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.chat_template = tok.chat_template.replace("<|assistant|>", "<|assistant|> ")
+    (other / "chat_template.jinja").unlink(missing_ok=True)
+    tok.save_pretrained(other)
+    _fails(capsys, tiny(run, "--reward_path", other), "different chat templates")
+
+    long_prompt = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "Hi"}, {"prompt": "tell me " * 40}])
+    _fails(capsys, tiny(run, "--prompt_files", long_prompt), "long.jsonl: line 2", "max_prompt_length 48")
+    not_user = write_jsonl(tmp_path / "turns.jsonl", [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}])
+    _fails(capsys, tiny(run, "--prompt_files", not_user), "turns.jsonl: line 1", "messages", "user turn")
+    no_prompt = write_jsonl(tmp_path / "noprompt.jsonl", [{"question": "Hi"}])
+    _fails(capsys, tiny(run, "--prompt_files", no_prompt), "noprompt.jsonl: line 1", "'prompt'")
+    _fails(capsys, tiny(run, "--max_prompt_length", 60), "exceeds the model's context of 64")
+    _fails(capsys, tiny(run, "--rollout_batch_size", 30, "--num_minibatches", 4),
+           "rollout_batch_size 30 is not divisible by num_minibatches 4 * processes 1")
+    _fails(capsys, tiny(run, "--temperature", 0), "temperature")
+    _fails(capsys, tiny(run, "--max_new_tokens", 0), "max_new_tokens")
+    _fails(capsys, tiny(run, "--no_such_option", 1), "no_such_option")
+    assert not (run / "ppo" / "manifest.json").exists()
+
+
+def test_messages_prompts_are_accepted(parents, tmp_path):
+    run = new_run(parents, tmp_path)
+    prompts = write_jsonl(tmp_path / "chat.jsonl", [
+        {"messages": [{"role": "user", "content": f"Hello number {i}"}]} for i in range(8)])
+    ppo_run.main(tiny(run, "--prompt_files", prompts, "--num_updates", 1, "--eval_files", prompts, "--gold_every", 1))
+    metrics = json.loads((run / "ppo" / "manifest.json").read_text())["metrics"]
+    assert "gold_score" not in metrics and math.isfinite(metrics["reward_score"]), "not world prompts: no gold judge"
