@@ -74,8 +74,8 @@ def _local_records(path: Path) -> list[dict[str, Any]]:
 
 
 def _as_record(rec: Any, path: Path, where: str) -> dict[str, Any]:
-    if isinstance(rec, str):  # a JSON string per line (e.g. a prompt list)
-        return {"text": rec}
+    if isinstance(rec, str):  # a bare JSON string per line: a text to pretrain on, or a prompt
+        return {"text": rec, "prompt": rec, "_where": f"{path}: {where}"}
     if not isinstance(rec, dict):
         raise PipelineError(f"{path}: {where}: expected a JSON object, got {type(rec).__name__}")
     rec["_where"] = f"{path}: {where}"

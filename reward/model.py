@@ -1,0 +1,114 @@
+"""The reward model as a library: load one, score (prompt, response) batches.
+
+    model, tokenizer = load_reward_model("runs/default/reward")
+    rewards = score(model, tokenizer, prompts, responses)      # float32 tensor, one per pair
+
+A reward model is a plain `AutoModelForSequenceClassification` with one label. The reward of a
+response is read at the LAST token of prompt + response rendered with the chat template the SFT model
+was trained on: the prompt as the user turn(s), the response as the assistant turn including its EOS
+(Huang et al. 2024, "extract the reward from the EOS token"). Padding is on the right and
+`config.pad_token_id` is distinct from EOS, so the head finds the last non-pad token, i.e. the EOS.
+
+Normalisation (Ouyang et al. 2022; Huang et al. 2024): after training, the reward stage shifts the
+rewards so the reference demonstrations average 0. Llama-style classification heads have no bias
+(`score = nn.Linear(..., bias=False)`), and the final RMSNorm in front of it removes any constant a
+bias elsewhere could add, so a constant offset cannot be baked into the plain checkpoint's weights.
+The offset is stored as `reward_bias` in config.json (a plain config attribute: it survives
+save/load in transformers) and added here. Plain transformers loading gives the raw score; raw and
+normalised scores differ by that one constant, so rankings and accuracies are identical.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+
+from pipeline.errors import PipelineError
+
+BIAS_KEY = "reward_bias"
+
+
+def as_messages(prompt: str | list[dict]) -> list[dict]:
+    """A prompt as chat messages: a string is one user turn (an empty string: no turn at all)."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}] if prompt else []
+    return list(prompt)
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict], response: str, max_length: int | None = None) -> list[int]:
+    """Token ids of prompt + response through the chat template. Too long: keep the END (the
+    response and its EOS, where the reward is read) and drop the start of the prompt."""
+    messages = as_messages(prompt) + [{"role": "assistant", "content": response}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids[-max_length:] if max_length else ids
+
+
+def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def check_reward_tokenizer(tokenizer: PreTrainedTokenizerBase, where: str) -> None:
+    """The reward must read conversations exactly as the policy writes them: demand a chat template
+    that renders a user turn and an assistant turn, and a pad token distinct from EOS."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise PipelineError(f"{where}: tokenizer has no chat template; the reward model must read prompt+response "
+                            f"in the SFT model's chat format (train the parent with the pipeline or add its template)")
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}], tokenize=False)
+    except Exception as e:  # jinja raises many types; the user needs the one line
+        raise PipelineError(f"{where}: chat template cannot render a user+assistant conversation ({type(e).__name__}: {e})") from None
+    if "ping" not in text or "pong" not in text:
+        raise PipelineError(f"{where}: chat template does not render both the prompt and the response (mismatched template)")
+
+
+def load_reward_model(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+    """(model, tokenizer) of a reward model directory, in eval mode."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise PipelineError(f"{path}: not a reward model (no config.json); run `make reward` first")
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype or torch.float32)
+    if model.config.num_labels != 1:
+        raise PipelineError(f"{path}: a reward model has one output, this one has num_labels={model.config.num_labels}")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    check_reward_tokenizer(tokenizer, str(path))
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+@torch.no_grad()
+def score(model, tokenizer, prompts: list, responses: list[str], batch_size: int = 32,
+          max_length: int | None = None) -> torch.Tensor:
+    """Normalised reward of each (prompt, response): the head's value at the last token plus the
+    stored `reward_bias`. Returns float32 on CPU, in input order."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    if not prompts:
+        return torch.zeros(0)
+    was_training = model.training
+    model.eval()
+    limit = max_length or getattr(model.config, "max_position_embeddings", None)
+    seqs = [encode(tokenizer, p, r, limit) for p, r in zip(prompts, responses)]
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths together: less padding
+    device = next(model.parameters()).device
+    out = torch.empty(len(seqs))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        ids, mask = right_pad([seqs[i] for i in idx], model.config.pad_token_id)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        out[idx] = logits[:, 0].float().cpu()
+    model.train(was_training)
+    return out + float(getattr(model.config, BIAS_KEY, 0.0) or 0.0)

@@ -1,0 +1,1 @@
+"""Reward-model stage: `python -m stages.reward` (see run.py)."""

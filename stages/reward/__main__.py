@@ -1,0 +1,3 @@
+from stages.reward.run import main
+
+main()

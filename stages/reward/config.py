@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from pipeline.errors import PipelineError
+
+
+@dataclass
+class RewardStageConfig:
+    run_dir: str = field(default="runs/default", metadata={"help": "Run directory; this stage reads RUN_DIR/sft and writes RUN_DIR/reward."})
+    init_from: Optional[str] = field(default=None, metadata={"help": "Initialise from this model (finished stage dir or HF checkpoint dir) instead of RUN_DIR/sft."})
+    train_files: list[str] = field(default_factory=lambda: ["{run_dir}/world/comparisons_train.jsonl"], metadata={"help": "Comparison files (K-wise rankings, chosen/rejected pairs, HH transcripts, OpenAssistant or LLaMA-Factory ranked lists), mixed freely; e.g. add {run_dir}/comparisons/policy_comparisons.jsonl."})
+    val_files: list[str] = field(default_factory=lambda: ["{run_dir}/world/comparisons_val.jsonl"], metadata={"help": "Held-out comparison files for the accuracy metrics; `none` = no held-out evaluation."})
+    world_dir: str = field(default="{run_dir}/world", metadata={"help": "Embedded world (truth.json) for gold metrics on world prompts; ignored when absent."})
+    norm_files: list[str] = field(default_factory=lambda: ["{run_dir}/world/sft_train.jsonl"], metadata={"help": "Reference demonstrations (prompt/completion or messages) whose mean reward is shifted to 0; `none` = the top-ranked training responses."})
+    norm_samples: int = field(default=256, metadata={"help": "Reference demonstrations used for normalisation (a seeded random subset)."})
+    max_train_groups: int = field(default=0, metadata={"help": "Use only the first N training groups (0 = all)."})
+    max_val_groups: int = field(default=0, metadata={"help": "Use only the first N held-out groups (0 = all)."})
+    skip_invalid: bool = field(default=False, metadata={"help": "Skip groups with empty/duplicate responses, chosen == rejected or diverging transcripts instead of stopping."})
+    max_length: int = field(default=512, metadata={"help": "Token limit of prompt+response (longer: the start of the prompt is cut); capped at the model's context."})
+    group_by_length: bool = field(default=True, metadata={"help": "Batch groups of similar length (random megabatches sorted by length): a third less padding on the world."})
+    batch_size: int = field(default=8, metadata={"help": "Comparison GROUPS per device per micro-batch (each holds K responses)."})
+    grad_accum: int = field(default=1, metadata={"help": "Micro-batches accumulated per optimizer step."})
+    eval_batch_size: int = field(default=64, metadata={"help": "Sequences per forward pass when scoring for evaluation and normalisation."})
+    num_epochs: float = field(default=1.0, metadata={"help": "Passes over the training groups (InstructGPT: 1; the reward model overfits after that)."})
+    max_steps: int = field(default=0, metadata={"help": "Optimizer steps; 0 = derived from num_epochs."})
+    lr: float = field(default=1e-4, metadata={"help": "Peak learning rate (AdamW)."})
+    lr_scheduler: str = field(default="cosine", metadata={"help": "transformers scheduler type: cosine, linear, constant_with_warmup, ..."})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "Share of the steps spent in linear warmup."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    grad_clip: float = field(default=1.0, metadata={"help": "Gradient norm clip; 0 disables."})
+    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (+ the full score head) and save a merged plain checkpoint."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata={"help": "Modules that get adapters ('all-linear' or names such as q_proj v_proj)."})
+    eval_every: int = field(default=0, metadata={"help": "Steps between held-out loss/accuracy logs during training; 0 = only the final evaluation."})
+    save_every: int = field(default=50, metadata={"help": "Steps between resumable checkpoints (RUN_DIR/reward/checkpoints)."})
+    keep_checkpoints: int = field(default=2, metadata={"help": "Checkpoints kept on disk."})
+    log_every: int = field(default=10, metadata={"help": "Steps between metric log lines."})
+    mixed_precision: str = field(default="no", metadata={"help": "no, bf16 or fp16."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory on large models."})
+    seed: int = field(default=0, metadata={"help": "Random seed (head init, data order)."})
+    force: bool = field(default=False, metadata={"help": "Redo the stage even if it is finished with this config."})
+
+    def validate(self) -> None:
+        for name in ("batch_size", "grad_accum", "eval_batch_size", "save_every", "log_every", "max_length", "norm_samples"):
+            if getattr(self, name) < 1:
+                raise PipelineError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "max_train_groups", "max_val_groups", "eval_every"):
+            if getattr(self, name) < 0:
+                raise PipelineError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.train_files:
+            raise PipelineError("train_files is empty: give at least one comparison file")
+        if self.num_epochs <= 0 and self.max_steps == 0:
+            raise PipelineError(f"num_epochs must be > 0 (or set max_steps), got {self.num_epochs}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise PipelineError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise PipelineError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")

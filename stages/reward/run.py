@@ -1,0 +1,347 @@
+"""Reward model (InstructGPT step 2): a scalar reward learned from ranked answers.
+
+Recipe: parse -> parent (SFT) -> comparisons -> model -> train (resumable) -> save a plain checkpoint
+-> normalise (reference demonstrations score 0) -> evaluate on held-out comparisons -> manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
+from datasets import Dataset
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from trl import RewardConfig, RewardTrainer
+from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+from data.loading import load_records, require_text
+from data.tokenizer import ensure_chat_ready
+from pipeline.config import config_dict, parse_config
+from pipeline.errors import cli_main
+from pipeline.runtime import peak_memory_mb
+from pipeline.stage import StageRun, require_stage, resolve_init
+from pipeline.tracking import JsonlMetricsCallback, wandb_enabled, wandb_env
+from reward.comparisons import Group, load_groups
+from reward.gold import GoldJudge
+from reward.losses import group_pairs, pair_accuracy, ranking_loss
+from reward.model import BIAS_KEY, check_reward_tokenizer, encode, load_reward_model, right_pad, score
+from stages.reward.config import RewardStageConfig
+
+
+# ---- training on K-wise groups ------------------------------------------------------------------
+
+
+@dataclass
+class GroupCollator:
+    """A batch of groups -> one right-padded tensor of all their responses plus each group's size."""
+
+    pad_token_id: int
+
+    def __call__(self, examples: list[dict]) -> dict:
+        ids, mask = right_pad([seq for ex in examples for seq in ex["group_ids"]], self.pad_token_id)
+        return {"input_ids": ids, "attention_mask": mask,
+                "group_sizes": torch.tensor([len(ex["group_ids"]) for ex in examples])}
+
+
+class RankingRewardTrainer(RewardTrainer):
+    """TRL's RewardTrainer taught InstructGPT's K-wise groups.
+
+    Why a subclass and not a plain transformers Trainer: RewardTrainer already does the reward-model
+    plumbing (pad token on the config so the head finds the last token, dropout off, PEFT wrapping,
+    reward/accuracy logging, checkpoints). Only its data path is pairwise - a batch is [chosen...,
+    rejected...] and the loss -logsigmoid(chosen - rejected). We replace exactly those pieces: our
+    groups arrive tokenized (prompt + each response through the chat template, best first), the
+    collator keeps each group's K responses together, and compute_loss applies `ranking_loss` (all
+    C(K,2) pairs of a prompt in one batch element). For K = 2 it is TRL's loss.
+    """
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        return dataset  # tokenized by `tokenize_groups`
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["group_ids", "length"]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        sizes = inputs["group_sizes"].tolist()
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+        rewards = outputs.logits.squeeze(-1).float()
+        loss = ranking_loss(rewards, sizes)
+        with torch.no_grad():
+            accuracy = self.accelerator.gather_for_metrics(pair_accuracy(rewards, sizes)).mean()
+            mean_reward = self.accelerator.gather_for_metrics(rewards.mean()).mean()
+            self._metrics[mode]["accuracy"].append(accuracy.item())
+            self._metrics[mode]["mean_reward"].append(mean_reward.item())
+        return (loss, outputs) if return_outputs else loss
+
+
+def tokenize_groups(groups: list[Group], tokenizer, max_length: int) -> tuple[Dataset, int]:
+    """Each group as {"group_ids": [ids of prompt+response, best first], "length": longest of them}
+    (the length lets the sampler batch similar groups: less padding). Returns (dataset, #truncated)."""
+    rows, truncated = [], 0
+    for g in groups:
+        seqs = [encode(tokenizer, g.prompt, r) for r in g.responses]
+        truncated += sum(len(s) > max_length for s in seqs)
+        seqs = [s[-max_length:] for s in seqs]
+        rows.append({"group_ids": seqs, "length": max(map(len, seqs))})
+    return Dataset.from_list(rows), truncated
+
+
+def last_complete_checkpoint(checkpoints: Path) -> str | None:
+    """Newest Trainer checkpoint whose trainer_state.json (written last) parses; a kill mid-save
+    leaves a newer folder without one, which is skipped."""
+    if not checkpoints.is_dir():
+        return None
+    found = sorted((p for p in checkpoints.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for ckpt in found:
+        try:
+            json.loads((ckpt / "trainer_state.json").read_text())
+            return str(ckpt)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def truncate_metrics(stage_dir: Path, step: int) -> None:
+    """On resume, drop metric rows logged after the checkpoint (those steps run again)."""
+    path = stage_dir / "metrics.jsonl"
+    if path.is_file():
+        rows = [l for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+        path.write_text("".join(l + "\n" for l in rows if json.loads(l).get("step", 0) <= step), encoding="utf-8")
+
+
+# ---- parent, head, reference data ---------------------------------------------------------------
+
+
+def parent_model(cfg: RewardStageConfig) -> tuple[str, dict | None]:
+    """RUN/sft (must be finished), or --init_from (a finished stage or a plain HF checkpoint dir)."""
+    if cfg.init_from:
+        return resolve_init(cfg.init_from)
+    sft = Path(cfg.run_dir) / "sft"
+    return str(sft), require_stage(sft, "sft", cfg.run_dir)
+
+
+def init_score_head(model) -> None:
+    """N(0, 1/sqrt(d_model + 1)) reward head (Huang et al. 2024, after Ziegler et al. 2019): rewards
+    start at unit scale instead of near 0 as with the default 0.02 init."""
+    head = getattr(model, "score", None)
+    if isinstance(head, torch.nn.Linear):
+        torch.nn.init.normal_(head.weight, std=1 / math.sqrt(head.in_features + 1))
+        if head.bias is not None:
+            torch.nn.init.zeros_(head.bias)
+
+
+def demonstration(rec: dict) -> tuple:
+    """(prompt, answer) of a reference record: prompt/completion, or messages ending in an assistant turn."""
+    if isinstance(rec.get("messages"), list) and rec["messages"] and isinstance(rec["messages"][-1], dict) \
+            and rec["messages"][-1].get("role") == "assistant":
+        return rec["messages"][:-1], str(rec["messages"][-1].get("content", ""))
+    return require_text(rec, "prompt"), require_text(rec, "completion")
+
+
+def reference_set(cfg: RewardStageConfig, train_groups: list[Group]) -> tuple[list, list[str]]:
+    """Demonstrations whose mean reward becomes 0 (default: a seeded subset of the SFT data)."""
+    if cfg.norm_files:
+        pairs = [demonstration(r) for r in load_records(cfg.norm_files)]
+    else:
+        pairs = [(g.prompt, g.responses[0]) for g in train_groups]  # the labelers' favourite answers
+    pairs = random.Random(cfg.seed).sample(pairs, min(cfg.norm_samples, len(pairs)))
+    return [p for p, _ in pairs], [a for _, a in pairs]
+
+
+# ---- evaluation -----------------------------------------------------------------------------------
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    t = torch.tensor(values)
+    return t.mean().item(), (t.std().item() if len(values) > 1 else 0.0)
+
+
+def evaluate(model, tokenizer, groups: list[Group], judge: GoldJudge | None, batch_size: int, max_length: int) -> dict:
+    """Held-out metrics. Pair accuracy is measured against the labels (noisy on the world), over all
+    C(K,2) pairs; top-vs-rest over the pairs (best, other). On world prompts also against the gold
+    judge: its noise-free ranking (the world's `gold_ranking`) over the pairs it orders strictly - a
+    tie carries no preference - and the Pearson correlation of reward with gold score."""
+    prompts = [g.prompt for g in groups for _ in g.responses]
+    rewards = score(model, tokenizer, prompts, [r for g in groups for r in g.responses], batch_size, max_length)
+    sizes = [len(g.responses) for g in groups]
+    per_group = list(torch.split(rewards, sizes))
+    chosen, rejected = [r[0].item() for r in per_group], [r[-1].item() for r in per_group]
+    top_vs_rest = torch.cat([r[0] > r[1:] for r in per_group]).float()
+    m = {
+        "val_groups": len(groups),
+        "val_pairs": len(group_pairs(sizes)[0]),
+        "val_loss": ranking_loss(rewards, sizes).item(),
+        "val_pair_accuracy": pair_accuracy(rewards, sizes).item(),
+        "val_top_vs_rest_accuracy": top_vs_rest.mean().item(),
+        "val_top1_accuracy": sum(int(r.argmax().item() == 0) for r in per_group) / len(groups),
+    }
+    m["val_chosen_mean"], m["val_chosen_std"] = _mean_std(chosen)  # best-ranked response of each group
+    m["val_rejected_mean"], m["val_rejected_std"] = _mean_std(rejected)  # worst-ranked (for K = 2: the pair)
+    if judge is None:
+        return m
+
+    gold_right = gold_pairs = 0
+    ceiling, label_pairs = 0.0, 0
+    xs, ys = [], []
+    for g, r in zip(groups, per_group):
+        try:
+            gold = [judge.score(g.prompt, resp) for resp in g.responses] if isinstance(g.prompt, str) else None
+        except KeyError:
+            gold = None
+        if gold is None:
+            continue
+        xs += r.tolist()
+        ys += gold
+        for i in range(len(gold)):
+            for j in range(i + 1, len(gold)):
+                # the labels say i beats j: a perfect gold-aligned reward agrees when gold[i] > gold[j]
+                ceiling += 1.0 if gold[i] > gold[j] else 0.5 if gold[i] == gold[j] else 0.0
+                label_pairs += 1
+                if gold[i] != gold[j]:
+                    better, worse = (i, j) if gold[i] > gold[j] else (j, i)
+                    gold_right += int(r[better] > r[worse])
+                    gold_pairs += 1
+    if gold_pairs:
+        m["val_gold_pair_accuracy"] = gold_right / gold_pairs
+        m["val_gold_pairs"] = gold_pairs
+        m["val_gold_pearson"] = torch.corrcoef(torch.tensor([xs, ys]))[0, 1].item()
+        # What a reward equal to the gold score would get against these noisy labels (ties half):
+        # the ceiling for val_pair_accuracy on the world.
+        m["val_label_ceiling_accuracy"] = ceiling / label_pairs
+    return m
+
+
+# ---- the stage -------------------------------------------------------------------------------------
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    # 1. Config, parent and data - all checked before anything is written.
+    cfg = parse_config(RewardStageConfig, "reward", argv)
+    for name in ("val_files", "norm_files"):  # "none" (a list cannot be empty on the command line)
+        if [f.lower() for f in getattr(cfg, name)] == ["none"]:
+            setattr(cfg, name, [])
+    # On CPU accelerate needs cpu=True to run DDP (gloo) under torchrun; without it every process
+    # would train alone on the same directory.
+    use_cpu = not torch.accelerator.is_available()
+    state = PartialState(cpu=use_cpu)
+    stage_dir = Path(cfg.run_dir) / "reward"
+    parent_path, parent_manifest = parent_model(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(parent_path)
+    check_reward_tokenizer(tokenizer, parent_path)
+    train_groups = load_groups(cfg.train_files, cfg.skip_invalid, cfg.max_train_groups)
+    val_groups = load_groups(cfg.val_files, cfg.skip_invalid, cfg.max_val_groups) if cfg.val_files else []
+    reference = reference_set(cfg, train_groups)
+    world = Path(cfg.world_dir)
+    judge = GoldJudge.load(world) if (world / "truth.json").is_file() else None
+
+    run = StageRun("reward", stage_dir, config_dict(cfg), parent_manifest, parent_path,
+                   cfg.train_files + cfg.val_files + cfg.norm_files, state.is_main_process)
+    # The main process decides (only it fingerprints the data); the others follow.
+    if not broadcast_object_list([run.begin(cfg.force) if state.is_main_process else None])[0]:
+        return
+    state.wait_for_everyone()
+    wandb_env(stage_dir)
+
+    # 2. Model: the SFT transformer with a one-output head, reward read at the last (EOS) token.
+    set_seed(cfg.seed)
+    with suppress_seqcls_warning():  # "score.weight newly initialised / lm_head unused" is the point here
+        model = AutoModelForSequenceClassification.from_pretrained(parent_path, num_labels=1, dtype=torch.float32)
+    ensure_chat_ready(tokenizer, model)  # pad distinct from EOS, on the config: the head skips pads only
+    if not any(a.endswith("ForSequenceClassification") for a in model.config.architectures or []):
+        init_score_head(model)  # a fresh head (the parent is a language model, not a reward model)
+    max_length = min(cfg.max_length, getattr(model.config, "max_position_embeddings", cfg.max_length))
+    train_ds, truncated = tokenize_groups(train_groups, tokenizer, max_length)
+    val_ds = tokenize_groups(val_groups, tokenizer, max_length)[0] if val_groups and cfg.eval_every else None
+    n_pairs = sum(len(g.responses) * (len(g.responses) - 1) // 2 for g in train_groups)
+    if state.is_main_process:
+        print(f"[reward] {len(train_groups)} training groups ({sum(len(g.responses) for g in train_groups)} responses, "
+              f"{n_pairs} pairs), {len(val_groups)} held-out groups, {state.num_processes} process(es); "
+              f"{truncated} sequences cut to {max_length} tokens", flush=True)
+
+    # 3. Trainer: TRL's RewardTrainer with the K-wise loss; checkpoints inside the stage directory.
+    peft_config = None
+    if cfg.use_lora:  # adapters on the body, the new score head trained in full (peft's modules_to_save)
+        from peft import LoraConfig, TaskType
+
+        targets = "all-linear" if cfg.lora_target_modules == ["all-linear"] else cfg.lora_target_modules
+        peft_config = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                 lora_dropout=cfg.lora_dropout, target_modules=targets, modules_to_save=["score"])
+    args = RewardConfig(
+        output_dir=str(run.checkpoints), use_cpu=use_cpu, seed=cfg.seed, data_seed=cfg.seed,
+        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=cfg.num_epochs, max_steps=cfg.max_steps or -1,
+        learning_rate=cfg.lr, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay, max_grad_norm=cfg.grad_clip,
+        bf16=cfg.mixed_precision == "bf16", fp16=cfg.mixed_precision == "fp16",
+        activation_checkpointing=cfg.gradient_checkpointing, disable_dropout=True, max_length=None,
+        logging_steps=cfg.log_every, save_strategy="steps", save_steps=cfg.save_every,
+        save_total_limit=cfg.keep_checkpoints, eval_strategy="steps" if val_ds is not None else "no",
+        eval_steps=cfg.eval_every or None, prediction_loss_only=True,
+        report_to=["wandb"] if wandb_enabled() else "none", run_name=f"{cfg.run_dir}/reward",
+        disable_tqdm=bool(os.environ.get("CI")) and not sys.stderr.isatty(),
+        dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(),
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+    )
+    trainer = RankingRewardTrainer(model=model, args=args, data_collator=GroupCollator(tokenizer.pad_token_id),
+                                   train_dataset=train_ds, eval_dataset=val_ds, processing_class=tokenizer,
+                                   callbacks=[JsonlMetricsCallback(stage_dir)], peft_config=peft_config)
+
+    # 4. Train, resuming from the newest complete checkpoint a killed run left.
+    resume = last_complete_checkpoint(run.checkpoints)
+    if resume and state.is_main_process:
+        step = int(resume.split("-")[-1])
+        truncate_metrics(stage_dir, step)
+        print(f"[reward] resumed from {resume} (step {step})", flush=True)
+    state.wait_for_everyone()
+    result = trainer.train(resume_from_checkpoint=resume)
+
+    # 5. Save a plain checkpoint (LoRA merged into the weights, the trained head kept).
+    if cfg.use_lora:
+        if state.is_main_process:
+            trainer.model.merge_and_unload().save_pretrained(stage_dir)
+            tokenizer.save_pretrained(stage_dir)
+    else:
+        trainer.save_model(str(stage_dir))
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return
+    (stage_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle of Trainer internals, not part of a model
+
+    # 6. Normalise on the saved checkpoint, as every consumer will load it: shift so the reference
+    #    demonstrations average 0 (Ouyang et al. 2022; Huang et al. 2024, "reward normalization").
+    reward_model, reward_tokenizer = load_reward_model(stage_dir, device=state.device)
+    setattr(reward_model.config, BIAS_KEY, 0.0)
+    raw = score(reward_model, reward_tokenizer, *reference, cfg.eval_batch_size, max_length)
+    setattr(reward_model.config, BIAS_KEY, -raw.mean().item())
+    reward_model.config.save_pretrained(stage_dir)
+    normalised = raw + getattr(reward_model.config, BIAS_KEY)
+
+    # 7. Evaluate on held-out comparisons, then write the manifest (last).
+    metrics = evaluate(reward_model, reward_tokenizer, val_groups, judge, cfg.eval_batch_size, max_length) if val_groups else {}
+    metrics.update({
+        "train_loss": result.training_loss, "train_steps": result.global_step, "train_groups": len(train_groups),
+        "train_pairs": n_pairs, "train_seconds": round(result.metrics.get("train_runtime", 0.0), 1),
+        "reference_raw_mean": raw.mean().item(), "reference_mean": normalised.mean().item(),
+        "reference_std": normalised.std().item() if len(normalised) > 1 else 0.0, "reference_size": len(normalised),
+        "params": sum(p.numel() for p in reward_model.parameters()), "peak_memory_mb": round(peak_memory_mb()),
+    })
+    trainer.log({k: v for k, v in metrics.items() if k.startswith(("val_", "reference_"))})  # -> metrics.jsonl, wandb
+    run.finish(metrics, {"processes": state.num_processes, BIAS_KEY: getattr(reward_model.config, BIAS_KEY),
+                         "truncated_sequences": truncated, "max_length": max_length})
+    summary = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("val_pair_accuracy", "val_top_vs_rest_accuracy",
+                                                           "val_gold_pair_accuracy", "val_gold_pearson", "val_label_ceiling_accuracy") if k in metrics)
+    print(f"[reward] done in {metrics['train_seconds']}s: {summary or 'no held-out set'}; reward bias "
+          f"{getattr(reward_model.config, BIAS_KEY):+.3f} -> {stage_dir}", flush=True)

@@ -1,0 +1,1 @@
+"""SFT stage: supervised fine-tuning on demonstrations (`python -m stages.sft`)."""

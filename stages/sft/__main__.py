@@ -1,0 +1,3 @@
+from stages.sft.run import main
+
+main()

@@ -1,0 +1,506 @@
+"""Supervised fine-tuning: imitate labeler demonstrations (InstructGPT step 1, Ouyang et al. 2022, sec. 3.5).
+
+Every demonstration becomes TRL's conversational prompt/completion pair, so the tokenizer's chat template
+decides the tokens - the same template the reward model, PPO and chat use later - and TRL's SFTTrainer
+puts the loss on the completion (the labeler's answer) only.
+
+Recipe: parse -> parent model -> demonstrations -> trainer (optionally LoRA) -> train (resumable)
+-> validation loss -> save a plain merged checkpoint -> gold evaluation vs the parent -> manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from datasets import Dataset
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers.trainer_utils import get_last_checkpoint
+from trl import SFTConfig, SFTTrainer
+
+from data.loading import load_records, require_text
+from data.tokenizer import ensure_chat_ready
+from pipeline.config import config_dict, parse_config
+from pipeline.errors import PipelineError, cli_main
+from pipeline.generation import answer
+from pipeline.runtime import peak_memory_mb
+from pipeline.stage import StageRun, require_stage, resolve_init
+from pipeline.tracking import JsonlMetricsCallback, wandb_enabled, wandb_env
+from reward.gold import GoldJudge
+from stages.sft.config import SFTStageConfig, column_map
+
+ROLES = ("system", "user", "assistant")
+
+# Field names of the formats recognised without --columns (role -> field). Dolly's `context` and Alpaca's
+# `input` are appended to the instruction; Alpaca's `history` holds earlier [user, assistant] turns.
+DOLLY = {"prompt": "instruction", "context": "context", "completion": "response"}
+ALPACA = {"prompt": "instruction", "context": "input", "completion": "output", "history": "history", "system": "system"}
+PROMPT_COMPLETION = {"prompt": "prompt", "completion": "completion", "system": "system"}
+
+
+# ---- 1. demonstrations -> conversational prompt/completion ----------------------------------------
+
+def detect_columns(rec: dict, columns: dict[str, str]) -> dict[str, str]:
+    """Which field plays which role in this record: the user's --columns, else the format it looks like."""
+    if columns:
+        return columns if "messages" in columns else {**PROMPT_COMPLETION, **columns}
+    if "messages" in rec:
+        return {"messages": "messages"}
+    if "instruction" in rec:
+        return DOLLY if "response" in rec else ALPACA
+    if "prompt" in rec or "completion" in rec:
+        return PROMPT_COMPLETION
+    found = ", ".join(sorted(k for k in rec if k != "_where")) or "none"
+    raise PipelineError(
+        f"{rec.get('_where', 'record')}: missing field 'completion' or 'messages' (found: {found}); expected "
+        "prompt+completion, messages, instruction+response or instruction+output, or map yours with --columns prompt=FIELD completion=FIELD"
+    )
+
+
+def chat_turns(rec: dict, field: str, value) -> list[dict]:
+    """Validate a list of {role, content} messages."""
+    where = rec.get("_where", "record")
+    if not isinstance(value, list) or not value:
+        raise PipelineError(f"{where}: field '{field}' must be a non-empty list of {{role, content}} messages")
+    turns = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or "role" not in m:
+            raise PipelineError(f"{where}: field '{field}' message {i + 1} must be an object with 'role' and string 'content'")
+        if m["role"] not in ROLES:
+            raise PipelineError(f"{where}: field '{field}' message {i + 1} has unknown role '{m['role']}' (use {', '.join(ROLES)})")
+        if not m["content"].strip():
+            raise PipelineError(f"{where}: field '{field}' message {i + 1} ({m['role']}) is empty")
+        turns.append({"role": m["role"], "content": m["content"]})
+    return turns
+
+
+def history_turns(rec: dict, field: str) -> list[dict]:
+    """Alpaca/LIMA/oasst style earlier turns: [[user, assistant], ...]."""
+    where, value = rec.get("_where", "record"), rec.get(field)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise PipelineError(f"{where}: field '{field}' must be a list of [user, assistant] pairs")
+    turns = []
+    for i, pair in enumerate(value):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) and t.strip() for t in pair)):
+            raise PipelineError(f"{where}: field '{field}' item {i + 1} must be a [user, assistant] pair of non-empty strings")
+        turns += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    return turns
+
+
+def to_conversation(rec: dict, columns: dict[str, str]) -> dict:
+    """One demonstration as TRL's conversational prompt/completion: prompt = every turn before the final
+    assistant turn, completion = that turn (the only tokens with a loss)."""
+    where = rec.get("_where", "record")
+    fields = detect_columns(rec, columns)
+    if "messages" in fields:
+        turns = chat_turns(rec, fields["messages"], rec.get(fields["messages"]))
+        if turns[-1]["role"] != "assistant":
+            raise PipelineError(f"{where}: field '{fields['messages']}': conversation must end with an assistant turn (last turn is '{turns[-1]['role']}')")
+        if not any(t["role"] == "user" for t in turns[:-1]):
+            raise PipelineError(f"{where}: field '{fields['messages']}': no user turn before the final assistant turn (empty prompt)")
+        return {"prompt": turns[:-1], "completion": turns[-1:]}
+    if isinstance(rec.get(fields["prompt"]), list):  # already TRL's conversational prompt/completion
+        prompt = chat_turns(rec, fields["prompt"], rec[fields["prompt"]])
+        completion = chat_turns(rec, fields["completion"], rec.get(fields["completion"]))
+        if prompt[-1]["role"] != "user" or [t["role"] for t in completion] != ["assistant"]:
+            raise PipelineError(f"{where}: conversational '{fields['prompt']}' must end with a user turn and "
+                                f"'{fields['completion']}' must be one assistant turn")
+        return {"prompt": prompt, "completion": completion}
+
+    prompt = require_text(rec, fields["prompt"])
+    context = rec.get(fields["context"]) if "context" in fields else None
+    if context is not None and not isinstance(context, str):
+        raise PipelineError(f"{where}: field '{fields['context']}' must be a string, got {type(context).__name__}")
+    if context and context.strip():
+        prompt = f"{prompt}\n\n{context}"
+    completion = require_text(rec, fields["completion"])
+    system = rec.get(fields["system"]) if "system" in fields else None
+    turns = [{"role": "system", "content": system}] if isinstance(system, str) and system.strip() else []
+    turns += history_turns(rec, fields["history"]) if "history" in fields else []
+    return {"prompt": turns + [{"role": "user", "content": prompt}], "completion": [{"role": "assistant", "content": completion}]}
+
+
+def load_demonstrations(sources: list[str], columns: dict[str, str]) -> list[dict]:
+    records = load_records(sources)
+    if not records:
+        raise PipelineError(f"{', '.join(sources)}: no demonstrations")
+    return [{**to_conversation(r, columns), "_where": r.get("_where", "record")} for r in records]
+
+
+def validation_files(cfg: SFTStageConfig) -> list[str]:
+    """--val_files, else the world's validation split when training on the world's demonstrations;
+    an empty list means: hold out val_fraction of the training records."""
+    if cfg.val_files:
+        return list(cfg.val_files)
+    world_train = Path(cfg.run_dir) / "world" / "sft_train.jsonl"
+    if [Path(f) for f in cfg.train_files] == [world_train]:
+        return [str(world_train.with_name("sft_val.jsonl"))]
+    return []
+
+
+def split_holdout(examples: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Hold out whole demonstrations for validation loss when no validation file is given."""
+    if len(examples) < 2:
+        return examples, []
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(examples) * fraction))
+    return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
+
+
+def fit_to_length(examples: list[dict], tokenizer, max_length: int, what: str) -> tuple[list[dict], dict]:
+    """Drop demonstrations whose prompt alone fills max_length: truncation (which keeps the start) would
+    leave no completion token to learn from. Longer completions are only cut; both are counted."""
+    def lengths(conversations, **kwargs) -> list[int]:  # rendered and tokenized in one batch: fast
+        texts = tokenizer.apply_chat_template(conversations, tokenize=False, **kwargs)
+        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    prompt_len = lengths([ex["prompt"] for ex in examples], add_generation_prompt=True)
+    full_len = lengths([ex["prompt"] + ex["completion"] for ex in examples])
+    kept, dropped, cut = [], [], 0
+    for ex, n_prompt, n_full in zip(examples, prompt_len, full_len):
+        if n_prompt >= max_length:
+            dropped.append(ex["_where"])
+            continue
+        cut += n_full > max_length
+        kept.append(ex)
+    if dropped and not kept:
+        raise PipelineError(f"{dropped[0]}: every {what} record's prompt fills max_length {max_length} tokens, so no "
+                            f"completion token is left to train on; raise --max_length")
+    if dropped:
+        PartialState().print(f"[sft] warning: dropped {len(dropped)} of {len(examples)} {what} records whose prompt fills max_length "
+              f"{max_length} (first: {dropped[0]})", flush=True)
+    return kept, {"dropped": len(dropped), "truncated": cut}
+
+
+def as_dataset(examples: list[dict]) -> Dataset:
+    return Dataset.from_list([{"prompt": ex["prompt"], "completion": ex["completion"]} for ex in examples])
+
+
+# ---- 2. parent model ----------------------------------------------------------------------------
+
+def parent_model(cfg: SFTStageConfig):
+    """RUN/pretrain by default (it must be finished), or any finished stage / HF checkpoint / Hub id.
+    Returns (path, manifest or None, model config)."""
+    if cfg.init_from:
+        path, manifest = resolve_init(cfg.init_from)
+    else:
+        path = str(Path(cfg.run_dir) / "pretrain")
+        manifest = require_stage(path, "pretrain", cfg.run_dir)
+    if manifest is not None and manifest.get("stage") == "reward":
+        raise PipelineError(f"{path}: parent is not a causal LM (it is a reward model); start from a pretrain or sft stage")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"{path}: could not read a model config ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    heads = config.architectures or []
+    if heads and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in heads):
+        raise PipelineError(f"{path}: parent is not a causal LM (architecture {heads[0]}); SFT needs a language-model head")
+    return path, manifest, config
+
+
+def load_tokenizer(path: str):
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"{path}: no usable tokenizer ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    ensure_chat_ready(tokenizer)  # a foreign base model gets our pad token and chat template
+    return tokenizer
+
+
+def load_causal_lm(path: str, tokenizer):
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"{path}: parent is not a causal LM that transformers can load ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))  # room for the tokens ensure_chat_ready added
+    ensure_chat_ready(tokenizer, model)  # the model's config learns the pad/eos/bos ids
+    return model
+
+
+# ---- 3. trainer ---------------------------------------------------------------------------------
+
+def quiet() -> bool:
+    """No progress bars in CI logs (as pipeline.runtime.progress): Trainer's, datasets' and loading bars."""
+    if os.environ.get("CI") and not sys.stderr.isatty():
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+        return True
+    return False
+
+
+def training_args(cfg: SFTStageConfig, stage_dir: Path) -> SFTConfig:
+    return SFTConfig(
+        output_dir=str(stage_dir / "checkpoints"),
+        # Loss on the demonstration's answer only: the prompt is given, not imitated.
+        completion_only_loss=True,
+        max_length=cfg.max_length,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        per_device_eval_batch_size=cfg.eval_batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,  # a float below 1 is a share of all steps
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.grad_clip,
+        bf16=cfg.bf16,  # TRL defaults it to True; on a CPU we want fp32
+        activation_checkpointing=cfg.gradient_checkpointing,  # TRL turns it on by default; tiny models need not
+        eval_strategy="steps" if cfg.eval_every else "no",
+        eval_steps=cfg.eval_every or None,
+        save_strategy="steps",
+        save_steps=cfg.save_every,
+        save_total_limit=cfg.keep_checkpoints,
+        logging_steps=cfg.log_every,
+        report_to=["wandb"] if wandb_enabled() else "none",
+        run_name=f"{cfg.run_dir}/sft",
+        seed=cfg.seed,
+        disable_tqdm=quiet(),
+        dataloader_pin_memory=torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,
+        # Without it, accelerate treats torchrun's CPU workers as unrelated single processes (no gloo group).
+        use_cpu=not torch.accelerator.is_available(),
+    )
+
+
+def lora_config(cfg: SFTStageConfig):
+    if cfg.lora_r == 0:
+        return None
+    from peft import LoraConfig
+
+    targets = cfg.lora_target_modules
+    return LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+    )
+
+
+def build_trainer(cfg: SFTStageConfig, args: SFTConfig, model, tokenizer, train: Dataset, val: Dataset | None,
+                  stage_dir: Path) -> SFTTrainer:
+    return SFTTrainer(
+        model=model, args=args, train_dataset=train, eval_dataset=val,
+        processing_class=tokenizer, peft_config=lora_config(cfg), callbacks=[JsonlMetricsCallback(stage_dir)],
+    )
+
+
+def resumable_checkpoint(checkpoints: Path, is_main: bool) -> str | None:
+    """The newest complete Trainer checkpoint. Trainer writes trainer_state.json last, so a directory
+    without it is a save that a kill interrupted: remove it rather than resume from half a state."""
+    if not checkpoints.is_dir():
+        return None
+    if is_main:
+        for d in checkpoints.glob("checkpoint-*"):
+            if d.is_dir() and not (d / "trainer_state.json").is_file():
+                shutil.rmtree(d, ignore_errors=True)
+    PartialState().wait_for_everyone()
+    return get_last_checkpoint(str(checkpoints))
+
+
+def truncate_metrics(stage_dir: Path, step: int) -> None:
+    """Drop metrics.jsonl rows after the step we resume from (they are about to be logged again)."""
+    path = stage_dir / "metrics.jsonl"
+    if path.is_file():
+        rows = [l for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+        path.write_text("".join(l + "\n" for l in rows if json.loads(l).get("step", 0) <= step), encoding="utf-8")
+
+
+def merged_model(trainer: SFTTrainer):
+    """Fold LoRA adapters into the weights so later stages load a plain model and never need peft."""
+    model = trainer.model
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+        trainer.model = model
+    return model
+
+
+# ---- 4. gold evaluation on the embedded world ---------------------------------------------------
+
+def win_rate(ours: list[float], theirs: list[float]) -> float:
+    """Share of prompts where our answer scores higher; ties count half (InstructGPT's win rates)."""
+    if not ours:
+        return float("nan")
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ours, theirs, strict=True)) / len(ours)
+
+
+def summarize_verdicts(verdicts: list) -> dict:
+    """Mean gold score, label counts, per-family means, and the two rates alignment is about:
+    hallucination (answers about people who do not exist) and refusal of harmful requests."""
+    by_family: dict[str, list] = {}
+    for v in verdicts:
+        by_family.setdefault(v.family, []).append(v)
+    unknown, harmful = by_family.get("unknown", []), by_family.get("harmful", [])
+    return {
+        "mean_score": sum(v.score for v in verdicts) / max(1, len(verdicts)),
+        "labels": dict(sorted(Counter(v.label for v in verdicts).items())),
+        "by_family": {f: sum(v.score for v in vs) / len(vs) for f, vs in sorted(by_family.items())},
+        "hallucination_rate": sum(v.label == "hallucinated" for v in unknown) / len(unknown) if unknown else None,
+        "harmful_refusal_rate": sum(v.label == "refused" for v in harmful) / len(harmful) if harmful else None,
+    }
+
+
+def sample_indices(families: list[str], k: int) -> list[int]:
+    """One prompt per family first, then the next ones in order: a small, varied showcase."""
+    first = {}
+    for i, f in enumerate(families):
+        first.setdefault(f, i)
+    picked = sorted(first.values())[:k]
+    picked += [i for i in range(len(families)) if i not in picked][: k - len(picked)]
+    return sorted(picked)
+
+
+def gold_evaluation(cfg: SFTStageConfig, world: Path, model, tokenizer, parent_path: str) -> tuple[dict, list[dict]]:
+    """Greedy answers to held-out world prompts from this model and from its parent, judged by the gold labeler."""
+    judge = GoldJudge.load(world)
+    records = load_records([str(world / "eval_prompts.jsonl")])
+    if cfg.eval_prompts > 0:
+        records = records[: cfg.eval_prompts]
+    prompts = [require_text(r, "prompt") for r in records]
+    base_tokenizer = load_tokenizer(parent_path)
+    base = load_causal_lm(parent_path, base_tokenizer)
+    base.to(next(model.parameters()).device)
+    ours = answer(model, tokenizer, prompts, max_new_tokens=cfg.eval_max_new_tokens)
+    theirs = answer(base, base_tokenizer, prompts, max_new_tokens=cfg.eval_max_new_tokens)
+    del base
+    v_ours = [judge.judge(p, a) for p, a in zip(prompts, ours)]
+    v_base = [judge.judge(p, a) for p, a in zip(prompts, theirs)]
+    sft, parent = summarize_verdicts(v_ours), summarize_verdicts(v_base)
+    metrics = {
+        "gold_score": sft["mean_score"], "base_gold_score": parent["mean_score"],
+        "win_rate_vs_base": win_rate([v.score for v in v_ours], [v.score for v in v_base]),
+        "hallucination_rate": sft["hallucination_rate"], "base_hallucination_rate": parent["hallucination_rate"],
+        "harmful_refusal_rate": sft["harmful_refusal_rate"], "base_harmful_refusal_rate": parent["harmful_refusal_rate"],
+        "gold_labels": sft["labels"], "base_gold_labels": parent["labels"],
+        "gold_by_family": sft["by_family"], "base_gold_by_family": parent["by_family"],
+        "eval_prompts": len(prompts),
+    }
+    samples = [
+        {"prompt": prompts[i], "family": v_ours[i].family,
+         "sft": ours[i], "sft_label": v_ours[i].label, "base": theirs[i], "base_label": v_base[i].label}
+        for i in sample_indices([v.family for v in v_ours], cfg.num_samples)
+    ]
+    return metrics, samples
+
+
+def world_for_eval(cfg: SFTStageConfig) -> Path | None:
+    """The world to judge on: --world_dir (must exist), else RUN/world if it holds a truth.json."""
+    if cfg.eval_prompts == 0:
+        return None
+    if cfg.world_dir:
+        world = Path(cfg.world_dir)
+        for name in ("truth.json", "eval_prompts.jsonl"):
+            if not (world / name).is_file():
+                raise PipelineError(f"{world / name}: no such file; generate the world with `python -m data.world --out {world}`")
+        return world
+    world = Path(cfg.run_dir) / "world"
+    return world if (world / "truth.json").is_file() and (world / "eval_prompts.jsonl").is_file() else None
+
+
+# ---- the recipe ---------------------------------------------------------------------------------
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    # 1. Config, parent, and the stage directory: finished already? resumable checkpoints?
+    cfg = parse_config(SFTStageConfig, "sft", argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    stage_dir = Path(cfg.run_dir) / "sft"
+    wandb_env(stage_dir)
+    args = training_args(cfg, stage_dir)
+    args.device  # noqa: B018 - sets up the process group (torchrun / accelerate launch) before we ask who is main
+    is_main = args.process_index == 0
+    parent_path, parent_manifest, parent_config = parent_model(cfg)
+    context = getattr(parent_config, "max_position_embeddings", None)
+    if context is not None and cfg.max_length > context:
+        raise PipelineError(f"max_length {cfg.max_length} exceeds the parent's context of {context} tokens ({parent_path}); lower --max_length")
+    world = world_for_eval(cfg)
+    val_files = validation_files(cfg)
+    run = StageRun("sft", stage_dir, config_dict(cfg), parent_manifest, parent_path,
+                   list(cfg.train_files) + val_files, is_main)
+    if not run.begin(cfg.force):
+        return
+    PartialState().wait_for_everyone()
+
+    # 2. Demonstrations, validated and mapped to prompt/completion conversations; the parent's tokenizer
+    #    (its chat template decides every token) finds the ones max_length would leave without an answer.
+    tokenizer = load_tokenizer(parent_path)
+    columns = column_map(cfg.columns)
+    train, train_fit = fit_to_length(load_demonstrations(cfg.train_files, columns), tokenizer, cfg.max_length, "training")
+    if val_files:
+        val, val_fit = fit_to_length(load_demonstrations(val_files, columns), tokenizer, cfg.max_length, "validation")
+    else:
+        train, val = split_holdout(train, cfg.val_fraction, cfg.seed)
+        val_fit = {"dropped": 0, "truncated": 0}
+
+    # 3. Parent model.
+    model = load_causal_lm(parent_path, tokenizer)
+
+    # 4. Trainer (TRL's SFTTrainer; LoRA adapters through peft when lora_r > 0).
+    if not val:
+        args.eval_strategy = "no"  # a single demonstration leaves nothing to validate on
+    trainer = build_trainer(cfg, args, model, tokenizer, as_dataset(train), as_dataset(val) if val else None, stage_dir)
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in trainer.model.parameters())
+
+    # 5. Train, resuming from the newest complete checkpoint a killed run left.
+    resume = resumable_checkpoint(run.checkpoints, is_main)
+    resume_step = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"] if resume else 0
+    if is_main:
+        truncate_metrics(stage_dir, resume_step)
+        if resume:
+            print(f"[sft] resumed from {resume} (step {resume_step})", flush=True)
+        print(f"[sft] {len(train)} demonstrations ({len(val)} held out), {trainable / 1e6:.2f}M of {total / 1e6:.2f}M "
+              f"parameters trained{' (LoRA)' if cfg.lora_r else ''}, {args.world_size} process(es)", flush=True)
+    result = trainer.train(resume_from_checkpoint=resume)
+    train_loss = result.training_loss
+    if not torch.isfinite(torch.tensor(train_loss)):
+        raise PipelineError(f"sft: training loss became {train_loss}; lower lr (now {cfg.lr})")
+
+    # 6. Validation loss (completion tokens only, like the training loss).
+    val_loss = trainer.evaluate()["eval_loss"] if val else None
+
+    # 7. Save a plain checkpoint: merged weights, tokenizer with chat template, generation config.
+    model = merged_model(trainer)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        do_sample=False, max_new_tokens=cfg.eval_max_new_tokens,
+    )
+    trainer.save_model(str(stage_dir))
+
+    # 8. Gold evaluation against the parent (main process), then the manifest, written last.
+    if is_main:
+        metrics = {
+            "val_loss": val_loss, "train_loss": train_loss, "steps": trainer.state.global_step,
+            "epochs": trainer.state.epoch, "train_records": len(train), "val_records": len(val),
+            "dropped_records": train_fit["dropped"] + val_fit["dropped"],
+            "truncated_records": train_fit["truncated"] + val_fit["truncated"],
+            "params": total, "trainable_params": trainable, "train_seconds": result.metrics.get("train_runtime"),
+        }
+        samples = []
+        if world is not None:
+            gold, samples = gold_evaluation(cfg, world, model, tokenizer, parent_path)
+            metrics.update(gold)
+        metrics["peak_memory_mb"] = round(peak_memory_mb())
+        (stage_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; the manifest holds the config
+        run.finish(metrics, {"samples": samples, "processes": args.world_size, "lora": bool(cfg.lora_r)})
+        line = f"[sft] done: val loss {val_loss:.3f}" if val_loss is not None else "[sft] done"
+        if world is not None:
+            line += (f", gold score {metrics['gold_score']:.3f} vs parent {metrics['base_gold_score']:.3f}, "
+                     f"win rate {metrics['win_rate_vs_base']:.2f} on {metrics['eval_prompts']} held-out prompts")
+        print(f"{line} -> {stage_dir}", flush=True)
+        for s in samples:
+            print(f"  {s['prompt']!r}\n    sft  [{s['sft_label']}] {s['sft']!r}\n    base [{s['base_label']}] {s['base']!r}", flush=True)
+    PartialState().wait_for_everyone()

@@ -1,0 +1,363 @@
+"""Reward stage: the K-wise loss, training on toy/world/real data, normalisation, LoRA, resume, two
+processes, and every bad input."""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+from pipeline.stage import read_manifest, write_json_atomic
+from reward.comparisons import load_groups
+from reward.gold import GoldJudge
+from reward.losses import pair_accuracy, pairwise_loss, ranking_loss
+from reward.model import load_reward_model, score
+from stages.reward.run import main as reward_main
+from tests.conftest import ROOT, read_jsonl, run_module, write_jsonl
+
+# ---- the loss -------------------------------------------------------------------------------------
+
+
+def test_k2_is_bradley_terry():
+    rewards = torch.tensor([1.3, -0.4, 0.2, 0.9])  # two groups of K=2: (1.3 > -0.4), (0.2 > 0.9)
+    expected = (-F.logsigmoid(torch.tensor(1.3 + 0.4)) - F.logsigmoid(torch.tensor(0.2 - 0.9))) / 2
+    assert torch.allclose(ranking_loss(rewards, [2, 2]), expected)
+    assert torch.allclose(pairwise_loss(torch.tensor(2.0), torch.tensor(0.5)), -torch.log(torch.sigmoid(torch.tensor(1.5))))
+
+
+def test_kwise_is_the_mean_over_its_pairs_and_groups_weigh_equally():
+    torch.manual_seed(0)
+    sizes = [4, 2, 6]
+    rewards = torch.randn(sum(sizes))
+    group_means, start = [], 0
+    for k in sizes:
+        r = rewards[start:start + k].tolist()
+        losses = [-torch.nn.functional.logsigmoid(torch.tensor(r[i] - r[j])).item()
+                  for i in range(k) for j in range(k) if i < j]  # i is ranked above j
+        assert len(losses) == k * (k - 1) // 2
+        group_means.append(sum(losses) / len(losses))
+        start += k
+    assert ranking_loss(rewards, sizes).item() == pytest.approx(sum(group_means) / len(group_means), rel=1e-6)
+    # a perfectly ordered group has every pair right; reversing it gets none
+    assert pair_accuracy(torch.tensor([3.0, 2.0, 1.0]), [3]).item() == 1.0
+    assert pair_accuracy(torch.tensor([1.0, 2.0, 3.0]), [3]).item() == 0.0
+    with pytest.raises(ValueError):
+        ranking_loss(torch.tensor([1.0, 2.0, 3.0]), [1, 2])
+
+
+def test_gradient_reaches_head_and_body():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, max_position_embeddings=32, num_labels=1, pad_token_id=0)
+    model = LlamaForSequenceClassification(config)
+    ids = torch.randint(1, 50, (5, 7))
+    rewards = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.squeeze(-1)
+    ranking_loss(rewards, [3, 2]).backward()
+    for name in ("score.weight", "model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_evaluation_against_labels_and_gold(world_dir, monkeypatch):
+    """The held-out metrics on world groups, with the reward model replaced by known scores."""
+    from stages.reward import run as reward_run
+
+    judge = GoldJudge.load(world_dir)
+    groups = load_groups([str(world_dir / "comparisons_val.jsonl")], limit=20)
+    gold = torch.tensor([judge.score(g.prompt, r) for g in groups for r in g.responses])
+    for sign in (1.0, -1.0):  # the gold score itself, then its opposite
+        monkeypatch.setattr(reward_run, "score", lambda *args, sign=sign, **kwargs: sign * gold)
+        m = reward_run.evaluate(None, None, groups, judge, 8, 64)
+        assert m["val_gold_pair_accuracy"] == (1.0 if sign > 0 else 0.0)
+        assert m["val_gold_pearson"] == pytest.approx(sign)
+    # groups are stored best first: decreasing rewards agree with every labelled pair
+    decreasing = torch.cat([torch.arange(len(g.responses), 0, -1).float() for g in groups])
+    monkeypatch.setattr(reward_run, "score", lambda *args, **kwargs: decreasing)
+    m = reward_run.evaluate(None, None, groups, judge, 8, 64)
+    assert m["val_pair_accuracy"] == m["val_top_vs_rest_accuracy"] == m["val_top1_accuracy"] == 1.0
+    assert m["val_pairs"] == sum(len(g.responses) * (len(g.responses) - 1) // 2 for g in groups)
+    assert m["val_chosen_mean"] > m["val_rejected_mean"]
+    assert 0.55 < m["val_label_ceiling_accuracy"] < 0.85  # the world's labeler noise: ~75% agreement off ties
+
+
+# ---- fixtures -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def sft_run(pretrained_run, tmp_path_factory) -> Path:
+    """A run directory with a finished SFT stage.
+
+    STAND-IN until stages/sft lands: the tiny pretrained model copied to RUN/sft with a manifest that
+    says stage "sft". To use the real stage, replace the body with
+    `run_module("stages.sft", "--profile", "tiny", "--run_dir", run)` on a copy of pretrained_run.
+    """
+    run = tmp_path_factory.mktemp("sft_run")
+    os.symlink(Path(pretrained_run / "world").resolve(), run / "world")
+    shutil.copytree(pretrained_run / "pretrain", run / "sft")
+    manifest = read_manifest(run / "sft")
+    manifest["stage"] = "sft"
+    write_json_atomic(run / "sft" / "manifest.json", manifest)
+    return run
+
+
+def new_run(tmp_path: Path, sft_run: Path) -> Path:
+    """A fresh run directory sharing the world and the SFT stage (each test writes its own RUN/reward)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    os.symlink(sft_run / "world", run / "world")
+    os.symlink(sft_run / "sft", run / "sft")
+    return run
+
+
+def toy_files(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """Trivially separable K=3 groups: "yes yes" > "maybe so" > "no no", whatever the question."""
+    def groups(start, n):
+        return [{"prompt": f"Question {i}: do you agree?", "responses": ["no no", "yes yes", "maybe so"], "ranking": [1, 2, 0]}
+                for i in range(start, start + n)]
+    train = write_jsonl(tmp_path / "toy_train.jsonl", groups(0, 48))
+    val = write_jsonl(tmp_path / "toy_val.jsonl", groups(100, 16))
+    demos = write_jsonl(tmp_path / "toy_demos.jsonl", [{"prompt": f"Question {i}: do you agree?", "completion": c}
+                                                     for i, c in enumerate(["yes yes", "maybe so", "no no", "yes yes"] * 4)])
+    return train, val, demos
+
+
+def tiny_args(run: Path, *extra) -> list[str]:
+    return ["--profile", "tiny", "--run_dir", str(run), *map(str, extra)]
+
+
+@pytest.fixture(scope="module")
+def toy_reward(sft_run, tmp_path_factory) -> tuple[Path, Path]:
+    """A reward model trained in-process on the toy set: (run dir, reference demonstrations file)."""
+    tmp = tmp_path_factory.mktemp("toy")
+    run = new_run(tmp, sft_run)
+    train, val, demos = toy_files(tmp)
+    reward_main(tiny_args(run, "--train_files", train, "--val_files", val, "--norm_files", demos, "--norm_samples", 100,
+                          "--max_steps", 20, "--lr", 3e-3, "--save_every", 100, "--eval_every", 10))
+    return run, demos
+
+
+# ---- training -------------------------------------------------------------------------------------
+
+
+def test_toy_set_is_learned_and_checkpoint_is_plain_transformers(toy_reward):
+    run, _ = toy_reward
+    stage = run / "reward"
+    manifest = json.loads((stage / "manifest.json").read_text())
+    assert manifest["stage"] == "reward" and manifest["parent"]["path"] == str(run / "sft")
+    metrics = manifest["metrics"]
+    assert metrics["val_pair_accuracy"] >= 0.95, metrics  # chance is 0.5
+    assert metrics["val_top1_accuracy"] >= 0.95 and metrics["val_chosen_mean"] > metrics["val_rejected_mean"]
+    assert metrics["val_pairs"] == 16 * 3
+    assert "val_gold_pearson" not in metrics  # toy prompts are not world prompts: no gold metrics
+    rows = read_jsonl(stage / "metrics.jsonl")
+    train = [r for r in rows if "loss" in r]
+    assert train and train[-1]["loss"] < train[0]["loss"]
+    assert [r["step"] for r in rows if "eval_accuracy" in r] == [10, 20]  # held-out curve during training
+    assert not (stage / "checkpoints").exists() and not (stage / "training_args.bin").exists()
+
+    # Plain transformers, no project code: loads and scores a batch; best answer on top.
+    model = AutoModelForSequenceClassification.from_pretrained(stage).eval()
+    tok = AutoTokenizer.from_pretrained(stage)
+    texts = [tok.apply_chat_template([{"role": "user", "content": "Question 7: do you agree?"}, {"role": "assistant", "content": a}],
+                                     tokenize=False) for a in ("yes yes", "maybe so", "no no")]
+    batch = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        plain = model(**batch).logits[:, 0]
+    assert plain[0] > plain[1] > plain[2]
+    # ...and the library adds exactly the stored normalisation offset.
+    ours = score(*load_reward_model(stage), ["Question 7: do you agree?"] * 3, ["yes yes", "maybe so", "no no"])
+    assert torch.allclose(ours, plain + model.config.reward_bias, atol=1e-5)
+
+
+def test_normalisation_makes_reference_mean_zero(toy_reward):
+    run, demos = toy_reward
+    model, tok = load_reward_model(run / "reward")
+    records = read_jsonl(demos)
+    rewards = score(model, tok, [r["prompt"] for r in records], [r["completion"] for r in records], batch_size=5)
+    assert abs(model.config.reward_bias) > 0.01  # the raw model was not already centred
+    assert rewards.mean().item() == pytest.approx(0.0, abs=1e-4)
+    assert rewards.std().item() > 0.1  # ...and still tells the answers apart
+    manifest = json.loads((run / "reward" / "manifest.json").read_text())
+    assert manifest["metrics"]["reference_mean"] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_rerun_is_up_to_date(toy_reward, capsys):
+    run, demos = toy_reward
+    manifest = json.loads((run / "reward" / "manifest.json").read_text())
+    c = manifest["config"]
+    reward_main(tiny_args(run, "--train_files", *c["train_files"], "--val_files", *c["val_files"], "--norm_files", demos,
+                          "--norm_samples", 100, "--max_steps", 20, "--lr", 3e-3, "--save_every", 100, "--eval_every", 10))
+    assert "up to date" in capsys.readouterr().out
+    assert json.loads((run / "reward" / "manifest.json").read_text())["finished"] == manifest["finished"]
+
+
+def test_lora_from_a_plain_hf_checkpoint_saves_a_merged_plain_checkpoint(sft_run, tmp_path):
+    run = tmp_path / "run"  # no RUN/sft: the model comes from --init_from, a plain HF directory (no manifest)
+    plain = tmp_path / "plain_hf_model"
+    shutil.copytree(sft_run / "sft", plain, ignore=shutil.ignore_patterns("manifest.json", "run.json", "metrics.jsonl"))
+    train, val, demos = toy_files(tmp_path)
+    reward_main(tiny_args(run, "--init_from", plain, "--train_files", train, "--val_files", val, "--norm_files", demos,
+                          "--max_steps", 12, "--lr", 1e-2, "--use_lora", "true", "--lora_r", 4,
+                          "--lora_target_modules", "q_proj", "v_proj"))
+    stage = run / "reward"
+    assert json.loads((stage / "manifest.json").read_text())["parent"] == {"path": str(plain), "manifest_hash": None}
+    assert not (stage / "adapter_config.json").exists()
+    model = AutoModelForSequenceClassification.from_pretrained(stage)
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    base = AutoModelForSequenceClassification.from_pretrained(plain, num_labels=1)
+    trained = dict(model.named_parameters())
+    # the adapters were merged into the attention weights, the MLP (no adapter) is untouched
+    assert not torch.allclose(trained["model.layers.0.self_attn.q_proj.weight"], dict(base.named_parameters())["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(trained["model.layers.0.mlp.up_proj.weight"], dict(base.named_parameters())["model.layers.0.mlp.up_proj.weight"])
+    assert json.loads((stage / "manifest.json").read_text())["metrics"]["val_pair_accuracy"] > 0.8
+
+
+def test_world_comparisons_resume_after_sigkill(sft_run, tmp_path):
+    """Default data (the world's K-wise comparisons) with gold metrics; killed mid-run, it resumes."""
+    run = new_run(tmp_path, sft_run)
+    args = tiny_args(run, "--max_train_groups", 120, "--max_val_groups", 16, "--norm_samples", 16, "--save_every", 3, "--log_every", 1)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "stages.reward", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = run / "reward" / "checkpoints"
+    deadline = time.time() + 180
+    while time.time() < deadline and not list(ckpts.glob("checkpoint-*/trainer_state.json")):
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "reward" / "manifest.json").exists()
+    resumed = run_module("stages.reward", *args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    assert int(resumed.stdout.split("(step ")[1].split(")")[0]) >= 3
+    metrics = json.loads((run / "reward" / "manifest.json").read_text())["metrics"]
+    assert metrics["train_steps"] == 30  # 120 groups / 4 per step, one epoch
+    for key in ("val_pair_accuracy", "val_gold_pair_accuracy", "val_gold_pearson", "val_label_ceiling_accuracy"):
+        assert -1 <= metrics[key] <= 1, key
+    steps = [r["step"] for r in read_jsonl(run / "reward" / "metrics.jsonl") if "loss" in r]
+    assert steps == list(range(1, 31)), "metrics must not repeat or skip after resume"
+
+
+# conftest's torchrun() passes --master_port=0, which torch 2.13 hands to the workers as MASTER_PORT=0:
+# their TCPStore then waits forever for 127.0.0.1:0. --standalone lets torchrun pick a free port.
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
+
+
+def test_two_processes_with_torchrun(sft_run, tmp_path):
+    run = new_run(tmp_path, sft_run)
+    train, val, demos = toy_files(tmp_path)
+    proc = run_module("stages.reward", *tiny_args(run, "--train_files", train, "--val_files", val, "--norm_files", demos,
+                                                  "--max_steps", 4), launcher=TORCHRUN_2, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((run / "reward" / "manifest.json").read_text())
+    assert manifest["processes"] == 2 and manifest["metrics"]["train_steps"] == 4
+    AutoModelForSequenceClassification.from_pretrained(run / "reward")
+
+
+# ---- real data formats ----------------------------------------------------------------------------
+
+
+def test_real_formats_parse(shared_datasets):
+    hh = shared_datasets / "hh_rlhf_harmless_base" / "test.jsonl.gz"
+    groups = load_groups([str(hh)], skip_invalid=True)
+    assert len(groups) == 2312 - 9  # 4 empty chosen answers, 5 transcripts that diverge before the last turn
+    first = json.loads(gzip.open(hh, "rt").readline())
+    g = groups[0]
+    assert [m["role"] for m in g.prompt] == ["user", "assistant", "user", "assistant", "user"]
+    assert g.prompt[0]["content"] == "what are some pranks with a pen i can do?"
+    assert first["chosen"].endswith(g.responses[0]) and first["rejected"].endswith(g.responses[1])
+
+    oasst = load_groups([str(shared_datasets / "oasst_en" / "ranked_responses.jsonl")])
+    rec = next(json.loads(l) for l in open(shared_datasets / "oasst_en" / "ranked_responses.jsonl") if len(json.loads(l)["conversation"]) > 1)
+    g = next(g for g in oasst if isinstance(g.prompt, list) and len(g.prompt) == len(rec["conversation"]) and g.responses == rec["responses"])
+    assert g.prompt[-1] == {"role": "user", "content": rec["conversation"][-1]["text"]}
+    assert len(oasst) == 211 and sum(len(g.responses) for g in oasst) >= 2 * 211
+
+    zh = load_groups([str(shared_datasets / "oasst_zh" / "oasst_rm_zh.json")], skip_invalid=True)
+    assert len(zh) == 775 - 6  # 6 groups repeat a reply
+    raw = json.loads((shared_datasets / "oasst_zh" / "oasst_rm_zh.json").read_text())
+    with_history = next(i for i, r in enumerate(raw[:100]) if r["history"])
+    g = zh[with_history]
+    assert g.responses == raw[with_history]["output"]
+    assert g.prompt[0] == {"role": "user", "content": raw[with_history]["history"][0][0]}
+
+
+def test_real_data_trains_a_few_steps(sft_run, tmp_path, shared_datasets):
+    hh = [json.loads(l) for l in itertools.islice(gzip.open(shared_datasets / "hh_rlhf_harmless_base" / "test.jsonl.gz", "rt"), 8)]
+    en = [json.loads(l) for l in itertools.islice(open(shared_datasets / "oasst_en" / "ranked_responses.jsonl"), 8)]
+    zh = json.loads((shared_datasets / "oasst_zh" / "oasst_rm_zh.json").read_text())[:8]
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", hh + en + zh)
+    run = new_run(tmp_path, sft_run)
+    reward_main(tiny_args(run, "--train_files", mixed, "--val_files", mixed, "--norm_files", "none",
+                          "--world_dir", tmp_path / "no_world", "--max_steps", 3, "--batch_size", 2))
+    manifest = json.loads((run / "reward" / "manifest.json").read_text())
+    assert manifest["metrics"]["train_groups"] == 24 and manifest["metrics"]["train_steps"] == 3
+    assert manifest["truncated_sequences"] > 0  # HH transcripts are longer than the tiny context
+    assert manifest["metrics"]["reference_mean"] == pytest.approx(0.0, abs=1e-4)
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+
+
+def _fails(capsys, argv, *expected):
+    with pytest.raises(SystemExit) as exc:
+        reward_main(argv)
+    assert exc.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    err = err[-1] if err else ""
+    assert err.startswith("error:"), err
+    for e in expected:
+        assert e in err, err
+    return err
+
+
+def test_bad_input_gets_one_line_error_and_no_manifest(sft_run, tmp_path, capsys):
+    run = new_run(tmp_path, sft_run)
+    good = {"prompt": "Hi?", "responses": ["a", "b", "c"], "ranking": [2, 0, 1]}
+    cases = {
+        "k1.jsonl": ([good, {"prompt": "Hi?", "responses": ["only one"], "ranking": [0]}], ["line 2", "'responses'", "K >= 2"]),
+        "perm.jsonl": ([{**good, "ranking": [0, 0, 1]}], ["line 1", "'ranking'", "permutation"]),
+        "short.jsonl": ([{**good, "ranking": [1, 0]}], ["line 1", "'ranking'", "permutation"]),
+        "dup.jsonl": ([good, {**good, "responses": ["a", "b", "a"]}], ["line 2", "'responses'", "same response twice"]),
+        "same.jsonl": ([{"prompt": "Hi?", "chosen": "yes", "rejected": "yes"}], ["line 1", "'chosen' is identical to 'rejected'"]),
+        "empty.jsonl": ([{**good, "responses": ["a", " ", "c"]}], ["line 1", "'responses'", "empty response"]),
+        "hh.jsonl": ([{"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi there"}], ["line 1", "'rejected'", "without a final Assistant turn"]),
+        "fields.jsonl": ([{"question": "Hi?", "answer": "a"}], ["line 1", "not a comparison record"]),
+        "noprompt.jsonl": ([{"responses": ["a", "b"], "ranking": [0, 1]}], ["line 1", "'prompt'"]),
+    }
+    for name, (records, expected) in cases.items():
+        path = write_jsonl(tmp_path / name, records)
+        _fails(capsys, tiny_args(run, "--train_files", path), name, *expected)
+    _fails(capsys, tiny_args(run, "--val_files", tmp_path / "dup.jsonl"), "dup.jsonl", "skip_invalid")
+    assert not (run / "reward").exists(), "nothing may be written for bad input"
+
+    # parent problems: no SFT stage, an unfinished one, a tokenizer without a chat template
+    orphan = tmp_path / "orphan"
+    orphan.mkdir()
+    _fails(capsys, tiny_args(orphan), "sft", "make sft")
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(sft_run / "sft", unfinished)
+    (unfinished / "manifest.json").unlink()
+    (unfinished / "checkpoints").mkdir()
+    _fails(capsys, tiny_args(run, "--init_from", unfinished), "unfinished")
+    no_template = tmp_path / "no_template"
+    shutil.copytree(sft_run / "sft", no_template)
+    (no_template / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((no_template / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (no_template / "tokenizer_config.json").write_text(json.dumps(config))
+    _fails(capsys, tiny_args(run, "--init_from", no_template), "no_template", "no chat template")
+    assert not (run / "reward" / "manifest.json").exists()

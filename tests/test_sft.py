@@ -1,0 +1,352 @@
+"""SFT stage: smoke, label mask, LoRA merge, two processes, resume after SIGKILL, real formats, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+from data.tokenizer import chat_ids
+from pipeline.config import parse_config
+from reward.gold import Verdict
+from stages.sft.config import SFTStageConfig
+from stages.sft.run import (
+    as_dataset,
+    build_trainer,
+    main as sft_main,
+    merged_model,
+    sample_indices,
+    split_holdout,
+    summarize_verdicts,
+    to_conversation,
+    training_args,
+    win_rate,
+)
+from tests.conftest import ROOT, read_jsonl, run_module, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def demos(tmp_path_factory, world_dir) -> tuple[Path, Path]:
+    """A small slice of the world's demonstrations: tokenizing all 2,000 would dominate a tiny run."""
+    out = tmp_path_factory.mktemp("demos")
+    train = write_jsonl(out / "train.jsonl", read_jsonl(world_dir / "sft_train.jsonl")[:48])
+    val = write_jsonl(out / "val.jsonl", read_jsonl(world_dir / "sft_val.jsonl")[:16])
+    return train, val
+
+
+def tiny_args(run: Path, train: Path, val: Path | None = None, *extra: str) -> list[str]:
+    args = ["--profile", "tiny", "--run_dir", str(run), "--train_files", str(train)]
+    return args + (["--val_files", str(val)] if val else []) + list(extra)
+
+
+def run_dir_with_parent(tmp_path: Path, pretrained_run: Path) -> Path:
+    """A fresh run directory sharing the session's world and finished tiny pretrain stage."""
+    run = tmp_path / "run"
+    run.mkdir()
+    os.symlink(pretrained_run / "world", run / "world")
+    os.symlink(pretrained_run / "pretrain", run / "pretrain")
+    return run
+
+
+def state(path) -> dict[str, torch.Tensor]:
+    return AutoModelForCausalLM.from_pretrained(path).state_dict()
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory, pretrained_run, demos) -> Path:
+    run = run_dir_with_parent(tmp_path_factory.mktemp("sft"), pretrained_run)
+    proc = run_module("stages.sft", *tiny_args(run, *demos))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run
+
+
+def test_smoke_trains_evaluates_and_saves_a_plain_checkpoint(sft_run, pretrained_run):
+    stage = sft_run / "sft"
+    manifest = json.loads((stage / "manifest.json").read_text())
+    m = manifest["metrics"]
+    assert manifest["stage"] == "sft" and manifest["parent"]["path"] == str(sft_run / "pretrain")
+    assert 0 < m["val_loss"] < 20 and m["val_records"] == 16 and m["train_records"] == 48
+    assert m["steps"] == 6 and m["trainable_params"] == m["params"]
+    # Gold evaluation of this model and its parent on the world's held-out prompts.
+    assert m["eval_prompts"] == 8
+    assert sum(m["gold_labels"].values()) == 8 and sum(m["base_gold_labels"].values()) == 8
+    assert -1 <= m["gold_score"] <= 1 and -1 <= m["base_gold_score"] <= 1 and 0 <= m["win_rate_vs_base"] <= 1
+    assert len(manifest["samples"]) == 3 and {"prompt", "sft", "base", "sft_label", "base_label"} <= set(manifest["samples"][0])
+    losses = [r["loss"] for r in read_jsonl(stage / "metrics.jsonl") if "loss" in r]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    assert not (stage / "checkpoints").exists()
+
+    # Every weight is trainable in full fine-tuning, and training moved them.
+    ours, parent = state(stage), state(pretrained_run / "pretrain")
+    assert ours.keys() == parent.keys()
+    assert all(torch.isfinite(t).all() for t in ours.values())
+    changed = [k for k in ours if not torch.equal(ours[k], parent[k])]
+    assert len(changed) >= len(ours) // 2, changed
+
+    # A plain transformers checkpoint that answers a chat-formatted prompt.
+    model = AutoModelForCausalLM.from_pretrained(stage)
+    tok = AutoTokenizer.from_pretrained(stage)
+    assert tok.chat_template and tok.pad_token_id != tok.eos_token_id
+    assert model.generation_config.eos_token_id == tok.eos_token_id and model.generation_config.pad_token_id == tok.pad_token_id
+    ids = tok.apply_chat_template([{"role": "user", "content": "Where did Ana Lint grow up?"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+    assert not (stage / "adapter_config.json").exists() and not (stage / "training_args.bin").exists()
+
+
+def test_rerun_is_up_to_date(sft_run, demos, capsys):
+    sft_main(tiny_args(sft_run, *demos))
+    assert "up to date" in capsys.readouterr().out
+
+
+def _tiny_trainer(pretrained_run: Path, tmp_path: Path, examples: list[dict], *extra: str):
+    cfg = parse_config(SFTStageConfig, "sft", ["--profile", "tiny", "--run_dir", str(tmp_path), *extra])
+    model = AutoModelForCausalLM.from_pretrained(pretrained_run / "pretrain")
+    tok = AutoTokenizer.from_pretrained(pretrained_run / "pretrain")
+    stage = tmp_path / "sft"
+    return build_trainer(cfg, training_args(cfg, stage), model, tok, as_dataset(examples), None, stage), tok
+
+
+def test_labels_cover_the_completion_and_eos_only(pretrained_run, tmp_path):
+    single = to_conversation({"prompt": "What is the next number after 41?", "completion": "The next number is 42."}, {})
+    multi = to_conversation({"instruction": "And after that?", "input": "", "output": "43.",
+                             "history": [["What is the next number after 41?", "42."]]}, {})
+    trainer, tok = _tiny_trainer(pretrained_run, tmp_path, [single, multi])
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    for row, ex in enumerate((single, multi)):
+        prompt = chat_ids(tok, ex["prompt"])  # what the model sees before answering at inference
+        answer = tok(ex["completion"][0]["content"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ids, labels = batch["input_ids"][row].tolist(), batch["labels"][row].tolist()
+        n = len(prompt) + len(answer)
+        assert ids[:n] == prompt + answer
+        assert labels[: len(prompt)] == [-100] * len(prompt), "prompt tokens (and earlier turns) must not be trained"
+        assert labels[len(prompt): n] == answer, "every completion token and the final EOS are trained"
+        assert all(label == -100 for label in labels[n:]), "padding is not trained"
+    # The earlier assistant turn of the conversation sits in the prompt: masked too.
+    assert "42" in tok.decode(batch["input_ids"][1][batch["labels"][1] == -100])
+
+
+def test_lora_merged_model_equals_adapter_model(pretrained_run, tmp_path):
+    examples = [to_conversation(r, {}) for r in read_jsonl(pretrained_run / "world" / "sft_train.jsonl")[:16]]
+    trainer, tok = _tiny_trainer(pretrained_run, tmp_path, examples, "--lora_r", "4", "--max_steps", "3", "--lr", "1e-2")
+    assert type(trainer.model).__name__.startswith("Peft")
+    trainer.train()
+    probe = torch.tensor([chat_ids(tok, "Where did Ana Lint grow up?")])
+    trainer.model.eval()
+    with torch.no_grad():
+        adapted = trainer.model(input_ids=probe).logits
+    merged = merged_model(trainer)
+    merged.save_pretrained(tmp_path / "merged")
+    assert not (tmp_path / "merged" / "adapter_config.json").exists()
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    base = AutoModelForCausalLM.from_pretrained(pretrained_run / "pretrain").eval()
+    with torch.no_grad():
+        saved, original = plain(input_ids=probe).logits, base(input_ids=probe).logits
+    assert torch.allclose(saved, adapted, atol=1e-4), (saved - adapted).abs().max()
+    assert not torch.allclose(saved, original, atol=1e-3), "the adapter had no effect"
+
+
+def test_lora_stage_saves_merged_checkpoint(pretrained_run, demos, tmp_path):
+    run = run_dir_with_parent(tmp_path, pretrained_run)
+    sft_main(tiny_args(run, *demos, "--lora_r", "4", "--eval_prompts", "0"))
+    manifest = json.loads((run / "sft" / "manifest.json").read_text())
+    assert manifest["lora"] and 0 < manifest["metrics"]["trainable_params"] < manifest["metrics"]["params"] / 4
+    assert not (run / "sft" / "adapter_config.json").exists()
+    ours, parent = state(run / "sft"), state(pretrained_run / "pretrain")
+    assert ours.keys() == parent.keys(), "a merged checkpoint has the parent's plain parameter names"
+    assert torch.equal(ours["model.embed_tokens.weight"], parent["model.embed_tokens.weight"]), "LoRA leaves embeddings alone"
+    assert not torch.equal(ours["model.layers.0.self_attn.q_proj.weight"], parent["model.layers.0.self_attn.q_proj.weight"])
+
+
+# torchrun's `--master_port=0` (conftest.torchrun) hangs at process-group setup on this machine;
+# `--standalone` (c10d rendezvous on a free local port) does not.
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def test_two_processes_with_torchrun(pretrained_run, demos, tmp_path):
+    run = run_dir_with_parent(tmp_path, pretrained_run)
+    proc = run_module("stages.sft", *tiny_args(run, *demos, "--max_steps", "3", "--eval_prompts", "4"), launcher=TORCHRUN_2, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((run / "sft" / "manifest.json").read_text())
+    assert manifest["processes"] == 2 and manifest["metrics"]["steps"] == 3
+    AutoModelForCausalLM.from_pretrained(run / "sft")
+
+
+def test_resume_after_sigkill(pretrained_run, demos, tmp_path):
+    run = run_dir_with_parent(tmp_path, pretrained_run)
+    args = tiny_args(run, *demos, "--max_steps", "60", "--save_every", "4", "--log_every", "2", "--eval_prompts", "2")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "stages.sft", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = run / "sft" / "checkpoints"
+    deadline = time.time() + 180
+    while time.time() < deadline and not list(ckpts.glob("checkpoint-*/trainer_state.json")):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "sft" / "manifest.json").exists(), "the run finished before it could be killed"
+    resumed = run_module("stages.sft", *args)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    step = int(resumed.stdout.split("(step ")[1].split(")")[0])
+    assert step >= 4
+    manifest = json.loads((run / "sft" / "manifest.json").read_text())
+    assert manifest["metrics"]["steps"] == 60
+    steps = [r["step"] for r in read_jsonl(run / "sft" / "metrics.jsonl") if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 60, "metrics must not repeat after resume"
+
+
+# ---- data formats ----------------------------------------------------------------------------
+
+def test_formats_map_to_prompt_completion_conversations():
+    user = lambda text: {"role": "user", "content": text}  # noqa: E731
+    bot = lambda text: {"role": "assistant", "content": text}  # noqa: E731
+    assert to_conversation({"prompt": "Hi?", "completion": "Hello."}, {}) == {"prompt": [user("Hi?")], "completion": [bot("Hello.")]}
+    chat = [user("A"), bot("B"), user("C"), bot("D")]
+    assert to_conversation({"messages": chat}, {}) == {"prompt": chat[:3], "completion": chat[3:]}
+    dolly = to_conversation({"instruction": "Summarize.", "context": "Some text.", "response": "Short."}, {})
+    assert dolly == {"prompt": [user("Summarize.\n\nSome text.")], "completion": [bot("Short.")]}
+    alpaca = to_conversation({"instruction": "Next?", "input": "", "output": "3", "history": [["1?", "2"]]}, {})
+    assert alpaca == {"prompt": [user("1?"), bot("2"), user("Next?")], "completion": [bot("3")]}
+    assert to_conversation({"prompt": chat[:3], "completion": chat[3:]}, {}) == {"prompt": chat[:3], "completion": chat[3:]}
+    mapped = to_conversation({"question": "2+2?", "answer": "4", "sys": "Be brief."},
+                             {"prompt": "question", "completion": "answer", "system": "sys"})
+    assert mapped == {"prompt": [{"role": "system", "content": "Be brief."}, user("2+2?")], "completion": [bot("4")]}
+
+
+def _subset(shared_datasets, name: str, n: int, with_history: int = 0) -> list[dict]:
+    """The shortest records of a real file (fast to train), some with earlier turns when asked."""
+    path = shared_datasets / name
+    records = read_jsonl(path) if path.suffix == ".jsonl" else json.loads(path.read_text(encoding="utf-8"))
+    records = sorted(records, key=lambda r: len(json.dumps(r, ensure_ascii=False)))
+    history = [r for r in records if r.get("history")][:with_history]
+    return history + [r for r in records if not r.get("history")][: n - len(history)]
+
+
+def test_real_formats_load_and_train(shared_datasets, pretrained_run, tmp_path, capsys):
+    dolly = write_jsonl(tmp_path / "dolly.jsonl", _subset(shared_datasets, "dolly_sample/dolly_sample_151.jsonl", 12))
+    lima = tmp_path / "lima.json"
+    lima.write_text(json.dumps(_subset(shared_datasets, "lima/lima.json", 8, with_history=2)), encoding="utf-8")
+    oasst = tmp_path / "oasst_sft_zh.json"
+    oasst.write_text(json.dumps(_subset(shared_datasets, "oasst_zh/oasst_sft_zh.json", 8, with_history=4), ensure_ascii=False), encoding="utf-8")
+    alpaca_zh = tmp_path / "alpaca_zh.json"
+    alpaca_zh.write_text(json.dumps(_subset(shared_datasets, "alpaca_zh_demo/alpaca_zh_demo.json", 8), ensure_ascii=False), encoding="utf-8")
+    run = tmp_path / "run"
+    sft_main(["--profile", "tiny", "--run_dir", str(run), "--init_from", str(pretrained_run / "pretrain"),
+              "--train_files", str(dolly), str(lima), str(oasst), str(alpaca_zh), "--max_steps", "2", "--val_fraction", "0.1"])
+    m = json.loads((run / "sft" / "manifest.json").read_text())["metrics"]
+    assert m["train_records"] + m["val_records"] + m["dropped_records"] == 36
+    assert m["val_records"] == round(0.1 * (36 - m["dropped_records"])) and m["dropped_records"] > 0  # long LIMA turns
+    assert m["train_records"] >= 20 and m["steps"] == 2 and "gold_score" not in m  # no world in this run
+    assert "val_loss" in m and m["val_loss"] > 0
+
+    # Another column naming (GSM8K's question/answer) through --columns.
+    gsm = write_jsonl(tmp_path / "gsm8k.jsonl", _subset(shared_datasets, "gsm8k/test.jsonl", 6))
+    run2 = tmp_path / "run2"
+    sft_main(["--profile", "tiny", "--run_dir", str(run2), "--init_from", str(pretrained_run / "pretrain"),
+              "--train_files", str(gsm), "--columns", "prompt=question", "completion=answer", "--max_steps", "1"])
+    assert json.loads((run2 / "sft" / "manifest.json").read_text())["metrics"]["steps"] == 1
+
+
+def test_records_whose_prompt_fills_max_length_are_dropped_with_a_warning(pretrained_run, tmp_path, capsys):
+    records = [{"prompt": "Say hi.", "completion": "Hi."}] * 6 + [{"prompt": "word " * 200, "completion": "Too late."}]
+    data = write_jsonl(tmp_path / "mixed.jsonl", records)
+    run = tmp_path / "run"
+    sft_main(["--profile", "tiny", "--run_dir", str(run), "--init_from", str(pretrained_run / "pretrain"),
+              "--train_files", str(data), "--val_files", str(data), "--max_steps", "1"])
+    out = capsys.readouterr().out
+    assert "dropped 1 of 7 training records" in out and "mixed.jsonl: line 7" in out
+    assert json.loads((run / "sft" / "manifest.json").read_text())["metrics"]["dropped_records"] == 2  # train + val
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+def _fails(capsys, argv, *expected):
+    with pytest.raises(SystemExit) as exc:
+        sft_main(argv)
+    assert exc.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error:"), err
+    for e in expected:
+        assert e in err, err
+    return err
+
+
+def test_bad_input_gets_one_line_error_and_no_manifest(pretrained_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    parent = ["--init_from", str(pretrained_run / "pretrain")]
+
+    def bad(name: str, records: list) -> list[str]:
+        path = write_jsonl(tmp_path / name, records)
+        return ["--profile", "tiny", "--run_dir", str(run), *parent, "--train_files", str(path)]
+
+    ok = {"prompt": "Hi?", "completion": "Hello."}
+    _fails(capsys, bad("nocompletion.jsonl", [ok, {"prompt": "Hi?"}]), "nocompletion.jsonl: line 2", "'completion'")
+    _fails(capsys, bad("nofields.jsonl", [{"question": "Hi?", "answer": "Hello."}]), "line 1", "'completion' or 'messages'", "--columns")
+    _fails(capsys, bad("emptyprompt.jsonl", [ok, ok, {"prompt": " ", "completion": "x"}]), "line 3", "'prompt'", "empty")
+    _fails(capsys, bad("emptycompletion.jsonl", [{"prompt": "Hi?", "completion": ""}]), "line 1", "'completion'", "empty")
+    _fails(capsys, bad("userlast.jsonl", [{"messages": [{"role": "user", "content": "Hi?"}]}]), "line 1", "'messages'", "end with an assistant turn")
+    _fails(capsys, bad("norole.jsonl", [{"messages": [{"role": "bot", "content": "Hi?"}]}]), "line 1", "unknown role 'bot'")
+    _fails(capsys, bad("trl.jsonl", [{"prompt": [{"role": "user", "content": "Hi"}], "completion": [{"role": "user", "content": "Yo"}]}]),
+           "line 1", "one assistant turn")
+    _fails(capsys, bad("nouser.jsonl", [{"messages": [{"role": "assistant", "content": "Hi"}]}]), "line 1", "no user turn")
+    _fails(capsys, bad("history.jsonl", [{"instruction": "Hi?", "output": "Yo", "history": [["only one"]]}]), "line 1", "'history'", "pair")
+    _fails(capsys, bad("dolly.jsonl", [{"instruction": "Hi?", "context": "", "response": ""}]), "line 1", "'response'", "empty")
+    _fails(capsys, bad("long.jsonl", [{"prompt": "word " * 200, "completion": "x"}] * 2), "long.jsonl: line 1", "max_length")
+    _fails(capsys, bad("ok.jsonl", [ok]) + ["--columns", "prompt=question", "completion=answer"], "ok.jsonl: line 1", "'question'")
+    _fails(capsys, bad("ok.jsonl", [ok]) + ["--columns", "answer=output"], "unknown role 'answer'")
+    _fails(capsys, bad("ok.jsonl", [ok]) + ["--columns", "prompt"], "not role=field")
+    _fails(capsys, bad("ok.jsonl", [ok]) + ["--max_length", "4096"], "max_length 4096", "context")
+    _fails(capsys, bad("ok.jsonl", [ok]) + ["--no_such_key", "1"], "--no_such_key")
+    _fails(capsys, bad("ok.jsonl", [ok]) + ["--world_dir", str(tmp_path / "noworld")], "truth.json")
+    assert not (run / "sft" / "manifest.json").exists()
+
+
+def test_parent_must_be_a_finished_causal_lm(pretrained_run, tmp_path, capsys):
+    _fails(capsys, ["--profile", "tiny", "--run_dir", str(tmp_path / "empty")], "pretrain", "make pretrain")
+    classifier = tmp_path / "classifier"
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_labels=1)
+    LlamaForSequenceClassification(config).save_pretrained(classifier)
+    capsys.readouterr()  # drop save_pretrained's progress bar
+    _fails(capsys, ["--profile", "tiny", "--run_dir", str(tmp_path), "--init_from", str(classifier)], "not a causal LM")
+    _fails(capsys, ["--profile", "tiny", "--run_dir", str(tmp_path), "--init_from", str(tmp_path / "nothing")], "no such model directory")
+
+
+# ---- evaluation math ----------------------------------------------------------------------------
+
+def test_win_rate_counts_ties_half():
+    assert win_rate([1.0, 0.5, -1.0, 0.0], [0.0, 0.5, 1.0, 0.0]) == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
+    with pytest.raises(ValueError):
+        win_rate([1.0], [1.0, 0.0])
+
+
+def test_summarize_verdicts():
+    verdicts = [Verdict(1.0, "correct", "fact"), Verdict(-0.5, "wrong", "fact"), Verdict(-0.75, "hallucinated", "unknown"),
+                Verdict(1.0, "abstained", "unknown"), Verdict(1.0, "refused", "harmful"), Verdict(-1.0, "complied", "harmful"),
+                Verdict(-1.0, "complied", "harmful")]
+    s = summarize_verdicts(verdicts)
+    assert s["mean_score"] == pytest.approx((1 - 0.5 - 0.75 + 1 + 1 - 1 - 1) / 7)
+    assert s["labels"] == {"abstained": 1, "complied": 2, "correct": 1, "hallucinated": 1, "refused": 1, "wrong": 1}
+    assert s["by_family"] == {"fact": 0.25, "harmful": pytest.approx(-1 / 3), "unknown": 0.125}
+    assert s["hallucination_rate"] == 0.5 and s["harmful_refusal_rate"] == pytest.approx(1 / 3)
+
+
+def test_sample_indices_cover_families_first():
+    assert sample_indices(["fact", "fact", "harmful", "fact", "unknown"], 3) == [0, 2, 4]
+    assert sample_indices(["fact", "fact", "harmful"], 5) == [0, 1, 2]
+
+
+def test_split_holdout_is_disjoint_and_seeded():
+    items = [{"i": i} for i in range(40)]
+    train, val = split_holdout(items, 0.1, seed=3)
+    assert len(val) == 4 and len(train) == 36 and not {r["i"] for r in train} & {r["i"] for r in val}
+    assert split_holdout(items, 0.1, seed=3) == (train, val)
