@@ -136,7 +136,8 @@ class StageRun:
                  parent_path: str | None, data_files: list[str], is_main: bool = True):
         self.stage, self.dir, self.config = stage, Path(stage_dir), config
         self.parent_path, self.parent_hash = parent_path, manifest_hash(parent)
-        self.data = data_fingerprint(data_files) if is_main else {}
+        # Every rank computes the same key, so all of them agree on "up to date" and none hangs.
+        self.data = data_fingerprint(data_files)
         self.is_main = is_main
         self.key = _run_key(config, self.parent_hash, self.data)
         self.started = time.time()
