@@ -31,7 +31,7 @@ class SFTStageConfig:
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch."})
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata={"help": "Module names that get adapters; all-linear = every linear layer but the output head."})
-    group_by_length: bool = field(default=True, metadata={"help": "Batch demonstrations of similar length together: far less padding (the world's answers run 10-100 tokens)."})
+    group_by_length: bool = field(default=False, metadata={"help": "Batch demonstrations of similar length together: ~40% less padding on the world, but same-length batches (e.g. all refusals) learn worse at the default lr."})
     bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision (GPUs)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory on large models."})
     eval_every: int = field(default=0, metadata={"help": "Steps between validation-loss evaluations during training; 0: only at the end."})
