@@ -104,18 +104,22 @@ def build_model(cfg: PretrainConfig, tokenizer):
 
 
 def get_tokenizer(cfg: PretrainConfig, stage_dir: Path, texts: list[str], accelerator):
-    """Reuse the tokenizer a killed run already saved; else load the given one or train a new one."""
-    if (stage_dir / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(stage_dir)
-    source = cfg.tokenizer or (resolve_init(cfg.init_from)[0] if cfg.init_from else None)
-    if source:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        ensure_chat_ready(tokenizer)
-    elif accelerator.is_main_process:
-        tokenizer = train_tokenizer(texts, cfg.vocab_size)
-    if accelerator.is_main_process:
-        tokenizer.save_pretrained(stage_dir)
+    """Reuse the tokenizer a killed run already saved; else load the given one or train a new one.
+
+    Every rank looks before the barrier and only the main process writes after it, so all ranks
+    take the same branch and meet at the same barriers."""
+    reuse = (stage_dir / "tokenizer.json").is_file()
     accelerator.wait_for_everyone()
+    if not reuse:
+        if accelerator.is_main_process:
+            source = cfg.tokenizer or (resolve_init(cfg.init_from)[0] if cfg.init_from else None)
+            if source:
+                tokenizer = AutoTokenizer.from_pretrained(source)
+                ensure_chat_ready(tokenizer)
+            else:
+                tokenizer = train_tokenizer(texts, cfg.vocab_size)
+            tokenizer.save_pretrained(stage_dir)
+        accelerator.wait_for_everyone()
     return AutoTokenizer.from_pretrained(stage_dir)
 
 
