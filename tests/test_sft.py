@@ -30,7 +30,7 @@ from stages.sft.run import (
     training_args,
     win_rate,
 )
-from tests.conftest import ROOT, read_jsonl, run_module, write_jsonl
+from tests.conftest import ROOT, read_jsonl, run_module, torchrun, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -167,14 +167,9 @@ def test_lora_stage_saves_merged_checkpoint(pretrained_run, demos, tmp_path):
     assert not torch.equal(ours["model.layers.0.self_attn.q_proj.weight"], parent["model.layers.0.self_attn.q_proj.weight"])
 
 
-# torchrun's `--master_port=0` (conftest.torchrun) hangs at process-group setup on this machine;
-# `--standalone` (c10d rendezvous on a free local port) does not.
-TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-
-
 def test_two_processes_with_torchrun(pretrained_run, demos, tmp_path):
     run = run_dir_with_parent(tmp_path, pretrained_run)
-    proc = run_module("stages.sft", *tiny_args(run, *demos, "--max_steps", "3", "--eval_prompts", "4"), launcher=TORCHRUN_2, timeout=300)
+    proc = run_module("stages.sft", *tiny_args(run, *demos, "--max_steps", "3", "--eval_prompts", "4"), launcher=torchrun(2), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((run / "sft" / "manifest.json").read_text())
     assert manifest["processes"] == 2 and manifest["metrics"]["steps"] == 3
@@ -232,7 +227,7 @@ def _subset(shared_datasets, name: str, n: int, with_history: int = 0) -> list[d
     return history + [r for r in records if not r.get("history")][: n - len(history)]
 
 
-def test_real_formats_load_and_train(shared_datasets, pretrained_run, tmp_path, capsys):
+def test_real_formats_load_and_train(shared_datasets, pretrained_run, tmp_path):
     dolly = write_jsonl(tmp_path / "dolly.jsonl", _subset(shared_datasets, "dolly_sample/dolly_sample_151.jsonl", 12))
     lima = tmp_path / "lima.json"
     lima.write_text(json.dumps(_subset(shared_datasets, "lima/lima.json", 8, with_history=2)), encoding="utf-8")

@@ -4,7 +4,7 @@ Every demonstration becomes TRL's conversational prompt/completion pair, so the 
 decides the tokens - the same template the reward model, PPO and chat use later - and TRL's SFTTrainer
 puts the loss on the completion (the labeler's answer) only.
 
-Recipe: parse -> parent model -> demonstrations -> trainer (optionally LoRA) -> train (resumable)
+Recipe: parse -> parent -> demonstrations -> model -> trainer (optionally LoRA) -> train (resumable)
 -> validation loss -> save a plain merged checkpoint -> gold evaluation vs the parent -> manifest.
 """
 
@@ -45,7 +45,7 @@ ALPACA = {"prompt": "instruction", "context": "input", "completion": "output", "
 PROMPT_COMPLETION = {"prompt": "prompt", "completion": "completion", "system": "system"}
 
 
-# ---- 1. demonstrations -> conversational prompt/completion ----------------------------------------
+# ---- demonstrations -> conversational prompt/completion ------------------------------------------
 
 def detect_columns(rec: dict, columns: dict[str, str]) -> dict[str, str]:
     """Which field plays which role in this record: the user's --columns, else the format it looks like."""
@@ -186,7 +186,7 @@ def as_dataset(examples: list[dict]) -> Dataset:
     return Dataset.from_list([{"prompt": ex["prompt"], "completion": ex["completion"]} for ex in examples])
 
 
-# ---- 2. parent model ----------------------------------------------------------------------------
+# ---- parent model ------------------------------------------------------------------------------
 
 def parent_model(cfg: SFTStageConfig):
     """RUN/pretrain by default (it must be finished), or any finished stage / HF checkpoint / Hub id.
@@ -228,7 +228,7 @@ def load_causal_lm(path: str, tokenizer):
     return model
 
 
-# ---- 3. trainer ---------------------------------------------------------------------------------
+# ---- trainer -----------------------------------------------------------------------------------
 
 def quiet() -> bool:
     """No progress bars in CI logs (as pipeline.runtime.progress): Trainer's, datasets' and loading bars."""
@@ -328,7 +328,7 @@ def merged_model(trainer: SFTTrainer):
     return model
 
 
-# ---- 4. gold evaluation on the embedded world ---------------------------------------------------
+# ---- gold evaluation on the embedded world -----------------------------------------------------
 
 def win_rate(ours: list[float], theirs: list[float]) -> float:
     """Share of prompts where our answer scores higher; ties count half (InstructGPT's win rates)."""
