@@ -37,7 +37,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reward.gold import FAMILIES, IDEAL_LABEL, GoldJudge, pairwise_agreement
+from reward.gold import FAMILIES, IDEAL_LABEL, GoldJudge, pairwise_agreement, ranking_agreement
 
 # ---------------------------------------------------------------------------------------------
 # The world's vocabulary. Names, places and jobs are fictional or generic so that a model cannot
@@ -189,12 +189,13 @@ FILLER_OPENERS = ("Great question!", "Sure thing!", "Happy to help!", "Thanks fo
 FILLER_CLOSERS = ("I hope this helps!", "Let me know if you have more questions.",
                   "Feel free to ask me anything else.", "Have a nice day!")
 
-# Candidate mix of a comparison group, per family: relative weights of the labels drawn.
+# Candidate mix of a comparison group, per family: relative weights of the labels drawn. Over-refusals
+# weigh as much as wrong answers: a reward model that never saw one ranked low lets PPO learn to refuse.
 COMPARISON_MIX = {
-    "fact": {"correct": 2, "verbose": 2, "wrong": 2, "abstained": 1, "over_refused": 1, "malformed": 2},
-    "unknown": {"abstained": 2, "verbose": 1, "hallucinated": 3, "over_refused": 1, "malformed": 2},
+    "fact": {"correct": 2, "verbose": 2, "wrong": 2, "abstained": 1, "over_refused": 2, "malformed": 2},
+    "unknown": {"abstained": 2, "verbose": 1, "hallucinated": 3, "over_refused": 2, "malformed": 2},
     "harmful": {"refused": 2, "verbose": 1, "complied": 3, "malformed": 2},
-    "instruction": {"correct": 2, "verbose": 2, "wrong": 2, "abstained": 1, "over_refused": 1, "malformed": 2},
+    "instruction": {"correct": 2, "verbose": 2, "wrong": 2, "abstained": 1, "over_refused": 2, "malformed": 2},
 }
 
 # Plain English for the corpus, so the model learns fluent sentences and not only biographies.
@@ -249,7 +250,7 @@ class WorldConfig:
     over_refuse_rate: float = option(0.05, "share of fact/instruction demonstrations that refuse")
     hallucinate_rate: float = option(0.8, "share of unknown-person demonstrations that make up a fact")
     comply_rate: float = option(0.3, "share of harmful-request demonstrations that comply")
-    noise: float = option(0.9, "labeler noise (Gumbel scale on gold scores); 0.9 gives ~75 percent pairwise agreement")
+    noise: float = option(0.5, "labeler noise (Gumbel scale on gold scores); 0.5 makes two labelers agree on ~73 percent of pairs")
 
     def __post_init__(self):
         self.mix = parse_family_mix(self.family_mix)
@@ -483,14 +484,21 @@ def demonstration(spec: dict, cfg: WorldConfig, rng: random.Random) -> str:
 
 
 def comparison_group(spec: dict, k: int, rng: random.Random) -> list[str]:
-    """k distinct candidate responses with labels drawn from the family's mix."""
+    """k distinct candidate responses with labels drawn from the family's mix.
+
+    Every label is drawn once before any repeats: two answers of one label tie under the gold judge,
+    and a tied pair is a coin flip for the labeler that teaches the reward model nothing.
+    """
     mix = COMPARISON_MIX[spec["family"]]
+    unused = dict(mix)
     responses: list[str] = []
     for _ in range(50 * k):
-        label = rng.choices(list(mix), weights=list(mix.values()))[0]
+        pool = unused or mix
+        label = rng.choices(list(pool), weights=list(pool.values()))[0]
         text = respond(spec, label, rng)
         if text not in responses:
             responses.append(text)
+            unused.pop(label, None)
         if len(responses) == k:
             return responses
     raise RuntimeError(f"could not draw {k} distinct responses for {spec}")
@@ -787,11 +795,17 @@ def summary_of(cfg: WorldConfig, records: dict[str, list], judge: GoldJudge) -> 
               for name, rows in records.items()}
     counts["corpus"]["chars"] = sum(len(r["text"]) for r in records["corpus.jsonl"])
     demos = [judge.judge(r["prompt"], r["completion"]) for r in records["sft_train.jsonl"]]
-    agree = total = 0
+    # Agreement with the noise-free ranking (off ties), and with a second labeler ranking the same groups:
+    # the figure InstructGPT reports for its labelers (~73%), and the ceiling of a reward model's accuracy.
+    agree = total = inter = pairs = ties = 0
+    second = random.Random(f"{cfg.seed}/second-labeler")
     for r in records["comparisons_train.jsonl"]:
         scores = [judge.score(r["prompt"], x) for x in r["responses"]]
         a, t = pairwise_agreement(r["ranking"], scores)
         agree, total = agree + a, total + t
+        k = len(scores)
+        inter += ranking_agreement(r["ranking"], judge.order(scores, rng=second))
+        pairs, ties = pairs + k * (k - 1) // 2, ties + k * (k - 1) // 2 - t
     return {
         "seed": cfg.seed,
         "config": cfg.to_dict(),
@@ -802,6 +816,8 @@ def summary_of(cfg: WorldConfig, records: dict[str, list], judge: GoldJudge) -> 
         "sft_train_labels": dict(sorted(Counter(v.label for v in demos).items())),
         "sft_train_mean_gold_score": round(sum(v.score for v in demos) / max(1, len(demos)), 4),
         "labeler_agreement": round(agree / max(1, total), 4),
+        "inter_labeler_agreement": round(inter / max(1, pairs), 4),
+        "gold_tie_share": round(ties / max(1, pairs), 4),
     }
 
 
@@ -878,7 +894,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     sizes = ", ".join(f"{name} {c['total']}" for name, c in summary["counts"].items())
     print(f"wrote {out}: {sizes}; corpus {summary['counts']['corpus']['chars']:,} chars; "
-          f"labeler agreement {summary['labeler_agreement']:.2f}")
+          f"labeler agreement with gold {summary['labeler_agreement']:.2f}, "
+          f"between two labelers {summary['inter_labeler_agreement']:.2f}")
     return 0
 
 

@@ -40,8 +40,9 @@ Recognised phrasings (lower-cased substrings, curly apostrophes normalised):
 Labeler noise: a labeler's ranking sorts responses by gold score + noise * Gumbel(0, 1). This is the
 Plackett-Luce / Bradley-Terry model the reward model's loss assumes: two responses whose scores differ
 by d are ordered correctly with probability sigmoid(d / noise). The world's default noise is chosen so
-that noisy and noise-free rankings agree on ~75% of pairs with different gold scores (InstructGPT's
-labelers agreed with each other ~73% of the time): noise 0.9 on the default world.
+that two labelers ranking the same groups agree on ~73% of pairs, as InstructGPT's labelers agreed with
+each other (72.6%): noise 0.5 on the default world. Each labeler then agrees with the noise-free
+ranking on ~84% of pairs with different gold scores.
 """
 
 from __future__ import annotations
@@ -322,6 +323,13 @@ def _gumbel(rng: random.Random) -> float:
     while u == 0.0:  # log(0) is undefined; random() returns 0.0 with probability 2**-53
         u = rng.random()
     return -math.log(-math.log(u))
+
+
+def ranking_agreement(a: list[int], b: list[int]) -> int:
+    """Pairs of items that two rankings of the same items put in the same order."""
+    pa = {index: rank for rank, index in enumerate(a)}
+    pb = {index: rank for rank, index in enumerate(b)}
+    return sum((pa[i] < pa[j]) == (pb[i] < pb[j]) for i in pa for j in pa if i < j)
 
 
 def pairwise_agreement(noisy: list[int], gold_scores: list[float]) -> tuple[int, int]:

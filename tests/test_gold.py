@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from reward.gold import SCORES, GoldJudge, Verdict, pairwise_agreement
+from reward.gold import SCORES, GoldJudge, Verdict, pairwise_agreement, ranking_agreement
 
 PERSON, STRANGER = "Mira Solberg", "Zoe Marsh"
 
@@ -187,16 +187,28 @@ def test_labeler_follows_bradley_terry(judge):
     assert wins == pytest.approx(1 / (1 + math.exp(-0.5 / judge.noise)), abs=0.03)
 
 
-def test_world_labeler_agrees_about_75_percent(world_dir):
-    """Noisy vs noise-free ranking of the default world's comparisons, on pairs with different gold scores."""
+def test_world_labelers_agree_like_instructgpts(world_dir):
+    """Two simulated labelers agree on ~73% of pairs (InstructGPT: 72.6%); each agrees with gold more often."""
     judge = GoldJudge.load(world_dir)
     rows = [json.loads(line) for line in (world_dir / "comparisons_train.jsonl").read_text(encoding="utf-8").splitlines()]
-    agree = total = exact = 0
+    agree = total = exact = inter = pairs = 0
+    second = random.Random(1)
     for row in rows:
         scores = [judge.score(row["prompt"], r) for r in row["responses"]]
         a, t = pairwise_agreement(row["ranking"], scores)
         agree, total = agree + a, total + t
         exact += pairwise_agreement(row["gold_ranking"], scores) == (t, t)
+        inter += ranking_agreement(row["ranking"], judge.order(scores, rng=second))
+        pairs += len(scores) * (len(scores) - 1) // 2
     assert total > 5000
-    assert agree / total == pytest.approx(0.75, abs=0.05)
+    assert inter / pairs == pytest.approx(0.73, abs=0.03)
+    assert agree / total == pytest.approx(0.84, abs=0.03)
     assert exact == len(rows)  # the gold ranking is noise-free
+    summary = json.loads((world_dir / "summary.json").read_text(encoding="utf-8"))
+    assert summary["inter_labeler_agreement"] == pytest.approx(inter / pairs, abs=0.02)
+
+
+def test_ranking_agreement_counts_pairs_in_the_same_order():
+    assert ranking_agreement([0, 1, 2], [0, 1, 2]) == 3
+    assert ranking_agreement([0, 1, 2], [2, 1, 0]) == 0
+    assert ranking_agreement([0, 1, 2], [1, 0, 2]) == 2

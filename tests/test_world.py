@@ -183,6 +183,16 @@ def test_comparison_groups_mix_good_and_bad(world_dir, judge):
     assert set(labels) == set(GoldJudge.LABELS)
 
 
+def test_comparison_groups_repeat_a_label_only_once_all_are_used(world_dir, judge):
+    """Repeated labels tie under the gold judge, a coin flip for the labeler: draw each label first."""
+    for r in rows(world_dir, "comparisons_train"):
+        labels = Counter(judge.judge(r["prompt"], x).label for x in r["responses"])
+        if len(r["responses"]) <= len(W.COMPARISON_MIX[r["family"]]):
+            assert max(labels.values()) == 1, r
+        else:
+            assert set(labels) == set(W.COMPARISON_MIX[r["family"]]), r
+
+
 def test_demonstrators_are_imperfect(world_dir, judge):
     """Imitating the demonstrations must stay clearly below what the labeler prefers."""
     by_family: dict[str, Counter] = {f: Counter() for f in FAMILIES}
