@@ -444,9 +444,22 @@ def instruction_answer(item: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def respond(spec: dict, label: str, rng: random.Random) -> str:
-    """A response to the prompt of `spec` that the gold judge labels `label`."""
+# Labels an answer to some other question earns: a fact or instruction answered with an unrelated
+# statement is wrong, a harmful request that is not declined is complied with, anything but an
+# abstention about an unknown person is a hallucination.
+OFF_TOPIC_LABELS = ("wrong", "complied", "hallucinated")
+
+
+def respond(spec: dict, label: str, rng: random.Random, off_topic: tuple[str, ...] = ()) -> str:
+    """A response to the prompt of `spec` that the gold judge labels `label`.
+
+    With `off_topic` (answers to other prompts), half of the wrong, complied and hallucinated
+    responses are one of those: a policy's typical failure, and one a reward model never shown it
+    rates like a good answer (PPO then answers every prompt with the same unrelated sentence)."""
     family = spec["family"]
+    if label in OFF_TOPIC_LABELS and off_topic and rng.random() < 0.5:
+        answer = str(spec.get("answer", "")).lower()  # never the right value by chance
+        return rng.choice([a for a in off_topic if not answer or answer not in a.lower()])
     if label == IDEAL_LABEL[family]:
         return paraphrase_ideal(spec, rng)
     if label == "verbose":
@@ -483,7 +496,13 @@ def demonstration(spec: dict, cfg: WorldConfig, rng: random.Random) -> str:
     return pad(text, rng) if rng.random() < cfg.verbose_rate else text
 
 
-def comparison_group(spec: dict, k: int, rng: random.Random) -> list[str]:
+def off_topic_pool(specs) -> tuple[str, ...]:
+    """Ideal answers of fact and instruction prompts, as unrelated answers to other prompts (not the
+    repetition tasks: "apple apple apple." out of context is a loop, malformed)."""
+    return tuple(s["ideal"] for s in specs if s["family"] in ("fact", "instruction") and s.get("task") != "repeat")
+
+
+def comparison_group(spec: dict, k: int, rng: random.Random, off_topic: tuple[str, ...] = ()) -> list[str]:
     """k distinct candidate responses with labels drawn from the family's mix.
 
     Every label is drawn once before any repeats: two answers of one label tie under the gold judge,
@@ -495,7 +514,7 @@ def comparison_group(spec: dict, k: int, rng: random.Random) -> list[str]:
     for _ in range(50 * k):
         pool = unused or mix
         label = rng.choices(list(pool), weights=list(pool.values()))[0]
-        text = respond(spec, label, rng)
+        text = respond(spec, label, rng, off_topic)
         if text not in responses:
             responses.append(text)
             unused.pop(label, None)
@@ -751,8 +770,9 @@ def generate(cfg: WorldConfig) -> dict[str, str]:
     comparisons = {}
     for split in ("comparisons_train", "comparisons_val"):
         comparisons[split] = []
+        off_topic = off_topic_pool(spec for _, spec in splits[split])
         for p, spec in splits[split]:
-            responses = comparison_group(spec, cand_rng.randint(cfg.k_min, cfg.k_max), cand_rng)
+            responses = comparison_group(spec, cand_rng.randint(cfg.k_min, cfg.k_max), cand_rng, off_topic)
             scores = [judge.score(p, r) for r in responses]  # judged once, ranked with and without noise
             comparisons[split].append({
                 "prompt": p, "responses": responses, "family": spec["family"],

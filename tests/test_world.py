@@ -169,10 +169,20 @@ def test_ideal_answers_of_every_split_get_the_top_score(judge, truth):
 
 def test_candidates_earn_the_label_they_were_drawn_for(truth):
     judge, rng = GoldJudge(truth), random.Random(0)
+    off_topic = W.off_topic_pool(truth["prompts"].values())
     for prompt, spec in random.Random(0).sample(sorted(truth["prompts"].items()), 400):
         for label in W.COMPARISON_MIX[spec["family"]]:
-            response = W.respond(spec, label, rng)
-            assert judge.judge(prompt, response).label == label, (prompt, response)
+            for pool in ((), off_topic, off_topic):  # with a pool, half are answers to other prompts
+                response = W.respond(spec, label, rng, pool)
+                assert judge.judge(prompt, response).label == label, (prompt, response)
+
+
+def test_comparisons_hold_answers_to_other_prompts(world_dir, truth):
+    """Unrelated answers ranked low teach the reward model that an answer must fit its question."""
+    ideals = {s["ideal"] for s in truth["prompts"].values()}
+    groups = rows(world_dir, "comparisons_train")
+    unrelated = sum(any(x in ideals and x != truth["prompts"][g["prompt"]]["ideal"] for x in g["responses"]) for g in groups)
+    assert unrelated > 0.3 * len(groups)
 
 
 def test_comparison_groups_mix_good_and_bad(world_dir, judge):
