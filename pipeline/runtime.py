@@ -30,6 +30,18 @@ def progress(total: int, initial: int = 0, desc: str = "", enabled: bool = True)
     return tqdm(total=total, initial=initial, desc=desc, disable=bool(disable), dynamic_ncols=True)
 
 
+def weights_checksum(model) -> torch.Tensor:
+    """A float64 sum over all parameters (tied ones counted once): a cheap fingerprint of the weights."""
+    return torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().cpu()
+
+
+def rank_checksums(accelerator, model) -> list[float]:
+    """Every process's weights_checksum, gathered: equal on all ranks iff data parallelism kept the
+    replicas in sync. (Sharded engines - FSDP, ZeRO-3 - hold different shards; compare under DDP.)"""
+    local = weights_checksum(accelerator.unwrap_model(model)).to(accelerator.device)
+    return accelerator.gather(local[None]).tolist()
+
+
 def peak_memory_mb() -> float:
     """Peak resident memory of this process (CPU) or peak allocated memory (GPU), in MB."""
     if torch.cuda.is_available():

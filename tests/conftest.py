@@ -41,6 +41,15 @@ def torchrun(nproc: int = 2) -> list[str]:
             "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
 
 
+def assert_replicas_saved(manifest: dict, saved_model) -> None:
+    """Data parallelism kept both ranks' weights identical, and those weights are the ones saved."""
+    from pipeline.runtime import weights_checksum
+
+    rank0, rank1 = manifest["weights_checksum_per_rank"]
+    assert rank0 == pytest.approx(rank1, rel=1e-12), "ranks ended with different weights"
+    assert weights_checksum(saved_model).item() == pytest.approx(rank0, rel=1e-9), "saved weights are not rank 0's"
+
+
 def read_jsonl(path) -> list[dict]:
     return [json.loads(l) for l in Path(path).read_text(encoding="utf-8").splitlines() if l.strip()]
 

@@ -23,7 +23,7 @@ from data.tokenizer import chat_ids, train_tokenizer
 from pipeline.errors import PipelineError
 from pipeline.generation import left_pad
 from pipeline.stage import write_json_atomic
-from tests.conftest import ROOT, read_jsonl, run_module, torchrun, write_jsonl
+from tests.conftest import ROOT, assert_replicas_saved, read_jsonl, run_module, torchrun, write_jsonl
 
 PER_UPDATE_KEYS = [
     "objective/score", "objective/kl", "objective/kl_coef", "objective/total_reward", "policy/entropy", "loss/policy",
@@ -195,7 +195,7 @@ def test_two_processes_with_torchrun(parents, tmp_path):
     assert manifest["processes"] == 2
     rows = [r for r in read_jsonl(run / "ppo" / "metrics.jsonl") if "objective/score" in r]
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss/ptx"]) for r in rows)
-    AutoModelForCausalLM.from_pretrained(run / "ppo")
+    assert_replicas_saved(manifest, AutoModelForCausalLM.from_pretrained(run / "ppo"))
 
 
 def test_resume_after_sigkill_reaches_the_same_step_count(parents, tmp_path):

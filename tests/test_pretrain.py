@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from data.loading import load_texts
 from data.tokenizer import train_tokenizer
 from pipeline.errors import PipelineError
-from stages.pretrain.run import main as pretrain_main, sample_batch, weights_checksum
-from tests.conftest import ROOT, read_jsonl, run_module, torchrun, write_jsonl
+from stages.pretrain.run import main as pretrain_main, sample_batch
+from tests.conftest import ROOT, assert_replicas_saved, read_jsonl, run_module, torchrun, write_jsonl
 
 CORPUS = [{"text": f"Ana Lint lives in Port {c}. She works as a baker and likes the colour {c.lower()}."}
           for c in ["Red", "Blue", "Green", "Amber", "Teal", "Gray", "Pink", "Gold"] * 20]
@@ -93,11 +93,7 @@ def test_two_processes_with_torchrun(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((run / "pretrain" / "manifest.json").read_text())
     assert manifest["processes"] == 2
-    # Both ranks hold the same weights, and they are the ones saved (tied embeddings counted once).
-    rank0, rank1 = manifest["weights_checksum_per_rank"]
-    assert rank0 == pytest.approx(rank1, rel=1e-12)
-    saved = AutoModelForCausalLM.from_pretrained(run / "pretrain")
-    assert weights_checksum(saved).item() == pytest.approx(rank0, rel=1e-9)
+    assert_replicas_saved(manifest, AutoModelForCausalLM.from_pretrained(run / "pretrain"))
     rows = read_jsonl(run / "pretrain" / "metrics.jsonl")
     assert len({r["step"] for r in rows}) == len(rows), "only the main process logs, once per step"
 

@@ -25,7 +25,7 @@ from reward.gold import GoldJudge
 from reward.losses import pair_accuracy, pairwise_loss, ranking_loss
 from reward.model import load_reward_model, score
 from stages.reward.run import main as reward_main
-from tests.conftest import ROOT, read_jsonl, run_module, write_jsonl
+from tests.conftest import ROOT, assert_replicas_saved, read_jsonl, run_module, torchrun, write_jsonl
 
 # ---- the loss -------------------------------------------------------------------------------------
 
@@ -251,20 +251,15 @@ def test_world_comparisons_resume_after_sigkill(sft_run, tmp_path):
     assert steps == list(range(1, 31)), "metrics must not repeat or skip after resume"
 
 
-# conftest's torchrun() passes --master_port=0, which torch 2.13 hands to the workers as MASTER_PORT=0:
-# their TCPStore then waits forever for 127.0.0.1:0. --standalone lets torchrun pick a free port.
-TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
-
-
 def test_two_processes_with_torchrun(sft_run, tmp_path):
     run = new_run(tmp_path, sft_run)
     train, val, demos = toy_files(tmp_path)
     proc = run_module("stages.reward", *tiny_args(run, "--train_files", train, "--val_files", val, "--norm_files", demos,
-                                                  "--max_steps", 4), launcher=TORCHRUN_2, timeout=300)
+                                                  "--max_steps", 4), launcher=torchrun(2), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((run / "reward" / "manifest.json").read_text())
     assert manifest["processes"] == 2 and manifest["metrics"]["train_steps"] == 4
-    AutoModelForSequenceClassification.from_pretrained(run / "reward")
+    assert_replicas_saved(manifest, AutoModelForSequenceClassification.from_pretrained(run / "reward"))
 
 
 # ---- real data formats ----------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from stages.sft.run import (
     training_args,
     win_rate,
 )
-from tests.conftest import ROOT, read_jsonl, run_module, torchrun, write_jsonl
+from tests.conftest import ROOT, assert_replicas_saved, read_jsonl, run_module, torchrun, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +173,7 @@ def test_two_processes_with_torchrun(pretrained_run, demos, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((run / "sft" / "manifest.json").read_text())
     assert manifest["processes"] == 2 and manifest["metrics"]["steps"] == 3
-    AutoModelForCausalLM.from_pretrained(run / "sft")
+    assert_replicas_saved(manifest, AutoModelForCausalLM.from_pretrained(run / "sft"))
 
 
 def test_resume_after_sigkill(pretrained_run, demos, tmp_path):

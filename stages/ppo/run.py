@@ -31,7 +31,7 @@ from data.tokenizer import chat_ids
 from pipeline.config import config_dict, parse_config
 from pipeline.errors import PipelineError, cli_main
 from pipeline.generation import left_pad
-from pipeline.runtime import load_checkpoint, peak_memory_mb, progress, save_checkpoint, setup
+from pipeline.runtime import load_checkpoint, peak_memory_mb, progress, rank_checksums, save_checkpoint, setup
 from pipeline.stage import StageRun, require_stage
 from pipeline.tracking import Tracker
 from reward.gold import GoldJudge
@@ -165,6 +165,53 @@ class Critic(nn.Module):
         hidden = self.body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                            use_cache=False).last_hidden_state[:, -keep:]
         return self.head(hidden).squeeze(-1).float() + self.offset
+
+
+class ActorCritic(nn.Module):
+    """Policy and critic as one module: one prepare() wraps both (a DeepSpeed engine takes a single
+    model) and one DDP forward/backward syncs both gradients. The training forward of a micro-batch:
+    response logits / temperature, values, and the optional PPO-ptx language-modelling loss."""
+
+    def __init__(self, policy: nn.Module, critic: Critic):
+        super().__init__()
+        self.policy, self.critic = policy, critic
+
+    def forward(self, seq, mask, pos, T: int, temperature: float, ptx_ids=None):
+        logits = response_logits(self.policy, seq, mask, pos, T, temperature)
+        values = self.critic(seq, mask, pos, T + 1)[:, :-1]
+        ptx = (self.policy(input_ids=ptx_ids, labels=ptx_ids, use_cache=False).loss if ptx_ids is not None
+               else torch.zeros((), device=seq.device))
+        return logits, values, ptx
+
+
+@contextmanager
+def gathered(accelerator, model: nn.Module):
+    """Full weights on every process for the no-grad passes (generation, reference, values, evaluation).
+
+    Sharded engines (ZeRO-3, FSDP) otherwise all-gather layer by layer in every forward - a collective
+    per new token, and a hang as soon as two processes stop sampling at different lengths. Gather the
+    prepared model once instead, as rollouts need it anyway. DDP and a single process hold full weights."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and plugin.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            yield
+    elif getattr(accelerator, "is_fsdp2", False):
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        for unit in units:
+            unit.set_reshard_after_forward(False)
+            unit.unshard()
+        try:
+            yield
+        finally:
+            for unit in units:
+                unit.reshard()
+                unit.set_reshard_after_forward(True)
+    else:
+        yield
 
 
 class EMA:
@@ -415,9 +462,9 @@ def main(argv: list[str] | None = None) -> None:
          {"params": list(critic.parameters()), "lr": cfg.critic_lr or cfg.lr}],
         eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda"),  # one kernel, not a loop over tensors
     )
-    policy, critic, optimizer = accelerator.prepare(policy, critic, optimizer)
-    # No-grad passes (generation, reference, rollout values, evaluation) skip the DDP wrappers.
-    unwrapped, critic_net = accelerator.unwrap_model(policy), accelerator.unwrap_model(critic)
+    model, optimizer = accelerator.prepare(ActorCritic(policy, critic), optimizer)
+    # No-grad passes (generation, reference, rollout values, evaluation) skip the DDP wrapper.
+    unwrapped, critic_net = accelerator.unwrap_model(model).policy, accelerator.unwrap_model(model).critic
     ema = EMA(unwrapped, cfg.ema_decay) if cfg.ema_decay > 0 else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
@@ -442,9 +489,12 @@ def main(argv: list[str] | None = None) -> None:
         return {"gold/score": result["gold"]["score"], "gold/hallucination_rate": result["gold"]["hallucination_rate"],
                 "gold/proxy_score": sum(result["proxy"]) / len(result["proxy"])}
 
+    # Evaluations run on every process (no extra wall time; sharded engines need all of them for the
+    # gather); the tracker logs on the main one only.
     watch_gold = judge is not None and cfg.gold_every > 0 and gold_n > 0
-    if watch_gold and start == 0 and is_main:
-        tracker.log(gold_metrics(), 0)  # the SFT policy's starting point
+    if watch_gold and start == 0:
+        with gathered(accelerator, model):
+            tracker.log(gold_metrics(), 0)  # the SFT policy's starting point
 
     # 6. PPO updates.
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -461,7 +511,7 @@ def main(argv: list[str] | None = None) -> None:
         batch = prompt_indices(len(prompt_ids), update, cfg.rollout_batch_size, accelerator.process_index, sizes.per_process, cfg.seed)
         query, query_mask = (t.to(device) for t in left_pad([prompt_ids[i] for i in batch], pad))
         P = query.shape[1]
-        with torch.no_grad():
+        with torch.no_grad(), gathered(accelerator, model):
             # (1) Generate: left-padded prompts, KV cache, sampling at temperature; the sampling
             # log-probs (logits / temperature) are the rollout's old log-probs.
             raw, logprobs = sample(unwrapped, query, query_mask, cfg.max_new_tokens, cfg.temperature, eos, pad)
@@ -502,8 +552,7 @@ def main(argv: list[str] | None = None) -> None:
 
         # (7) PPO epochs: shuffled minibatches (one optimizer step each), split into micro-batches.
         # Dropout is zero in every config, so train mode here only switches on gradient checkpointing.
-        policy.train(cfg.gradient_checkpointing)
-        critic.train(cfg.gradient_checkpointing)
+        model.train(cfg.gradient_checkpointing)
         stats = []
         for _epoch in range(cfg.ppo_epochs):
             order = torch.randperm(sizes.per_process, device=device)
@@ -517,24 +566,20 @@ def main(argv: list[str] | None = None) -> None:
                     cols = slice(left, P + m_T)
                     m_seq, m_mask, m_pos = seq[idx, cols], seq_mask[idx, cols], pos[idx, cols]
                     m_resp, m_rmask = responses[idx, :m_T], mask[idx, :m_T].float()
-                    with accelerator.accumulate(policy, critic):
-                        logits = response_logits(policy, m_seq, m_mask, m_pos, m_T, cfg.temperature)
+                    # PPO-ptx (InstructGPT eq. 2): also keep the pretraining distribution's likelihood.
+                    ptx_ids = None if ptx_stream is None else ptx_batch(
+                        ptx_stream, cfg.ptx_batch_size, cfg.ptx_length,
+                        hash((cfg.seed, accelerator.process_index, update, _epoch, mb, micro)) % 2**62).to(device)
+                    with accelerator.accumulate(model):
+                        logits, new_values, ptx_loss = model(m_seq, m_mask, m_pos, m_T, cfg.temperature, ptx_ids)
                         new_logprobs = logprobs_from_logits(logits, m_resp)
-                        new_values = critic(m_seq, m_mask, m_pos, m_T + 1)[:, :-1]
                         pg_loss, pg_clipfrac, approx_kl = policy_loss(new_logprobs, logprobs[idx, :m_T], advantages[idx, :m_T], m_rmask, cfg.cliprange)
                         vf_loss, vf_clipfrac = value_loss(new_values, values[idx, :m_T], returns[idx, :m_T], m_rmask, cfg.cliprange_value)
-                        loss = pg_loss + cfg.vf_coef * vf_loss
-                        ptx_loss = torch.zeros((), device=device)
-                        if ptx_stream is not None:
-                            # PPO-ptx (InstructGPT eq. 2): keep the pretraining distribution's likelihood.
-                            x = ptx_batch(ptx_stream, cfg.ptx_batch_size, cfg.ptx_length,
-                                          hash((cfg.seed, accelerator.process_index, update, _epoch, mb, micro)) % 2**62).to(device)
-                            ptx_loss = policy(input_ids=x, labels=x, use_cache=False).loss
-                            loss = loss + cfg.ptx_coef * ptx_loss
+                        loss = pg_loss + cfg.vf_coef * vf_loss + cfg.ptx_coef * ptx_loss
                         accelerator.backward(loss)
-                        if accelerator.sync_gradients and cfg.grad_clip > 0:
-                            accelerator.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-                            accelerator.clip_grad_norm_(critic.parameters(), cfg.grad_clip)
+                        if accelerator.sync_gradients and cfg.grad_clip > 0:  # policy and critic each to the bound
+                            accelerator.clip_grad_norm_(unwrapped.parameters(), cfg.grad_clip)
+                            accelerator.clip_grad_norm_(critic_net.parameters(), cfg.grad_clip)
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
                     if ema is not None and accelerator.sync_gradients:
@@ -542,8 +587,7 @@ def main(argv: list[str] | None = None) -> None:
                     with torch.no_grad():
                         entropy = masked_mean(entropy_from_logits(logits), m_rmask)
                     stats.append(torch.stack([pg_loss, vf_loss, pg_clipfrac, vf_clipfrac, approx_kl, entropy, ptx_loss]).detach())
-        policy.eval()
-        critic.eval()
+        model.eval()
         train_stats = accelerator.reduce(torch.stack(stats).mean(0), "mean")
         if not torch.isfinite(train_stats[:2]).all():
             stop("non-finite loss")
@@ -567,8 +611,9 @@ def main(argv: list[str] | None = None) -> None:
         }
         if ptx_stream is not None:
             metrics["loss/ptx"] = train_stats[6].item()
-        if watch_gold and (update + 1) % cfg.gold_every == 0 and is_main:
-            metrics.update(gold_metrics())
+        if watch_gold and (update + 1) % cfg.gold_every == 0:
+            with gathered(accelerator, model):
+                metrics.update(gold_metrics())
         tracker.log(metrics, update + 1)
         last = metrics
         bar.update(1)
@@ -587,13 +632,15 @@ def main(argv: list[str] | None = None) -> None:
                # Throughput of this process's loop (a resumed run counts its own updates only).
                "train_seconds": loop_seconds, "episodes_per_s": (cfg.num_updates - start) * cfg.rollout_batch_size / max(loop_seconds, 1e-9)}
     samples = []
-    if is_main and eval_ids:
-        ppo = evaluate(unwrapped, reward_model, tokenizer, judge, eval_prompts, eval_ids, cfg.max_new_tokens)
-        with reference(unwrapped, ref_model) as ref:
-            base = evaluate(ref, reward_model, tokenizer, judge, eval_prompts, eval_ids, cfg.max_new_tokens)
+    if eval_ids:  # on every process, like the gold metrics above; the main one writes the manifest
+        with gathered(accelerator, model):
+            ppo = evaluate(unwrapped, reward_model, tokenizer, judge, eval_prompts, eval_ids, cfg.max_new_tokens)
+            with reference(unwrapped, ref_model) as ref:
+                base = evaluate(ref, reward_model, tokenizer, judge, eval_prompts, eval_ids, cfg.max_new_tokens)
+            kl_to_sft = kl_to_reference(unwrapped, ref_model, tokenizer, eval_ids, cfg)
         metrics.update({"reward_score": _mean(ppo["proxy"]), "sft_reward_score": _mean(base["proxy"]),
                         "response_length": ppo["length"], "sft_response_length": base["length"],
-                        "kl_to_sft": kl_to_reference(unwrapped, ref_model, tokenizer, eval_ids, cfg), "eval_prompts": len(eval_ids)})
+                        "kl_to_sft": kl_to_sft, "eval_prompts": len(eval_ids)})
         if judge is not None:
             wins = [1.0 if a.score > b.score else 0.5 if a.score == b.score else 0.0
                     for a, b in zip(ppo["verdicts"], base["verdicts"])]
@@ -604,7 +651,10 @@ def main(argv: list[str] | None = None) -> None:
 
     # 8. Save a plain HF checkpoint (LoRA merged into the weights), tokenizer, generation config,
     # then the manifest (last).
-    state_dict = accelerator.get_state_dict(policy) if cfg.lora_r == 0 else None
+    state_dict = None
+    if cfg.lora_r == 0:  # gathered from every shard under FSDP / ZeRO-3; the policy's half of the pair
+        state_dict = {k.removeprefix("policy."): v for k, v in accelerator.get_state_dict(model).items() if k.startswith("policy.")}
+    checksums = rank_checksums(accelerator, unwrapped)  # replicas in sync (2-process tests)
     if is_main:
         final = unwrapped.merge_and_unload() if cfg.lora_r > 0 else unwrapped
         gen_config_file = Path(cfg.sft_path) / "generation_config.json"
@@ -613,7 +663,8 @@ def main(argv: list[str] | None = None) -> None:
         final.save_pretrained(stage_dir, state_dict=state_dict)
         tokenizer.save_pretrained(stage_dir)
         metrics["peak_memory_mb"] = round(peak_memory_mb())
-        run.finish(metrics, {"samples": samples, "processes": accelerator.num_processes, "reward_path": cfg.reward_path})
+        run.finish(metrics, {"samples": samples, "processes": accelerator.num_processes, "reward_path": cfg.reward_path,
+                             "weights_checksum_per_rank": checksums})
         accelerator.print(f"[ppo] done -> {stage_dir}: " + ", ".join(
             f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float) and k in _SUMMARY))
     tracker.close()

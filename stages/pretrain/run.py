@@ -23,7 +23,7 @@ from data.loading import load_texts
 from data.tokenizer import ensure_chat_ready, train_tokenizer
 from pipeline.config import config_dict, parse_config
 from pipeline.errors import PipelineError, cli_main
-from pipeline.runtime import load_checkpoint, peak_memory_mb, progress, save_checkpoint, setup
+from pipeline.runtime import load_checkpoint, peak_memory_mb, progress, rank_checksums, save_checkpoint, setup
 from pipeline.stage import StageRun, resolve_init
 from pipeline.tracking import Tracker
 from stages.pretrain.config import PretrainConfig
@@ -74,11 +74,6 @@ def evaluate(model, accelerator, blocks: torch.Tensor, batch_size: int) -> float
     total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
     model.train()
     return (total / count.clamp(min=1)).item()
-
-
-def weights_checksum(model) -> torch.Tensor:
-    """A float64 sum over all parameters: equal on every rank iff data parallelism kept them in sync."""
-    return torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().cpu()
 
 
 def build_model(cfg: PretrainConfig, tokenizer):
@@ -237,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # 6. Evaluate, sample, save a plain HF checkpoint, then the manifest (last).
     val_loss = evaluate(model, accelerator, held_out, cfg.batch_size)
-    checksums = accelerator.gather(weights_checksum(model).to(accelerator.device)[None]).tolist()
+    checksums = rank_checksums(accelerator, model)
     unwrapped = accelerator.unwrap_model(model)
     prompts = cfg.sample_prompts or [tokenizer.decode(tokenizer(t, add_special_tokens=False)["input_ids"][:6]) for t in val_texts[:4]]
     samples = sample_completions(unwrapped, tokenizer, prompts, cfg.sample_tokens, cfg.temperature, cfg.seed) if accelerator.is_main_process else []

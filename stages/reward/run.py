@@ -27,7 +27,7 @@ from data.loading import load_records, require_text
 from data.tokenizer import ensure_chat_ready
 from pipeline.config import config_dict, parse_config
 from pipeline.errors import cli_main
-from pipeline.runtime import peak_memory_mb
+from pipeline.runtime import peak_memory_mb, rank_checksums
 from pipeline.stage import StageRun, require_stage, resolve_init
 from pipeline.tracking import JsonlMetricsCallback, wandb_enabled, wandb_env
 from reward.comparisons import Group, load_groups
@@ -307,6 +307,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[reward] resumed from {resume} (step {step})", flush=True)
     state.wait_for_everyone()
     result = trainer.train(resume_from_checkpoint=resume)
+    checksums = rank_checksums(trainer.accelerator, trainer.model)  # replicas in sync (2-process tests)
 
     # 5. Save a plain checkpoint (LoRA merged into the weights, the trained head kept).
     if cfg.use_lora:
@@ -340,7 +341,8 @@ def main(argv: list[str] | None = None) -> None:
     })
     trainer.log({k: v for k, v in metrics.items() if k.startswith(("val_", "reference_"))})  # -> metrics.jsonl, wandb
     run.finish(metrics, {"processes": state.num_processes, BIAS_KEY: getattr(reward_model.config, BIAS_KEY),
-                         "truncated_sequences": truncated, "max_length": max_length})
+                         "truncated_sequences": truncated, "max_length": max_length,
+                         "weights_checksum_per_rank": checksums})
     summary = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("val_pair_accuracy", "val_top_vs_rest_accuracy",
                                                            "val_gold_pair_accuracy", "val_gold_pearson", "val_label_ceiling_accuracy") if k in metrics)
     print(f"[reward] done in {metrics['train_seconds']}s: {summary or 'no held-out set'}; reward bias "

@@ -30,7 +30,7 @@ from data.tokenizer import ensure_chat_ready
 from pipeline.config import config_dict, parse_config
 from pipeline.errors import PipelineError, cli_main
 from pipeline.generation import answer
-from pipeline.runtime import peak_memory_mb
+from pipeline.runtime import peak_memory_mb, rank_checksums
 from pipeline.stage import StageRun, require_stage, resolve_init
 from pipeline.tracking import JsonlMetricsCallback, wandb_enabled, wandb_env
 from reward.gold import GoldJudge
@@ -465,6 +465,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[sft] {len(train)} demonstrations ({len(val)} held out), {trainable / 1e6:.2f}M of {total / 1e6:.2f}M "
               f"parameters trained{' (LoRA)' if cfg.lora_r else ''}, {args.world_size} process(es)", flush=True)
     result = trainer.train(resume_from_checkpoint=resume)
+    checksums = rank_checksums(trainer.accelerator, trainer.model)  # replicas in sync (2-process tests)
     train_loss = result.training_loss
     if not torch.isfinite(torch.tensor(train_loss)):
         raise PipelineError(f"sft: training loss became {train_loss}; lower lr (now {cfg.lr})")
@@ -495,7 +496,8 @@ def main(argv: list[str] | None = None) -> None:
             metrics.update(gold)
         metrics["peak_memory_mb"] = round(peak_memory_mb())
         (stage_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; the manifest holds the config
-        run.finish(metrics, {"samples": samples, "processes": args.world_size, "lora": bool(cfg.lora_r)})
+        run.finish(metrics, {"samples": samples, "processes": args.world_size, "lora": bool(cfg.lora_r),
+                             "weights_checksum_per_rank": checksums})
         line = f"[sft] done: val loss {val_loss:.3f}" if val_loss is not None else "[sft] done"
         if world is not None:
             line += (f", gold score {metrics['gold_score']:.3f} vs parent {metrics['base_gold_score']:.3f}, "
