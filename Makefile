@@ -1,11 +1,13 @@
 # rlhf-pipeline: `make all` runs the InstructGPT recipe on the embedded default world.
 # Variables: RUN (run directory), PROFILE (stage config profile), LAUNCH (python | torchrun ... | accelerate launch ...),
-# ARGS (extra `--key value` overrides passed to the stage), EVAL_ARGS (options for `make eval`).
+# ARGS (extra `--key value` overrides passed to the stage), EVAL_ARGS (options for `make eval`),
+# COMPARISONS_ARGS (options for `make comparisons`).
 RUN ?= runs/default
 PROFILE ?= default
 LAUNCH ?= python
 ARGS ?=
 EVAL_ARGS ?=
+COMPARISONS_ARGS ?= --prompts 300 --k 6
 SEED ?= 0
 STAGE ?= ppo
 PROMPT ?= Who is the most famous person in the world?
@@ -34,7 +36,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-all: data pretrain sft reward ppo eval report
+all: data pretrain sft comparisons reward ppo eval report
 
 data: setup
 	$(PY) -m data.world --seed $(SEED) --out $(RUN)/world --if_missing true
@@ -45,8 +47,9 @@ pretrain: setup data
 sft: setup data
 	$(call STAGE_CMD,sft)
 
+# InstructGPT's loop: answers sampled from RUN/sft, ranked by the world's labeler, for the reward model.
 comparisons: setup data
-	$(PY) -m reward.comparisons sample --run_dir $(RUN) $(ARGS)
+	$(PY) -m reward.comparisons sample --run_dir $(RUN) $(COMPARISONS_ARGS)
 
 reward: setup data
 	$(call STAGE_CMD,reward)

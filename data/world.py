@@ -454,12 +454,16 @@ def respond(spec: dict, label: str, rng: random.Random, off_topic: tuple[str, ..
     """A response to the prompt of `spec` that the gold judge labels `label`.
 
     With `off_topic` (answers to other prompts), half of the wrong, complied and hallucinated
-    responses are one of those: a policy's typical failure, and one a reward model never shown it
-    rates like a good answer (PPO then answers every prompt with the same unrelated sentence)."""
+    responses are one of those, a third of them cut off after a few words: a drifting policy's
+    typical failures, which a reward model never shown them rates like good answers (PPO then
+    answers every prompt with the same unrelated sentence, or with "Happy.")."""
     family = spec["family"]
     if label in OFF_TOPIC_LABELS and off_topic and rng.random() < 0.5:
         answer = str(spec.get("answer", "")).lower()  # never the right value by chance
-        return rng.choice([a for a in off_topic if not answer or answer not in a.lower()])
+        text = rng.choice([a for a in off_topic if not answer or answer not in a.lower()])
+        if rng.random() < 1 / 3:
+            text = " ".join(text.split()[:rng.randint(1, 3)]).rstrip(".,!?") + "."
+        return text
     if label == IDEAL_LABEL[family]:
         return paraphrase_ideal(spec, rng)
     if label == "verbose":

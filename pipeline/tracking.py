@@ -67,17 +67,21 @@ class Tracker:
             self.wandb.log(metrics, step=step)
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop rows logged after the checkpoint we resume from (they will be redone)."""
-        if not self.enabled or not self.path.exists():
-            return
-        rows = [l for l in self.path.read_text(encoding="utf-8").splitlines() if l.strip()]
-        keep = [l for l in rows if json.loads(l).get("step", 0) <= step]
-        self.path.write_text("".join(l + "\n" for l in keep), encoding="utf-8")
+        if self.enabled:
+            truncate_metrics(self.path, step)
 
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+
+
+def truncate_metrics(path: str | Path, step: int) -> None:
+    """On resume, drop metrics.jsonl rows logged after the checkpoint we resume from (they will be redone)."""
+    path = Path(path)
+    if path.is_file():
+        rows = [l for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+        path.write_text("".join(l + "\n" for l in rows if json.loads(l).get("step", 0) <= step), encoding="utf-8")
 
 
 def _run_id(stage_dir: str | Path, stage: str) -> str:

@@ -287,7 +287,7 @@ def sample(args) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.generation import answer
-    from pipeline.stage import require_stage, resolve_init
+    from pipeline.stage import file_sha256, manifest_hash, read_manifest, require_stage, resolve_init, write_json_atomic
     from reward.gold import GoldJudge
 
     run_dir = Path(args.run_dir)
@@ -314,6 +314,16 @@ def sample(args) -> None:
     prompts = prompts[: args.prompts] if args.prompts else prompts
     if args.k < 2:
         raise PipelineError(f"--k must be >= 2, got {args.k}")
+    # Same policy, world, prompts and options as the file on disk: nothing to do (`make all` reruns).
+    out_path = Path(args.out or run_dir / "comparisons" / "policy_comparisons.jsonl")
+    meta_path = out_path.with_name(out_path.stem + ".meta.json")
+    options = {k: getattr(args, k) for k in ("prompts", "k", "temperature", "top_p", "max_new_tokens", "noise", "seed")}
+    key = {"model": str(model_dir), "model_manifest": manifest_hash(read_manifest(model_dir)),
+           "model_weights_mtime": max((p.stat().st_mtime for p in model_dir.glob("*.safetensors")), default=None),
+           "truth": file_sha256(world / "truth.json"), "prompts_file": file_sha256(prompts_file), "options": options}
+    if not args.force and out_path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()) == key:
+        print(f"[comparisons] up to date: {out_path} (same policy, prompts and options; --force resamples)")
+        return
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -335,7 +345,9 @@ def sample(args) -> None:
                     "gold_ranking": judge.order(scores, noise=0)})
     if not out:
         raise PipelineError(f"every prompt got fewer than 2 distinct answers from {model_dir}; raise --temperature or --k")
-    path = write_jsonl_atomic(args.out or run_dir / "comparisons" / "policy_comparisons.jsonl", out)
+    meta_path.unlink(missing_ok=True)  # a kill between the two writes leaves no stale "up to date"
+    path = write_jsonl_atomic(out_path, out)
+    write_json_atomic(meta_path, key)
     k_mean = sum(len(r["responses"]) for r in out) / len(out)
     print(f"[comparisons] {len(out)} groups (mean K {k_mean:.2f}; {dropped} duplicate/empty answers dropped, "
           f"{len(prompts) - len(out)} prompts left with < 2 answers) -> {path}")
@@ -389,6 +401,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--noise", type=float, default=None, help="labeler noise (default: the world's)")
     s.add_argument("--seed", type=int, default=0, help="sampling and labeler seed")
     s.add_argument("--out", default=None, help="output (default RUN/comparisons/policy_comparisons.jsonl)")
+    s.add_argument("--force", action="store_true", help="resample even if the output is up to date")
     e = sub.add_parser("export", help="write a file of groups for human ranking (empty rankings)")
     e.add_argument("--run_dir", default="runs/default", help="run directory")
     e.add_argument("--file", default=None, help="groups to export (default RUN/comparisons/policy_comparisons.jsonl)")

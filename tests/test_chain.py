@@ -1,5 +1,5 @@
-"""The whole recipe through the Makefile on the tiny profile: data -> pretrain -> sft -> reward -> ppo
--> eval -> report, each stage consuming the previous one's checkpoint."""
+"""The whole recipe through the Makefile on the tiny profile: data -> pretrain -> sft -> comparisons ->
+reward -> ppo -> eval -> report, each stage consuming the previous one's checkpoint."""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ import json
 import os
 import subprocess
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, read_jsonl
 
 
 def make(*targets: str, run, timeout: int = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
-        ["make", *targets, f"RUN={run}", "PROFILE=tiny", "EVAL_ARGS=--max_prompts 24"],
+        ["make", *targets, f"RUN={run}", "PROFILE=tiny", "EVAL_ARGS=--max_prompts 24",
+         "COMPARISONS_ARGS=--prompts 16 --k 3 --max_new_tokens 16"],
         cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env,
     )
 
@@ -29,6 +30,8 @@ def test_make_all_on_tiny_profile(tmp_path):
     assert manifests["sft"]["parent"]["path"].endswith("pretrain")
     assert manifests["reward"]["parent"]["path"].endswith("sft")
     assert manifests["ppo"]["parent"]["path"].endswith("sft")
+    policy_comparisons = read_jsonl(run / "comparisons" / "policy_comparisons.jsonl")
+    assert 1 <= len(policy_comparisons) <= 16
 
     report = json.loads((run / "eval.json").read_text())
     for stage in ("base", "sft", "ppo"):
@@ -41,6 +44,6 @@ def test_make_all_on_tiny_profile(tmp_path):
         assert (run / image).stat().st_size > 1000
 
     # A second `make all` finds every stage finished and redoes nothing.
-    again = make("pretrain", "sft", "reward", "ppo", run=run)
+    again = make("pretrain", "sft", "comparisons", "reward", "ppo", run=run)
     assert again.returncode == 0
-    assert again.stdout.count("up to date") == 4, again.stdout[-3000:]
+    assert again.stdout.count("up to date") == 5, again.stdout[-3000:]

@@ -40,9 +40,15 @@ def test_sample_ranks_policy_answers_and_reward_trains_on_both(sft_run, tmp_path
         assert [scores[i] for i in r["gold_ranking"]] == sorted(scores, reverse=True)  # noise-free = by gold score
         assert r["family"] == judge.spec(r["prompt"])["family"]
     first = out.read_text()
-    comparisons_main(argv)
-    assert out.read_text() == first, "same seed, same comparisons"
     assert "groups" in capsys.readouterr().out
+    comparisons_main(argv)
+    assert "up to date" in capsys.readouterr().out and out.read_text() == first
+    comparisons_main(argv + ["--force"])
+    assert "groups" in capsys.readouterr().out
+    assert out.read_text() == first, "same seed, same comparisons"
+    comparisons_main(argv[:-1] + ["2"])  # another seed: sampled anew
+    assert "groups" in capsys.readouterr().out
+    comparisons_main(argv)
 
     # The reward stage trains on the static comparisons and the new ones together.
     # (groups are taken in file order, so max_train_groups keeps all new ones and the first 20 static ones)

@@ -29,7 +29,7 @@ from pipeline.config import config_dict, parse_config
 from pipeline.errors import cli_main
 from pipeline.runtime import peak_memory_mb, rank_checksums
 from pipeline.stage import StageRun, require_stage, resolve_init
-from pipeline.tracking import JsonlMetricsCallback, wandb_enabled, wandb_env
+from pipeline.tracking import JsonlMetricsCallback, truncate_metrics, wandb_enabled, wandb_env
 from reward.comparisons import Group, load_groups
 from reward.gold import GoldJudge
 from reward.losses import group_pairs, pair_accuracy, ranking_loss
@@ -111,14 +111,6 @@ def last_complete_checkpoint(checkpoints: Path) -> str | None:
         except (OSError, ValueError):
             continue
     return None
-
-
-def truncate_metrics(stage_dir: Path, step: int) -> None:
-    """On resume, drop metric rows logged after the checkpoint (those steps run again)."""
-    path = stage_dir / "metrics.jsonl"
-    if path.is_file():
-        rows = [l for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
-        path.write_text("".join(l + "\n" for l in rows if json.loads(l).get("step", 0) <= step), encoding="utf-8")
 
 
 # ---- parent, head, reference data ---------------------------------------------------------------
@@ -303,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     resume = last_complete_checkpoint(run.checkpoints)
     if resume and state.is_main_process:
         step = int(resume.split("-")[-1])
-        truncate_metrics(stage_dir, step)
+        truncate_metrics(stage_dir / "metrics.jsonl", step)
         print(f"[reward] resumed from {resume} (step {step})", flush=True)
     state.wait_for_everyone()
     result = trainer.train(resume_from_checkpoint=resume)

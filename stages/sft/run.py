@@ -32,7 +32,7 @@ from pipeline.errors import PipelineError, cli_main
 from pipeline.generation import answer
 from pipeline.runtime import peak_memory_mb, rank_checksums
 from pipeline.stage import StageRun, require_stage, resolve_init
-from pipeline.tracking import JsonlMetricsCallback, wandb_enabled, wandb_env
+from pipeline.tracking import JsonlMetricsCallback, truncate_metrics, wandb_enabled, wandb_env
 from reward.gold import GoldJudge
 from stages.sft.config import SFTStageConfig, column_map
 
@@ -311,14 +311,6 @@ def resumable_checkpoint(checkpoints: Path, is_main: bool) -> str | None:
     return get_last_checkpoint(str(checkpoints))
 
 
-def truncate_metrics(stage_dir: Path, step: int) -> None:
-    """Drop metrics.jsonl rows after the step we resume from (they are about to be logged again)."""
-    path = stage_dir / "metrics.jsonl"
-    if path.is_file():
-        rows = [l for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
-        path.write_text("".join(l + "\n" for l in rows if json.loads(l).get("step", 0) <= step), encoding="utf-8")
-
-
 def merged_model(trainer: SFTTrainer):
     """Fold LoRA adapters into the weights so later stages load a plain model and never need peft."""
     model = trainer.model
@@ -459,7 +451,7 @@ def main(argv: list[str] | None = None) -> None:
     resume = resumable_checkpoint(run.checkpoints, is_main)
     resume_step = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"] if resume else 0
     if is_main:
-        truncate_metrics(stage_dir, resume_step)
+        truncate_metrics(stage_dir / "metrics.jsonl", resume_step)
         if resume:
             print(f"[sft] resumed from {resume} (step {resume_step})", flush=True)
         print(f"[sft] {len(train)} demonstrations ({len(val)} held out), {trainable / 1e6:.2f}M of {total / 1e6:.2f}M "
