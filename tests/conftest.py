@@ -50,6 +50,21 @@ def assert_replicas_saved(manifest: dict, saved_model) -> None:
     assert weights_checksum(saved_model).item() == pytest.approx(rank0, rel=1e-9), "saved weights are not rank 0's"
 
 
+def one_line_error(capsys, main, argv, *expected, after_progress: bool = False) -> str:
+    """Run a command's main() that must fail: a non-zero exit and one `error: ...` line holding every
+    `expected` text (after_progress: model-loading progress bars may come before it on stderr)."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code != 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], lines
+    assert after_progress or len(lines) == 1, lines
+    for e in expected:
+        assert e in errors[0], errors[0]
+    return errors[0]
+
+
 def read_jsonl(path) -> list[dict]:
     return [json.loads(l) for l in Path(path).read_text(encoding="utf-8").splitlines() if l.strip()]
 

@@ -23,7 +23,7 @@ from data.tokenizer import chat_ids, train_tokenizer
 from pipeline.errors import PipelineError
 from pipeline.generation import left_pad
 from pipeline.stage import write_json_atomic
-from tests.conftest import ROOT, assert_replicas_saved, read_jsonl, run_module, torchrun, write_jsonl
+from tests.conftest import ROOT, assert_replicas_saved, one_line_error, read_jsonl, run_module, torchrun, write_jsonl
 
 PER_UPDATE_KEYS = [
     "objective/score", "objective/kl", "objective/kl_coef", "objective/total_reward", "policy/entropy", "loss/policy",
@@ -261,16 +261,7 @@ def test_prompt_order_is_shared_out_across_processes_and_reproducible():
 
 
 def _fails(capsys, argv, *expected) -> str:
-    with pytest.raises(SystemExit) as exc:
-        ppo_run.main(argv)
-    assert exc.value.code != 0
-    # Loading a model prints progress bars on stderr; the error itself is one line, the last.
-    lines = capsys.readouterr().err.strip().splitlines()
-    err = lines[-1] if lines else ""
-    assert err.startswith("error:") and sum(l.startswith("error:") for l in lines) == 1, lines
-    for e in expected:
-        assert e in err, err
-    return err
+    return one_line_error(capsys, ppo_run.main, argv, *expected, after_progress=True)
 
 
 def test_bad_input_gets_one_line_error_and_no_manifest(parents, tmp_path, capsys):

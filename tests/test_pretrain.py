@@ -18,7 +18,7 @@ from data.loading import load_texts
 from data.tokenizer import train_tokenizer
 from pipeline.errors import PipelineError
 from stages.pretrain.run import main as pretrain_main, sample_batch
-from tests.conftest import ROOT, assert_replicas_saved, read_jsonl, run_module, torchrun, write_jsonl
+from tests.conftest import ROOT, assert_replicas_saved, one_line_error, read_jsonl, run_module, torchrun, write_jsonl
 
 CORPUS = [{"text": f"Ana Lint lives in Port {c}. She works as a baker and likes the colour {c.lower()}."}
           for c in ["Red", "Blue", "Green", "Amber", "Teal", "Gray", "Pink", "Gold"] * 20]
@@ -104,15 +104,8 @@ def test_batches_are_a_function_of_the_seed():
     assert not torch.equal(sample_batch(stream, 4, 16, 7), sample_batch(stream, 4, 16, 8))
 
 
-def _fails(capsys, argv, *expected):
-    with pytest.raises(SystemExit) as exc:
-        pretrain_main(argv)
-    assert exc.value.code != 0
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error:"), err
-    for e in expected:
-        assert e in err, err
-    return err
+def _fails(capsys, argv, *expected) -> str:
+    return one_line_error(capsys, pretrain_main, argv, *expected)
 
 
 def test_bad_input_gets_one_line_error_and_no_manifest(tmp_path, capsys):
