@@ -13,6 +13,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -147,6 +148,52 @@ def test_rollout_logprobs_equal_a_full_forward(parents):
         logits = ppo_run.response_logits(model, seq, seq_mask, ppo_run.position_ids(seq_mask), responses.shape[1], 0.7)
     again = ppo_run.logprobs_from_logits(logits, responses)
     assert torch.allclose(logprobs * mask, again * mask, atol=1e-4)
+
+
+def test_actor_critic_forward_is_the_policy_and_critic_passes(parents):
+    """The one module accelerate prepares computes exactly what the separate passes would."""
+    policy = AutoModelForCausalLM.from_pretrained(parents / "sft").eval()
+    critic = ppo_run.Critic(AutoModelForSequenceClassification.from_pretrained(parents / "reward").eval(), offset=0.5)
+    tok = AutoTokenizer.from_pretrained(parents / "sft")
+    seq, mask = left_pad([chat_ids(tok, p) + [5, 6, 7] for p in ("Who is Ana Lint?", "Hi")], tok.pad_token_id)
+    pos = ppo_run.position_ids(mask)
+    x = torch.randint(3, 50, (2, 12))
+    with torch.no_grad():
+        logits, values, ptx = ppo_run.ActorCritic(policy, critic)(seq, mask, pos, 3, 0.7, ptx_ids=x)
+        assert torch.equal(logits, ppo_run.response_logits(policy, seq, mask, pos, 3, 0.7))
+        assert torch.equal(values, critic(seq, mask, pos, 4)[:, :-1])
+        assert torch.equal(ptx, policy(input_ids=x, labels=x).loss)
+        assert ppo_run.ActorCritic(policy, critic)(seq, mask, pos, 3, 0.7)[2].item() == 0.0
+
+
+def test_gathered_collects_zero3_weights_once_and_passes_through_otherwise(monkeypatch):
+    """Under ZeRO-3 the whole prepared model is gathered around rollouts (a stand-in deepspeed
+    module records the call); without sharding the context does nothing."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    calls = []
+
+    @contextmanager
+    def gathered_parameters(params):
+        calls.append(("enter", len(params)))
+        yield
+        calls.append(("exit", len(params)))
+
+    fake = type(sys)("deepspeed")
+    fake.zero = type(sys)("deepspeed.zero")
+    fake.zero.GatheredParameters = gathered_parameters
+    monkeypatch.setitem(sys.modules, "deepspeed", fake)
+
+    def accelerator(plugin):
+        return SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin), is_fsdp2=False)
+
+    with ppo_run.gathered(accelerator(SimpleNamespace(zero_stage=3)), model):
+        assert calls == [("enter", 4)]
+    assert calls == [("enter", 4), ("exit", 4)]
+    calls.clear()
+    for plugin in (SimpleNamespace(zero_stage=2), None):
+        with ppo_run.gathered(accelerator(plugin), model):
+            pass
+    assert calls == []
 
 
 def test_ppo_raises_a_toy_reward(parents, tmp_path, monkeypatch):
