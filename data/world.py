@@ -827,9 +827,9 @@ def summary_of(cfg: WorldConfig, records: dict[str, list], judge: GoldJudge) -> 
         scores = [judge.score(r["prompt"], x) for x in r["responses"]]
         a, t = pairwise_agreement(r["ranking"], scores)
         agree, total = agree + a, total + t
-        k = len(scores)
+        n_pairs = len(scores) * (len(scores) - 1) // 2
         inter += ranking_agreement(r["ranking"], judge.order(scores, rng=second))
-        pairs, ties = pairs + k * (k - 1) // 2, ties + k * (k - 1) // 2 - t
+        pairs, ties = pairs + n_pairs, ties + n_pairs - t
     return {
         "seed": cfg.seed,
         "config": cfg.to_dict(),

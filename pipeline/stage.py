@@ -29,21 +29,25 @@ MAKE_TARGET = {"pretrain": "pretrain", "sft": "sft", "reward": "reward", "ppo": 
 RUNTIME_KEYS = {"save_every", "log_every", "keep_checkpoints", "report_to", "progress"}
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
+def write_text_atomic(path: str | Path, text: str) -> Path:
     """Write to a temp file in the same directory, fsync, then rename: never a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, ensure_ascii=False, default=str)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n")
 
 
 def file_sha256(path: str | Path) -> str:

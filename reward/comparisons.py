@@ -25,16 +25,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from data.loading import load_records, require_text
 from pipeline.errors import PipelineError, cli_main
+from pipeline.stage import write_text_atomic
 
 ROLES = ("system", "user", "assistant")
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
@@ -252,21 +251,9 @@ def load_groups(sources: list[str], skip_invalid: bool = False, limit: int = 0) 
 
 
 def write_jsonl_atomic(path: str | Path, records: list[dict]) -> Path:
-    """All records or nothing: a temp file in the same directory, renamed over the target."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps({k: v for k, v in r.items() if k != "_where"}, ensure_ascii=False, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """All records or nothing (the loader's `_where` bookkeeping dropped)."""
+    return write_text_atomic(path, "".join(
+        json.dumps({k: v for k, v in r.items() if k != "_where"}, ensure_ascii=False, sort_keys=True) + "\n" for r in records))
 
 
 # ---- collection from the SFT policy (InstructGPT: labelers rank K samples of the current model) ----

@@ -27,6 +27,25 @@ def run_module(module: str, *args: str, timeout: int = 600, env: dict | None = N
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
+def kill_after_checkpoint(module: str, args, checkpoints: Path, pattern: str, env: dict | None = None,
+                          timeout: int = 180) -> None:
+    """Start `python -m module args`, SIGKILL it as soon as `checkpoints` holds an entry matching the
+    glob `pattern` (a complete checkpoint), and wait for it to die: a run killed mid-training."""
+    import signal
+    import time
+
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    proc = subprocess.Popen([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=full_env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not any(Path(checkpoints).glob(pattern)):
+        assert proc.poll() is None, f"{module} ended before it could be killed"
+        assert time.time() < deadline, f"no checkpoint matching {pattern} after {timeout} s"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def free_port() -> int:
     import socket
 

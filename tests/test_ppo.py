@@ -7,10 +7,7 @@ import json
 import math
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,7 +21,7 @@ from data.tokenizer import chat_ids, train_tokenizer
 from pipeline.errors import PipelineError
 from pipeline.generation import left_pad
 from pipeline.stage import write_json_atomic
-from tests.conftest import ROOT, assert_replicas_saved, one_line_error, read_jsonl, run_module, torchrun, write_jsonl
+from tests.conftest import assert_replicas_saved, kill_after_checkpoint, one_line_error, read_jsonl, run_module, torchrun, write_jsonl
 
 PER_UPDATE_KEYS = [
     "objective/score", "objective/kl", "objective/kl_coef", "objective/total_reward", "policy/entropy", "loss/policy",
@@ -248,15 +245,7 @@ def test_two_processes_with_torchrun(parents, tmp_path):
 def test_resume_after_sigkill_reaches_the_same_step_count(parents, tmp_path):
     run = new_run(parents, tmp_path)
     args = tiny(run, "--num_updates", 10, "--save_every", 2, "--gold_every", 5, "--eval_size", 4)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **ONE_THREAD}
-    proc = subprocess.Popen([sys.executable, "-m", "stages.ppo", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpts = run / "ppo" / "checkpoints"
-    deadline = time.time() + 180
-    while time.time() < deadline and not any(p.name in ("step_4", "step_6") for p in (ckpts.glob("step_*") if ckpts.exists() else [])):
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint("stages.ppo", args, run / "ppo" / "checkpoints", "step_[46]", env=ONE_THREAD)
     assert not (run / "ppo" / "manifest.json").exists(), "killed before the end: no manifest"
     resumed = run_module("stages.ppo", *args, env=ONE_THREAD)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from data.loading import load_texts
 from data.tokenizer import train_tokenizer
-from pipeline.errors import PipelineError
 from stages.pretrain.run import main as pretrain_main, sample_batch
-from tests.conftest import ROOT, assert_replicas_saved, one_line_error, read_jsonl, run_module, torchrun, write_jsonl
+from tests.conftest import assert_replicas_saved, kill_after_checkpoint, one_line_error, read_jsonl, run_module, torchrun, write_jsonl
 
 CORPUS = [{"text": f"Ana Lint lives in Port {c}. She works as a baker and likes the colour {c.lower()}."}
           for c in ["Red", "Blue", "Green", "Amber", "Teal", "Gray", "Pink", "Gold"] * 20]
@@ -66,15 +59,7 @@ def test_resume_after_sigkill_continues_from_checkpoint(tmp_path):
     corpus = make_corpus(tmp_path)
     run = tmp_path / "run"
     args = tiny_args(run, corpus, "--max_steps", "400", "--save_every", "20", "--log_every", "20", "--eval_every", "400")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "stages.pretrain", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpts = run / "pretrain" / "checkpoints"
-    deadline = time.time() + 120
-    while time.time() < deadline and not any(p.name.startswith("step_") and not p.name.endswith(".tmp") for p in (ckpts.glob("*") if ckpts.exists() else [])):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint("stages.pretrain", args, run / "pretrain" / "checkpoints", "step_*[0-9]")  # not step_N.tmp
     assert not (run / "pretrain" / "manifest.json").exists()
     resumed = run_module("stages.pretrain", *args)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -8,10 +8,6 @@ import itertools
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +21,7 @@ from reward.gold import GoldJudge
 from reward.losses import pair_accuracy, pairwise_loss, ranking_loss
 from reward.model import load_reward_model, score
 from stages.reward.run import main as reward_main
-from tests.conftest import ROOT, assert_replicas_saved, one_line_error, read_jsonl, run_module, torchrun, write_jsonl
+from tests.conftest import assert_replicas_saved, kill_after_checkpoint, one_line_error, read_jsonl, run_module, torchrun, write_jsonl
 
 # ---- the loss -------------------------------------------------------------------------------------
 
@@ -228,16 +224,7 @@ def test_world_comparisons_resume_after_sigkill(sft_run, tmp_path):
     """Default data (the world's K-wise comparisons) with gold metrics; killed mid-run, it resumes."""
     run = new_run(tmp_path, sft_run)
     args = tiny_args(run, "--max_train_groups", 120, "--max_val_groups", 16, "--norm_samples", 16, "--save_every", 3, "--log_every", 1)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "stages.reward", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpts = run / "reward" / "checkpoints"
-    deadline = time.time() + 180
-    while time.time() < deadline and not list(ckpts.glob("checkpoint-*/trainer_state.json")):
-        assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint("stages.reward", args, run / "reward" / "checkpoints", "checkpoint-*/trainer_state.json")
     assert not (run / "reward" / "manifest.json").exists()
     resumed = run_module("stages.reward", *args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

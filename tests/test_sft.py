@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -30,7 +26,7 @@ from stages.sft.run import (
     training_args,
     win_rate,
 )
-from tests.conftest import ROOT, assert_replicas_saved, one_line_error, read_jsonl, run_module, torchrun, write_jsonl
+from tests.conftest import assert_replicas_saved, kill_after_checkpoint, one_line_error, read_jsonl, run_module, torchrun, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -179,15 +175,7 @@ def test_two_processes_with_torchrun(pretrained_run, demos, tmp_path):
 def test_resume_after_sigkill(pretrained_run, demos, tmp_path):
     run = run_dir_with_parent(tmp_path, pretrained_run)
     args = tiny_args(run, *demos, "--max_steps", "60", "--save_every", "4", "--log_every", "2", "--eval_prompts", "2")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "stages.sft", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpts = run / "sft" / "checkpoints"
-    deadline = time.time() + 180
-    while time.time() < deadline and not list(ckpts.glob("checkpoint-*/trainer_state.json")):
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint("stages.sft", args, run / "sft" / "checkpoints", "checkpoint-*/trainer_state.json")
     assert not (run / "sft" / "manifest.json").exists(), "the run finished before it could be killed"
     resumed = run_module("stages.sft", *args)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
