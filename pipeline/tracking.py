@@ -12,10 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
 
-
-def _clean(metrics: dict[str, Any]) -> dict[str, Any]:
+def clean(metrics: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for k, v in metrics.items():
         if hasattr(v, "item"):
@@ -60,7 +58,7 @@ class Tracker:
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if not self.enabled:
             return
-        row = {"step": step, **_clean(metrics)}
+        row = {"step": step, **clean(metrics)}
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         if self.wandb is not None:
@@ -95,15 +93,3 @@ def read_metrics(stage_dir: str | Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
-
-
-class JsonlMetricsCallback(TrainerCallback):
-    """HF Trainer stages (sft, reward): mirror every log event into metrics.jsonl."""
-
-    def __init__(self, stage_dir: str | Path):
-        self.path = Path(stage_dir) / "metrics.jsonl"
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": state.global_step, **_clean(logs)}) + "\n")

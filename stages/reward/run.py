@@ -29,7 +29,8 @@ from pipeline.config import config_dict, parse_config
 from pipeline.errors import cli_main
 from pipeline.runtime import peak_memory_mb, rank_checksums
 from pipeline.stage import StageRun, require_stage, resolve_init
-from pipeline.tracking import JsonlMetricsCallback, truncate_metrics, wandb_enabled, wandb_env
+from pipeline.tracking import truncate_metrics, wandb_enabled, wandb_env
+from pipeline.trainer_metrics import JsonlMetricsCallback
 from reward.comparisons import Group, load_groups
 from reward.gold import GoldJudge
 from reward.losses import group_pairs, pair_accuracy, ranking_loss
