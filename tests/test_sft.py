@@ -19,6 +19,7 @@ from stages.sft.run import (
     build_trainer,
     main as sft_main,
     merged_model,
+    mix_pretraining_text,
     sample_indices,
     split_holdout,
     summarize_verdicts,
@@ -129,6 +130,31 @@ def test_labels_cover_the_completion_and_eos_only(pretrained_run, tmp_path):
         assert all(label == -100 for label in labels[n:]), "padding is not trained"
     # The earlier assistant turn of the conversation sits in the prompt: masked too.
     assert "42" in tok.decode(batch["input_ids"][1][batch["labels"][1] == -100])
+
+
+def test_pretraining_text_is_mixed_in_with_a_loss_on_every_token(pretrained_run, tmp_path):
+    examples = [to_conversation(r, {}) for r in read_jsonl(pretrained_run / "world" / "sft_train.jsonl")[:8]]
+    corpus = pretrained_run / "world" / "corpus.jsonl"
+    trainer, tok = _tiny_trainer(pretrained_run, tmp_path, examples, "--lm_files", str(corpus), "--lm_ratio", "0.5",
+                                 "--max_length", "32")
+    cfg = parse_config(SFTStageConfig, "sft", ["--profile", "tiny", "--run_dir", str(tmp_path), "--lm_files", str(corpus),
+                                               "--lm_ratio", "0.5", "--max_length", "64"])
+    texts = [r["text"] for r in read_jsonl(corpus)]
+    mixed, count = mix_pretraining_text(trainer.train_dataset, texts, cfg, tok)
+    n = len(trainer.train_dataset)  # TRL drops demonstrations that max_length leaves without an answer
+    assert n >= 4 and count == round(n / 2) and len(mixed) == n + count
+    demos = [mixed[i] for i in range(n)]
+    assert [d["input_ids"] for d in demos] == trainer.train_dataset["input_ids"], "demonstrations unchanged, first"
+    assert all(-100 in d["labels"] for d in demos), "demonstration prompts stay masked"
+    for doc in (mixed[i] for i in range(n, n + count)):
+        assert doc["labels"] == doc["input_ids"], "every token of a document is trained"
+        assert doc["input_ids"][0] == tok.bos_token_id and len(doc["input_ids"]) <= 64
+        body = tok.decode(doc["input_ids"][1:], skip_special_tokens=True)
+        assert any(t.startswith(body[:40]) for t in texts), body
+    again, _ = mix_pretraining_text(trainer.train_dataset, texts, cfg, tok)
+    assert again["input_ids"] == mixed["input_ids"], "seeded: a resumed run mixes in the same documents"
+    batch = trainer.data_collator([mixed[0], mixed[n]])  # one collated batch holds both kinds
+    assert batch["input_ids"].shape == batch["labels"].shape
 
 
 def test_lora_merged_model_equals_adapter_model(pretrained_run, tmp_path):
@@ -283,6 +309,10 @@ def test_bad_input_gets_one_line_error_and_no_manifest(pretrained_run, tmp_path,
     _fails(capsys, bad("ok.jsonl", [ok]) + ["--columns", "prompt"], "not role=field")
     _fails(capsys, bad("ok.jsonl", [ok]) + ["--max_length", "4096"], "max_length 4096", "context")
     _fails(capsys, bad("ok.jsonl", [ok]) + ["--no_such_key", "1"], "--no_such_key")
+    _fails(capsys, bad("ok.jsonl", [ok]) + ["--lm_ratio", "-1"], "lm_ratio must be >= 0")
+    _fails(capsys, bad("ok.jsonl", [ok]) + ["--lm_ratio", "0.5"], "lm_ratio > 0 needs lm_files")
+    _fails(capsys, bad("ok.jsonl", [ok]) + ["--lm_ratio", "1", "--lm_files", str(bad("notext.jsonl", [{"body": "x"}])[-1])],
+           "notext.jsonl: line 1", "'text'")
     _fails(capsys, bad("ok.jsonl", [ok]) + ["--world_dir", str(tmp_path / "noworld")], "truth.json")
     assert not (run / "sft" / "manifest.json").exists()
 

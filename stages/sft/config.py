@@ -17,6 +17,9 @@ class SFTStageConfig:
     val_files: list[str] = field(default_factory=list, metadata={"help": "Held-out demonstrations for validation loss. Empty: the world's sft_val.jsonl when training on the world's sft_train.jsonl, else val_fraction of train_files held out."})
     val_fraction: float = field(default=0.05, metadata={"help": "Share of training records held out when there is no validation file."})
     columns: list[str] = field(default_factory=list, metadata={"help": "Map other field names, as role=field pairs, e.g. prompt=question completion=answer. Roles: " + ", ".join(COLUMN_ROLES) + "."})
+    lm_files: list[str] = field(default_factory=list, metadata={"help": "Pretraining text mixed into fine-tuning with a loss on every token, so SFT does not overwrite what pretraining stored (facts); empty: none."})
+    lm_field: str = field(default="text", metadata={"help": "Record field holding the text of lm_files."})
+    lm_ratio: float = field(default=0.0, metadata={"help": "Pretraining documents mixed in per demonstration (a seeded sample, the same every epoch); 0 disables."})
     max_length: int = field(default=128, metadata={"help": "Tokens per prompt+completion; longer ones are cut at the end, and records whose prompt alone fills it are dropped."})
     epochs: float = field(default=2.0, metadata={"help": "Passes over the demonstrations (InstructGPT's SFT: 16 epochs, picked by validation reward)."})
     max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; -1 means run `epochs` epochs."})
@@ -58,6 +61,10 @@ class SFTStageConfig:
             raise PipelineError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0 <= self.warmup_ratio < 1:
             raise PipelineError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.lm_ratio < 0:
+            raise PipelineError(f"lm_ratio must be >= 0, got {self.lm_ratio}")
+        if self.lm_ratio > 0 and not self.lm_files:
+            raise PipelineError("lm_ratio > 0 needs lm_files (pretraining text to mix in)")
         if self.lora_r < 0:
             raise PipelineError(f"lora_r must be >= 0, got {self.lora_r}")
         if self.eval_prompts < -1:

@@ -20,19 +20,20 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from datasets import Dataset
+from datasets import Dataset, concatenate_datasets
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
-from data.loading import load_records, require_text
+from data.loading import load_records, load_texts, require_text
 from data.tokenizer import ensure_chat_ready
 from pipeline.config import config_dict, parse_config
 from pipeline.errors import PipelineError, cli_main
 from pipeline.generation import answer
 from pipeline.runtime import peak_memory_mb, rank_checksums
 from pipeline.stage import StageRun, require_stage, resolve_init
-from pipeline.tracking import JsonlMetricsCallback, truncate_metrics, wandb_enabled, wandb_env
+from pipeline.tracking import truncate_metrics, wandb_enabled, wandb_env
+from pipeline.trainer_metrics import JsonlMetricsCallback
 from reward.gold import GoldJudge
 from stages.sft.config import SFTStageConfig, column_map
 
@@ -184,6 +185,25 @@ def fit_to_length(examples: list[dict], tokenizer, max_length: int, what: str) -
 
 def as_dataset(examples: list[dict]) -> Dataset:
     return Dataset.from_list([{"prompt": ex["prompt"], "completion": ex["completion"]} for ex in examples])
+
+
+def mix_pretraining_text(train: Dataset, texts: list[str], cfg: SFTStageConfig, tokenizer) -> tuple[Dataset, int]:
+    """The trainer's tokenized demonstrations plus round(lm_ratio x demonstrations) pretraining documents,
+    each [bos] text [eos] as pretraining saw it, cut to max_length, with a loss on every token.
+
+    Why: a few epochs on a few hundred facts' questions overwrite facts that pretraining stored but no
+    demonstration asks about (on the world, SFT alone forgets about half of the held-out ones) - the
+    regression InstructGPT's PPO-ptx counters by mixing pretraining gradients into PPO."""
+    count = round(cfg.lm_ratio * len(train))
+    if count == 0 or not texts:
+        return train, 0
+    texts = random.Random(cfg.seed).sample(texts, min(count, len(texts)))
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    ids = [(bos + tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[: cfg.max_length]
+           for t in texts]
+    train = train.select_columns(["input_ids", "labels"])  # what the collator uses of SFTTrainer's preparation
+    documents = Dataset.from_dict({"input_ids": ids, "labels": ids}).cast(train.features)
+    return concatenate_datasets([train, documents]), len(ids)
 
 
 # ---- parent model ------------------------------------------------------------------------------
@@ -421,7 +441,7 @@ def main(argv: list[str] | None = None) -> None:
     world = world_for_eval(cfg)
     val_files = validation_files(cfg)
     run = StageRun("sft", stage_dir, config_dict(cfg), parent_manifest, parent_path,
-                   list(cfg.train_files) + val_files, is_main)
+                   list(cfg.train_files) + val_files + (list(cfg.lm_files) if cfg.lm_ratio > 0 else []), is_main)
     if not run.begin(cfg.force):
         return
     PartialState().wait_for_everyone()
@@ -436,6 +456,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         train, val = split_holdout(train, cfg.val_fraction, cfg.seed)
         val_fit = {"dropped": 0, "truncated": 0}
+    lm_texts = load_texts(cfg.lm_files, cfg.lm_field) if cfg.lm_ratio > 0 else []
 
     # 3. Parent model.
     model = load_causal_lm(parent_path, tokenizer)
@@ -444,6 +465,7 @@ def main(argv: list[str] | None = None) -> None:
     if not val:
         args.eval_strategy = "no"  # a single demonstration leaves nothing to validate on
     trainer = build_trainer(cfg, args, model, tokenizer, as_dataset(train), as_dataset(val) if val else None, stage_dir)
+    trainer.train_dataset, lm_documents = mix_pretraining_text(trainer.train_dataset, lm_texts, cfg, tokenizer)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
 
@@ -454,7 +476,8 @@ def main(argv: list[str] | None = None) -> None:
         truncate_metrics(stage_dir / "metrics.jsonl", resume_step)
         if resume:
             print(f"[sft] resumed from {resume} (step {resume_step})", flush=True)
-        print(f"[sft] {len(train)} demonstrations ({len(val)} held out), {trainable / 1e6:.2f}M of {total / 1e6:.2f}M "
+        mixed = f" + {lm_documents} pretraining documents" if lm_documents else ""
+        print(f"[sft] {len(train)} demonstrations{mixed} ({len(val)} held out), {trainable / 1e6:.2f}M of {total / 1e6:.2f}M "
               f"parameters trained{' (LoRA)' if cfg.lora_r else ''}, {args.world_size} process(es)", flush=True)
     result = trainer.train(resume_from_checkpoint=resume)
     checksums = rank_checksums(trainer.accelerator, trainer.model)  # replicas in sync (2-process tests)
@@ -478,6 +501,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics = {
             "val_loss": val_loss, "train_loss": train_loss, "steps": trainer.state.global_step,
             "epochs": trainer.state.epoch, "train_records": len(train), "val_records": len(val),
+            "lm_documents": lm_documents,
             "dropped_records": train_fit["dropped"] + val_fit["dropped"],
             "truncated_records": train_fit["truncated"] + val_fit["truncated"],
             "params": total, "trainable_params": trainable, "train_seconds": result.metrics.get("train_runtime"),
