@@ -60,7 +60,8 @@ def state(path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory, pretrained_run, demos) -> Path:
     run = run_dir_with_parent(tmp_path_factory.mktemp("sft"), pretrained_run)
-    proc = run_module("stages.sft", *tiny_args(run, *demos))
+    # With pretraining documents mixed in, as the default profile does.
+    proc = run_module("stages.sft", *tiny_args(run, *demos, "--lm_files", "{run_dir}/world/corpus.jsonl", "--lm_ratio", "0.5"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run
 
@@ -72,6 +73,7 @@ def test_smoke_trains_evaluates_and_saves_a_plain_checkpoint(sft_run, pretrained
     assert manifest["stage"] == "sft" and manifest["parent"]["path"] == str(sft_run / "pretrain")
     assert 0 < m["val_loss"] < 20 and m["val_records"] == 16 and m["train_records"] == 48
     assert m["steps"] == 6 and m["trainable_params"] == m["params"]
+    assert m["lm_documents"] == 24 and str(sft_run / "world" / "corpus.jsonl") in manifest["data"]
     # Gold evaluation of this model and its parent on the world's held-out prompts.
     assert m["eval_prompts"] == 8
     assert sum(m["gold_labels"].values()) == 8 and sum(m["base_gold_labels"].values()) == 8
@@ -101,7 +103,7 @@ def test_smoke_trains_evaluates_and_saves_a_plain_checkpoint(sft_run, pretrained
 
 
 def test_rerun_is_up_to_date(sft_run, demos, capsys):
-    sft_main(tiny_args(sft_run, *demos))
+    sft_main(tiny_args(sft_run, *demos, "--lm_files", "{run_dir}/world/corpus.jsonl", "--lm_ratio", "0.5"))
     assert "up to date" in capsys.readouterr().out
 
 
