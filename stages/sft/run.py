@@ -4,8 +4,9 @@ Every demonstration becomes TRL's conversational prompt/completion pair, so the 
 decides the tokens - the same template the reward model, PPO and chat use later - and TRL's SFTTrainer
 puts the loss on the completion (the labeler's answer) only.
 
-Recipe: parse -> parent -> demonstrations -> model -> trainer (optionally LoRA) -> train (resumable)
--> validation loss -> save a plain merged checkpoint -> gold evaluation vs the parent -> manifest.
+Recipe: parse -> parent -> demonstrations (optionally plus pretraining documents) -> model -> trainer
+(optionally LoRA) -> train (resumable) -> validation loss -> save a plain merged checkpoint -> gold
+evaluation vs the parent -> manifest.
 """
 
 from __future__ import annotations
@@ -456,7 +457,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         train, val = split_holdout(train, cfg.val_fraction, cfg.seed)
         val_fit = {"dropped": 0, "truncated": 0}
-    lm_texts = load_texts(cfg.lm_files, cfg.lm_field) if cfg.lm_ratio > 0 else []
+    lm_texts = load_texts(cfg.lm_files, cfg.lm_field) if cfg.lm_ratio > 0 else []  # mixed in at step 4
 
     # 3. Parent model.
     model = load_causal_lm(parent_path, tokenizer)
