@@ -77,6 +77,8 @@ def test_evaluation_against_labels_and_gold(world_dir, monkeypatch):
         monkeypatch.setattr(reward_run, "score", lambda *args, sign=sign, **kwargs: sign * gold)
         m = reward_run.evaluate(None, None, groups, judge, 8, 64)
         assert m["val_gold_pair_accuracy"] == (1.0 if sign > 0 else 0.0)
+        families = {judge.spec(g.prompt)["family"] for g in groups}
+        assert m["val_gold_pair_accuracy_by_family"] == {f: (1.0 if sign > 0 else 0.0) for f in sorted(families)}
         assert m["val_gold_pearson"] == pytest.approx(sign)
     # groups are stored best first: decreasing rewards agree with every labelled pair
     decreasing = torch.cat([torch.arange(len(g.responses), 0, -1).float() for g in groups])

@@ -188,6 +188,7 @@ def evaluate(model, tokenizer, groups: list[Group], judge: GoldJudge | None, bat
     gold_right = gold_pairs = 0
     ceiling, label_pairs = 0.0, 0
     xs, ys = [], []
+    by_family: dict[str, list[int]] = {}  # family -> [right, pairs]: where the reward model errs
     for g, r in zip(groups, per_group):
         try:
             gold = [judge.score(g.prompt, resp) for resp in g.responses] if isinstance(g.prompt, str) else None
@@ -195,6 +196,7 @@ def evaluate(model, tokenizer, groups: list[Group], judge: GoldJudge | None, bat
             gold = None
         if gold is None:
             continue
+        family = by_family.setdefault(judge.spec(g.prompt)["family"], [0, 0])
         xs += r.tolist()
         ys += gold
         for i in range(len(gold)):
@@ -206,9 +208,12 @@ def evaluate(model, tokenizer, groups: list[Group], judge: GoldJudge | None, bat
                     better, worse = (i, j) if gold[i] > gold[j] else (j, i)
                     gold_right += int(r[better] > r[worse])
                     gold_pairs += 1
+                    family[0] += int(r[better] > r[worse])
+                    family[1] += 1
     if gold_pairs:
         m["val_gold_pair_accuracy"] = gold_right / gold_pairs
         m["val_gold_pairs"] = gold_pairs
+        m["val_gold_pair_accuracy_by_family"] = {f: right / n for f, (right, n) in sorted(by_family.items()) if n}
         m["val_gold_pearson"] = torch.corrcoef(torch.tensor([xs, ys]))[0, 1].item()
         # What a reward equal to the gold score would get against these noisy labels (ties half):
         # the ceiling for val_pair_accuracy on the world.
