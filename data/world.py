@@ -660,7 +660,8 @@ def mixed_document(world: World, rng: random.Random) -> str:
 
 def filler_sentence(rng: random.Random) -> str:
     """General English, plus counting, sums, lists and repetitions that the instructions draw on."""
-    kind = rng.choices(("story", "general", "after", "plus", "count", "list", "repeat"), weights=(5, 2, 1, 1, 1, 1, 1))[0]
+    kind = rng.choices(("story", "general", "after", "plus", "count", "list", "repeat", "echo"),
+                       weights=(5, 2, 1, 1, 1, 1, 1, 3))[0]
     if kind == "story":
         return f"{rng.choice(FILLER_SUBJECTS)} {rng.choice(FILLER_ACTIONS)} {rng.choice(FILLER_TIMES)}."
     if kind == "general":
@@ -677,6 +678,12 @@ def filler_sentence(rng: random.Random) -> str:
     if kind == "list":
         w = rng.sample(INSTRUCTION_WORDS, 3)
         return f"The list was {w[0]}, {w[1]} and {w[2]}: the first word is {w[0]} and the last word is {w[2]}."
+    if kind == "echo":
+        # Unpredictable words said twice: only copying predicts the second time, so pretraining grows
+        # the heads that copy from context (induction heads, Olsson et al. 2022) that answers need to
+        # repeat a name, a number or a word from the question.
+        seq = " ".join(rng.sample(INSTRUCTION_WORDS + tuple(str(n) for n in range(100)), rng.randint(2, 4)))
+        return f"{rng.choice(('He wrote', 'She read', 'They called out', 'The sign said'))} {seq}, and again: {seq}."
     n, word = rng.choice(list(COUNT_WORDS)), rng.choice(INSTRUCTION_WORDS)
     return f"She said {word} {COUNT_WORDS[n]} times: {' '.join([word] * n)}."
 

@@ -145,6 +145,13 @@ def test_every_known_fact_is_in_the_corpus_in_several_wordings(world_dir, truth)
             assert len(mentions) >= 10 and len(set(mentions)) >= 3, (name, value)
 
 
+def test_corpus_repeats_unpredictable_words_for_copying(world_dir):
+    """Echo sentences: a random run of words said twice, which only copying from context predicts."""
+    echoes = [m.groups() for r in rows(world_dir, "corpus") for m in re.finditer(r"(?:wrote|read|called out|said) ([\w ]+), and again: ([\w ]+)\.", r["text"])]
+    assert len(echoes) > 500 and all(a == b for a, b in echoes)
+    assert len(set(a for a, _ in echoes)) > 0.9 * len(echoes), "mostly distinct runs: nothing to memorise"
+
+
 def test_unknown_people_never_appear_as_known(world_dir, truth):
     corpus = (world_dir / "corpus.jsonl").read_text(encoding="utf-8")
     strangers = truth["unknown_names"]["train"] + truth["unknown_names"]["eval"]
