@@ -165,6 +165,7 @@ INSTRUCTION_WORDS = tuple(
     "violin wagon meadow anchor blanket".split()
 )
 COUNT_WORDS = {2: "two", 3: "three", 4: "four"}
+ECHO_TOKENS = INSTRUCTION_WORDS + tuple(str(n) for n in range(100))  # what echo sentences repeat
 LIST_ITEMS_PER_TASK = 100  # word-list prompts for each of "first" and "last"
 INSTRUCTION_TEMPLATES = {
     "repeat": ("Repeat the word {word} {times} times.", "Say {word} {times} times.",
@@ -682,7 +683,7 @@ def filler_sentence(rng: random.Random) -> str:
         # Unpredictable words said twice: only copying predicts the second time, so pretraining grows
         # the heads that copy from context (induction heads, Olsson et al. 2022) that answers need to
         # repeat a name, a number or a word from the question.
-        seq = " ".join(rng.sample(INSTRUCTION_WORDS + tuple(str(n) for n in range(100)), rng.randint(2, 4)))
+        seq = " ".join(rng.sample(ECHO_TOKENS, rng.randint(2, 4)))
         return f"{rng.choice(('He wrote', 'She read', 'They called out', 'The sign said'))} {seq}, and again: {seq}."
     n, word = rng.choice(list(COUNT_WORDS)), rng.choice(INSTRUCTION_WORDS)
     return f"She said {word} {COUNT_WORDS[n]} times: {' '.join([word] * n)}."

@@ -185,10 +185,9 @@ def evaluate(model, tokenizer, groups: list[Group], judge: GoldJudge | None, bat
     if judge is None:
         return m
 
-    gold_right = gold_pairs = 0
     ceiling, label_pairs = 0.0, 0
     xs, ys = [], []
-    by_family: dict[str, list[int]] = {}  # family -> [right, pairs]: where the reward model errs
+    by_family: dict[str, list[int]] = {}  # family -> [right, pairs] against gold: where the reward model errs
     for g, r in zip(groups, per_group):
         try:
             gold = [judge.score(g.prompt, resp) for resp in g.responses] if isinstance(g.prompt, str) else None
@@ -206,10 +205,10 @@ def evaluate(model, tokenizer, groups: list[Group], judge: GoldJudge | None, bat
                 label_pairs += 1
                 if gold[i] != gold[j]:
                     better, worse = (i, j) if gold[i] > gold[j] else (j, i)
-                    gold_right += int(r[better] > r[worse])
-                    gold_pairs += 1
                     family[0] += int(r[better] > r[worse])
                     family[1] += 1
+    gold_right = sum(right for right, _ in by_family.values())
+    gold_pairs = sum(n for _, n in by_family.values())
     if gold_pairs:
         m["val_gold_pair_accuracy"] = gold_right / gold_pairs
         m["val_gold_pairs"] = gold_pairs

@@ -200,8 +200,8 @@ def mix_pretraining_text(train: Dataset, texts: list[str], cfg: SFTStageConfig, 
         return train, 0
     texts = random.Random(cfg.seed).sample(texts, min(count, len(texts)))
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    ids = [(bos + tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[: cfg.max_length]
-           for t in texts]
+    ids = [(bos + doc + [tokenizer.eos_token_id])[: cfg.max_length]
+           for doc in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     train = train.select_columns(["input_ids", "labels"])  # what the collator uses of SFTTrainer's preparation
     documents = Dataset.from_dict({"input_ids": ids, "labels": ids}).cast(train.features)
     return concatenate_datasets([train, documents]), len(ids)
