@@ -17,6 +17,7 @@ from stages.sft.config import SFTStageConfig
 from stages.sft.run import (
     as_dataset,
     build_trainer,
+    keeps_packed_sequences_apart,
     main as sft_main,
     merged_model,
     mix_pretraining_text,
@@ -119,7 +120,7 @@ def test_labels_cover_the_completion_and_eos_only(pretrained_run, tmp_path):
     single = to_conversation({"prompt": "What is the next number after 41?", "completion": "The next number is 42."}, {})
     multi = to_conversation({"instruction": "And after that?", "input": "", "output": "43.",
                              "history": [["What is the next number after 41?", "42."]]}, {})
-    trainer, tok = _tiny_trainer(pretrained_run, tmp_path, [single, multi])
+    trainer, tok = _tiny_trainer(pretrained_run, tmp_path, [single, multi], "--padding_free", "false")
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
     for row, ex in enumerate((single, multi)):
         prompt = chat_ids(tok, ex["prompt"])  # what the model sees before answering at inference
@@ -157,6 +158,41 @@ def test_pretraining_text_is_mixed_in_with_a_loss_on_every_token(pretrained_run,
     assert again["input_ids"] == mixed["input_ids"], "seeded: a resumed run mixes in the same documents"
     batch = trainer.data_collator([mixed[0], mixed[n]])  # one collated batch holds both kinds
     assert batch["input_ids"].shape == batch["labels"].shape
+
+
+def test_padding_free_batches_give_the_padded_loss_and_respect_max_length(pretrained_run, tmp_path):
+    examples = [to_conversation(r, {}) for r in read_jsonl(pretrained_run / "world" / "sft_train.jsonl")[:6]]
+    examples.append(to_conversation({"prompt": "Say hi.", "completion": "hi " * 80}, {}))  # cut at max_length 48
+    padded, _ = _tiny_trainer(pretrained_run, tmp_path / "a", examples, "--padding_free", "false", "--max_length", "48")
+    free, tok = _tiny_trainer(pretrained_run, tmp_path / "b", examples, "--max_length", "48")
+    assert free.args.padding_free and not padded.args.padding_free
+    assert free.train_dataset["input_ids"] == padded.train_dataset["input_ids"], "the same cut at max_length"
+    assert max(len(ids) for ids in free.train_dataset["input_ids"]) == 48
+    rows = [free.train_dataset[i] for i in range(len(free.train_dataset))]  # a record whose prompt fills 48 is dropped
+    one_row, batch = free.data_collator(rows), padded.data_collator(rows)
+    assert one_row["input_ids"].shape[0] == 1 and batch["input_ids"].shape[0] == len(rows) >= 5
+    model = free.model.eval()
+    with torch.no_grad():
+        loss_free = model(input_ids=one_row["input_ids"], position_ids=one_row["position_ids"], labels=one_row["labels"],
+                          use_cache=False).loss
+        loss_padded = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    torch.testing.assert_close(loss_free, loss_padded, rtol=1e-4, atol=1e-5)
+
+
+def test_packing_check_catches_a_model_that_mixes_sequences(pretrained_run):
+    model = AutoModelForCausalLM.from_pretrained(pretrained_run / "pretrain")
+    pieces = [[5, 6, 7, 8], [9, 10, 11]]
+    assert keeps_packed_sequences_apart(model, pieces)
+
+    class IgnoresPositions(torch.nn.Module):  # attends across the whole row: what padding-free must not meet
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, input_ids, position_ids=None, use_cache=False):
+            return self.inner(input_ids=input_ids, use_cache=use_cache)
+
+    assert not keeps_packed_sequences_apart(IgnoresPositions(), pieces)
 
 
 def test_lora_merged_model_equals_adapter_model(pretrained_run, tmp_path):

@@ -184,6 +184,15 @@ def fit_to_length(examples: list[dict], tokenizer, max_length: int, what: str) -
     return kept, {"dropped": len(dropped), "truncated": cut}
 
 
+def cut_to_max_length(tokenized: Dataset, max_length: int) -> Dataset:
+    """Cut tokenized demonstrations at the end to max_length and drop those left with no answer token,
+    as TRL does when batches are padded."""
+    if max(len(ids) for ids in tokenized["input_ids"]) <= max_length:
+        return tokenized
+    cut = tokenized.map(lambda r: {"input_ids": r["input_ids"][:max_length], "labels": r["labels"][:max_length]})
+    return cut.filter(lambda r: any(label != -100 for label in r["labels"]))
+
+
 def as_dataset(examples: list[dict]) -> Dataset:
     return Dataset.from_list([{"prompt": ex["prompt"], "completion": ex["completion"]} for ex in examples])
 
@@ -249,6 +258,22 @@ def load_causal_lm(path: str, tokenizer):
     return model
 
 
+def keeps_packed_sequences_apart(model, token_ids: list[list[int]]) -> bool:
+    """Padding-free batches are one row whose position ids restart at each sequence; transformers
+    builds a block-diagonal causal mask from them (sdpa, eager and flash attention alike). A model
+    that ignored position ids would let sequences attend to each other and train on a wrong loss, so
+    compare its logits on two packed sequences with the logits of each alone. Without a KV cache, as
+    TRL's trainer calls it: transformers looks for packed sequences only then."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        alone = [model(input_ids=torch.tensor([ids]), use_cache=False).logits[0] for ids in token_ids]
+        packed = model(input_ids=torch.tensor([sum(token_ids, [])]), use_cache=False,
+                       position_ids=torch.cat([torch.arange(len(ids)) for ids in token_ids])[None]).logits[0]
+    model.train(was_training)
+    return torch.allclose(torch.cat(alone), packed, atol=1e-4, rtol=1e-3)
+
+
 # ---- trainer -----------------------------------------------------------------------------------
 
 def quiet() -> bool:
@@ -268,10 +293,12 @@ def training_args(cfg: SFTStageConfig, stage_dir: Path) -> SFTConfig:
         output_dir=str(stage_dir / "checkpoints"),
         # Loss on the demonstration's answer only: the prompt is given, not imitated.
         completion_only_loss=True,
-        max_length=cfg.max_length,
+        # Padding-free batches: TRL leaves truncation to us (cut_to_max_length), the same cut at the end.
+        max_length=None if cfg.padding_free else cfg.max_length,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size,
+        padding_free=cfg.padding_free,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         per_device_eval_batch_size=cfg.eval_batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
@@ -313,10 +340,15 @@ def lora_config(cfg: SFTStageConfig):
 
 def build_trainer(cfg: SFTStageConfig, args: SFTConfig, model, tokenizer, train: Dataset, val: Dataset | None,
                   stage_dir: Path) -> SFTTrainer:
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=model, args=args, train_dataset=train, eval_dataset=val,
         processing_class=tokenizer, peft_config=lora_config(cfg), callbacks=[JsonlMetricsCallback(stage_dir)],
     )
+    if args.padding_free:
+        trainer.train_dataset = cut_to_max_length(trainer.train_dataset, cfg.max_length)
+        if trainer.eval_dataset is not None:
+            trainer.eval_dataset = cut_to_max_length(trainer.eval_dataset, cfg.max_length)
+    return trainer
 
 
 def resumable_checkpoint(checkpoints: Path, is_main: bool) -> str | None:
@@ -459,8 +491,11 @@ def main(argv: list[str] | None = None) -> None:
         val_fit = {"dropped": 0, "truncated": 0}
     lm_texts = load_texts(cfg.lm_files, cfg.lm_field) if cfg.lm_ratio > 0 else []  # mixed in at step 4
 
-    # 3. Parent model.
+    # 3. Parent model; padding-free batches only if it keeps packed sequences apart.
     model = load_causal_lm(parent_path, tokenizer)
+    if cfg.padding_free and not keeps_packed_sequences_apart(model, [tokenizer("a b c d")["input_ids"], tokenizer("e f g")["input_ids"]]):
+        PartialState().print(f"[sft] {parent_path}: the model does not keep packed sequences apart; padding batches instead", flush=True)
+        args.padding_free, args.max_length = False, cfg.max_length
 
     # 4. Trainer (TRL's SFTTrainer; LoRA adapters through peft when lora_r > 0).
     if not val:
