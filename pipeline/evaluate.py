@@ -203,14 +203,17 @@ def stage_metrics(rows: list[dict], n_boot: int, seed: int) -> dict:
 
 
 def compare(rows_a: list[dict], rows_b: list[dict], n_boot: int, seed: int) -> dict:
-    """Win rate of a over b on the same prompts by gold score, ties half, with a bootstrap 95% CI."""
+    """Win rate of a over b on the same prompts by gold score, ties half, with a bootstrap 95% CI, and
+    its ceiling: the win rate of the ideal answer (the judge's top score, 1) on every prompt, so a
+    win rate reads against what b left to win."""
     outcomes = pairwise_outcomes([r["score"] for r in rows_a], [r["score"] for r in rows_b])
+    ceiling = pairwise_outcomes([1.0] * len(rows_b), [r["score"] for r in rows_b])
     low, high = bootstrap_ci(outcomes, n_boot, seed)
     by_family = {f: mean([o for o, r in zip(outcomes, rows_a) if r["family"] == f]) for f in FAMILIES}
     return {
         "win_rate": mean(outcomes), "ci": [low, high], "n": len(outcomes),
         "wins": outcomes.count(1.0), "ties": outcomes.count(0.5), "losses": outcomes.count(0.0),
-        "by_family": by_family,
+        "by_family": by_family, "ceiling": mean(ceiling),
     }
 
 
@@ -366,6 +369,8 @@ def markdown_table(result: dict) -> str:
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     lines += [f"| {title} | " + " | ".join(cells) + " |" for title, cells in rows]
     extra = []
+    if "ppo_vs_sft" in wins:
+        extra.append(f"- ceiling of the win rate vs SFT (an ideal answer to every prompt): {_fmt(wins['ppo_vs_sft'].get('ceiling'))}")
     if result.get("pretrain"):
         p = result["pretrain"]
         extra.append(f"- pretrain held-out loss {_fmt(p['val_loss'])}, perplexity {_fmt(p['val_perplexity'], 2)}")

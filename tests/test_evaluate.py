@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from data.tokenizer import chat_ids
 from pipeline.errors import PipelineError
-from pipeline.evaluate import (evaluate_run, markdown_table, response_mask, reward_scores, sampled_kl,
+from pipeline.evaluate import (compare, evaluate_run, markdown_table, response_mask, reward_scores, sampled_kl,
                                select_prompts, stage_metrics, token_logprobs)
 from pipeline.generation import left_pad
 from pipeline.stage import read_manifest, write_json_atomic
@@ -104,6 +104,16 @@ def test_win_rate_counts_ties_half():
     assert win_rate(a, a) == 0.5
     with pytest.raises(ValueError):
         win_rate([1.0], [1.0, 0.0])
+
+
+def test_comparison_reports_the_ceiling_an_ideal_answer_reaches():
+    fam = [{"family": "fact"}] * 4
+    ppo = [{**f, "score": s} for f, s in zip(fam, [1.0, 0.5, -0.5, 1.0])]
+    sft = [{**f, "score": s} for f, s in zip(fam, [1.0, -0.5, -0.5, 0.5])]
+    result = compare(ppo, sft, n_boot=50, seed=0)
+    assert result["win_rate"] == pytest.approx((0.5 + 1 + 0.5 + 1) / 4)
+    assert result["ceiling"] == pytest.approx((0.5 + 1 + 1 + 1) / 4)  # SFT's one ideal answer is a tie at best
+    assert compare(sft, sft, 50, 0)["ceiling"] == result["ceiling"]
 
 
 def test_bootstrap_interval_known_cases():
