@@ -121,8 +121,9 @@ def test_smoke_logs_finite_metrics_changes_policy_not_reference(parents, tmp_pat
     manifest = json.loads((stage / "manifest.json").read_text())
     assert manifest["stage"] == "ppo" and manifest["parent"]["path"] == str(run / "sft")
     for key in ("reward_score", "sft_reward_score", "kl_to_sft", "gold_score", "sft_gold_score", "gold_win_rate",
-                "hallucination_rate", "sft_hallucination_rate"):
+                "hallucination_rate", "sft_hallucination_rate", "gold_win_rate_ceiling"):
         assert math.isfinite(manifest["metrics"][key]), key
+    assert 0.5 <= manifest["metrics"]["gold_win_rate_ceiling"] and manifest["metrics"]["gold_win_rate"] <= manifest["metrics"]["gold_win_rate_ceiling"]
     assert not (stage / "checkpoints").exists()
     assert changed_params(stage, run / "sft") > 0.5, "PPO did not update the policy"
     tok = AutoTokenizer.from_pretrained(stage)
