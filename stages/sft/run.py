@@ -271,7 +271,8 @@ def keeps_packed_sequences_apart(model, token_ids: list[list[int]]) -> bool:
         packed = model(input_ids=torch.tensor([sum(token_ids, [])]), use_cache=False,
                        position_ids=torch.cat([torch.arange(len(ids)) for ids in token_ids])[None]).logits[0]
     model.train(was_training)
-    return torch.allclose(torch.cat(alone), packed, atol=1e-4, rtol=1e-3)
+    tol = 1e-3 if packed.dtype == torch.float32 else 5e-2  # bf16/fp16 checkpoints round; leaks differ by ~1
+    return torch.allclose(torch.cat(alone).float(), packed.float(), atol=tol, rtol=tol)
 
 
 # ---- trainer -----------------------------------------------------------------------------------
