@@ -77,7 +77,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     peak = matmul_peak_flops()
-    sizes = [("tiny (2x64)", 512, 2, 64, 2, 64), ("default (4x256)", 1024, 4, 256, 4, 128)]
+    sizes = [("tiny (2x64)", 512, 2, 64, 2, 64), ("default (2x256)", 1024, 2, 256, 4, 128)]
     print(f"fp32 matmul peak on this machine: {peak / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads)\n")
     print("| model | params | ours (Llama) tokens/s | ours MFU | GPT-2 reference tokens/s | GPT-2 MFU | ratio |")
     print("|---|---|---|---|---|---|---|")
