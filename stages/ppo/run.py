@@ -647,7 +647,8 @@ def main(argv: list[str] | None = None) -> None:
             # The ceiling: what the ideal answer (the judge's top score, 1) would win against SFT.
             ceiling = [1.0 if b.score < 1.0 else 0.5 for b in base["verdicts"]]
             metrics.update({"gold_score": ppo["gold"]["score"], "sft_gold_score": base["gold"]["score"],
-                            "gold_win_rate": _mean(wins), "gold_win_rate_ceiling": _mean(ceiling), "hallucination_rate": ppo["gold"]["hallucination_rate"],
+                            "gold_win_rate": _mean(wins), "gold_win_rate_ceiling": _mean(ceiling),
+                            "hallucination_rate": ppo["gold"]["hallucination_rate"],
                             "sft_hallucination_rate": base["gold"]["hallucination_rate"]})
         samples = [{"prompt": p, "ppo": a, "sft": b} for p, a, b in zip(eval_prompts[:8], ppo["texts"], base["texts"])]
 
