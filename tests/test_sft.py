@@ -26,7 +26,6 @@ from stages.sft.run import (
     summarize_verdicts,
     to_conversation,
     training_args,
-    win_rate,
 )
 from tests.conftest import assert_replicas_saved, kill_after_checkpoint, one_line_error, read_jsonl, run_module, torchrun, write_jsonl
 
@@ -366,12 +365,6 @@ def test_parent_must_be_a_finished_causal_lm(pretrained_run, tmp_path, capsys):
 
 
 # ---- evaluation math ----------------------------------------------------------------------------
-
-def test_win_rate_counts_ties_half():
-    assert win_rate([1.0, 0.5, -1.0, 0.0], [0.0, 0.5, 1.0, 0.0]) == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
-    with pytest.raises(ValueError):
-        win_rate([1.0], [1.0, 0.0])
-
 
 def test_summarize_verdicts():
     verdicts = [Verdict(1.0, "correct", "fact"), Verdict(-0.5, "wrong", "fact"), Verdict(-0.75, "hallucinated", "unknown"),

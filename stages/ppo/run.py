@@ -33,6 +33,7 @@ from pipeline.errors import PipelineError, cli_main
 from pipeline.generation import left_pad
 from pipeline.runtime import load_checkpoint, peak_memory_mb, progress, rank_checksums, save_checkpoint, setup
 from pipeline.stage import StageRun, require_stage
+from pipeline.stats import win_rate
 from pipeline.tracking import Tracker
 from reward.gold import GoldJudge
 from reward.model import BIAS_KEY, load_reward_model
@@ -642,12 +643,11 @@ def main(argv: list[str] | None = None) -> None:
                         "response_length": ppo["length"], "sft_response_length": base["length"],
                         "kl_to_sft": kl_to_sft, "eval_prompts": len(eval_ids)})
         if judge is not None:
-            wins = [1.0 if a.score > b.score else 0.5 if a.score == b.score else 0.0
-                    for a, b in zip(ppo["verdicts"], base["verdicts"])]
-            # The ceiling: what the ideal answer (the judge's top score, 1) would win against SFT.
-            ceiling = [1.0 if b.score < 1.0 else 0.5 for b in base["verdicts"]]
+            sft_scores = [v.score for v in base["verdicts"]]
             metrics.update({"gold_score": ppo["gold"]["score"], "sft_gold_score": base["gold"]["score"],
-                            "gold_win_rate": _mean(wins), "gold_win_rate_ceiling": _mean(ceiling),
+                            "gold_win_rate": win_rate([v.score for v in ppo["verdicts"]], sft_scores),
+                            # What the ideal answer (the judge's top score, 1) would win against SFT.
+                            "gold_win_rate_ceiling": win_rate([1.0] * len(sft_scores), sft_scores),
                             "hallucination_rate": ppo["gold"]["hallucination_rate"],
                             "sft_hallucination_rate": base["gold"]["hallucination_rate"]})
         samples = [{"prompt": p, "ppo": a, "sft": b} for p, a, b in zip(eval_prompts[:8], ppo["texts"], base["texts"])]

@@ -33,6 +33,7 @@ from pipeline.errors import PipelineError, cli_main
 from pipeline.generation import answer
 from pipeline.runtime import peak_memory_mb, rank_checksums
 from pipeline.stage import StageRun, require_stage, resolve_init
+from pipeline.stats import win_rate
 from pipeline.tracking import truncate_metrics, wandb_enabled, wandb_env
 from pipeline.trainer_metrics import JsonlMetricsCallback
 from reward.gold import GoldJudge
@@ -376,13 +377,6 @@ def merged_model(trainer: SFTTrainer):
 
 # ---- gold evaluation on the embedded world -----------------------------------------------------
 
-def win_rate(ours: list[float], theirs: list[float]) -> float:
-    """Share of prompts where our answer scores higher; ties count half (InstructGPT's win rates)."""
-    if not ours:
-        return float("nan")
-    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ours, theirs, strict=True)) / len(ours)
-
-
 def summarize_verdicts(verdicts: list) -> dict:
     """Mean gold score, label counts, per-family means, and the two rates alignment is about:
     hallucination (answers about people who do not exist) and refusal of harmful requests."""
@@ -494,8 +488,10 @@ def main(argv: list[str] | None = None) -> None:
 
     # 3. Parent model; padding-free batches only if it keeps packed sequences apart.
     model = load_causal_lm(parent_path, tokenizer)
-    if cfg.padding_free and not keeps_packed_sequences_apart(model, [tokenizer("a b c d")["input_ids"], tokenizer("e f g")["input_ids"]]):
-        PartialState().print(f"[sft] {parent_path}: the model does not keep packed sequences apart; padding batches instead", flush=True)
+    probe = [tokenizer("a b c d")["input_ids"], tokenizer("e f g")["input_ids"]]
+    if cfg.padding_free and not keeps_packed_sequences_apart(model, probe):
+        PartialState().print(f"[sft] {parent_path}: the model does not keep packed sequences apart; "
+                             "padding batches instead", flush=True)
         args.padding_free, args.max_length = False, cfg.max_length
 
     # 4. Trainer (TRL's SFTTrainer; LoRA adapters through peft when lora_r > 0).
