@@ -142,10 +142,42 @@ def test_rollout_logprobs_equal_a_full_forward(parents):
     raw, logprobs = ppo_run.sample(model, query, query_mask, 10, 0.7, tok.eos_token_id, tok.pad_token_id)
     responses, mask, _ = ppo_run.truncate_after_eos(raw, tok.eos_token_id, tok.pad_token_id)
     seq, seq_mask = torch.cat([query, responses], 1), torch.cat([query_mask, mask], 1)
-    with torch.no_grad():
-        logits = ppo_run.response_logits(model, seq, seq_mask, ppo_run.position_ids(seq_mask), responses.shape[1], 0.7)
-    again = ppo_run.logprobs_from_logits(logits, responses)
-    assert torch.allclose(logprobs * mask, again * mask, atol=1e-4)
+    for packed in (False, True):
+        assert ppo_run.packs_episodes([model], [[5, 6, 7], [8, 9]])
+        with torch.no_grad():
+            logits = ppo_run.response_logits(model, ppo_run.episodes(seq, seq_mask, mask, packed), 0.7)
+        again = ppo_run.logprobs_from_logits(logits, responses)
+        assert torch.allclose(logprobs * mask, again * mask, atol=1e-4), packed
+
+
+def test_packed_episodes_give_the_padded_results_and_gradients(parents):
+    """Packed forwards (one row, no padding) compute what the padded rows compute: log-probs,
+    values, reward at the last token, and the gradients of a PPO-like loss."""
+    policy = AutoModelForCausalLM.from_pretrained(parents / "sft").eval()
+    critic = ppo_run.Critic(AutoModelForSequenceClassification.from_pretrained(parents / "reward").eval(), offset=0.5)
+    reward = AutoModelForSequenceClassification.from_pretrained(parents / "reward").eval()
+    assert ppo_run.packs_episodes([policy, critic.body, reward], [[5, 6, 7], [8, 9]])
+    tok = AutoTokenizer.from_pretrained(parents / "sft")
+    query, query_mask = left_pad([chat_ids(tok, p) for p in ("Who is Ana Lint?", "Hi", "Say river twice.")], tok.pad_token_id)
+    responses = torch.tensor([[11, 12, 13, tok.eos_token_id], [14, tok.eos_token_id, 0, 0], [15, 16, 17, 18]])
+    responses, mask, _ = ppo_run.truncate_after_eos(responses, tok.eos_token_id, tok.pad_token_id)
+    seq, seq_mask = torch.cat([query, responses], 1), torch.cat([query_mask, mask], 1)
+    results = []
+    for packed in (False, True):
+        ep = ppo_run.episodes(seq, seq_mask, mask, packed)
+        policy.zero_grad(), critic.zero_grad()
+        logp = ppo_run.logprobs_from_logits(ppo_run.response_logits(policy, ep, 0.7), responses)
+        values = critic(ep)
+        ((logp * mask).sum() + (values * mask).square().sum()).backward()
+        grads = [p.grad.clone() for p in (*policy.parameters(), *critic.parameters())]
+        results.append((logp * mask, values * mask, ppo_run.reward_scores(reward, ep), grads))
+    (lp_a, v_a, r_a, g_a), (lp_b, v_b, r_b, g_b) = results
+    assert ppo_run.episodes(seq, seq_mask, mask, True).ids.shape == (1, int(seq_mask.sum())), "no padding computed"
+    torch.testing.assert_close(lp_a, lp_b, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(v_a, v_b, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(r_a, r_b, atol=1e-5, rtol=1e-4)
+    for a, b in zip(g_a, g_b):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_actor_critic_forward_is_the_policy_and_critic_passes(parents):
@@ -154,14 +186,14 @@ def test_actor_critic_forward_is_the_policy_and_critic_passes(parents):
     critic = ppo_run.Critic(AutoModelForSequenceClassification.from_pretrained(parents / "reward").eval(), offset=0.5)
     tok = AutoTokenizer.from_pretrained(parents / "sft")
     seq, mask = left_pad([chat_ids(tok, p) + [5, 6, 7] for p in ("Who is Ana Lint?", "Hi")], tok.pad_token_id)
-    pos = ppo_run.position_ids(mask)
+    ep = ppo_run.episodes(seq, mask, mask[:, -3:], packed=False)
     x = torch.randint(3, 50, (2, 12))
     with torch.no_grad():
-        logits, values, ptx = ppo_run.ActorCritic(policy, critic)(seq, mask, pos, 3, 0.7, ptx_ids=x)
-        assert torch.equal(logits, ppo_run.response_logits(policy, seq, mask, pos, 3, 0.7))
-        assert torch.equal(values, critic(seq, mask, pos, 4)[:, :-1])
+        logits, values, ptx = ppo_run.ActorCritic(policy, critic)(ep, 0.7, ptx_ids=x)
+        assert torch.equal(logits, ppo_run.response_logits(policy, ep, 0.7))
+        assert torch.equal(values, critic(ep))
         assert torch.equal(ptx, policy(input_ids=x, labels=x).loss)
-        assert ppo_run.ActorCritic(policy, critic)(seq, mask, pos, 3, 0.7)[2].item() == 0.0
+        assert ppo_run.ActorCritic(policy, critic)(ep, 0.7)[2].item() == 0.0
 
 
 def test_gathered_collects_zero3_weights_once_and_passes_through_otherwise(monkeypatch):
@@ -198,15 +230,11 @@ def test_ppo_raises_a_toy_reward(parents, tmp_path, monkeypatch):
     """Reward = share of '.' tokens in the response: PPO must make the policy say it more often."""
     run = new_run(parents, tmp_path)
     tok = AutoTokenizer.from_pretrained(run / "sft")
-    target, assistant = tok.convert_tokens_to_ids("."), tok.convert_tokens_to_ids("<|assistant|>")
+    target = tok.convert_tokens_to_ids(".")
 
-    def share_of_target(reward_model, seq, mask, pos, last):
-        scores = []
-        for row, end in zip(seq.tolist(), last.tolist()):
-            start = max(i for i, t in enumerate(row) if t == assistant) + 1
-            response = row[start:end + 1]
-            scores.append(sum(t == target for t in response) / len(response))
-        return torch.tensor(scores)
+    def share_of_target(reward_model, ep):
+        responses = ep.seq[:, -ep.resp_mask.shape[1]:]
+        return ((responses == target) * ep.resp_mask).sum(1) / ep.resp_mask.sum(1)
 
     monkeypatch.setattr(ppo_run, "reward_scores", share_of_target)
     ppo_run.main(tiny(run, "--num_updates", 20, "--rollout_batch_size", 16, "--num_minibatches", 2, "--ppo_epochs", 4,

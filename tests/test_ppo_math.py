@@ -20,6 +20,7 @@ from stages.ppo.math import (
     masked_mean,
     masked_var,
     policy_loss,
+    sample_categorical,
     truncate_after_eos,
     value_loss,
     whiten,
@@ -90,6 +91,15 @@ def test_kl_shaped_rewards_put_the_score_on_the_last_real_token():
             want = -0.1 * want_kl + (scores[b].item() if t == n - 1 else 0.0)
             assert kl[b, t].item() == pytest.approx(want_kl)
             assert rewards[b, t].item() == pytest.approx(want)
+
+
+def test_sample_categorical_draws_each_token_at_its_probability():
+    torch.manual_seed(0)
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3], [0.0, 0.0, 0.0, 1.0]])
+    draws = sample_categorical(probs.repeat(50_000, 1)).view(50_000, 2)
+    share = torch.stack([torch.bincount(draws[:, i], minlength=4) / 50_000 for i in range(2)])
+    assert share[:, 1].sum() == 0 and share[1, 3] == 1, "a token of probability 0 is never drawn"
+    torch.testing.assert_close(share, probs, atol=0.01, rtol=0)  # 4 sigma at n = 50,000
 
 
 def test_truncate_after_eos_pads_the_rest_and_reports_missing_eos():

@@ -23,6 +23,7 @@ class PPOConfig:
     num_minibatches: int = field(default=4, metadata={"help": "Minibatches (optimizer steps) per PPO epoch."})
     gradient_accumulation: int = field(default=1, metadata={"help": "Micro-batches accumulated per minibatch (memory knob; same maths)."})
     ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch."})
+    padding_free: bool = field(default=True, metadata={"help": "Forwards without cache read each batch's episodes packed in one row, no padding (varlen attention); padded rows for models that cannot keep packed sequences apart."})
     forward_batch_size: int = field(default=0, metadata={"help": "Episodes per no-grad forward in the rollout (reference, critic, reward); 0: the whole per-process rollout."})
     lr: float = field(default=1e-5, metadata={"help": "Policy learning rate (AdamW, constant)."})
     critic_lr: float = field(default=0.0, metadata={"help": "Critic learning rate; 0: same as lr."})

@@ -31,6 +31,7 @@ from data.tokenizer import chat_ids
 from pipeline.config import config_dict, parse_config
 from pipeline.errors import PipelineError, cli_main
 from pipeline.generation import left_pad
+from pipeline.packing import keeps_packed_sequences_apart, use_varlen_attention
 from pipeline.runtime import load_checkpoint, peak_memory_mb, progress, rank_checksums, save_checkpoint, setup
 from pipeline.stage import StageRun, require_stage
 from pipeline.stats import win_rate
@@ -50,6 +51,7 @@ from stages.ppo.math import (
     logprobs_from_logits,
     masked_mean,
     policy_loss,
+    sample_categorical,
     truncate_after_eos,
     value_loss,
     whiten,
@@ -138,6 +140,54 @@ def ptx_batch(stream: torch.Tensor, batch_size: int, length: int, seed: int) -> 
     return stream[starts[:, None] + torch.arange(length)]
 
 
+# ---- episodes as the models read them ------------------------------------------------------------
+
+
+@dataclass
+class Episodes:
+    """Prompt + response episodes for a forward without cache. `seq` [B, P + T] holds left-padded
+    prompts then right-padded responses (`resp_mask` [B, T]). The models read them packed - every
+    episode's real tokens in one row, position ids restarting (no padding computed at all) - or as
+    the padded rows when a model cannot keep packed sequences apart."""
+
+    seq: torch.Tensor
+    resp_mask: torch.Tensor
+    ids: torch.Tensor  # model input: [1, real tokens] packed, or the padded rows
+    mask: torch.Tensor | None  # attention mask of the padded rows; None when packed
+    pos: torch.Tensor
+    keep: torch.Tensor  # output positions whose outputs predict the response tokens, in [B, T] order
+    last: torch.Tensor  # [B] position of each episode's last real token in the flattened output
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Positions count real tokens only, so a left-padded prompt sits where it would alone."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def episodes(seq: torch.Tensor, seq_mask: torch.Tensor, resp_mask: torch.Tensor, packed: bool) -> Episodes:
+    B, L = seq.shape
+    P = L - resp_mask.shape[1]
+    pos = position_ids(seq_mask)
+    end = P + last_token_index(resp_mask)
+    if not packed:
+        return Episodes(seq, resp_mask, seq, seq_mask, pos, torch.arange(P - 1, L - 1, device=seq.device),
+                        torch.arange(B, device=seq.device) * L + end)
+    real = seq_mask.bool()
+    where = real.reshape(-1).cumsum(0).view(B, L) - 1  # each real token's place in the packed row
+    # The token before each response token predicts it; where that is padding the target is padding
+    # too (masked out of every loss), so any place will do.
+    keep = where[:, P - 1:L - 1].clamp(min=0).reshape(-1)
+    return Episodes(seq, resp_mask, seq[real][None], None, pos[real][None], keep, where.gather(1, end[:, None]).squeeze(1))
+
+
+def packs_episodes(models: list, probe: list[list[int]]) -> bool:
+    """Switch every model to varlen attention (pipeline.packing) and check that each keeps packed
+    episodes apart (its transformer body on a probe: packed vs each alone)."""
+    for m in models:
+        use_varlen_attention(m)
+    return all(keeps_packed_sequences_apart(getattr(m, m.base_model_prefix, m), probe) for m in models)
+
+
 # ---- models -------------------------------------------------------------------------------------
 
 
@@ -162,10 +212,10 @@ class Critic(nn.Module):
         self.head = seq_cls.score
         self.offset = offset
 
-    def forward(self, input_ids, attention_mask, position_ids, keep: int) -> torch.Tensor:
-        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                           use_cache=False).last_hidden_state[:, -keep:]
-        return self.head(hidden).squeeze(-1).float() + self.offset
+    def forward(self, ep: Episodes) -> torch.Tensor:
+        """Values [B, T] of the states before each response token."""
+        hidden = self.body(input_ids=ep.ids, attention_mask=ep.mask, position_ids=ep.pos, use_cache=False).last_hidden_state
+        return self.head(hidden[:, ep.keep]).view(*ep.resp_mask.shape).float() + self.offset
 
 
 class ActorCritic(nn.Module):
@@ -177,11 +227,11 @@ class ActorCritic(nn.Module):
         super().__init__()
         self.policy, self.critic = policy, critic
 
-    def forward(self, seq, mask, pos, T: int, temperature: float, ptx_ids=None):
-        logits = response_logits(self.policy, seq, mask, pos, T, temperature)
-        values = self.critic(seq, mask, pos, T + 1)[:, :-1]
+    def forward(self, ep: Episodes, temperature: float, ptx_ids=None):
+        logits = response_logits(self.policy, ep, temperature)
+        values = self.critic(ep)
         ptx = (self.policy(input_ids=ptx_ids, labels=ptx_ids, use_cache=False).loss if ptx_ids is not None
-               else torch.zeros((), device=seq.device))
+               else torch.zeros((), device=ep.ids.device))
         return logits, values, ptx
 
 
@@ -268,11 +318,6 @@ def reference(policy, ref_model):
 # ---- rollout pieces -----------------------------------------------------------------------------
 
 
-def position_ids(mask: torch.Tensor) -> torch.Tensor:
-    """Positions count real tokens only, so a left-padded prompt sits where it would alone."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
 @torch.no_grad()
 def sample(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, temperature: float, eos_id: int,
            pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -290,12 +335,9 @@ def sample(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, te
     next_pos = pos[:, -1:] + 1
     for t in range(max_new_tokens):
         logits = logits.float()
-        if temperature > 0:
-            logits = logits / temperature
-            token = torch.multinomial(torch.softmax(logits, dim=-1), 1).squeeze(1)
-        else:
-            token = logits.argmax(dim=-1)
-        logprobs.append(torch.log_softmax(logits, dim=-1).gather(1, token[:, None]).squeeze(1))
+        logp = torch.log_softmax(logits / temperature if temperature > 0 else logits, dim=-1)
+        token = sample_categorical(logp.exp()) if temperature > 0 else logits.argmax(dim=-1)
+        logprobs.append(logp.gather(1, token[:, None]).squeeze(1))
         token = token.masked_fill(done, pad_id)
         tokens.append(token)
         done |= token == eos_id
@@ -308,29 +350,29 @@ def sample(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, te
     return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)
 
 
-def response_logits(model, seq, mask, pos, T: int, temperature: float) -> torch.Tensor:
-    """Logits that predicted each of the last T tokens, divided by the sampling temperature (N+):
-    only the response positions go through the LM head."""
-    logits = model(input_ids=seq, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=T + 1).logits
-    return logits[:, :-1].float() / temperature
+def response_logits(model, ep: Episodes, temperature: float) -> torch.Tensor:
+    """Logits [B, T, V] that predicted each response token, divided by the sampling temperature
+    (N+): only the response positions go through the LM head."""
+    logits = model(input_ids=ep.ids, attention_mask=ep.mask, position_ids=ep.pos, use_cache=False, logits_to_keep=ep.keep).logits
+    return logits.view(*ep.resp_mask.shape, -1).float() / temperature
 
 
 @torch.no_grad()
-def reward_scores(reward_model, seq, mask, pos, last: torch.Tensor) -> torch.Tensor:
-    """The reward model's score head read at index `last` of each row (the EOS), plus its stored
+def reward_scores(reward_model, ep: Episodes) -> torch.Tensor:
+    """The reward model's score head read at each episode's last token (the EOS), plus its stored
     normalising offset (reward stage: demonstrations average 0)."""
     body = getattr(reward_model, reward_model.base_model_prefix)
-    hidden = body(input_ids=seq, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
-    picked = hidden[torch.arange(len(seq), device=seq.device), last]
+    hidden = body(input_ids=ep.ids, attention_mask=ep.mask, position_ids=ep.pos, use_cache=False).last_hidden_state
+    picked = hidden.reshape(-1, hidden.shape[-1])[ep.last]
     offset = float(getattr(reward_model.config, BIAS_KEY, 0.0) or 0.0)
     return reward_model.score(picked).squeeze(-1).float() + offset
 
 
-def chunked(fn, n: int, size: int) -> torch.Tensor:
-    """fn(slice) over [0, n) in chunks of `size` (0: one chunk), concatenated: bounds activation
-    memory of the no-grad rollout forwards on big models."""
+def chunks(n: int, size: int) -> list[slice]:
+    """[0, n) in slices of `size` (0: one): bounds activation memory of the no-grad rollout
+    forwards on big models."""
     size = size or n
-    return torch.cat([fn(slice(i, i + size)) for i in range(0, n, size)])
+    return [slice(i, i + size) for i in range(0, n, size)]
 
 
 @torch.no_grad()
@@ -357,8 +399,8 @@ def proxy_scores(reward_model, tokenizer, prompt_ids: list[list[int]], responses
         seqs = [p + r for p, r in zip(prompt_ids[i:i + batch_size], responses[i:i + batch_size])]
         ids, mask = left_pad(seqs, tokenizer.pad_token_id)
         ids, mask = ids.to(device), mask.to(device)
-        last = torch.full((len(seqs),), ids.shape[1] - 1, device=device)
-        out += reward_scores(reward_model, ids, mask, position_ids(mask), last).tolist()
+        # The last column as a one-token "response": its position is where the reward is read.
+        out += reward_scores(reward_model, episodes(ids, mask, mask[:, -1:], packed=False)).tolist()
     return out
 
 
@@ -437,18 +479,23 @@ def main(argv: list[str] | None = None) -> None:
     frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
     policy = AutoModelForCausalLM.from_pretrained(cfg.sft_path, config=without_dropout(cfg.sft_path))
     ref_model = None
+    if cfg.lora_r == 0:
+        ref_model = AutoModelForCausalLM.from_pretrained(cfg.sft_path, config=without_dropout(cfg.sft_path), dtype=frozen_dtype)
+        ref_model.requires_grad_(False).eval().to(device)
+    reward_model, _ = load_reward_model(cfg.reward_path, device=device, dtype=frozen_dtype)
+    reward_model.requires_grad_(False)
+    critic_base = AutoModelForSequenceClassification.from_pretrained(cfg.reward_path, config=without_dropout(cfg.reward_path))
+    # Padding-free forwards (all but generation) when every model keeps packed episodes apart.
+    packed = cfg.padding_free and packs_episodes([m for m in (policy, ref_model, reward_model, critic_base) if m is not None],
+                                                 [prompt_ids[0], prompt_ids[-1][:5]])
+    if cfg.padding_free and not packed:
+        accelerator.print("[ppo] a model does not keep packed sequences apart; padded batches instead")
     if cfg.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
         targets = cfg.lora_target_modules if cfg.lora_target_modules == "all-linear" else cfg.lora_target_modules.split(",")
         policy = get_peft_model(policy, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                                                    target_modules=targets, task_type="CAUSAL_LM"))
-    else:
-        ref_model = AutoModelForCausalLM.from_pretrained(cfg.sft_path, config=without_dropout(cfg.sft_path), dtype=frozen_dtype)
-        ref_model.requires_grad_(False).eval().to(device)
-    reward_model, _ = load_reward_model(cfg.reward_path, device=device, dtype=frozen_dtype)
-    reward_model.requires_grad_(False)
-    critic_base = AutoModelForSequenceClassification.from_pretrained(cfg.reward_path, config=without_dropout(cfg.reward_path))
     critic = Critic(critic_base, float(getattr(critic_base.config, BIAS_KEY, 0.0) or 0.0))
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
@@ -518,22 +565,19 @@ def main(argv: list[str] | None = None) -> None:
             raw, logprobs = sample(unwrapped, query, query_mask, cfg.max_new_tokens, cfg.temperature, eos, pad)
             # (2) Truncate after the first EOS: later tokens become padding, masked out everywhere.
             responses, mask, has_eos = truncate_after_eos(raw, eos, pad)
-            T = responses.shape[1]
             seq = torch.cat([query, responses], dim=1)
             seq_mask = torch.cat([query_mask, mask], dim=1)
-            pos = position_ids(seq_mask)
             logprobs = logprobs * mask
+            parts = [episodes(seq[s], seq_mask[s], mask[s], packed) for s in chunks(len(seq), cfg.forward_batch_size)]
             # (3) Score with the reward model at the last token; no EOS: a fixed penalty (N+).
-            rm_scores = chunked(lambda s: reward_scores(reward_model, seq[s], seq_mask[s], pos[s], P + last_token_index(mask[s])),
-                                len(seq), cfg.forward_batch_size)
+            rm_scores = torch.cat([reward_scores(reward_model, ep) for ep in parts])
             scores = apply_no_eos_penalty(rm_scores, has_eos, cfg.no_eos_penalty) if cfg.penalize_no_eos else rm_scores
             # (4) Reference log-probs (logits / temperature, like the policy's) and the critic's
             # values of the states before each response token.
             with reference(unwrapped, ref_model) as ref:
-                ref_logprobs = chunked(lambda s: logprobs_from_logits(
-                    response_logits(ref, seq[s], seq_mask[s], pos[s], T, cfg.temperature), responses[s]),
-                    len(seq), cfg.forward_batch_size) * mask
-            values = chunked(lambda s: critic_net(seq[s], seq_mask[s], pos[s], T + 1)[:, :-1], len(seq), cfg.forward_batch_size) * mask
+                ref_logprobs = torch.cat([logprobs_from_logits(response_logits(ref, ep, cfg.temperature), ep.seq[:, P:])
+                                          for ep in parts]) * mask
+            values = torch.cat([critic_net(ep) for ep in parts]) * mask
             # (5) Per-token KL penalty, the score added on the last response token.
             rewards, kl = kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)
             # (6) GAE advantages and returns, then whitened advantages (N+).
@@ -565,14 +609,14 @@ def main(argv: list[str] | None = None) -> None:
                     m_T = int(mask[idx].sum(1).max())
                     left = int((seq_mask[idx, :P].sum(0) > 0).float().argmax())
                     cols = slice(left, P + m_T)
-                    m_seq, m_mask, m_pos = seq[idx, cols], seq_mask[idx, cols], pos[idx, cols]
+                    ep = episodes(seq[idx, cols], seq_mask[idx, cols], mask[idx, :m_T], packed)
                     m_resp, m_rmask = responses[idx, :m_T], mask[idx, :m_T].float()
                     # PPO-ptx (InstructGPT eq. 2): also keep the pretraining distribution's likelihood.
                     ptx_ids = None if ptx_stream is None else ptx_batch(
                         ptx_stream, cfg.ptx_batch_size, cfg.ptx_length,
                         hash((cfg.seed, accelerator.process_index, update, _epoch, mb, micro)) % 2**62).to(device)
                     with accelerator.accumulate(model):
-                        logits, new_values, ptx_loss = model(m_seq, m_mask, m_pos, m_T, cfg.temperature, ptx_ids)
+                        logits, new_values, ptx_loss = model(ep, cfg.temperature, ptx_ids)
                         new_logprobs = logprobs_from_logits(logits, m_resp)
                         pg_loss, pg_clipfrac, approx_kl = policy_loss(new_logprobs, logprobs[idx, :m_T], advantages[idx, :m_T], m_rmask, cfg.cliprange)
                         vf_loss, vf_clipfrac = value_loss(new_values, values[idx, :m_T], returns[idx, :m_T], m_rmask, cfg.cliprange_value)
@@ -701,8 +745,8 @@ def kl_to_reference(policy, ref_model, tokenizer, prompt_ids: list[list[int]], c
         query, query_mask = (t.to(device) for t in left_pad(prompt_ids[i:i + batch_size], pad))
         raw, logprobs = sample(policy, query, query_mask, cfg.max_new_tokens, cfg.temperature, eos, pad)
         responses, mask, _ = truncate_after_eos(raw, eos, pad)
-        seq, seq_mask = torch.cat([query, responses], 1), torch.cat([query_mask, mask], 1)
+        ep = episodes(torch.cat([query, responses], 1), torch.cat([query_mask, mask], 1), mask, packed=False)
         with reference(policy, ref_model) as ref:
-            ref_logprobs = logprobs_from_logits(response_logits(ref, seq, seq_mask, position_ids(seq_mask), responses.shape[1], cfg.temperature), responses)
+            ref_logprobs = logprobs_from_logits(response_logits(ref, ep, cfg.temperature), responses)
         total += ((logprobs - ref_logprobs) * mask).sum().item()
     return total / max(len(prompt_ids), 1)
