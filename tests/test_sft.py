@@ -12,12 +12,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from data.tokenizer import chat_ids
 from pipeline.config import parse_config
+from pipeline.packing import keeps_packed_sequences_apart, use_varlen_attention
 from reward.gold import Verdict
 from stages.sft.config import SFTStageConfig
 from stages.sft.run import (
     as_dataset,
     build_trainer,
-    keeps_packed_sequences_apart,
     main as sft_main,
     merged_model,
     mix_pretraining_text,
@@ -176,6 +176,16 @@ def test_padding_free_batches_give_the_padded_loss_and_respect_max_length(pretra
                           use_cache=False).loss
         loss_padded = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
     torch.testing.assert_close(loss_free, loss_padded, rtol=1e-4, atol=1e-5)
+    assert use_varlen_attention(model), "the stage's attention for padding-free batches"
+    loss_varlen = model(input_ids=one_row["input_ids"], position_ids=one_row["position_ids"], labels=one_row["labels"],
+                        use_cache=False).loss
+    torch.testing.assert_close(loss_varlen, loss_padded, rtol=1e-4, atol=1e-5)
+    loss_varlen.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss.backward()
+    for a, b in zip(grads, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_packing_check_catches_a_model_that_mixes_sequences(pretrained_run):

@@ -31,6 +31,7 @@ from data.tokenizer import ensure_chat_ready
 from pipeline.config import config_dict, parse_config
 from pipeline.errors import PipelineError, cli_main
 from pipeline.generation import answer
+from pipeline.packing import keeps_packed_sequences_apart, use_varlen_attention
 from pipeline.runtime import peak_memory_mb, rank_checksums
 from pipeline.stage import StageRun, require_stage, resolve_init
 from pipeline.stats import win_rate
@@ -259,23 +260,6 @@ def load_causal_lm(path: str, tokenizer):
     return model
 
 
-def keeps_packed_sequences_apart(model, token_ids: list[list[int]]) -> bool:
-    """Padding-free batches are one row whose position ids restart at each sequence; transformers
-    builds a block-diagonal causal mask from them (sdpa, eager and flash attention alike). A model
-    that ignored position ids would let sequences attend to each other and train on a wrong loss, so
-    compare its logits on two packed sequences with the logits of each alone. Without a KV cache, as
-    TRL's trainer calls it: transformers looks for packed sequences only then."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        alone = [model(input_ids=torch.tensor([ids]), use_cache=False).logits[0] for ids in token_ids]
-        packed = model(input_ids=torch.tensor([sum(token_ids, [])]), use_cache=False,
-                       position_ids=torch.cat([torch.arange(len(ids)) for ids in token_ids])[None]).logits[0]
-    model.train(was_training)
-    tol = 1e-3 if packed.dtype == torch.float32 else 5e-2  # bf16/fp16 checkpoints round; leaks differ by ~1
-    return torch.allclose(torch.cat(alone).float(), packed.float(), atol=tol, rtol=tol)
-
-
 # ---- trainer -----------------------------------------------------------------------------------
 
 def quiet() -> bool:
@@ -489,6 +473,8 @@ def main(argv: list[str] | None = None) -> None:
     # 3. Parent model; padding-free batches only if it keeps packed sequences apart.
     model = load_causal_lm(parent_path, tokenizer)
     probe = [tokenizer("a b c d")["input_ids"], tokenizer("e f g")["input_ids"]]
+    if cfg.padding_free:
+        use_varlen_attention(model)  # pipeline.packing: attention per packed sequence, not over the whole row
     if cfg.padding_free and not keeps_packed_sequences_apart(model, probe):
         PartialState().print(f"[sft] {parent_path}: the model does not keep packed sequences apart; "
                              "padding batches instead", flush=True)
