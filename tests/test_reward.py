@@ -20,6 +20,9 @@ from reward.comparisons import load_groups
 from reward.gold import GoldJudge
 from reward.losses import pair_accuracy, pairwise_loss, ranking_loss
 from reward.model import load_reward_model, score
+from data.tokenizer import ensure_chat_ready
+from pipeline.packing import use_varlen_attention
+from stages.reward.run import GroupCollator, HeadOutputs, tokenize_groups
 from stages.reward.run import main as reward_main
 from tests.conftest import assert_replicas_saved, kill_after_checkpoint, one_line_error, read_jsonl, run_module, torchrun, write_jsonl
 
@@ -117,6 +120,38 @@ def new_run(tmp_path: Path, sft_run: Path) -> Path:
     os.symlink(sft_run / "world", run / "world")
     os.symlink(sft_run / "sft", run / "sft")
     return run
+
+
+def test_packed_groups_give_the_padded_rewards_loss_and_gradients(sft_run):
+    """The training batch as one packed row (varlen attention, each score read at its sequence's
+    last token) equals the right-padded batch: rewards, K-wise loss, gradients."""
+    tok = AutoTokenizer.from_pretrained(sft_run / "sft")
+    model = AutoModelForSequenceClassification.from_pretrained(sft_run / "sft", num_labels=1)
+    ensure_chat_ready(tok, model)
+    assert use_varlen_attention(model)
+    groups = load_groups([str(sft_run / "world" / "comparisons_train.jsonl")], False, 3)
+    dataset, _ = tokenize_groups(groups, tok, 128)
+    examples = [dataset[i] for i in range(len(dataset))]
+    head = HeadOutputs(model.score)
+    results = []
+    for packed in (False, True):
+        batch = GroupCollator(tok.pad_token_id, packed)(examples)
+        model.zero_grad()
+        if packed:
+            assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
+            model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+            rewards = head.scores[0, batch["last"]].squeeze(-1)
+        else:
+            rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits.squeeze(-1)
+        loss = ranking_loss(rewards, batch["group_sizes"].tolist())
+        loss.backward()
+        results.append((rewards.detach(), loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (r_a, l_a, g_a), (r_b, l_b, g_b) = results
+    assert len(r_a) == sum(len(g.responses) for g in groups) > 6
+    torch.testing.assert_close(r_a, r_b, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(l_a, l_b, atol=1e-6, rtol=1e-5)
+    for a, b in zip(g_a, g_b):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
 def toy_files(tmp_path: Path) -> tuple[Path, Path, Path]:

@@ -27,6 +27,7 @@ from data.loading import load_records, require_text
 from data.tokenizer import ensure_chat_ready
 from pipeline.config import config_dict, parse_config
 from pipeline.errors import cli_main
+from pipeline.packing import keeps_packed_sequences_apart, use_varlen_attention
 from pipeline.runtime import peak_memory_mb, rank_checksums
 from pipeline.stage import StageRun, require_stage, resolve_init
 from pipeline.tracking import truncate_metrics, wandb_enabled, wandb_env
@@ -43,14 +44,35 @@ from stages.reward.config import RewardStageConfig
 
 @dataclass
 class GroupCollator:
-    """A batch of groups -> one right-padded tensor of all their responses plus each group's size."""
+    """A batch of groups -> all their responses, group after group, plus each group's size: one
+    packed row (position ids restarting per sequence; `last` is where each one ends) or, with
+    packed False, right-padded rows."""
 
     pad_token_id: int
+    packed: bool = False
 
     def __call__(self, examples: list[dict]) -> dict:
-        ids, mask = right_pad([seq for ex in examples for seq in ex["group_ids"]], self.pad_token_id)
-        return {"input_ids": ids, "attention_mask": mask,
-                "group_sizes": torch.tensor([len(ex["group_ids"]) for ex in examples])}
+        seqs = [seq for ex in examples for seq in ex["group_ids"]]
+        sizes = torch.tensor([len(ex["group_ids"]) for ex in examples])
+        if not self.packed:
+            ids, mask = right_pad(seqs, self.pad_token_id)
+            return {"input_ids": ids, "attention_mask": mask, "group_sizes": sizes}
+        lengths = torch.tensor([len(seq) for seq in seqs])
+        return {"input_ids": torch.tensor([sum(seqs, [])]), "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
+                "last": lengths.cumsum(0) - 1, "group_sizes": sizes}
+
+
+class HeadOutputs:
+    """The reward head's output at every token of the latest forward, kept by a forward hook. A
+    sequence-classification model applies its head to every token and returns the last row's
+    token only; in a packed row each sequence ends elsewhere, so the loss reads them from here."""
+
+    def __init__(self, head: torch.nn.Module):
+        self.scores = None
+        head.register_forward_hook(self._keep)
+
+    def _keep(self, module, args, output) -> None:
+        self.scores = output
 
 
 class RankingRewardTrainer(RewardTrainer):
@@ -72,11 +94,19 @@ class RankingRewardTrainer(RewardTrainer):
         if self._signature_columns is None:
             self._signature_columns = ["group_ids", "length"]
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.head = HeadOutputs(self.model.score)  # after peft wrapped it: the module that runs
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         sizes = inputs["group_sizes"].tolist()
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
-        rewards = outputs.logits.squeeze(-1).float()
+        if "position_ids" in inputs:  # packed: each sequence's score at its own last token
+            outputs = model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], use_cache=False)
+            rewards = self.head.scores[0, inputs["last"]].squeeze(-1).float()
+        else:
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+            rewards = outputs.logits.squeeze(-1).float()
         loss = ranking_loss(rewards, sizes)
         with torch.no_grad():
             accuracy = self.accelerator.gather_for_metrics(pair_accuracy(rewards, sizes)).mean()
@@ -260,6 +290,14 @@ def main(argv: list[str] | None = None) -> None:
     if not any(a.endswith("ForSequenceClassification") for a in model.config.architectures or []):
         init_score_head(model)  # a fresh head (the parent is a language model, not a reward model)
     max_length = min(cfg.max_length, getattr(model.config, "max_position_embeddings", cfg.max_length))
+    # Padding-free batches if the transformer keeps packed sequences apart (pipeline.packing).
+    packed = False
+    if cfg.padding_free:
+        use_varlen_attention(model)
+        probe = [tokenizer("a b c d")["input_ids"], tokenizer("e f g")["input_ids"]]
+        packed = keeps_packed_sequences_apart(getattr(model, model.base_model_prefix), probe)
+        if not packed and state.is_main_process:
+            print(f"[reward] {parent_path}: the model does not keep packed sequences apart; padding batches instead", flush=True)
     train_ds, truncated = tokenize_groups(train_groups, tokenizer, max_length)
     val_ds = tokenize_groups(val_groups, tokenizer, max_length)[0] if val_groups and cfg.eval_every else None
     n_pairs = sum(len(g.responses) * (len(g.responses) - 1) // 2 for g in train_groups)
@@ -292,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
         dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(),
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
     )
-    trainer = RankingRewardTrainer(model=model, args=args, data_collator=GroupCollator(tokenizer.pad_token_id),
+    trainer = RankingRewardTrainer(model=model, args=args, data_collator=GroupCollator(tokenizer.pad_token_id, packed),
                                    train_dataset=train_ds, eval_dataset=val_ds, processing_class=tokenizer,
                                    callbacks=[JsonlMetricsCallback(stage_dir)], peft_config=peft_config)
 
