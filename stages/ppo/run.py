@@ -318,7 +318,6 @@ def reference(policy, ref_model):
 # ---- rollout pieces -----------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def sample(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, temperature: float, eos_id: int,
            pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample responses to left-padded prompts with a KV cache: one forward over the prompts, then
@@ -326,28 +325,32 @@ def sample(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, te
 
     Returns (tokens [B, T], log-probs [B, T] under softmax(logits / temperature)): the rollout's
     "old" log-probs come for free. temperature 0 is greedy. Rows that finished emit padding."""
-    pos = position_ids(mask)
-    cache = DynamicCache(config=getattr(model, "config", None))
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
-                   logits_to_keep=1).logits[:, -1]
-    tokens, logprobs = [], []
-    done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
-    next_pos = pos[:, -1:] + 1
-    for t in range(max_new_tokens):
-        logits = logits.float()
-        logp = torch.log_softmax(logits / temperature if temperature > 0 else logits, dim=-1)
-        token = sample_categorical(logp.exp()) if temperature > 0 else logits.argmax(dim=-1)
-        logprobs.append(logp.gather(1, token[:, None]).squeeze(1))
-        token = token.masked_fill(done, pad_id)
-        tokens.append(token)
-        done |= token == eos_id
-        if t == max_new_tokens - 1 or bool(done.all()):
-            break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos, cache=cache,
-                       use_cache=True).logits[:, -1]
-        next_pos = next_pos + 1
-    return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)
+    # Inference mode, not only no_grad: no autograd bookkeeping on any tensor, a sixth less time per
+    # token on a CPU. Its tensors must not meet autograd later, so the results leave as copies.
+    with torch.inference_mode():
+        pos = position_ids(mask)
+        cache = DynamicCache(config=getattr(model, "config", None))
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+                       logits_to_keep=1).logits[:, -1]
+        tokens, logprobs = [], []
+        done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
+        next_pos = pos[:, -1:] + 1
+        for t in range(max_new_tokens):
+            logits = logits.float()
+            logp = torch.log_softmax(logits / temperature if temperature > 0 else logits, dim=-1)
+            token = sample_categorical(logp.exp()) if temperature > 0 else logits.argmax(dim=-1)
+            logprobs.append(logp.gather(1, token[:, None]).squeeze(1))
+            token = token.masked_fill(done, pad_id)
+            tokens.append(token)
+            done |= token == eos_id
+            if t == max_new_tokens - 1 or bool(done.all()):
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos, cache=cache,
+                           use_cache=True).logits[:, -1]
+            next_pos = next_pos + 1
+        tokens, logprobs = torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)
+    return tokens.clone(), logprobs.clone()
 
 
 def response_logits(model, ep: Episodes, temperature: float) -> torch.Tensor:
