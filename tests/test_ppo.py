@@ -373,6 +373,7 @@ def test_messages_prompts_are_accepted(parents, tmp_path):
     run = new_run(parents, tmp_path)
     prompts = write_jsonl(tmp_path / "chat.jsonl", [
         {"messages": [{"role": "user", "content": f"Hello number {i}"}]} for i in range(8)])
-    ppo_run.main(tiny(run, "--prompt_files", prompts, "--num_updates", 1, "--eval_files", prompts, "--gold_every", 1))
+    ppo_run.main(tiny(run, "--prompt_files", prompts, "--num_updates", 1, "--eval_files", prompts, "--gold_every", 1,
+                      "--padding_free", "false"))  # the padded path, end to end
     metrics = json.loads((run / "ppo" / "manifest.json").read_text())["metrics"]
     assert "gold_score" not in metrics and math.isfinite(metrics["reward_score"]), "not world prompts: no gold judge"

@@ -321,7 +321,8 @@ def test_real_data_trains_a_few_steps(sft_run, tmp_path, shared_datasets):
     mixed = write_jsonl(tmp_path / "mixed.jsonl", hh + en + zh)
     run = new_run(tmp_path, sft_run)
     reward_main(tiny_args(run, "--train_files", mixed, "--val_files", mixed, "--norm_files", "none",
-                          "--world_dir", tmp_path / "no_world", "--max_steps", 3, "--batch_size", 2))
+                          "--world_dir", tmp_path / "no_world", "--max_steps", 3, "--batch_size", 2,
+                          "--padding_free", "false"))  # the padded path, end to end
     manifest = json.loads((run / "reward" / "manifest.json").read_text())
     assert manifest["metrics"]["train_groups"] == 24 and manifest["metrics"]["train_steps"] == 3
     assert manifest["truncated_sequences"] > 0  # HH transcripts are longer than the tiny context

@@ -96,7 +96,8 @@ class RankingRewardTrainer(RewardTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.head = HeadOutputs(self.model.score)  # after peft wrapped it: the module that runs
+        # Packed batches read the head per token (after peft wrapped it: the module that runs).
+        self.head = HeadOutputs(self.model.score) if self.data_collator.packed else None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
