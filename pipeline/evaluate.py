@@ -30,8 +30,8 @@ from data.tokenizer import chat_ids
 from pipeline.errors import PipelineError, cli_main
 from pipeline.generation import answer, left_pad, max_prompt_tokens
 from pipeline.stage import read_manifest, write_json_atomic
-from pipeline.stats import bootstrap_ci, mean, pairwise_outcomes, share
-from reward.gold import FAMILIES, GoldJudge
+from pipeline.stats import bootstrap_ci, mean, pairwise_outcomes, share, win_rate_ceiling
+from reward.gold import FAMILIES, TOP_SCORE, GoldJudge
 
 # Causal-LM stages in pipeline order: (name in the evaluation, stage directory).
 CAUSAL_STAGES = (("base", "pretrain"), ("sft", "sft"), ("ppo", "ppo"))
@@ -204,16 +204,15 @@ def stage_metrics(rows: list[dict], n_boot: int, seed: int) -> dict:
 
 def compare(rows_a: list[dict], rows_b: list[dict], n_boot: int, seed: int) -> dict:
     """Win rate of a over b on the same prompts by gold score, ties half, with a bootstrap 95% CI, and
-    its ceiling: the win rate of the ideal answer (the judge's top score, 1) on every prompt, so a
+    its ceiling: the win rate of the ideal answer (the judge's top score) on every prompt, so a
     win rate reads against what b left to win."""
     outcomes = pairwise_outcomes([r["score"] for r in rows_a], [r["score"] for r in rows_b])
-    ceiling = pairwise_outcomes([1.0] * len(rows_b), [r["score"] for r in rows_b])
     low, high = bootstrap_ci(outcomes, n_boot, seed)
     by_family = {f: mean([o for o, r in zip(outcomes, rows_a) if r["family"] == f]) for f in FAMILIES}
     return {
         "win_rate": mean(outcomes), "ci": [low, high], "n": len(outcomes),
         "wins": outcomes.count(1.0), "ties": outcomes.count(0.5), "losses": outcomes.count(0.0),
-        "by_family": by_family, "ceiling": mean(ceiling),
+        "by_family": by_family, "ceiling": win_rate_ceiling([r["score"] for r in rows_b], TOP_SCORE),
     }
 
 

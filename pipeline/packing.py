@@ -124,3 +124,11 @@ def use_varlen_attention(model) -> bool:
         return False
     model.set_attn_implementation(VARLEN)
     return True
+
+
+def packs_sequences(model, probe: list[list[int]] = ((5, 6, 7, 8), (9, 10, 11))) -> bool:
+    """What a stage asks before it trains on packed rows: switch the model to varlen attention where
+    it can, then check that its transformer body keeps packed sequences apart."""
+    use_varlen_attention(model)
+    body = getattr(model, getattr(model, "base_model_prefix", ""), model)  # a bare body is its own
+    return keeps_packed_sequences_apart(body, [list(ids) for ids in probe])

@@ -27,6 +27,12 @@ def win_rate(a: Sequence[float], b: Sequence[float]) -> float:
     return sum(outcomes) / len(outcomes) if outcomes else math.nan
 
 
+def win_rate_ceiling(b: Sequence[float], top: float) -> float:
+    """The win rate over b of an answer scoring `top` (the best possible) on every prompt: what b
+    leaves to win, the bound any system's win rate over b stays under."""
+    return win_rate([top] * len(b), b)
+
+
 def bootstrap_ci(values: Sequence[float], n_resamples: int = 1000, seed: int = 0,
                  confidence: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of `values`; the same seed gives the same interval."""

@@ -20,6 +20,7 @@ import stages.ppo.run as ppo_run
 from data.tokenizer import chat_ids, train_tokenizer
 from pipeline.errors import PipelineError
 from pipeline.generation import left_pad
+from pipeline.packing import packs_sequences
 from pipeline.stage import write_json_atomic
 from tests.conftest import assert_replicas_saved, kill_after_checkpoint, one_line_error, read_jsonl, run_module, torchrun, write_jsonl
 
@@ -142,8 +143,8 @@ def test_rollout_logprobs_equal_a_full_forward(parents):
     raw, logprobs = ppo_run.sample(model, query, query_mask, 10, 0.7, tok.eos_token_id, tok.pad_token_id)
     responses, mask, _ = ppo_run.truncate_after_eos(raw, tok.eos_token_id, tok.pad_token_id)
     seq, seq_mask = torch.cat([query, responses], 1), torch.cat([query_mask, mask], 1)
+    assert packs_sequences(model)
     for packed in (False, True):
-        assert ppo_run.packs_episodes([model], [[5, 6, 7], [8, 9]])
         with torch.no_grad():
             logits = ppo_run.response_logits(model, ppo_run.episodes(seq, seq_mask, mask, packed), 0.7)
         again = ppo_run.logprobs_from_logits(logits, responses)
@@ -156,7 +157,7 @@ def test_packed_episodes_give_the_padded_results_and_gradients(parents):
     policy = AutoModelForCausalLM.from_pretrained(parents / "sft").eval()
     critic = ppo_run.Critic(AutoModelForSequenceClassification.from_pretrained(parents / "reward").eval(), offset=0.5)
     reward = AutoModelForSequenceClassification.from_pretrained(parents / "reward").eval()
-    assert ppo_run.packs_episodes([policy, critic.body, reward], [[5, 6, 7], [8, 9]])
+    assert all(packs_sequences(m) for m in (policy, critic.body, reward))
     tok = AutoTokenizer.from_pretrained(parents / "sft")
     query, query_mask = left_pad([chat_ids(tok, p) for p in ("Who is Ana Lint?", "Hi", "Say river twice.")], tok.pad_token_id)
     responses = torch.tensor([[11, 12, 13, tok.eos_token_id], [14, tok.eos_token_id, 0, 0], [15, 16, 17, 18]])

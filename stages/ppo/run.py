@@ -31,12 +31,12 @@ from data.tokenizer import chat_ids
 from pipeline.config import config_dict, parse_config
 from pipeline.errors import PipelineError, cli_main
 from pipeline.generation import left_pad
-from pipeline.packing import keeps_packed_sequences_apart, use_varlen_attention
+from pipeline.packing import packs_sequences
 from pipeline.runtime import load_checkpoint, peak_memory_mb, progress, rank_checksums, save_checkpoint, setup
 from pipeline.stage import StageRun, require_stage
-from pipeline.stats import win_rate
+from pipeline.stats import win_rate, win_rate_ceiling
 from pipeline.tracking import Tracker
-from reward.gold import GoldJudge
+from reward.gold import TOP_SCORE, GoldJudge
 from reward.model import BIAS_KEY, load_reward_model
 from stages.ppo.config import PPOConfig
 from stages.ppo.math import (
@@ -178,14 +178,6 @@ def episodes(seq: torch.Tensor, seq_mask: torch.Tensor, resp_mask: torch.Tensor,
     # too (masked out of every loss), so any place will do.
     keep = where[:, P - 1:L - 1].clamp(min=0).reshape(-1)
     return Episodes(seq, resp_mask, seq[real][None], None, pos[real][None], keep, where.gather(1, end[:, None]).squeeze(1))
-
-
-def packs_episodes(models: list, probe: list[list[int]]) -> bool:
-    """Switch every model to varlen attention (pipeline.packing) and check that each keeps packed
-    episodes apart (its transformer body on a probe: packed vs each alone)."""
-    for m in models:
-        use_varlen_attention(m)
-    return all(keeps_packed_sequences_apart(getattr(m, m.base_model_prefix, m), probe) for m in models)
 
 
 # ---- models -------------------------------------------------------------------------------------
@@ -489,8 +481,7 @@ def main(argv: list[str] | None = None) -> None:
     reward_model.requires_grad_(False)
     critic_base = AutoModelForSequenceClassification.from_pretrained(cfg.reward_path, config=without_dropout(cfg.reward_path))
     # Padding-free forwards (all but generation) when every model keeps packed episodes apart.
-    packed = cfg.padding_free and packs_episodes([m for m in (policy, ref_model, reward_model, critic_base) if m is not None],
-                                                 [prompt_ids[0], prompt_ids[-1][:5]])
+    packed = cfg.padding_free and all([packs_sequences(m) for m in (policy, ref_model, reward_model, critic_base) if m is not None])
     if cfg.padding_free and not packed:
         accelerator.print("[ppo] a model does not keep packed sequences apart; padded batches instead")
     if cfg.lora_r > 0:
@@ -694,7 +685,7 @@ def main(argv: list[str] | None = None) -> None:
             metrics.update({"gold_score": ppo["gold"]["score"], "sft_gold_score": base["gold"]["score"],
                             "gold_win_rate": win_rate([v.score for v in ppo["verdicts"]], sft_scores),
                             # What the ideal answer (the judge's top score, 1) would win against SFT.
-                            "gold_win_rate_ceiling": win_rate([1.0] * len(sft_scores), sft_scores),
+                            "gold_win_rate_ceiling": win_rate_ceiling(sft_scores, TOP_SCORE),
                             "hallucination_rate": ppo["gold"]["hallucination_rate"],
                             "sft_hallucination_rate": base["gold"]["hallucination_rate"]})
         samples = [{"prompt": p, "ppo": a, "sft": b} for p, a, b in zip(eval_prompts[:8], ppo["texts"], base["texts"])]

@@ -27,7 +27,7 @@ from data.loading import load_records, require_text
 from data.tokenizer import ensure_chat_ready
 from pipeline.config import config_dict, parse_config
 from pipeline.errors import cli_main
-from pipeline.packing import keeps_packed_sequences_apart, use_varlen_attention
+from pipeline.packing import packs_sequences
 from pipeline.runtime import peak_memory_mb, rank_checksums
 from pipeline.stage import StageRun, require_stage, resolve_init
 from pipeline.tracking import truncate_metrics, wandb_enabled, wandb_env
@@ -292,13 +292,9 @@ def main(argv: list[str] | None = None) -> None:
         init_score_head(model)  # a fresh head (the parent is a language model, not a reward model)
     max_length = min(cfg.max_length, getattr(model.config, "max_position_embeddings", cfg.max_length))
     # Padding-free batches if the transformer keeps packed sequences apart (pipeline.packing).
-    packed = False
-    if cfg.padding_free:
-        use_varlen_attention(model)
-        probe = [tokenizer("a b c d")["input_ids"], tokenizer("e f g")["input_ids"]]
-        packed = keeps_packed_sequences_apart(getattr(model, model.base_model_prefix), probe)
-        if not packed and state.is_main_process:
-            print(f"[reward] {parent_path}: the model does not keep packed sequences apart; padding batches instead", flush=True)
+    packed = cfg.padding_free and packs_sequences(model)
+    if cfg.padding_free and not packed and state.is_main_process:
+        print(f"[reward] {parent_path}: the model does not keep packed sequences apart; padding batches instead", flush=True)
     train_ds, truncated = tokenize_groups(train_groups, tokenizer, max_length)
     val_ds = tokenize_groups(val_groups, tokenizer, max_length)[0] if val_groups and cfg.eval_every else None
     n_pairs = sum(len(g.responses) * (len(g.responses) - 1) // 2 for g in train_groups)

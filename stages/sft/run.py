@@ -31,7 +31,7 @@ from data.tokenizer import ensure_chat_ready
 from pipeline.config import config_dict, parse_config
 from pipeline.errors import PipelineError, cli_main
 from pipeline.generation import answer
-from pipeline.packing import keeps_packed_sequences_apart, use_varlen_attention
+from pipeline.packing import packs_sequences
 from pipeline.runtime import peak_memory_mb, rank_checksums
 from pipeline.stage import StageRun, require_stage, resolve_init
 from pipeline.stats import win_rate
@@ -472,10 +472,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # 3. Parent model; padding-free batches only if it keeps packed sequences apart.
     model = load_causal_lm(parent_path, tokenizer)
-    probe = [tokenizer("a b c d")["input_ids"], tokenizer("e f g")["input_ids"]]
-    if cfg.padding_free:
-        use_varlen_attention(model)  # pipeline.packing: attention per packed sequence, not over the whole row
-    if cfg.padding_free and not keeps_packed_sequences_apart(model, probe):
+    if cfg.padding_free and not packs_sequences(model):
         PartialState().print(f"[sft] {parent_path}: the model does not keep packed sequences apart; "
                              "padding batches instead", flush=True)
         args.padding_free, args.max_length = False, cfg.max_length
