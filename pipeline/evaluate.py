@@ -1,6 +1,7 @@
 """Evaluate every finished stage on the world's held-out prompts, judged by the gold labeler.
 
     python -m pipeline.evaluate --run_dir RUN [--max_prompts N --max_new_tokens 32 --temperature 0]
+    python -m pipeline.evaluate --run_dir RUN --temperature 0.8 --out eval_t0.8    (beside the greedy one)
 
 Each causal-LM stage (pretrain = "base", sft, ppo) answers RUN/world/eval_prompts.jsonl (greedy by
 default); the gold judge (reward.gold) labels every answer. As in InstructGPT (Ouyang et al. 2022,
@@ -10,7 +11,8 @@ reward model's score of the same answers is the proxy reward PPO optimised; read
 gold score shows over-optimisation (Gao et al. 2022). KL(PPO || SFT) is a Monte-Carlo estimate on
 answers sampled from PPO, the quantity PPO's KL penalty keeps small (Ziegler et al. 2019).
 
-Writes RUN/eval.json (every number and every answer) and RUN/eval.md (the table it prints).
+Writes RUN/eval.json (every number and every answer) and RUN/eval.md (the table it prints); `--out`
+names another pair. `make report` reads RUN/eval.json.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from data.loading import load_records
 from data.tokenizer import chat_ids
 from pipeline.errors import PipelineError, cli_main
 from pipeline.generation import answer, left_pad, max_prompt_tokens
-from pipeline.stage import read_manifest, write_json_atomic
+from pipeline.stage import read_manifest, write_json_atomic, write_text_atomic
 from pipeline.stats import bootstrap_ci, mean, pairwise_outcomes, share, win_rate_ceiling
 from reward.gold import FAMILIES, TOP_SCORE, GoldJudge
 
@@ -396,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=64, help="prompts generated together")
     p.add_argument("--kl_prompts", type=int, default=-1, help="prompts sampled for KL(PPO || SFT) (-1 = all evaluated, 0 = skip)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
+    p.add_argument("--out", default="eval", help="write RUN/OUT.json and RUN/OUT.md (make report reads RUN/eval.json)")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch (0 = torch's default); 1 is fastest for tiny models on a busy machine")
     return p
@@ -406,6 +409,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.max_new_tokens < 1 or args.batch_size < 1 or args.bootstrap < 0 or args.temperature < 0:
         raise PipelineError("--max_new_tokens and --batch_size must be >= 1, --bootstrap and --temperature >= 0")
+    if not args.out or Path(args.out).name != args.out:
+        raise PipelineError(f"--out takes a file name without a directory, not {args.out!r}")
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per model drowns the table
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -413,10 +418,11 @@ def main(argv: list[str] | None = None) -> None:
                           args.seed, args.bootstrap, args.batch_size, args.kl_prompts, args.device)
     run_dir = Path(args.run_dir)
     table = markdown_table(result)
-    write_json_atomic(run_dir / "eval.json", result)
-    (run_dir / "eval.md").write_text(f"# Evaluation of {run_dir}\n\n{table}", encoding="utf-8")
+    json_path, md_path = run_dir / f"{args.out}.json", run_dir / f"{args.out}.md"
+    write_json_atomic(json_path, result)
+    write_text_atomic(md_path, f"# Evaluation of {run_dir}\n\n{table}")
     print(table)
-    print(f"[eval] wrote {run_dir / 'eval.json'} and {run_dir / 'eval.md'} in {result['seconds']}s")
+    print(f"[eval] wrote {json_path} and {md_path} in {result['seconds']}s")
 
 
 if __name__ == "__main__":

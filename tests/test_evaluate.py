@@ -260,6 +260,22 @@ def test_evaluate_cli_writes_every_metric(evaluated_run):
     assert "| metric | base | sft | ppo |" in table and "hallucination rate" in table
 
 
+def test_evaluate_cli_writes_a_sampled_evaluation_beside_the_greedy_one(staged_run, tmp_path):
+    run = tmp_path / "sampled"
+    run.mkdir()
+    for name in ("world", "pretrain", "sft"):
+        os.symlink(staged_run / name, run / name)
+    (run / "eval.json").write_text("{}")  # the greedy evaluation stays as it is
+    proc = run_module("pipeline.evaluate", "--run_dir", run, "--max_prompts", 4, "--max_new_tokens", 6,
+                      "--bootstrap", 20, "--temperature", 0.8, "--out", "eval_t0.8", "--threads", 1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((run / "eval_t0.8.json").read_text())["settings"]["temperature"] == 0.8
+    assert "temperature 0.8" in (run / "eval_t0.8.md").read_text()
+    assert (run / "eval.json").read_text() == "{}"
+    proc = run_module("pipeline.evaluate", "--run_dir", run, "--out", "../elsewhere")
+    assert proc.returncode != 0 and "--out takes a file name" in proc.stderr
+
+
 def test_evaluate_with_only_pretrain_and_sft(staged_run, tmp_path):
     run = tmp_path / "partial"
     run.mkdir()
