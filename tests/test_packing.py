@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pipeline.packing import VARLEN, keeps_packed_sequences_apart, use_varlen_attention
+from pipeline.packing import VARLEN, keeps_packed_sequences_apart, packs_sequences, use_varlen_attention
 
 SEQS = [[1, 5, 7, 9, 3], [4, 4, 2], [8, 9, 10, 11, 12, 13, 14], [6]]
 
@@ -53,6 +53,19 @@ def test_several_packed_rows_and_the_packing_check():
     alone = [model(input_ids=torch.tensor([s]), use_cache=False).logits[0] for s in SEQS]
     torch.testing.assert_close(logits[0], torch.cat(alone[:2]), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(logits[1], torch.cat(alone[2:]), atol=1e-5, rtol=1e-4)
+
+
+def test_half_precision_weights_pack_too():
+    """GPU profiles train in bf16: the packed path and the stages' packing check must hold there too
+    (CPU kernels here; the same torch ops run on CUDA)."""
+    for dtype in (torch.bfloat16, torch.float16):
+        model = tiny_llama().to(dtype)
+        assert packs_sequences(model) and model.config._attn_implementation == VARLEN
+        ids, pos = packed_row(SEQS)
+        logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits[0]
+        alone = torch.cat([model(input_ids=torch.tensor([s]), use_cache=False).logits[0] for s in SEQS])
+        assert logits.dtype == dtype
+        torch.testing.assert_close(logits.float(), alone.float(), atol=2e-2, rtol=2e-2)
 
 
 def test_padded_inputs_and_generation_are_plain_sdpa():
