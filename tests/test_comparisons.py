@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from reward.comparisons import load_groups, main as comparisons_main
 from reward.gold import GoldJudge
 from stages.reward.run import main as reward_main

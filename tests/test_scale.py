@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from pathlib import Path
 
 import pytest
 from accelerate.commands.config.config_args import load_config_from_file

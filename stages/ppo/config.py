@@ -79,6 +79,6 @@ class PPOConfig:
         if not 0 <= self.ema_decay < 1:
             raise PipelineError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.ptx_coef > 0 and (self.ptx_batch_size < 1 or self.ptx_length < 2):
-            raise PipelineError(f"ptx_coef > 0 needs ptx_batch_size >= 1 and ptx_length >= 2")
+            raise PipelineError("ptx_coef > 0 needs ptx_batch_size >= 1 and ptx_length >= 2")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise PipelineError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
