@@ -272,6 +272,16 @@ def test_two_processes_with_torchrun(parents, tmp_path):
     assert_replicas_saved(manifest, AutoModelForCausalLM.from_pretrained(run / "ppo"))
 
 
+def test_rollouts_under_fsdp2():
+    """Sampling (under inference mode) and packed forwards on FSDP2-sharded weights, inside `gathered`:
+    the same tokens, log-probs and logits as the unsharded model, no hang when ranks stop at different
+    lengths, weights sharded again afterwards (tests/fsdp2_rollout.py; torch's fully_shard on gloo).
+    Without the gathering, FSDP2 unshards inside inference mode and fails."""
+    proc = run_module("tests.fsdp2_rollout", launcher=torchrun(2), env=ONE_THREAD, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 0: ok" in proc.stdout and "rank 1: ok" in proc.stdout
+
+
 def test_resume_after_sigkill_reaches_the_same_step_count(parents, tmp_path):
     run = new_run(parents, tmp_path)
     args = tiny(run, "--num_updates", 10, "--save_every", 2, "--gold_every", 5, "--eval_size", 4)
