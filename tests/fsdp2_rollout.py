@@ -2,9 +2,11 @@
 
 accelerate forms no FSDP group without GPUs, so this shards a tiny Llama with torch's own
 `fully_shard` (FSDP2, what accelerate's FSDP2 plugin applies) and checks the PPO stage's rollout
-pieces on it: under `gathered`, sampling and packed (varlen) forwards match the unsharded model and
-issue no collective per forward (ranks sampling different lengths would otherwise hang); after it,
-the parameters are sharded again and a training backward works. Exits non-zero on any mismatch.
+pieces on it: under `gathered`, sampling and packed (varlen) forwards match the unsharded model while
+the ranks sample different lengths (without it FSDP2 unshards per forward, inside inference mode,
+and fails); after it,
+the parameters are sharded again and a packed backward gives the unsharded gradients (averaged
+over the ranks). Exits non-zero on any mismatch.
 """
 
 from __future__ import annotations
@@ -55,9 +57,15 @@ def main() -> None:
 
     weight = sharded.model.layers[0].self_attn.q_proj.weight
     assert isinstance(weight, DTensor) and weight.to_local().shape[0] == 16, "not resharded after the rollout"
-    sharded.train()
-    response_logits(sharded, ep, 0.7).logsumexp(-1).sum().backward()
-    assert all(p.grad is not None for p in sharded.parameters()), "no gradient after the rollout"
+    # A training step's backward on the packed episodes (different on each rank): FSDP2's gradients
+    # are the unsharded model's averaged over the ranks, as data parallelism's are.
+    for model in (sharded, plain):
+        model.train()
+        response_logits(model, ep, 0.7).logsumexp(-1).sum().backward()
+    for (name, p), q in zip(sharded.named_parameters(), plain.parameters()):
+        dist.all_reduce(q.grad)
+        torch.testing.assert_close(p.grad.full_tensor(), q.grad / dist.get_world_size(), atol=1e-5, rtol=1e-4,
+                                   msg=lambda m, name=name: f"{name}: {m}")
     dist.barrier()
     print(f"rank {rank}: ok")
     dist.destroy_process_group()
