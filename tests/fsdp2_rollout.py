@@ -1,12 +1,13 @@
-"""Worker of test_ppo.py::test_rollouts_under_fsdp2 (run under torchrun, 2 processes, gloo on CPU).
+"""Worker of test_ppo.py::test_ppo_under_fsdp2 (run under torchrun, 2 processes, gloo on CPU).
 
-accelerate forms no FSDP group without GPUs, so this shards a tiny Llama with torch's own
-`fully_shard` (FSDP2, what accelerate's FSDP2 plugin applies) and checks the PPO stage's rollout
-pieces on it: under `gathered`, sampling and packed (varlen) forwards match the unsharded model while
-the ranks sample different lengths (without it FSDP2 unshards per forward, inside inference mode,
-and fails); after it,
-the parameters are sharded again and a packed backward gives the unsharded gradients (averaged
-over the ranks). Exits non-zero on any mismatch.
+accelerate forms no FSDP group without GPUs, so this applies accelerate's own FSDP2 preparation
+(`fsdp2_prepare_model`, transformer-based wrapping) to the PPO stage's policy + critic pair by hand,
+then runs the stage's pieces on it against an unsharded copy: under `gathered`, sampling (in
+inference mode), packed response logits and values match while the ranks sample different
+lengths (without it FSDP2 unshards per forward, inside inference mode, and fails); afterwards the
+weights are sharded again and a training forward/backward of the pair gives the unsharded gradients
+averaged over the ranks; a second rollout after an optimizer step matches again. Exits non-zero on
+any mismatch.
 """
 
 from __future__ import annotations
@@ -15,57 +16,80 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import fully_shard
+from accelerate.utils import FullyShardedDataParallelPlugin
+from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 from pipeline.packing import use_varlen_attention
 from stages.ppo.math import truncate_after_eos
-from stages.ppo.run import episodes, gathered, response_logits, sample
+from stages.ppo.run import ActorCritic, Critic, episodes, gathered, response_logits, sample
+
+CONFIG = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, pad_token_id=0, eos_token_id=1, num_labels=1)
+
+
+def actor_critic() -> ActorCritic:
+    torch.manual_seed(0)
+    policy, reward = LlamaForCausalLM(LlamaConfig(**CONFIG)), LlamaForSequenceClassification(LlamaConfig(**CONFIG))
+    for model in (policy, reward):
+        assert use_varlen_attention(model)
+    return ActorCritic(policy.eval(), Critic(reward.eval()))
+
+
+def sharded_q_proj(pair: ActorCritic) -> bool:
+    weight = pair.policy.model.layers[0].self_attn.q_proj.weight
+    return isinstance(weight, DTensor) and weight.to_local().shape[0] == CONFIG["hidden_size"] // 2
 
 
 def main() -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, pad_token_id=0, eos_token_id=1)
-    plain = LlamaForCausalLM(config).eval()
-    sharded = LlamaForCausalLM(config.__class__(**config.to_dict())).eval()  # its own config
-    sharded.load_state_dict(plain.state_dict())
-    for model in (plain, sharded):
-        assert use_varlen_attention(model)
-    for layer in sharded.model.layers:
-        fully_shard(layer)
-    fully_shard(sharded)
-    weight = sharded.model.layers[0].self_attn.q_proj.weight
-    assert isinstance(weight, DTensor) and weight.to_local().shape[0] == 16, "not sharded"
+    plain = actor_critic()
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                            cpu_ram_efficient_loading=False, state_dict_type="FULL_STATE_DICT")
+    accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin, deepspeed_plugin=None), is_fsdp2=True,
+                                  torch_device_mesh=None, mixed_precision="no", is_main_process=rank == 0,
+                                  device=torch.device("cpu"))
+    model = fsdp2_prepare_model(accelerator, actor_critic())
+    units = [type(m).__name__ for m in model.modules() if isinstance(m, FSDPModule)]
+    assert units.count("FSDPLlamaDecoderLayer") == 4, f"decoder layers not wrapped on their own: {units}"
+    assert sharded_q_proj(model), "not sharded"
 
-    accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None), is_fsdp2=True)
     prompts = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10], [0, 11, 12, 13]])
     mask = (prompts != 0).long()
     new_tokens = 3 if rank == 0 else 9  # the ranks stop at different lengths
-    with gathered(accelerator, sharded):
-        tokens, logprobs = sample(sharded, prompts, mask, new_tokens, 0.0, 1, 0)
-        responses, resp_mask, _ = truncate_after_eos(tokens, 1, 0)
-        ep = episodes(torch.cat([prompts, responses], 1), torch.cat([mask, resp_mask], 1), resp_mask, packed=True)
-        logits = response_logits(sharded, ep, 0.7)
-    want_tokens, want_logprobs = sample(plain, prompts, mask, new_tokens, 0.0, 1, 0)
-    assert torch.equal(tokens, want_tokens), "sharded sampling differs"
-    torch.testing.assert_close(logprobs, want_logprobs, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(logits, response_logits(plain, ep, 0.7), atol=1e-5, rtol=1e-5)
+    optimizers = [torch.optim.SGD(pair.parameters(), lr=0.5) for pair in (model, plain)]
+    for update in range(2):  # rollout, training step, and a second rollout on the new weights
+        with torch.no_grad(), gathered(accelerator, model):  # as the stage's rollout: the policy called directly
+            tokens, logprobs = sample(model.policy, prompts, mask, new_tokens, 0.0, 1, 0)
+            responses, resp_mask, _ = truncate_after_eos(tokens, 1, 0)
+            ep = episodes(torch.cat([prompts, responses], 1), torch.cat([mask, resp_mask], 1), resp_mask, packed=True)
+            logits, values = response_logits(model.policy, ep, 0.7), model.critic(ep)
+        want_tokens, want_logprobs = sample(plain.policy, prompts, mask, new_tokens, 0.0, 1, 0)
+        assert torch.equal(tokens, want_tokens), f"sharded sampling differs at update {update}"
+        torch.testing.assert_close(logprobs, want_logprobs, atol=1e-5, rtol=1e-5)
+        with torch.no_grad():
+            torch.testing.assert_close(logits, response_logits(plain.policy, ep, 0.7), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(values, plain.critic(ep), atol=1e-5, rtol=1e-5)
+        assert sharded_q_proj(model), "not resharded after the rollout"
 
-    weight = sharded.model.layers[0].self_attn.q_proj.weight
-    assert isinstance(weight, DTensor) and weight.to_local().shape[0] == 16, "not resharded after the rollout"
-    # A training step's backward on the packed episodes (different on each rank): FSDP2's gradients
-    # are the unsharded model's averaged over the ranks, as data parallelism's are.
-    for model in (sharded, plain):
-        model.train()
-        response_logits(model, ep, 0.7).logsumexp(-1).sum().backward()
-    for (name, p), q in zip(sharded.named_parameters(), plain.parameters()):
-        dist.all_reduce(q.grad)
-        torch.testing.assert_close(p.grad.full_tensor(), q.grad / dist.get_world_size(), atol=1e-5, rtol=1e-4,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+        # A training step on each rank's own episodes: FSDP2's gradients are the unsharded pair's
+        # averaged over the ranks, as data parallelism's are.
+        for pair in (model, plain):
+            pair.train()
+            logits, values, _ = pair(ep, 0.7)
+            (logits.logsumexp(-1).sum() + values.sum()).backward()
+            pair.eval()
+        for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+            dist.all_reduce(q.grad)
+            q.grad /= dist.get_world_size()
+            torch.testing.assert_close(p.grad.full_tensor(), q.grad, atol=1e-5, rtol=1e-4,
+                                       msg=lambda m, name=name: f"{name}: {m}")
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
     dist.barrier()
     print(f"rank {rank}: ok")
     dist.destroy_process_group()

@@ -272,11 +272,12 @@ def test_two_processes_with_torchrun(parents, tmp_path):
     assert_replicas_saved(manifest, AutoModelForCausalLM.from_pretrained(run / "ppo"))
 
 
-def test_rollouts_under_fsdp2():
-    """Sampling (under inference mode) and packed forwards on FSDP2-sharded weights, inside `gathered`:
-    the same tokens, log-probs and logits as the unsharded model, no hang when ranks stop at different
-    lengths, weights sharded again afterwards (tests/fsdp2_rollout.py; torch's fully_shard on gloo).
-    Without the gathering, FSDP2 unshards inside inference mode and fails."""
+def test_ppo_under_fsdp2():
+    """The policy + critic pair sharded as accelerate's FSDP2 plugin shards it (one unit per decoder
+    layer), two rollouts and training steps against an unsharded copy (tests/fsdp2_rollout.py, gloo):
+    same samples, log-probs, logits, values and rank-averaged gradients. Caught two failures a GPU
+    run would have hit: the pair was a single FSDP unit, and the rollout's direct call of the policy
+    made a decoder layer FSDP's root, so the first training step raised."""
     proc = run_module("tests.fsdp2_rollout", launcher=torchrun(2), env=ONE_THREAD, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank 0: ok" in proc.stdout and "rank 1: ok" in proc.stdout

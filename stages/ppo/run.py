@@ -218,6 +218,11 @@ class ActorCritic(nn.Module):
     def __init__(self, policy: nn.Module, critic: Critic):
         super().__init__()
         self.policy, self.critic = policy, critic
+        # FSDP's transformer-based wrapping gives each decoder layer its own shard unit, finding the
+        # layers by the class names a transformers model lists here; without them this wrapper would
+        # be one unit, every weight of both models gathered at once.
+        self._no_split_modules = sorted({name for m in (policy, critic.body)
+                                         for name in (getattr(m, "_no_split_modules", None) or [])})
 
     def forward(self, ep: Episodes, temperature: float, ptx_ids=None):
         logits = response_logits(self.policy, ep, temperature)
@@ -225,6 +230,11 @@ class ActorCritic(nn.Module):
         ptx = (self.policy(input_ids=ptx_ids, labels=ptx_ids, use_cache=False).loss if ptx_ids is not None
                else torch.zeros((), device=ep.ids.device))
         return logits, values, ptx
+
+    def enter(self) -> None:
+        """Nothing. `gathered` registers it as an FSDP2 forward method, so a call runs the pair's
+        forward hooks: FSDP2 sets up its root on the first of them, and the rollout calls the policy
+        inside the pair directly (its first decoder layer would otherwise become a root of its own)."""
 
 
 @contextmanager
@@ -241,8 +251,11 @@ def gathered(accelerator, model: nn.Module):
         with deepspeed.zero.GatheredParameters(list(model.parameters())):
             yield
     elif getattr(accelerator, "is_fsdp2", False):
-        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 
+        if not hasattr(model.enter, "__wrapped__"):  # registered once
+            register_fsdp_forward_method(model, "enter")
+        model.enter()
         units = [m for m in model.modules() if isinstance(m, FSDPModule)]
         for unit in units:
             unit.set_reshard_after_forward(False)
