@@ -31,8 +31,10 @@ def progress(total: int, initial: int = 0, desc: str = "", enabled: bool = True)
 
 
 def weights_checksum(model) -> torch.Tensor:
-    """A float64 sum over all parameters (tied ones counted once): a cheap fingerprint of the weights."""
-    return torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().cpu()
+    """A float64 sum over all parameters (tied ones counted once): a cheap fingerprint of the weights.
+    Of FSDP2's sharded parameters (DTensors) it sums this process's shard."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    return torch.stack([p.detach().double().sum() for p in local]).sum().cpu()
 
 
 def rank_checksums(accelerator, model) -> list[float]:

@@ -6,8 +6,8 @@ then runs the stage's pieces on it against an unsharded copy: under `gathered`, 
 inference mode), packed response logits and values match while the ranks sample different
 lengths (without it FSDP2 unshards per forward, inside inference mode, and fails); afterwards the
 weights are sharded again and a training forward/backward of the pair gives the unsharded gradients
-averaged over the ranks; a second rollout after an optimizer step matches again. Exits non-zero on
-any mismatch.
+averaged over the ranks; a second rollout after an optimizer step matches again; the full state
+dict the stage saves and the manifest's weight checksums are right. Exits non-zero on any mismatch.
 """
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ import torch
 import torch.distributed as dist
 from accelerate.utils import FullyShardedDataParallelPlugin
 from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 from pipeline.packing import use_varlen_attention
+from pipeline.runtime import weights_checksum
 from stages.ppo.math import truncate_after_eos
 from stages.ppo.run import ActorCritic, Critic, episodes, gathered, response_logits, sample
 
@@ -90,6 +92,16 @@ def main() -> None:
         for optimizer in optimizers:
             optimizer.step()
             optimizer.zero_grad()
+    # What the stage saves: accelerate's full state dict of the pair (FSDP2 branch of get_state_dict),
+    # the policy's half; and the per-rank checksums of the manifest (shard sums, adding up to the whole).
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                                cpu_offload=True))
+    if rank == 0:
+        for key, value in plain.state_dict().items():
+            torch.testing.assert_close(full[key], value, atol=1e-6, rtol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
+    shard_sum = weights_checksum(model.policy)
+    dist.all_reduce(shard_sum)
+    torch.testing.assert_close(shard_sum, weights_checksum(plain.policy))
     dist.barrier()
     print(f"rank {rank}: ok")
     dist.destroy_process_group()
