@@ -234,8 +234,6 @@ def main(argv: list[str] | None = None) -> None:
     val_loss = evaluate(model, accelerator, held_out, cfg.batch_size)
     checksums = rank_checksums(accelerator, model)
     unwrapped = accelerator.unwrap_model(model)
-    prompts = cfg.sample_prompts or [tokenizer.decode(tokenizer(t, add_special_tokens=False)["input_ids"][:6]) for t in val_texts[:4]]
-    samples = sample_completions(unwrapped, tokenizer, prompts, cfg.sample_tokens, cfg.temperature, cfg.seed) if accelerator.is_main_process else []
     unwrapped.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         do_sample=True, temperature=cfg.temperature, max_new_tokens=64,
@@ -244,6 +242,12 @@ def main(argv: list[str] | None = None) -> None:
                               save_function=accelerator.save, state_dict=accelerator.get_state_dict(model))
     if accelerator.is_main_process:
         tokenizer.save_pretrained(stage_dir)
+        # Samples from the saved checkpoint: under FSDP or ZeRO-3 the trained model is sharded, and a
+        # forward on the main process alone would wait for the others forever.
+        prompts = cfg.sample_prompts or [tokenizer.decode(tokenizer(t, add_special_tokens=False)["input_ids"][:6])
+                                         for t in val_texts[:4]]
+        saved = AutoModelForCausalLM.from_pretrained(stage_dir).to(accelerator.device)
+        samples = sample_completions(saved, tokenizer, prompts, cfg.sample_tokens, cfg.temperature, cfg.seed)
         metrics = {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50)), "params": n_params,
                    "train_tokens_seen": cfg.max_steps * tokens_per_step, "peak_memory_mb": round(peak_memory_mb())}
         run.finish(metrics, {"samples": samples, "processes": accelerator.num_processes,

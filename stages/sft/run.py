@@ -387,8 +387,12 @@ def sample_indices(families: list[str], k: int) -> list[int]:
     return sorted(picked)
 
 
-def gold_evaluation(cfg: SFTStageConfig, world: Path, model, tokenizer, parent_path: str) -> tuple[dict, list[dict]]:
-    """Greedy answers to held-out world prompts from this model and from its parent, judged by the gold labeler."""
+def gold_evaluation(cfg: SFTStageConfig, world: Path, stage_dir: Path, tokenizer, parent_path: str,
+                    device) -> tuple[dict, list[dict]]:
+    """Greedy answers to held-out world prompts from the saved model and from its parent, judged by
+    the gold labeler. The saved checkpoint, not the trainer's model: under FSDP or ZeRO-3 that one is
+    sharded, and a forward on the main process alone would wait for the others forever."""
+    model = load_causal_lm(str(stage_dir), tokenizer).to(device)
     judge = GoldJudge.load(world)
     records = load_records([str(world / "eval_prompts.jsonl")])
     if cfg.eval_prompts > 0:
@@ -396,7 +400,7 @@ def gold_evaluation(cfg: SFTStageConfig, world: Path, model, tokenizer, parent_p
     prompts = [require_text(r, "prompt") for r in records]
     base_tokenizer = load_tokenizer(parent_path)
     base = load_causal_lm(parent_path, base_tokenizer)
-    base.to(next(model.parameters()).device)
+    base.to(device)
     ours = answer(model, tokenizer, prompts, max_new_tokens=cfg.eval_max_new_tokens)
     theirs = answer(base, base_tokenizer, prompts, max_new_tokens=cfg.eval_max_new_tokens)
     del base
@@ -524,7 +528,7 @@ def main(argv: list[str] | None = None) -> None:
         }
         samples = []
         if world is not None:
-            gold, samples = gold_evaluation(cfg, world, model, tokenizer, parent_path)
+            gold, samples = gold_evaluation(cfg, world, stage_dir, tokenizer, parent_path, args.device)
             metrics.update(gold)
         metrics["peak_memory_mb"] = round(peak_memory_mb())
         (stage_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; the manifest holds the config
