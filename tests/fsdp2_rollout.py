@@ -7,11 +7,13 @@ inference mode), packed response logits and values match while the ranks sample 
 lengths (without it FSDP2 unshards per forward, inside inference mode, and fails); afterwards the
 weights are sharded again and a training forward/backward of the pair gives the unsharded gradients
 averaged over the ranks; a second rollout after an optimizer step matches again; the full state
-dict the stage saves and the manifest's weight checksums are right. Exits non-zero on any mismatch.
+dict the stage saves and the manifest's weight checksums are right, and so is a LoRA policy merged
+from the gathered state dict. Exits non-zero on any mismatch.
 """
 
 from __future__ import annotations
 
+import tempfile
 from types import SimpleNamespace
 
 import torch
@@ -26,18 +28,55 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 from pipeline.packing import use_varlen_attention
 from pipeline.runtime import weights_checksum
 from stages.ppo.math import truncate_after_eos
-from stages.ppo.run import ActorCritic, Critic, episodes, gathered, response_logits, sample
+from stages.ppo.run import ActorCritic, Critic, episodes, gathered, merged_lora_policy, response_logits, sample, with_lora
 
 CONFIG = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, pad_token_id=0, eos_token_id=1, num_labels=1)
 
 
-def actor_critic() -> ActorCritic:
+def actor_critic(lora=None) -> ActorCritic:
     torch.manual_seed(0)
     policy, reward = LlamaForCausalLM(LlamaConfig(**CONFIG)), LlamaForSequenceClassification(LlamaConfig(**CONFIG))
     for model in (policy, reward):
         assert use_varlen_attention(model)
+    if lora is not None:
+        policy = with_lora(policy, lora)
+        for name, p in policy.named_parameters():  # adapters as after training (B starts at 0)
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)
     return ActorCritic(policy.eval(), Critic(reward.eval()))
+
+
+def accelerate_fsdp2(pair: ActorCritic, rank: int):
+    """The pair prepared by accelerate's FSDP2 code, and the stand-in accelerator `gathered` reads."""
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+                                            cpu_ram_efficient_loading=False, state_dict_type="FULL_STATE_DICT")
+    accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin, deepspeed_plugin=None), is_fsdp2=True,
+                                  torch_device_mesh=None, mixed_precision="no", is_main_process=rank == 0,
+                                  device=torch.device("cpu"))
+    return fsdp2_prepare_model(accelerator, pair), accelerator
+
+
+def full_state_dict(model) -> dict:
+    """What accelerate's get_state_dict returns under FSDP2."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                                cpu_offload=True))
+
+
+def check_lora_save(rank: int, tmp: str) -> None:
+    """The stage's save of a LoRA policy: from the gathered state dict, merged into a fresh copy."""
+    lora = SimpleNamespace(lora_r=4, lora_alpha=8, lora_target_modules="q_proj,v_proj", sft_path=tmp)
+    plain = actor_critic(lora)
+    if rank == 0:
+        plain.policy.get_base_model().save_pretrained(tmp)  # the SFT checkpoint the stage starts from
+    model, _ = accelerate_fsdp2(actor_critic(lora), rank)
+    state_dict = {k.removeprefix("policy."): v for k, v in full_state_dict(model).items() if k.startswith("policy.")}
+    dist.barrier()
+    if rank == 0:
+        merged, want = merged_lora_policy(lora, state_dict).state_dict(), plain.policy.merge_and_unload().state_dict()
+        assert merged.keys() == want.keys()
+        for key in want:
+            torch.testing.assert_close(merged[key], want[key], atol=1e-6, rtol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
 
 
 def sharded_q_proj(pair: ActorCritic) -> bool:
@@ -49,12 +88,7 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     plain = actor_critic()
-    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-                                            cpu_ram_efficient_loading=False, state_dict_type="FULL_STATE_DICT")
-    accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin, deepspeed_plugin=None), is_fsdp2=True,
-                                  torch_device_mesh=None, mixed_precision="no", is_main_process=rank == 0,
-                                  device=torch.device("cpu"))
-    model = fsdp2_prepare_model(accelerator, actor_critic())
+    model, accelerator = accelerate_fsdp2(actor_critic(), rank)
     units = [type(m).__name__ for m in model.modules() if isinstance(m, FSDPModule)]
     assert units.count("FSDPLlamaDecoderLayer") == 4, f"decoder layers not wrapped on their own: {units}"
     assert sharded_q_proj(model), "not sharded"
@@ -94,15 +128,16 @@ def main() -> None:
             optimizer.zero_grad()
     # What the stage saves: accelerate's full state dict of the pair (FSDP2 branch of get_state_dict),
     # the policy's half; and the per-rank checksums of the manifest (shard sums, adding up to the whole).
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
-                                                                cpu_offload=True))
+    full = full_state_dict(model)
     if rank == 0:
         for key, value in plain.state_dict().items():
             torch.testing.assert_close(full[key], value, atol=1e-6, rtol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
     shard_sum = weights_checksum(model.policy)
     dist.all_reduce(shard_sum)
     torch.testing.assert_close(shard_sum, weights_checksum(plain.policy))
-    dist.barrier()
+    with tempfile.TemporaryDirectory() as tmp:
+        check_lora_save(rank, tmp)
+        dist.barrier()
     print(f"rank {rank}: ok")
     dist.destroy_process_group()
 

@@ -276,9 +276,10 @@ def test_ppo_under_fsdp2():
     """The policy + critic pair sharded as accelerate's FSDP2 plugin shards it (one unit per decoder
     layer), two rollouts and training steps against an unsharded copy (tests/fsdp2_rollout.py, gloo):
     same samples, log-probs, logits, values and rank-averaged gradients, then the saved full state
-    dict and the manifest's checksums. Caught three failures a GPU run would have hit: the pair was a
-    single FSDP unit; the rollout's direct call of the policy made a decoder layer FSDP's root, so the
-    first training step raised; the weight checksum of sharded parameters could not be gathered."""
+    dict, a LoRA policy merged from it, and the manifest's checksums. Caught three failures a GPU run
+    would have hit: the pair was a single FSDP unit; the rollout's direct call of the policy made a
+    decoder layer FSDP's root, so the first training step raised; the weight checksum of sharded
+    parameters could not be gathered."""
     proc = run_module("tests.fsdp2_rollout", launcher=torchrun(2), env=ONE_THREAD, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rank 0: ok" in proc.stdout and "rank 1: ok" in proc.stdout

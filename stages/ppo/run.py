@@ -298,6 +298,24 @@ class EMA:
             self.shadow[n].copy_(state[n])
 
 
+def with_lora(policy, cfg: PPOConfig):
+    """The policy with trainable LoRA adapters (peft); the base weights stay frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.lora_target_modules if cfg.lora_target_modules == "all-linear" else cfg.lora_target_modules.split(",")
+    return get_peft_model(policy, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                                             target_modules=targets, task_type="CAUSAL_LM"))
+
+
+def merged_lora_policy(cfg: PPOConfig, state_dict: dict):
+    """A plain model: a fresh LoRA policy given the trained (gathered) weights, adapters merged in.
+    Not the live model, which FSDP or ZeRO-3 may hold sharded: merging it on the main process alone
+    would wait for the other processes forever."""
+    policy = with_lora(AutoModelForCausalLM.from_pretrained(cfg.sft_path, config=without_dropout(cfg.sft_path)), cfg)
+    policy.load_state_dict(state_dict)
+    return policy.merge_and_unload()
+
+
 def check_same_tokenizer(policy_tok, reward_tok, sft_path: str, reward_path: str) -> None:
     """The reward model scores the policy's token ids directly, so both must mean the same tokens
     and the same conversation format."""
@@ -498,11 +516,7 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.padding_free and not packed:
         accelerator.print("[ppo] a model does not keep packed sequences apart; padded batches instead")
     if cfg.lora_r > 0:
-        from peft import LoraConfig, get_peft_model
-
-        targets = cfg.lora_target_modules if cfg.lora_target_modules == "all-linear" else cfg.lora_target_modules.split(",")
-        policy = get_peft_model(policy, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                                                   target_modules=targets, task_type="CAUSAL_LM"))
+        policy = with_lora(policy, cfg)
     critic = Critic(critic_base, float(getattr(critic_base.config, BIAS_KEY, 0.0) or 0.0))
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
@@ -704,13 +718,14 @@ def main(argv: list[str] | None = None) -> None:
         samples = [{"prompt": p, "ppo": a, "sft": b} for p, a, b in zip(eval_prompts[:8], ppo["texts"], base["texts"])]
 
     # 8. Save a plain HF checkpoint (LoRA merged into the weights), tokenizer, generation config,
-    # then the manifest (last).
-    state_dict = None
-    if cfg.lora_r == 0:  # gathered from every shard under FSDP / ZeRO-3; the policy's half of the pair
-        state_dict = {k.removeprefix("policy."): v for k, v in accelerator.get_state_dict(model).items() if k.startswith("policy.")}
+    # then the manifest (last). The policy's half of the pair's state dict, gathered from every shard
+    # under FSDP / ZeRO-3.
+    state_dict = {k.removeprefix("policy."): v for k, v in accelerator.get_state_dict(model).items() if k.startswith("policy.")}
     checksums = rank_checksums(accelerator, unwrapped)  # replicas in sync (2-process tests)
     if is_main:
-        final = unwrapped.merge_and_unload() if cfg.lora_r > 0 else unwrapped
+        final = unwrapped
+        if cfg.lora_r > 0:
+            final, state_dict = merged_lora_policy(cfg, state_dict), None
         gen_config_file = Path(cfg.sft_path) / "generation_config.json"
         final.generation_config = (GenerationConfig.from_pretrained(cfg.sft_path) if gen_config_file.is_file() else
                                    GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=pad))
