@@ -66,9 +66,9 @@ def full_state_dict(model) -> dict:
 def check_lora_save(rank: int, tmp: str) -> None:
     """The stage's save of a LoRA policy: from the gathered state dict, merged into a fresh copy."""
     lora = SimpleNamespace(lora_r=4, lora_alpha=8, lora_target_modules="q_proj,v_proj", sft_path=tmp)
-    plain = actor_critic(lora)
     if rank == 0:
-        plain.policy.get_base_model().save_pretrained(tmp)  # the SFT checkpoint the stage starts from
+        actor_critic().policy.save_pretrained(tmp)  # the SFT checkpoint the stage starts from (same seed)
+    plain = actor_critic(lora)
     model, _ = accelerate_fsdp2(actor_critic(lora), rank)
     state_dict = {k.removeprefix("policy."): v for k, v in full_state_dict(model).items() if k.startswith("policy.")}
     dist.barrier()
