@@ -156,6 +156,17 @@ def parent_model(cfg: RewardStageConfig) -> tuple[str, dict | None]:
     return str(sft), require_stage(sft, "sft", cfg.run_dir)
 
 
+def reward_body(parent_path: str, tokenizer):
+    """The parent transformer with a one-output head: the parent's own if it is a reward model, a
+    fresh one if it is a language model."""
+    with suppress_seqcls_warning():  # "score.weight newly initialised / lm_head unused" is the point here
+        model = AutoModelForSequenceClassification.from_pretrained(parent_path, num_labels=1, dtype=torch.float32)
+    ensure_chat_ready(tokenizer, model)  # pad distinct from EOS, on the config: the head skips pads only
+    if not any(a.endswith("ForSequenceClassification") for a in model.config.architectures or []):
+        init_score_head(model)
+    return model
+
+
 def init_score_head(model) -> None:
     """N(0, 1/sqrt(d_model + 1)) reward head (Huang et al. 2024, after Ziegler et al. 2019): rewards
     start at unit scale instead of near 0 as with the default 0.02 init."""
@@ -285,11 +296,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # 2. Model: the SFT transformer with a one-output head, reward read at the last (EOS) token.
     set_seed(cfg.seed)
-    with suppress_seqcls_warning():  # "score.weight newly initialised / lm_head unused" is the point here
-        model = AutoModelForSequenceClassification.from_pretrained(parent_path, num_labels=1, dtype=torch.float32)
-    ensure_chat_ready(tokenizer, model)  # pad distinct from EOS, on the config: the head skips pads only
-    if not any(a.endswith("ForSequenceClassification") for a in model.config.architectures or []):
-        init_score_head(model)  # a fresh head (the parent is a language model, not a reward model)
+    model = reward_body(parent_path, tokenizer)
     max_length = min(cfg.max_length, getattr(model.config, "max_position_embeddings", cfg.max_length))
     # Padding-free batches if the transformer keeps packed sequences apart (pipeline.packing).
     packed = cfg.padding_free and packs_sequences(model)
@@ -341,10 +348,17 @@ def main(argv: list[str] | None = None) -> None:
     result = trainer.train(resume_from_checkpoint=resume)
     checksums = rank_checksums(trainer.accelerator, trainer.model)  # replicas in sync (2-process tests)
 
-    # 5. Save a plain checkpoint (LoRA merged into the weights, the trained head kept).
+    # 5. Save a plain checkpoint (LoRA merged into the weights, the trained head kept). With LoRA the
+    #    weights are gathered from every process and merged into a fresh copy on the main one: the
+    #    trainer's model may be sharded (FSDP, ZeRO-3), and merging it there alone would hang.
     if cfg.use_lora:
+        state_dict = trainer.accelerator.get_state_dict(trainer.model)
         if state.is_main_process:
-            trainer.model.merge_and_unload().save_pretrained(stage_dir)
+            from peft import get_peft_model
+
+            fresh = get_peft_model(reward_body(parent_path, tokenizer), peft_config)
+            fresh.load_state_dict(state_dict)
+            fresh.merge_and_unload().save_pretrained(stage_dir)
             tokenizer.save_pretrained(stage_dir)
     else:
         trainer.save_model(str(stage_dir))
