@@ -37,6 +37,15 @@ def weights_checksum(model) -> torch.Tensor:
     return torch.stack([p.detach().double().sum() for p in local]).sum().cpu()
 
 
+def merged_from_state_dict(model, state_dict: dict):
+    """A plain model: `model` (a fresh peft model, built as the trained one was) given the trained
+    model's full state dict, gathered from every process, its LoRA adapters merged in. Stages merge
+    such a copy on the main process, never their live model: FSDP or ZeRO-3 may hold that one sharded,
+    and merging it on one process alone would wait for the others forever."""
+    model.load_state_dict(state_dict)
+    return model.merge_and_unload()
+
+
 def rank_checksums(accelerator, model) -> list[float]:
     """Every process's weights_checksum, gathered: equal on all ranks iff data parallelism kept the
     replicas in sync. (Sharded engines - FSDP, ZeRO-3 - hold different shards; compare under DDP.)"""

@@ -26,9 +26,9 @@ from torch.distributed.tensor import DTensor
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 from pipeline.packing import use_varlen_attention
-from pipeline.runtime import weights_checksum
+from pipeline.runtime import merged_from_state_dict, weights_checksum
 from stages.ppo.math import truncate_after_eos
-from stages.ppo.run import ActorCritic, Critic, episodes, gathered, merged_lora_policy, response_logits, sample, with_lora
+from stages.ppo.run import ActorCritic, Critic, episodes, gathered, response_logits, sample, with_lora
 
 CONFIG = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, pad_token_id=0, eos_token_id=1, num_labels=1)
@@ -65,7 +65,7 @@ def full_state_dict(model) -> dict:
 
 def check_lora_save(rank: int, tmp: str) -> None:
     """The stage's save of a LoRA policy: from the gathered state dict, merged into a fresh copy."""
-    lora = SimpleNamespace(lora_r=4, lora_alpha=8, lora_target_modules="q_proj,v_proj", sft_path=tmp)
+    lora = SimpleNamespace(lora_r=4, lora_alpha=8, lora_target_modules="q_proj,v_proj")
     if rank == 0:
         actor_critic().policy.save_pretrained(tmp)  # the SFT checkpoint the stage starts from (same seed)
     plain = actor_critic(lora)
@@ -73,7 +73,8 @@ def check_lora_save(rank: int, tmp: str) -> None:
     state_dict = {k.removeprefix("policy."): v for k, v in full_state_dict(model).items() if k.startswith("policy.")}
     dist.barrier()
     if rank == 0:
-        merged, want = merged_lora_policy(lora, state_dict).state_dict(), plain.policy.merge_and_unload().state_dict()
+        fresh = with_lora(LlamaForCausalLM.from_pretrained(tmp), lora)  # as the stage builds it from the SFT model
+        merged, want = merged_from_state_dict(fresh, state_dict).state_dict(), plain.policy.merge_and_unload().state_dict()
         assert merged.keys() == want.keys()
         for key in want:
             torch.testing.assert_close(merged[key], want[key], atol=1e-6, rtol=1e-5, msg=lambda m, key=key: f"{key}: {m}")

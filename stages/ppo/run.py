@@ -32,7 +32,8 @@ from pipeline.config import config_dict, parse_config
 from pipeline.errors import PipelineError, cli_main
 from pipeline.generation import left_pad
 from pipeline.packing import packs_sequences
-from pipeline.runtime import load_checkpoint, peak_memory_mb, progress, rank_checksums, save_checkpoint, setup
+from pipeline.runtime import (load_checkpoint, merged_from_state_dict, peak_memory_mb, progress, rank_checksums,
+                              save_checkpoint, setup)
 from pipeline.stage import StageRun, require_stage
 from pipeline.stats import win_rate, win_rate_ceiling
 from pipeline.tracking import Tracker
@@ -305,15 +306,6 @@ def with_lora(policy, cfg: PPOConfig):
     targets = cfg.lora_target_modules if cfg.lora_target_modules == "all-linear" else cfg.lora_target_modules.split(",")
     return get_peft_model(policy, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                                              target_modules=targets, task_type="CAUSAL_LM"))
-
-
-def merged_lora_policy(cfg: PPOConfig, state_dict: dict):
-    """A plain model: a fresh LoRA policy given the trained (gathered) weights, adapters merged in.
-    Not the live model, which FSDP or ZeRO-3 may hold sharded: merging it on the main process alone
-    would wait for the other processes forever."""
-    policy = with_lora(AutoModelForCausalLM.from_pretrained(cfg.sft_path, config=without_dropout(cfg.sft_path)), cfg)
-    policy.load_state_dict(state_dict)
-    return policy.merge_and_unload()
 
 
 def check_same_tokenizer(policy_tok, reward_tok, sft_path: str, reward_path: str) -> None:
@@ -725,7 +717,8 @@ def main(argv: list[str] | None = None) -> None:
     if is_main:
         final = unwrapped
         if cfg.lora_r > 0:
-            final, state_dict = merged_lora_policy(cfg, state_dict), None
+            fresh = with_lora(AutoModelForCausalLM.from_pretrained(cfg.sft_path, config=without_dropout(cfg.sft_path)), cfg)
+            final, state_dict = merged_from_state_dict(fresh, state_dict), None
         gen_config_file = Path(cfg.sft_path) / "generation_config.json"
         final.generation_config = (GenerationConfig.from_pretrained(cfg.sft_path) if gen_config_file.is_file() else
                                    GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=pad))

@@ -28,7 +28,7 @@ from data.tokenizer import ensure_chat_ready
 from pipeline.config import config_dict, parse_config
 from pipeline.errors import cli_main
 from pipeline.packing import packs_sequences
-from pipeline.runtime import peak_memory_mb, rank_checksums
+from pipeline.runtime import merged_from_state_dict, peak_memory_mb, rank_checksums
 from pipeline.stage import StageRun, require_stage, resolve_init
 from pipeline.tracking import truncate_metrics, wandb_enabled, wandb_env
 from pipeline.trainer_metrics import JsonlMetricsCallback
@@ -348,17 +348,15 @@ def main(argv: list[str] | None = None) -> None:
     result = trainer.train(resume_from_checkpoint=resume)
     checksums = rank_checksums(trainer.accelerator, trainer.model)  # replicas in sync (2-process tests)
 
-    # 5. Save a plain checkpoint (LoRA merged into the weights, the trained head kept). With LoRA the
-    #    weights are gathered from every process and merged into a fresh copy on the main one: the
-    #    trainer's model may be sharded (FSDP, ZeRO-3), and merging it there alone would hang.
+    # 5. Save a plain checkpoint (LoRA merged into the weights, the trained head kept; merged into a
+    #    fresh copy given the weights gathered from every process).
     if cfg.use_lora:
         state_dict = trainer.accelerator.get_state_dict(trainer.model)
         if state.is_main_process:
             from peft import get_peft_model
 
             fresh = get_peft_model(reward_body(parent_path, tokenizer), peft_config)
-            fresh.load_state_dict(state_dict)
-            fresh.merge_and_unload().save_pretrained(stage_dir)
+            merged_from_state_dict(fresh, state_dict).save_pretrained(stage_dir)
             tokenizer.save_pretrained(stage_dir)
     else:
         trainer.save_model(str(stage_dir))
