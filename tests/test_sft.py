@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForSequenceClassification
 
 from data.tokenizer import chat_ids
 from pipeline.config import parse_config
@@ -19,8 +19,8 @@ from stages.sft.run import (
     as_dataset,
     build_trainer,
     main as sft_main,
-    merged_model,
     mix_pretraining_text,
+    save_plain_checkpoint,
     sample_indices,
     split_holdout,
     summarize_verdicts,
@@ -213,8 +213,10 @@ def test_lora_merged_model_equals_adapter_model(pretrained_run, tmp_path):
     trainer.model.eval()
     with torch.no_grad():
         adapted = trainer.model(input_ids=probe).logits
-    merged = merged_model(trainer)
-    merged.save_pretrained(tmp_path / "merged")
+    # Saved from the gathered weights merged into a fresh copy (zero-initialised adapters if they were
+    # not loaded, which would give the parent's logits below).
+    cfg = parse_config(SFTStageConfig, "sft", ["--profile", "tiny", "--run_dir", str(tmp_path), "--lora_r", "4"])
+    save_plain_checkpoint(trainer, cfg, str(pretrained_run / "pretrain"), tok, tmp_path / "merged", GenerationConfig())
     assert not (tmp_path / "merged" / "adapter_config.json").exists()
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     base = AutoModelForCausalLM.from_pretrained(pretrained_run / "pretrain").eval()

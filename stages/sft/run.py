@@ -32,7 +32,7 @@ from pipeline.config import config_dict, parse_config
 from pipeline.errors import PipelineError, cli_main
 from pipeline.generation import answer
 from pipeline.packing import packs_sequences
-from pipeline.runtime import peak_memory_mb, rank_checksums
+from pipeline.runtime import merged_from_state_dict, peak_memory_mb, rank_checksums
 from pipeline.stage import StageRun, require_stage, resolve_init
 from pipeline.stats import win_rate
 from pipeline.tracking import truncate_metrics, wandb_enabled, wandb_env
@@ -350,13 +350,25 @@ def resumable_checkpoint(checkpoints: Path, is_main: bool) -> str | None:
     return get_last_checkpoint(str(checkpoints))
 
 
-def merged_model(trainer: SFTTrainer):
-    """Fold LoRA adapters into the weights so later stages load a plain model and never need peft."""
-    model = trainer.model
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-        trainer.model = model
-    return model
+def save_plain_checkpoint(trainer: SFTTrainer, cfg: SFTStageConfig, parent_path: str, tokenizer, stage_dir: Path,
+                          generation_config: GenerationConfig) -> None:
+    """The trained model as a plain checkpoint later stages load without peft. With LoRA the adapters
+    are folded into a fresh copy on the main process, given the weights gathered from every process
+    (never the live model, which FSDP or ZeRO-3 may hold sharded: pipeline.runtime.merged_from_state_dict)."""
+    if not cfg.lora_r:
+        trainer.model.generation_config = generation_config
+        trainer.save_model(str(stage_dir))
+        return
+    state_dict = trainer.accelerator.get_state_dict(trainer.model)
+    if trainer.accelerator.is_main_process:
+        from peft import get_peft_model
+
+        fresh = get_peft_model(load_causal_lm(parent_path, tokenizer), lora_config(cfg))
+        model = merged_from_state_dict(fresh, state_dict)
+        model.generation_config = generation_config
+        model.save_pretrained(stage_dir)
+        tokenizer.save_pretrained(stage_dir)
+    trainer.accelerator.wait_for_everyone()
 
 
 # ---- gold evaluation on the embedded world -----------------------------------------------------
@@ -509,12 +521,10 @@ def main(argv: list[str] | None = None) -> None:
     val_loss = trainer.evaluate()["eval_loss"] if val else None
 
     # 7. Save a plain checkpoint: merged weights, tokenizer with chat template, generation config.
-    model = merged_model(trainer)
-    model.generation_config = GenerationConfig(
+    save_plain_checkpoint(trainer, cfg, parent_path, tokenizer, stage_dir, GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         do_sample=False, max_new_tokens=cfg.eval_max_new_tokens,
-    )
-    trainer.save_model(str(stage_dir))
+    ))
 
     # 8. Gold evaluation against the parent (main process), then the manifest, written last.
     if is_main:
