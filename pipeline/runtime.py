@@ -7,7 +7,7 @@ import sys
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
 
 
@@ -17,11 +17,34 @@ def setup(seed: int, mixed_precision: str = "no", gradient_accumulation_steps: i
     Each process gets seed + rank so data sampling differs across ranks but the run is reproducible.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # Without a GPU, accelerate only forms a multi-process (gloo) group when told it runs on CPU.
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    gpu = torch.cuda.is_available()
+    # Without a GPU, accelerate forms a multi-process (gloo) group only when told it runs on CPU.
+    # DeepSpeed brings its own CPU backend instead (DS_ACCELERATOR=cpu); accelerate then needs the
+    # backend named, or it counts one process while DeepSpeed counts them all.
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if deepspeed and not gpu else []
     accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps,
-                              cpu=not torch.cuda.is_available())
+                              cpu=not gpu and not deepspeed, kwargs_handlers=handlers)
+    if deepspeed:
+        # ZeRO-3 shards the trained models when they are prepared. Left on, transformers would also
+        # partition every model as it loads (zero.Init, a collective): the frozen models would reach
+        # their first forward without weights, and a load on the main process alone would hang.
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
     set_seed(seed + accelerator.process_index)
     return accelerator
+
+
+def configure_deepspeed(accelerator: Accelerator, micro_batch: int, grad_clip: float) -> None:
+    """What DeepSpeed reads from its config, set from the stage's own before prepare(): the
+    micro-batch size (a loop without a dataloader gives accelerate none to read it from) and the
+    gradient clipping bound, which DeepSpeed's engine applies itself to the norm of all the
+    gradients it holds (the stage's clip_grad_norm_ calls do nothing under DeepSpeed)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None:
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch
+        plugin.deepspeed_config["gradient_clipping"] = grad_clip
 
 
 def progress(total: int, initial: int = 0, desc: str = "", enabled: bool = True):
@@ -32,8 +55,8 @@ def progress(total: int, initial: int = 0, desc: str = "", enabled: bool = True)
 
 def weights_checksum(model) -> torch.Tensor:
     """A float64 sum over all parameters (tied ones counted once): a cheap fingerprint of the weights.
-    Of FSDP2's sharded parameters (DTensors) it sums this process's shard."""
-    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    Of sharded parameters (FSDP2's DTensors, ZeRO-3's partitions) it sums this process's shard."""
+    local = [p.to_local() if hasattr(p, "to_local") else getattr(p, "ds_tensor", p) for p in model.parameters()]
     return torch.stack([p.detach().double().sum() for p in local]).sum().cpu()
 
 

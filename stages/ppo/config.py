@@ -29,7 +29,7 @@ class PPOConfig:
     critic_lr: float = field(default=0.0, metadata={"help": "Critic learning rate; 0: same as lr."})
     adam_eps: float = field(default=1e-5, metadata={"help": "AdamW epsilon (N+: 1e-5)."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    grad_clip: float = field(default=1.0, metadata={"help": "Gradient norm clip; 0 disables."})
+    grad_clip: float = field(default=1.0, metadata={"help": "Gradient norm clip, of policy and critic each (under DeepSpeed: of both together, by its engine); 0 disables."})
     kl_coef: float = field(default=0.05, metadata={"help": "Initial KL penalty coefficient beta (per-token reward -beta * (log pi - log pi_ref))."})
     target_kl: float = field(default=0.0, metadata={"help": "Adaptive KL controller target (summed KL per episode, Ziegler et al. 2019); 0: fixed kl_coef."})
     kl_horizon: int = field(default=10000, metadata={"help": "Adaptive KL controller horizon in episodes."})

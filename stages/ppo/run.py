@@ -32,8 +32,8 @@ from pipeline.config import config_dict, parse_config
 from pipeline.errors import PipelineError, cli_main
 from pipeline.generation import left_pad
 from pipeline.packing import packs_sequences
-from pipeline.runtime import (load_checkpoint, merged_from_state_dict, peak_memory_mb, progress, rank_checksums,
-                              save_checkpoint, setup)
+from pipeline.runtime import (configure_deepspeed, load_checkpoint, merged_from_state_dict, peak_memory_mb, progress,
+                              rank_checksums, save_checkpoint, setup)
 from pipeline.stage import StageRun, require_stage
 from pipeline.stats import win_rate, win_rate_ceiling
 from pipeline.tracking import Tracker
@@ -523,6 +523,7 @@ def main(argv: list[str] | None = None) -> None:
          {"params": list(critic.parameters()), "lr": cfg.critic_lr or cfg.lr}],
         eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda"),  # one kernel, not a loop over tensors
     )
+    configure_deepspeed(accelerator, sizes.micro, cfg.grad_clip)
     model, optimizer = accelerator.prepare(ActorCritic(policy, critic), optimizer)
     # No-grad passes (generation, reference, rollout values, evaluation) skip the DDP wrapper.
     unwrapped, critic_net = accelerator.unwrap_model(model).policy, accelerator.unwrap_model(model).critic
@@ -710,11 +711,12 @@ def main(argv: list[str] | None = None) -> None:
         samples = [{"prompt": p, "ppo": a, "sft": b} for p, a, b in zip(eval_prompts[:8], ppo["texts"], base["texts"])]
 
     # 8. Save a plain HF checkpoint (LoRA merged into the weights), tokenizer, generation config,
-    # then the manifest (last). The policy's half of the pair's state dict, gathered from every shard
-    # under FSDP / ZeRO-3.
-    state_dict = {k.removeprefix("policy."): v for k, v in accelerator.get_state_dict(model).items() if k.startswith("policy.")}
+    # then the manifest (last). The pair's state dict is gathered from every shard under FSDP / ZeRO-3
+    # (every process takes part; under ZeRO-3 only the main one receives it).
+    pair_state = accelerator.get_state_dict(model)
     checksums = rank_checksums(accelerator, unwrapped)  # replicas in sync (2-process tests)
     if is_main:
+        state_dict = {k.removeprefix("policy."): v for k, v in pair_state.items() if k.startswith("policy.")}
         final = unwrapped
         if cfg.lora_r > 0:
             fresh = with_lora(AutoModelForCausalLM.from_pretrained(cfg.sft_path, config=without_dropout(cfg.sft_path)), cfg)
