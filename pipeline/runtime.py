@@ -7,7 +7,7 @@ import sys
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, set_seed
+from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
 
 
@@ -23,8 +23,9 @@ def setup(seed: int, mixed_precision: str = "no", gradient_accumulation_steps: i
     # DeepSpeed brings its own CPU backend instead (DS_ACCELERATOR=cpu); accelerate then needs the
     # backend named, or it counts one process while DeepSpeed counts them all.
     handlers = [InitProcessGroupKwargs(backend="gloo")] if deepspeed and not gpu else []
-    accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps,
-                              cpu=not gpu and not deepspeed, kwargs_handlers=handlers)
+    # The stage's accumulation steps, as a plugin: a bare number would yield to a launcher's setting.
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not gpu and not deepspeed, kwargs_handlers=handlers,
+                              gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=gradient_accumulation_steps))
     if deepspeed:
         # ZeRO-3 shards the trained models when they are prepared. Left on, transformers would also
         # partition every model as it loads (zero.Init, a collective): the frozen models would reach
@@ -38,13 +39,14 @@ def setup(seed: int, mixed_precision: str = "no", gradient_accumulation_steps: i
 
 def configure_deepspeed(accelerator: Accelerator, micro_batch: int, grad_clip: float) -> None:
     """What DeepSpeed reads from its config, set from the stage's own before prepare(): the
-    micro-batch size (a loop without a dataloader gives accelerate none to read it from) and the
-    gradient clipping bound, which DeepSpeed's engine applies itself to the norm of all the
-    gradients it holds (the stage's clip_grad_norm_ calls do nothing under DeepSpeed)."""
+    micro-batch size (a loop without a dataloader gives accelerate none to read it from), the
+    gradient accumulation steps (DeepSpeed's engine decides when the optimizer steps) and the
+    gradient clipping bound, which the engine applies to the norm of all the gradients it holds
+    (the stage's clip_grad_norm_ calls do nothing under DeepSpeed)."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is not None:
-        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch
-        plugin.deepspeed_config["gradient_clipping"] = grad_clip
+        plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=micro_batch, gradient_clipping=grad_clip,
+                                       gradient_accumulation_steps=accelerator.gradient_accumulation_steps)
 
 
 def progress(total: int, initial: int = 0, desc: str = "", enabled: bool = True):

@@ -118,3 +118,30 @@ def pretrained_run(tmp_path_factory, world_dir) -> Path:
     proc = run_module("stages.pretrain", "--profile", "tiny", "--run_dir", run)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run
+
+
+@pytest.fixture(scope="session")
+def parents(pretrained_run, tmp_path_factory) -> Path:
+    """A run directory with finished `sft` and `reward` stages.
+
+    Stand-ins until the real stages are used here: SFT = the tiny pretrained model, reward model =
+    a 1-label sequence-classification model on the same backbone (random score head)."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from pipeline.stage import write_json_atomic
+
+    run = tmp_path_factory.mktemp("ppo_parents")
+    os.symlink(Path(pretrained_run / "world").resolve(), run / "world")
+    shutil.copytree(pretrained_run / "pretrain", run / "sft", ignore=shutil.ignore_patterns("manifest.json", "metrics.jsonl", "run.json"))
+    write_json_atomic(run / "sft" / "manifest.json", {"stage": "sft", "stand_in": True})
+    tokenizer = AutoTokenizer.from_pretrained(run / "sft")
+    torch.manual_seed(0)
+    reward = AutoModelForSequenceClassification.from_pretrained(run / "sft", num_labels=1)
+    reward.config.pad_token_id = tokenizer.pad_token_id
+    reward.save_pretrained(run / "reward")
+    tokenizer.save_pretrained(run / "reward")
+    write_json_atomic(run / "reward" / "manifest.json", {"stage": "reward", "stand_in": True})
+    return run

@@ -7,10 +7,8 @@ import json
 import math
 import os
 import shutil
-import sys
 from contextlib import contextmanager
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,7 +19,6 @@ from data.tokenizer import chat_ids, train_tokenizer
 from pipeline.errors import PipelineError
 from pipeline.generation import left_pad
 from pipeline.packing import packs_sequences
-from pipeline.stage import write_json_atomic
 from tests.conftest import assert_replicas_saved, kill_after_checkpoint, one_line_error, read_jsonl, run_module, torchrun, write_jsonl
 
 PER_UPDATE_KEYS = [
@@ -40,26 +37,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def parents(pretrained_run, tmp_path_factory) -> Path:
-    """A run directory with finished `sft` and `reward` stages.
-
-    Stand-ins until the real stages are used here: SFT = the tiny pretrained model, reward model =
-    a 1-label sequence-classification model on the same backbone (random score head)."""
-    run = tmp_path_factory.mktemp("ppo_parents")
-    os.symlink(Path(pretrained_run / "world").resolve(), run / "world")
-    shutil.copytree(pretrained_run / "pretrain", run / "sft", ignore=shutil.ignore_patterns("manifest.json", "metrics.jsonl", "run.json"))
-    write_json_atomic(run / "sft" / "manifest.json", {"stage": "sft", "stand_in": True})
-    tokenizer = AutoTokenizer.from_pretrained(run / "sft")
-    torch.manual_seed(0)
-    reward = AutoModelForSequenceClassification.from_pretrained(run / "sft", num_labels=1)
-    reward.config.pad_token_id = tokenizer.pad_token_id
-    reward.save_pretrained(run / "reward")
-    tokenizer.save_pretrained(run / "reward")
-    write_json_atomic(run / "reward" / "manifest.json", {"stage": "reward", "stand_in": True})
-    return run
 
 
 def new_run(parents: Path, tmp_path: Path, name: str = "run") -> Path:
@@ -195,36 +172,6 @@ def test_actor_critic_forward_is_the_policy_and_critic_passes(parents):
         assert torch.equal(values, critic(ep))
         assert torch.equal(ptx, policy(input_ids=x, labels=x).loss)
         assert ppo_run.ActorCritic(policy, critic)(ep, 0.7)[2].item() == 0.0
-
-
-def test_gathered_collects_zero3_weights_once_and_passes_through_otherwise(monkeypatch):
-    """Under ZeRO-3 the whole prepared model is gathered around rollouts (a stand-in deepspeed
-    module records the call); without sharding the context does nothing."""
-    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
-    calls = []
-
-    @contextmanager
-    def gathered_parameters(params):
-        calls.append(("enter", len(params)))
-        yield
-        calls.append(("exit", len(params)))
-
-    fake = type(sys)("deepspeed")
-    fake.zero = type(sys)("deepspeed.zero")
-    fake.zero.GatheredParameters = gathered_parameters
-    monkeypatch.setitem(sys.modules, "deepspeed", fake)
-
-    def accelerator(plugin):
-        return SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin), is_fsdp2=False)
-
-    with ppo_run.gathered(accelerator(SimpleNamespace(zero_stage=3)), model):
-        assert calls == [("enter", 4)]
-    assert calls == [("enter", 4), ("exit", 4)]
-    calls.clear()
-    for plugin in (SimpleNamespace(zero_stage=2), None):
-        with ppo_run.gathered(accelerator(plugin), model):
-            pass
-    assert calls == []
 
 
 def test_ppo_raises_a_toy_reward(parents, tmp_path, monkeypatch):

@@ -249,8 +249,16 @@ def gathered(accelerator, model: nn.Module):
     if plugin is not None and plugin.zero_stage == 3:
         import deepspeed
 
+        # The engine's per-layer hooks would still gather and release each layer on every forward
+        # (a collective per token again); they come off while the weights are whole.
+        offload = model.optimizer.parameter_offload
         with deepspeed.zero.GatheredParameters(list(model.parameters())):
-            yield
+            offload._remove_module_hooks()
+            try:
+                yield
+            finally:
+                offload.forward_hooks, offload.backward_hooks = [], []
+                offload.setup_zero_stage3_hooks()
     elif getattr(accelerator, "is_fsdp2", False):
         from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
 

@@ -23,7 +23,8 @@ from data.loading import load_texts
 from data.tokenizer import ensure_chat_ready, train_tokenizer
 from pipeline.config import config_dict, parse_config
 from pipeline.errors import PipelineError, cli_main
-from pipeline.runtime import load_checkpoint, peak_memory_mb, progress, rank_checksums, save_checkpoint, setup
+from pipeline.runtime import (configure_deepspeed, load_checkpoint, peak_memory_mb, progress, rank_checksums, save_checkpoint,
+                              setup)
 from pipeline.stage import StageRun, resolve_init
 from pipeline.tracking import Tracker
 from stages.pretrain.config import PretrainConfig
@@ -176,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     # The scheduler is not prepared: accelerate would step it once per process per step, and our
     # schedule is in optimizer steps. It is registered so checkpoints still carry it.
+    configure_deepspeed(accelerator, cfg.batch_size, cfg.grad_clip)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     tracker = Tracker(stage_dir, "pretrain", config_dict(cfg), enabled=accelerator.is_main_process, run_name=f"{cfg.run_dir}/pretrain")
