@@ -14,6 +14,7 @@ would padded. Inputs with a padding mask or a KV cache (generation) take plain s
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -131,4 +132,17 @@ def packs_sequences(model, probe: list[list[int]] = ((5, 6, 7, 8), (9, 10, 11)))
     it can, then check that its transformer body keeps packed sequences apart."""
     use_varlen_attention(model)
     body = getattr(model, getattr(model, "base_model_prefix", ""), model)  # a bare body is its own
-    return keeps_packed_sequences_apart(body, [list(ids) for ids in probe])
+    with whole_weights(model):
+        return keeps_packed_sequences_apart(body, [list(ids) for ids in probe])
+
+
+def whole_weights(model):
+    """A model that transformers loaded partitioned for DeepSpeed ZeRO-3 (zero.Init) has its weights
+    gathered on every process for the check's forwards; any other model is used as it is."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(model.parameters()))
+    return contextlib.nullcontext()

@@ -7,8 +7,31 @@ import sys
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
+
+
+def deepspeed_launched() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def stage_decides_accumulation_and_clipping() -> None:
+    """Drop what `accelerate launch` passes down from its config about gradient accumulation and
+    clipping (configs written by `accelerate config` for DeepSpeed carry both): each stage's own
+    config decides them. Left in place they would silently replace the stage's settings (our loops)
+    or stop the run over the mismatch (transformers' Trainer)."""
+    for name in ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "ACCELERATE_GRADIENT_CLIPPING"):
+        os.environ.pop(name, None)
+
+
+def cpu_and_backend() -> tuple[bool, str | None]:
+    """accelerate's `cpu` flag and process-group backend for this machine. Without a GPU accelerate
+    forms a multi-process (gloo) group only when told it runs on CPU. DeepSpeed brings its own CPU
+    accelerator (DS_ACCELERATOR=cpu) and must not be bypassed; accelerate then needs the backend
+    named, or it counts one process while DeepSpeed counts them all."""
+    if torch.accelerator.is_available():
+        return False, None
+    return (False, "gloo") if deepspeed_launched() else (True, None)
 
 
 def setup(seed: int, mixed_precision: str = "no", gradient_accumulation_steps: int = 1) -> Accelerator:
@@ -17,24 +40,26 @@ def setup(seed: int, mixed_precision: str = "no", gradient_accumulation_steps: i
     Each process gets seed + rank so data sampling differs across ranks but the run is reproducible.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    gpu = torch.cuda.is_available()
-    # Without a GPU, accelerate forms a multi-process (gloo) group only when told it runs on CPU.
-    # DeepSpeed brings its own CPU backend instead (DS_ACCELERATOR=cpu); accelerate then needs the
-    # backend named, or it counts one process while DeepSpeed counts them all.
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if deepspeed and not gpu else []
-    # The stage's accumulation steps, as a plugin: a bare number would yield to a launcher's setting.
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not gpu and not deepspeed, kwargs_handlers=handlers,
-                              gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=gradient_accumulation_steps))
-    if deepspeed:
-        # ZeRO-3 shards the trained models when they are prepared. Left on, transformers would also
-        # partition every model as it loads (zero.Init, a collective): the frozen models would reach
-        # their first forward without weights, and a load on the main process alone would hang.
-        from transformers.integrations import unset_hf_deepspeed_config
-
-        unset_hf_deepspeed_config()
+    stage_decides_accumulation_and_clipping()
+    cpu, backend = cpu_and_backend()
+    handlers = [InitProcessGroupKwargs(backend=backend)] if backend else []
+    accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps,
+                              cpu=cpu, kwargs_handlers=handlers)
+    if deepspeed_launched():
+        # ZeRO-3 shards the trained models when they are prepared; the frozen ones must stay whole.
+        load_models_whole()
     set_seed(seed + accelerator.process_index)
     return accelerator
+
+
+def load_models_whole() -> None:
+    """Models loaded from here on load whole, also under DeepSpeed ZeRO-3, where transformers would
+    partition them as they load (zero.Init): a collective, which a load on the main process alone
+    (evaluation, a LoRA merge) would wait on forever, and which leaves a model that no engine
+    manages without weights for its forwards."""
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
 
 
 def configure_deepspeed(accelerator: Accelerator, micro_batch: int, grad_clip: float) -> None:

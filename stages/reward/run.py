@@ -28,7 +28,8 @@ from data.tokenizer import ensure_chat_ready
 from pipeline.config import config_dict, parse_config
 from pipeline.errors import cli_main
 from pipeline.packing import packs_sequences
-from pipeline.runtime import merged_from_state_dict, peak_memory_mb, rank_checksums
+from pipeline.runtime import (cpu_and_backend, load_models_whole, merged_from_state_dict, peak_memory_mb, rank_checksums,
+                              stage_decides_accumulation_and_clipping)
 from pipeline.stage import StageRun, require_stage, resolve_init
 from pipeline.tracking import truncate_metrics, wandb_enabled, wandb_env
 from pipeline.trainer_metrics import JsonlMetricsCallback
@@ -96,13 +97,18 @@ class RankingRewardTrainer(RewardTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # Packed batches read the head per token (after peft wrapped it: the module that runs).
-        self.head = HeadOutputs(self.model.score) if self.data_collator.packed else None
+        self.head = None  # packed batches read the head per token (HeadOutputs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         sizes = inputs["group_sizes"].tolist()
         if "position_ids" in inputs:  # packed: each sequence's score at its own last token
+            if self.head is None:
+                # Hooked at the first forward: after peft wrapped the head (the module that runs) and
+                # after a DeepSpeed ZeRO-3 engine hooked it, whose hook replaces the head's output by
+                # one that gathers the head's weights again for the backward pass - the output the
+                # loss must be computed from.
+                self.head = HeadOutputs(self.model.score)
             outputs = model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], use_cache=False)
             rewards = self.head.scores[0, inputs["last"]].squeeze(-1).float()
         else:
@@ -273,9 +279,10 @@ def main(argv: list[str] | None = None) -> None:
         if [f.lower() for f in getattr(cfg, name)] == ["none"]:
             setattr(cfg, name, [])
     # On CPU accelerate needs cpu=True to run DDP (gloo) under torchrun; without it every process
-    # would train alone on the same directory.
-    use_cpu = not torch.accelerator.is_available()
-    state = PartialState(cpu=use_cpu)
+    # would train alone on the same directory (pipeline.runtime.cpu_and_backend; DeepSpeed differs).
+    stage_decides_accumulation_and_clipping()
+    use_cpu, backend = cpu_and_backend()
+    state = PartialState(cpu=use_cpu, **({"backend": backend} if backend else {}))
     stage_dir = Path(cfg.run_dir) / "reward"
     parent_path, parent_manifest = parent_model(cfg)
     tokenizer = AutoTokenizer.from_pretrained(parent_path)
@@ -319,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
         peft_config = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                  lora_dropout=cfg.lora_dropout, target_modules=targets, modules_to_save=["score"])
     args = RewardConfig(
-        output_dir=str(run.checkpoints), use_cpu=use_cpu, seed=cfg.seed, data_seed=cfg.seed,
+        output_dir=str(run.checkpoints), use_cpu=use_cpu, ddp_backend=backend, seed=cfg.seed, data_seed=cfg.seed,
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=cfg.num_epochs, max_steps=cfg.max_steps or -1,
         learning_rate=cfg.lr, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio,
@@ -349,9 +356,11 @@ def main(argv: list[str] | None = None) -> None:
     checksums = rank_checksums(trainer.accelerator, trainer.model)  # replicas in sync (2-process tests)
 
     # 5. Save a plain checkpoint (LoRA merged into the weights, the trained head kept; merged into a
-    #    fresh copy given the weights gathered from every process).
+    #    fresh copy given the weights gathered from every process). Models loaded from here on, on
+    #    the main process alone, load whole.
+    load_models_whole()
     if cfg.use_lora:
-        state_dict = trainer.accelerator.get_state_dict(trainer.model)
+        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
         if state.is_main_process:
             from peft import get_peft_model
 

@@ -32,7 +32,8 @@ from pipeline.config import config_dict, parse_config
 from pipeline.errors import PipelineError, cli_main
 from pipeline.generation import answer
 from pipeline.packing import packs_sequences
-from pipeline.runtime import merged_from_state_dict, peak_memory_mb, rank_checksums
+from pipeline.runtime import (cpu_and_backend, load_models_whole, merged_from_state_dict, peak_memory_mb, rank_checksums,
+                              stage_decides_accumulation_and_clipping)
 from pipeline.stage import StageRun, require_stage, resolve_init
 from pipeline.stats import win_rate
 from pipeline.tracking import truncate_metrics, wandb_enabled, wandb_env
@@ -275,6 +276,8 @@ def quiet() -> bool:
 
 
 def training_args(cfg: SFTStageConfig, stage_dir: Path) -> SFTConfig:
+    stage_decides_accumulation_and_clipping()
+    cpu, backend = cpu_and_backend()
     return SFTConfig(
         output_dir=str(stage_dir / "checkpoints"),
         # Loss on the demonstration's answer only: the prompt is given, not imitated.
@@ -307,8 +310,8 @@ def training_args(cfg: SFTStageConfig, stage_dir: Path) -> SFTConfig:
         disable_tqdm=quiet(),
         dataloader_pin_memory=torch.cuda.is_available(),
         ddp_find_unused_parameters=False,
-        # Without it, accelerate treats torchrun's CPU workers as unrelated single processes (no gloo group).
-        use_cpu=not torch.accelerator.is_available(),
+        # Without use_cpu, accelerate treats torchrun's CPU workers as unrelated single processes.
+        use_cpu=cpu, ddp_backend=backend,
     )
 
 
@@ -359,7 +362,7 @@ def save_plain_checkpoint(trainer: SFTTrainer, cfg: SFTStageConfig, parent_path:
         trainer.model.generation_config = generation_config
         trainer.save_model(str(stage_dir))
         return
-    state_dict = trainer.accelerator.get_state_dict(trainer.model)
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
     if trainer.accelerator.is_main_process:
         from peft import get_peft_model
 
@@ -498,8 +501,9 @@ def main(argv: list[str] | None = None) -> None:
         args.eval_strategy = "no"  # a single demonstration leaves nothing to validate on
     trainer = build_trainer(cfg, args, model, tokenizer, as_dataset(train), as_dataset(val) if val else None, stage_dir)
     trainer.train_dataset, lm_documents = mix_pretraining_text(trainer.train_dataset, lm_texts, cfg, tokenizer)
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in trainer.model.parameters())
+    # (ZeRO-3 holds partitions; ds_numel is a parameter's whole size.)
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters() if p.requires_grad)
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters())
 
     # 5. Train, resuming from the newest complete checkpoint a killed run left.
     resume = resumable_checkpoint(run.checkpoints, is_main)
@@ -521,6 +525,8 @@ def main(argv: list[str] | None = None) -> None:
     val_loss = trainer.evaluate()["eval_loss"] if val else None
 
     # 7. Save a plain checkpoint: merged weights, tokenizer with chat template, generation config.
+    #    Models loaded after training (a LoRA merge, the gold evaluation) load whole on one process.
+    load_models_whole()
     save_plain_checkpoint(trainer, cfg, parent_path, tokenizer, stage_dir, GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         do_sample=False, max_new_tokens=cfg.eval_max_new_tokens,
