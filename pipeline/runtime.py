@@ -15,12 +15,12 @@ def deepspeed_launched() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
-def stage_decides_accumulation_and_clipping() -> None:
-    """Drop what `accelerate launch` passes down from its config about gradient accumulation and
-    clipping (configs written by `accelerate config` for DeepSpeed carry both): each stage's own
-    config decides them. Left in place they would silently replace the stage's settings (our loops)
-    or stop the run over the mismatch (transformers' Trainer)."""
-    for name in ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "ACCELERATE_GRADIENT_CLIPPING"):
+def stage_decides_training_settings() -> None:
+    """Drop what `accelerate launch` passes down from its config about mixed precision, gradient
+    accumulation and clipping (configs written by `accelerate config` carry all three): each stage's
+    own config decides them (the `gpu` profiles: bf16). Left in place they would silently replace
+    the stage's settings (our loops) or stop the run over the mismatch (transformers' Trainer)."""
+    for name in ("ACCELERATE_MIXED_PRECISION", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "ACCELERATE_GRADIENT_CLIPPING"):
         os.environ.pop(name, None)
 
 
@@ -40,7 +40,7 @@ def setup(seed: int, mixed_precision: str = "no", gradient_accumulation_steps: i
     Each process gets seed + rank so data sampling differs across ranks but the run is reproducible.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    stage_decides_accumulation_and_clipping()
+    stage_decides_training_settings()
     cpu, backend = cpu_and_backend()
     handlers = [InitProcessGroupKwargs(backend=backend)] if backend else []
     accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps,

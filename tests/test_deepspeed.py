@@ -32,11 +32,11 @@ ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "
 
 
 def zero3(nproc: int = 2) -> list[str]:
-    """The project's ZeRO-3 config, plus the accumulation steps and clipping bound that configs made
-    by `accelerate config` carry: the stage's own settings must win over both."""
+    """The project's ZeRO-3 config, plus the precision, accumulation steps and clipping bound that
+    configs made by `accelerate config` carry: the stage's own settings (fp32 here) must win."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "pipeline/accelerate/zero3.yaml"),
-            "--num_processes", str(nproc), "--mixed_precision", "no", "--main_process_port", str(free_port()),
-            "--gradient_accumulation_steps", "1", "--gradient_clipping", "1.0"]
+            "--num_processes", str(nproc), "--main_process_port", str(free_port()),
+            "--mixed_precision", "bf16", "--gradient_accumulation_steps", "1", "--gradient_clipping", "1.0"]
 
 
 def run_both(module: str, make_run, args: list) -> dict[str, Path]:

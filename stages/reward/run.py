@@ -29,7 +29,7 @@ from pipeline.config import config_dict, parse_config
 from pipeline.errors import cli_main
 from pipeline.packing import packs_sequences
 from pipeline.runtime import (cpu_and_backend, load_models_whole, merged_from_state_dict, peak_memory_mb, rank_checksums,
-                              stage_decides_accumulation_and_clipping)
+                              stage_decides_training_settings)
 from pipeline.stage import StageRun, require_stage, resolve_init
 from pipeline.tracking import truncate_metrics, wandb_enabled, wandb_env
 from pipeline.trainer_metrics import JsonlMetricsCallback
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
             setattr(cfg, name, [])
     # On CPU accelerate needs cpu=True to run DDP (gloo) under torchrun; without it every process
     # would train alone on the same directory (pipeline.runtime.cpu_and_backend; DeepSpeed differs).
-    stage_decides_accumulation_and_clipping()
+    stage_decides_training_settings()
     use_cpu, backend = cpu_and_backend()
     state = PartialState(cpu=use_cpu, **({"backend": backend} if backend else {}))
     stage_dir = Path(cfg.run_dir) / "reward"

@@ -33,7 +33,7 @@ from pipeline.errors import PipelineError, cli_main
 from pipeline.generation import answer
 from pipeline.packing import packs_sequences
 from pipeline.runtime import (cpu_and_backend, load_models_whole, merged_from_state_dict, peak_memory_mb, rank_checksums,
-                              stage_decides_accumulation_and_clipping)
+                              stage_decides_training_settings)
 from pipeline.stage import StageRun, require_stage, resolve_init
 from pipeline.stats import win_rate
 from pipeline.tracking import truncate_metrics, wandb_enabled, wandb_env
@@ -276,7 +276,7 @@ def quiet() -> bool:
 
 
 def training_args(cfg: SFTStageConfig, stage_dir: Path) -> SFTConfig:
-    stage_decides_accumulation_and_clipping()
+    stage_decides_training_settings()
     cpu, backend = cpu_and_backend()
     return SFTConfig(
         output_dir=str(stage_dir / "checkpoints"),
