@@ -1,4 +1,4 @@
-"""Process setup shared by the stages that run their own loop: accelerate, seeding, progress."""
+"""Process setup shared by the stages: accelerate and DeepSpeed settings, seeding, progress, checkpoints."""
 
 from __future__ import annotations
 

@@ -11,7 +11,10 @@ from tests.conftest import ROOT, read_jsonl
 
 
 def make(*targets: str, run, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    # Not the variables of a `make test ARGS=...` around us (make exports them): they would reach the stages.
+    outer = ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "ARGS", "LAUNCH", "SEED", "STAGE", "PROMPT")
+    env = {k: v for k, v in os.environ.items() if k not in outer}
+    env.update(WANDB_MODE="disabled", HF_HUB_OFFLINE="1")
     return subprocess.run(
         ["make", *targets, f"RUN={run}", "PROFILE=tiny", "EVAL_ARGS=--max_prompts 24",
          "COMPARISONS_ARGS=--prompts 16 --k 3 --max_new_tokens 16"],
