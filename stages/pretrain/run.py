@@ -175,9 +175,9 @@ def main(argv: list[str] | None = None) -> None:
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, cfg.warmup_steps, cfg.max_steps, min_lr_rate=cfg.min_lr_ratio
     )
+    configure_deepspeed(accelerator, cfg.batch_size, cfg.grad_clip)
     # The scheduler is not prepared: accelerate would step it once per process per step, and our
     # schedule is in optimizer steps. It is registered so checkpoints still carry it.
-    configure_deepspeed(accelerator, cfg.batch_size, cfg.grad_clip)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     tracker = Tracker(stage_dir, "pretrain", config_dict(cfg), enabled=accelerator.is_main_process, run_name=f"{cfg.run_dir}/pretrain")
