@@ -87,6 +87,18 @@ def weights_checksum(model) -> torch.Tensor:
     return torch.stack([p.detach().double().sum() for p in local]).sum().cpu()
 
 
+def one_entry_per_parameter(model, state_dict: dict) -> dict:
+    """`state_dict` without the second names of tied parameters (an embedding shared with the LM
+    head), as the model ties them. Gathered state dicts (DeepSpeed ZeRO-1/2 clones, FSDP2's full
+    state dict) no longer share memory between tied names, and transformers would save both."""
+    seen, out = set(), dict(state_dict)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            out.pop(name, None)
+        seen.add(id(param))
+    return out
+
+
 def merged_from_state_dict(model, state_dict: dict):
     """A plain model: `model` (a fresh peft model, built as the trained one was) given the trained
     model's full state dict, gathered from every process, its LoRA adapters merged in. Stages merge

@@ -1,7 +1,7 @@
 """Every stage under DeepSpeed ZeRO-3, launched the way a GPU cluster launches it (`accelerate
 launch --config_file pipeline/accelerate/zero3.yaml`), here on DeepSpeed's CPU accelerator with 2
-processes (gloo). Each run is checked against the same run under plain data parallelism (torchrun):
-the same losses step by step and the same saved weights.
+processes (gloo); PPO also under ZeRO-2. Each run is checked against the same run under plain data
+parallelism (torchrun): the same losses step by step and the same saved weights.
 
 This caught, before any GPU ran it: the launcher's accumulation steps (1 in the config files)
 silently replacing the stage's own; prepare() failing for want of a micro-batch size; transformers
@@ -31,18 +31,19 @@ pytest.importorskip("deepspeed", reason="DeepSpeed is a dev dependency: pip inst
 ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "CI": "1"}
 
 
-def zero3(nproc: int = 2) -> list[str]:
-    """The project's ZeRO-3 config, plus the precision, accumulation steps and clipping bound that
-    configs made by `accelerate config` carry: the stage's own settings (fp32 here) must win."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "pipeline/accelerate/zero3.yaml"),
+def deepspeed(config: str, nproc: int = 2) -> list[str]:
+    """One of the project's DeepSpeed configs, plus the precision, accumulation steps and clipping
+    bound that configs made by `accelerate config` carry: the stage's own settings (fp32 here) must win."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "pipeline/accelerate" / config),
             "--num_processes", str(nproc), "--main_process_port", str(free_port()),
             "--mixed_precision", "bf16", "--gradient_accumulation_steps", "1", "--gradient_clipping", "1.0"]
 
 
-def run_both(module: str, make_run, args: list) -> dict[str, Path]:
-    """The same stage run under ZeRO-3 and under DDP, each in its own run directory."""
+def run_both(module: str, make_run, args: list, config: str = "zero3.yaml") -> dict[str, Path]:
+    """The same stage run under DeepSpeed ("ds", ZeRO-3 unless told) and under DDP, each in its own
+    run directory."""
     runs = {}
-    for name, launcher in (("zero3", zero3()), ("ddp", torchrun(2))):
+    for name, launcher in (("ds", deepspeed(config)), ("ddp", torchrun(2))):
         run = make_run(name)
         proc = run_module(module, "--run_dir", run, *args, launcher=launcher, env=ENV, timeout=400)
         assert proc.returncode == 0, f"{name}:\n{proc.stderr[-3000:]}"
@@ -76,15 +77,16 @@ def test_pretrain_under_zero3_matches_ddp(parents, tmp_path):
 
     runs = run_both("stages.pretrain", make_run, ["--profile", "tiny", "--max_steps", 4, "--grad_accum", 2, "--log_every", 1])
     logs = {name: read_jsonl(run / "pretrain" / "metrics.jsonl") for name, run in runs.items()}
-    assert [m["train/lr"] for m in logs["zero3"]] == pytest.approx([m["train/lr"] for m in logs["ddp"]])
-    assert [m["train/loss"] for m in logs["zero3"]] == pytest.approx([m["train/loss"] for m in logs["ddp"]], abs=1e-5)
-    manifest = json.loads((runs["zero3"] / "pretrain" / "manifest.json").read_text())
+    assert [m["train/lr"] for m in logs["ds"]] == pytest.approx([m["train/lr"] for m in logs["ddp"]])
+    assert [m["train/loss"] for m in logs["ds"]] == pytest.approx([m["train/loss"] for m in logs["ddp"]], abs=1e-5)
+    manifest = json.loads((runs["ds"] / "pretrain" / "manifest.json").read_text())
     assert manifest["processes"] == 2
-    assert_same_weights(runs["zero3"] / "pretrain", runs["ddp"] / "pretrain")
+    assert_same_weights(runs["ds"] / "pretrain", runs["ddp"] / "pretrain")
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_ppo_under_zero3_matches_ddp(parents, tmp_path, lora):
+@pytest.mark.parametrize("lora, config", [(False, "zero3.yaml"), (True, "zero3.yaml"), (False, "zero2.yaml")],
+                         ids=["full", "lora", "zero2"])
+def test_ppo_under_deepspeed_matches_ddp(parents, tmp_path, lora, config):
     """Two micro-batches per minibatch, no clipping (DeepSpeed clips policy and critic together,
     the stage each on its own): every update's rollout and losses, and the saved policy, agree."""
     def make_run(name):
@@ -92,16 +94,16 @@ def test_ppo_under_zero3_matches_ddp(parents, tmp_path, lora):
 
     args = ["--profile", "tiny", "--num_updates", 2, "--rollout_batch_size", 8, "--num_minibatches", 2,
             "--gradient_accumulation", 2, "--grad_clip", 0, "--eval_size", 4, "--gold_every", 0, "--save_every", 10]
-    runs = run_both("stages.ppo", make_run, args + (["--lora_r", 4] if lora else []))
+    runs = run_both("stages.ppo", make_run, args + (["--lora_r", 4] if lora else []), config)
     logs = {name: read_jsonl(run / "ppo" / "metrics.jsonl") for name, run in runs.items()}
     for key in ("objective/score", "objective/kl", "loss/policy", "loss/value", "policy/approx_kl"):
-        assert [m[key] for m in logs["zero3"]] == pytest.approx([m[key] for m in logs["ddp"]], abs=1e-5), key
+        assert [m[key] for m in logs["ds"]] == pytest.approx([m[key] for m in logs["ddp"]], abs=1e-5), key
     manifests = {name: json.loads((run / "ppo" / "manifest.json").read_text()) for name, run in runs.items()}
-    assert manifests["zero3"]["processes"] == 2
-    assert manifests["zero3"]["metrics"]["kl_to_sft"] == pytest.approx(manifests["ddp"]["metrics"]["kl_to_sft"], abs=1e-5)
-    assert_same_weights(runs["zero3"] / "ppo", runs["ddp"] / "ppo", atol=1e-6)  # a small lr: small steps
+    assert manifests["ds"]["processes"] == 2
+    assert manifests["ds"]["metrics"]["kl_to_sft"] == pytest.approx(manifests["ddp"]["metrics"]["kl_to_sft"], abs=1e-5)
+    assert_same_weights(runs["ds"] / "ppo", runs["ddp"] / "ppo", atol=1e-6)  # a small lr: small steps
     sft = load_file(runs["ddp"] / "sft" / "model.safetensors")
-    trained = load_file(runs["zero3"] / "ppo" / "model.safetensors")
+    trained = load_file(runs["ds"] / "ppo" / "model.safetensors")
     assert any(not torch.equal(sft[k], trained[k]) for k in sft), "PPO under ZeRO-3 left the policy unchanged"
 
 
@@ -121,11 +123,11 @@ def test_sft_under_zero3_matches_ddp(parents, tmp_path, lora):
             "--eval_prompts", 4] + (["--lora_r", 4, "--lr", "1e-2"] if lora else [])
     runs = run_both("stages.sft", make_run, args)
     logs = {name: [m for m in read_jsonl(run / "sft" / "metrics.jsonl") if "loss" in m] for name, run in runs.items()}
-    assert [m["loss"] for m in logs["zero3"]] == pytest.approx([m["loss"] for m in logs["ddp"]], abs=1e-5)
+    assert [m["loss"] for m in logs["ds"]] == pytest.approx([m["loss"] for m in logs["ddp"]], abs=1e-5)
     manifests = {name: json.loads((run / "sft" / "manifest.json").read_text()) for name, run in runs.items()}
-    assert manifests["zero3"]["processes"] == 2 and manifests["zero3"]["metrics"]["params"] > 0
-    assert manifests["zero3"]["metrics"]["val_loss"] == pytest.approx(manifests["ddp"]["metrics"]["val_loss"], abs=1e-5)
-    assert_same_weights(runs["zero3"] / "sft", runs["ddp"] / "sft")
+    assert manifests["ds"]["processes"] == 2 and manifests["ds"]["metrics"]["params"] > 0
+    assert manifests["ds"]["metrics"]["val_loss"] == pytest.approx(manifests["ddp"]["metrics"]["val_loss"], abs=1e-5)
+    assert_same_weights(runs["ds"] / "sft", runs["ddp"] / "sft")
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
@@ -134,8 +136,8 @@ def test_reward_under_zero3_matches_ddp(parents, tmp_path, lora):
     args = ["--profile", "tiny", "--max_steps", 4] + (["--use_lora", "true", "--lr", "1e-2"] if lora else [])
     runs = run_both("stages.reward", lambda name: run_with_parents(parents, tmp_path, name, ("sft",)), args)
     logs = {name: [m for m in read_jsonl(run / "reward" / "metrics.jsonl") if "loss" in m] for name, run in runs.items()}
-    assert [m["loss"] for m in logs["zero3"]] == pytest.approx([m["loss"] for m in logs["ddp"]], abs=1e-5)
+    assert [m["loss"] for m in logs["ds"]] == pytest.approx([m["loss"] for m in logs["ddp"]], abs=1e-5)
     metrics = {name: json.loads((run / "reward" / "manifest.json").read_text())["metrics"] for name, run in runs.items()}
     for key in ("val_pair_accuracy", "val_loss", "reference_raw_mean"):
-        assert metrics["zero3"][key] == pytest.approx(metrics["ddp"][key], abs=1e-4), key
-    assert_same_weights(runs["zero3"] / "reward", runs["ddp"] / "reward")
+        assert metrics["ds"][key] == pytest.approx(metrics["ddp"][key], abs=1e-4), key
+    assert_same_weights(runs["ds"] / "reward", runs["ddp"] / "reward")

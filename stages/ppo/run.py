@@ -32,8 +32,8 @@ from pipeline.config import config_dict, parse_config
 from pipeline.errors import PipelineError, cli_main
 from pipeline.generation import left_pad
 from pipeline.packing import packs_sequences
-from pipeline.runtime import (configure_deepspeed, load_checkpoint, merged_from_state_dict, peak_memory_mb, progress,
-                              rank_checksums, save_checkpoint, setup)
+from pipeline.runtime import (configure_deepspeed, load_checkpoint, merged_from_state_dict, one_entry_per_parameter,
+                              peak_memory_mb, progress, rank_checksums, save_checkpoint, setup)
 from pipeline.stage import StageRun, require_stage
 from pipeline.stats import win_rate, win_rate_ceiling
 from pipeline.tracking import Tracker
@@ -729,6 +729,8 @@ def main(argv: list[str] | None = None) -> None:
         if cfg.lora_r > 0:
             fresh = with_lora(AutoModelForCausalLM.from_pretrained(cfg.sft_path, config=without_dropout(cfg.sft_path)), cfg)
             final, state_dict = merged_from_state_dict(fresh, state_dict), None
+        else:
+            state_dict = one_entry_per_parameter(final, state_dict)
         gen_config_file = Path(cfg.sft_path) / "generation_config.json"
         final.generation_config = (GenerationConfig.from_pretrained(cfg.sft_path) if gen_config_file.is_file() else
                                    GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=pad))

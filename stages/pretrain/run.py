@@ -23,8 +23,8 @@ from data.loading import load_texts
 from data.tokenizer import ensure_chat_ready, train_tokenizer
 from pipeline.config import config_dict, parse_config
 from pipeline.errors import PipelineError, cli_main
-from pipeline.runtime import (configure_deepspeed, load_checkpoint, peak_memory_mb, progress, rank_checksums, save_checkpoint,
-                              setup)
+from pipeline.runtime import (configure_deepspeed, load_checkpoint, one_entry_per_parameter, peak_memory_mb, progress,
+                              rank_checksums, save_checkpoint, setup)
 from pipeline.stage import StageRun, resolve_init
 from pipeline.tracking import Tracker
 from stages.pretrain.config import PretrainConfig
@@ -240,8 +240,11 @@ def main(argv: list[str] | None = None) -> None:
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         do_sample=True, temperature=cfg.temperature, max_new_tokens=64,
     )
+    state_dict = accelerator.get_state_dict(model)  # every process takes part; the main one saves it
+    if state_dict is not None:
+        state_dict = one_entry_per_parameter(unwrapped, state_dict)
     unwrapped.save_pretrained(stage_dir, is_main_process=accelerator.is_main_process,
-                              save_function=accelerator.save, state_dict=accelerator.get_state_dict(model))
+                              save_function=accelerator.save, state_dict=state_dict)
     if accelerator.is_main_process:
         tokenizer.save_pretrained(stage_dir)
         # Samples from the saved checkpoint: under FSDP or ZeRO-3 the trained model is sharded, and a
