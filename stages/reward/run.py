@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     # would train alone on the same directory (pipeline.runtime.cpu_and_backend; DeepSpeed differs).
     stage_decides_training_settings()
     use_cpu, backend = cpu_and_backend()
-    state = PartialState(cpu=use_cpu, **({"backend": backend} if backend else {}))
+    state = PartialState(cpu=use_cpu, backend=backend)
     stage_dir = Path(cfg.run_dir) / "reward"
     parent_path, parent_manifest = parent_model(cfg)
     tokenizer = AutoTokenizer.from_pretrained(parent_path)
