@@ -10,6 +10,12 @@ here as a transformers attention implementation, instead gathers the sequences o
 into a padded stack for that one call and runs causal sdpa on it (what flash attention's variable
 length kernels do on GPUs): the linear layers see only real tokens and attention costs what it
 would padded. Inputs with a padding mask or a KV cache (generation) take plain sdpa unchanged.
+
+Sequences that start alike - a prompt and its K ranked answers - can share that start: `pack_rows`
+writes the common prefix once and each answer after it with its position ids continuing where the
+prefix ends (a drop in the position ids, not to 0, starts such a branch). Attention gives every
+branch the prefix in front of it, so each answer gets exactly what it gets alone while the linear
+layers see the prompt once instead of K times.
 """
 
 from __future__ import annotations
@@ -30,10 +36,12 @@ _last: tuple = (None, -1, None)
 
 
 def _segments(position_ids: torch.Tensor) -> tuple[int, int, torch.Tensor, torch.Tensor]:
-    """Sequences of a [B, L] block of position ids, where a new sequence starts at each 0 and at
-    each row: (count S, longest Lmax, gather [S*Lmax] token index of each padded slot, scatter
-    [B*L] slot of each token). Padded slots point at token 0; they sit after the end of their
-    sequence, where causal attention never looks, and their outputs are dropped."""
+    """Sequences of a [B, L] block of position ids as a padded stack: (count S, longest Lmax,
+    gather [S*Lmax] token index of each slot, scatter [B*L] slot of each token). A sequence starts
+    at each 0 and at each row; where the ids drop to q > 0 a branch starts, whose stack row is the
+    first q tokens of the sequence it branches from, then its own. Padded slots point at token 0;
+    they sit after the end of their sequence, where causal attention never looks, and their outputs
+    (and those of a branch's copied prefix) are dropped."""
     global _last
     ref, version, layout = _last
     if ref is not None and ref() is position_ids and version == position_ids._version:
@@ -41,14 +49,23 @@ def _segments(position_ids: torch.Tensor) -> tuple[int, int, torch.Tensor, torch
     flat = position_ids.reshape(-1)
     n, width = flat.numel(), position_ids.shape[-1]
     index = torch.arange(n, device=flat.device)
-    is_start = (flat == 0) | (index % width == 0)
+    previous = torch.cat([flat.new_tensor([-1]), flat[:-1]])
+    is_root = (flat == 0) | (index % width == 0)
+    is_start = is_root | (flat != previous + 1)
     starts = index[is_start]
     lengths = torch.diff(starts, append=starts.new_tensor([n]))
-    longest = int(lengths.max())
-    slot = torch.arange(longest, device=flat.device)
-    valid = slot[None] < lengths[:, None]
-    gather = torch.where(valid, starts[:, None] + slot[None], 0).reshape(-1)
-    scatter = valid.reshape(-1).nonzero().squeeze(1)
+    root = torch.cummax(torch.where(is_root, index, 0), 0).values[starts]  # token where each one's root starts
+    prefix = torch.where(is_root[starts], 0, flat[starts])
+    root_length = lengths[torch.searchsorted(starts, root)]
+    if bool(((prefix > 0) & ((flat[root] != 0) | (prefix > root_length))).any()):
+        raise ValueError("position ids: a sequence continues a prefix that its row does not hold")
+    total = prefix + lengths
+    longest = int(total.max())
+    slot = torch.arange(longest, device=flat.device)[None]
+    own = (slot >= prefix[:, None]) & (slot < total[:, None])
+    gather = torch.where(slot < prefix[:, None], root[:, None] + slot,
+                         torch.where(own, starts[:, None] + slot - prefix[:, None], 0)).reshape(-1)
+    scatter = own.reshape(-1).nonzero().squeeze(1)
     layout = (len(starts), longest, gather, scatter)
     _last = (weakref.ref(position_ids), position_ids._version, layout)
     return layout
@@ -93,11 +110,38 @@ AttentionInterface.register(VARLEN, varlen_sdpa_attention)
 AttentionMaskInterface.register(VARLEN, _varlen_mask)
 
 
-def keeps_packed_sequences_apart(model, token_ids: list[list[int]]) -> bool:
+def common_prefix_length(seqs: list[list[int]]) -> int:
+    """Tokens all of `seqs` start with, leaving each at least its last token of its own."""
+    shortest = min(len(s) for s in seqs) - 1
+    n = 0
+    while n < shortest and all(s[n] == seqs[0][n] for s in seqs):
+        n += 1
+    return n
+
+
+def pack_rows(groups: list[list[list[int]]], share_prefix: bool = False) -> tuple[list[int], list[int], list[list[int]]]:
+    """Groups of token sequences as one padding-free row: (token ids, position ids, where each
+    sequence's tokens are in the row). Plain packing restarts the position ids at every sequence;
+    with share_prefix a group's common prefix is written once and each sequence continues from it."""
+    ids, positions, where = [], [], []
+    for seqs in groups:
+        shared = common_prefix_length(seqs) if share_prefix and len(seqs) > 1 else 0
+        prefix_at = list(range(len(ids), len(ids) + shared))
+        ids += seqs[0][:shared]
+        positions += range(shared)
+        for seq in seqs:
+            at = len(ids)
+            ids += seq[shared:]
+            positions += range(shared, len(seq))
+            where.append(prefix_at + list(range(at, len(ids))))
+    return ids, positions, where
+
+
+def keeps_packed_sequences_apart(model, token_ids: list[list[int]], share_prefix: bool = False) -> bool:
     """Compare a model's outputs (logits, or a bare body's hidden states) on packed sequences (one
-    row, position ids restarting) with its outputs on each alone. A model that ignored position ids would let the sequences attend to each
-    other and train on a wrong loss. Without a KV cache, as trainers call it: transformers looks for
-    packed sequences only then."""
+    row by `pack_rows`) with its outputs on each alone. A model that ignored position ids would let
+    the sequences attend to each other and train on a wrong loss. Without a KV cache, as trainers call
+    it: transformers looks for packed sequences only then."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -106,12 +150,13 @@ def keeps_packed_sequences_apart(model, token_ids: list[list[int]]) -> bool:
         out = model(**inputs, use_cache=False)
         return (out.logits if "logits" in out else out.last_hidden_state)[0]
 
+    ids, positions, where = pack_rows([token_ids], share_prefix)
     with torch.no_grad():
-        alone = [outputs(input_ids=torch.tensor([ids], device=device)) for ids in token_ids]
-        packed = outputs(input_ids=torch.tensor([sum(token_ids, [])], device=device),
-                         position_ids=torch.cat([torch.arange(len(ids), device=device) for ids in token_ids])[None])
+        alone = [outputs(input_ids=torch.tensor([seq], device=device)) for seq in token_ids]
+        packed = outputs(input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([positions], device=device))
     model.train(was_training)
     tol = 1e-3 if packed.dtype == torch.float32 else 5e-2  # bf16/fp16 checkpoints round; leaks differ by ~1
+    packed = torch.cat([packed[torch.tensor(at, device=device)] for at in where])
     return torch.allclose(torch.cat(alone).float(), packed.float(), atol=tol, rtol=tol)
 
 
@@ -127,13 +172,15 @@ def use_varlen_attention(model) -> bool:
     return True
 
 
-def packs_sequences(model, probe: list[list[int]] = ((5, 6, 7, 8), (9, 10, 11))) -> bool:
+def packs_sequences(model, share_prefix: bool = False) -> bool:
     """What a stage asks before it trains on packed rows: switch the model to varlen attention where
-    it can, then check that its transformer body keeps packed sequences apart."""
+    it can, then check that its transformer body keeps packed sequences apart (and, with
+    share_prefix, gives sequences branching off a shared prefix what they get alone)."""
     use_varlen_attention(model)
     body = getattr(model, getattr(model, "base_model_prefix", ""), model)  # a bare body is its own
+    probe = [[5, 6, 7, 8], [5, 6, 9, 10, 11], [5, 6, 7, 12]] if share_prefix else [[5, 6, 7, 8], [9, 10, 11]]
     with whole_weights(model):
-        return keeps_packed_sequences_apart(body, [list(ids) for ids in probe])
+        return keeps_packed_sequences_apart(body, probe, share_prefix)
 
 
 def whole_weights(model):

@@ -3,10 +3,11 @@ forward and the backward; padded inputs and generation are unchanged."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pipeline.packing import VARLEN, keeps_packed_sequences_apart, packs_sequences, use_varlen_attention
+from pipeline.packing import VARLEN, keeps_packed_sequences_apart, pack_rows, packs_sequences, use_varlen_attention
 
 SEQS = [[1, 5, 7, 9, 3], [4, 4, 2], [8, 9, 10, 11, 12, 13, 14], [6]]
 
@@ -84,3 +85,51 @@ def test_models_with_sliding_windows_keep_their_attention():
     model = tiny_llama()
     model.config.sliding_window = 4  # a window the packed path does not model
     assert not use_varlen_attention(model) and model.config._attn_implementation == "sdpa"
+
+
+GROUPS = [[[1, 2, 3, 4], [1, 2, 3, 9, 8], [1, 2, 7]], [[5, 6], [7, 8, 9]], [[3, 3, 3], [3, 3, 3, 4]]]
+
+
+def test_pack_rows_writes_a_shared_prefix_once():
+    ids, positions, where = pack_rows(GROUPS, share_prefix=True)
+    # [1, 2] once, then each answer continuing at position 2; no common start: plain packing;
+    # a sequence keeps at least its last token of its own ([3, 3] shared, not [3, 3, 3]).
+    assert ids == [1, 2, 3, 4, 3, 9, 8, 7, 5, 6, 7, 8, 9, 3, 3, 3, 3, 4]
+    assert positions == [0, 1, 2, 3, 2, 3, 4, 2, 0, 1, 0, 1, 2, 0, 1, 2, 2, 3]
+    assert [[ids[i] for i in at] for at in where] == [s for g in GROUPS for s in g]
+    plain = pack_rows(GROUPS)
+    assert plain[0] == sum((s for g in GROUPS for s in g), []) and plain[1] == [i for g in GROUPS for s in g for i in range(len(s))]
+
+
+def test_branches_off_a_shared_prefix_equal_each_sequence_alone_forward_and_backward():
+    model = tiny_llama()
+    use_varlen_attention(model)
+    seqs = [s for g in GROUPS for s in g]
+    ids, positions, where = pack_rows(GROUPS, share_prefix=True)
+    logits = model(input_ids=torch.tensor([ids]), position_ids=torch.tensor([positions]), use_cache=False).logits[0]
+    alone = [model(input_ids=torch.tensor([s]), use_cache=False).logits[0] for s in seqs]
+    for at, expected in zip(where, alone):
+        torch.testing.assert_close(logits[at], expected, atol=1e-5, rtol=1e-4)
+    # The gradients of a loss on each sequence's last token (a reward model's) match too.
+    last = torch.tensor([at[-1] for at in where])
+    logits[last, 3].sum().backward()
+    shared_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    sum(model(input_ids=torch.tensor([s]), use_cache=False).logits[0, -1, 3] for s in seqs).backward()
+    for a, b in zip(shared_grads, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert keeps_packed_sequences_apart(model, GROUPS[0], share_prefix=True) and packs_sequences(model, share_prefix=True)
+
+
+def test_a_branch_without_its_prefix_is_an_error():
+    model = tiny_llama()
+    use_varlen_attention(model)
+    with pytest.raises(ValueError, match="prefix that its row does not hold"):  # branches at 3, the row holds 2
+        model(input_ids=torch.tensor([[1, 2, 3, 4]]), position_ids=torch.tensor([[0, 1, 3, 4]]), use_cache=False)
+
+
+def test_a_model_that_cannot_branch_fails_the_check():
+    """Plain sdpa reads position ids only for RoPE: every token sees the whole row before it."""
+    model = tiny_llama()
+    model.set_attn_implementation("sdpa")
+    assert not keeps_packed_sequences_apart(model, GROUPS[0], share_prefix=True)

@@ -124,7 +124,8 @@ def new_run(tmp_path: Path, sft_run: Path) -> Path:
 
 def test_packed_groups_give_the_padded_rewards_loss_and_gradients(sft_run):
     """The training batch as one packed row (varlen attention, each score read at its sequence's
-    last token) equals the right-padded batch: rewards, K-wise loss, gradients."""
+    last token), plain or with each group's prompt written once and its responses branching off it,
+    equals the right-padded batch: rewards, K-wise loss, gradients."""
     tok = AutoTokenizer.from_pretrained(sft_run / "sft")
     model = AutoModelForSequenceClassification.from_pretrained(sft_run / "sft", num_labels=1)
     ensure_chat_ready(tok, model)
@@ -134,11 +135,13 @@ def test_packed_groups_give_the_padded_rewards_loss_and_gradients(sft_run):
     examples = [dataset[i] for i in range(len(dataset))]
     head = HeadOutputs(model.score)
     results = []
-    for packed in (False, True):
-        batch = GroupCollator(tok.pad_token_id, packed)(examples)
+    tokens = []
+    for packed, share in ((False, False), (True, False), (True, True)):
+        batch = GroupCollator(tok.pad_token_id, packed, share)(examples)
         model.zero_grad()
         if packed:
             assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
+            tokens.append(batch["input_ids"].numel())
             model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
             rewards = head.scores[0, batch["last"]].squeeze(-1)
         else:
@@ -146,12 +149,14 @@ def test_packed_groups_give_the_padded_rewards_loss_and_gradients(sft_run):
         loss = ranking_loss(rewards, batch["group_sizes"].tolist())
         loss.backward()
         results.append((rewards.detach(), loss.detach(), [p.grad.clone() for p in model.parameters()]))
-    (r_a, l_a, g_a), (r_b, l_b, g_b) = results
+    assert tokens[1] < tokens[0] * 0.8  # the prompts are shared, not just cut
+    (r_a, l_a, g_a) = results[0]
     assert len(r_a) == sum(len(g.responses) for g in groups) > 6
-    torch.testing.assert_close(r_a, r_b, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(l_a, l_b, atol=1e-6, rtol=1e-5)
-    for a, b in zip(g_a, g_b):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    for r_b, l_b, g_b in results[1:]:
+        torch.testing.assert_close(r_a, r_b, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(l_a, l_b, atol=1e-6, rtol=1e-5)
+        for a, b in zip(g_a, g_b):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
 def toy_files(tmp_path: Path) -> tuple[Path, Path, Path]:

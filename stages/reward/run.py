@@ -27,7 +27,7 @@ from data.loading import load_records, require_text
 from data.tokenizer import ensure_chat_ready
 from pipeline.config import config_dict, parse_config
 from pipeline.errors import cli_main
-from pipeline.packing import packs_sequences
+from pipeline.packing import pack_rows, packs_sequences
 from pipeline.runtime import (cpu_and_backend, load_models_whole, merged_from_state_dict, peak_memory_mb, rank_checksums,
                               stage_decides_training_settings)
 from pipeline.stage import StageRun, require_stage, resolve_init
@@ -46,21 +46,22 @@ from stages.reward.config import RewardStageConfig
 @dataclass
 class GroupCollator:
     """A batch of groups -> all their responses, group after group, plus each group's size: one
-    packed row (position ids restarting per sequence; `last` is where each one ends) or, with
+    packed row (`pipeline.packing.pack_rows`; with share_prompts each group's common start - the
+    prompt - once, its responses branching off it; `last` is where each response ends) or, with
     packed False, right-padded rows."""
 
     pad_token_id: int
     packed: bool = False
+    share_prompts: bool = False
 
     def __call__(self, examples: list[dict]) -> dict:
-        seqs = [seq for ex in examples for seq in ex["group_ids"]]
         sizes = torch.tensor([len(ex["group_ids"]) for ex in examples])
         if not self.packed:
-            ids, mask = right_pad(seqs, self.pad_token_id)
+            ids, mask = right_pad([seq for ex in examples for seq in ex["group_ids"]], self.pad_token_id)
             return {"input_ids": ids, "attention_mask": mask, "group_sizes": sizes}
-        lengths = torch.tensor([len(seq) for seq in seqs])
-        return {"input_ids": torch.tensor([sum(seqs, [])]), "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
-                "last": lengths.cumsum(0) - 1, "group_sizes": sizes}
+        ids, positions, where = pack_rows([ex["group_ids"] for ex in examples], self.share_prompts)
+        return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]),
+                "last": torch.tensor([at[-1] for at in where]), "group_sizes": sizes}
 
 
 class HeadOutputs:
@@ -309,6 +310,11 @@ def main(argv: list[str] | None = None) -> None:
     packed = cfg.padding_free and packs_sequences(model)
     if cfg.padding_free and not packed and state.is_main_process:
         print(f"[reward] {parent_path}: the model does not keep packed sequences apart; padding batches instead", flush=True)
+    # A group's K responses share its prompt (InstructGPT's point for K-wise groups: K forwards give
+    # C(K,2) comparisons); the prompt's tokens then go through the model once, not K times.
+    share = packed and cfg.share_prompts and packs_sequences(model, share_prefix=True)
+    if packed and cfg.share_prompts and not share and state.is_main_process:
+        print(f"[reward] {parent_path}: the model's attention cannot share a prompt between responses; packing each whole", flush=True)
     train_ds, truncated = tokenize_groups(train_groups, tokenizer, max_length)
     val_ds = tokenize_groups(val_groups, tokenizer, max_length)[0] if val_groups and cfg.eval_every else None
     n_pairs = sum(len(g.responses) * (len(g.responses) - 1) // 2 for g in train_groups)
@@ -341,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
         dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(),
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
     )
-    trainer = RankingRewardTrainer(model=model, args=args, data_collator=GroupCollator(tokenizer.pad_token_id, packed),
+    trainer = RankingRewardTrainer(model=model, args=args, data_collator=GroupCollator(tokenizer.pad_token_id, packed, share),
                                    train_dataset=train_ds, eval_dataset=val_ds, processing_class=tokenizer,
                                    callbacks=[JsonlMetricsCallback(stage_dir)], peft_config=peft_config)
 
