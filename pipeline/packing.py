@@ -49,23 +49,30 @@ def _segments(position_ids: torch.Tensor) -> tuple[int, int, torch.Tensor, torch
     flat = position_ids.reshape(-1)
     n, width = flat.numel(), position_ids.shape[-1]
     index = torch.arange(n, device=flat.device)
-    previous = torch.cat([flat.new_tensor([-1]), flat[:-1]])
     is_root = (flat == 0) | (index % width == 0)
-    is_start = is_root | (flat != previous + 1)
+    branches = bool(((flat[1:] != flat[:-1] + 1) & ~is_root[1:]).any())
+    is_start = torch.cat([is_root[:1], is_root[1:] | (flat[1:] != flat[:-1] + 1)]) if branches else is_root
     starts = index[is_start]
     lengths = torch.diff(starts, append=starts.new_tensor([n]))
-    root = torch.cummax(torch.where(is_root, index, 0), 0).values[starts]  # token where each one's root starts
-    prefix = torch.where(is_root[starts], 0, flat[starts])
-    root_length = lengths[torch.searchsorted(starts, root)]
-    if bool(((prefix > 0) & ((flat[root] != 0) | (prefix > root_length))).any()):
-        raise ValueError("position ids: a sequence continues a prefix that its row does not hold")
-    total = prefix + lengths
-    longest = int(total.max())
-    slot = torch.arange(longest, device=flat.device)[None]
-    own = (slot >= prefix[:, None]) & (slot < total[:, None])
-    gather = torch.where(slot < prefix[:, None], root[:, None] + slot,
-                         torch.where(own, starts[:, None] + slot - prefix[:, None], 0)).reshape(-1)
-    scatter = own.reshape(-1).nonzero().squeeze(1)
+    if not branches:  # plain packing: each sequence alone in its stack row
+        longest = int(lengths.max())
+        slot = torch.arange(longest, device=flat.device)
+        valid = slot[None] < lengths[:, None]
+        gather = torch.where(valid, starts[:, None] + slot[None], 0).reshape(-1)
+        scatter = valid.reshape(-1).nonzero().squeeze(1)
+    else:
+        root = torch.cummax(torch.where(is_root, index, 0), 0).values[starts]  # where each one's root starts
+        prefix = torch.where(is_root[starts], 0, flat[starts])
+        root_length = lengths[torch.searchsorted(starts, root)]
+        if bool(((prefix > 0) & ((flat[root] != 0) | (prefix > root_length))).any()):
+            raise ValueError("position ids: a sequence continues a prefix that its row does not hold")
+        total = prefix + lengths
+        longest = int(total.max())
+        slot = torch.arange(longest, device=flat.device)[None]
+        own = (slot >= prefix[:, None]) & (slot < total[:, None])
+        gather = torch.where(slot < prefix[:, None], root[:, None] + slot,
+                             torch.where(own, starts[:, None] + slot - prefix[:, None], 0)).reshape(-1)
+        scatter = own.reshape(-1).nonzero().squeeze(1)
     layout = (len(starts), longest, gather, scatter)
     _last = (weakref.ref(position_ids), position_ids._version, layout)
     return layout
