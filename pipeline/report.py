@@ -307,6 +307,14 @@ def build_report(run_dir: str | Path) -> Path:
              "hlines": [("chance", 0.5)] + [(f"held-out {k}", v) for k, v in held_out.items()]},
         ])
         image(md, out, "reward.png", made, "reward-model curves")
+        kinds = (manifests["reward"].get("metrics") or {}).get("val_gold_pairs_by_labels") or {}
+        if kinds:  # the pairs it orders against the gold judge most often: its holes, which PPO may find
+            md.append("Where it disagrees with the gold judge most often (held-out pairs with different gold scores, "
+                      "most disagreements first):\n")
+            md.append("| family: gold-preferred > other | right | pairs | accuracy |\n|---|---:|---:|---:|")
+            md += [f"| {name} | {k['right']} | {k['pairs']} | {k['right'] / k['pairs']:.3f} |"
+                   for name, k in list(kinds.items())[:8]]
+            md.append("")
 
     # PPO.
     md.append("## PPO (RLHF)\n")

@@ -237,14 +237,16 @@ def evaluate(model, tokenizer, groups: list[Group], judge: GoldJudge | None, bat
     ceiling, label_pairs = 0.0, 0
     xs, ys = [], []
     by_family: dict[str, list[int]] = {}  # family -> [right, pairs] against gold: where the reward model errs
+    by_labels: dict[str, list[int]] = {}  # "family: better label > worse label" -> [right, pairs]
     for g, r in zip(groups, per_group):
         try:
-            gold = [judge.score(g.prompt, resp) for resp in g.responses] if isinstance(g.prompt, str) else None
+            verdicts = [judge.judge(g.prompt, resp) for resp in g.responses] if isinstance(g.prompt, str) else None
         except KeyError:
-            gold = None
-        if gold is None:
+            verdicts = None
+        if verdicts is None:
             continue
-        family = by_family.setdefault(judge.spec(g.prompt)["family"], [0, 0])
+        gold = [v.score for v in verdicts]
+        family = by_family.setdefault(verdicts[0].family, [0, 0])
         xs += r.tolist()
         ys += gold
         for i in range(len(gold)):
@@ -254,14 +256,19 @@ def evaluate(model, tokenizer, groups: list[Group], judge: GoldJudge | None, bat
                 label_pairs += 1
                 if gold[i] != gold[j]:
                     better, worse = (i, j) if gold[i] > gold[j] else (j, i)
-                    family[0] += int(r[better] > r[worse])
-                    family[1] += 1
+                    kind = by_labels.setdefault(f"{verdicts[0].family}: {verdicts[better].label} > {verdicts[worse].label}", [0, 0])
+                    for tally in (family, kind):
+                        tally[0] += int(r[better] > r[worse])
+                        tally[1] += 1
     gold_right = sum(right for right, _ in by_family.values())
     gold_pairs = sum(n for _, n in by_family.values())
     if gold_pairs:
         m["val_gold_pair_accuracy"] = gold_right / gold_pairs
         m["val_gold_pairs"] = gold_pairs
         m["val_gold_pair_accuracy_by_family"] = {f: right / n for f, (right, n) in sorted(by_family.items()) if n}
+        # Which kinds of pairs it gets wrong, most wrong first (e.g. a right answer below its padded form).
+        m["val_gold_pairs_by_labels"] = {k: {"right": right, "pairs": n} for k, (right, n)
+                                         in sorted(by_labels.items(), key=lambda kv: kv[1][0] - kv[1][1])}
         m["val_gold_pearson"] = torch.corrcoef(torch.tensor([xs, ys]))[0, 1].item()
         # What a reward equal to the gold score would get against these noisy labels (ties half):
         # the ceiling for val_pair_accuracy on the world.
