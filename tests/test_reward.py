@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
 from pipeline.stage import read_manifest, write_json_atomic
-from reward.comparisons import load_groups
+from reward.comparisons import Group, load_groups
 from reward.gold import GoldJudge
 from reward.losses import pair_accuracy, pairwise_loss, ranking_loss
-from reward.model import load_reward_model, score
+from reward.model import encode, load_reward_model, score
 from data.tokenizer import ensure_chat_ready
-from pipeline.packing import use_varlen_attention
+from pipeline.packing import common_prefix_length, use_varlen_attention
 from stages.reward.run import GroupCollator, HeadOutputs, tokenize_groups
 from stages.reward.run import main as reward_main
 from tests.conftest import assert_replicas_saved, kill_after_checkpoint, one_line_error, read_jsonl, run_module, torchrun, write_jsonl
@@ -163,6 +163,24 @@ def test_packed_groups_give_the_padded_rewards_loss_and_gradients(sft_run):
         torch.testing.assert_close(l_a, l_b, atol=1e-6, rtol=1e-5)
         for a, b in zip(g_a, g_b):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_a_long_prompt_is_cut_alike_for_every_response(sft_run):
+    """Over max_length the start of the prompt goes, the same tokens from each response: the group
+    keeps one context (and a shared prefix); each response keeps its end, where the reward is read."""
+    tok = AutoTokenizer.from_pretrained(sft_run / "sft")
+    prompt = "Tell me about " + " and ".join(f"river {i}" for i in range(40)) + "."
+    group = Group(prompt, ["Rivers.", "I don't know much about these rivers, sorry."], "test")
+    full = [encode(tok, prompt, r) for r in group.responses]
+    limit = max(map(len, full)) - 20
+    dataset, truncated = tokenize_groups([group], tok, limit)
+    seqs = dataset[0]["group_ids"]
+    assert truncated == 1 and max(map(len, seqs)) == limit
+    assert [s[-8:] for s in seqs] == [s[-8:] for s in full]  # the ends survive
+    assert [len(f) - len(s) for f, s in zip(full, seqs)] == [20, 20]  # the same 20 prompt tokens went
+    assert common_prefix_length(seqs) == common_prefix_length(full) - 20 > 10
+    tiny, _ = tokenize_groups([group], tok, 6)  # not even the answers fit: each keeps its last 6 tokens
+    assert tiny[0]["group_ids"] == [s[-6:] for s in full]
 
 
 def toy_files(tmp_path: Path) -> tuple[Path, Path, Path]:
@@ -384,3 +402,4 @@ def test_bad_input_gets_one_line_error_and_no_manifest(sft_run, tmp_path, capsys
     (no_template / "tokenizer_config.json").write_text(json.dumps(config))
     _fails(capsys, tiny_args(run, "--init_from", no_template), "no_template", "no chat template")
     assert not (run / "reward" / "manifest.json").exists()
+

@@ -18,7 +18,7 @@ class RewardStageConfig:
     max_train_groups: int = field(default=0, metadata={"help": "Use only the first N training groups (0 = all)."})
     max_val_groups: int = field(default=0, metadata={"help": "Use only the first N held-out groups (0 = all)."})
     skip_invalid: bool = field(default=False, metadata={"help": "Skip groups with empty/duplicate responses, chosen == rejected or diverging transcripts instead of stopping."})
-    max_length: int = field(default=512, metadata={"help": "Token limit of prompt+response (longer: the start of the prompt is cut); capped at the model's context."})
+    max_length: int = field(default=512, metadata={"help": "Token limit of prompt+response (longer: the start of the prompt is cut, by the same tokens for all responses of a group); capped at the model's context."})
     padding_free: bool = field(default=True, metadata={"help": "Train on each batch's responses packed in one row (position ids restart per sequence, varlen attention) instead of padded rows; padded if the model fails the packing check."})
     share_prompts: bool = field(default=True, metadata={"help": "In padding-free batches, write a group's common start (the prompt) once with its K responses branching off it: each response gets what it gets alone, the layers see the prompt once (45% fewer tokens on the world); off if the model fails the check."})
     group_by_length: bool = field(default=True, metadata={"help": "Batch groups of similar length (random megabatches sorted by length): a third less padding on the world when batches are padded (--padding_free false)."})

@@ -27,7 +27,7 @@ from data.loading import load_records, require_text
 from data.tokenizer import ensure_chat_ready
 from pipeline.config import config_dict, parse_config
 from pipeline.errors import cli_main
-from pipeline.packing import pack_rows, packs_sequences
+from pipeline.packing import common_prefix_length, pack_rows, packs_sequences
 from pipeline.runtime import (cpu_and_backend, load_models_whole, merged_from_state_dict, peak_memory_mb, rank_checksums,
                               stage_decides_training_settings)
 from pipeline.stage import StageRun, require_stage, resolve_init
@@ -126,12 +126,20 @@ class RankingRewardTrainer(RewardTrainer):
 
 def tokenize_groups(groups: list[Group], tokenizer, max_length: int) -> tuple[Dataset, int]:
     """Each group as {"group_ids": [ids of prompt+response, best first], "length": longest of them}
-    (the length lets the sampler batch similar groups: less padding). Returns (dataset, #truncated)."""
+    (the length lets the sampler batch similar groups: less padding). Returns (dataset, #truncated).
+
+    Too long: the start of the prompt goes, the same tokens from every response of the group, so
+    the K responses are compared on the same context (cut one by one, a longer answer would see
+    less of the prompt than a shorter one) and still share it in packed rows. A response that does
+    not fit even so loses its own start too."""
     rows, truncated = [], 0
     for g in groups:
         seqs = [encode(tokenizer, g.prompt, r) for r in g.responses]
-        truncated += sum(len(s) > max_length for s in seqs)
-        seqs = [s[-max_length:] for s in seqs]
+        over = max(map(len, seqs)) - max_length
+        if over > 0:
+            truncated += sum(len(s) > max_length for s in seqs)
+            cut = min(over, common_prefix_length(seqs))
+            seqs = [s[cut:][-max_length:] for s in seqs]
         rows.append({"group_ids": seqs, "length": max(map(len, seqs))})
     return Dataset.from_list(rows), truncated
 
