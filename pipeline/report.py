@@ -312,8 +312,8 @@ def build_report(run_dir: str | Path) -> Path:
             md.append("Where it disagrees with the gold judge most often (held-out pairs with different gold scores, "
                       "most disagreements first):\n")
             md.append("| family: gold-preferred > other | right | pairs | accuracy |\n|---|---:|---:|---:|")
-            md += [f"| {name} | {k['right']} | {k['pairs']} | {k['right'] / k['pairs']:.3f} |"
-                   for name, k in list(kinds.items())[:8]]
+            worst = sorted(kinds.items(), key=lambda kv: kv[1]["right"] - kv[1]["pairs"])[:8]  # the manifest sorts keys
+            md += [f"| {name} | {k['right']} | {k['pairs']} | {k['right'] / k['pairs']:.3f} |" for name, k in worst]
             md.append("")
 
     # PPO.

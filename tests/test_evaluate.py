@@ -80,7 +80,8 @@ def staged_run(tmp_path_factory, pretrained_run) -> Path:
     shutil.copy(run / "pretrain" / "manifest.json", run / "reward" / "manifest.json")
     _finish_stand_in(run / "reward", "reward", {"eval_accuracy": 0.6, "test": {"pairwise_accuracy": 0.64}, "eval_loss": 0.6,
                                                 "val_gold_pairs_by_labels": {"fact: correct > verbose": {"right": 47, "pairs": 94},
-                                                                             "fact: correct > wrong": {"right": 83, "pairs": 92}}})
+                                                                             "fact: correct > wrong": {"right": 83, "pairs": 92},
+                                                                             "fact: over_refused > wrong": {"right": 41, "pairs": 95}}})
     return run
 
 

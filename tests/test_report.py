@@ -36,7 +36,8 @@ def test_report_of_a_full_run(evaluated_run):
     assert "not finished" not in report and "make eval" not in report
     assert "| metric | base | sft | ppo |" in report  # the evaluation table
     assert "test/pairwise_accuracy **0.640**" in report  # the reward model's held-out accuracy
-    assert "| fact: correct > verbose | 47 | 94 | 0.500 |\n| fact: correct > wrong | 83 | 92 | 0.902 |" in report
+    assert ("| fact: over_refused > wrong | 41 | 95 | 0.432 |\n| fact: correct > verbose | 47 | 94 | 0.500 |\n"
+            "| fact: correct > wrong | 83 | 92 | 0.902 |") in report  # the reward model's worst pairs first
 
     links = linked_images(report)
     assert {os.path.basename(link) for link in links} == EXPECTED_IMAGES

@@ -87,8 +87,6 @@ def test_evaluation_against_labels_and_gold(world_dir, monkeypatch):
         assert sum(k["pairs"] for k in kinds.values()) == m["val_gold_pairs"] and len(kinds) > 5
         assert all(k["right"] == (k["pairs"] if sign > 0 else 0) for k in kinds.values())
         assert all(name.split(": ")[0] in families and " > " in name for name in kinds)
-    wrong = [k["pairs"] - k["right"] for k in kinds.values()]
-    assert wrong == sorted(wrong, reverse=True) and wrong[0] > wrong[-1]  # most wrong first
     # groups are stored best first: decreasing rewards agree with every labelled pair
     decreasing = torch.cat([torch.arange(len(g.responses), 0, -1).float() for g in groups])
     monkeypatch.setattr(reward_run, "score", lambda *args, **kwargs: decreasing)

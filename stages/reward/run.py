@@ -274,9 +274,8 @@ def evaluate(model, tokenizer, groups: list[Group], judge: GoldJudge | None, bat
         m["val_gold_pair_accuracy"] = gold_right / gold_pairs
         m["val_gold_pairs"] = gold_pairs
         m["val_gold_pair_accuracy_by_family"] = {f: right / n for f, (right, n) in sorted(by_family.items()) if n}
-        # Which kinds of pairs it gets wrong, most wrong first (e.g. a right answer below its padded form).
-        m["val_gold_pairs_by_labels"] = {k: {"right": right, "pairs": n} for k, (right, n)
-                                         in sorted(by_labels.items(), key=lambda kv: kv[1][0] - kv[1][1])}
+        # Which kinds of pairs it gets wrong (e.g. a right answer below its padded form).
+        m["val_gold_pairs_by_labels"] = {k: {"right": right, "pairs": n} for k, (right, n) in sorted(by_labels.items())}
         m["val_gold_pearson"] = torch.corrcoef(torch.tensor([xs, ys]))[0, 1].item()
         # What a reward equal to the gold score would get against these noisy labels (ties half):
         # the ceiling for val_pair_accuracy on the world.
