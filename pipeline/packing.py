@@ -50,29 +50,23 @@ def _segments(position_ids: torch.Tensor) -> tuple[int, int, torch.Tensor, torch
     n, width = flat.numel(), position_ids.shape[-1]
     index = torch.arange(n, device=flat.device)
     is_root = (flat == 0) | (index % width == 0)
-    branches = bool(((flat[1:] != flat[:-1] + 1) & ~is_root[1:]).any())
-    is_start = torch.cat([is_root[:1], is_root[1:] | (flat[1:] != flat[:-1] + 1)]) if branches else is_root
-    starts = index[is_start]
+    jump = torch.cat([flat.new_zeros(1, dtype=torch.bool), flat[1:] != flat[:-1] + 1]) & ~is_root
+    starts = index[is_root | jump]
     lengths = torch.diff(starts, append=starts.new_tensor([n]))
-    if not branches:  # plain packing: each sequence alone in its stack row
-        longest = int(lengths.max())
-        slot = torch.arange(longest, device=flat.device)
-        valid = slot[None] < lengths[:, None]
-        gather = torch.where(valid, starts[:, None] + slot[None], 0).reshape(-1)
-        scatter = valid.reshape(-1).nonzero().squeeze(1)
-    else:
-        root = torch.cummax(torch.where(is_root, index, 0), 0).values[starts]  # where each one's root starts
-        prefix = torch.where(is_root[starts], 0, flat[starts])
+    root, prefix = starts, torch.zeros_like(starts)  # where each one's root starts, tokens it takes from it
+    if bool(jump.any()):  # only rows with branches pay for finding and checking their roots
+        root = torch.cummax(torch.where(is_root, index, 0), 0).values[starts]
+        prefix = torch.where(jump[starts], flat[starts], 0)
         root_length = lengths[torch.searchsorted(starts, root)]
         if bool(((prefix > 0) & ((flat[root] != 0) | (prefix > root_length))).any()):
             raise ValueError("position ids: a sequence continues a prefix that its row does not hold")
-        total = prefix + lengths
-        longest = int(total.max())
-        slot = torch.arange(longest, device=flat.device)[None]
-        own = (slot >= prefix[:, None]) & (slot < total[:, None])
-        gather = torch.where(slot < prefix[:, None], root[:, None] + slot,
-                             torch.where(own, starts[:, None] + slot - prefix[:, None], 0)).reshape(-1)
-        scatter = own.reshape(-1).nonzero().squeeze(1)
+    total = prefix + lengths
+    longest = int(total.max())
+    slot = torch.arange(longest, device=flat.device)[None]
+    own = (slot >= prefix[:, None]) & (slot < total[:, None])
+    gather = torch.where(slot < prefix[:, None], root[:, None] + slot,
+                         torch.where(own, starts[:, None] + slot - prefix[:, None], 0)).reshape(-1)
+    scatter = own.reshape(-1).nonzero().squeeze(1)
     layout = (len(starts), longest, gather, scatter)
     _last = (weakref.ref(position_ids), position_ids._version, layout)
     return layout
