@@ -63,3 +63,14 @@ def test_gpu_profile_loads_and_validates(stage, tmp_path):
 def test_every_config_field_has_help(stage):
     for f in dataclasses.fields(stage_config_class(stage)):
         assert f.metadata.get("help"), f"stages/{stage}/config.py: field '{f.name}' has no help"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_help_lists_every_field(stage, capsys):
+    # argparse %-formats each help line, so a bare "%" in a help text breaks `--help` for the whole stage.
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(stage_config_class(stage), stage, ["--help"])
+    assert exit_info.value.code == 0
+    shown = capsys.readouterr().out
+    for f in dataclasses.fields(stage_config_class(stage)):
+        assert f"--{f.name}" in shown

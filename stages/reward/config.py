@@ -20,7 +20,7 @@ class RewardStageConfig:
     skip_invalid: bool = field(default=False, metadata={"help": "Skip groups with empty/duplicate responses, chosen == rejected or diverging transcripts instead of stopping."})
     max_length: int = field(default=512, metadata={"help": "Token limit of prompt+response (longer: the start of the prompt is cut, by the same tokens for all responses of a group); capped at the model's context."})
     padding_free: bool = field(default=True, metadata={"help": "Train on each batch's responses packed in one row (position ids restart per sequence, varlen attention) instead of padded rows; padded if the model fails the packing check."})
-    share_prompts: bool = field(default=True, metadata={"help": "In padding-free batches, write a group's common start (the prompt) once with its K responses branching off it: each response gets what it gets alone, the layers see the prompt once (45% fewer tokens on the world); off if the model fails the check."})
+    share_prompts: bool = field(default=True, metadata={"help": "In padding-free batches, write a group's common start (the prompt) once with its K responses branching off it: each response gets what it gets alone, the layers see the prompt once (45 percent fewer tokens on the world); off if the model fails the check."})
     group_by_length: bool = field(default=True, metadata={"help": "Batch groups of similar length (random megabatches sorted by length): a third less padding on the world when batches are padded (--padding_free false)."})
     batch_size: int = field(default=8, metadata={"help": "Comparison GROUPS per device per micro-batch (each holds K responses)."})
     grad_accum: int = field(default=1, metadata={"help": "Micro-batches accumulated per optimizer step."})

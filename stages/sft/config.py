@@ -35,7 +35,7 @@ class SFTStageConfig:
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch."})
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata={"help": "Module names that get adapters; all-linear = every linear layer but the output head."})
     padding_free: bool = field(default=True, metadata={"help": "Concatenate a batch's sequences into one row (position ids restart per sequence) instead of padding them: the same loss without computing on padding; attention stays per sequence (flash attention, or varlen sdpa from pipeline.packing). Checked on the model first; padded batches if it fails."})
-    group_by_length: bool = field(default=False, metadata={"help": "Batch demonstrations of similar length together: ~40% less padding on the world, but same-length batches (e.g. all refusals) learn worse at the default lr."})
+    group_by_length: bool = field(default=False, metadata={"help": "Batch demonstrations of similar length together: ~40 percent less padding on the world, but same-length batches (e.g. all refusals) learn worse at the default lr."})
     bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision (GPUs)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory on large models."})
     eval_every: int = field(default=0, metadata={"help": "Steps between validation-loss evaluations during training; 0: only at the end."})
