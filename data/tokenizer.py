@@ -7,6 +7,7 @@ exactly. The pad token is separate from EOS: PPO must tell "the answer ended" fr
 
 from __future__ import annotations
 
+import functools
 from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -78,6 +79,37 @@ def ensure_chat_ready(tokenizer: PreTrainedTokenizerBase, model=None) -> int:
         model.config.eos_token_id = tokenizer.eos_token_id
         model.config.bos_token_id = tokenizer.bos_token_id
     return added
+
+
+def turn_end(tokenizer: PreTrainedTokenizerBase) -> tuple[str | None, str]:
+    """The special token that closes an assistant turn in the chat template, and the text the template
+    writes after it: ("<|eos|>", "") for ours, ("<|im_end|>", "\\n") for a Qwen-style template;
+    (None, "") when the turn ends in plain text."""
+    return _turn_end(tokenizer, tokenizer.chat_template)
+
+
+@functools.lru_cache(maxsize=8)
+def _turn_end(tokenizer: PreTrainedTokenizerBase, template: str) -> tuple[str | None, str]:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}],
+                                         tokenize=False)
+    after = text[text.rindex("pong") + len("pong"):]
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"]
+    if not ids or ids[0] not in tokenizer.all_special_ids:
+        return None, ""
+    token = tokenizer.convert_ids_to_tokens(ids[0])
+    return token, after[after.index(token) + len(token):]
+
+
+def use_turn_end_as_eos(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """Make the token that closes an assistant turn the EOS, as chat checkpoints do (Qwen2.5-Instruct
+    sets <|im_end|>): generation, PPO's truncation and its no-EOS penalty all stop at EOS, and a base
+    model's own EOS (<|endoftext|>) never follows an answer in chat-formatted training data.
+    Returns the EOS it replaced, or None when the turn already ends with EOS (our template)."""
+    end, _ = turn_end(tokenizer)
+    if end is None or end == tokenizer.eos_token:
+        return None
+    old, tokenizer.eos_token = tokenizer.eos_token, end
+    return old
 
 
 def chat_ids(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict]) -> list[int]:

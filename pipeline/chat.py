@@ -22,7 +22,8 @@ from transformers.utils import logging as hf_logging
 
 from data.tokenizer import chat_ids
 from pipeline.errors import PipelineError, cli_main
-from pipeline.evaluate import finished_stages, load_causal_lm, load_reward_model, pick_device, reward_scores
+from pipeline.evaluate import finished_stages, load_causal_lm, pick_device
+from reward.model import load_reward_model, score
 from pipeline.generation import answer, max_prompt_tokens
 from pipeline.stage import read_manifest, resolve_init
 from reward.gold import GoldJudge
@@ -111,7 +112,7 @@ def compare(args) -> None:
     proxy = {}
     if read_manifest(run_dir / "reward") is not None:
         rm, rm_tok = load_reward_model(run_dir / "reward", device)
-        proxy = {name: reward_scores(rm, rm_tok, [prompt] * len(texts), texts) for name, texts in answers.items()}
+        proxy = {name: score(rm, rm_tok, [prompt] * len(texts), texts).tolist() for name, texts in answers.items()}
     for name, texts in answers.items():
         print(f"\n== {name} ({stages[name]}) ==")
         for i, text in enumerate(texts):

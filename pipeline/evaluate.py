@@ -24,7 +24,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from data.loading import load_records
@@ -34,6 +34,7 @@ from pipeline.generation import answer, left_pad, max_prompt_tokens
 from pipeline.stage import read_manifest, write_json_atomic, write_text_atomic
 from pipeline.stats import bootstrap_ci, mean, pairwise_outcomes, share, win_rate_ceiling
 from reward.gold import FAMILIES, TOP_SCORE, GoldJudge
+from reward.model import load_reward_model, score
 
 # Causal-LM stages in pipeline order: (name in the evaluation, stage directory).
 CAUSAL_STAGES = (("base", "pretrain"), ("sft", "sft"), ("ppo", "ppo"))
@@ -59,14 +60,6 @@ def load_causal_lm(path: str | Path, device: torch.device | str = "cpu"):
     if not tokenizer.chat_template or tokenizer.pad_token_id is None:
         raise PipelineError(f"{path}: tokenizer has no chat template or pad token; not a pipeline stage checkpoint")
     model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
-    return model, tokenizer
-
-
-def load_reward_model(path: str | Path, device: torch.device | str = "cpu"):
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
-    if model.config.pad_token_id is None:  # the classifier head reads the last non-pad token
-        model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
 
@@ -143,28 +136,6 @@ def sampled_kl(policy, reference, tokenizer, prompts: list[str], max_new_tokens:
         kls += (diff * resp_mask).sum(1).tolist()
         lengths += resp_mask.sum(1).tolist()
     return kls, lengths
-
-
-@torch.no_grad()
-def reward_scores(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 32) -> list[float]:
-    """The reward model's scalar for each (prompt, response), read at the last token of the chat-formatted
-    pair (its EOS), as the reward stage trains it. Right padding keeps positions natural."""
-    device = next(model.parameters()).device
-    limit = getattr(model.config, "max_position_embeddings", 2048)
-    scores: list[float] = []
-    for i in range(0, len(prompts), batch_size):
-        seqs = []
-        for p, r in zip(prompts[i:i + batch_size], responses[i:i + batch_size]):
-            text = tokenizer.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
-                                                 tokenize=False)
-            seqs.append(tokenizer(text, add_special_tokens=False)["input_ids"][-limit:])
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, s in enumerate(seqs):
-            ids[j, :len(s)], mask[j, :len(s)] = torch.tensor(s), 1
-        scores += model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float().tolist()
-    return scores
 
 
 # ---- metrics --------------------------------------------------------------------------------
@@ -260,7 +231,7 @@ def evaluate_run(run_dir: str | Path, max_prompts: int = 0, max_new_tokens: int 
     if reward_manifest is not None:
         rm, rm_tok = load_reward_model(reward_dir, dev)
         for name in rows:
-            scores = reward_scores(rm, rm_tok, prompts, [r["answer"] for r in rows[name]], batch_size)
+            scores = score(rm, rm_tok, prompts, [r["answer"] for r in rows[name]], batch_size).tolist()
             for r, s in zip(rows[name], scores):
                 r["proxy"] = s
         del rm

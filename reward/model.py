@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
+from data.tokenizer import turn_end
 from pipeline.errors import PipelineError
 
 BIAS_KEY = "reward_bias"
@@ -38,10 +39,15 @@ def as_messages(prompt: str | list[dict]) -> list[dict]:
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict], response: str, max_length: int | None = None) -> list[int]:
-    """Token ids of prompt + response through the chat template. Too long: keep the END (the
-    response and its EOS, where the reward is read) and drop the start of the prompt."""
+    """Token ids of prompt + response through the chat template, ending with the token that closes the
+    answer: what a template writes after it (Qwen's newline after <|im_end|>) is left off, so the reward
+    is read where PPO's responses end. Too long: keep the END (the response and its EOS, where the reward
+    is read) and drop the start of the prompt."""
     messages = as_messages(prompt) + [{"role": "assistant", "content": response}]
     text = tokenizer.apply_chat_template(messages, tokenize=False)
+    _, trailing = turn_end(tokenizer)
+    if trailing and text.endswith(trailing):
+        text = text[: -len(trailing)]
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return ids[-max_length:] if max_length else ids
 

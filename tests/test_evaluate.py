@@ -19,12 +19,13 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from data.tokenizer import chat_ids
 from pipeline.errors import PipelineError
-from pipeline.evaluate import (compare, evaluate_run, markdown_table, response_mask, reward_scores, sampled_kl,
+from pipeline.evaluate import (compare, evaluate_run, markdown_table, response_mask, sampled_kl,
                                select_prompts, stage_metrics, token_logprobs)
 from pipeline.generation import left_pad
 from pipeline.stage import read_manifest, write_json_atomic
 from pipeline.stats import bootstrap_ci, pairwise_outcomes, share, win_rate
 from reward.gold import FAMILIES, GoldJudge
+from reward.model import load_reward_model, score
 from tests.conftest import run_module, write_jsonl
 
 EVAL_PROMPTS = 12  # 3 per family: every rate is defined
@@ -204,12 +205,11 @@ def test_sampled_kl_is_zero_to_itself_and_positive_to_another_model(tiny_lm):
 
 
 def test_reward_scores_do_not_depend_on_batching(staged_run):
-    rm = AutoModelForSequenceClassification.from_pretrained(staged_run / "reward").eval()
-    tok = AutoTokenizer.from_pretrained(staged_run / "reward")
+    rm, tok = load_reward_model(staged_run / "reward")
     prompts = ["Who is Zoe Marsh?", "Hi", "What is the next number after 41?"]
     responses = ["I don't know who Zoe Marsh is.", "Hello there, how can I help you today?", "42"]
-    batched = reward_scores(rm, tok, prompts, responses, batch_size=3)
-    single = [reward_scores(rm, tok, [p], [r], batch_size=1)[0] for p, r in zip(prompts, responses)]
+    batched = score(rm, tok, prompts, responses, batch_size=3).tolist()
+    single = [score(rm, tok, [p], [r], batch_size=1).item() for p, r in zip(prompts, responses)]
     assert batched == pytest.approx(single, abs=1e-4)
     assert len(set(round(s, 6) for s in batched)) == 3  # different answers, different scores
 

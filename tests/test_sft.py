@@ -142,7 +142,7 @@ def test_pretraining_text_is_mixed_in_with_a_loss_on_every_token(pretrained_run,
     cfg = parse_config(SFTStageConfig, "sft", ["--profile", "tiny", "--run_dir", str(tmp_path), "--lm_files", str(corpus),
                                                "--lm_ratio", "0.5", "--max_length", "64"])
     texts = [r["text"] for r in read_jsonl(corpus)]
-    mixed, count = mix_pretraining_text(trainer.train_dataset, texts, cfg, tok)
+    mixed, count = mix_pretraining_text(trainer.train_dataset, texts, cfg, tok, tok.eos_token_id)
     n = len(trainer.train_dataset)  # TRL drops demonstrations that max_length leaves without an answer
     assert n >= 4 and count == round(n / 2) and len(mixed) == n + count
     demos = [mixed[i] for i in range(n)]
@@ -153,7 +153,7 @@ def test_pretraining_text_is_mixed_in_with_a_loss_on_every_token(pretrained_run,
         assert doc["input_ids"][0] == tok.bos_token_id and len(doc["input_ids"]) <= 64
         body = tok.decode(doc["input_ids"][1:], skip_special_tokens=True)
         assert any(t.startswith(body[:40]) for t in texts), body
-    again, _ = mix_pretraining_text(trainer.train_dataset, texts, cfg, tok)
+    again, _ = mix_pretraining_text(trainer.train_dataset, texts, cfg, tok, tok.eos_token_id)
     assert again["input_ids"] == mixed["input_ids"], "seeded: a resumed run mixes in the same documents"
     batch = trainer.data_collator([mixed[0], mixed[n]])  # one collated batch holds both kinds
     assert batch["input_ids"].shape == batch["labels"].shape
@@ -399,3 +399,49 @@ def test_split_holdout_is_disjoint_and_seeded():
     train, val = split_holdout(items, 0.1, seed=3)
     assert len(val) == 4 and len(train) == 36 and not {r["i"] for r in train} & {r["i"] for r in val}
     assert split_holdout(items, 0.1, seed=3) == (train, val)
+
+
+def qwen_style_model(path: Path, texts: list[str]) -> Path:
+    """A tiny base model laid out like Qwen2.5's: EOS (and pad) <|endoftext|>, while its chat template
+    closes every turn with <|im_end|> and a newline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=special, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=special[0], pad_token=special[0],
+                                  additional_special_tokens=special[1:])
+    tok.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+                         "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         max_position_embeddings=128, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_the_token_that_closes_a_turn_becomes_eos(pretrained_run, demos, tmp_path):
+    from reward.model import encode
+    from data.tokenizer import turn_end, use_turn_end_as_eos
+
+    ours = AutoTokenizer.from_pretrained(pretrained_run / "pretrain")
+    assert turn_end(ours) == (ours.eos_token, "") and use_turn_end_as_eos(ours) is None  # our template ends turns with EOS
+
+    texts = [r["text"] for r in read_jsonl(pretrained_run / "world" / "corpus.jsonl")[:300]]
+    base = qwen_style_model(tmp_path / "qwen_style", texts)
+    sft_main(tiny_args(tmp_path / "run", *demos, "--init_from", str(base), "--max_steps", "2"))
+    stage = tmp_path / "run" / "sft"
+    tok = AutoTokenizer.from_pretrained(stage)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    # Generation (chat, eval), PPO's truncation and its no-EOS penalty all stop at EOS: it must be the
+    # token that ends an answer, not the base model's <|endoftext|>, which chat data never trains.
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token_id not in (im_end, tok.convert_tokens_to_ids("<|endoftext|>"))
+    assert GenerationConfig.from_pretrained(stage).eos_token_id == im_end
+    assert AutoModelForCausalLM.from_pretrained(stage).config.eos_token_id == im_end
+    # The reward model reads its score at that token, where PPO's responses end, not at the newline after it.
+    rendered = tok.apply_chat_template([{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}],
+                                       tokenize=False)
+    assert rendered.endswith("<|im_end|>\n") and encode(tok, "ping", "pong")[-1] == im_end

@@ -27,7 +27,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
 from data.loading import load_records, load_texts, require_text
-from data.tokenizer import ensure_chat_ready
+from data.tokenizer import ensure_chat_ready, use_turn_end_as_eos
 from pipeline.config import config_dict, parse_config
 from pipeline.errors import PipelineError, cli_main
 from pipeline.generation import answer
@@ -200,9 +200,10 @@ def as_dataset(examples: list[dict]) -> Dataset:
     return Dataset.from_list([{"prompt": ex["prompt"], "completion": ex["completion"]} for ex in examples])
 
 
-def mix_pretraining_text(train: Dataset, texts: list[str], cfg: SFTStageConfig, tokenizer) -> tuple[Dataset, int]:
+def mix_pretraining_text(train: Dataset, texts: list[str], cfg: SFTStageConfig, tokenizer,
+                         document_end: int) -> tuple[Dataset, int]:
     """The trainer's tokenized demonstrations plus round(lm_ratio x demonstrations) pretraining documents,
-    each [bos] text [eos] as pretraining saw it, cut to max_length, with a loss on every token.
+    each [bos] text [document_end] as pretraining saw it, cut to max_length, with a loss on every token.
 
     Why: a few epochs on a few hundred facts' questions overwrite facts that pretraining stored but no
     demonstration asks about (on the world, SFT alone forgets about half of the held-out ones) - the
@@ -212,7 +213,7 @@ def mix_pretraining_text(train: Dataset, texts: list[str], cfg: SFTStageConfig, 
         return train, 0
     texts = random.Random(cfg.seed).sample(texts, min(count, len(texts)))
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    ids = [(bos + doc + [tokenizer.eos_token_id])[: cfg.max_length]
+    ids = [(bos + doc + [document_end])[: cfg.max_length]
            for doc in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     train = train.select_columns(["input_ids", "labels"])  # what the collator uses of SFTTrainer's preparation
     documents = Dataset.from_dict({"input_ids": ids, "labels": ids}).cast(train.features)
@@ -414,6 +415,7 @@ def gold_evaluation(cfg: SFTStageConfig, world: Path, stage_dir: Path, tokenizer
         records = records[: cfg.eval_prompts]
     prompts = [require_text(r, "prompt") for r in records]
     base_tokenizer = load_tokenizer(parent_path)
+    use_turn_end_as_eos(base_tokenizer)  # the parent's answer, too, ends where its turn ends
     base = load_causal_lm(parent_path, base_tokenizer)
     base.to(device)
     ours = answer(model, tokenizer, prompts, max_new_tokens=cfg.eval_max_new_tokens)
@@ -480,6 +482,11 @@ def main(argv: list[str] | None = None) -> None:
     # 2. Demonstrations, validated and mapped to prompt/completion conversations; the parent's tokenizer
     #    (its chat template decides every token) finds the ones max_length would leave without an answer.
     tokenizer = load_tokenizer(parent_path)
+    document_end = tokenizer.eos_token_id  # pretraining documents keep theirs
+    replaced = use_turn_end_as_eos(tokenizer)
+    if replaced and is_main:
+        print(f"[sft] {parent_path}: the chat template closes answers with {tokenizer.eos_token}, which becomes EOS "
+              f"(was {replaced}): generation and PPO stop there", flush=True)
     columns = column_map(cfg.columns)
     train, train_fit = fit_to_length(load_demonstrations(cfg.train_files, columns), tokenizer, cfg.max_length, "training")
     if val_files:
@@ -500,7 +507,8 @@ def main(argv: list[str] | None = None) -> None:
     if not val:
         args.eval_strategy = "no"  # a single demonstration leaves nothing to validate on
     trainer = build_trainer(cfg, args, model, tokenizer, as_dataset(train), as_dataset(val) if val else None, stage_dir)
-    trainer.train_dataset, lm_documents = mix_pretraining_text(trainer.train_dataset, lm_texts, cfg, tokenizer)
+    trainer.train_dataset, lm_documents = mix_pretraining_text(trainer.train_dataset, lm_texts, cfg, tokenizer,
+                                                                      document_end)
     # (ZeRO-3 holds partitions; ds_numel is a parameter's whole size.)
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters() if p.requires_grad)
     total = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters())
