@@ -60,20 +60,21 @@ def wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
 
 def ensure_chat_ready(tokenizer: PreTrainedTokenizerBase, model=None) -> int:
     """Give an existing tokenizer (continued pretraining of a Hub model) what the pipeline needs:
-    a pad token distinct from EOS, role tokens and our chat template if it has none.
+    a pad token distinct from EOS, and if it has no chat template ours, with its role tokens and a BOS.
     Returns how many tokens were added (the model's embeddings are resized to match)."""
     added = 0
     if tokenizer.eos_token is None:
         added += tokenizer.add_special_tokens({"eos_token": EOS})
-    if tokenizer.bos_token is None:
-        added += tokenizer.add_special_tokens({"bos_token": BOS})
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         added += tokenizer.add_special_tokens({"pad_token": PAD})
     if not tokenizer.chat_template:
+        # Our template starts with BOS; a model with its own template keeps its own (Qwen has no BOS).
+        if tokenizer.bos_token is None:
+            added += tokenizer.add_special_tokens({"bos_token": BOS})
         added += tokenizer.add_special_tokens({"additional_special_tokens": ROLE_TOKENS})
         tokenizer.chat_template = CHAT_TEMPLATE
-    if added and model is not None:
-        model.resize_token_embeddings(len(tokenizer))
+    if model is not None and model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))  # room for tokens added now or when the tokenizer was loaded
     if model is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
         model.config.eos_token_id = tokenizer.eos_token_id

@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from data.loading import load_records
-from data.tokenizer import chat_ids
+from data.tokenizer import chat_ids, use_turn_end_as_eos
 from pipeline.errors import PipelineError, cli_main
 from pipeline.generation import answer, left_pad, max_prompt_tokens
 from pipeline.stage import read_manifest, write_json_atomic, write_text_atomic
@@ -59,6 +59,7 @@ def load_causal_lm(path: str | Path, device: torch.device | str = "cpu"):
     tokenizer = AutoTokenizer.from_pretrained(path)
     if not tokenizer.chat_template or tokenizer.pad_token_id is None:
         raise PipelineError(f"{path}: tokenizer has no chat template or pad token; not a pipeline stage checkpoint")
+    use_turn_end_as_eos(tokenizer)  # a base model's chat answer, too, ends where its turn ends (as after SFT)
     model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
     return model, tokenizer
 

@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from data.loading import load_texts
 from data.tokenizer import train_tokenizer
 from stages.pretrain.run import main as pretrain_main, sample_batch
-from tests.conftest import assert_replicas_saved, kill_after_checkpoint, one_line_error, read_jsonl, run_module, torchrun, write_jsonl
+from tests.conftest import (assert_replicas_saved, kill_after_checkpoint, one_line_error, qwen_style_model, read_jsonl, run_module,
+                            torchrun, write_jsonl)
 
 CORPUS = [{"text": f"Ana Lint lives in Port {c}. She works as a baker and likes the colour {c.lower()}."}
           for c in ["Red", "Blue", "Green", "Amber", "Teal", "Gray", "Pink", "Gold"] * 20]
@@ -133,6 +134,19 @@ def test_continued_pretraining_from_a_finished_stage(pretrained_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     manifest = json.loads((tmp_path / "pretrain" / "manifest.json").read_text())
     assert manifest["parent"]["path"] == str(pretrained_run / "pretrain")
+
+
+def test_continued_pretraining_of_a_model_that_needs_a_pad_token(tmp_path):
+    # Qwen-style: pad = EOS, no BOS, its own chat template. The stage adds a pad token, grows the
+    # embeddings to match, and saves a checkpoint that plain transformers loads.
+    corpus = make_corpus(tmp_path)
+    base = qwen_style_model(tmp_path / "qwen_style", load_texts(corpus))
+    pretrain_main(["--profile", "tiny", "--run_dir", str(tmp_path / "run"), "--init_from", str(base),
+                   "--train_files", str(corpus), "--max_steps", "2"])
+    stage = tmp_path / "run" / "pretrain"
+    tok, model = AutoTokenizer.from_pretrained(stage), AutoModelForCausalLM.from_pretrained(stage)
+    assert len(tok) == len(AutoTokenizer.from_pretrained(base)) + 1 == model.get_input_embeddings().num_embeddings
+    assert tok.pad_token_id != tok.eos_token_id and tok.bos_token is None and model.config.pad_token_id == tok.pad_token_id
 
 
 def test_tokenizer_round_trips_english_and_chinese(shared_datasets):

@@ -27,7 +27,8 @@ from stages.sft.run import (
     to_conversation,
     training_args,
 )
-from tests.conftest import assert_replicas_saved, kill_after_checkpoint, one_line_error, read_jsonl, run_module, torchrun, write_jsonl
+from tests.conftest import (assert_replicas_saved, kill_after_checkpoint, one_line_error, qwen_style_model, read_jsonl, run_module,
+                            torchrun, write_jsonl)
 
 
 @pytest.fixture(scope="module")
@@ -401,28 +402,6 @@ def test_split_holdout_is_disjoint_and_seeded():
     assert split_holdout(items, 0.1, seed=3) == (train, val)
 
 
-def qwen_style_model(path: Path, texts: list[str]) -> Path:
-    """A tiny base model laid out like Qwen2.5's: EOS (and pad) <|endoftext|>, while its chat template
-    closes every turn with <|im_end|> and a newline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
-
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=special, show_progress=False,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=special[0], pad_token=special[0],
-                                  additional_special_tokens=special[1:])
-    tok.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-                         "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         max_position_embeddings=128, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def test_the_token_that_closes_a_turn_becomes_eos(pretrained_run, demos, tmp_path):
     from reward.model import encode
     from data.tokenizer import turn_end, use_turn_end_as_eos
@@ -445,3 +424,19 @@ def test_the_token_that_closes_a_turn_becomes_eos(pretrained_run, demos, tmp_pat
     rendered = tok.apply_chat_template([{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}],
                                        tokenize=False)
     assert rendered.endswith("<|im_end|>\n") and encode(tok, "ping", "pong")[-1] == im_end
+
+
+def test_a_foreign_tokenizer_gets_only_what_the_pipeline_needs(pretrained_run, tmp_path):
+    from data.tokenizer import CHAT_TEMPLATE, ensure_chat_ready
+
+    texts = [r["text"] for r in read_jsonl(pretrained_run / "world" / "corpus.jsonl")[:100]]
+    qwen = AutoTokenizer.from_pretrained(qwen_style_model(tmp_path / "qwen_style", texts))
+    template = qwen.chat_template
+    assert ensure_chat_ready(qwen) == 1  # a pad token apart from EOS; its own template, and no BOS, as it had none
+    assert qwen.pad_token not in ("<|endoftext|>", None) and qwen.bos_token is None and qwen.chat_template == template
+
+    gpt2 = AutoTokenizer.from_pretrained(tmp_path / "qwen_style")
+    gpt2.chat_template, gpt2.bos_token, gpt2.pad_token = None, "<|endoftext|>", None  # GPT-2: BOS = EOS, no pad, no template
+    ensure_chat_ready(gpt2)
+    assert gpt2.chat_template == CHAT_TEMPLATE and gpt2.bos_token == "<|endoftext|>" and gpt2.pad_token_id != gpt2.eos_token_id
+    assert "<|assistant|>" in gpt2.all_special_tokens

@@ -127,10 +127,12 @@ def prompt_indices(n: int, update: int, rollout_batch_size: int, rank: int, per_
 
 
 def pack(tokenizer, texts: list[str]) -> torch.Tensor:
+    """PPO-ptx's pretraining stream, laid out as pretraining's: [BOS] doc EOS [BOS] doc EOS ..."""
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     stream = []
     for doc in ids:
-        stream += [tokenizer.bos_token_id, *doc, tokenizer.eos_token_id]
+        stream += bos + doc + [tokenizer.eos_token_id]
     return torch.tensor(stream, dtype=torch.long)
 
 

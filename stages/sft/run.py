@@ -256,9 +256,7 @@ def load_causal_lm(path: str, tokenizer):
         model = AutoModelForCausalLM.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise PipelineError(f"{path}: parent is not a causal LM that transformers can load ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    if model.get_input_embeddings().num_embeddings < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer))  # room for the tokens ensure_chat_ready added
-    ensure_chat_ready(tokenizer, model)  # the model's config learns the pad/eos/bos ids
+    ensure_chat_ready(tokenizer, model)  # room for the tokens it added; the config learns the pad/eos/bos ids
     return model
 
 
