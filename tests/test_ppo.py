@@ -321,6 +321,8 @@ def test_bad_input_gets_one_line_error_and_no_manifest(parents, tmp_path, capsys
     _fails(capsys, tiny(run, "--prompt_files", not_user), "turns.jsonl: line 1", "messages", "user turn")
     no_prompt = write_jsonl(tmp_path / "noprompt.jsonl", [{"question": "Hi"}])
     _fails(capsys, tiny(run, "--prompt_files", no_prompt), "noprompt.jsonl: line 1", "'prompt'")
+    no_turns = write_jsonl(tmp_path / "noturns.jsonl", [{"turns": ["Hi"]}, {"turns": []}])
+    _fails(capsys, tiny(run, "--prompt_files", no_turns, "--prompt_field", "turns"), "noturns.jsonl: line 2", "'turns'")
     _fails(capsys, tiny(run, "--max_prompt_length", 60), "exceeds the model's context of 64")
     _fails(capsys, tiny(run, "--rollout_batch_size", 30, "--num_minibatches", 4),
            "rollout_batch_size 30 is not divisible by num_minibatches 4 * processes 1")
@@ -338,3 +340,14 @@ def test_messages_prompts_are_accepted(parents, tmp_path):
                       "--padding_free", "false"))  # the padded path, end to end
     metrics = json.loads((run / "ppo" / "manifest.json").read_text())["metrics"]
     assert "gold_score" not in metrics and math.isfinite(metrics["reward_score"]), "not world prompts: no gold judge"
+
+
+def test_prompts_from_another_field_or_a_list_of_turns():
+    """--prompt_field reads benchmark files as they are: AlpacaEval's `instruction`, MT-Bench's `turns`
+    (the first turn; the second follows the model's own answer)."""
+    assert ppo_run.prompt_of({"instruction": "Name a fruit.", "output": "x"}, "instruction") == "Name a fruit."
+    assert ppo_run.prompt_of({"turns": ["Write a poem.", "Now shorter."]}, "turns") == "Write a poem."
+    messages = [{"role": "user", "content": "Hi"}]
+    assert ppo_run.prompt_of({"messages": messages}, "instruction") == messages
+    with pytest.raises(PipelineError, match="line 3: missing field 'instruction'"):
+        ppo_run.prompt_of({"prompt": "Hi", "_where": "a.jsonl: line 3"}, "instruction")

@@ -11,6 +11,7 @@ class PPOConfig:
     sft_path: str = field(default="{run_dir}/sft", metadata={"help": "Finished SFT stage: the initial policy and the frozen reference."})
     reward_path: str = field(default="{run_dir}/reward", metadata={"help": "Finished reward stage: the reward model (AutoModelForSequenceClassification, 1 label); the critic starts from it."})
     prompt_files: list[str] = field(default_factory=lambda: ["{run_dir}/world/ppo_prompts.jsonl"], metadata={"help": "Prompt files/dirs/Hub id: records with `prompt` or `messages` ending in a user turn."})
+    prompt_field: str = field(default="prompt", metadata={"help": "Record field holding the prompt (a string, or a list of turns whose first is taken: MT-Bench's `turns`); records with `messages` need none. E.g. `instruction` for AlpacaEval, `question` for GSM8K."})
     eval_files: list[str] = field(default_factory=list, metadata={"help": "Held-out prompts for the final evaluation; empty: RUN_DIR/world/eval_prompts.jsonl when it exists."})
     world_dir: str = field(default="{run_dir}/world", metadata={"help": "Embedded world; when its truth.json exists the gold judge scores answers (gold/* metrics)."})
     max_prompt_length: int = field(default=96, metadata={"help": "Longest prompt in tokens (chat-formatted); a longer one is an error naming its record."})
@@ -73,6 +74,8 @@ class PPOConfig:
         for name in ("lr", "kl_coef", "target_kl", "max_kl", "cliprange", "cliprange_value", "vf_coef", "ptx_coef", "critic_lr", "grad_clip"):
             if getattr(self, name) < 0:
                 raise PipelineError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.prompt_field:
+            raise PipelineError("prompt_field must name a record field")
         for name in ("gamma", "lam"):
             if not 0 <= getattr(self, name) <= 1:
                 raise PipelineError(f"{name} must be in [0, 1], got {getattr(self, name)}")

@@ -82,11 +82,17 @@ def batch_sizes(rollout_batch_size: int, num_minibatches: int, gradient_accumula
     return BatchSizes(per_process, minibatch, minibatch // gradient_accumulation)
 
 
-def prompt_of(rec: dict) -> str | list[dict]:
-    """A `prompt` string, or chat `messages` ending in a user turn (the answer comes next)."""
+def prompt_of(rec: dict, field: str = "prompt") -> str | list[dict]:
+    """The prompt string in `field` (of a list of turns, the first: later turns of a multi-turn
+    benchmark follow the model's own answers), or chat `messages` ending in a user turn."""
     where = rec.get("_where", "record")
-    if "prompt" in rec or "messages" not in rec:
-        return require_text(rec, "prompt")
+    if isinstance(rec.get(field), list):
+        turns = rec[field]
+        if not turns or not isinstance(turns[0], str) or not turns[0].strip():
+            raise PipelineError(f"{where}: field '{field}' must be a string or a list of strings starting with a non-empty turn")
+        return turns[0]
+    if field in rec or "messages" not in rec:
+        return require_text(rec, field)
     messages = rec["messages"]
     if (not isinstance(messages, list) or not messages
             or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)):
@@ -96,14 +102,14 @@ def prompt_of(rec: dict) -> str | list[dict]:
     return messages
 
 
-def load_prompts(files: list[str], tokenizer, max_prompt_length: int) -> tuple[list, list[list[int]]]:
+def load_prompts(files: list[str], tokenizer, max_prompt_length: int, field: str = "prompt") -> tuple[list, list[list[int]]]:
     """Prompts and their chat-formatted token ids; a prompt over max_prompt_length is an error."""
     records = load_records(files)
     if not records:
         raise PipelineError(f"{', '.join(files)}: no prompts")
     prompts, ids = [], []
     for rec in records:
-        prompt = prompt_of(rec)
+        prompt = prompt_of(rec, field)
         tokens = chat_ids(tokenizer, prompt)
         if len(tokens) > max_prompt_length:
             raise PipelineError(f"{rec['_where']}: prompt is {len(tokens)} tokens, longer than max_prompt_length "
@@ -482,8 +488,9 @@ def main(argv: list[str] | None = None) -> None:
     # 3. Prompts (training, held out) and PPO-ptx text, checked before anything is written.
     world = Path(cfg.world_dir)
     eval_files = cfg.eval_files or ([str(world / "eval_prompts.jsonl")] if (world / "eval_prompts.jsonl").is_file() else [])
-    prompts, prompt_ids = load_prompts(cfg.prompt_files, tokenizer, cfg.max_prompt_length)
-    eval_prompts, eval_ids = load_prompts(eval_files, tokenizer, cfg.max_prompt_length) if eval_files else ([], [])
+    prompts, prompt_ids = load_prompts(cfg.prompt_files, tokenizer, cfg.max_prompt_length, cfg.prompt_field)
+    eval_field = cfg.prompt_field if cfg.eval_files else "prompt"  # the world's eval prompts say `prompt`
+    eval_prompts, eval_ids = load_prompts(eval_files, tokenizer, cfg.max_prompt_length, eval_field) if eval_files else ([], [])
     if cfg.eval_size:
         eval_prompts, eval_ids = eval_prompts[:cfg.eval_size], eval_ids[:cfg.eval_size]
     judge = GoldJudge.load(world) if (world / "truth.json").is_file() else None
