@@ -15,6 +15,9 @@ Every record becomes a `Group`: one prompt and K >= 2 responses ordered best fir
   turns; the turns before the final Assistant turn are the (shared) prompt conversation.
 - OpenAssistant ranked replies: `conversation` [{role: prompter|assistant, text}], `responses`, `ranks`
   (0 = best).
+- OpenAssistant message trees (the oasst1/oasst2 `*.trees.jsonl` exports): `prompt` is the root message
+  {message_id, role, text, rank, deleted, replies: [...]}; every prompter message with two or more
+  ranked, non-deleted assistant replies is one group, the path from the root its prompt conversation.
 - LLaMA-Factory ranked lists: `instruction`, `input`, `output` (list, best first), `history`
   ([user, assistant] pairs), optional `system`.
 
@@ -141,6 +144,40 @@ def _oasst(rec: dict) -> Group:
     return Group(conversation, [responses[i] for i in order], rec["_where"])
 
 
+def _oasst_tree_groups(rec: dict) -> list:
+    """Builders (called one by one, so one bad group does not hide the others) of the groups in an
+    OpenAssistant message tree: each prompter message with >= 2 ranked, non-deleted assistant replies."""
+    builders = []
+
+    def walk(node, path: list[dict], trail: str) -> None:
+        if not isinstance(node, dict) or node.get("role") not in ("prompter", "assistant") or not isinstance(node.get("text"), str):
+            raise PipelineError(f"{rec['_where']}: field 'prompt' message {trail} must be {{'role': prompter/assistant, 'text': text, ...}}")
+        if node.get("deleted") or node.get("review_result") is False:  # withdrawn or failed review: not data
+            return
+        path = path + [{"role": "user" if node["role"] == "prompter" else "assistant", "content": node["text"]}]
+        replies = node.get("replies") or []
+        if not isinstance(replies, list):
+            raise PipelineError(f"{rec['_where']}: field 'prompt' message {trail}: 'replies' must be a list")
+        ranked = [(r["rank"], i, r) for i, r in enumerate(replies) if isinstance(r, dict) and not r.get("deleted")
+                  and r.get("review_result") is not False and isinstance(r.get("rank"), (int, float))
+                  and not isinstance(r.get("rank"), bool) and r.get("role") == "assistant"]
+        if node["role"] == "prompter" and len(ranked) >= 2:
+            ordered = [r for _, _, r in sorted(ranked, key=lambda t: t[:2])]
+            where = f"{rec['_where']}, message {node.get('message_id', trail)}"
+            builders.append(lambda where=where, prompt=path, ordered=ordered: _tree_group(where, prompt, ordered))
+        for i, reply in enumerate(replies):
+            walk(reply, path, f"{trail}.{i}")
+
+    walk(rec["prompt"], [], "0")
+    return builders
+
+
+def _tree_group(where: str, prompt: list[dict], replies: list[dict]) -> Group:
+    responses = [r["text"] for r in replies]
+    _check_content(where, "replies", responses)
+    return Group(prompt, responses, where)
+
+
 def _llamafactory(rec: dict) -> Group:
     where = rec["_where"]
     responses = _responses(rec, "output", rec["output"])  # listed best first
@@ -224,20 +261,31 @@ def to_group(rec: dict) -> Group:
             return _hh(rec)
         return _pair(rec)
     fields = ", ".join(sorted(k for k in rec if k != "_where")) or "none"
-    raise PipelineError(f"{rec['_where']}: not a comparison record: expected prompt/responses/ranking, "
-                        f"chosen/rejected, HH transcripts, conversation/responses/ranks or instruction/output (fields: {fields})")
+    raise PipelineError(f"{rec['_where']}: not a comparison record: expected prompt/responses/ranking, chosen/rejected, "
+                        f"HH transcripts, conversation/responses/ranks, an OpenAssistant message tree or instruction/output (fields: {fields})")
+
+
+def group_builders(rec: dict) -> list:
+    """What makes the groups of one record: many for an OpenAssistant message tree, else one."""
+    rec.setdefault("_where", "record")
+    if isinstance(rec.get("prompt"), dict) and "replies" in rec["prompt"]:
+        return _oasst_tree_groups(rec)
+    return [lambda: to_group(rec)]
 
 
 def load_groups(sources: list[str], skip_invalid: bool = False, limit: int = 0) -> list[Group]:
     """Groups from files of any accepted format (mixed freely). `limit` > 0 keeps the first groups."""
     groups, skipped = [], []
     for rec in load_records(sources):
-        try:
-            groups.append(to_group(rec))
-        except InvalidGroup as e:
-            if not skip_invalid:
-                raise PipelineError(f"{e} (set skip_invalid true to skip such groups)") from None
-            skipped.append(str(e))
+        for build in group_builders(rec):
+            try:
+                groups.append(build())
+            except InvalidGroup as e:
+                if not skip_invalid:
+                    raise PipelineError(f"{e} (set skip_invalid true to skip such groups)") from None
+                skipped.append(str(e))
+            if limit and len(groups) >= limit:
+                break
         if limit and len(groups) >= limit:
             break
     if skipped:

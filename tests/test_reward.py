@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
+from pipeline.errors import PipelineError
 from pipeline.stage import read_manifest, write_json_atomic
 from reward.comparisons import Group, load_groups
 from reward.gold import GoldJudge
@@ -332,6 +333,14 @@ def test_real_formats_parse(shared_datasets):
     assert g.prompt[-1] == {"role": "user", "content": rec["conversation"][-1]["text"]}
     assert len(oasst) == 211 and sum(len(g.responses) for g in oasst) >= 2 * 211
 
+    # The raw message trees these 211 groups were derived from give the same groups (plus one whose
+    # prompter message has two ranked replies and an unranked one), prompts and orders included.
+    trees = load_groups([str(shared_datasets / "oasst_en" / "en_100_tree.jsonl")])
+    assert len(trees) == 212
+    as_key = lambda g: (json.dumps(g.prompt), tuple(g.responses))  # noqa: E731
+    assert {as_key(g) for g in oasst} <= {as_key(g) for g in trees}
+    assert all(g.prompt[-1]["role"] == "user" and g.prompt[0]["role"] == "user" for g in trees)
+
     zh = load_groups([str(shared_datasets / "oasst_zh" / "oasst_rm_zh.json")], skip_invalid=True)
     assert len(zh) == 775 - 6  # 6 groups repeat a reply
     raw = json.loads((shared_datasets / "oasst_zh" / "oasst_rm_zh.json").read_text())
@@ -376,6 +385,8 @@ def test_bad_input_gets_one_line_error_and_no_manifest(sft_run, tmp_path, capsys
         "hh.jsonl": ([{"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi there"}], ["line 1", "'rejected'", "without a final Assistant turn"]),
         "fields.jsonl": ([{"question": "Hi?", "answer": "a"}], ["line 1", "not a comparison record"]),
         "noprompt.jsonl": ([{"responses": ["a", "b"], "ranking": [0, 1]}], ["line 1", "'prompt'"]),
+        "tree.jsonl": ([{"prompt": {"role": "prompter", "text": "Hi?", "replies": [{"role": "assistant", "rank": 0}]}}],
+                       ["line 1", "'prompt' message 0.0"]),
     }
     for name, (records, expected) in cases.items():
         path = write_jsonl(tmp_path / name, records)
@@ -401,3 +412,20 @@ def test_bad_input_gets_one_line_error_and_no_manifest(sft_run, tmp_path, capsys
     _fails(capsys, tiny_args(run, "--init_from", no_template), "no_template", "no chat template")
     assert not (run / "reward" / "manifest.json").exists()
 
+
+def test_a_bad_group_in_a_message_tree_is_skipped_alone(tmp_path):
+    """One prompter message of a tree repeating a reply is an invalid group; with skip_invalid the tree's
+    other groups stay. Deleted and unranked replies are left out."""
+    def reply(text, rank, *replies, **extra):
+        return {"message_id": text, "role": "assistant", "text": text, "rank": rank, "replies": list(replies), **extra}
+
+    def ask(text, *replies):
+        return {"message_id": text, "role": "prompter", "text": text, "replies": list(replies)}
+
+    tree = {"message_tree_id": "t", "prompt": ask("Q1", reply("A", 1, ask("Q2", reply("C", 0), reply("C", 1))),
+                                                  reply("B", 0), reply("gone", 2, deleted=True), reply("D", None))}
+    path = write_jsonl(tmp_path / "tree.jsonl", [tree])
+    with pytest.raises(PipelineError, match=r"tree.jsonl: line 1, message Q2: field 'replies' holds the same response twice"):
+        load_groups([str(path)])
+    groups = load_groups([str(path)], skip_invalid=True)
+    assert [(g.prompt, g.responses) for g in groups] == [([{"role": "user", "content": "Q1"}], ["B", "A"])]
