@@ -345,7 +345,7 @@ def test_bad_input_gets_one_line_error_and_no_manifest(pretrained_run, tmp_path,
     _fails(capsys, bad("nocompletion.jsonl", [ok, {"prompt": "Hi?"}]), "nocompletion.jsonl: line 2", "'completion'")
     _fails(capsys, bad("nofields.jsonl", [{"question": "Hi?", "answer": "Hello."}]), "line 1", "'completion' or 'messages'", "--columns")
     _fails(capsys, bad("emptyprompt.jsonl", [ok, ok, {"prompt": " ", "completion": "x"}]), "line 3", "'prompt'", "empty")
-    _fails(capsys, bad("emptycompletion.jsonl", [{"prompt": "Hi?", "completion": ""}]), "line 1", "'completion'", "empty")
+    _fails(capsys, bad("emptycompletion.jsonl", [{"prompt": "Hi?", "completion": ""}]), "line 1", "'completion'", "empty", "skip_invalid")
     _fails(capsys, bad("userlast.jsonl", [{"messages": [{"role": "user", "content": "Hi?"}]}]), "line 1", "'messages'", "end with an assistant turn")
     _fails(capsys, bad("norole.jsonl", [{"messages": [{"role": "bot", "content": "Hi?"}]}]), "line 1", "unknown role 'bot'")
     _fails(capsys, bad("trl.jsonl", [{"prompt": [{"role": "user", "content": "Hi"}], "completion": [{"role": "user", "content": "Yo"}]}]),
@@ -365,6 +365,21 @@ def test_bad_input_gets_one_line_error_and_no_manifest(pretrained_run, tmp_path,
            "notext.jsonl: line 1", "'text'")
     _fails(capsys, bad("ok.jsonl", [ok]) + ["--world_dir", str(tmp_path / "noworld")], "truth.json")
     assert not (run / "sft" / "manifest.json").exists()
+
+
+def test_empty_demonstrations_can_be_skipped(shared_datasets, pretrained_run, tmp_path):
+    # The Alpaca subset has answers that are empty; --skip_invalid trains on the rest and counts them.
+    alpaca = json.loads((shared_datasets / "alpaca_en_subset" / "alpaca_5000.json").read_text())
+    empty = [i for i, r in enumerate(alpaca) if not r["output"].strip()]
+    assert empty, "the sample this test relies on has an empty answer"
+    records = alpaca[empty[0] - 9: empty[0] + 1]  # nine good ones, then the empty one
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps(records))
+    run = tmp_path / "run"
+    sft_main(["--profile", "tiny", "--run_dir", str(run), "--init_from", str(pretrained_run / "pretrain"),
+              "--train_files", str(data), "--max_steps", "1", "--val_fraction", "0.2", "--skip_invalid", "true"])
+    m = json.loads((run / "sft" / "manifest.json").read_text())["metrics"]
+    assert m["skipped_records"] == 1 and m["train_records"] + m["val_records"] + m["dropped_records"] == 9
 
 
 def test_parent_must_be_a_finished_causal_lm(pretrained_run, tmp_path, capsys):

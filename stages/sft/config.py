@@ -17,6 +17,7 @@ class SFTStageConfig:
     val_files: list[str] = field(default_factory=list, metadata={"help": "Held-out demonstrations for validation loss. Empty: the world's sft_val.jsonl when training on the world's sft_train.jsonl, else val_fraction of train_files held out."})
     val_fraction: float = field(default=0.05, metadata={"help": "Share of training records held out when there is no validation file."})
     columns: list[str] = field(default_factory=list, metadata={"help": "Map other field names, as role=field pairs, e.g. prompt=question completion=answer. Roles: " + ", ".join(COLUMN_ROLES) + "."})
+    skip_invalid: bool = field(default=False, metadata={"help": "Skip demonstrations with an empty prompt, answer or turn (counted in the manifest, with a warning) instead of stopping at the first; other format errors still stop."})
     lm_files: list[str] = field(default_factory=list, metadata={"help": "Pretraining text mixed into fine-tuning with a loss on every token, so SFT does not overwrite what pretraining stored (facts); empty: none."})
     lm_field: str = field(default="text", metadata={"help": "Record field holding the text of lm_files."})
     lm_ratio: float = field(default=0.0, metadata={"help": "Pretraining documents mixed in per demonstration (a seeded sample, the same every epoch); 0 disables."})

@@ -69,6 +69,18 @@ def detect_columns(rec: dict, columns: dict[str, str]) -> dict[str, str]:
     )
 
 
+class EmptyDemonstration(PipelineError):
+    """A well-formed record with an empty prompt, answer or turn: nothing to learn from.
+    `skip_invalid` turns these into skips."""
+
+
+def nonempty_text(rec: dict, field: str) -> str:
+    text = require_text(rec, field, allow_empty=True)
+    if not text.strip():
+        raise EmptyDemonstration(f"{rec.get('_where', 'record')}: field '{field}' is empty")
+    return text
+
+
 def chat_turns(rec: dict, field: str, value) -> list[dict]:
     """Validate a list of {role, content} messages."""
     where = rec.get("_where", "record")
@@ -81,7 +93,7 @@ def chat_turns(rec: dict, field: str, value) -> list[dict]:
         if m["role"] not in ROLES:
             raise PipelineError(f"{where}: field '{field}' message {i + 1} has unknown role '{m['role']}' (use {', '.join(ROLES)})")
         if not m["content"].strip():
-            raise PipelineError(f"{where}: field '{field}' message {i + 1} ({m['role']}) is empty")
+            raise EmptyDemonstration(f"{where}: field '{field}' message {i + 1} ({m['role']}) is empty")
         turns.append({"role": m["role"], "content": m["content"]})
     return turns
 
@@ -95,8 +107,10 @@ def history_turns(rec: dict, field: str) -> list[dict]:
         raise PipelineError(f"{where}: field '{field}' must be a list of [user, assistant] pairs")
     turns = []
     for i, pair in enumerate(value):
-        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) and t.strip() for t in pair)):
-            raise PipelineError(f"{where}: field '{field}' item {i + 1} must be a [user, assistant] pair of non-empty strings")
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+            raise PipelineError(f"{where}: field '{field}' item {i + 1} must be a [user, assistant] pair of strings")
+        if not all(t.strip() for t in pair):
+            raise EmptyDemonstration(f"{where}: field '{field}' item {i + 1} holds an empty turn")
         turns += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     return turns
 
@@ -121,24 +135,37 @@ def to_conversation(rec: dict, columns: dict[str, str]) -> dict:
                                 f"'{fields['completion']}' must be one assistant turn")
         return {"prompt": prompt, "completion": completion}
 
-    prompt = require_text(rec, fields["prompt"])
+    prompt = nonempty_text(rec, fields["prompt"])
     context = rec.get(fields["context"]) if "context" in fields else None
     if context is not None and not isinstance(context, str):
         raise PipelineError(f"{where}: field '{fields['context']}' must be a string, got {type(context).__name__}")
     if context and context.strip():
         prompt = f"{prompt}\n\n{context}"
-    completion = require_text(rec, fields["completion"])
+    completion = nonempty_text(rec, fields["completion"])
     system = rec.get(fields["system"]) if "system" in fields else None
     turns = [{"role": "system", "content": system}] if isinstance(system, str) and system.strip() else []
     turns += history_turns(rec, fields["history"]) if "history" in fields else []
     return {"prompt": turns + [{"role": "user", "content": prompt}], "completion": [{"role": "assistant", "content": completion}]}
 
 
-def load_demonstrations(sources: list[str], columns: dict[str, str]) -> list[dict]:
+def load_demonstrations(sources: list[str], columns: dict[str, str], skip_invalid: bool = False) -> tuple[list[dict], int]:
+    """Demonstrations as prompt/completion conversations, and how many empty ones were skipped."""
     records = load_records(sources)
     if not records:
         raise PipelineError(f"{', '.join(sources)}: no demonstrations")
-    return [{**to_conversation(r, columns), "_where": r.get("_where", "record")} for r in records]
+    examples, skipped = [], []
+    for r in records:
+        try:
+            examples.append({**to_conversation(r, columns), "_where": r.get("_where", "record")})
+        except EmptyDemonstration as e:
+            if not skip_invalid:
+                raise PipelineError(f"{e} (set skip_invalid true to skip such records)") from None
+            skipped.append(str(e))
+    if skipped:
+        PartialState().print(f"[sft] warning: skipped {len(skipped)} empty demonstration(s), first: {skipped[0]}", flush=True)
+    if not examples:
+        raise PipelineError(f"{', '.join(sources)}: no usable demonstrations")
+    return examples, len(skipped)
 
 
 def validation_files(cfg: SFTStageConfig) -> list[str]:
@@ -486,9 +513,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[sft] {parent_path}: the chat template closes answers with {tokenizer.eos_token}, which becomes EOS "
               f"(was {replaced}): generation and PPO stop there", flush=True)
     columns = column_map(cfg.columns)
-    train, train_fit = fit_to_length(load_demonstrations(cfg.train_files, columns), tokenizer, cfg.max_length, "training")
+    demonstrations, skipped = load_demonstrations(cfg.train_files, columns, cfg.skip_invalid)
+    train, train_fit = fit_to_length(demonstrations, tokenizer, cfg.max_length, "training")
     if val_files:
-        val, val_fit = fit_to_length(load_demonstrations(val_files, columns), tokenizer, cfg.max_length, "validation")
+        held_out, skipped_val = load_demonstrations(val_files, columns, cfg.skip_invalid)
+        val, val_fit = fit_to_length(held_out, tokenizer, cfg.max_length, "validation")
+        skipped += skipped_val
     else:
         train, val = split_holdout(train, cfg.val_fraction, cfg.seed)
         val_fit = {"dropped": 0, "truncated": 0}
@@ -544,7 +574,7 @@ def main(argv: list[str] | None = None) -> None:
             "val_loss": val_loss, "train_loss": train_loss, "steps": trainer.state.global_step,
             "epochs": trainer.state.epoch, "train_records": len(train), "val_records": len(val),
             "lm_documents": lm_documents,
-            "dropped_records": train_fit["dropped"] + val_fit["dropped"],
+            "dropped_records": train_fit["dropped"] + val_fit["dropped"], "skipped_records": skipped,
             "truncated_records": train_fit["truncated"] + val_fit["truncated"],
             "params": total, "trainable_params": trainable, "train_seconds": result.metrics.get("train_runtime"),
         }
