@@ -16,6 +16,7 @@ from typing import Any, Iterable
 from pipeline.errors import PipelineError
 
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".json", ".parquet", ".csv")
+TEXT_SEPARATOR = "<|endoftext|>"
 
 
 def _read_text(path: Path) -> str:
@@ -32,9 +33,11 @@ def _read_text(path: Path) -> str:
 def _local_records(path: Path) -> list[dict[str, Any]]:
     name = path.name
     if name.endswith(".txt"):
-        # A plain-text corpus: one document per blank-line-separated paragraph block.
-        text = _read_text(path)
-        docs = [d.strip() for d in text.replace("\r\n", "\n").split("\n\n")]
+        # A plain-text corpus: one document per blank-line-separated paragraph block, or, where the file
+        # marks documents with <|endoftext|> (TinyStories, GPT-2-era dumps), per marked document: the
+        # marker is a separator, not text to learn.
+        text = _read_text(path).replace("\r\n", "\n")
+        docs = [d.strip() for d in text.split(TEXT_SEPARATOR if TEXT_SEPARATOR in text else "\n\n")]
         return [{"text": d} for d in docs if d]
     if name.endswith((".jsonl", ".jsonl.gz")):
         records = []

@@ -156,3 +156,12 @@ def test_tokenizer_round_trips_english_and_chinese(shared_datasets):
     for text in english[:50] + chinese + ["  spaces\tand\nnewlines  ", "混合 mixed 文本 🙂"]:
         assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
     assert len({tok.pad_token_id, tok.eos_token_id, tok.bos_token_id}) == 3
+
+
+def test_text_files_split_into_documents(shared_datasets):
+    # Blank lines separate documents (Shakespeare's speeches); a file marked with <|endoftext|> splits there
+    # instead, and the marker is not kept as text (TinyStories: 5 stories, some with blank lines inside).
+    assert len(load_texts(shared_datasets / "tinyshakespeare" / "input.txt")) == 7222
+    stories = load_texts(shared_datasets / "tinystories_sample" / "tinystories_sample.txt")
+    assert len(stories) == 5 and not any("<|endoftext|>" in s for s in stories)
+    assert all(s.startswith(("Once upon a time", "One day")) for s in stories)
