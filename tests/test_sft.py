@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 from pathlib import Path
@@ -18,6 +19,7 @@ from stages.sft.config import SFTStageConfig
 from stages.sft.run import (
     as_dataset,
     build_trainer,
+    load_demonstrations,
     main as sft_main,
     mix_pretraining_text,
     save_plain_checkpoint,
@@ -365,6 +367,21 @@ def test_bad_input_gets_one_line_error_and_no_manifest(pretrained_run, tmp_path,
            "notext.jsonl: line 1", "'text'")
     _fails(capsys, bad("ok.jsonl", [ok]) + ["--world_dir", str(tmp_path / "noworld")], "truth.json")
     assert not (run / "sft" / "manifest.json").exists()
+
+
+def test_ranked_data_gives_its_best_answers(shared_datasets):
+    """Comparison files serve as demonstrations: each group's prompt with its top-ranked answer
+    (OpenAssistant trees and ranked replies, HH's chosen transcripts, LLaMA-Factory ranked lists)."""
+    trees, _ = load_demonstrations([str(shared_datasets / "oasst_en" / "en_100_tree.jsonl")], {})
+    ranked = [json.loads(l) for l in open(shared_datasets / "oasst_en" / "ranked_responses.jsonl")]
+    assert len(trees) == 212
+    best = {(r["conversation"][-1]["text"], r["responses"][r["ranks"].index(0)]) for r in ranked}
+    assert best <= {(d["prompt"][-1]["content"], d["completion"][0]["content"]) for d in trees}
+    hh, skipped = load_demonstrations([str(shared_datasets / "hh_rlhf_harmless_base" / "test.jsonl.gz")], {}, skip_invalid=True)
+    first = json.loads(gzip.open(shared_datasets / "hh_rlhf_harmless_base" / "test.jsonl.gz", "rt").readline())
+    assert skipped == 9 and first["chosen"].endswith(hh[0]["completion"][0]["content"]) and hh[0]["prompt"][-1]["role"] == "user"
+    zh, _ = load_demonstrations([str(shared_datasets / "oasst_zh" / "oasst_rm_zh.json")], {}, skip_invalid=True)
+    assert zh[0]["completion"][0]["content"] == json.loads((shared_datasets / "oasst_zh" / "oasst_rm_zh.json").read_text())[0]["output"][0]
 
 
 def test_empty_demonstrations_can_be_skipped(shared_datasets, pretrained_run, tmp_path):

@@ -38,7 +38,9 @@ from pipeline.stage import StageRun, require_stage, resolve_init
 from pipeline.stats import win_rate
 from pipeline.tracking import truncate_metrics, wandb_enabled, wandb_env
 from pipeline.trainer_metrics import JsonlMetricsCallback
+from reward.comparisons import InvalidGroup, group_builders
 from reward.gold import GoldJudge
+from reward.model import as_messages
 from stages.sft.config import SFTStageConfig, column_map
 
 ROLES = ("system", "user", "assistant")
@@ -148,6 +150,24 @@ def to_conversation(rec: dict, columns: dict[str, str]) -> dict:
     return {"prompt": turns + [{"role": "user", "content": prompt}], "completion": [{"role": "assistant", "content": completion}]}
 
 
+def is_ranked(rec: dict) -> bool:
+    """Comparison data (K-wise rankings, OpenAssistant replies or message trees, chosen/rejected pairs,
+    HH transcripts, ranked output lists): the demonstration is its best answer."""
+    tree = isinstance(rec.get("prompt"), dict) and "replies" in rec["prompt"]
+    ranked_list = "instruction" in rec and isinstance(rec.get("output"), list)  # LLaMA-Factory ranked outputs
+    return tree or ranked_list or "responses" in rec or ("chosen" in rec and "rejected" in rec)
+
+
+def best_answers(rec: dict) -> list[dict]:
+    """One demonstration per comparison group of a record: its prompt and top-ranked answer."""
+    out = []
+    for build in group_builders(rec):
+        group = build()
+        out.append({"prompt": as_messages(group.prompt), "completion": [{"role": "assistant", "content": group.responses[0]}],
+                    "_where": group.where})
+    return out
+
+
 def load_demonstrations(sources: list[str], columns: dict[str, str], skip_invalid: bool = False) -> tuple[list[dict], int]:
     """Demonstrations as prompt/completion conversations, and how many empty ones were skipped."""
     records = load_records(sources)
@@ -156,13 +176,16 @@ def load_demonstrations(sources: list[str], columns: dict[str, str], skip_invali
     examples, skipped = [], []
     for r in records:
         try:
-            examples.append({**to_conversation(r, columns), "_where": r.get("_where", "record")})
-        except EmptyDemonstration as e:
+            if not columns and is_ranked(r):
+                examples += best_answers(r)
+            else:
+                examples.append({**to_conversation(r, columns), "_where": r.get("_where", "record")})
+        except (EmptyDemonstration, InvalidGroup) as e:
             if not skip_invalid:
                 raise PipelineError(f"{e} (set skip_invalid true to skip such records)") from None
             skipped.append(str(e))
     if skipped:
-        PartialState().print(f"[sft] warning: skipped {len(skipped)} empty demonstration(s), first: {skipped[0]}", flush=True)
+        PartialState().print(f"[sft] warning: skipped {len(skipped)} unusable record(s), first: {skipped[0]}", flush=True)
     if not examples:
         raise PipelineError(f"{', '.join(sources)}: no usable demonstrations")
     return examples, len(skipped)
