@@ -86,11 +86,11 @@ def turn_end(tokenizer: PreTrainedTokenizerBase) -> tuple[str | None, str]:
     """The special token that closes an assistant turn in the chat template, and the text the template
     writes after it: ("<|eos|>", "") for ours, ("<|im_end|>", "\\n") for a Qwen-style template;
     (None, "") when the turn ends in plain text."""
-    return _turn_end(tokenizer, tokenizer.chat_template)
+    return _turn_end(tokenizer, repr(tokenizer.chat_template))  # a dict of named templates, too
 
 
 @functools.lru_cache(maxsize=8)
-def _turn_end(tokenizer: PreTrainedTokenizerBase, template: str) -> tuple[str | None, str]:
+def _turn_end(tokenizer: PreTrainedTokenizerBase, template_key: str) -> tuple[str | None, str]:
     text = tokenizer.apply_chat_template([{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}],
                                          tokenize=False)
     after = text[text.rindex("pong") + len("pong"):]

@@ -459,13 +459,15 @@ def test_the_token_that_closes_a_turn_becomes_eos(pretrained_run, demos, tmp_pat
 
 
 def test_a_foreign_tokenizer_gets_only_what_the_pipeline_needs(pretrained_run, tmp_path):
-    from data.tokenizer import CHAT_TEMPLATE, ensure_chat_ready
+    from data.tokenizer import CHAT_TEMPLATE, ensure_chat_ready, turn_end
 
     texts = [r["text"] for r in read_jsonl(pretrained_run / "world" / "corpus.jsonl")[:100]]
     qwen = AutoTokenizer.from_pretrained(qwen_style_model(tmp_path / "qwen_style", texts))
     template = qwen.chat_template
     assert ensure_chat_ready(qwen) == 1  # a pad token apart from EOS; its own template, and no BOS, as it had none
     assert qwen.pad_token not in ("<|endoftext|>", None) and qwen.bos_token is None and qwen.chat_template == template
+    qwen.chat_template = {"default": template, "tool_use": template}  # named templates, as some checkpoints ship
+    assert turn_end(qwen) == ("<|im_end|>", "\n")
 
     gpt2 = AutoTokenizer.from_pretrained(tmp_path / "qwen_style")
     gpt2.chat_template, gpt2.bos_token, gpt2.pad_token = None, "<|endoftext|>", None  # GPT-2: BOS = EOS, no pad, no template
