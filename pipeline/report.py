@@ -145,10 +145,12 @@ def plot_ppo_overoptimisation(path: Path, rows: list[dict]) -> bool:
         ax.set_ylabel(ylabel)
         ax.set_title(key)
     x, y = series(rows, "objective/kl_coef")
-    if x:
+    if x and max(y) > min(y):  # the adaptive controller's coefficient, beside the KL it steers by
         t = b.twinx()
         t.plot(x, y, color="C4", linestyle=":", label="kl_coef")
         t.set_ylabel("kl_coef")
+    elif x:  # a fixed coefficient is one number, not a curve
+        b.set_title(f"objective/kl (fixed kl_coef {y[0]:g})")
     plot_scatter_vs_kl(d, rows)
     for ax in (a, b, c):
         ax.set_xlabel("PPO update")
