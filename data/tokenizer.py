@@ -98,7 +98,8 @@ def _turn_end(tokenizer: PreTrainedTokenizerBase, template_key: str) -> tuple[st
     if not ids or ids[0] not in tokenizer.all_special_ids:
         return None, ""
     token = tokenizer.convert_ids_to_tokens(ids[0])
-    return token, after[after.index(token) + len(token):]
+    at = after.find(token)  # -1: the template writes the token in another spelling; assume nothing follows
+    return token, after[at + len(token):] if at >= 0 else ""
 
 
 def use_turn_end_as_eos(tokenizer: PreTrainedTokenizerBase) -> str | None:
