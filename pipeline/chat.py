@@ -23,10 +23,10 @@ from transformers.utils import logging as hf_logging
 from data.tokenizer import chat_ids
 from pipeline.errors import PipelineError, cli_main
 from pipeline.evaluate import finished_stages, load_causal_lm, pick_device
-from reward.model import load_reward_model, score
 from pipeline.generation import answer, max_prompt_tokens
 from pipeline.stage import read_manifest, resolve_init
 from reward.gold import GoldJudge
+from reward.model import load_reward_model, score
 
 
 def check_chat_model(path: str) -> str:
