@@ -120,6 +120,11 @@ def _hub_records(dataset_id: str, split: str) -> list[dict[str, Any]]:
     return [dict(r, _where=f"{dataset_id}[{split}]: record {i + 1}") for i, r in enumerate(ds)]
 
 
+class EmptyField(PipelineError):
+    """A well-formed record whose text is empty: nothing to learn from. Stages that may skip such
+    records (SFT's skip_invalid) catch this; to everything else it is a PipelineError like any other."""
+
+
 def require_text(rec: dict[str, Any], field: str, allow_empty: bool = False) -> str:
     """The string in `field`, or a one-line error naming file, record and field."""
     where = rec.get("_where", "record")
@@ -129,7 +134,7 @@ def require_text(rec: dict[str, Any], field: str, allow_empty: bool = False) -> 
     if not isinstance(value, str):
         raise PipelineError(f"{where}: field '{field}' must be a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():
-        raise PipelineError(f"{where}: field '{field}' is empty")
+        raise EmptyField(f"{where}: field '{field}' is empty")
     return value
 
 

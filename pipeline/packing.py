@@ -120,6 +120,16 @@ def common_prefix_length(seqs: list[list[int]]) -> int:
     return n
 
 
+def document_stream(tokenizer, texts: list[str]) -> torch.Tensor:
+    """Pretraining text as one token stream, [BOS] doc EOS [BOS] doc EOS ..., from which training blocks
+    are cut (pretraining, and PPO-ptx drawing from the same distribution)."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    stream = []
+    for doc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        stream += bos + doc + [tokenizer.eos_token_id]
+    return torch.tensor(stream, dtype=torch.long)
+
+
 def pack_rows(groups: list[list[list[int]]], share_prefix: bool = False) -> tuple[list[int], list[int], list[list[int]]]:
     """Groups of token sequences as one padding-free row: (token ids, position ids, where each
     sequence's tokens are in the row). Plain packing restarts the position ids at every sequence;

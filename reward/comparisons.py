@@ -27,6 +27,7 @@ A prompt is a string (one user turn) or a list of messages ending in a user turn
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import re
@@ -164,7 +165,7 @@ def _oasst_tree_groups(rec: dict) -> list:
         if node["role"] == "prompter" and len(ranked) >= 2:
             ordered = [r for _, _, r in sorted(ranked, key=lambda t: t[:2])]
             where = f"{rec['_where']}, message {node.get('message_id', trail)}"
-            builders.append(lambda where=where, prompt=path, ordered=ordered: _tree_group(where, prompt, ordered))
+            builders.append(functools.partial(_tree_group, where, path, ordered))
         for i, reply in enumerate(replies):
             walk(reply, path, f"{trail}.{i}")
 
@@ -265,27 +266,32 @@ def to_group(rec: dict) -> Group:
                         f"HH transcripts, conversation/responses/ranks, an OpenAssistant message tree or instruction/output (fields: {fields})")
 
 
+def _is_tree(rec: dict) -> bool:
+    return isinstance(rec.get("prompt"), dict) and "replies" in rec["prompt"]
+
+
+def is_comparison(rec: dict) -> bool:
+    """Whether a record is in one of the comparison formats above (which `to_group` / `group_builders` read)."""
+    ranked_list = "instruction" in rec and isinstance(rec.get("output"), list)
+    return _is_tree(rec) or ranked_list or "responses" in rec or "chosen" in rec or "rejected" in rec
+
+
 def group_builders(rec: dict) -> list:
     """What makes the groups of one record: many for an OpenAssistant message tree, else one."""
     rec.setdefault("_where", "record")
-    if isinstance(rec.get("prompt"), dict) and "replies" in rec["prompt"]:
-        return _oasst_tree_groups(rec)
-    return [lambda: to_group(rec)]
+    return _oasst_tree_groups(rec) if _is_tree(rec) else [functools.partial(to_group, rec)]
 
 
 def load_groups(sources: list[str], skip_invalid: bool = False, limit: int = 0) -> list[Group]:
     """Groups from files of any accepted format (mixed freely). `limit` > 0 keeps the first groups."""
     groups, skipped = [], []
-    for rec in load_records(sources):
-        for build in group_builders(rec):
-            try:
-                groups.append(build())
-            except InvalidGroup as e:
-                if not skip_invalid:
-                    raise PipelineError(f"{e} (set skip_invalid true to skip such groups)") from None
-                skipped.append(str(e))
-            if limit and len(groups) >= limit:
-                break
+    for build in (b for rec in load_records(sources) for b in group_builders(rec)):
+        try:
+            groups.append(build())
+        except InvalidGroup as e:
+            if not skip_invalid:
+                raise PipelineError(f"{e} (set skip_invalid true to skip such groups)") from None
+            skipped.append(str(e))
         if limit and len(groups) >= limit:
             break
     if skipped:

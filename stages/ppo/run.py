@@ -31,7 +31,7 @@ from data.tokenizer import chat_ids
 from pipeline.config import config_dict, parse_config
 from pipeline.errors import PipelineError, cli_main
 from pipeline.generation import left_pad
-from pipeline.packing import packs_sequences
+from pipeline.packing import document_stream, packs_sequences
 from pipeline.runtime import (configure_deepspeed, load_checkpoint, merged_from_state_dict, one_entry_per_parameter,
                               peak_memory_mb, progress, rank_checksums, save_checkpoint, setup)
 from pipeline.stage import StageRun, require_stage
@@ -130,16 +130,6 @@ def prompt_indices(n: int, update: int, rollout_batch_size: int, rank: int, per_
     resumed run sees exactly the prompts the uninterrupted run would have seen."""
     first = update * rollout_batch_size + rank * per_process
     return [_shuffle(n, seed, e // n)[e % n] for e in range(first, first + per_process)]
-
-
-def pack(tokenizer, texts: list[str]) -> torch.Tensor:
-    """PPO-ptx's pretraining stream, laid out as pretraining's: [BOS] doc EOS [BOS] doc EOS ..."""
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    stream = []
-    for doc in ids:
-        stream += bos + doc + [tokenizer.eos_token_id]
-    return torch.tensor(stream, dtype=torch.long)
 
 
 def ptx_batch(stream: torch.Tensor, batch_size: int, length: int, seed: int) -> torch.Tensor:
@@ -498,7 +488,7 @@ def main(argv: list[str] | None = None) -> None:
         known = [i for i, p in enumerate(eval_prompts) if isinstance(p, str) and _knows(judge, p)]
         judge = judge if len(known) == len(eval_prompts) and known else None
     gold_n = min(cfg.gold_eval_size, len(eval_ids))
-    ptx_stream = pack(tokenizer, load_texts(cfg.ptx_files, cfg.ptx_field)) if cfg.ptx_coef > 0 else None
+    ptx_stream = document_stream(tokenizer, load_texts(cfg.ptx_files, cfg.ptx_field)) if cfg.ptx_coef > 0 else None
     if ptx_stream is not None and len(ptx_stream) <= cfg.ptx_length:
         raise PipelineError(f"{cfg.ptx_files}: {len(ptx_stream)} tokens, fewer than one ptx block of {cfg.ptx_length}")
     data_files = list(cfg.prompt_files) + eval_files + (list(cfg.ptx_files) if cfg.ptx_coef > 0 else [])

@@ -23,6 +23,7 @@ from data.loading import load_texts
 from data.tokenizer import ensure_chat_ready, train_tokenizer
 from pipeline.config import config_dict, parse_config
 from pipeline.errors import PipelineError, cli_main
+from pipeline.packing import document_stream
 from pipeline.runtime import (configure_deepspeed, load_checkpoint, one_entry_per_parameter, peak_memory_mb, progress,
                               rank_checksums, save_checkpoint, setup)
 from pipeline.stage import StageRun, resolve_init
@@ -37,16 +38,6 @@ def split_documents(texts: list[str], val_fraction: float, seed: int) -> tuple[l
     val = [texts[i] for i in order[:n_val]]
     train = [texts[i] for i in order[n_val:]] or val
     return train, val
-
-
-def pack(tokenizer, texts: list[str]) -> torch.Tensor:
-    """One long stream: BOS doc EOS BOS doc EOS ... (training blocks are cut from it at random)."""
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    stream = []
-    for doc in ids:
-        stream += ([bos] if bos is not None else []) + doc + [eos]
-    return torch.tensor(stream, dtype=torch.long)
 
 
 def sample_batch(stream: torch.Tensor, batch_size: int, context: int, seed: int) -> torch.Tensor:
@@ -161,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     texts = load_texts(cfg.train_files, cfg.text_field)
     train_texts, val_texts = split_documents(texts, cfg.val_fraction, cfg.seed)
     tokenizer = get_tokenizer(cfg, stage_dir, train_texts, accelerator)
-    train_stream, val_stream = pack(tokenizer, train_texts), pack(tokenizer, val_texts)
+    train_stream, val_stream = document_stream(tokenizer, train_texts), document_stream(tokenizer, val_texts)
     if len(train_stream) <= cfg.context:
         raise PipelineError(f"{cfg.train_files}: corpus has {len(train_stream)} tokens, fewer than one block of {cfg.context}")
     held_out = val_blocks(val_stream, cfg.context, cfg.eval_batches * cfg.batch_size)

@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
-from data.loading import load_records, load_texts, require_text
+from data.loading import EmptyField, load_records, load_texts, require_text
 from data.tokenizer import ensure_chat_ready, use_turn_end_as_eos
 from pipeline.config import config_dict, parse_config
 from pipeline.errors import PipelineError, cli_main
@@ -38,7 +38,7 @@ from pipeline.stage import StageRun, require_stage, resolve_init
 from pipeline.stats import win_rate
 from pipeline.tracking import truncate_metrics, wandb_enabled, wandb_env
 from pipeline.trainer_metrics import JsonlMetricsCallback
-from reward.comparisons import InvalidGroup, group_builders
+from reward.comparisons import InvalidGroup, group_builders, is_comparison
 from reward.gold import GoldJudge
 from reward.model import as_messages
 from stages.sft.config import SFTStageConfig, column_map
@@ -71,18 +71,6 @@ def detect_columns(rec: dict, columns: dict[str, str]) -> dict[str, str]:
     )
 
 
-class EmptyDemonstration(PipelineError):
-    """A well-formed record with an empty prompt, answer or turn: nothing to learn from.
-    `skip_invalid` turns these into skips."""
-
-
-def nonempty_text(rec: dict, field: str) -> str:
-    text = require_text(rec, field, allow_empty=True)
-    if not text.strip():
-        raise EmptyDemonstration(f"{rec.get('_where', 'record')}: field '{field}' is empty")
-    return text
-
-
 def chat_turns(rec: dict, field: str, value) -> list[dict]:
     """Validate a list of {role, content} messages."""
     where = rec.get("_where", "record")
@@ -95,7 +83,7 @@ def chat_turns(rec: dict, field: str, value) -> list[dict]:
         if m["role"] not in ROLES:
             raise PipelineError(f"{where}: field '{field}' message {i + 1} has unknown role '{m['role']}' (use {', '.join(ROLES)})")
         if not m["content"].strip():
-            raise EmptyDemonstration(f"{where}: field '{field}' message {i + 1} ({m['role']}) is empty")
+            raise EmptyField(f"{where}: field '{field}' message {i + 1} ({m['role']}) is empty")
         turns.append({"role": m["role"], "content": m["content"]})
     return turns
 
@@ -112,7 +100,7 @@ def history_turns(rec: dict, field: str) -> list[dict]:
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
             raise PipelineError(f"{where}: field '{field}' item {i + 1} must be a [user, assistant] pair of strings")
         if not all(t.strip() for t in pair):
-            raise EmptyDemonstration(f"{where}: field '{field}' item {i + 1} holds an empty turn")
+            raise EmptyField(f"{where}: field '{field}' item {i + 1} holds an empty turn")
         turns += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     return turns
 
@@ -137,29 +125,22 @@ def to_conversation(rec: dict, columns: dict[str, str]) -> dict:
                                 f"'{fields['completion']}' must be one assistant turn")
         return {"prompt": prompt, "completion": completion}
 
-    prompt = nonempty_text(rec, fields["prompt"])
+    prompt = require_text(rec, fields["prompt"])
     context = rec.get(fields["context"]) if "context" in fields else None
     if context is not None and not isinstance(context, str):
         raise PipelineError(f"{where}: field '{fields['context']}' must be a string, got {type(context).__name__}")
     if context and context.strip():
         prompt = f"{prompt}\n\n{context}"
-    completion = nonempty_text(rec, fields["completion"])
+    completion = require_text(rec, fields["completion"])
     system = rec.get(fields["system"]) if "system" in fields else None
     turns = [{"role": "system", "content": system}] if isinstance(system, str) and system.strip() else []
     turns += history_turns(rec, fields["history"]) if "history" in fields else []
     return {"prompt": turns + [{"role": "user", "content": prompt}], "completion": [{"role": "assistant", "content": completion}]}
 
 
-def is_ranked(rec: dict) -> bool:
-    """Comparison data (K-wise rankings, OpenAssistant replies or message trees, chosen/rejected pairs,
-    HH transcripts, ranked output lists): the demonstration is its best answer."""
-    tree = isinstance(rec.get("prompt"), dict) and "replies" in rec["prompt"]
-    ranked_list = "instruction" in rec and isinstance(rec.get("output"), list)  # LLaMA-Factory ranked outputs
-    return tree or ranked_list or "responses" in rec or ("chosen" in rec and "rejected" in rec)
-
-
 def best_answers(rec: dict) -> list[dict]:
-    """One demonstration per comparison group of a record: its prompt and top-ranked answer."""
+    """Comparison data (K-wise rankings, OpenAssistant replies or message trees, chosen/rejected pairs,
+    HH transcripts, ranked output lists): one demonstration per group, its prompt and top-ranked answer."""
     out = []
     for build in group_builders(rec):
         group = build()
@@ -176,11 +157,11 @@ def load_demonstrations(sources: list[str], columns: dict[str, str], skip_invali
     examples, skipped = [], []
     for r in records:
         try:
-            if not columns and is_ranked(r):
+            if not columns and is_comparison(r):
                 examples += best_answers(r)
             else:
                 examples.append({**to_conversation(r, columns), "_where": r.get("_where", "record")})
-        except (EmptyDemonstration, InvalidGroup) as e:
+        except (EmptyField, InvalidGroup) as e:
             if not skip_invalid:
                 raise PipelineError(f"{e} (set skip_invalid true to skip such records)") from None
             skipped.append(str(e))
