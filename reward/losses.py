@@ -56,3 +56,12 @@ def pair_accuracy(rewards: torch.Tensor, group_sizes: list[int] | torch.Tensor) 
     """Share of all pairs (over all groups) whose better response gets the higher reward (ties count 0)."""
     better, worse, _ = group_pairs(group_sizes, rewards.device)
     return (rewards[better] > rewards[worse]).float().mean()
+
+
+def pair_mean_loss(rewards: torch.Tensor, group_sizes: list[int] | torch.Tensor) -> torch.Tensor:
+    """The same pairs as `ranking_loss`, each weighing the same: the mean over all pairs of the batch,
+    so a group of K answers weighs in proportion to its C(K,2) pairs (a ranking of 9 answers tells
+    36 preferences, one of 4 tells 6). Per-prompt averaging guards against overfitting a prompt's
+    answers; a model that underfits its comparisons learns more from this one."""
+    better, worse, _ = group_pairs(group_sizes, rewards.device)
+    return pairwise_loss(rewards[better], rewards[worse]).mean()

@@ -19,7 +19,7 @@ from pipeline.errors import PipelineError
 from pipeline.stage import read_manifest, write_json_atomic
 from reward.comparisons import Group, load_groups
 from reward.gold import GoldJudge
-from reward.losses import pair_accuracy, pairwise_loss, ranking_loss
+from reward.losses import pair_accuracy, pair_mean_loss, pairwise_loss, ranking_loss
 from reward.model import encode, load_reward_model, score
 from data.tokenizer import ensure_chat_ready
 from pipeline.packing import common_prefix_length, use_varlen_attention
@@ -55,6 +55,21 @@ def test_kwise_is_the_mean_over_its_pairs_and_groups_weigh_equally():
     assert pair_accuracy(torch.tensor([1.0, 2.0, 3.0]), [3]).item() == 0.0
     with pytest.raises(ValueError):
         ranking_loss(torch.tensor([1.0, 2.0, 3.0]), [1, 2])
+
+
+def test_pair_mean_weighs_every_pair_the_same():
+    torch.manual_seed(0)
+    sizes = [4, 2, 6]
+    rewards = torch.randn(sum(sizes))
+    losses, start = [], 0
+    for k in sizes:
+        r = rewards[start:start + k]
+        losses += [-F.logsigmoid(r[i] - r[j]).item() for i in range(k) for j in range(i + 1, k)]
+        start += k
+    assert pair_mean_loss(rewards, sizes).item() == pytest.approx(sum(losses) / len(losses), rel=1e-6)
+    assert pair_mean_loss(rewards, sizes).item() != pytest.approx(ranking_loss(rewards, sizes).item(), rel=1e-3)
+    same_k = torch.randn(12)  # with one K for every group the two weightings agree
+    assert torch.allclose(pair_mean_loss(same_k, [4, 4, 4]), ranking_loss(same_k, [4, 4, 4]))
 
 
 def test_gradient_reaches_head_and_body():
@@ -242,6 +257,23 @@ def test_toy_set_is_learned_and_checkpoint_is_plain_transformers(toy_reward):
     assert torch.allclose(ours, plain + model.config.reward_bias, atol=1e-5)
 
 
+def test_loss_option_trains_with_every_pair_weighing_the_same(sft_run, tmp_path, monkeypatch):
+    import stages.reward.run as reward_run
+    calls = []
+
+    def spy(rewards, sizes):
+        calls.append(list(sizes))
+        return pair_mean_loss(rewards, sizes)
+
+    monkeypatch.setattr(reward_run, "pair_mean_loss", spy)
+    run = new_run(tmp_path, sft_run)
+    train, val, _ = toy_files(tmp_path)
+    reward_main(tiny_args(run, "--train_files", train, "--val_files", val, "--norm_files", "none", "--loss", "pairs",
+                          "--max_steps", 2, "--save_every", 100))
+    assert len(calls) == 2 and all(set(sizes) == {3} for sizes in calls)
+    assert read_manifest(run / "reward")["config"]["loss"] == "pairs"
+
+
 def test_normalisation_makes_reference_mean_zero(toy_reward):
     run, demos = toy_reward
     model, tok = load_reward_model(run / "reward")
@@ -392,6 +424,7 @@ def test_bad_input_gets_one_line_error_and_no_manifest(sft_run, tmp_path, capsys
         path = write_jsonl(tmp_path / name, records)
         _fails(capsys, tiny_args(run, "--train_files", path), name, *expected)
     _fails(capsys, tiny_args(run, "--val_files", tmp_path / "dup.jsonl"), "dup.jsonl", "skip_invalid")
+    _fails(capsys, tiny_args(run, "--loss", "listwise"), "loss", "instructgpt, pairs", "'listwise'")
     assert not (run / "reward").exists(), "nothing may be written for bad input"
 
     # parent problems: no SFT stage, an unfinished one, a tokenizer without a chat template

@@ -5,6 +5,8 @@ from typing import Optional
 
 from pipeline.errors import PipelineError
 
+LOSSES = ("instructgpt", "pairs")
+
 
 @dataclass
 class RewardStageConfig:
@@ -22,6 +24,7 @@ class RewardStageConfig:
     padding_free: bool = field(default=True, metadata={"help": "Train on each batch's responses packed in one row (position ids restart per sequence, varlen attention) instead of padded rows; padded if the model fails the packing check."})
     share_prompts: bool = field(default=True, metadata={"help": "In padding-free batches, write a group's common start (the prompt) once with its K responses branching off it: each response gets what it gets alone, the layers see the prompt once (45 percent fewer tokens on the world); off if the model fails the check."})
     group_by_length: bool = field(default=True, metadata={"help": "Batch groups of similar length (random megabatches sorted by length): a third less padding on the world when batches are padded (--padding_free false)."})
+    loss: str = field(default="instructgpt", metadata={"help": "instructgpt: each prompt weighs the same (its C(K,2) pairs averaged, Ouyang et al. 2022); pairs: each pair weighs the same (a group of K in proportion to C(K,2)). Equal when every K is the same."})
     batch_size: int = field(default=8, metadata={"help": "Comparison GROUPS per device per micro-batch (each holds K responses)."})
     grad_accum: int = field(default=1, metadata={"help": "Micro-batches accumulated per optimizer step."})
     eval_batch_size: int = field(default=64, metadata={"help": "Sequences per forward pass when scoring for evaluation and normalisation."})
@@ -59,5 +62,7 @@ class RewardStageConfig:
             raise PipelineError(f"num_epochs must be > 0 (or set max_steps), got {self.num_epochs}")
         if not 0 <= self.warmup_ratio < 1:
             raise PipelineError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.loss not in LOSSES:
+            raise PipelineError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise PipelineError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")

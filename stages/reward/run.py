@@ -35,7 +35,7 @@ from pipeline.tracking import truncate_metrics, wandb_enabled, wandb_env
 from pipeline.trainer_metrics import JsonlMetricsCallback
 from reward.comparisons import Group, load_groups
 from reward.gold import GoldJudge
-from reward.losses import group_pairs, pair_accuracy, ranking_loss
+from reward.losses import group_pairs, pair_accuracy, pair_mean_loss, ranking_loss
 from reward.model import BIAS_KEY, check_reward_tokenizer, encode, load_reward_model, right_pad, score
 from stages.reward.config import RewardStageConfig
 
@@ -96,8 +96,9 @@ class RankingRewardTrainer(RewardTrainer):
         if self._signature_columns is None:
             self._signature_columns = ["group_ids", "length"]
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, group_loss=ranking_loss, **kwargs):
         super().__init__(*args, **kwargs)
+        self.group_loss = group_loss
         self.head = None  # packed batches read the head per token (HeadOutputs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -115,7 +116,7 @@ class RankingRewardTrainer(RewardTrainer):
         else:
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
             rewards = outputs.logits.squeeze(-1).float()
-        loss = ranking_loss(rewards, sizes)
+        loss = self.group_loss(rewards, sizes)
         with torch.no_grad():
             accuracy = self.accelerator.gather_for_metrics(pair_accuracy(rewards, sizes)).mean()
             mean_reward = self.accelerator.gather_for_metrics(rewards.mean()).mean()
@@ -363,7 +364,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     trainer = RankingRewardTrainer(model=model, args=args, data_collator=GroupCollator(tokenizer.pad_token_id, packed, share),
                                    train_dataset=train_ds, eval_dataset=val_ds, processing_class=tokenizer,
-                                   callbacks=[JsonlMetricsCallback(stage_dir)], peft_config=peft_config)
+                                   callbacks=[JsonlMetricsCallback(stage_dir)], peft_config=peft_config,
+                                   group_loss=pair_mean_loss if cfg.loss == "pairs" else ranking_loss)
 
     # 4. Train, resuming from the newest complete checkpoint a killed run left.
     resume = last_complete_checkpoint(run.checkpoints)
