@@ -239,7 +239,7 @@ class WorldConfig:
     corpus_chars: int = option(800_000, "size of the pretraining corpus in characters")
     sft_train: int = option(2000, "SFT demonstrations for training")
     sft_val: int = option(200, "SFT demonstrations for validation")
-    comparisons_train: int = option(1000, "ranked comparison groups for reward-model training")
+    comparisons_train: int = option(2000, "ranked comparison groups for reward-model training")
     comparisons_val: int = option(200, "ranked comparison groups for validation")
     ppo_prompts: int = option(1000, "prompts for PPO rollouts")
     eval_per_family: int = option(64, "held-out evaluation prompts per family")
@@ -744,8 +744,9 @@ def prompt_pools(world: World) -> tuple[dict[str, list], dict[str, list]]:
     return train, evaluation
 
 
-def assign_prompts(cfg: WorldConfig, world: World, rng: random.Random) -> dict[str, list[tuple[str, dict]]]:
-    """(prompt, spec) lists for every split and eval, each spec tagged with its split."""
+def assign_prompts(cfg: WorldConfig, world: World, rng: random.Random, eval_rng: random.Random) -> dict[str, list[tuple[str, dict]]]:
+    """(prompt, spec) lists for every split and eval, each spec tagged with its split. The eval prompts
+    come from their own generator (and pool), so resizing a training split leaves them as they were."""
     train_pool, eval_pool = prompt_pools(world)
     sizes = {"sft_train": cfg.sft_train, "sft_val": cfg.sft_val, "comparisons_train": cfg.comparisons_train,
              "comparisons_val": cfg.comparisons_val, "ppo": cfg.ppo_prompts}
@@ -756,8 +757,8 @@ def assign_prompts(cfg: WorldConfig, world: World, rng: random.Random) -> dict[s
         for split in SPLITS:
             splits[split] += parts[split]
         pool = eval_pool[family]
-        splits["eval"] += rng.sample(pool, min(cfg.eval_per_family, len(pool)))
-    return {split: [(p, {**spec, "split": split}) for p, spec in rng.sample(items, len(items))]
+        splits["eval"] += eval_rng.sample(pool, min(cfg.eval_per_family, len(pool)))
+    return {split: [(p, {**spec, "split": split}) for p, spec in (eval_rng if split == "eval" else rng).sample(items, len(items))]
             for split, items in splits.items()}
 
 
@@ -773,7 +774,7 @@ def generate(cfg: WorldConfig) -> dict[str, str]:
         return random.Random(f"{cfg.seed}/{purpose}")
 
     world = make_world(cfg, stream("world"))
-    splits = assign_prompts(cfg, world, stream("prompts"))
+    splits = assign_prompts(cfg, world, stream("prompts"), stream("eval"))
     truth = truth_of(cfg, world, splits)
     judge = GoldJudge(truth)
 

@@ -91,7 +91,7 @@ def test_schema_of_every_file(world_dir, truth):
 def test_default_sizes(world_dir):
     counts = json.loads((world_dir / "summary.json").read_text(encoding="utf-8"))["counts"]
     assert {s: counts[s]["total"] for s in SCHEMA if s != "corpus"} == {
-        "sft_train": 2000, "sft_val": 200, "comparisons_train": 1000, "comparisons_val": 200,
+        "sft_train": 2000, "sft_val": 200, "comparisons_train": 2000, "comparisons_val": 200,
         "ppo_prompts": 1000, "eval_prompts": 256}
     assert all(counts["eval_prompts"][f] == 64 for f in FAMILIES)
     assert counts["sft_train"]["fact"] == 800 and counts["sft_train"]["harmful"] == 400
@@ -245,6 +245,15 @@ def test_options_scale_the_world():
     assert len(truth["people"]) == 8 and all(len(a) == 5 for a in truth["people"].values())
     groups = [json.loads(line) for line in files["comparisons_train.jsonl"].splitlines()]
     assert {len(g["responses"]) for g in groups} == {9} and {g["family"] for g in groups} == {"fact", "harmful"}
+
+
+def test_resizing_a_training_split_keeps_the_eval_prompts():
+    # Evaluations of worlds that differ only in how much training data they hold stay comparable.
+    small = W.generate(W.WorldConfig(seed=5, **SMALL))
+    more = W.generate(W.WorldConfig(seed=5, **{**SMALL, "comparisons_train": 60, "ppo_prompts": 10}))
+    assert more["eval_prompts.jsonl"] == small["eval_prompts.jsonl"]
+    assert more["corpus.jsonl"] == small["corpus.jsonl"]
+    assert more["comparisons_train.jsonl"] != small["comparisons_train.jsonl"]
 
 
 def test_cli_writes_a_world_and_replaces_it_whole(tmp_path):
