@@ -316,7 +316,7 @@ def test_bad_input_gets_one_line_error_and_no_manifest(parents, tmp_path, capsys
     _fails(capsys, tiny(run, "--reward_path", other), "different chat templates")
 
     long_prompt = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "Hi"}, {"prompt": "tell me " * 40}])
-    _fails(capsys, tiny(run, "--prompt_files", long_prompt), "long.jsonl: line 2", "max_prompt_length 48")
+    _fails(capsys, tiny(run, "--prompt_files", long_prompt), "long.jsonl: line 2", "max_prompt_length 52")
     not_user = write_jsonl(tmp_path / "turns.jsonl", [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}])
     _fails(capsys, tiny(run, "--prompt_files", not_user), "turns.jsonl: line 1", "messages", "user turn")
     no_prompt = write_jsonl(tmp_path / "noprompt.jsonl", [{"question": "Hi"}])
