@@ -41,35 +41,28 @@ def test_kwise_is_the_mean_over_its_pairs_and_groups_weigh_equally():
     torch.manual_seed(0)
     sizes = [4, 2, 6]
     rewards = torch.randn(sum(sizes))
-    group_means, start = [], 0
+    per_group, start = [], 0
     for k in sizes:
         r = rewards[start:start + k].tolist()
         losses = [-torch.nn.functional.logsigmoid(torch.tensor(r[i] - r[j])).item()
                   for i in range(k) for j in range(k) if i < j]  # i is ranked above j
         assert len(losses) == k * (k - 1) // 2
-        group_means.append(sum(losses) / len(losses))
+        per_group.append(losses)
         start += k
+    group_means = [sum(losses) / len(losses) for losses in per_group]
     assert ranking_loss(rewards, sizes).item() == pytest.approx(sum(group_means) / len(group_means), rel=1e-6)
+    # --loss pairs: every pair weighs the same, so the 15 pairs of the K=6 group outweigh the K=2 one;
+    # with one K for every group the two weightings agree
+    every_pair = [loss for losses in per_group for loss in losses]
+    assert pair_mean_loss(rewards, sizes).item() == pytest.approx(sum(every_pair) / len(every_pair), rel=1e-6)
+    assert pair_mean_loss(rewards, sizes).item() != pytest.approx(ranking_loss(rewards, sizes).item(), rel=1e-3)
+    same_k = torch.randn(12)
+    assert torch.allclose(pair_mean_loss(same_k, [4, 4, 4]), ranking_loss(same_k, [4, 4, 4]))
     # a perfectly ordered group has every pair right; reversing it gets none
     assert pair_accuracy(torch.tensor([3.0, 2.0, 1.0]), [3]).item() == 1.0
     assert pair_accuracy(torch.tensor([1.0, 2.0, 3.0]), [3]).item() == 0.0
     with pytest.raises(ValueError):
         ranking_loss(torch.tensor([1.0, 2.0, 3.0]), [1, 2])
-
-
-def test_pair_mean_weighs_every_pair_the_same():
-    torch.manual_seed(0)
-    sizes = [4, 2, 6]
-    rewards = torch.randn(sum(sizes))
-    losses, start = [], 0
-    for k in sizes:
-        r = rewards[start:start + k]
-        losses += [-F.logsigmoid(r[i] - r[j]).item() for i in range(k) for j in range(i + 1, k)]
-        start += k
-    assert pair_mean_loss(rewards, sizes).item() == pytest.approx(sum(losses) / len(losses), rel=1e-6)
-    assert pair_mean_loss(rewards, sizes).item() != pytest.approx(ranking_loss(rewards, sizes).item(), rel=1e-3)
-    same_k = torch.randn(12)  # with one K for every group the two weightings agree
-    assert torch.allclose(pair_mean_loss(same_k, [4, 4, 4]), ranking_loss(same_k, [4, 4, 4]))
 
 
 def test_gradient_reaches_head_and_body():
