@@ -219,7 +219,8 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return t.mean().item(), (t.std().item() if len(values) > 1 else 0.0)
 
 
-def evaluate(model, tokenizer, groups: list[Group], judge: GoldJudge | None, batch_size: int, max_length: int) -> dict:
+def evaluate(model, tokenizer, groups: list[Group], judge: GoldJudge | None, batch_size: int, max_length: int,
+             group_loss=ranking_loss) -> dict:
     """Held-out metrics. Pair accuracy is measured against the labels (noisy on the world), over all
     C(K,2) pairs; top-vs-rest over the pairs (best, other). On world prompts also against the gold
     judge: its noise-free ranking (the world's `gold_ranking`) over the pairs it orders strictly - a
@@ -233,7 +234,7 @@ def evaluate(model, tokenizer, groups: list[Group], judge: GoldJudge | None, bat
     m = {
         "val_groups": len(groups),
         "val_pairs": len(group_pairs(sizes)[0]),
-        "val_loss": ranking_loss(rewards, sizes).item(),
+        "val_loss": group_loss(rewards, sizes).item(),  # the training loss, as eval_loss during training
         "val_pair_accuracy": pair_accuracy(rewards, sizes).item(),
         "val_top_vs_rest_accuracy": top_vs_rest.mean().item(),
         "val_top1_accuracy": sum(int(r.argmax().item() == 0) for r in per_group) / len(groups),
@@ -339,6 +340,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{truncated} sequences cut to {max_length} tokens", flush=True)
 
     # 3. Trainer: TRL's RewardTrainer with the K-wise loss; checkpoints inside the stage directory.
+    group_loss = pair_mean_loss if cfg.loss == "pairs" else ranking_loss
     peft_config = None
     if cfg.use_lora:  # adapters on the body, the new score head trained in full (peft's modules_to_save)
         from peft import LoraConfig, TaskType
@@ -364,8 +366,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     trainer = RankingRewardTrainer(model=model, args=args, data_collator=GroupCollator(tokenizer.pad_token_id, packed, share),
                                    train_dataset=train_ds, eval_dataset=val_ds, processing_class=tokenizer,
-                                   callbacks=[JsonlMetricsCallback(stage_dir)], peft_config=peft_config,
-                                   group_loss=pair_mean_loss if cfg.loss == "pairs" else ranking_loss)
+                                   callbacks=[JsonlMetricsCallback(stage_dir)], peft_config=peft_config, group_loss=group_loss)
 
     # 4. Train, resuming from the newest complete checkpoint a killed run left.
     resume = last_complete_checkpoint(run.checkpoints)
@@ -406,7 +407,8 @@ def main(argv: list[str] | None = None) -> None:
     normalised = raw + getattr(reward_model.config, BIAS_KEY)
 
     # 7. Evaluate on held-out comparisons, then write the manifest (last).
-    metrics = evaluate(reward_model, reward_tokenizer, val_groups, judge, cfg.eval_batch_size, max_length) if val_groups else {}
+    metrics = evaluate(reward_model, reward_tokenizer, val_groups, judge, cfg.eval_batch_size, max_length,
+                       group_loss) if val_groups else {}
     metrics.update({
         "train_loss": result.training_loss, "train_steps": result.global_step, "train_groups": len(train_groups),
         "train_pairs": n_pairs, "train_seconds": round(result.metrics.get("train_runtime", 0.0), 1),
