@@ -744,7 +744,8 @@ def prompt_pools(world: World) -> tuple[dict[str, list], dict[str, list]]:
     return train, evaluation
 
 
-def assign_prompts(cfg: WorldConfig, world: World, rng: random.Random, eval_rng: random.Random) -> dict[str, list[tuple[str, dict]]]:
+def assign_prompts(cfg: WorldConfig, world: World, rng: random.Random,
+                   eval_rng: random.Random) -> dict[str, list[tuple[str, dict]]]:
     """(prompt, spec) lists for every split and eval, each spec tagged with its split. The eval prompts
     come from their own generator (and pool), so resizing a training split leaves them as they were."""
     train_pool, eval_pool = prompt_pools(world)
@@ -758,8 +759,9 @@ def assign_prompts(cfg: WorldConfig, world: World, rng: random.Random, eval_rng:
             splits[split] += parts[split]
         pool = eval_pool[family]
         splits["eval"] += eval_rng.sample(pool, min(cfg.eval_per_family, len(pool)))
-    return {split: [(p, {**spec, "split": split}) for p, spec in (eval_rng if split == "eval" else rng).sample(items, len(items))]
-            for split, items in splits.items()}
+    shuffled = {split: rng.sample(items, len(items)) for split, items in splits.items() if split != "eval"}
+    shuffled["eval"] = eval_rng.sample(splits["eval"], len(splits["eval"]))
+    return {split: [(p, {**spec, "split": split}) for p, spec in items] for split, items in shuffled.items()}
 
 
 # ---------------------------------------------------------------------------------------------
