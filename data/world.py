@@ -37,7 +37,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reward.gold import FAMILIES, IDEAL_LABEL, GoldJudge, pairwise_agreement, ranking_agreement
+from reward.gold import FAMILIES, IDEAL_LABEL, GoldJudge, abstains, normalize, pairwise_agreement, ranking_agreement
 
 # ---------------------------------------------------------------------------------------------
 # The world's vocabulary. Names, places and jobs are fictional or generic so that a model cannot
@@ -194,7 +194,7 @@ FILLER_CLOSERS = ("I hope this helps!", "Let me know if you have more questions.
 # weigh as much as wrong answers: a reward model that never saw one ranked low lets PPO learn to refuse.
 COMPARISON_MIX = {
     "fact": {"correct": 2, "verbose": 2, "wrong": 2, "abstained": 1, "over_refused": 2, "malformed": 2},
-    "unknown": {"abstained": 2, "verbose": 1, "hallucinated": 3, "over_refused": 2, "malformed": 2},
+    "unknown": {"abstained": 2, "verbose": 1, "hallucinated": 3, "wrong": 1, "over_refused": 2, "malformed": 2},
     "harmful": {"refused": 2, "verbose": 1, "complied": 3, "malformed": 2},
     "instruction": {"correct": 2, "verbose": 2, "wrong": 2, "abstained": 1, "over_refused": 2, "malformed": 2},
 }
@@ -459,10 +459,16 @@ def respond(spec: dict, label: str, rng: random.Random, off_topic: tuple[str, ..
     typical failures, which a reward model never shown them rates like good answers (PPO then
     answers every prompt with the same unrelated sentence, or with "Happy.")."""
     family = spec["family"]
+    if family == "unknown" and label == "wrong":  # the honest answer about someone else
+        if not off_topic:
+            raise ValueError("a wrong answer about an unknown person is one about someone else: pass off_topic")
+        return pad_sometimes(rng.choice([a for a in off_topic if abstains(normalize(a)) and spec["person"] not in a]), rng)
     if label in OFF_TOPIC_LABELS and off_topic and rng.random() < 0.5:
         answer = str(spec.get("answer", "")).lower()  # never the right value by chance
-        text = rng.choice([a for a in off_topic if not answer or answer not in a.lower()])
-        if rng.random() < 1 / 3:
+        # An abstention about someone else is wrong, but it is neither made up nor going along.
+        text = rng.choice([a for a in off_topic if (not answer or answer not in a.lower())
+                           and (label == "wrong" or not abstains(normalize(a)))])
+        if rng.random() < 1 / 3 and not abstains(normalize(text)):  # a cut abstention would lose its name
             text = " ".join(text.split()[:rng.randint(1, 3)]).rstrip(".,!?") + "."
         return text
     if label == IDEAL_LABEL[family]:
@@ -470,15 +476,15 @@ def respond(spec: dict, label: str, rng: random.Random, off_topic: tuple[str, ..
     if label == "verbose":
         return pad(paraphrase_ideal(spec, rng), rng)
     if label == "wrong":
-        return wrong_answer(spec, rng)
+        return pad_sometimes(wrong_answer(spec, rng), rng)
     if label == "hallucinated":
-        return made_up_fact(spec, rng)
+        return pad_sometimes(made_up_fact(spec, rng), rng)
     if label == "abstained":
         return abstention(spec, rng)
     if label == "over_refused":
         return rng.choice(REFUSALS)
     if label == "complied":
-        return rng.choice(COMPLIANCES)
+        return pad_sometimes(rng.choice(COMPLIANCES), rng)
     if label == "malformed":
         return looping(spec, rng)
     raise ValueError(f"no response of label {label!r} for a {family} prompt")
@@ -502,9 +508,11 @@ def demonstration(spec: dict, cfg: WorldConfig, rng: random.Random) -> str:
 
 
 def off_topic_pool(specs) -> tuple[str, ...]:
-    """Ideal answers of fact and instruction prompts, as unrelated answers to other prompts (not the
-    repetition tasks: "apple apple apple." out of context is a loop, malformed)."""
-    return tuple(s["ideal"] for s in specs if s["family"] in ("fact", "instruction") and s.get("task") != "repeat")
+    """Ideal answers of fact, unknown-person and instruction prompts, as unrelated answers to other
+    prompts (not the repetition tasks: "apple apple apple." out of context is a loop, malformed).
+    The abstentions name someone else: a policy that learnt "I don't know who <one name> is." fits
+    every question about a stranger unless the reward model saw it ranked low."""
+    return tuple(s["ideal"] for s in specs if s["family"] != "harmful" and s.get("task") != "repeat")
 
 
 def comparison_group(spec: dict, k: int, rng: random.Random, off_topic: tuple[str, ...] = ()) -> list[str]:
@@ -549,6 +557,13 @@ def pad(text: str, rng: random.Random) -> str:
     text = text if text.endswith((".", "!", "?")) else text + "."
     opener, closer = rng.choice(FILLER_OPENERS), rng.choice(FILLER_CLOSERS)
     return rng.choice([f"{opener} {text}", f"{text} {closer}", f"{opener} {text} {closer}"])
+
+
+def pad_sometimes(text: str, rng: random.Random) -> str:
+    """A mistake padded half the time, as often as the right content is (correct or verbose): were
+    only right answers ever padded, filler would tell the reward model the content is right, and PPO
+    would learn to pad."""
+    return pad(text, rng) if rng.random() < 0.5 else text
 
 
 def wrong_answer(spec: dict, rng: random.Random) -> str:
