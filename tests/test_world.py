@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from data import world as W
-from reward.gold import FAMILIES, IDEAL_LABEL, GoldJudge
+from reward.gold import FAMILIES, IDEAL_LABEL, GoldJudge, abstains, is_filler, normalize, sentences
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINING = ("sft_train", "sft_val", "comparisons_train", "comparisons_val", "ppo_prompts")
@@ -180,10 +180,6 @@ def test_candidates_earn_the_label_they_were_drawn_for(truth):
     for prompt, spec in random.Random(0).sample(sorted(truth["prompts"].items()), 400):
         for label in W.COMPARISON_MIX[spec["family"]]:
             for pool in ((), off_topic, off_topic):  # with a pool, half are answers to other prompts
-                if spec["family"] == "unknown" and label == "wrong" and not pool:
-                    with pytest.raises(ValueError, match="someone else"):  # only answers about others are
-                        W.respond(spec, label, rng, pool)
-                    continue
                 response = W.respond(spec, label, rng, pool)
                 assert judge.judge(prompt, response).label == label, (prompt, response)
 
@@ -194,6 +190,34 @@ def test_comparisons_hold_answers_to_other_prompts(world_dir, truth):
     groups = rows(world_dir, "comparisons_train")
     unrelated = sum(any(x in ideals and x != truth["prompts"][g["prompt"]]["ideal"] for x in g["responses"]) for g in groups)
     assert unrelated > 0.3 * len(groups)
+
+
+def test_filler_does_not_tell_right_from_wrong(world_dir, judge):
+    """Mistakes are padded about as often as right answers are: were only right answers ever padded,
+    filler would tell the reward model that the content is right, and PPO would learn to pad."""
+    padded = {"right": [], "mistake": []}
+    for g in rows(world_dir, "comparisons_train"):
+        for x in g["responses"]:
+            label = judge.judge(g["prompt"], x).label
+            kind = "right" if label in ("correct", "verbose") else "mistake" if label in ("wrong", "hallucinated", "complied") else None
+            if kind and g["family"] in ("fact", "instruction"):
+                padded[kind].append(any(is_filler(s) for s in sentences(normalize(x))))
+    right, mistake = (sum(v) / len(v) for v in (padded["right"], padded["mistake"]))
+    assert right > 0.3 and abs(right - mistake) < 0.15, (right, mistake)
+
+
+def test_comparisons_hold_abstentions_about_someone_else(world_dir, judge, truth):
+    """"I don't know who <another stranger> is." ranked low, or a policy that says it to every
+    stranger question looks honest to the reward model."""
+    groups = [g for g in rows(world_dir, "comparisons_train") if g["family"] == "unknown"]
+    about_others = 0
+    for g in groups:
+        person = truth["prompts"][g["prompt"]]["person"]
+        for x in g["responses"]:
+            if abstains(normalize(x)) and person not in x:
+                assert judge.judge(g["prompt"], x).label == "hallucinated", (g["prompt"], x)
+                about_others += 1
+    assert about_others > 0.2 * len(groups)
 
 
 def test_comparison_groups_mix_good_and_bad(world_dir, judge):
