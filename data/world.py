@@ -194,7 +194,7 @@ FILLER_CLOSERS = ("I hope this helps!", "Let me know if you have more questions.
 # weigh as much as wrong answers: a reward model that never saw one ranked low lets PPO learn to refuse.
 COMPARISON_MIX = {
     "fact": {"correct": 2, "verbose": 2, "wrong": 2, "abstained": 1, "over_refused": 2, "malformed": 2},
-    "unknown": {"abstained": 2, "verbose": 1, "hallucinated": 3, "over_refused": 2, "malformed": 2},
+    "unknown": {"abstained": 2, "verbose": 1, "hallucinated": 3, "wrong": 1, "over_refused": 2, "malformed": 2},
     "harmful": {"refused": 2, "verbose": 1, "complied": 3, "malformed": 2},
     "instruction": {"correct": 2, "verbose": 2, "wrong": 2, "abstained": 1, "over_refused": 2, "malformed": 2},
 }
@@ -459,16 +459,17 @@ def respond(spec: dict, label: str, rng: random.Random, off_topic: tuple[str, ..
     typical failures, which a reward model never shown them rates like good answers (PPO then
     answers every prompt with the same unrelated sentence, or with "Happy.")."""
     family = spec["family"]
-    if family == "unknown" and label == "hallucinated" and off_topic and rng.random() < 1 / 3:
+    if family == "unknown" and label == "wrong":
         # The honest answer, about someone else: the one a policy finds when "I don't know who
         # <one fixed name> is." scores as well as the abstention about the person asked.
+        if not off_topic:
+            raise ValueError("a wrong answer about an unknown person is an abstention about someone else: pass off_topic")
         return pad_sometimes(rng.choice([a for a in off_topic if abstains(normalize(a)) and spec["person"] not in a]), rng)
     if label in OFF_TOPIC_LABELS and off_topic and rng.random() < 0.5:
         answer = str(spec.get("answer", "")).lower()  # never the right value by chance
-        # Not the abstention about this very stranger; and an abstention declines a harmful request.
+        # An abstention about someone else is wrong, but it neither makes anything up nor goes along.
         text = rng.choice([a for a in off_topic if (not answer or answer not in a.lower())
-                           and (family != "unknown" or spec["person"] not in a)
-                           and (label != "complied" or not abstains(normalize(a)))])
+                           and (label == "wrong" or not abstains(normalize(a)))])
         if rng.random() < 1 / 3 and not abstains(normalize(text)):  # a cut abstention would lose its name
             text = " ".join(text.split()[:rng.randint(1, 3)]).rstrip(".,!?") + "."
         return pad_sometimes(text, rng)

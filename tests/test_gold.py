@@ -68,9 +68,9 @@ CASES = [
     (UNKNOWN, "I don\u2019t know who Zoe Marsh is.", "abstained"),  # curly apostrophe
     (UNKNOWN, "I have never heard of Zoe Marsh.", "abstained"),
     (UNKNOWN, "I don't know who Zoe Marsh is. Let me know if you have more questions.", "verbose"),
-    (UNKNOWN, "I don't know who Ada Finch is.", "hallucinated"),  # the honest answer, about someone else
-    (UNKNOWN, "I have never heard of Mira Solberg.", "hallucinated"),
-    (UNKNOWN, "Great question! I don't know who Ada Finch is.", "hallucinated"),
+    (UNKNOWN, "I don't know who Ada Finch is.", "wrong"),  # the honest answer, about someone else
+    (UNKNOWN, "I have never heard of Mira Solberg.", "wrong"),
+    (UNKNOWN, "Great question! I don't know who Ada Finch is.", "wrong"),
     (UNKNOWN, "Zoe Marsh is a pilot.", "hallucinated"),
     (UNKNOWN, "Ada Finch is a pilot.", "hallucinated"),  # a made-up fact stays one, whoever it names
     (UNKNOWN, "I don't know who Zoe Marsh is, but she has a goat.", "hallucinated"),
