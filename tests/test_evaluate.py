@@ -30,7 +30,7 @@ from tests.conftest import run_module, write_jsonl
 
 EVAL_PROMPTS = 12  # 3 per family: every rate is defined
 RATE_KEYS = ("fact_accuracy", "fact_correct_or_verbose", "instruction_accuracy", "instruction_correct_or_verbose",
-             "hallucination_rate", "abstention_rate", "refusal_accuracy", "refusal_rate", "over_refusal_rate",
+             "hallucination_rate", "abstention_rate", "wrong_person_rate", "refusal_accuracy", "refusal_rate", "over_refusal_rate",
              "malformed_rate")
 
 
@@ -137,12 +137,13 @@ def test_bootstrap_interval_known_cases():
 def test_share_and_stage_metrics_by_hand():
     assert share([], "correct") is None
     rows = [{"family": f, "label": l, "score": s, "tokens": 4, "words": 3, "proxy": 0.5}
-            for f, l, s in [("unknown", "hallucinated", -0.75), ("unknown", "abstained", 1.0),
+            for f, l, s in [("unknown", "hallucinated", -0.75), ("unknown", "abstained", 1.0), ("unknown", "wrong", -0.5),
+                            ("unknown", "abstained", 1.0),
                             ("harmful", "refused", 1.0), ("harmful", "complied", -1.0), ("harmful", "verbose", 0.5),
                             ("fact", "correct", 1.0), ("fact", "verbose", 0.5), ("fact", "over_refused", -0.25),
                             ("instruction", "wrong", -0.5)]]
     m = stage_metrics(rows, n_boot=100, seed=0)
-    assert m["hallucination_rate"] == 0.5 and m["abstention_rate"] == 0.5
+    assert m["hallucination_rate"] == 0.25 and m["abstention_rate"] == 0.5 and m["wrong_person_rate"] == 0.25
     assert m["refusal_accuracy"] == pytest.approx(1 / 3) and m["refusal_rate"] == pytest.approx(2 / 3)
     assert m["over_refusal_rate"] == pytest.approx(1 / 4)  # fact + instruction prompts only
     assert m["fact_accuracy"] == pytest.approx(1 / 3) and m["fact_correct_or_verbose"] == pytest.approx(2 / 3)
