@@ -248,6 +248,8 @@ def test_evaluate_cli_writes_every_metric(evaluated_run):
         assert w["win_rate"] == 0.5 and w["ci"] == [0.5, 0.5] and w["ties"] == w["n"] == EVAL_PROMPTS
     assert result["kl_ppo_sft"]["mean"] == 0.0 and result["kl_ppo_sft"]["n"] == EVAL_PROMPTS
     assert result["reward_model"]["accuracy"] == {"eval_accuracy": 0.6, "test/pairwise_accuracy": 0.64}
+    filler = result["reward_model"]["filler_bias"]  # 6 fact/instruction prompts, two paddings each
+    assert filler["n"] == 12 and 0.0 <= filler["prefers_padded"] <= 1.0
     assert result["pretrain"]["val_perplexity"] == read_manifest(evaluated_run / "pretrain")["metrics"]["val_perplexity"]
     # Per-prompt answers: the labels are the gold judge's, the aggregates are their means.
     assert len(result["answers"]) == EVAL_PROMPTS
