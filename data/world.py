@@ -478,6 +478,8 @@ def respond(spec: dict, label: str, rng: random.Random, off_topic: tuple[str, ..
     if label == "verbose":
         return pad(paraphrase_ideal(spec, rng), rng)
     if label == "wrong":
+        if spec.get("task") == "repeat" and rng.random() < 0.5:  # another word, once or twice
+            return pad_sometimes(" ".join([other_word(spec, rng)] * rng.randint(1, 2)) + ".", rng)
         return pad_sometimes(wrong_answer(spec, rng), rng)
     if label == "hallucinated":
         return pad_sometimes(made_up_fact(spec, rng), rng)
@@ -617,7 +619,15 @@ def looping(spec: dict, rng: random.Random) -> str:
         forms.append(" ".join(tokens + [tokens[-1]] * 3) + ".")
     if len(tokens) >= 2 and {t.lower() for t in tokens[:2]} != {repeatable}:
         forms.append(" ".join(tokens[:2] * 4) + ".")
+    if repeatable:  # the word the policy likes best, over and over, whatever was asked
+        forms.append(" ".join([other_word(spec, rng)] * rng.randint(3, 5)) + ".")
     return rng.choice(forms)
+
+
+def other_word(spec: dict, rng: random.Random) -> str:
+    """An instruction word other than the one a repetition task asks for: PPO, unchecked, answered
+    "marble marble marble." to every such task."""
+    return rng.choice([w for w in INSTRUCTION_WORDS if w != spec["word"]])
 
 
 def plausible_mistake(spec: dict, rng: random.Random) -> str:

@@ -224,6 +224,20 @@ def test_comparisons_hold_abstentions_about_someone_else(world_dir, judge, truth
     assert about_others > 0.2 * len(groups)
 
 
+def test_repetition_groups_hold_other_words(world_dir, judge, truth):
+    """"marble marble marble." to "Say kettle twice" ranked low, or PPO says it to every such task."""
+    groups = [g for g in rows(world_dir, "comparisons_train") if truth["prompts"][g["prompt"]].get("task") == "repeat"]
+    other = 0
+    for g in groups:
+        asked = truth["prompts"][g["prompt"]]["word"]
+        for x in g["responses"]:
+            said = set(re.findall(r"[a-z]+", x.lower()))
+            if len(said) == 1 and asked not in said:
+                assert judge.judge(g["prompt"], x).label in ("wrong", "malformed"), (g["prompt"], x)
+                other += 1
+    assert other > 0.3 * len(groups)
+
+
 def test_comparison_groups_mix_good_and_bad(world_dir, judge):
     for r in rows(world_dir, "comparisons_train")[:200]:
         scores = [judge.score(r["prompt"], x) for x in r["responses"]]
