@@ -1,7 +1,7 @@
 # rlhf-pipeline: `make all` runs the InstructGPT recipe on the embedded default world.
 # Variables: RUN (run directory), PROFILE (stage config profile), LAUNCH (python | torchrun ... | accelerate launch ...),
 # ARGS (extra `--key value` overrides passed to the stage), EVAL_ARGS (options for `make eval`),
-# COMPARISONS_ARGS (options for `make comparisons`).
+# COMPARISONS_ARGS (options for `make comparisons` and `make round`), ROUND and ROUND_TRAIN (`make round`).
 RUN ?= runs/default
 PROFILE ?= default
 LAUNCH ?= python
@@ -9,6 +9,8 @@ ARGS ?=
 EVAL_ARGS ?=
 COMPARISONS_ARGS ?= --prompts 300 --k 6
 SEED ?= 0
+ROUND ?= 1
+ROUND_TRAIN ?= $(RUN)/world/comparisons_train.jsonl
 STAGE ?= ppo
 PROMPT ?= Who is the most famous person in the world?
 VENV ?= .venv
@@ -20,7 +22,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 STAGE_CMD = $(LAUNCH) -m stages.$(1) --profile $(PROFILE) --run_dir $(RUN) $(ARGS)
 
-.PHONY: setup all data pretrain sft comparisons reward ppo eval report chat compare test bench bench-pretrain bench-ppo clean
+.PHONY: setup all data pretrain sft comparisons reward round ppo eval report chat compare test bench bench-pretrain bench-ppo clean
 
 setup: $(VENV)/.installed
 
@@ -53,6 +55,18 @@ comparisons: setup data
 
 reward: setup data
 	$(call STAGE_CMD,reward)
+
+# Another round of the loop on a finished run (InstructGPT collected comparisons on its current
+# policies): RUN/ppo's answers ranked by the labeler into comparisons/ppo_round$(ROUND).jsonl, the
+# reward model retrained on every comparison file so far, PPO again from the SFT model. Count ROUND
+# up from 1; each round replaces RUN/reward and RUN/ppo, and a rerun of the same ROUND resumes it
+# (its comparisons, once written, are kept: RUN/ppo is by then the policy of the next round).
+ROUND_FILE = $(RUN)/comparisons/ppo_round$(ROUND).jsonl
+round: setup data
+	@if [ -f $(ROUND_FILE) ]; then echo "[comparisons] up to date: $(ROUND_FILE) (sampled by this round before)"; \
+	else $(PY) -m reward.comparisons sample --run_dir $(RUN) --model $(RUN)/ppo --out $(ROUND_FILE) $(COMPARISONS_ARGS); fi
+	$(call STAGE_CMD,reward) --train_files $(ROUND_TRAIN) $(RUN)/comparisons/*.jsonl
+	$(call STAGE_CMD,ppo)
 
 ppo: setup data
 	$(call STAGE_CMD,ppo)

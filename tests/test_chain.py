@@ -50,3 +50,18 @@ def test_make_all_on_tiny_profile(tmp_path):
     again = make("pretrain", "sft", "comparisons", "reward", "ppo", run=run)
     assert again.returncode == 0
     assert again.stdout.count("up to date") == 5, again.stdout[-3000:]
+
+    # Another round of the loop: the PPO policy's answers ranked, the reward model retrained on every
+    # comparison so far, PPO again on it; rerunning the same round finds it done.
+    old_reward = (run / "reward" / "manifest.json").read_text()
+    proc = make("round", run=run)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert 1 <= len(read_jsonl(run / "comparisons" / "ppo_round1.jsonl")) <= 16
+    reward = json.loads((run / "reward" / "manifest.json").read_text())
+    assert (run / "reward" / "manifest.json").read_text() != old_reward
+    assert {f.rsplit("/", 1)[-1] for f in reward["config"]["train_files"]} == {
+        "comparisons_train.jsonl", "policy_comparisons.jsonl", "ppo_round1.jsonl"}
+    ppo = json.loads((run / "ppo" / "manifest.json").read_text())
+    assert ppo["started"] > reward["started"]  # PPO was redone on the new reward model
+    again = make("round", run=run)
+    assert again.returncode == 0 and again.stdout.count("up to date") == 3, again.stdout[-3000:]
