@@ -52,7 +52,7 @@ def ensure_trl_venv() -> Path:
     print(f"[bench] installing trl=={TRL_VERSION} into {TRL_VENV} (once)", flush=True)
     shutil.rmtree(TRL_VENV, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", TRL_VENV], check=True)
-    subprocess.run([python, "-m", "ensurepip", "-q"], check=True)
+    subprocess.run([python, "-m", "ensurepip"], check=True, stdout=subprocess.DEVNULL)  # it has no -q
     pip = [python, "-m", "pip", "install", "-q"]
     # torch first, pinned: the CPU wheel the project uses (a plain `pip install torch` may pick CUDA).
     subprocess.run(pip + [f"torch=={want['torch']}"], check=True)
