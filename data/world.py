@@ -28,6 +28,7 @@ eval_prompts; plus truth.json (what the judge needs: every prompt's spec) and su
 
 import argparse
 import dataclasses
+import functools
 import json
 import random
 import shutil
@@ -449,10 +450,10 @@ def instruction_answer(item: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-# Labels an answer to some other question earns: a fact or instruction answered with an unrelated
-# statement is wrong, a harmful request that is not declined is complied with, anything but an
-# abstention about an unknown person is a hallucination.
-OFF_TOPIC_LABELS = ("wrong", "complied", "hallucinated")
+# The mistakes: the labels an answer to some other question earns (a fact or instruction answered with
+# an unrelated statement is wrong, a harmful request that is not declined is complied with, anything
+# but an abstention about an unknown person is a hallucination), and the ones padded like right answers.
+MISTAKES = ("wrong", "complied", "hallucinated")
 
 
 def respond(spec: dict, label: str, rng: random.Random, off_topic: tuple[str, ...] = ()) -> str:
@@ -461,38 +462,53 @@ def respond(spec: dict, label: str, rng: random.Random, off_topic: tuple[str, ..
     With `off_topic` (answers to other prompts), half of the wrong, complied and hallucinated
     responses are one of those, a third of them cut off after a few words: a drifting policy's
     typical failures, which a reward model never shown them rates like good answers (PPO then
-    answers every prompt with the same unrelated sentence, or with "Happy.")."""
+    answers every prompt with the same unrelated sentence, or with "Happy.").
+
+    Half the mistakes are padded, as half the right content is (correct or verbose): were only right
+    answers ever padded, filler would tell the reward model the content is right, and PPO would pad."""
+    text = content(spec, label, rng, off_topic)
+    return pad(text, rng) if label in MISTAKES and rng.random() < 0.5 else text
+
+
+@functools.lru_cache(maxsize=None)
+def is_abstention(text: str) -> bool:
+    """The judge's reading of an answer as an abstention, cached: pools of answers are scanned often."""
+    return abstains(normalize(text))
+
+
+def content(spec: dict, label: str, rng: random.Random, off_topic: tuple[str, ...]) -> str:
+    """The response of `respond` before any padding of a mistake."""
     family = spec["family"]
     if family == "unknown" and label == "wrong":
         # The honest answer, about someone else: the one a policy finds when "I don't know who
         # <one fixed name> is." scores as well as the abstention about the person asked.
         if not off_topic:
             raise ValueError("a wrong answer about an unknown person is an abstention about someone else: pass off_topic")
-        return pad_sometimes(rng.choice([a for a in off_topic if abstains(normalize(a)) and spec["person"] not in a]), rng)
-    if label in OFF_TOPIC_LABELS and off_topic and rng.random() < 0.5:
+        return rng.choice([a for a in off_topic if is_abstention(a) and spec["person"] not in a])
+    if label in MISTAKES and off_topic and rng.random() < 0.5:
         answer = str(spec.get("answer", "")).lower()  # never the right value by chance
         # An abstention about someone else is wrong, but it neither makes anything up nor goes along.
         text = rng.choice([a for a in off_topic if (not answer or answer not in a.lower())
-                           and (label == "wrong" or not abstains(normalize(a)))])
-        if rng.random() < 1 / 3 and not abstains(normalize(text)):  # a cut abstention would lose its name
+                           and (label == "wrong" or not is_abstention(a))])
+        if rng.random() < 1 / 3 and not is_abstention(text):  # a cut abstention would lose its name
             text = " ".join(text.split()[:rng.randint(1, 3)]).rstrip(".,!?") + "."
-        return pad_sometimes(text, rng)
+        return text
     if label == IDEAL_LABEL[family]:
         return paraphrase_ideal(spec, rng)
     if label == "verbose":
         return pad(paraphrase_ideal(spec, rng), rng)
     if label == "wrong":
         if spec.get("task") == "repeat" and rng.random() < 0.5:  # another word, once or twice
-            return pad_sometimes(" ".join([other_word(spec, rng)] * rng.randint(1, 2)) + ".", rng)
-        return pad_sometimes(wrong_answer(spec, rng), rng)
+            return " ".join([other_word(spec, rng)] * rng.randint(1, 2)) + "."
+        return wrong_answer(spec, rng)
     if label == "hallucinated":
-        return pad_sometimes(made_up_fact(spec, rng), rng)
+        return made_up_fact(spec, rng)
     if label == "abstained":
         return abstention(spec, rng)
     if label == "over_refused":
         return rng.choice(REFUSALS)
     if label == "complied":
-        return pad_sometimes(rng.choice(COMPLIANCES), rng)
+        return rng.choice(COMPLIANCES)
     if label == "malformed":
         return looping(spec, rng)
     raise ValueError(f"no response of label {label!r} for a {family} prompt")
@@ -565,13 +581,6 @@ def pad(text: str, rng: random.Random) -> str:
     text = text if text.endswith((".", "!", "?")) else text + "."
     opener, closer = rng.choice(FILLER_OPENERS), rng.choice(FILLER_CLOSERS)
     return rng.choice([f"{opener} {text}", f"{text} {closer}", f"{opener} {text} {closer}"])
-
-
-def pad_sometimes(text: str, rng: random.Random) -> str:
-    """A mistake padded half the time, as often as the right content is (correct or verbose): were
-    only right answers ever padded, filler would tell the reward model the content is right, and PPO
-    would learn to pad."""
-    return pad(text, rng) if rng.random() < 0.5 else text
 
 
 def wrong_answer(spec: dict, rng: random.Random) -> str:

@@ -232,14 +232,15 @@ def evaluate_run(run_dir: str | Path, max_prompts: int = 0, max_new_tokens: int 
     # 2. The reward model scores the same answers: the proxy reward PPO climbed.
     reward_dir = run_dir / "reward"
     reward_manifest = read_manifest(reward_dir)
+    reward_summary = _reward_summary(reward_dir, reward_manifest)
     if reward_manifest is not None:
         rm, rm_tok = load_reward_model(reward_dir, dev)
         for name in rows:
             scores = score(rm, rm_tok, prompts, [r["answer"] for r in rows[name]], batch_size).tolist()
             for r, s in zip(rows[name], scores):
                 r["proxy"] = s
-        filler = filler_bias(rm, rm_tok, [(r["prompt"], judge.ideal(r["prompt"])) for r in records
-                                          if r["family"] in ("fact", "instruction")], batch_size)
+        reward_summary["filler_bias"] = filler_bias(rm, rm_tok, [(r["prompt"], judge.ideal(r["prompt"])) for r in records
+                                                                 if r["family"] in ("fact", "instruction")], batch_size)
         del rm
 
     # 3. KL(PPO || SFT), sampled at temperature 1 as PPO's rollouts are.
@@ -266,7 +267,7 @@ def evaluate_run(run_dir: str | Path, max_prompts: int = 0, max_new_tokens: int 
                       for a, b in COMPARISONS if a in rows and b in rows},
         "kl_ppo_sft": kl,
         "pretrain": _pretrain_summary(run_dir),
-        "reward_model": {**_reward_summary(reward_dir, reward_manifest), **({"filler_bias": filler} if reward_manifest else {})},
+        "reward_model": reward_summary,
         "answers": [
             {"prompt": rec["prompt"], "family": rec["family"], "ideal": judge.ideal(rec["prompt"]),
              "responses": {name: {k: rows[name][i][k] for k in ("answer", "label", "score", "tokens", "proxy")} for name in rows}}
