@@ -1,7 +1,8 @@
 # rlhf-pipeline: `make all` runs the InstructGPT recipe on the embedded default world.
 # Variables: RUN (run directory), PROFILE (stage config profile), LAUNCH (python | torchrun ... | accelerate launch ...),
 # ARGS (extra `--key value` overrides passed to the stage), EVAL_ARGS (options for `make eval`),
-# COMPARISONS_ARGS (options for `make comparisons` and `make round`), ROUND and ROUND_TRAIN (`make round`).
+# COMPARISONS_ARGS (options for `make comparisons` and `make round`), ROUND and ROUND_TRAIN (`make round`),
+# SEED and WORLD_ARGS (the world `make data` writes: `python -m data.world --help`).
 RUN ?= runs/default
 PROFILE ?= default
 LAUNCH ?= python
@@ -9,6 +10,7 @@ ARGS ?=
 EVAL_ARGS ?=
 COMPARISONS_ARGS ?= --prompts 300 --k 6
 SEED ?= 0
+WORLD_ARGS ?=
 ROUND ?= 1
 ROUND_TRAIN ?= $(RUN)/world/comparisons_train.jsonl
 STAGE ?= ppo
@@ -41,7 +43,7 @@ $(VENV)/.installed: pyproject.toml
 all: data pretrain sft comparisons reward ppo eval report
 
 data: setup
-	$(PY) -m data.world --seed $(SEED) --out $(RUN)/world --if_missing true
+	$(PY) -m data.world --seed $(SEED) --out $(RUN)/world --if_missing true $(WORLD_ARGS)
 
 pretrain: setup data
 	$(call STAGE_CMD,pretrain)
