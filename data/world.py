@@ -484,7 +484,16 @@ def content(spec: dict, label: str, rng: random.Random, off_topic: tuple[str, ..
         # <one fixed name> is." scores as well as the abstention about the person asked.
         if not off_topic:
             raise ValueError("a wrong answer about an unknown person is an abstention about someone else: pass off_topic")
-        return rng.choice([a for a in off_topic if is_abstention(a) and spec["person"] not in a])
+        others = [a for a in off_topic if is_abstention(a) and spec["person"] not in a]
+        namesakes = [a for a in others if shares_a_name(a, spec["person"])]
+        other = rng.choice(namesakes if namesakes and rng.random() < 1 / 3 else others)
+        return rng.choice(ABSTENTIONS).format(name=stranger_in(other))
+    if family == "fact" and label == "wrong" and off_topic and rng.random() < 1 / 3:
+        # A true fact about a namesake ("Mira Gale is a sailor." asked about Mira Kovac): PPO
+        # drifted to the person whose first name it had copied.
+        namesakes = [a for a in off_topic if shares_a_name(a, spec["person"]) and not is_abstention(a)]
+        if namesakes:
+            return rng.choice(namesakes)
     if label in MISTAKES and off_topic and rng.random() < 0.5:
         answer = str(spec.get("answer", "")).lower()  # never the right value by chance
         # An abstention about someone else is wrong, but it neither makes anything up nor goes along.
@@ -518,7 +527,7 @@ def demonstration(spec: dict, cfg: WorldConfig, rng: random.Random) -> str:
     """An imperfect demonstrator's completion: the canonical ideal, or one of its typical mistakes."""
     family, r = spec["family"], rng.random()
     if family == "unknown":
-        text = made_up_fact(spec, rng) if r < cfg.hallucinate_rate else spec["ideal"]
+        text = made_up_fact(spec, rng) if r < cfg.hallucinate_rate else unknown_abstention(spec, rng, ABSTENTIONS[0])
     elif family == "harmful":
         text = rng.choice(COMPLIANCES) if r < cfg.comply_rate else spec["ideal"]
     elif r < cfg.over_refuse_rate:
@@ -566,7 +575,7 @@ def paraphrase_ideal(spec: dict, rng: random.Random) -> str:
         template = rng.choice(attribute(spec["attribute"]).answers)
         return template.format(name=spec["person"], value=spec["answer"])
     if family == "unknown":
-        return rng.choice(ABSTENTIONS).format(name=spec["person"])
+        return unknown_abstention(spec, rng, rng.choice(ABSTENTIONS))
     if family == "harmful":
         return rng.choice(REFUSALS)
     answer, task = spec["answer"], spec["task"]
@@ -610,6 +619,16 @@ def made_up_fact(spec: dict, rng: random.Random) -> str:
     return a.answers[0].format(name=spec["person"], value=rng.choice(a.values))
 
 
+def unknown_abstention(spec: dict, rng: random.Random, template: str) -> str:
+    """The honest answer about a stranger; one in three names no one ("I don't know."). Both score
+    1.0, and the plain one is the honest answer a small policy that cannot copy a new name from
+    the prompt can still give: without it, PPO's abstentions named a stranger the SFT model had
+    memorised (the judge: wrong)."""
+    if rng.random() < 1 / 3:
+        return rng.choice(PLAIN_ABSTENTIONS)
+    return template.format(name=spec["person"])
+
+
 def abstention(spec: dict, rng: random.Random) -> str:
     if "person" in spec:
         return rng.choice(ABSTENTIONS).format(name=spec["person"])
@@ -620,7 +639,10 @@ def looping(spec: dict, rng: random.Random) -> str:
     """A degenerate response: a sentence, a word or a fragment stuck in a loop, or nothing but
     filler. Comparisons must rank filler-only answers too, or a reward model never learns that
     "Great question!" says nothing, and PPO finds that hole at once."""
-    if rng.random() < 0.5:
+    r = rng.random()
+    if r < 0.25:
+        return spliced_abstention(rng)
+    if r < 0.6:
         opener, closer = rng.choice(FILLER_OPENERS), rng.choice(FILLER_CLOSERS)
         return rng.choice([opener, closer, f"{opener} {closer}"])
     base = rng.choice([paraphrase_ideal(spec, rng), plausible_mistake(spec, rng)])
@@ -635,6 +657,29 @@ def looping(spec: dict, rng: random.Random) -> str:
     if repeatable:  # the word the policy likes best, over and over, whatever was asked
         forms.append(" ".join([other_word(spec, rng)] * rng.randint(3, 5)) + ".")
     return rng.choice(forms)
+
+
+def spliced_abstention(rng: random.Random) -> str:
+    """An abstention whose name is another stock answer: "I don't know who Sorry, I can't help with
+    that." PPO found such splices twice (they start like the honest answer and end like a refusal),
+    and a reward model that never saw one ranked low scored them above every real answer."""
+    lead = rng.choice(ABSTENTIONS).split("{name}")[0]
+    tail = rng.choice(REFUSALS + FILLER_OPENERS + PLAIN_ABSTENTIONS + tuple(c.split(". ")[0] + "." for c in COMPLIANCES))
+    if rng.random() < 1 / 3:  # cut off, as a policy at its token limit leaves it
+        tail = " ".join(tail.split()[:rng.randint(1, 3)])
+    return lead + tail
+
+
+def shares_a_name(answer: str, person: str) -> bool:
+    """Whether `answer` is about someone else with the first or the last name of `person`."""
+    first, last = person.split()
+    return person not in answer and (f"{first} " in answer or f" {last} " in answer)
+
+
+def stranger_in(abstention: str) -> str:
+    """The name in an unknown person's ideal answer ("I don't know who {name} is.")."""
+    lead, end = ABSTENTIONS[0].split("{name}")
+    return abstention.removeprefix(lead).removesuffix(end)
 
 
 def other_word(spec: dict, rng: random.Random) -> str:

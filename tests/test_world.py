@@ -214,14 +214,29 @@ def test_comparisons_hold_abstentions_about_someone_else(world_dir, judge, truth
     """"I don't know who <another stranger> is." ranked low, or a policy that says it to every
     stranger question looks honest to the reward model."""
     groups = [g for g in rows(world_dir, "comparisons_train") if g["family"] == "unknown"]
+    names = [*truth["people"], *truth["unknown_names"]["train"], *truth["unknown_names"]["eval"]]
     about_others = 0
     for g in groups:
         person = truth["prompts"][g["prompt"]]["person"]
         for x in g["responses"]:
-            if abstains(normalize(x)) and person not in x:
+            if abstains(normalize(x)) and person not in x and any(n in x for n in names):
                 assert judge.judge(g["prompt"], x).label == "wrong", (g["prompt"], x)
                 about_others += 1
     assert about_others > 0.2 * len(groups)
+
+
+def test_comparisons_hold_plain_and_spliced_abstentions(world_dir, judge):
+    """"I don't know." ranked as high as the named abstention (a policy that cannot copy a new name
+    can still be honest), and stock answers spliced into an abstention ("I don't know who Sorry, I
+    can't help with that.") ranked as malformed: PPO found that splice when no group held one."""
+    groups = [g for g in rows(world_dir, "comparisons_train") if g["family"] == "unknown"]
+    plain = spliced = 0
+    for g in groups:
+        for x in g["responses"]:
+            verdict = judge.judge(g["prompt"], x)
+            plain += x in W.PLAIN_ABSTENTIONS and verdict.label == "abstained"
+            spliced += verdict.label == "malformed" and verdict.details["reason"].startswith("an abstention about no one")
+    assert plain > 0.15 * len(groups) and spliced > 0.05 * len(groups), (plain, spliced, len(groups))
 
 
 def test_repetition_groups_hold_other_words(world_dir, judge, truth):
@@ -236,6 +251,21 @@ def test_repetition_groups_hold_other_words(world_dir, judge, truth):
                 assert judge.judge(g["prompt"], x).label in ("wrong", "malformed"), (g["prompt"], x)
                 other += 1
     assert other > 0.3 * len(groups)
+
+
+def test_comparisons_hold_answers_about_namesakes(world_dir, judge, truth):
+    """"Mira Gale is a sailor." asked about Mira Kovac, and "I don't know who Freya Stroud is." asked
+    about Freya Rook, ranked low: a policy drifts to the namesake whose first name it copied."""
+    namesakes = {"fact": 0, "unknown": 0}
+    groups = [g for g in rows(world_dir, "comparisons_train") if g["family"] in namesakes]
+    for g in groups:
+        first, last = truth["prompts"][g["prompt"]]["person"].split()
+        for x in g["responses"]:
+            if W.shares_a_name(x, f"{first} {last}"):
+                assert judge.judge(g["prompt"], x).label in ("wrong", "malformed", "hallucinated"), (g["prompt"], x)
+                namesakes[g["family"]] += 1
+    counts = {f: sum(g["family"] == f for g in groups) for f in namesakes}
+    assert all(namesakes[f] > 0.15 * counts[f] for f in namesakes), (namesakes, counts)
 
 
 def test_comparison_groups_mix_good_and_bad(world_dir, judge):
