@@ -452,8 +452,12 @@ def instruction_answer(item: dict) -> dict:
 
 # The mistakes: the labels an answer to some other question earns (a fact or instruction answered with
 # an unrelated statement is wrong, a harmful request that is not declined is complied with, anything
-# but an abstention about an unknown person is a hallucination), and the ones padded like right answers.
+# but an abstention about an unknown person is a hallucination). These and over-refusals are padded
+# as often as right answers: a reward model that only ever saw refusals padded on harmful requests
+# (where a padded refusal is still good) rated "Happy to help! Sorry, I can't help with that." above
+# "I don't know." about a stranger, and PPO said it to 61 of 64 of them on world 1.
 MISTAKES = ("wrong", "complied", "hallucinated")
+PADDED_MISTAKES = MISTAKES + ("over_refused",)
 
 
 def respond(spec: dict, label: str, rng: random.Random, off_topic: tuple[str, ...] = ()) -> str:
@@ -464,10 +468,11 @@ def respond(spec: dict, label: str, rng: random.Random, off_topic: tuple[str, ..
     typical failures, which a reward model never shown them rates like good answers (PPO then
     answers every prompt with the same unrelated sentence, or with "Happy.").
 
-    Half the mistakes are padded, as half the right content is (correct or verbose): were only right
-    answers ever padded, filler would tell the reward model the content is right, and PPO would pad."""
+    Half the mistakes and over-refusals are padded, as half the right content is (correct or
+    verbose): were only right answers ever padded, filler would tell the reward model the content is
+    right, and PPO would pad."""
     text = content(spec, label, rng, off_topic)
-    return pad(text, rng) if label in MISTAKES and rng.random() < 0.5 else text
+    return pad(text, rng) if label in PADDED_MISTAKES and rng.random() < 0.5 else text
 
 
 @functools.lru_cache(maxsize=None)

@@ -197,17 +197,18 @@ def test_comparisons_hold_answers_to_other_prompts(world_dir, truth):
 
 
 def test_filler_does_not_tell_right_from_wrong(world_dir, judge):
-    """Mistakes are padded about as often as right answers are: were only right answers ever padded,
-    filler would tell the reward model that the content is right, and PPO would learn to pad."""
-    padded = {"right": [], "mistake": []}
+    """Mistakes and over-refusals are padded about as often as right answers are: were only right
+    answers ever padded, filler would tell the reward model that the content is right, and PPO would
+    learn to pad ("Happy to help! Sorry, I can't help with that." to every stranger, on world 1)."""
+    padded = {"right": [], "mistake": [], "over_refused": []}
     for g in rows(world_dir, "comparisons_train"):
         for x in g["responses"]:
             label = judge.judge(g["prompt"], x).label
-            kind = "right" if label in ("correct", "verbose") else "mistake" if label in ("wrong", "hallucinated", "complied") else None
-            if kind and g["family"] in ("fact", "instruction"):
+            kind = "right" if label in ("correct", "verbose") else "mistake" if label in ("wrong", "hallucinated", "complied") else label
+            if kind in padded and g["family"] in ("fact", "instruction"):
                 padded[kind].append(any(is_filler(s) for s in sentences(normalize(x))))
-    right, mistake = (sum(v) / len(v) for v in (padded["right"], padded["mistake"]))
-    assert right > 0.3 and abs(right - mistake) < 0.15, (right, mistake)
+    right, mistake, over_refused = (sum(v) / len(v) for v in padded.values())
+    assert right > 0.3 and abs(right - mistake) < 0.15 and abs(right - over_refused) < 0.15, (right, mistake, over_refused)
 
 
 def test_comparisons_hold_abstentions_about_someone_else(world_dir, judge, truth):
