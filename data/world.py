@@ -196,7 +196,8 @@ FILLER_CLOSERS = ("I hope this helps!", "Let me know if you have more questions.
 # For unknown people "wrong" is an abstention about someone else, drawn about as often as the right
 # abstention (plain or padded): the reward model must read the name to tell them apart, and with
 # fewer of them PPO still found "I don't know who <a name the SFT model likes> is." (weights 1 / 2 / 3
-# on one SFT model: PPO win rate 0.568 / 0.576 / 0.600, reward accuracy 0.727 / 0.734 / 0.736).
+# on one SFT model, before abstentions could name no one: PPO win rate 0.568 / 0.576 / 0.600 under
+# the judge of then, reward accuracy 0.727 / 0.734 / 0.736).
 COMPARISON_MIX = {
     "fact": {"correct": 2, "verbose": 2, "wrong": 2, "abstained": 1, "over_refused": 2, "malformed": 2},
     "unknown": {"abstained": 2, "verbose": 1, "hallucinated": 3, "wrong": 3, "over_refused": 2, "malformed": 2},
