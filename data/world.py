@@ -665,12 +665,16 @@ def looping(spec: dict, rng: random.Random) -> str:
     return rng.choice(forms)
 
 
+# The stock answers a policy splices into an abstention's name slot (of a compliance, its opening).
+SPLICE_TAILS = REFUSALS + FILLER_OPENERS + PLAIN_ABSTENTIONS + tuple(c.split(". ")[0] + "." for c in COMPLIANCES)
+
+
 def spliced_abstention(rng: random.Random) -> str:
     """An abstention whose name is another stock answer: "I don't know who Sorry, I can't help with
     that." PPO found such splices twice (they start like the honest answer and end like a refusal),
     and a reward model that never saw one ranked low scored them above every real answer."""
     lead = rng.choice(ABSTENTIONS).split("{name}")[0]
-    tail = rng.choice(REFUSALS + FILLER_OPENERS + PLAIN_ABSTENTIONS + tuple(c.split(". ")[0] + "." for c in COMPLIANCES))
+    tail = rng.choice(SPLICE_TAILS)
     if rng.random() < 1 / 3:  # cut off, as a policy at its token limit leaves it
         tail = " ".join(tail.split()[:rng.randint(1, 3)])
     return lead + tail

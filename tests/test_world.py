@@ -263,7 +263,7 @@ def test_comparisons_hold_answers_about_namesakes(world_dir, judge, truth):
         first, last = truth["prompts"][g["prompt"]]["person"].split()
         for x in g["responses"]:
             if W.shares_a_name(x, f"{first} {last}"):
-                assert judge.judge(g["prompt"], x).label in ("wrong", "malformed", "hallucinated"), (g["prompt"], x)
+                assert judge.judge(g["prompt"], x).label == "wrong", (g["prompt"], x)
                 namesakes[g["family"]] += 1
     counts = {f: sum(g["family"] == f for g in groups) for f in namesakes}
     assert all(namesakes[f] > 0.15 * counts[f] for f in namesakes), (namesakes, counts)
