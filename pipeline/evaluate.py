@@ -9,7 +9,10 @@ sec. 4) the headline is a win rate of each model against the previous one on hel
 plus the honesty and harmlessness rates the article cares about (hallucination, refusal). The
 reward model's score of the same answers is the proxy reward PPO optimised; reading it next to the
 gold score shows over-optimisation (Gao et al. 2022). KL(PPO || SFT) is a Monte-Carlo estimate on
-answers sampled from PPO, the quantity PPO's KL penalty keeps small (Ziegler et al. 2019).
+answers sampled from PPO, the quantity PPO's KL penalty keeps small (Ziegler et al. 2019). Best-of-n
+on SFT is the other way to optimise the same reward model (Gao et al. 2022): n answers sampled per
+prompt, the reward model picks one; its gold score at each k <= n, against its KL, is what selection
+gets from that reward model, and the mark PPO should beat.
 
 Writes RUN/eval.json (every number and every answer) and RUN/eval.md (the table it prints); `--out`
 names another pair. `make report` reads RUN/eval.json.
@@ -32,7 +35,7 @@ from data.tokenizer import chat_ids, use_turn_end_as_eos
 from pipeline.errors import PipelineError, cli_main
 from pipeline.generation import answer, left_pad, max_prompt_tokens
 from pipeline.stage import read_manifest, write_json_atomic, write_text_atomic
-from pipeline.stats import bootstrap_ci, mean, pairwise_outcomes, share, win_rate_ceiling
+from pipeline.stats import best_of_k, best_of_k_kl, bootstrap_ci, mean, pairwise_outcomes, share, win_rate_ceiling
 from reward.gold import FAMILIES, TOP_SCORE, GoldJudge
 from reward.model import load_reward_model, score
 
@@ -197,7 +200,8 @@ def compare(rows_a: list[dict], rows_b: list[dict], n_boot: int, seed: int) -> d
 
 def evaluate_run(run_dir: str | Path, max_prompts: int = 0, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, bootstrap: int = 1000, batch_size: int = 64,
-                 kl_prompts: int = -1, device: str = "auto", log=print) -> dict:
+                 kl_prompts: int = -1, best_of_n: int = 8, bon_temperature: float = 1.0, device: str = "auto",
+                 log=print) -> dict:
     run_dir = Path(run_dir)
     t0 = time.time()
     world = run_dir / "world"
@@ -233,6 +237,7 @@ def evaluate_run(run_dir: str | Path, max_prompts: int = 0, max_new_tokens: int 
     reward_dir = run_dir / "reward"
     reward_manifest = read_manifest(reward_dir)
     reward_summary = _reward_summary(reward_dir, reward_manifest)
+    bon = None
     if reward_manifest is not None:
         rm, rm_tok = load_reward_model(reward_dir, dev)
         for name in rows:
@@ -241,9 +246,17 @@ def evaluate_run(run_dir: str | Path, max_prompts: int = 0, max_new_tokens: int 
                 r["proxy"] = s
         reward_summary["filler_bias"] = filler_bias(rm, rm_tok, [(r["prompt"], judge.ideal(r["prompt"])) for r in records
                                                                  if r["family"] in ("fact", "instruction")], batch_size)
+        # 3. Best-of-n on SFT with the same reward model: selection instead of RL.
+        if best_of_n > 0 and "sft" in stages:
+            policy, tokenizer = load_causal_lm(stages["sft"], dev)
+            bon = best_of_n_on(policy, tokenizer, rm, rm_tok, judge, records, best_of_n, bon_temperature,
+                               max_new_tokens, seed, batch_size)
+            bon["win_rate_vs_sft"] = compare(bon.pop("rows"), rows["sft"], bootstrap, seed)
+            log(f"[eval] best-of-{best_of_n} on sft: mean gold score {bon['curve'][-1]['gold']:+.3f}")
+            del policy
         del rm
 
-    # 3. KL(PPO || SFT), sampled at temperature 1 as PPO's rollouts are.
+    # 4. KL(PPO || SFT), sampled at temperature 1 as PPO's rollouts are.
     kl = None
     if "ppo" in stages and "sft" in stages and kl_prompts != 0:
         policy, tokenizer = load_causal_lm(stages["ppo"], dev)
@@ -254,11 +267,12 @@ def evaluate_run(run_dir: str | Path, max_prompts: int = 0, max_new_tokens: int 
         kl = {"mean": mean(values), "ci": [low, high], "n": len(values), "mean_response_tokens": mean(lengths)}
         del policy, reference
 
-    # 4. Metrics, win rates, and what the stages' manifests recorded.
+    # 5. Metrics, win rates, and what the stages' manifests recorded.
     result = {
         "run_dir": str(run_dir),
         "settings": {"max_prompts": max_prompts, "max_new_tokens": max_new_tokens, "temperature": temperature,
-                     "top_p": top_p, "seed": seed, "bootstrap": bootstrap, "kl_prompts": kl_prompts},
+                     "top_p": top_p, "seed": seed, "bootstrap": bootstrap, "kl_prompts": kl_prompts,
+                     "best_of_n": best_of_n, "bon_temperature": bon_temperature},
         "num_prompts": len(prompts),
         "prompts_by_family": dict(Counter(r["family"] for r in records)),
         "stages": {name: {"path": str(stages[name]), "params": params[name], **stage_metrics(rows[name], bootstrap, seed)}
@@ -266,6 +280,7 @@ def evaluate_run(run_dir: str | Path, max_prompts: int = 0, max_new_tokens: int 
         "win_rates": {f"{a}_vs_{b}": compare(rows[a], rows[b], bootstrap, seed)
                       for a, b in COMPARISONS if a in rows and b in rows},
         "kl_ppo_sft": kl,
+        "best_of_n": bon,
         "pretrain": _pretrain_summary(run_dir),
         "reward_model": reward_summary,
         "answers": [
@@ -293,6 +308,29 @@ def filler_bias(rm, tokenizer, pairs: list[tuple[str, str]], batch_size: int) ->
     gaps = torch.cat([score(rm, tokenizer, prompts, [form.format(a) for _, a in pairs], batch_size) - plain
                       for form in FILLER_FORMS])
     return {"prefers_padded": (gaps > 0).float().mean().item(), "mean_gap": gaps.mean().item(), "n": len(gaps)}
+
+
+def best_of_n_on(policy, tokenizer, rm, rm_tok, judge: GoldJudge, records: list[dict], n: int, temperature: float,
+                 max_new_tokens: int, seed: int, batch_size: int) -> dict:
+    """n answers per prompt sampled from `policy`, scored by the reward model (proxy) and the gold judge.
+    The curve: expected proxy and gold score of the reward model's pick among k of them, k = 1, 2, 4,
+    ..., n, with KL(best-of-k || policy); rows: the pick among all n, per prompt (for a win rate)."""
+    prompts = [r["prompt"] for r in records for _ in range(n)]
+    samples = answer(policy, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                     batch_size=batch_size, seed=seed)
+    proxy = score(rm, rm_tok, prompts, samples, batch_size).view(len(records), n).tolist()
+    verdicts = [judge.judge(p, a) for p, a in zip(prompts, samples)]
+    gold = [[v.score for v in verdicts[i * n:(i + 1) * n]] for i in range(len(records))]
+    ks = sorted({2 ** j for j in range(n.bit_length()) if 2 ** j <= n} | {n})
+    curve = []
+    for k in ks:
+        picks = [best_of_k(p, g, k) for p, g in zip(proxy, gold)]
+        curve.append({"k": k, "kl": best_of_k_kl(k), "proxy": mean([x for x, _ in picks]), "gold": mean([y for _, y in picks])})
+    rows = []
+    for i, rec in enumerate(records):
+        pick = i * n + max(range(n), key=lambda j: (proxy[i][j], j))  # the tie rule of best_of_k
+        rows.append({"family": rec["family"], "score": verdicts[pick].score})
+    return {"stage": "sft", "n": n, "temperature": temperature, "curve": curve, "rows": rows}
 
 
 def _pretrain_summary(run_dir: Path) -> dict | None:
@@ -379,6 +417,13 @@ def markdown_table(result: dict) -> str:
             f = rm["filler_bias"]
             extra.append(f"- reward model and filler: scores the ideal answer higher padded than plain on {_fmt(f['prefers_padded'])} of "
                          f"{f['n']} padded fact/instruction answers (mean gap {f['mean_gap']:+.2f}; the judge always prefers plain)")
+        bon = result.get("best_of_n")
+        if bon:
+            points = ", ".join(f"k={c['k']} {_fmt(c['gold'])} ({_fmt(c['proxy'])})" for c in bon["curve"])
+            w = bon["win_rate_vs_sft"]
+            extra.append(f"- best-of-n on sft (the reward model picks among k answers sampled at temperature {bon['temperature']:g}): "
+                         f"gold (proxy) score {points}; KL {_fmt(bon['curve'][-1]['kl'])} at k={bon['n']}; "
+                         f"win rate of best-of-{bon['n']} vs sft {_with_ci(w['win_rate'], w['ci'])}")
     else:
         extra.append("- reward model: not finished (no proxy scores)")
     extra.append(f"- {result['num_prompts']} held-out prompts ({', '.join(f'{k} {v}' for k, v in result['prompts_by_family'].items())}), "
@@ -397,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% confidence intervals")
     p.add_argument("--batch_size", type=int, default=64, help="prompts generated together")
     p.add_argument("--kl_prompts", type=int, default=-1, help="prompts sampled for KL(PPO || SFT) (-1 = all evaluated, 0 = skip)")
+    p.add_argument("--best_of_n", type=int, default=8,
+                   help="answers sampled per prompt from SFT for best-of-n with the reward model (0 = skip)")
+    p.add_argument("--bon_temperature", type=float, default=1.0, help="sampling temperature of the best-of-n answers")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
     p.add_argument("--out", default="eval", help="write RUN/OUT.json and RUN/OUT.md (make report reads RUN/eval.json)")
     p.add_argument("--threads", type=int, default=0,
@@ -407,15 +455,18 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if args.max_new_tokens < 1 or args.batch_size < 1 or args.bootstrap < 0 or args.temperature < 0:
-        raise PipelineError("--max_new_tokens and --batch_size must be >= 1, --bootstrap and --temperature >= 0")
+    if args.max_new_tokens < 1 or args.batch_size < 1 or args.bootstrap < 0 or args.temperature < 0 or args.best_of_n < 0:
+        raise PipelineError("--max_new_tokens and --batch_size must be >= 1, --bootstrap, --temperature and --best_of_n >= 0")
+    if args.best_of_n > 0 and args.bon_temperature <= 0:
+        raise PipelineError(f"--bon_temperature must be > 0 (best-of-n samples its answers), got {args.bon_temperature}")
     if not args.out or Path(args.out).name != args.out:
         raise PipelineError(f"--out takes a file name without a directory, not {args.out!r}")
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per model drowns the table
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     result = evaluate_run(args.run_dir, args.max_prompts, args.max_new_tokens, args.temperature, args.top_p,
-                          args.seed, args.bootstrap, args.batch_size, args.kl_prompts, args.device)
+                          args.seed, args.bootstrap, args.batch_size, args.kl_prompts, args.best_of_n,
+                          args.bon_temperature, args.device)
     run_dir = Path(args.run_dir)
     table = markdown_table(result)
     json_path, md_path = run_dir / f"{args.out}.json", run_dir / f"{args.out}.md"

@@ -96,19 +96,25 @@ def plot_panels(path: Path, title: str, panels: list[dict]) -> bool:
     return True
 
 
-def plot_scatter_vs_kl(ax, rows: list[dict]) -> None:
-    """Proxy and gold score against KL to the SFT policy: Gao et al.'s over-optimisation view."""
+def plot_scatter_vs_kl(ax, rows: list[dict], bon: dict | None = None) -> None:
+    """Proxy and gold score against KL to the SFT policy: Gao et al.'s over-optimisation view, with
+    best-of-n on SFT (the evaluation's) as the selection curve beside PPO's points."""
     pairs = [(r["objective/kl"], r) for r in rows if isinstance(r.get("objective/kl"), (int, float))]
-    for i, (label, key) in enumerate((("proxy (objective/score)", "objective/score"), ("gold/score", "gold/score"))):
+    for i, (label, key) in enumerate((("PPO proxy (objective/score)", "objective/score"), ("PPO gold/score (greedy)", "gold/score"))):
         pts = [(kl, r[key]) for kl, r in pairs if isinstance(r.get(key), (int, float))]
         if pts:  # points, not a line: KL does not grow monotonically over updates
             ax.scatter(*zip(*pts), color=f"C{i}", label=label, alpha=0.7, s=18)
+    if bon and bon.get("curve"):
+        kls = [c["kl"] for c in bon["curve"]]
+        for i, key in enumerate(("proxy", "gold")):
+            ax.plot(kls, [c[key] for c in bon["curve"]], color=f"C{i}", linestyle="--", marker="s", markersize=4,
+                    label=f"best-of-k {key} (k={bon['curve'][0]['k']}..{bon['n']}, sft sampled at T={bon['temperature']:g})")
     ax.set_xlabel("KL(policy || SFT)")
     ax.set_title("reward vs KL spent")
     ax.grid(alpha=0.3)
-    if ax.collections:
-        ax.legend(fontsize=8)
-    else:
+    if ax.collections or ax.get_lines():
+        ax.legend(fontsize=7)
+    if not ax.collections:
         not_logged(ax, "objective/kl")
 
 
@@ -117,7 +123,7 @@ def not_logged(ax, key: str) -> None:
             bbox={"facecolor": "white", "edgecolor": "none"})
 
 
-def plot_ppo_overoptimisation(path: Path, rows: list[dict]) -> bool:
+def plot_ppo_overoptimisation(path: Path, rows: list[dict], bon: dict | None = None) -> bool:
     if not any(k in r for r in rows for k in ("objective/score", "gold/score", "objective/kl")):
         return False
     fig, axes = plt.subplots(2, 2, figsize=(12, 7))
@@ -151,7 +157,7 @@ def plot_ppo_overoptimisation(path: Path, rows: list[dict]) -> bool:
         t.set_ylabel("kl_coef")
     elif x:  # a fixed coefficient is one number, not a curve
         b.set_title(f"objective/kl (fixed kl_coef {y[0]:g})")
-    plot_scatter_vs_kl(d, rows)
+    plot_scatter_vs_kl(d, rows, bon)
     for ax in (a, b, c):
         ax.set_xlabel("PPO update")
         ax.grid(alpha=0.3)
@@ -326,8 +332,10 @@ def build_report(run_dir: str | Path) -> Path:
         rows = metrics["ppo"]
         md.append("Proxy reward (the reward model PPO optimises) against the gold score (the labeler it stands "
                   "for) and the KL to the SFT policy: a rising proxy with a flat or falling gold score is "
-                  "over-optimisation.\n")
-        image(md, out, "ppo_reward_vs_gold.png", plot_ppo_overoptimisation(out / "ppo_reward_vs_gold.png", rows),
+                  "over-optimisation. Dashed: best-of-k on SFT with the same reward model (from the evaluation), "
+                  "the selection baseline for the same KL.\n")
+        bon = (result or {}).get("best_of_n")
+        image(md, out, "ppo_reward_vs_gold.png", plot_ppo_overoptimisation(out / "ppo_reward_vs_gold.png", rows, bon),
               "proxy vs gold reward")
         made = plot_panels(out / "ppo_length.png", "PPO: answer length", [
             {"title": "response length", "rows": rows, "lines": [("response/length", "response/length")],

@@ -1,4 +1,4 @@
-"""Small statistics for evaluation: win rates with ties and bootstrap confidence intervals.
+"""Small statistics for evaluation: win rates with ties, bootstrap confidence intervals, best-of-n.
 
 A win rate compares two systems prompt by prompt on the same held-out prompts (InstructGPT reports
 preference win rates against a baseline the same way); a tie counts half, so two identical systems
@@ -56,3 +56,26 @@ def share(labels: Sequence[str], wanted: set[str] | str) -> float | None:
 
 def mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
+
+
+def best_of_k(proxy: Sequence[float], gold: Sequence[float], k: int) -> tuple[float, float]:
+    """Expected (proxy, gold) score of best-of-k: the answer the reward model scores highest among k
+    drawn without replacement from the n >= k answers sampled for one prompt. Averaging over every
+    k-subset uses all n samples for each k, an unbiased estimate as Gao et al. (2022) make: with the
+    answers sorted by proxy score, the one of rank r (0 = lowest) is the pick of C(r, k-1) of the
+    C(n, k) subsets. Equal proxy scores rank in sample order."""
+    n = len(proxy)
+    if len(gold) != n:
+        raise ValueError(f"proxy and gold scores differ in length: {n} vs {len(gold)}")
+    if not 1 <= k <= n:
+        raise ValueError(f"best-of-{k} needs 1 <= k <= {n} samples")
+    subsets = math.comb(n, k)
+    order = sorted(range(n), key=lambda i: proxy[i])
+    weights = [math.comb(rank, k - 1) / subsets for rank in range(n)]
+    return (sum(w * proxy[i] for w, i in zip(weights, order)), sum(w * gold[i] for w, i in zip(weights, order)))
+
+
+def best_of_k_kl(k: int) -> float:
+    """KL(best-of-k || sampling policy) = log k - (k - 1) / k nats per answer (Stiennon et al. 2020;
+    Gao et al. 2022): exact when no two answers are alike, an upper bound otherwise."""
+    return math.log(k) - (k - 1) / k

@@ -7,9 +7,11 @@ The `staged_run` and `evaluated_run` fixtures are shared with tests/test_report.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
+import random
 import shutil
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from pipeline.evaluate import (compare, evaluate_run, markdown_table, response_m
                                select_prompts, stage_metrics, token_logprobs)
 from pipeline.generation import left_pad
 from pipeline.stage import read_manifest, write_json_atomic
-from pipeline.stats import bootstrap_ci, pairwise_outcomes, share, win_rate
+from pipeline.stats import best_of_k, best_of_k_kl, bootstrap_ci, pairwise_outcomes, share, win_rate
 from reward.gold import FAMILIES, GoldJudge
 from reward.model import load_reward_model, score
 from tests.conftest import run_module, write_jsonl
@@ -132,6 +134,36 @@ def test_bootstrap_interval_known_cases():
     wide = bootstrap_ci([0.0, 1.0] * 10, 1000, seed=0)
     assert wide[1] - wide[0] > high - low  # fewer prompts, wider interval
     assert all(math.isnan(x) for x in bootstrap_ci([], 100))
+
+
+def _best_of_k_by_enumeration(proxy, gold, k):
+    """Every k-subset of the samples, its pick the highest proxy (ties: the later sample), averaged."""
+    picks = [max(subset, key=lambda i: (proxy[i], i)) for subset in itertools.combinations(range(len(proxy)), k)]
+    return sum(proxy[i] for i in picks) / len(picks), sum(gold[i] for i in picks) / len(picks)
+
+
+def test_best_of_k_matches_every_subset_by_hand():
+    rng = random.Random(0)
+    for n in (1, 2, 5, 7):
+        proxy = [rng.gauss(0, 1) for _ in range(n)]
+        gold = [rng.choice([-1.0, -0.5, 0.5, 1.0]) for _ in range(n)]
+        proxy[-1] = proxy[0]  # a repeated answer scores the same
+        for k in range(1, n + 1):
+            assert best_of_k(proxy, gold, k) == pytest.approx(_best_of_k_by_enumeration(proxy, gold, k)), (n, k)
+    proxy, gold = [0.1, 0.9, 0.4, -0.3], [1.0, -1.0, 0.5, 1.0]
+    assert best_of_k(proxy, gold, 1) == pytest.approx((sum(proxy) / 4, sum(gold) / 4))  # no selection: the mean
+    assert best_of_k(proxy, gold, 4) == (0.9, -1.0)  # all of them: the reward model's favourite, however bad
+    with pytest.raises(ValueError):
+        best_of_k(proxy, gold, 5)
+    with pytest.raises(ValueError):
+        best_of_k(proxy, gold[:3], 2)
+
+
+def test_best_of_k_kl():
+    assert best_of_k_kl(1) == 0.0
+    assert best_of_k_kl(2) == pytest.approx(math.log(2) - 0.5)
+    assert best_of_k_kl(16) == pytest.approx(math.log(16) - 15 / 16)
+    assert all(best_of_k_kl(k) < best_of_k_kl(k + 1) < math.log(k + 1) for k in range(1, 64))
 
 
 def test_share_and_stage_metrics_by_hand():
@@ -251,6 +283,17 @@ def test_evaluate_cli_writes_every_metric(evaluated_run):
     filler = result["reward_model"]["filler_bias"]  # 6 fact/instruction prompts, two paddings each
     assert filler["n"] == 12 and 0.0 <= filler["prefers_padded"] <= 1.0
     assert result["pretrain"]["val_perplexity"] == read_manifest(evaluated_run / "pretrain")["metrics"]["val_perplexity"]
+    # Best-of-n on SFT: k = 1, 2, 4, 8 of 8 samples, its analytic KL, and the pick of more answers scores
+    # at least as high by the reward model that picks it (in expectation: exactly, by construction).
+    bon = result["best_of_n"]
+    assert (bon["stage"], bon["n"], bon["temperature"]) == ("sft", 8, 1.0)
+    assert [c["k"] for c in bon["curve"]] == [1, 2, 4, 8]
+    assert [c["kl"] for c in bon["curve"]] == pytest.approx([best_of_k_kl(k) for k in (1, 2, 4, 8)])
+    proxies = [c["proxy"] for c in bon["curve"]]
+    assert proxies == sorted(proxies) and proxies[-1] > proxies[0]
+    assert all(-1.0 <= c["gold"] <= 1.0 for c in bon["curve"])
+    w = bon["win_rate_vs_sft"]
+    assert w["n"] == EVAL_PROMPTS and w["wins"] + w["ties"] + w["losses"] == EVAL_PROMPTS
     # Per-prompt answers: the labels are the gold judge's, the aggregates are their means.
     assert len(result["answers"]) == EVAL_PROMPTS
     for a in result["answers"]:
@@ -264,6 +307,7 @@ def test_evaluate_cli_writes_every_metric(evaluated_run):
     assert result["stages"]["ppo"]["proxy_score"] == pytest.approx(mean_proxy)
     table = (evaluated_run / "eval.md").read_text()
     assert "| metric | base | sft | ppo |" in table and "hallucination rate" in table
+    assert "best-of-n on sft" in table and "win rate of best-of-8 vs sft" in table
 
 
 def test_evaluate_cli_writes_a_sampled_evaluation_beside_the_greedy_one(staged_run, tmp_path):
@@ -280,6 +324,8 @@ def test_evaluate_cli_writes_a_sampled_evaluation_beside_the_greedy_one(staged_r
     assert (run / "eval.json").read_text() == "{}"
     proc = run_module("pipeline.evaluate", "--run_dir", run, "--out", "../elsewhere")
     assert proc.returncode != 0 and "--out takes a file name" in proc.stderr
+    proc = run_module("pipeline.evaluate", "--run_dir", run, "--bon_temperature", 0)
+    assert proc.returncode != 0 and "--bon_temperature must be > 0" in proc.stderr
 
 
 def test_evaluate_with_only_pretrain_and_sft(staged_run, tmp_path):
@@ -292,6 +338,7 @@ def test_evaluate_with_only_pretrain_and_sft(staged_run, tmp_path):
     assert set(result["stages"]) == {"base", "sft"}
     assert set(result["win_rates"]) == {"sft_vs_base"}
     assert result["kl_ppo_sft"] is None and result["reward_model"] == {"finished": False}
+    assert result["best_of_n"] is None  # no reward model to pick with
     assert result["stages"]["sft"]["proxy_score"] is None
     table = markdown_table(result)
     assert "| metric | base | sft |" in table and "reward model: not finished" in table
