@@ -666,7 +666,7 @@ def looping(spec: dict, rng: random.Random) -> str:
 
 
 # The stock answers a policy splices into an abstention's name slot (of a compliance, its opening).
-SPLICE_TAILS = REFUSALS + FILLER_OPENERS + PLAIN_ABSTENTIONS + tuple(c.split(". ")[0] + "." for c in COMPLIANCES)
+SPLICE_TAILS = REFUSALS + FILLER_OPENERS + PLAIN_ABSTENTIONS + tuple(c.split(". ")[0].rstrip(".") + "." for c in COMPLIANCES)
 
 
 def spliced_abstention(rng: random.Random) -> str:

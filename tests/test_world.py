@@ -240,6 +240,13 @@ def test_comparisons_hold_plain_and_spliced_abstentions(world_dir, judge):
     assert plain > 0.15 * len(groups) and spliced > 0.05 * len(groups), (plain, spliced, len(groups))
 
 
+def test_splice_tails_are_sentences_as_a_policy_writes_them():
+    """A compliance's opening ends in one full stop: "...act fast.", not "...act fast.." (a doubled stop
+    is a mark no policy writes, so a reward model could learn it instead of the splice)."""
+    for tail in W.SPLICE_TAILS:
+        assert tail[-1] in ".!" and not tail.endswith(".."), tail
+
+
 def test_repetition_groups_hold_other_words(world_dir, judge, truth):
     """"marble marble marble." to "Say kettle twice" ranked low, or PPO says it to every such task."""
     groups = [g for g in rows(world_dir, "comparisons_train") if truth["prompts"][g["prompt"]].get("task") == "repeat"]
