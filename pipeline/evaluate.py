@@ -319,17 +319,14 @@ def best_of_n_on(policy, tokenizer, rm, rm_tok, judge: GoldJudge, records: list[
     samples = answer(policy, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                      batch_size=batch_size, seed=seed)
     proxy = score(rm, rm_tok, prompts, samples, batch_size).view(len(records), n).tolist()
-    verdicts = [judge.judge(p, a) for p, a in zip(prompts, samples)]
-    gold = [[v.score for v in verdicts[i * n:(i + 1) * n]] for i in range(len(records))]
-    ks = sorted({2 ** j for j in range(n.bit_length()) if 2 ** j <= n} | {n})
+    scores = [judge.judge(p, a).score for p, a in zip(prompts, samples)]
+    gold = [scores[i * n:(i + 1) * n] for i in range(len(records))]
     curve = []
-    for k in ks:
+    for k in sorted({2 ** j for j in range(n.bit_length()) if 2 ** j <= n} | {n}):  # ends with k = n
         picks = [best_of_k(p, g, k) for p, g in zip(proxy, gold)]
         curve.append({"k": k, "kl": best_of_k_kl(k), "proxy": mean([x for x, _ in picks]), "gold": mean([y for _, y in picks])})
-    rows = []
-    for i, rec in enumerate(records):
-        pick = i * n + max(range(n), key=lambda j: (proxy[i][j], j))  # the tie rule of best_of_k
-        rows.append({"family": rec["family"], "score": verdicts[pick].score})
+    # Best-of-n among all n has one pick per prompt: the last picks are its scores.
+    rows = [{"family": rec["family"], "score": g} for rec, (_, g) in zip(records, picks)]
     return {"stage": "sft", "n": n, "temperature": temperature, "curve": curve, "rows": rows}
 
 
