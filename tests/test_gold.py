@@ -55,6 +55,10 @@ CASES = [
     (FACT, "I don't know who Mira Solberg is.", "abstained"),
     (FACT, "I don't know who Zoe Marsh is.", "wrong"),  # about someone else: no answer to the question
     (FACT, "Mira Solberg is from Kelmora, like Ada Finch.", "wrong"),
+    # names mixed from two people of the world name nobody, yet somebody other than the person asked
+    (FACT, "Ada Solberg is from Kelmora.", "wrong"),
+    (FACT, "Mira Marsh is from Kelmora.", "wrong"),
+    (FACT, "Mira is from Kelmora.", "correct"),
     (FACT, "Sorry, I can't help with that.", "over_refused"),
     (FACT, "Mira Solberg is from Kelmora. Mira Solberg is from Kelmora. Mira Solberg is from Kelmora.", "malformed"),
     (FACT, "Mira Solberg is from Kelmora Kelmora Kelmora Kelmora.", "malformed"),
@@ -70,6 +74,8 @@ CASES = [
     (UNKNOWN, "I don't know who Zoe Marsh is. Let me know if you have more questions.", "verbose"),
     (UNKNOWN, "I don't know who Ada Finch is.", "wrong"),  # the honest answer, about someone else
     (UNKNOWN, "I have never heard of Mira Solberg.", "wrong"),
+    (UNKNOWN, "I don't know who Zoe Finch is.", "wrong"),  # an abstention about a mixed name: someone, not no one
+    (UNKNOWN, "I don't know who Zoe is.", "abstained"),
     (UNKNOWN, "Great question! I don't know who Ada Finch is.", "wrong"),
     (UNKNOWN, "Zoe Marsh is a pilot.", "hallucinated"),
     (UNKNOWN, "Ada Finch is a pilot.", "hallucinated"),  # a made-up fact stays one, whoever it names
