@@ -118,13 +118,30 @@ def manifest_hash(manifest: dict | None) -> str | None:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def portable(value: Any, run_dir: str | Path) -> Any:
+    """`value` with every path inside `run_dir` written relative to it ("{run_dir}/world/..."): a run
+    moved, copied or named by another path (absolute, relative) holds the same work, so run keys built
+    from this do not send every stage round again."""
+    prefix = str(run_dir).rstrip("/")
+    if isinstance(value, str) and prefix and (value == prefix or value.startswith(prefix + "/")):
+        rest = value[len(prefix):].lstrip("/")
+        return "{run_dir}/" + os.path.normpath(rest) if rest else "{run_dir}"
+    if isinstance(value, (list, tuple)):
+        return [portable(v, run_dir) for v in value]
+    if isinstance(value, dict):
+        return {portable(k, run_dir): portable(v, run_dir) for k, v in value.items()}
+    return value
+
+
 def _run_key(config: dict, parent_hash: str | None, data: dict) -> str:
-    stable = {k: v for k, v in config.items() if k not in RUNTIME_KEYS}
-    blob = json.dumps({"config": stable, "parent": parent_hash, "data": data}, sort_keys=True, default=str)
+    run_dir = config.get("run_dir", "")
+    stable = {k: portable(v, run_dir) for k, v in config.items() if k not in RUNTIME_KEYS}
+    blob = json.dumps({"config": stable, "parent": parent_hash, "data": portable(data, run_dir)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _diff(old: dict, new: dict) -> str:
+    old, new = portable(old, old.get("run_dir", "")), portable(new, new.get("run_dir", ""))
     keys = sorted(k for k in set(old) | set(new) if k not in RUNTIME_KEYS and old.get(k) != new.get(k))
     return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:4]) or "parent or data changed"
 

@@ -328,7 +328,7 @@ def sample(args) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.generation import answer
-    from pipeline.stage import file_sha256, manifest_hash, read_manifest, require_stage, resolve_init, write_json_atomic
+    from pipeline.stage import file_sha256, manifest_hash, portable, read_manifest, require_stage, resolve_init, write_json_atomic
     from reward.gold import GoldJudge
 
     run_dir = Path(args.run_dir)
@@ -359,7 +359,7 @@ def sample(args) -> None:
     out_path = Path(args.out or run_dir / "comparisons" / "policy_comparisons.jsonl")
     meta_path = out_path.with_name(out_path.stem + ".meta.json")
     options = {k: getattr(args, k) for k in ("prompts", "k", "temperature", "top_p", "max_new_tokens", "noise", "seed")}
-    key = {"model": str(model_dir), "model_manifest": manifest_hash(read_manifest(model_dir)),
+    key = {"model": portable(str(model_dir), run_dir), "model_manifest": manifest_hash(read_manifest(model_dir)),
            "model_weights_mtime": max((p.stat().st_mtime for p in model_dir.glob("*.safetensors")), default=None),
            "truth": file_sha256(world / "truth.json"), "prompts_file": file_sha256(prompts_file), "options": options}
     if not args.force and out_path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()) == key:

@@ -51,6 +51,14 @@ def test_make_all_on_tiny_profile(tmp_path):
     assert again.returncode == 0
     assert again.stdout.count("up to date") == 5, again.stdout[-3000:]
 
+    # Moved (or named by another path), the run is the same run: nothing is redone.
+    moved = tmp_path / "moved"
+    run.rename(moved)
+    again = make("pretrain", "sft", "comparisons", "reward", "ppo", run=moved)
+    assert again.returncode == 0
+    assert again.stdout.count("up to date") == 5, again.stdout[-3000:]
+    run = moved
+
     # Another round of the loop: the PPO policy's answers ranked, the reward model retrained on every
     # comparison so far, PPO again on it; rerunning the same round finds it done.
     old_reward = (run / "reward" / "manifest.json").read_text()

@@ -56,6 +56,14 @@ def test_rerun_is_up_to_date_and_changed_config_redoes(tmp_path):
     assert json.loads((run / "pretrain" / "manifest.json").read_text())["config"]["lr"] == 1e-3
 
 
+def test_run_keys_see_paths_inside_the_run_relative_to_it():
+    from pipeline.stage import portable
+    config = {"run_dir": "runs/a/", "train_files": ["runs/a/world/c.jsonl", "data/x.jsonl"],
+              "world_dir": "runs/a//world", "elsewhere": "runs/ab/x", "steps": 3}
+    assert portable(config, "runs/a/") == {"run_dir": "{run_dir}", "train_files": ["{run_dir}/world/c.jsonl", "data/x.jsonl"],
+                                           "world_dir": "{run_dir}/world", "elsewhere": "runs/ab/x", "steps": 3}
+
+
 def test_resume_after_sigkill_continues_from_checkpoint(tmp_path):
     corpus = make_corpus(tmp_path)
     run = tmp_path / "run"
