@@ -76,6 +76,8 @@ CASES = [
     (UNKNOWN, "I have never heard of Mira Solberg.", "wrong"),
     (UNKNOWN, "I don't know who Zoe Finch is.", "wrong"),  # an abstention about a mixed name: someone, not no one
     (UNKNOWN, "I don't know who Zoe is.", "abstained"),
+    (UNKNOWN, "I don't know who Zoe Nilse is.", "malformed"),  # a misspelt name names no one
+    (UNKNOWN, "I don't know who Zoe seven days.", "malformed"),  # a name run on into a splice
     (UNKNOWN, "Great question! I don't know who Ada Finch is.", "wrong"),
     (UNKNOWN, "Zoe Marsh is a pilot.", "hallucinated"),
     (UNKNOWN, "Ada Finch is a pilot.", "hallucinated"),  # a made-up fact stays one, whoever it names
