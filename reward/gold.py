@@ -224,7 +224,7 @@ class GoldJudge:
         person = spec.get("person", "").lower()
         others = sorted(set(self._name_pattern.findall(core)) - {person})
         if not others:
-            others = sorted(set(words(core)) & self._name_words - set(words(person)))
+            others = sorted(set(words(core)) & (self._name_words - set(words(person))))
         if label in ("correct", "abstained") and others and family != "harmful":
             label, details = "wrong", {"about": others}
 
