@@ -95,7 +95,10 @@ def _turn_end(tokenizer: PreTrainedTokenizerBase, template_key: str) -> tuple[st
                                          tokenize=False)
     after = text[text.rindex("pong") + len("pong"):]
     ids = tokenizer(after, add_special_tokens=False)["input_ids"]
-    if not ids or ids[0] not in tokenizer.all_special_ids:
+    # A special token need not be a named one: Phi-3's <|end|>, Llama-3's <|eot_id|> and tokenizers converted
+    # from GGUF files are added tokens marked special and nothing more.
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    if not ids or ids[0] not in special:
         return None, ""
     token = tokenizer.convert_ids_to_tokens(ids[0])
     at = after.find(token)  # -1: the template writes the token in another spelling; assume nothing follows

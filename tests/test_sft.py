@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
 
 from data.tokenizer import chat_ids
 from pipeline.config import parse_config
@@ -468,6 +468,13 @@ def test_a_foreign_tokenizer_gets_only_what_the_pipeline_needs(pretrained_run, t
     assert qwen.pad_token not in ("<|endoftext|>", None) and qwen.bos_token is None and qwen.chat_template == template
     qwen.chat_template = {"default": template, "tool_use": template}  # named templates, as some checkpoints ship
     assert turn_end(qwen) == ("<|im_end|>", "\n")
+
+    # Phi-3's <|end|>, Llama-3's <|eot_id|> and tokenizers converted from GGUF: the token that closes a turn is
+    # an added token marked special, and none of the named special tokens.
+    bare = PreTrainedTokenizerFast(tokenizer_object=qwen.backend_tokenizer, eos_token="<|endoftext|>")
+    bare.chat_template = template
+    assert bare.convert_tokens_to_ids("<|im_end|>") not in bare.all_special_ids
+    assert turn_end(bare) == ("<|im_end|>", "\n")
 
     gpt2 = AutoTokenizer.from_pretrained(tmp_path / "qwen_style")
     gpt2.chat_template, gpt2.bos_token, gpt2.pad_token = None, "<|endoftext|>", None  # GPT-2: BOS = EOS, no pad, no template
