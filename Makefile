@@ -24,7 +24,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 STAGE_CMD = $(LAUNCH) -m stages.$(1) --profile $(PROFILE) --run_dir $(RUN) $(ARGS)
 
-.PHONY: setup all data pretrain sft comparisons reward round ppo eval report chat compare test bench bench-pretrain bench-ppo clean
+.PHONY: setup all data pretrain sft comparisons reward round ppo eval report chat compare test bench bench-pretrain bench-ppo check-tokenizers clean
 
 setup: $(VENV)/.installed
 
@@ -97,6 +97,10 @@ bench-pretrain: setup
 
 bench-ppo: setup
 	$(PY) -m bench.ppo
+
+# The recipe on real Llama-3, Llama-2, Qwen2 and Phi-3 tokenizers (downloads llama.cpp's vocabularies once).
+check-tokenizers: setup
+	$(PY) -m bench.real_tokenizers $(ARGS)
 
 clean:
 	rm -rf $(RUN)
