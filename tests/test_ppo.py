@@ -316,7 +316,9 @@ def test_bad_input_gets_one_line_error_and_no_manifest(parents, tmp_path, capsys
     _fails(capsys, tiny(run, "--reward_path", other), "different chat templates")
 
     long_prompt = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "Hi"}, {"prompt": "tell me " * 40}])
-    _fails(capsys, tiny(run, "--prompt_files", long_prompt), "long.jsonl: line 2", "max_prompt_length 52")
+    _fails(capsys, tiny(run, "--prompt_files", long_prompt), "long.jsonl: line 2", "max_prompt_length 52", "skip_long_prompts")
+    _fails(capsys, tiny(run, "--prompt_files", write_jsonl(tmp_path / "all_long.jsonl", [{"prompt": "tell me " * 40}]),
+                        "--skip_long_prompts", "true"), "all_long.jsonl", "no prompt fits max_prompt_length 52")
     not_user = write_jsonl(tmp_path / "turns.jsonl", [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}])
     _fails(capsys, tiny(run, "--prompt_files", not_user), "turns.jsonl: line 1", "messages", "user turn")
     no_prompt = write_jsonl(tmp_path / "noprompt.jsonl", [{"question": "Hi"}])
@@ -351,3 +353,13 @@ def test_prompts_from_another_field_or_a_list_of_turns():
     assert ppo_run.prompt_of({"messages": messages}, "instruction") == messages
     with pytest.raises(PipelineError, match="line 3: missing field 'instruction'"):
         ppo_run.prompt_of({"prompt": "Hi", "_where": "a.jsonl: line 3"}, "instruction")
+
+
+def test_prompts_over_the_length_limit_can_be_dropped(parents, tmp_path, capsys):
+    tokenizer = AutoTokenizer.from_pretrained(parents / "sft")
+    prompts = write_jsonl(tmp_path / "mixed.jsonl", [{"prompt": "Hi"}, {"prompt": "tell me " * 40}, {"prompt": "Yo"}])
+    with pytest.raises(PipelineError, match="mixed.jsonl: line 2: prompt is"):
+        ppo_run.load_prompts([str(prompts)], tokenizer, 52)
+    kept, ids = ppo_run.load_prompts([str(prompts)], tokenizer, 52, skip_long=True)
+    assert kept == ["Hi", "Yo"] and all(len(i) <= 52 for i in ids)
+    assert "dropped 1 of 3 prompts over max_prompt_length 52, first: " in capsys.readouterr().out

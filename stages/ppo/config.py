@@ -15,6 +15,7 @@ class PPOConfig:
     eval_files: list[str] = field(default_factory=list, metadata={"help": "Held-out prompts for the final evaluation; empty: RUN_DIR/world/eval_prompts.jsonl when it exists."})
     world_dir: str = field(default="{run_dir}/world", metadata={"help": "Embedded world; when its truth.json exists the gold judge scores answers (gold/* metrics)."})
     max_prompt_length: int = field(default=96, metadata={"help": "Longest prompt in tokens (chat-formatted); a longer one is an error naming its record."})
+    skip_long_prompts: bool = field(default=False, metadata={"help": "Drop prompts longer than max_prompt_length (their count is printed) instead of stopping."})
     max_new_tokens: int = field(default=32, metadata={"help": "Response length limit; a response without EOS by then gets no_eos_penalty."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature of rollouts; log-probs are recomputed from logits / temperature (N+)."})
     penalize_no_eos: bool = field(default=True, metadata={"help": "Replace the score of responses that never emit EOS by no_eos_penalty (N+)."})

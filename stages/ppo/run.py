@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
 from transformers.cache_utils import DynamicCache
@@ -102,20 +103,31 @@ def prompt_of(rec: dict, field: str = "prompt") -> str | list[dict]:
     return messages
 
 
-def load_prompts(files: list[str], tokenizer, max_prompt_length: int, field: str = "prompt") -> tuple[list, list[list[int]]]:
-    """Prompts and their chat-formatted token ids; a prompt over max_prompt_length is an error."""
+def load_prompts(files: list[str], tokenizer, max_prompt_length: int, field: str = "prompt",
+                 skip_long: bool = False) -> tuple[list, list[list[int]]]:
+    """Prompts and their chat-formatted token ids; a prompt over max_prompt_length is an error, or
+    dropped with `skip_long` (real prompt sets have a long tail: 1 of AlpacaEval's 805 is over 448
+    tokens in Llama 3's and Qwen2's vocabularies)."""
     records = load_records(files)
     if not records:
         raise PipelineError(f"{', '.join(files)}: no prompts")
-    prompts, ids = [], []
+    prompts, ids, long = [], [], []
     for rec in records:
         prompt = prompt_of(rec, field)
         tokens = chat_ids(tokenizer, prompt)
         if len(tokens) > max_prompt_length:
-            raise PipelineError(f"{rec['_where']}: prompt is {len(tokens)} tokens, longer than max_prompt_length "
-                                f"{max_prompt_length}")
+            if not skip_long:
+                raise PipelineError(f"{rec['_where']}: prompt is {len(tokens)} tokens, longer than max_prompt_length "
+                                    f"{max_prompt_length} (raise it, or set skip_long_prompts true to drop such prompts)")
+            long.append(rec["_where"])
+            continue
         prompts.append(prompt)
         ids.append(tokens)
+    if long:
+        PartialState().print(f"[ppo] dropped {len(long)} of {len(records)} prompts over max_prompt_length "
+                             f"{max_prompt_length}, first: {long[0]}", flush=True)
+    if not prompts:
+        raise PipelineError(f"{', '.join(files)}: no prompt fits max_prompt_length {max_prompt_length}")
     return prompts, ids
 
 
@@ -478,9 +490,11 @@ def main(argv: list[str] | None = None) -> None:
     # 3. Prompts (training, held out) and PPO-ptx text, checked before anything is written.
     world = Path(cfg.world_dir)
     eval_files = cfg.eval_files or ([str(world / "eval_prompts.jsonl")] if (world / "eval_prompts.jsonl").is_file() else [])
-    prompts, prompt_ids = load_prompts(cfg.prompt_files, tokenizer, cfg.max_prompt_length, cfg.prompt_field)
+    prompts, prompt_ids = load_prompts(cfg.prompt_files, tokenizer, cfg.max_prompt_length, cfg.prompt_field,
+                                      cfg.skip_long_prompts)
     eval_field = cfg.prompt_field if cfg.eval_files else "prompt"  # the world's eval prompts say `prompt`
-    eval_prompts, eval_ids = load_prompts(eval_files, tokenizer, cfg.max_prompt_length, eval_field) if eval_files else ([], [])
+    eval_prompts, eval_ids = load_prompts(eval_files, tokenizer, cfg.max_prompt_length, eval_field,
+                                          cfg.skip_long_prompts) if eval_files else ([], [])
     if cfg.eval_size:
         eval_prompts, eval_ids = eval_prompts[:cfg.eval_size], eval_ids[:cfg.eval_size]
     judge = GoldJudge.load(world) if (world / "truth.json").is_file() else None
