@@ -98,7 +98,7 @@ bench-pretrain: setup
 bench-ppo: setup
 	$(PY) -m bench.ppo
 
-# The recipe on real Llama-3, Llama-2, Qwen2 and Phi-3 tokenizers (downloads llama.cpp's vocabularies once).
+# The recipe on real Llama 3, Llama 2, Qwen2, Phi-3 and Gemma 4 tokenizers (downloads llama.cpp's vocabularies once).
 check-tokenizers: setup
 	$(PY) -m bench.real_tokenizers $(ARGS)
 

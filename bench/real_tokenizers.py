@@ -1,4 +1,4 @@
-"""The recipe on real tokenizers: Llama-3, Llama-2, Qwen2 and Phi-3 vocabularies and chat templates.
+"""The recipe on real tokenizers: Llama 3, Llama 2, Qwen2, Phi-3 and Gemma 4 vocabularies and chat templates.
 
     python -m bench.real_tokenizers [--names llama-bpe qwen2] [--steps 150]    (= make check-tokenizers)
 
@@ -29,7 +29,7 @@ OUT = ROOT / "bench" / "out" / "tokenizers"
 LLAMA_CPP = "llama-cpp-python==0.3.36"
 GGUF = "gguf==0.19.0"
 PROBE = "Hi! Where is Zelda Nash from?"  # a training prompt of the default world: "Zelda Nash is from Kelmora."
-NAMES = {"llama-bpe": "Llama 3", "llama-spm": "Llama 2", "qwen2": "Qwen2", "phi-3": "Phi-3"}
+NAMES = {"llama-bpe": "Llama 3", "llama-spm": "Llama 2", "qwen2": "Qwen2", "phi-3": "Phi-3", "gemma-4": "Gemma 4"}
 
 
 def fetch_vocab(names: list[str]) -> Path:
@@ -55,7 +55,15 @@ BUILD = """
 import sys
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 vocab, name, out = sys.argv[1:]
-tok = AutoTokenizer.from_pretrained(vocab, gguf_file=f"ggml-vocab-{name}.gguf")
+try:
+    tok = AutoTokenizer.from_pretrained(vocab, gguf_file=f"ggml-vocab-{name}.gguf")
+except Exception:  # transformers 5.24 cannot read Gemma 4's model config from the file; its tokenizer part it can
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer, get_gguf_tokenizer
+    architecture, vocabulary, settings = get_gguf_tokenizer(f"{vocab}/ggml-vocab-{name}.gguf")
+    special = {k: v for k, v in settings.items() if k.endswith("_token") and v is not None}
+    tok = PreTrainedTokenizerFast(tokenizer_object=convert_gguf_tokenizer(architecture, vocabulary)[0], **special)
+    tok.chat_template = settings.get("chat_template")
 config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                      max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
