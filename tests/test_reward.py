@@ -419,6 +419,9 @@ def test_bad_input_gets_one_line_error_and_no_manifest(sft_run, tmp_path, capsys
         _fails(capsys, tiny_args(run, "--train_files", path), name, *expected)
     _fails(capsys, tiny_args(run, "--val_files", tmp_path / "dup.jsonl"), "dup.jsonl", "skip_invalid")
     _fails(capsys, tiny_args(run, "--loss", "listwise"), "loss", "instructgpt, pairs", "'listwise'")
+    alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "Hi?", "output": "Hello."}])
+    _fails(capsys, tiny_args(run, "--norm_files", alpaca), "alpaca.jsonl: line 1", "'prompt'", "--norm_files none")
+    _fails(capsys, tiny_args(run, "--norm_files", tmp_path / "missing.jsonl"), "missing.jsonl", "--norm_files none")
     assert not (run / "reward").exists(), "nothing may be written for bad input"
 
     # parent problems: no SFT stage, an unfinished one, a tokenizer without a chat template

@@ -26,7 +26,7 @@ from trl.trainer.reward_trainer import suppress_seqcls_warning
 from data.loading import load_records, require_text
 from data.tokenizer import ensure_chat_ready
 from pipeline.config import config_dict, parse_config
-from pipeline.errors import cli_main
+from pipeline.errors import PipelineError, cli_main
 from pipeline.packing import common_prefix_length, pack_rows, packs_sequences
 from pipeline.runtime import (cpu_and_backend, load_models_whole, merged_from_state_dict, peak_memory_mb, rank_checksums,
                               stage_decides_training_settings)
@@ -204,7 +204,11 @@ def demonstration(rec: dict) -> tuple:
 def reference_set(cfg: RewardStageConfig, train_groups: list[Group]) -> tuple[list, list[str]]:
     """Demonstrations whose mean reward becomes 0 (default: a seeded subset of the SFT data)."""
     if cfg.norm_files:
-        pairs = [demonstration(r) for r in load_records(cfg.norm_files)]
+        try:
+            pairs = [demonstration(r) for r in load_records(cfg.norm_files)]
+        except PipelineError as e:  # the default names the world's SFT data, which runs on real data lack
+            raise PipelineError(f"{e} (norm_files: demonstrations with prompt/completion or messages; "
+                                "'--norm_files none' centres on the top-ranked training answers)") from None
     else:
         pairs = [(g.prompt, g.responses[0]) for g in train_groups]  # the labelers' favourite answers
     pairs = random.Random(cfg.seed).sample(pairs, min(cfg.norm_samples, len(pairs)))
