@@ -363,3 +363,20 @@ def test_prompts_over_the_length_limit_can_be_dropped(parents, tmp_path, capsys)
     kept, ids = ppo_run.load_prompts([str(prompts)], tokenizer, 52, skip_long=True)
     assert kept == ["Hi", "Yo"] and all(len(i) <= 52 for i in ids)
     assert "dropped 1 of 3 prompts over max_prompt_length 52, first: " in capsys.readouterr().out
+
+
+def test_a_prompt_set_alone_holds_some_out_for_the_final_evaluation(parents, tmp_path):
+    """No world and no --eval_files: a seeded tenth (at most eval_holdout) of the prompts is kept out of
+    training, and the manifest reports reward and KL to SFT on them."""
+    kept, kept_ids, held, held_ids = ppo_run.hold_out(list("abcdefghij"), [[i] for i in range(10)], 3, seed=0)
+    assert sorted(kept + held) == list("abcdefghij") and len(held) == 3 and not set(kept) & set(held)
+    assert [[ord(p) - ord("a")] for p in held] == held_ids and ppo_run.hold_out(list("abcdefghij"), [[i] for i in range(10)], 3, 0)[2] == held
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for stage in ("sft", "reward"):
+        os.symlink(parents / stage, run / stage)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Tell me about number {i}."} for i in range(40)])
+    ppo_run.main(tiny(run, "--prompt_files", prompts, "--num_updates", 1, "--ptx_coef", 0))
+    metrics = json.loads((run / "ppo" / "manifest.json").read_text())["metrics"]
+    assert metrics["eval_prompts"] == 4 and math.isfinite(metrics["reward_score"]) and math.isfinite(metrics["kl_to_sft"])

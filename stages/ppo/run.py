@@ -16,6 +16,7 @@ initialised from the reward model, GAE, whitened advantages, clipped policy and 
 from __future__ import annotations
 
 import functools
+import random
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -129,6 +130,14 @@ def load_prompts(files: list[str], tokenizer, max_prompt_length: int, field: str
     if not prompts:
         raise PipelineError(f"{', '.join(files)}: no prompt fits max_prompt_length {max_prompt_length}")
     return prompts, ids
+
+
+def hold_out(prompts: list, ids: list[list[int]], n: int, seed: int) -> tuple[list, list, list, list]:
+    """(training prompts, their ids, held-out prompts, their ids): n prompts drawn with `seed`, the rest in order."""
+    held = set(random.Random(seed).sample(range(len(prompts)), n))
+    keep = [i for i in range(len(prompts)) if i not in held]
+    out = sorted(held)
+    return [prompts[i] for i in keep], [ids[i] for i in keep], [prompts[i] for i in out], [ids[i] for i in out]
 
 
 @functools.lru_cache(maxsize=4)
@@ -495,6 +504,11 @@ def main(argv: list[str] | None = None) -> None:
     eval_field = cfg.prompt_field if cfg.eval_files else "prompt"  # the world's eval prompts say `prompt`
     eval_prompts, eval_ids = load_prompts(eval_files, tokenizer, cfg.max_prompt_length, eval_field,
                                           cfg.skip_long_prompts) if eval_files else ([], [])
+    if not eval_files and cfg.eval_holdout:
+        # A prompt set alone (no world, no --eval_files): hold a seeded few out of training, so the manifest
+        # still reports reward and KL to SFT on prompts PPO never trained on.
+        prompts, prompt_ids, eval_prompts, eval_ids = hold_out(prompts, prompt_ids, min(cfg.eval_holdout, len(prompts) // 10),
+                                                               cfg.seed)
     if cfg.eval_size:
         eval_prompts, eval_ids = eval_prompts[:cfg.eval_size], eval_ids[:cfg.eval_size]
     judge = GoldJudge.load(world) if (world / "truth.json").is_file() else None
@@ -561,7 +575,7 @@ def main(argv: list[str] | None = None) -> None:
         start, kl_ctl.value = extra["step"], extra["kl_coef"]
         accelerator.print(f"[ppo] resumed from {latest} (step {start})")
     tracker.truncate_after(start if latest is not None else -1)  # rows the resumed (or an abandoned) run logged later
-    accelerator.print(f"[ppo] {len(prompts)} prompts, {n_params / 1e6:.2f}M trainable policy parameters, "
+    accelerator.print(f"[ppo] {len(prompts)} prompts ({len(eval_ids)} held out), {n_params / 1e6:.2f}M trainable policy parameters, "
                       f"{accelerator.num_processes} process(es); per update: {cfg.rollout_batch_size} episodes, "
                       f"{cfg.ppo_epochs} epochs x {cfg.num_minibatches} minibatches of {sizes.minibatch} "
                       f"(micro-batches of {sizes.micro}) per process")
