@@ -53,7 +53,7 @@ class PPOConfig:
     gold_every: int = field(default=10, metadata={"help": "Updates between gold-judge evaluations of greedy answers (embedded world only); 0 disables."})
     gold_eval_size: int = field(default=64, metadata={"help": "Held-out prompts in each periodic gold evaluation (a fixed subset)."})
     eval_size: int = field(default=0, metadata={"help": "Held-out prompts in the final evaluation; 0: all."})
-    eval_holdout: int = field(default=64, metadata={"help": "Without eval_files or world eval prompts: training prompts held out for the final evaluation (at most a tenth of them; 0: none)."})
+    eval_holdout: int = field(default=64, metadata={"help": "Without eval_files or world eval prompts: training prompts held out for the final evaluation (at most a tenth of them, and eval_size; 0: none)."})
     save_every: int = field(default=10, metadata={"help": "Updates between resumable checkpoints."})
     keep_checkpoints: int = field(default=2, metadata={"help": "Checkpoints kept on disk."})
     mixed_precision: str = field(default="no", metadata={"help": "accelerate mixed precision: no, bf16 or fp16."})

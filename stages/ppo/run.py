@@ -507,8 +507,8 @@ def main(argv: list[str] | None = None) -> None:
     if not eval_files and cfg.eval_holdout:
         # A prompt set alone (no world, no --eval_files): hold a seeded few out of training, so the manifest
         # still reports reward and KL to SFT on prompts PPO never trained on.
-        prompts, prompt_ids, eval_prompts, eval_ids = hold_out(prompts, prompt_ids, min(cfg.eval_holdout, len(prompts) // 10),
-                                                               cfg.seed)
+        n = min(cfg.eval_holdout, len(prompts) // 10, cfg.eval_size or len(prompts))
+        prompts, prompt_ids, eval_prompts, eval_ids = hold_out(prompts, prompt_ids, n, cfg.seed)
     if cfg.eval_size:
         eval_prompts, eval_ids = eval_prompts[:cfg.eval_size], eval_ids[:cfg.eval_size]
     judge = GoldJudge.load(world) if (world / "truth.json").is_file() else None
