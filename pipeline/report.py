@@ -265,8 +265,14 @@ def build_report(run_dir: str | Path) -> Path:
 
     # Evaluation (held-out prompts, gold judge).
     md.append("## Evaluation on held-out prompts\n")
+    # `make eval` needs the world's gold judge; a run on real data has none (its PPO manifest still holds
+    # reward and KL to SFT on held-out prompts).
+    to_evaluate = (f"run `make eval RUN={run_dir}` (writes {eval_path}), then `make report` again"
+                   if (run_dir / "world" / "truth.json").is_file() else
+                   "it needs the embedded world's gold judge, and this run has no world; PPO's manifest holds the "
+                   "reward-model score and KL to SFT on its held-out prompts")
     if result is None:
-        md.append(f"_No evaluation yet: run `make eval RUN={run_dir}` (writes {eval_path}), then `make report` again._\n")
+        md.append(f"_No evaluation: {to_evaluate}._\n")
     else:
         md.append(markdown_table(result))
         md.append("Win rate: share of prompts where the first stage's answer has the higher gold score "
@@ -357,7 +363,7 @@ def build_report(run_dir: str | Path) -> Path:
     # The same prompts answered by every stage.
     md.append("## Sample answers (same held-out prompts, every stage, gold label in bold)\n")
     if result is None:
-        md.append(f"_Run `make eval RUN={run_dir}` first._\n")
+        md.append(f"_No evaluation: {to_evaluate}._\n")
     else:
         stale = [EVAL_NAME[s] for s in EVAL_NAME if manifests[s] is not None and EVAL_NAME[s] not in result["stages"]]
         if stale:

@@ -64,6 +64,9 @@ def test_report_with_missing_stages_and_no_evaluation(staged_run, tmp_path):
     os.symlink(staged_run / "pretrain", run / "pretrain")
     (run / "sft").mkdir()  # started, not finished
     report = build_report(run).read_text()
+    assert "needs the embedded world's gold judge, and this run has no world" in report and "make eval" not in report
+    os.symlink(staged_run / "world", run / "world")
+    report = build_report(run).read_text()
     assert "make eval" in report
     for stage in ("sft", "reward", "ppo"):
         assert f"run `make {stage} RUN={run}`" in report
