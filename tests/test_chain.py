@@ -3,9 +3,14 @@ reward -> ppo -> eval -> report, each stage consuming the previous one's checkpo
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import runpy
 import subprocess
+
+import pytest
+import torch.distributed as dist
 
 from tests.conftest import ROOT, read_jsonl
 
@@ -73,3 +78,26 @@ def test_make_all_on_tiny_profile(tmp_path):
     assert ppo["started"] > reward["started"]  # PPO was redone on the new reward model
     again = make("round", run=run)
     assert again.returncode == 0 and again.stdout.count("up to date") == 3, again.stdout[-3000:]
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "reward", "ppo"])
+@pytest.mark.parametrize("fails", [False, True])
+def test_stage_process_leaves_no_process_group_behind(stage, fails, monkeypatch):
+    """`python -m stages.X` destroys the process group its launch made, also after an error: left to
+    interpreter exit, gloo's threads abort finished multi-process runs now and then (SIGABRT)."""
+    def main():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        if fails:
+            raise ValueError("bad record")
+
+    monkeypatch.setattr(importlib.import_module(f"stages.{stage}.run"), "main", main)
+    try:
+        if fails:
+            with pytest.raises(ValueError, match="bad record"):
+                runpy.run_module(f"stages.{stage}", run_name="__main__")
+        else:
+            runpy.run_module(f"stages.{stage}", run_name="__main__")
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,3 +1,4 @@
+from pipeline.runtime import run_as_process
 from stages.ppo.run import main
 
-main()
+run_as_process(main)
