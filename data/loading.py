@@ -138,6 +138,26 @@ def require_text(rec: dict[str, Any], field: str, allow_empty: bool = False) -> 
     return value
 
 
+def prompt_of(rec: dict, field: str = "prompt") -> str | list[dict]:
+    """The prompt string in `field` (of a list of turns, the first: later turns of a multi-turn
+    benchmark follow the model's own answers), or chat `messages` ending in a user turn."""
+    where = rec.get("_where", "record")
+    if isinstance(rec.get(field), list):
+        turns = rec[field]
+        if not turns or not isinstance(turns[0], str) or not turns[0].strip():
+            raise PipelineError(f"{where}: field '{field}' must be a string or a list of strings starting with a non-empty turn")
+        return turns[0]
+    if field in rec or "messages" not in rec:
+        return require_text(rec, field)
+    messages = rec["messages"]
+    if (not isinstance(messages, list) or not messages
+            or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)):
+        raise PipelineError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} turns")
+    if messages[-1]["role"] != "user":
+        raise PipelineError(f"{where}: field 'messages' must end in a user turn (got '{messages[-1]['role']}')")
+    return messages
+
+
 def load_texts(sources: str | Iterable[str], field: str = "text", split: str = "train") -> list[str]:
     """A pretraining corpus: the `field` of every record, validated."""
     records = load_records(sources, split)

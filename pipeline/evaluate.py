@@ -1,7 +1,9 @@
-"""Evaluate every finished stage on the world's held-out prompts, judged by the gold labeler.
+"""Evaluate every finished stage on held-out prompts: the world's, judged by its gold labeler, or
+yours, judged by a reward model.
 
     python -m pipeline.evaluate --run_dir RUN [--max_prompts N --max_new_tokens 32 --temperature 0]
     python -m pipeline.evaluate --run_dir RUN --temperature 0.8 --out eval_t0.8    (beside the greedy one)
+    python -m pipeline.evaluate --run_dir RUN --prompts held_out.jsonl [--judge OTHER_REWARD_MODEL]
 
 Each causal-LM stage (pretrain = "base", sft, ppo) answers RUN/world/eval_prompts.jsonl (greedy by
 default); the gold judge (reward.gold) labels every answer. As in InstructGPT (Ouyang et al. 2022,
@@ -13,6 +15,13 @@ answers sampled from PPO, the quantity PPO's KL penalty keeps small (Ziegler et 
 on SFT is the other way to optimise the same reward model (Gao et al. 2022): n answers sampled per
 prompt, the reward model picks one; its gold score at each k <= n, against its KL, is what selection
 gets from that reward model, and the mark PPO should beat.
+
+A run on real data has no gold judge. There every stage answers the prompts PPO held out of training
+(RUN/ppo/heldout_prompts.jsonl), or on any run those of `--prompts`, and a reward model judges: the
+run's own by default (the proxy PPO optimised, so PPO's lead over SFT is an upper bound), or
+`--judge`, a reward model trained apart, as Gao et al. 2022 stand a larger reward model in for
+human raters. Win rates, KL and lengths are computed as above; the gold-only measures (labels,
+rates, best-of-n) are left out.
 
 Writes RUN/eval.json (every number and every answer) and RUN/eval.md (the table it prints); `--out`
 names another pair. `make report` reads RUN/eval.json.
@@ -27,10 +36,10 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from data.loading import load_records
+from data.loading import load_records, prompt_of
 from data.tokenizer import chat_ids, use_turn_end_as_eos
 from pipeline.errors import PipelineError, cli_main
 from pipeline.generation import answer, left_pad, max_prompt_tokens
@@ -97,6 +106,18 @@ def load_eval_prompts(world_dir: Path, judge: GoldJudge) -> list[dict]:
             r["family"] = judge.spec(r["prompt"])["family"]
         except KeyError:
             raise PipelineError(f"{r.get('_where', path)}: prompt is not part of the world in {world_dir}") from None
+    return records
+
+
+def load_prompt_files(files: list[str], field: str = "prompt") -> list[dict]:
+    """Prompt records from your own files (any format data.loading reads: `field`, or chat `messages`
+    ending in a user turn); each file's name stands where a world prompt's family would."""
+    records = []
+    for source in files:
+        found = load_records([source])
+        if not found:
+            raise PipelineError(f"{source}: no prompts")
+        records += [{"prompt": prompt_of(r, field), "family": Path(source).name} for r in found]
     return records
 
 
@@ -182,41 +203,84 @@ def stage_metrics(rows: list[dict], n_boot: int, seed: int) -> dict:
     }
 
 
-def compare(rows_a: list[dict], rows_b: list[dict], n_boot: int, seed: int) -> dict:
-    """Win rate of a over b on the same prompts by gold score, ties half, with a bootstrap 95% CI, and
-    its ceiling: the win rate of the ideal answer (the judge's top score) on every prompt, so a
-    win rate reads against what b left to win."""
-    outcomes = pairwise_outcomes([r["score"] for r in rows_a], [r["score"] for r in rows_b])
+def compare(rows_a: list[dict], rows_b: list[dict], n_boot: int, seed: int, top_score: float | None = TOP_SCORE) -> dict:
+    """Win rate of a over b on the same prompts by the judge's score, ties half (the same answer always
+    ties), with a bootstrap 95% CI, and, for a judge with a top score, its ceiling: the win rate of the
+    ideal answer on every prompt, so a win rate reads against what b left to win."""
+    outcomes = [0.5 if ra.get("answer") is not None and ra.get("answer") == rb.get("answer") else o
+                for o, ra, rb in zip(pairwise_outcomes([r["score"] for r in rows_a], [r["score"] for r in rows_b]), rows_a, rows_b)]
     low, high = bootstrap_ci(outcomes, n_boot, seed)
-    by_family = {f: mean([o for o, r in zip(outcomes, rows_a) if r["family"] == f]) for f in FAMILIES}
+    families = dict.fromkeys(r["family"] for r in rows_a)
     return {
         "win_rate": mean(outcomes), "ci": [low, high], "n": len(outcomes),
         "wins": outcomes.count(1.0), "ties": outcomes.count(0.5), "losses": outcomes.count(0.0),
-        "by_family": by_family, "ceiling": win_rate_ceiling([r["score"] for r in rows_b], TOP_SCORE),
+        "by_family": {f: mean([o for o, r in zip(outcomes, rows_a) if r["family"] == f]) for f in families},
+        "ceiling": None if top_score is None else win_rate_ceiling([r["score"] for r in rows_b], top_score),
+    }
+
+
+def judged_metrics(rows: list[dict], n_boot: int, seed: int) -> dict:
+    """A stage's metrics when a reward model judges: its mean score with a bootstrap 95% CI, by prompt
+    file, and the answers' length."""
+    scores = [r["score"] for r in rows]
+    low, high = bootstrap_ci(scores, n_boot, seed)
+    proxies = [r["proxy"] for r in rows if r.get("proxy") is not None]
+    return {
+        "n": len(rows), "judge_score": mean(scores), "judge_score_ci": [low, high],
+        "judge_score_by_file": {f: mean([r["score"] for r in rows if r["family"] == f]) for f in dict.fromkeys(r["family"] for r in rows)},
+        "response_tokens": mean([r["tokens"] for r in rows]), "response_words": mean([r["words"] for r in rows]),
+        "proxy_score": mean(proxies) if proxies else None,
     }
 
 
 # ---- the evaluation -------------------------------------------------------------------------
 
+def prompts_and_judge(run_dir: Path, prompt_files: list[str] | None, prompt_field: str,
+                      judge_path: str | Path | None) -> tuple[list[dict], GoldJudge | None, dict]:
+    """The held-out prompts, the gold judge (or None) and who judges, as eval.json records it: the
+    world's prompts and its gold judge; or, with --prompts or on a run without a world (where PPO kept
+    the prompts it held out), those and a reward model."""
+    world, reward_dir = run_dir / "world", run_dir / "reward"
+    held_out = run_dir / "ppo" / "heldout_prompts.jsonl"  # PPO keeps them when it trains on a prompt set alone
+    if not prompt_files and not (world / "truth.json").is_file() and held_out.is_file():
+        prompt_files, prompt_field = [str(held_out)], "prompt"
+    if not prompt_files:
+        if not (world / "truth.json").is_file():
+            raise PipelineError(f"{world}/truth.json not found: evaluation needs the embedded world's gold judge (run `make data "
+                                f"RUN={run_dir}`), or held-out prompts that a reward model judges: --prompts FILE "
+                                f"(make eval EVAL_ARGS='--prompts FILE'), or those PPO held out ({held_out}, once `make ppo` is done)")
+        gold = GoldJudge.load(world)
+        return load_eval_prompts(world, gold), gold, {"kind": "gold", "path": str(world)}
+    judge_path = Path(judge_path) if judge_path else reward_dir
+    if judge_path == reward_dir and read_manifest(reward_dir) is None:
+        raise PipelineError(f"{reward_dir}: reward stage not finished, and its reward model judges the prompts: "
+                            f"run `make reward RUN={run_dir}` first, or pass --judge REWARD_MODEL_DIR")
+    if not (judge_path / "config.json").is_file() or AutoConfig.from_pretrained(judge_path).num_labels != 1:
+        raise PipelineError(f"{judge_path}: not a reward model (a sequence classifier with one output, as `make reward` writes)")
+    return (load_prompt_files(prompt_files, prompt_field), None,
+            {"kind": "reward_model", "path": str(judge_path), "prompts": [str(f) for f in prompt_files]})
+
+
 def evaluate_run(run_dir: str | Path, max_prompts: int = 0, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, bootstrap: int = 1000, batch_size: int = 64,
                  kl_prompts: int = -1, best_of_n: int = 8, bon_temperature: float = 1.0, device: str = "auto",
+                 prompt_files: list[str] | None = None, prompt_field: str = "prompt", judge_path: str | Path | None = None,
                  log=print) -> dict:
     run_dir = Path(run_dir)
     t0 = time.time()
-    world = run_dir / "world"
-    if not (world / "truth.json").is_file():
-        raise PipelineError(f"{world}/truth.json not found: evaluation needs the embedded world's gold judge (run `make data RUN={run_dir}`)")
-    judge = GoldJudge.load(world)
-    records = select_prompts(load_eval_prompts(world, judge), max_prompts)
+    reward_dir = run_dir / "reward"
+    reward_manifest = read_manifest(reward_dir)
+    records, gold, judge = prompts_and_judge(run_dir, prompt_files, prompt_field, judge_path)
+    records = select_prompts(records, max_prompts)
     prompts = [r["prompt"] for r in records]
     stages = finished_stages(run_dir)
     if not stages:
         raise PipelineError(f"{run_dir}: no finished causal-LM stage (pretrain, sft, ppo): run `make pretrain RUN={run_dir}` first")
     dev = pick_device(device)
-    log(f"[eval] {len(prompts)} held-out prompts x stages {', '.join(stages)} on {dev}")
+    log(f"[eval] {len(prompts)} held-out prompts x stages {', '.join(stages)} on {dev}, judged by "
+        + ("the gold judge" if gold else f"the reward model in {judge['path']}"))
 
-    # 1. Every stage answers every prompt; the gold judge labels each answer.
+    # 1. Every stage answers every prompt; the gold judge, where there is one, labels each answer.
     rows: dict[str, list[dict]] = {}
     params: dict[str, int] = {}
     for name, path in stages.items():
@@ -226,16 +290,17 @@ def evaluate_run(run_dir: str | Path, max_prompts: int = 0, max_new_tokens: int 
                        top_p=top_p, batch_size=batch_size, seed=seed)
         rows[name] = []
         for rec, text in zip(records, texts):
-            v = judge.judge(rec["prompt"], text)
-            rows[name].append({"family": rec["family"], "answer": text, "label": v.label, "score": v.score,
-                               "tokens": len(tokenizer(text, add_special_tokens=False)["input_ids"]),
-                               "words": len(text.split()), "proxy": None})
+            row = {"family": rec["family"], "answer": text, "tokens": len(tokenizer(text, add_special_tokens=False)["input_ids"]),
+                   "words": len(text.split()), "proxy": None}
+            if gold:
+                v = gold.judge(rec["prompt"], text)
+                row.update(label=v.label, score=v.score)
+            rows[name].append(row)
         del model
-        log(f"[eval] {name}: mean gold score {mean([r['score'] for r in rows[name]]):+.3f}")
+        if gold:
+            log(f"[eval] {name}: mean gold score {mean([r['score'] for r in rows[name]]):+.3f}")
 
     # 2. The reward model scores the same answers: the proxy reward PPO climbed.
-    reward_dir = run_dir / "reward"
-    reward_manifest = read_manifest(reward_dir)
     reward_summary = _reward_summary(reward_dir, reward_manifest)
     bon = None
     if reward_manifest is not None:
@@ -244,19 +309,32 @@ def evaluate_run(run_dir: str | Path, max_prompts: int = 0, max_new_tokens: int 
             scores = score(rm, rm_tok, prompts, [r["answer"] for r in rows[name]], batch_size).tolist()
             for r, s in zip(rows[name], scores):
                 r["proxy"] = s
-        reward_summary["filler_bias"] = filler_bias(rm, rm_tok, [(r["prompt"], judge.ideal(r["prompt"])) for r in records
-                                                                 if r["family"] in ("fact", "instruction")], batch_size)
+        if gold:
+            reward_summary["filler_bias"] = filler_bias(rm, rm_tok, [(r["prompt"], gold.ideal(r["prompt"])) for r in records
+                                                                     if r["family"] in ("fact", "instruction")], batch_size)
         # 3. Best-of-n on SFT with the same reward model: selection instead of RL.
-        if best_of_n > 0 and "sft" in stages:
+        if gold and best_of_n > 0 and "sft" in stages:
             policy, tokenizer = load_causal_lm(stages["sft"], dev)
-            bon = best_of_n_on(policy, tokenizer, rm, rm_tok, judge, records, best_of_n, bon_temperature,
+            bon = best_of_n_on(policy, tokenizer, rm, rm_tok, gold, records, best_of_n, bon_temperature,
                                max_new_tokens, seed, batch_size)
             bon["win_rate_vs_sft"] = compare(bon.pop("rows"), rows["sft"], bootstrap, seed)
             log(f"[eval] best-of-{best_of_n} on sft: mean gold score {bon['curve'][-1]['gold']:+.3f}")
             del policy
         del rm
 
-    # 4. KL(PPO || SFT), sampled at temperature 1 as PPO's rollouts are.
+    # 4. Without a gold judge a reward model judges: the run's own (its scores are the proxy above) or --judge.
+    if not gold:
+        own = Path(judge["path"]) == reward_dir
+        judge_rm, judge_tok = (None, None) if own else load_reward_model(judge["path"], dev)
+        for name in rows:
+            scores = ([r["proxy"] for r in rows[name]] if judge_rm is None else
+                      score(judge_rm, judge_tok, prompts, [r["answer"] for r in rows[name]], batch_size).tolist())
+            for r, s in zip(rows[name], scores):
+                r["score"] = s
+            log(f"[eval] {name}: mean reward-model score {mean(scores):+.3f}")
+        del judge_rm
+
+    # 5. KL(PPO || SFT), sampled at temperature 1 as PPO's rollouts are.
     kl = None
     if "ppo" in stages and "sft" in stages and kl_prompts != 0:
         policy, tokenizer = load_causal_lm(stages["ppo"], dev)
@@ -267,25 +345,28 @@ def evaluate_run(run_dir: str | Path, max_prompts: int = 0, max_new_tokens: int 
         kl = {"mean": mean(values), "ci": [low, high], "n": len(values), "mean_response_tokens": mean(lengths)}
         del policy, reference
 
-    # 5. Metrics, win rates, and what the stages' manifests recorded.
+    # 6. Metrics, win rates, and what the stages' manifests recorded.
+    keep = ("answer", "label", "score", "tokens", "proxy") if gold else ("answer", "score", "tokens", "proxy")
     result = {
         "run_dir": str(run_dir),
+        "judge": judge,
         "settings": {"max_prompts": max_prompts, "max_new_tokens": max_new_tokens, "temperature": temperature,
                      "top_p": top_p, "seed": seed, "bootstrap": bootstrap, "kl_prompts": kl_prompts,
                      "best_of_n": best_of_n, "bon_temperature": bon_temperature},
         "num_prompts": len(prompts),
         "prompts_by_family": dict(Counter(r["family"] for r in records)),
-        "stages": {name: {"path": str(stages[name]), "params": params[name], **stage_metrics(rows[name], bootstrap, seed)}
+        "stages": {name: {"path": str(stages[name]), "params": params[name],
+                          **(stage_metrics(rows[name], bootstrap, seed) if gold else judged_metrics(rows[name], bootstrap, seed))}
                    for name in rows},
-        "win_rates": {f"{a}_vs_{b}": compare(rows[a], rows[b], bootstrap, seed)
+        "win_rates": {f"{a}_vs_{b}": compare(rows[a], rows[b], bootstrap, seed, TOP_SCORE if gold else None)
                       for a, b in COMPARISONS if a in rows and b in rows},
         "kl_ppo_sft": kl,
         "best_of_n": bon,
         "pretrain": _pretrain_summary(run_dir),
         "reward_model": reward_summary,
         "answers": [
-            {"prompt": rec["prompt"], "family": rec["family"], "ideal": judge.ideal(rec["prompt"]),
-             "responses": {name: {k: rows[name][i][k] for k in ("answer", "label", "score", "tokens", "proxy")} for name in rows}}
+            {"prompt": rec["prompt"], "family": rec["family"], "ideal": gold.ideal(rec["prompt"]) if gold else None,
+             "responses": {name: {k: rows[name][i][k] for k in keep} for name in rows}}
             for i, rec in enumerate(records)
         ],
     }
@@ -367,14 +448,9 @@ def _with_ci(value, ci) -> str:
     return "-" if value is None else f"{_fmt(value)} [{_fmt(ci[0])}, {_fmt(ci[1])}]"
 
 
-def markdown_table(result: dict) -> str:
-    """One column per stage, one row per metric (the table eval.md holds and the CLI prints)."""
-    # Pipeline order (eval.json is written with sorted keys).
-    names = [n for n, _ in CAUSAL_STAGES if n in result["stages"]]
-    stages = {n: result["stages"][n] for n in names}
-    rows: list[tuple[str, list[str]]] = [
-        ("mean gold score [95% CI]", [_with_ci(s["gold_score"], s["gold_score_ci"]) for s in stages.values()]),
-    ]
+def gold_rows(stages: dict[str, dict]) -> list[tuple[str, list[str]]]:
+    """The table's rows of gold-judge metrics, one cell per stage."""
+    rows = [("mean gold score [95% CI]", [_with_ci(s["gold_score"], s["gold_score_ci"]) for s in stages.values()])]
     for f in FAMILIES:
         rows.append((f"gold score: {f}", [_fmt(s["gold_score_by_family"][f]) for s in stages.values()]))
     metric_rows = [
@@ -389,6 +465,25 @@ def markdown_table(result: dict) -> str:
     ]
     for title, key in metric_rows:
         rows.append((title, [_fmt(s[key], 1 if key == "response_tokens" else 3) for s in stages.values()]))
+    return rows
+
+
+def markdown_table(result: dict) -> str:
+    """One column per stage, one row per metric (the table eval.md holds and the CLI prints)."""
+    # Pipeline order (eval.json is written with sorted keys).
+    names = [n for n, _ in CAUSAL_STAGES if n in result["stages"]]
+    stages = {n: result["stages"][n] for n in names}
+    judge = result.get("judge") or {"kind": "gold"}  # eval.json from before reward-model judging: gold
+    if judge["kind"] == "gold":
+        rows = gold_rows(stages)
+    else:
+        rows = [("mean judge score (reward model) [95% CI]", [_with_ci(s["judge_score"], s["judge_score_ci"]) for s in stages.values()])]
+        files = result["prompts_by_family"]
+        if len(files) > 1:
+            rows += [(f"judge score: {f}", [_fmt(s["judge_score_by_file"].get(f)) for s in stages.values()]) for f in files]
+        if Path(judge["path"]) != Path(result["run_dir"]) / "reward":
+            rows.append(("the run's reward model score (proxy)", [_fmt(s["proxy_score"]) for s in stages.values()]))
+        rows.append(("response length (tokens)", [_fmt(s["response_tokens"], 1) for s in stages.values()]))
     wins = result["win_rates"]
     previous = {"sft": "sft_vs_base", "ppo": "ppo_vs_sft"}
     rows.append(("win rate vs previous stage [95% CI]",
@@ -401,7 +496,12 @@ def markdown_table(result: dict) -> str:
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     lines += [f"| {title} | " + " | ".join(cells) + " |" for title, cells in rows]
     extra = []
-    if "ppo_vs_sft" in wins:
+    if judge["kind"] != "gold":
+        own = Path(judge["path"]) == Path(result["run_dir"]) / "reward"
+        extra.append(f"- judged by the reward model in {judge['path']} " + (
+            "(the run's own: the reward PPO optimised, so PPO's lead over SFT is an upper bound)" if own else
+            "(not the run's own reward model)") + "; win rates by its score, ties half (the same answer ties)")
+    if wins.get("ppo_vs_sft", {}).get("ceiling") is not None:
         extra.append(f"- ceiling of the win rate vs SFT (an ideal answer to every prompt): {_fmt(wins['ppo_vs_sft'].get('ceiling'))}")
     if result.get("pretrain"):
         p = result["pretrain"]
@@ -440,8 +540,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=64, help="prompts generated together")
     p.add_argument("--kl_prompts", type=int, default=-1, help="prompts sampled for KL(PPO || SFT) (-1 = all evaluated, 0 = skip)")
     p.add_argument("--best_of_n", type=int, default=8,
-                   help="answers sampled per prompt from SFT for best-of-n with the reward model (0 = skip)")
+                   help="answers sampled per prompt from SFT for best-of-n with the reward model (0 = skip; gold judge only)")
     p.add_argument("--bon_temperature", type=float, default=1.0, help="sampling temperature of the best-of-n answers")
+    p.add_argument("--prompts", nargs="+", default=None, metavar="FILE",
+                   help="held-out prompts of your own (jsonl/json/parquet/csv or a Hub dataset id) instead of the world's, "
+                        "judged by a reward model; how a run on real data is evaluated")
+    p.add_argument("--prompt_field", default="prompt",
+                   help="field of --prompts records holding the prompt (records with chat 'messages' need none)")
+    p.add_argument("--judge", default=None, metavar="REWARD_MODEL_DIR",
+                   help="reward model that judges --prompts (default: the run's own, RUN/reward)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
     p.add_argument("--out", default="eval", help="write RUN/OUT.json and RUN/OUT.md (make report reads RUN/eval.json)")
     p.add_argument("--threads", type=int, default=0,
@@ -456,6 +563,8 @@ def main(argv: list[str] | None = None) -> None:
         raise PipelineError("--max_new_tokens and --batch_size must be >= 1, --bootstrap, --temperature and --best_of_n >= 0")
     if args.best_of_n > 0 and args.bon_temperature <= 0:
         raise PipelineError(f"--bon_temperature must be > 0 (best-of-n samples its answers), got {args.bon_temperature}")
+    if args.judge and not args.prompts:
+        raise PipelineError("--judge judges --prompts: the world's prompts are judged by its gold judge")
     if not args.out or Path(args.out).name != args.out:
         raise PipelineError(f"--out takes a file name without a directory, not {args.out!r}")
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per model drowns the table
@@ -463,7 +572,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     result = evaluate_run(args.run_dir, args.max_prompts, args.max_new_tokens, args.temperature, args.top_p,
                           args.seed, args.bootstrap, args.batch_size, args.kl_prompts, args.best_of_n,
-                          args.bon_temperature, args.device)
+                          args.bon_temperature, args.device, args.prompts, args.prompt_field, args.judge)
     run_dir = Path(args.run_dir)
     table = markdown_table(result)
     json_path, md_path = run_dir / f"{args.out}.json", run_dir / f"{args.out}.md"

@@ -30,6 +30,7 @@ from reward.gold import FAMILIES  # noqa: E402
 STAGES = ("pretrain", "sft", "reward", "ppo")
 EVAL_NAME = dict((d, name) for name, d in CAUSAL_STAGES)  # stage dir -> name in eval.json ("pretrain" -> "base")
 SAMPLES_PER_FAMILY = 2
+SAMPLES_PER_FILE = 8  # of your own prompts (`make eval EVAL_ARGS='--prompts FILE'`)
 
 
 # ---- data -----------------------------------------------------------------------------------
@@ -53,6 +54,11 @@ def keys_containing(rows: list[dict], word: str) -> list[str]:
 def stage_names(result: dict) -> list[str]:
     """The evaluated causal-LM stages in pipeline order (eval.json is written with sorted keys)."""
     return [n for n, _ in CAUSAL_STAGES if n in (result.get("stages") or {})]
+
+
+def gold_judged(result: dict) -> bool:
+    """Whether the world's gold judge judged the evaluation (else a reward model on your prompts)."""
+    return (result.get("judge") or {"kind": "gold"})["kind"] == "gold"
 
 
 # ---- plots ----------------------------------------------------------------------------------
@@ -175,6 +181,8 @@ def plot_eval(path: Path, result: dict) -> bool:
     if not stages:
         return False
     names = stage_names(result)
+    if not gold_judged(result):
+        return plot_judged_eval(path, result, names)
     width = 0.8 / len(names)
     rates = (("hallucination", "hallucination_rate"), ("refusal acc.", "refusal_accuracy"),
              ("over-refusal", "over_refusal_rate"), ("fact correct", "fact_accuracy"),
@@ -202,6 +210,27 @@ def plot_eval(path: Path, result: dict) -> bool:
     return True
 
 
+def plot_judged_eval(path: Path, result: dict, names: list[str]) -> bool:
+    """Mean reward-model score per stage with its 95% interval, and the answers' length."""
+    stages = result["stages"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    means = [stages[n]["judge_score"] for n in names]
+    errors = [[m - stages[n]["judge_score_ci"][0] for n, m in zip(names, means)],
+              [stages[n]["judge_score_ci"][1] - m for n, m in zip(names, means)]]
+    a.bar(names, means, yerr=errors, capsize=4, color=[f"C{i}" for i in range(len(names))])
+    a.axhline(0, color="black", linewidth=0.5)
+    a.set_title("mean judge score (reward model, 95% CI)")
+    b.bar(names, [stages[n]["response_tokens"] for n in names], color=[f"C{i}" for i in range(len(names))])
+    b.set_title("response length (tokens)")
+    for ax in (a, b):
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
 # ---- markdown -------------------------------------------------------------------------------
 
 def cell(text: str, limit: int = 140) -> str:
@@ -210,12 +239,13 @@ def cell(text: str, limit: int = 140) -> str:
     return (text[:limit] + "...") if len(text) > limit else (text or "(empty)")
 
 
-def sample_rows(result: dict, per_family: int = SAMPLES_PER_FAMILY) -> list[dict]:
-    """The first `per_family` evaluated prompts of each family (the same ones for every stage)."""
-    chosen = []
-    for f in FAMILIES:
-        chosen += [a for a in result.get("answers", []) if a["family"] == f][:per_family]
-    return chosen
+def sample_rows(result: dict) -> list[dict]:
+    """The first evaluated prompts of each family, or of each file of your own prompts (the same ones
+    for every stage)."""
+    answers = result.get("answers", [])
+    groups, n = ((FAMILIES, SAMPLES_PER_FAMILY) if gold_judged(result) else
+                 (dict.fromkeys(a["family"] for a in answers), SAMPLES_PER_FILE))
+    return [a for g in groups for a in [a for a in answers if a["family"] == g][:n]]
 
 
 def samples_table(result: dict) -> str:
@@ -223,6 +253,12 @@ def samples_table(result: dict) -> str:
     names = stage_names(result)
     if not rows or not names:
         return "_No answers in eval.json._\n"
+    if not gold_judged(result):  # your prompts: no ideal answer, the reward model's score
+        lines = ["| prompts | prompt | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        for a in rows:
+            answers = [f"{cell(a['responses'][n]['answer'])} **({a['responses'][n]['score']:+.2f})**" for n in names]
+            lines.append(f"| {cell(a['family'])} | {cell(a['prompt'])} | " + " | ".join(answers) + " |")
+        return "\n".join(lines) + "\n"
     lines = ["| family | prompt | ideal | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
     for a in rows:
         answers = [f"{cell(a['responses'][n]['answer'])} **({a['responses'][n]['label']})**" for n in names]
@@ -263,20 +299,19 @@ def build_report(run_dir: str | Path) -> Path:
         md.append(f"| {s} | finished | {m.get('seconds', 0) / 60:.1f} | {head or '-'} |")
     md.append("")
 
-    # Evaluation (held-out prompts, gold judge).
+    # Evaluation (held-out prompts: the world's and its gold judge, or yours and a reward model).
     md.append("## Evaluation on held-out prompts\n")
-    # `make eval` needs the world's gold judge; a run on real data has none (its PPO manifest still holds
-    # reward and KL to SFT on held-out prompts).
+    # A run on real data has no world: `make eval` then takes the prompts PPO held out, or the user's own.
     to_evaluate = (f"run `make eval RUN={run_dir}` (writes {eval_path}), then `make report` again"
-                   if (run_dir / "world" / "truth.json").is_file() else
-                   "it needs the embedded world's gold judge, and this run has no world; PPO's manifest holds the "
-                   "reward-model score and KL to SFT on its held-out prompts")
+                   if (run_dir / "world" / "truth.json").is_file() or (run_dir / "ppo" / "heldout_prompts.jsonl").is_file() else
+                   f"this run has no world and its gold judge; run `make eval RUN={run_dir} EVAL_ARGS='--prompts FILE'` "
+                   "with held-out prompts of your own, judged by a reward model, then `make report` again")
     if result is None:
         md.append(f"_No evaluation: {to_evaluate}._\n")
     else:
         md.append(markdown_table(result))
-        md.append("Win rate: share of prompts where the first stage's answer has the higher gold score "
-                  "(ties half), 95% bootstrap interval over prompts.\n")
+        md.append("Win rate: share of prompts where the first stage's answer has the higher "
+                  + ("gold" if gold_judged(result) else "reward-model") + " score (ties half), 95% bootstrap interval over prompts.\n")
         image(md, out, "eval.png", plot_eval(out / "eval.png", result), "evaluation chart")
 
     # Pretraining.
@@ -361,7 +396,8 @@ def build_report(run_dir: str | Path) -> Path:
         image(md, out, "ppo_training.png", made, "PPO training curves")
 
     # The same prompts answered by every stage.
-    md.append("## Sample answers (same held-out prompts, every stage, gold label in bold)\n")
+    md.append("## Sample answers (same held-out prompts, every stage, "
+              + ("gold label" if result is None or gold_judged(result) else "reward-model score of the judge") + " in bold)\n")
     if result is None:
         md.append(f"_No evaluation: {to_evaluate}._\n")
     else:

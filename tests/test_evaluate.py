@@ -23,12 +23,13 @@ from data.tokenizer import chat_ids
 from pipeline.errors import PipelineError
 from pipeline.evaluate import (compare, evaluate_run, markdown_table, response_mask, sampled_kl,
                                select_prompts, stage_metrics, token_logprobs)
+from pipeline.evaluate import main as evaluate_main
 from pipeline.generation import left_pad
 from pipeline.stage import read_manifest, write_json_atomic
 from pipeline.stats import best_of_k, best_of_k_kl, bootstrap_ci, pairwise_outcomes, share, win_rate
 from reward.gold import FAMILIES, GoldJudge
 from reward.model import load_reward_model, score
-from tests.conftest import run_module, write_jsonl
+from tests.conftest import one_line_error, run_module, write_jsonl
 
 EVAL_PROMPTS = 12  # 3 per family: every rate is defined
 RATE_KEYS = ("fact_accuracy", "fact_correct_or_verbose", "instruction_accuracy", "instruction_correct_or_verbose",
@@ -120,6 +121,14 @@ def test_comparison_reports_the_ceiling_an_ideal_answer_reaches():
     assert result["win_rate"] == pytest.approx((0.5 + 1 + 0.5 + 1) / 4)
     assert result["ceiling"] == pytest.approx((0.5 + 1 + 1 + 1) / 4)  # SFT's one ideal answer is a tie at best
     assert compare(sft, sft, 50, 0)["ceiling"] == result["ceiling"]
+
+
+def test_a_reward_model_judge_ties_the_same_answer_and_has_no_ceiling():
+    ppo = [{"family": "a.jsonl", "answer": x, "score": s} for x, s in (("Yes.", 0.3000001), ("No.", 0.2), ("Hm.", -1.0))]
+    sft = [{"family": "a.jsonl", "answer": x, "score": s} for x, s in (("Yes.", 0.3), ("Maybe.", 0.4), ("Eh.", -2.0))]
+    result = compare(ppo, sft, n_boot=50, seed=0, top_score=None)
+    assert (result["wins"], result["ties"], result["losses"]) == (1, 1, 1)  # the same text ties however it was scored
+    assert result["ceiling"] is None and result["by_family"] == {"a.jsonl": pytest.approx(0.5)}
 
 
 def test_bootstrap_interval_known_cases():
@@ -350,3 +359,87 @@ def test_evaluate_without_world_or_stages_says_what_to_run(tmp_path, staged_run)
     os.symlink(staged_run / "world", tmp_path / "world")
     with pytest.raises(PipelineError, match="make pretrain"):
         evaluate_run(tmp_path)
+
+
+# ---- a run on real data: your prompts, a reward model judges ---------------------------------
+
+MY_PROMPTS = [{"prompt": "Who is Zoe Marsh?"}, {"messages": [{"role": "user", "content": "Name a fruit."}]},
+              {"prompt": "What is the next number after 41?"}, {"prompt": "Say hi."}]
+
+
+@pytest.fixture(scope="module")
+def run_without_world(staged_run, tmp_path_factory) -> Path:
+    """The staged run's stages without its world, as a run on real data has them."""
+    run = tmp_path_factory.mktemp("real_data") / "run"
+    run.mkdir()
+    for name in ("pretrain", "sft", "ppo", "reward"):
+        os.symlink(staged_run / name, run / name)
+    return run
+
+
+def test_a_run_without_world_is_evaluated_on_your_prompts_by_its_reward_model(run_without_world, tmp_path):
+    run = run_without_world
+    with pytest.raises(PipelineError, match=r"--prompts FILE"):
+        evaluate_run(run)
+    prompts = write_jsonl(tmp_path / "mine.jsonl", MY_PROMPTS)
+    proc = run_module("pipeline.evaluate", "--run_dir", run, "--prompts", prompts, "--max_new_tokens", 8,
+                      "--bootstrap", 50, "--threads", 1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((run / "eval.json").read_text())
+    assert result["judge"] == {"kind": "reward_model", "path": str(run / "reward"), "prompts": [str(prompts)]}
+    assert result["prompts_by_family"] == {"mine.jsonl": 4} and set(result["stages"]) == {"base", "sft", "ppo"}
+    # The judge's scores are the run's reward model's scores of the answers (the chat prompt as a chat).
+    rm, tok = load_reward_model(run / "reward")
+    asked = [r.get("prompt", r.get("messages")) for r in MY_PROMPTS]
+    for name, s in result["stages"].items():
+        answers = [a["responses"][name]["answer"] for a in result["answers"]]
+        expected = score(rm, tok, asked, answers).tolist()
+        assert [a["responses"][name]["score"] for a in result["answers"]] == pytest.approx(expected, abs=1e-5)
+        assert s["judge_score"] == pytest.approx(sum(expected) / 4) and s["proxy_score"] == pytest.approx(s["judge_score"])
+        assert s["judge_score_ci"][0] <= s["judge_score"] <= s["judge_score_ci"][1]
+    # Stand-ins: sft and ppo are one model, so every answer is the same and ties; KL is exactly 0.
+    w = result["win_rates"]["ppo_vs_sft"]
+    assert (w["win_rate"], w["ties"], w["n"], w["ceiling"]) == (0.5, 4, 4, None)
+    assert result["kl_ppo_sft"]["mean"] == 0.0 and result["best_of_n"] is None
+    assert all("label" not in r for a in result["answers"] for r in a["responses"].values())
+    table = (run / "eval.md").read_text()
+    assert "| mean judge score (reward model) [95% CI] |" in table and "the run's own" in table
+    assert "gold" not in table
+
+
+def test_another_reward_model_can_judge_your_prompts(run_without_world, tmp_path):
+    judge = tmp_path / "judge"
+    torch.manual_seed(1)
+    rm = AutoModelForSequenceClassification.from_pretrained(run_without_world / "pretrain", num_labels=1)
+    tok = AutoTokenizer.from_pretrained(run_without_world / "pretrain")
+    rm.config.pad_token_id = tok.pad_token_id
+    rm.save_pretrained(judge)
+    tok.save_pretrained(judge)
+    prompts = write_jsonl(tmp_path / "mine.jsonl", MY_PROMPTS)
+    result = evaluate_run(run_without_world, max_new_tokens=6, bootstrap=20, kl_prompts=0, prompt_files=[str(prompts)],
+                          judge_path=judge, log=lambda *_: None)
+    answers = [a["responses"]["sft"] for a in result["answers"]]
+    asked = [r.get("prompt", r.get("messages")) for r in MY_PROMPTS]
+    judged = score(*load_reward_model(judge), asked, [a["answer"] for a in answers]).tolist()
+    own = score(*load_reward_model(run_without_world / "reward"), asked, [a["answer"] for a in answers]).tolist()
+    assert [a["score"] for a in answers] == pytest.approx(judged, abs=1e-5)
+    assert [a["proxy"] for a in answers] == pytest.approx(own, abs=1e-5) and judged != pytest.approx(own, abs=1e-3)
+    assert result["judge"]["path"] == str(judge) and result["kl_ppo_sft"] is None
+    table = markdown_table(result)
+    assert "the run's reward model score (proxy)" in table and "not the run's own" in table
+
+
+def test_bad_prompts_or_judge_get_one_line_errors(run_without_world, staged_run, tmp_path, capsys):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "Fine."}, {"question": "No prompt field."}])
+    one_line_error(capsys, evaluate_main, ["--run_dir", str(run_without_world), "--prompts", str(bad)],
+                   "bad.jsonl: line 2", "'prompt'")
+    one_line_error(capsys, evaluate_main, ["--run_dir", str(staged_run), "--judge", str(staged_run / "reward")],
+                   "--judge judges --prompts")
+    good = write_jsonl(tmp_path / "good.jsonl", MY_PROMPTS)
+    one_line_error(capsys, evaluate_main, ["--run_dir", str(run_without_world), "--prompts", str(good), "--judge",
+                                           str(staged_run / "sft")], "not a reward model")
+    no_reward = tmp_path / "no_reward"
+    no_reward.mkdir()
+    os.symlink(staged_run / "sft", no_reward / "sft")
+    one_line_error(capsys, evaluate_main, ["--run_dir", str(no_reward), "--prompts", str(good)],
+                   "reward stage not finished", "--judge")

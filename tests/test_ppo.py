@@ -15,8 +15,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import stages.ppo.run as ppo_run
+from data.loading import prompt_of
 from data.tokenizer import chat_ids, train_tokenizer
 from pipeline.errors import PipelineError
+from pipeline.evaluate import evaluate_run
 from pipeline.generation import left_pad
 from pipeline.packing import packs_sequences
 from tests.conftest import assert_replicas_saved, kill_after_checkpoint, one_line_error, read_jsonl, run_module, torchrun, write_jsonl
@@ -347,12 +349,12 @@ def test_messages_prompts_are_accepted(parents, tmp_path):
 def test_prompts_from_another_field_or_a_list_of_turns():
     """--prompt_field reads benchmark files as they are: AlpacaEval's `instruction`, MT-Bench's `turns`
     (the first turn; the second follows the model's own answer)."""
-    assert ppo_run.prompt_of({"instruction": "Name a fruit.", "output": "x"}, "instruction") == "Name a fruit."
-    assert ppo_run.prompt_of({"turns": ["Write a poem.", "Now shorter."]}, "turns") == "Write a poem."
+    assert prompt_of({"instruction": "Name a fruit.", "output": "x"}, "instruction") == "Name a fruit."
+    assert prompt_of({"turns": ["Write a poem.", "Now shorter."]}, "turns") == "Write a poem."
     messages = [{"role": "user", "content": "Hi"}]
-    assert ppo_run.prompt_of({"messages": messages}, "instruction") == messages
+    assert prompt_of({"messages": messages}, "instruction") == messages
     with pytest.raises(PipelineError, match="line 3: missing field 'instruction'"):
-        ppo_run.prompt_of({"prompt": "Hi", "_where": "a.jsonl: line 3"}, "instruction")
+        prompt_of({"prompt": "Hi", "_where": "a.jsonl: line 3"}, "instruction")
 
 
 def test_prompts_over_the_length_limit_can_be_dropped(parents, tmp_path, capsys):
@@ -376,7 +378,15 @@ def test_a_prompt_set_alone_holds_some_out_for_the_final_evaluation(parents, tmp
     run.mkdir()
     for stage in ("sft", "reward"):
         os.symlink(parents / stage, run / stage)
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Tell me about number {i}."} for i in range(40)])
+    records = [{"prompt": f"Tell me about number {i}."} if i % 2 else
+               {"messages": [{"role": "user", "content": f"Tell me about number {i}."}]} for i in range(40)]
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", records)
     ppo_run.main(tiny(run, "--prompt_files", prompts, "--num_updates", 1, "--ptx_coef", 0))
     metrics = json.loads((run / "ppo" / "manifest.json").read_text())["metrics"]
     assert metrics["eval_prompts"] == 4 and math.isfinite(metrics["reward_score"]) and math.isfinite(metrics["kl_to_sft"])
+    # The held-out prompts are kept beside the policy, as written, and `make eval` evaluates on them.
+    saved = read_jsonl(run / "ppo" / "heldout_prompts.jsonl")
+    assert len(saved) == 4 and all(r in records for r in saved)
+    result = evaluate_run(run, max_new_tokens=4, bootstrap=10, kl_prompts=0, log=lambda *_: None)
+    assert result["judge"]["prompts"] == [str(run / "ppo" / "heldout_prompts.jsonl")] and result["num_prompts"] == 4
+    assert [a["prompt"] for a in result["answers"]] == [prompt_of(r) for r in saved]

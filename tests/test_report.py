@@ -6,9 +6,13 @@ import json
 import os
 import re
 
+from pipeline.evaluate import evaluate_run, markdown_table
+from pipeline.stage import write_json_atomic
+
 from pipeline.report import build_report, main as report_main, sample_rows, series
 from reward.gold import FAMILIES, GoldJudge
-from tests.test_evaluate import evaluated_run, staged_run  # noqa: F401 (shared session fixtures)
+from tests.conftest import write_jsonl
+from tests.test_evaluate import MY_PROMPTS, evaluated_run, staged_run  # noqa: F401 (shared session fixtures)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EXPECTED_IMAGES = {"eval.png", "pretrain.png", "sft.png", "reward.png", "ppo_reward_vs_gold.png",
@@ -64,11 +68,33 @@ def test_report_with_missing_stages_and_no_evaluation(staged_run, tmp_path):
     os.symlink(staged_run / "pretrain", run / "pretrain")
     (run / "sft").mkdir()  # started, not finished
     report = build_report(run).read_text()
-    assert "needs the embedded world's gold judge, and this run has no world" in report and "make eval" not in report
+    assert f"this run has no world and its gold judge; run `make eval RUN={run} EVAL_ARGS='--prompts FILE'`" in report
     os.symlink(staged_run / "world", run / "world")
     report = build_report(run).read_text()
-    assert "make eval" in report
+    assert f"run `make eval RUN={run}` (writes" in report and "--prompts" not in report
     for stage in ("sft", "reward", "ppo"):
         assert f"run `make {stage} RUN={run}`" in report
     assert linked_images(report) == ["report/pretrain.png"]
     assert (run / "report" / "pretrain.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_report_of_a_run_evaluated_on_your_prompts(staged_run, tmp_path):
+    run = tmp_path / "real"
+    run.mkdir()
+    for name in ("pretrain", "sft", "reward", "ppo"):
+        os.symlink(staged_run / name, run / name)
+    prompts = [write_jsonl(tmp_path / f"set{i}.jsonl", MY_PROMPTS * 3) for i in (1, 2)]
+    result = evaluate_run(run, max_new_tokens=6, bootstrap=20, kl_prompts=0, prompt_files=[str(p) for p in prompts],
+                          log=lambda *_: None)
+    write_json_atomic(run / "eval.json", result)
+    report = build_report(run).read_text()
+    assert markdown_table(result) in report and "| judge score: set1.jsonl |" in report
+    assert "higher reward-model score (ties half)" in report and "reward-model score of the judge in bold" in report
+    assert "report/eval.png" in linked_images(report)
+    assert (run / "report" / "eval.png").read_bytes().startswith(PNG_MAGIC)
+    # Sample answers: the first 8 prompts of each file, every stage's answer with the judge's score.
+    table = report[report.index("## Sample answers"):]
+    rows = [line for line in table.splitlines() if line.startswith("| set")]
+    assert [r.split(" | ")[0] for r in rows] == ["| set1.jsonl"] * 8 + ["| set2.jsonl"] * 8
+    first = result["answers"][0]["responses"]
+    assert all(f"**({first[n]['score']:+.2f})**" in rows[0] for n in ("base", "sft", "ppo"))

@@ -16,6 +16,7 @@ initialised from the reward model, GAE, whitened advantages, clipped policy and 
 from __future__ import annotations
 
 import functools
+import json
 import random
 import time
 from contextlib import contextmanager
@@ -28,7 +29,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
 from transformers.cache_utils import DynamicCache
 
-from data.loading import load_records, load_texts, require_text
+from data.loading import load_records, load_texts, prompt_of
 from data.tokenizer import chat_ids
 from pipeline.config import config_dict, parse_config
 from pipeline.errors import PipelineError, cli_main
@@ -36,7 +37,7 @@ from pipeline.generation import left_pad
 from pipeline.packing import document_stream, packs_sequences
 from pipeline.runtime import (configure_deepspeed, load_checkpoint, merged_from_state_dict, one_entry_per_parameter,
                               peak_memory_mb, progress, rank_checksums, save_checkpoint, setup)
-from pipeline.stage import StageRun, require_stage
+from pipeline.stage import StageRun, require_stage, write_text_atomic
 from pipeline.stats import win_rate, win_rate_ceiling
 from pipeline.tracking import Tracker
 from reward.gold import TOP_SCORE, GoldJudge
@@ -82,26 +83,6 @@ def batch_sizes(rollout_batch_size: int, num_minibatches: int, gradient_accumula
     per_process = rollout_batch_size // processes
     minibatch = per_process // num_minibatches
     return BatchSizes(per_process, minibatch, minibatch // gradient_accumulation)
-
-
-def prompt_of(rec: dict, field: str = "prompt") -> str | list[dict]:
-    """The prompt string in `field` (of a list of turns, the first: later turns of a multi-turn
-    benchmark follow the model's own answers), or chat `messages` ending in a user turn."""
-    where = rec.get("_where", "record")
-    if isinstance(rec.get(field), list):
-        turns = rec[field]
-        if not turns or not isinstance(turns[0], str) or not turns[0].strip():
-            raise PipelineError(f"{where}: field '{field}' must be a string or a list of strings starting with a non-empty turn")
-        return turns[0]
-    if field in rec or "messages" not in rec:
-        return require_text(rec, field)
-    messages = rec["messages"]
-    if (not isinstance(messages, list) or not messages
-            or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)):
-        raise PipelineError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} turns")
-    if messages[-1]["role"] != "user":
-        raise PipelineError(f"{where}: field 'messages' must end in a user turn (got '{messages[-1]['role']}')")
-    return messages
 
 
 def load_prompts(files: list[str], tokenizer, max_prompt_length: int, field: str = "prompt",
@@ -509,6 +490,9 @@ def main(argv: list[str] | None = None) -> None:
         # still reports reward and KL to SFT on prompts PPO never trained on.
         n = min(cfg.eval_holdout, len(prompts) // 10, cfg.eval_size or len(prompts))
         prompts, prompt_ids, eval_prompts, eval_ids = hold_out(prompts, prompt_ids, n, cfg.seed)
+        held_out = eval_prompts
+    else:
+        held_out = []
     if cfg.eval_size:
         eval_prompts, eval_ids = eval_prompts[:cfg.eval_size], eval_ids[:cfg.eval_size]
     judge = GoldJudge.load(world) if (world / "truth.json").is_file() else None
@@ -763,6 +747,9 @@ def main(argv: list[str] | None = None) -> None:
                                    GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=pad))
         final.save_pretrained(stage_dir, state_dict=state_dict)
         tokenizer.save_pretrained(stage_dir)
+        if held_out:  # prompts PPO never trained on: `make eval` of a run without a world evaluates on them
+            write_text_atomic(stage_dir / "heldout_prompts.jsonl", "".join(
+                json.dumps({"messages": p} if isinstance(p, list) else {"prompt": p}, ensure_ascii=False) + "\n" for p in held_out))
         metrics["peak_memory_mb"] = round(peak_memory_mb())
         run.finish(metrics, {"samples": samples, "processes": accelerator.num_processes, "reward_path": cfg.reward_path,
                              "weights_checksum_per_rank": checksums})
