@@ -63,6 +63,15 @@ def gold_judged(result: dict) -> bool:
 
 # ---- plots ----------------------------------------------------------------------------------
 
+def saved(fig, path: Path) -> bool:
+    """Write the figure as a PNG at `path` and free it."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
 def plot_panels(path: Path, title: str, panels: list[dict]) -> bool:
     """One subplot per panel {title, lines: [(label, key)], twin: [(label, key)], rows, xlabel, hlines};
     panels without data are dropped. Returns False (and writes nothing) when no panel has data."""
@@ -95,11 +104,7 @@ def plot_panels(path: Path, title: str, panels: list[dict]) -> bool:
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
+    return saved(fig, path)
 
 
 def plot_scatter_vs_kl(ax, rows: list[dict], bon: dict | None = None) -> None:
@@ -168,11 +173,7 @@ def plot_ppo_overoptimisation(path: Path, rows: list[dict], bon: dict | None = N
         ax.set_xlabel("PPO update")
         ax.grid(alpha=0.3)
     fig.suptitle("PPO: proxy reward, gold score and KL (over-optimisation)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
+    return saved(fig, path)
 
 
 def plot_eval(path: Path, result: dict) -> bool:
@@ -203,11 +204,7 @@ def plot_eval(path: Path, result: dict) -> bool:
     for ax in (a, b):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
+    return saved(fig, path)
 
 
 def plot_judged_eval(path: Path, result: dict, names: list[str]) -> bool:
@@ -224,11 +221,7 @@ def plot_judged_eval(path: Path, result: dict, names: list[str]) -> bool:
     b.set_title("response length (tokens)")
     for ax in (a, b):
         ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
+    return saved(fig, path)
 
 
 # ---- markdown -------------------------------------------------------------------------------
