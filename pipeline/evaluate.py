@@ -16,12 +16,12 @@ on SFT is the other way to optimise the same reward model (Gao et al. 2022): n a
 prompt, the reward model picks one; its gold score at each k <= n, against its KL, is what selection
 gets from that reward model, and the mark PPO should beat.
 
-A run on real data has no gold judge. There every stage answers the prompts PPO held out of training
-(RUN/ppo/heldout_prompts.jsonl), or on any run those of `--prompts`, and a reward model judges: the
-run's own by default (the proxy PPO optimised, so PPO's lead over SFT is an upper bound), or
-`--judge`, a reward model trained apart, as Gao et al. 2022 stand a larger reward model in for
-human raters. Win rates, KL and lengths are computed as above; the gold-only measures (labels,
-rates, best-of-n) are left out.
+A run on real data has no gold judge. There every stage answers the prompts PPO held out of its
+prompt set (RUN/ppo/heldout_prompts.jsonl), or on any run those of `--prompts`, and a reward model
+judges: the run's own by default (the proxy PPO optimised, so PPO's lead over SFT is an upper
+bound), or `--judge`, a reward model trained apart, as Gao et al. 2022 stand a larger reward model
+in for human raters. Win rates, KL and lengths are computed as above; the gold-only measures
+(labels, rates, best-of-n) are left out.
 
 Writes RUN/eval.json (every number and every answer) and RUN/eval.md (the table it prints); `--out`
 names another pair. `make report` reads RUN/eval.json.
@@ -237,18 +237,18 @@ def judged_metrics(rows: list[dict], n_boot: int, seed: int) -> dict:
 
 def prompts_and_judge(run_dir: Path, prompt_files: list[str] | None, prompt_field: str,
                       judge_path: str | Path | None) -> tuple[list[dict], GoldJudge | None, dict]:
-    """The held-out prompts, the gold judge (or None) and who judges, as eval.json records it: the
-    world's prompts and its gold judge; or, with --prompts or on a run without a world (where PPO kept
-    the prompts it held out), those and a reward model."""
+    """The held-out prompts, the gold judge (or None) and who judges, as eval.json records it: those of
+    --prompts, or those PPO held out of training on prompts of your own, and a reward model; else the
+    world's and its gold judge."""
     world, reward_dir = run_dir / "world", run_dir / "reward"
-    held_out = run_dir / "ppo" / "heldout_prompts.jsonl"  # PPO keeps them when it trains on a prompt set alone
-    if not prompt_files and not (world / "truth.json").is_file() and held_out.is_file():
-        prompt_files, prompt_field = [str(held_out)], "prompt"
+    held_out = (read_manifest(run_dir / "ppo") or {}).get("heldout_prompts")  # PPO trained on prompts of your own
+    if not prompt_files and held_out:
+        prompt_files, prompt_field = [str(run_dir / "ppo" / held_out)], "prompt"
     if not prompt_files:
         if not (world / "truth.json").is_file():
             raise PipelineError(f"{world}/truth.json not found: evaluation needs the embedded world's gold judge (run `make data "
                                 f"RUN={run_dir}`), or held-out prompts that a reward model judges: --prompts FILE "
-                                f"(make eval EVAL_ARGS='--prompts FILE'), or those PPO held out ({held_out}, once `make ppo` is done)")
+                                "(make eval EVAL_ARGS='--prompts FILE'), or those PPO holds out when it trains on prompts of your own")
         gold = GoldJudge.load(world)
         return load_eval_prompts(world, gold), gold, {"kind": "gold", "path": str(world)}
     judge_path = Path(judge_path) if judge_path else reward_dir

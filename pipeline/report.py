@@ -294,9 +294,9 @@ def build_report(run_dir: str | Path) -> Path:
 
     # Evaluation (held-out prompts: the world's and its gold judge, or yours and a reward model).
     md.append("## Evaluation on held-out prompts\n")
-    # A run on real data has no world: `make eval` then takes the prompts PPO held out, or the user's own.
+    # Without a world, `make eval` takes the prompts PPO held out of a prompt set of your own, or --prompts.
     to_evaluate = (f"run `make eval RUN={run_dir}` (writes {eval_path}), then `make report` again"
-                   if (run_dir / "world" / "truth.json").is_file() or (run_dir / "ppo" / "heldout_prompts.jsonl").is_file() else
+                   if (run_dir / "world" / "truth.json").is_file() or (manifests["ppo"] or {}).get("heldout_prompts") else
                    f"this run has no world and its gold judge; run `make eval RUN={run_dir} EVAL_ARGS='--prompts FILE'` "
                    "with held-out prompts of your own, judged by a reward model, then `make report` again")
     if result is None:

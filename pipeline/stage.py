@@ -118,6 +118,14 @@ def manifest_hash(manifest: dict | None) -> str | None:
     return hashlib.sha256(json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def trains_on_world(files: list[str], world_dir: str | Path) -> bool:
+    """Whether a stage's training files include the embedded world's (RUN/world/...). Only then do the
+    world's other files (validation splits, evaluation prompts, its gold judge) describe what the stage
+    learns; `make` writes the world into every run, so a run on your own data has one too."""
+    world = Path(world_dir).resolve()
+    return any(Path(f).resolve().parent == world for f in files)
+
+
 def portable(value: Any, run_dir: str | Path) -> Any:
     """`value` with every path inside `run_dir` written relative to it ("{run_dir}/world/..."): a run
     moved, copied or named by another path (absolute, relative) holds the same work, so run keys built

@@ -367,26 +367,32 @@ def test_prompts_over_the_length_limit_can_be_dropped(parents, tmp_path, capsys)
     assert "dropped 1 of 3 prompts over max_prompt_length 52, first: " in capsys.readouterr().out
 
 
-def test_a_prompt_set_alone_holds_some_out_for_the_final_evaluation(parents, tmp_path):
-    """No world and no --eval_files: a seeded tenth (at most eval_holdout) of the prompts is kept out of
-    training, and the manifest reports reward and KL to SFT on them."""
+def test_a_prompt_set_of_your_own_holds_some_out_for_the_final_evaluation(parents, tmp_path):
+    """Training on prompts of your own, with no --eval_files: a seeded tenth (at most eval_holdout) of them
+    is kept out of training, the manifest reports reward and KL to SFT on them, and `make eval` evaluates
+    every stage on them, even with the world in the run (`make` writes one into every run)."""
     kept, kept_ids, held, held_ids = ppo_run.hold_out(list("abcdefghij"), [[i] for i in range(10)], 3, seed=0)
     assert sorted(kept + held) == list("abcdefghij") and len(held) == 3 and not set(kept) & set(held)
     assert [[ord(p) - ord("a")] for p in held] == held_ids and ppo_run.hold_out(list("abcdefghij"), [[i] for i in range(10)], 3, 0)[2] == held
 
-    run = tmp_path / "run"
-    run.mkdir()
-    for stage in ("sft", "reward"):
-        os.symlink(parents / stage, run / stage)
+    run = new_run(parents, tmp_path)
     records = [{"prompt": f"Tell me about number {i}."} if i % 2 else
                {"messages": [{"role": "user", "content": f"Tell me about number {i}."}]} for i in range(40)]
     prompts = write_jsonl(tmp_path / "prompts.jsonl", records)
     ppo_run.main(tiny(run, "--prompt_files", prompts, "--num_updates", 1, "--ptx_coef", 0))
-    metrics = json.loads((run / "ppo" / "manifest.json").read_text())["metrics"]
+    manifest = json.loads((run / "ppo" / "manifest.json").read_text())
+    metrics = manifest["metrics"]
     assert metrics["eval_prompts"] == 4 and math.isfinite(metrics["reward_score"]) and math.isfinite(metrics["kl_to_sft"])
+    assert "gold_win_rate" not in metrics  # the world's judge knows none of these prompts
     # The held-out prompts are kept beside the policy, as written, and `make eval` evaluates on them.
     saved = read_jsonl(run / "ppo" / "heldout_prompts.jsonl")
-    assert len(saved) == 4 and all(r in records for r in saved)
+    assert manifest["heldout_prompts"] == "heldout_prompts.jsonl" and len(saved) == 4 and all(r in records for r in saved)
     result = evaluate_run(run, max_new_tokens=4, bootstrap=10, kl_prompts=0, log=lambda *_: None)
     assert result["judge"]["prompts"] == [str(run / "ppo" / "heldout_prompts.jsonl")] and result["num_prompts"] == 4
     assert [a["prompt"] for a in result["answers"]] == [prompt_of(r) for r in saved]
+    # PPO redone on the world's prompts: evaluated on the world's, by its gold judge; no stale file left.
+    ppo_run.main(tiny(run, "--num_updates", 1, "--ptx_coef", 0, "--eval_size", 4))
+    assert json.loads((run / "ppo" / "manifest.json").read_text())["heldout_prompts"] is None
+    assert not (run / "ppo" / "heldout_prompts.jsonl").exists()
+    assert evaluate_run(run, max_prompts=4, max_new_tokens=4, bootstrap=10, kl_prompts=0, best_of_n=0,
+                        log=lambda *_: None)["judge"]["kind"] == "gold"

@@ -23,7 +23,7 @@ from reward.losses import pair_accuracy, pair_mean_loss, pairwise_loss, ranking_
 from reward.model import encode, load_reward_model, score
 from data.tokenizer import ensure_chat_ready
 from pipeline.packing import common_prefix_length, use_varlen_attention
-from stages.reward.run import GroupCollator, HeadOutputs, tokenize_groups
+from stages.reward.run import GroupCollator, HeadOutputs, split_groups, tokenize_groups
 from stages.reward.run import main as reward_main
 from tests.conftest import assert_replicas_saved, kill_after_checkpoint, one_line_error, read_jsonl, run_module, torchrun, write_jsonl
 
@@ -389,6 +389,23 @@ def test_real_data_trains_a_few_steps(sft_run, tmp_path, shared_datasets):
     assert manifest["metrics"]["train_groups"] == 24 and manifest["metrics"]["train_steps"] == 3
     assert manifest["truncated_sequences"] > 0  # HH transcripts are longer than the tiny context
     assert manifest["metrics"]["reference_mean"] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_comparisons_of_your_own_hold_out_their_own_validation_groups(sft_run, tmp_path, shared_datasets):
+    """With the world in the run (`make` writes one) but comparisons of your own and no --val_files or
+    --norm_files: the world's comparisons and demonstrations (the defaults) say nothing about these, so a
+    seeded val_fraction of them is held out and rewards are centred on their top-ranked answers."""
+    hh = [json.loads(l) for l in itertools.islice(gzip.open(shared_datasets / "hh_rlhf_harmless_base" / "test.jsonl.gz", "rt"), 20)]
+    mine = write_jsonl(tmp_path / "mine.jsonl", hh)
+    run = new_run(tmp_path, sft_run)
+    reward_main(tiny_args(run, "--train_files", mine, "--val_fraction", 0.2, "--max_steps", 1, "--batch_size", 2))
+    manifest = json.loads((run / "reward" / "manifest.json").read_text())
+    assert manifest["config"]["val_files"] == [] and manifest["config"]["norm_files"] == []
+    assert manifest["metrics"]["train_groups"] == 16 and manifest["metrics"]["val_groups"] == 4
+    assert "val_pair_accuracy" in manifest["metrics"] and "val_gold_pair_accuracy" not in manifest["metrics"]
+    assert not any("world" in f for f in manifest["data"])
+    kept, held = split_groups(list(range(20)), 0.2, seed=0)
+    assert sorted(kept + held) == list(range(20)) and len(held) == 4 and held == split_groups(list(range(20)), 0.2, 0)[1]
 
 
 # ---- bad input ------------------------------------------------------------------------------------

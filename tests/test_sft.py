@@ -47,6 +47,9 @@ def tiny_args(run: Path, train: Path, val: Path | None = None, *extra: str) -> l
     return args + (["--val_files", str(val)] if val else []) + list(extra)
 
 
+SLICE_OF_THE_WORLD = ("--lm_files", "{run_dir}/world/corpus.jsonl", "--lm_ratio", "0.5", "--world_dir", "{run_dir}/world")
+
+
 def run_dir_with_parent(tmp_path: Path, pretrained_run: Path) -> Path:
     """A fresh run directory sharing the session's world and finished tiny pretrain stage."""
     run = tmp_path / "run"
@@ -63,8 +66,9 @@ def state(path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory, pretrained_run, demos) -> Path:
     run = run_dir_with_parent(tmp_path_factory.mktemp("sft"), pretrained_run)
-    # With pretraining documents mixed in, as the default profile does.
-    proc = run_module("stages.sft", *tiny_args(run, *demos, "--lm_files", "{run_dir}/world/corpus.jsonl", "--lm_ratio", "0.5"))
+    # With pretraining documents mixed in, as the default profile does; a slice of the world's
+    # demonstrations, so its judge applies (named: only the world's own files imply it).
+    proc = run_module("stages.sft", *tiny_args(run, *demos, *SLICE_OF_THE_WORLD))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run
 
@@ -106,7 +110,7 @@ def test_smoke_trains_evaluates_and_saves_a_plain_checkpoint(sft_run, pretrained
 
 
 def test_rerun_is_up_to_date(sft_run, demos, capsys):
-    sft_main(tiny_args(sft_run, *demos, "--lm_files", "{run_dir}/world/corpus.jsonl", "--lm_ratio", "0.5"))
+    sft_main(tiny_args(sft_run, *demos, *SLICE_OF_THE_WORLD))
     assert "up to date" in capsys.readouterr().out
 
 
@@ -302,12 +306,15 @@ def test_real_formats_load_and_train(shared_datasets, pretrained_run, tmp_path):
     alpaca_zh = tmp_path / "alpaca_zh.json"
     alpaca_zh.write_text(json.dumps(_subset(shared_datasets, "alpaca_zh_demo/alpaca_zh_demo.json", 8), ensure_ascii=False), encoding="utf-8")
     run = tmp_path / "run"
+    run.mkdir()
+    os.symlink(pretrained_run / "world", run / "world")  # as `make` leaves in every run
     sft_main(["--profile", "tiny", "--run_dir", str(run), "--init_from", str(pretrained_run / "pretrain"),
               "--train_files", str(dolly), str(lima), str(oasst), str(alpaca_zh), "--max_steps", "2", "--val_fraction", "0.1"])
     m = json.loads((run / "sft" / "manifest.json").read_text())["metrics"]
     assert m["train_records"] + m["val_records"] + m["dropped_records"] == 36
     assert m["val_records"] == round(0.1 * (36 - m["dropped_records"])) and m["dropped_records"] > 0  # long LIMA turns
-    assert m["train_records"] >= 20 and m["steps"] == 2 and "gold_score" not in m  # no world in this run
+    # The world's judge says nothing of a model tuned on these: no gold evaluation, though the run has a world.
+    assert m["train_records"] >= 20 and m["steps"] == 2 and "gold_score" not in m
     assert "val_loss" in m and m["val_loss"] > 0
 
     # Another column naming (GSM8K's question/answer) through --columns.

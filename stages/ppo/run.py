@@ -37,7 +37,7 @@ from pipeline.generation import left_pad
 from pipeline.packing import document_stream, packs_sequences
 from pipeline.runtime import (configure_deepspeed, load_checkpoint, merged_from_state_dict, one_entry_per_parameter,
                               peak_memory_mb, progress, rank_checksums, save_checkpoint, setup)
-from pipeline.stage import StageRun, require_stage, write_text_atomic
+from pipeline.stage import StageRun, require_stage, trains_on_world, write_text_atomic
 from pipeline.stats import win_rate, win_rate_ceiling
 from pipeline.tracking import Tracker
 from reward.gold import TOP_SCORE, GoldJudge
@@ -60,6 +60,9 @@ from stages.ppo.math import (
     value_loss,
     whiten,
 )
+
+# Prompts held out of training when PPO trains on a prompt set of your own; the manifest names the file.
+HELD_OUT_FILE = "heldout_prompts.jsonl"
 
 # ---- batch sizes and prompts --------------------------------------------------------------------
 
@@ -479,7 +482,10 @@ def main(argv: list[str] | None = None) -> None:
 
     # 3. Prompts (training, held out) and PPO-ptx text, checked before anything is written.
     world = Path(cfg.world_dir)
-    eval_files = cfg.eval_files or ([str(world / "eval_prompts.jsonl")] if (world / "eval_prompts.jsonl").is_file() else [])
+    # The world's evaluation prompts judge a policy trained on the world's prompts; one trained on a
+    # prompt set of your own holds some of those out instead.
+    eval_files = cfg.eval_files or ([str(world / "eval_prompts.jsonl")] if trains_on_world(cfg.prompt_files, world)
+                                    and (world / "eval_prompts.jsonl").is_file() else [])
     prompts, prompt_ids = load_prompts(cfg.prompt_files, tokenizer, cfg.max_prompt_length, cfg.prompt_field,
                                       cfg.skip_long_prompts)
     eval_field = cfg.prompt_field if cfg.eval_files else "prompt"  # the world's eval prompts say `prompt`
@@ -747,11 +753,15 @@ def main(argv: list[str] | None = None) -> None:
                                    GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=pad))
         final.save_pretrained(stage_dir, state_dict=state_dict)
         tokenizer.save_pretrained(stage_dir)
-        if held_out:  # prompts PPO never trained on: `make eval` of a run without a world evaluates on them
-            write_text_atomic(stage_dir / "heldout_prompts.jsonl", "".join(
+        # Prompts PPO never trained on: `make eval` evaluates every stage on them (judged by a reward model).
+        held_out_file = stage_dir / HELD_OUT_FILE
+        held_out_file.unlink(missing_ok=True)  # from an earlier run in this directory
+        if held_out:
+            write_text_atomic(held_out_file, "".join(
                 json.dumps({"messages": p} if isinstance(p, list) else {"prompt": p}, ensure_ascii=False) + "\n" for p in held_out))
         metrics["peak_memory_mb"] = round(peak_memory_mb())
         run.finish(metrics, {"samples": samples, "processes": accelerator.num_processes, "reward_path": cfg.reward_path,
+                             "heldout_prompts": HELD_OUT_FILE if held_out else None,
                              "weights_checksum_per_rank": checksums})
         accelerator.print(f"[ppo] done -> {stage_dir}: " + ", ".join(
             f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float) and k in _SUMMARY))

@@ -13,9 +13,10 @@ class RewardStageConfig:
     run_dir: str = field(default="runs/default", metadata={"help": "Run directory; this stage reads RUN_DIR/sft and writes RUN_DIR/reward."})
     init_from: Optional[str] = field(default=None, metadata={"help": "Initialise from this model (finished stage dir or HF checkpoint dir) instead of RUN_DIR/sft."})
     train_files: list[str] = field(default_factory=lambda: ["{run_dir}/world/comparisons_train.jsonl"], metadata={"help": "Comparison files (K-wise rankings, chosen/rejected pairs, HH transcripts, OpenAssistant or LLaMA-Factory ranked lists), mixed freely; e.g. add {run_dir}/comparisons/policy_comparisons.jsonl."})
-    val_files: list[str] = field(default_factory=lambda: ["{run_dir}/world/comparisons_val.jsonl"], metadata={"help": "Held-out comparison files for the accuracy metrics; `none` = no held-out evaluation."})
+    val_files: list[str] = field(default_factory=lambda: ["{run_dir}/world/comparisons_val.jsonl"], metadata={"help": "Held-out comparison files for the accuracy metrics (the world's, for comparisons of your own: val_fraction of them instead); `none` = no held-out evaluation."})
+    val_fraction: float = field(default=0.05, metadata={"help": "Share of the training groups held out for the accuracy metrics when training on comparisons of your own without val_files."})
     world_dir: str = field(default="{run_dir}/world", metadata={"help": "Embedded world (truth.json) for gold metrics on world prompts; ignored when absent."})
-    norm_files: list[str] = field(default_factory=lambda: ["{run_dir}/world/sft_train.jsonl"], metadata={"help": "Reference demonstrations (prompt/completion or messages) whose mean reward is shifted to 0; `none` = the top-ranked training responses."})
+    norm_files: list[str] = field(default_factory=lambda: ["{run_dir}/world/sft_train.jsonl"], metadata={"help": "Reference demonstrations (prompt/completion or messages) whose mean reward is shifted to 0 (the world's, for comparisons of your own: none); `none` = the top-ranked training responses."})
     norm_samples: int = field(default=256, metadata={"help": "Reference demonstrations used for normalisation (a seeded random subset)."})
     max_train_groups: int = field(default=0, metadata={"help": "Use only the first N training groups (0 = all)."})
     max_val_groups: int = field(default=0, metadata={"help": "Use only the first N held-out groups (0 = all)."})
@@ -60,6 +61,8 @@ class RewardStageConfig:
             raise PipelineError("train_files is empty: give at least one comparison file")
         if self.num_epochs <= 0 and self.max_steps == 0:
             raise PipelineError(f"num_epochs must be > 0 (or set max_steps), got {self.num_epochs}")
+        if not 0 < self.val_fraction < 1:
+            raise PipelineError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0 <= self.warmup_ratio < 1:
             raise PipelineError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.loss not in LOSSES:

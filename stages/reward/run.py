@@ -30,7 +30,7 @@ from pipeline.errors import PipelineError, cli_main
 from pipeline.packing import common_prefix_length, pack_rows, packs_sequences
 from pipeline.runtime import (cpu_and_backend, load_models_whole, merged_from_state_dict, peak_memory_mb, rank_checksums,
                               stage_decides_training_settings)
-from pipeline.stage import StageRun, require_stage, resolve_init
+from pipeline.stage import StageRun, require_stage, resolve_init, trains_on_world
 from pipeline.tracking import truncate_metrics, wandb_enabled, wandb_env
 from pipeline.trainer_metrics import JsonlMetricsCallback
 from reward.comparisons import Group, load_groups
@@ -201,6 +201,16 @@ def demonstration(rec: dict) -> tuple:
     return require_text(rec, "prompt"), require_text(rec, "completion")
 
 
+def split_groups(groups: list[Group], fraction: float, seed: int) -> tuple[list[Group], list[Group]]:
+    """A seeded `fraction` of the groups (at least one, when there are two) held out for validation."""
+    if len(groups) < 2:
+        return groups, []
+    order = random.Random(seed).sample(range(len(groups)), len(groups))
+    n = min(len(groups) - 1, max(1, round(len(groups) * fraction)))
+    held = set(order[:n])
+    return [g for i, g in enumerate(groups) if i not in held], [groups[i] for i in sorted(held)]
+
+
 def reference_set(cfg: RewardStageConfig, train_groups: list[Group]) -> tuple[list, list[str]]:
     """Demonstrations whose mean reward becomes 0 (default: a seeded subset of the SFT data)."""
     if cfg.norm_files:
@@ -299,6 +309,14 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("val_files", "norm_files"):  # "none" (a list cannot be empty on the command line)
         if [f.lower() for f in getattr(cfg, name)] == ["none"]:
             setattr(cfg, name, [])
+    # Comparisons of your own: the world's held-out comparisons and demonstrations (the defaults) say
+    # nothing about them; hold out val_fraction of yours, centre on their top-ranked answers.
+    split_val = False
+    if not trains_on_world(cfg.train_files, Path(cfg.run_dir) / "world"):
+        theirs = (Path(cfg.run_dir) / "world").resolve()
+        split_val = [Path(f).resolve() for f in cfg.val_files] == [theirs / "comparisons_val.jsonl"]
+        cfg.val_files = [] if split_val else cfg.val_files
+        cfg.norm_files = [] if [Path(f).resolve() for f in cfg.norm_files] == [theirs / "sft_train.jsonl"] else cfg.norm_files
     # On CPU accelerate needs cpu=True to run DDP (gloo) under torchrun; without it every process
     # would train alone on the same directory (pipeline.runtime.cpu_and_backend; DeepSpeed differs).
     stage_decides_training_settings()
@@ -309,7 +327,14 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(parent_path)
     check_reward_tokenizer(tokenizer, parent_path)
     train_groups = load_groups(cfg.train_files, cfg.skip_invalid, cfg.max_train_groups)
-    val_groups = load_groups(cfg.val_files, cfg.skip_invalid, cfg.max_val_groups) if cfg.val_files else []
+    if split_val:
+        train_groups, val_groups = split_groups(train_groups, cfg.val_fraction, cfg.seed)
+        val_groups = val_groups[:cfg.max_val_groups or None]
+        if state.is_main_process:
+            print(f"[reward] comparisons of your own: {len(val_groups)} of {len(train_groups) + len(val_groups)} groups "
+                  f"held out for validation; rewards centred on {'--norm_files' if cfg.norm_files else 'the top-ranked training answers'}", flush=True)
+    else:
+        val_groups = load_groups(cfg.val_files, cfg.skip_invalid, cfg.max_val_groups) if cfg.val_files else []
     reference = reference_set(cfg, train_groups)
     world = Path(cfg.world_dir)
     judge = GoldJudge.load(world) if (world / "truth.json").is_file() else None

@@ -41,7 +41,7 @@ class SFTStageConfig:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory on large models."})
     eval_every: int = field(default=0, metadata={"help": "Steps between validation-loss evaluations during training; 0: only at the end."})
     eval_batch_size: int = field(default=64, metadata={"help": "Sequences per validation batch per process."})
-    world_dir: Optional[str] = field(default=None, metadata={"help": "Embedded world (truth.json, eval_prompts.jsonl) for the gold evaluation; default RUN_DIR/world when it exists."})
+    world_dir: Optional[str] = field(default=None, metadata={"help": "Embedded world (truth.json, eval_prompts.jsonl) for the gold evaluation; default RUN_DIR/world when it exists and train_files are its own."})
     eval_prompts: int = field(default=-1, metadata={"help": "Held-out world prompts answered by this model and its parent for the gold evaluation; -1 all, 0 skip."})
     eval_max_new_tokens: int = field(default=40, metadata={"help": "Tokens per greedy answer in the gold evaluation."})
     num_samples: int = field(default=5, metadata={"help": "Sample answers (this model vs its parent) kept in the manifest."})

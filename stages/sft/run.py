@@ -34,7 +34,7 @@ from pipeline.generation import answer
 from pipeline.packing import packs_sequences
 from pipeline.runtime import (cpu_and_backend, load_models_whole, merged_from_state_dict, peak_memory_mb, rank_checksums,
                               stage_decides_training_settings)
-from pipeline.stage import StageRun, require_stage, resolve_init
+from pipeline.stage import StageRun, require_stage, resolve_init, trains_on_world
 from pipeline.stats import win_rate
 from pipeline.tracking import truncate_metrics, wandb_enabled, wandb_env
 from pipeline.trainer_metrics import JsonlMetricsCallback
@@ -471,7 +471,8 @@ def gold_evaluation(cfg: SFTStageConfig, world: Path, stage_dir: Path, tokenizer
 
 
 def world_for_eval(cfg: SFTStageConfig) -> Path | None:
-    """The world to judge on: --world_dir (must exist), else RUN/world if it holds a truth.json."""
+    """The world to judge on: --world_dir (must exist), else RUN/world if it holds a truth.json and the
+    demonstrations are the world's (its judge says nothing of a model tuned on data of your own)."""
     if cfg.eval_prompts == 0:
         return None
     if cfg.world_dir:
@@ -481,7 +482,8 @@ def world_for_eval(cfg: SFTStageConfig) -> Path | None:
                 raise PipelineError(f"{world / name}: no such file; generate the world with `python -m data.world --out {world}`")
         return world
     world = Path(cfg.run_dir) / "world"
-    return world if (world / "truth.json").is_file() and (world / "eval_prompts.jsonl").is_file() else None
+    judged = trains_on_world(cfg.train_files, world) and (world / "truth.json").is_file()
+    return world if judged and (world / "eval_prompts.jsonl").is_file() else None
 
 
 # ---- the recipe ---------------------------------------------------------------------------------
