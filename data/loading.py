@@ -10,6 +10,7 @@ import csv
 import gzip
 import io
 import json
+import random
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -156,6 +157,17 @@ def prompt_of(rec: dict, field: str = "prompt") -> str | list[dict]:
     if messages[-1]["role"] != "user":
         raise PipelineError(f"{where}: field 'messages' must end in a user turn (got '{messages[-1]['role']}')")
     return messages
+
+
+def split_holdout(records: list, fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded `fraction` of whole records (at least one, never all) held out for validation when no
+    validation file is given: (kept, held out)."""
+    if len(records) < 2:
+        return records, []
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_val = min(len(records) - 1, max(1, round(len(records) * fraction)))
+    return [records[i] for i in order[n_val:]], [records[i] for i in order[:n_val]]
 
 
 def load_texts(sources: str | Iterable[str], field: str = "text", split: str = "train") -> list[str]:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
 
+from data.loading import split_holdout
 from data.tokenizer import chat_ids
 from pipeline.config import parse_config
 from pipeline.packing import keeps_packed_sequences_apart, use_varlen_attention
@@ -24,7 +25,6 @@ from stages.sft.run import (
     mix_pretraining_text,
     save_plain_checkpoint,
     sample_indices,
-    split_holdout,
     summarize_verdicts,
     to_conversation,
     training_args,
@@ -439,6 +439,8 @@ def test_split_holdout_is_disjoint_and_seeded():
     train, val = split_holdout(items, 0.1, seed=3)
     assert len(val) == 4 and len(train) == 36 and not {r["i"] for r in train} & {r["i"] for r in val}
     assert split_holdout(items, 0.1, seed=3) == (train, val)
+    assert [len(part) for part in split_holdout(items[:2], 0.9, seed=0)] == [1, 1]  # never all of them
+    assert split_holdout(items[:1], 0.5, seed=0) == (items[:1], [])
 
 
 def test_the_token_that_closes_a_turn_becomes_eos(pretrained_run, demos, tmp_path):

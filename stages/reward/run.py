@@ -23,7 +23,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import suppress_seqcls_warning
 
-from data.loading import load_records, require_text
+from data.loading import load_records, require_text, split_holdout
 from data.tokenizer import ensure_chat_ready
 from pipeline.config import config_dict, parse_config
 from pipeline.errors import PipelineError, cli_main
@@ -201,16 +201,6 @@ def demonstration(rec: dict) -> tuple:
     return require_text(rec, "prompt"), require_text(rec, "completion")
 
 
-def split_groups(groups: list[Group], fraction: float, seed: int) -> tuple[list[Group], list[Group]]:
-    """A seeded `fraction` of the groups (at least one, when there are two) held out for validation."""
-    if len(groups) < 2:
-        return groups, []
-    order = random.Random(seed).sample(range(len(groups)), len(groups))
-    n = min(len(groups) - 1, max(1, round(len(groups) * fraction)))
-    held = set(order[:n])
-    return [g for i, g in enumerate(groups) if i not in held], [groups[i] for i in sorted(held)]
-
-
 def reference_set(cfg: RewardStageConfig, train_groups: list[Group]) -> tuple[list, list[str]]:
     """Demonstrations whose mean reward becomes 0 (default: a seeded subset of the SFT data)."""
     if cfg.norm_files:
@@ -328,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     check_reward_tokenizer(tokenizer, parent_path)
     train_groups = load_groups(cfg.train_files, cfg.skip_invalid, cfg.max_train_groups)
     if split_val:
-        train_groups, val_groups = split_groups(train_groups, cfg.val_fraction, cfg.seed)
+        train_groups, val_groups = split_holdout(train_groups, cfg.val_fraction, cfg.seed)
         val_groups = val_groups[:cfg.max_val_groups or None]
         if state.is_main_process:
             print(f"[reward] comparisons of your own: {len(val_groups)} of {len(train_groups) + len(val_groups)} groups "

@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
-from data.loading import EmptyField, load_records, load_texts, require_text
+from data.loading import EmptyField, load_records, load_texts, require_text, split_holdout
 from data.tokenizer import ensure_chat_ready, use_turn_end_as_eos
 from pipeline.config import config_dict, parse_config
 from pipeline.errors import PipelineError, cli_main
@@ -181,16 +181,6 @@ def validation_files(cfg: SFTStageConfig) -> list[str]:
     if [Path(f) for f in cfg.train_files] == [world_train]:
         return [str(world_train.with_name("sft_val.jsonl"))]
     return []
-
-
-def split_holdout(examples: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Hold out whole demonstrations for validation loss when no validation file is given."""
-    if len(examples) < 2:
-        return examples, []
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    n_val = max(1, round(len(examples) * fraction))
-    return [examples[i] for i in order[n_val:]], [examples[i] for i in order[:n_val]]
 
 
 def fit_to_length(examples: list[dict], tokenizer, max_length: int, what: str) -> tuple[list[dict], dict]:
