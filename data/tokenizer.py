@@ -15,6 +15,9 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
+# Special tokens a vocabulary keeps for padding without naming it the pad (Llama 3.1's first): taken as
+# the pad before adding ours, which would grow the embeddings past the base model's (often round) size.
+RESERVED_PADS = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|padding|>")
 
 # One turn = role token + content; an assistant turn ends with EOS, which is where generation stops.
 # The {% generation %} markers let TRL compute a loss on assistant tokens only.
@@ -66,7 +69,12 @@ def ensure_chat_ready(tokenizer: PreTrainedTokenizerBase, model=None) -> int:
     if tokenizer.eos_token is None:
         added += tokenizer.add_special_tokens({"eos_token": EOS})
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        added += tokenizer.add_special_tokens({"pad_token": PAD})
+        special = {str(t) for t in tokenizer.added_tokens_decoder.values() if t.special}
+        reserved = [t for t in RESERVED_PADS if t in special and t != tokenizer.eos_token]
+        if reserved:
+            tokenizer.pad_token = reserved[0]
+        else:
+            added += tokenizer.add_special_tokens({"pad_token": PAD})
     if not tokenizer.chat_template:
         # Our template starts with BOS; a model with its own template keeps its own (Qwen has no BOS).
         if tokenizer.bos_token is None:

@@ -157,6 +157,32 @@ def test_continued_pretraining_of_a_model_that_needs_a_pad_token(tmp_path):
     assert tok.pad_token_id != tok.eos_token_id and tok.bos_token is None and model.config.pad_token_id == tok.pad_token_id
 
 
+def test_a_pad_the_vocabulary_reserves_is_used_instead_of_a_new_one(tmp_path):
+    # Llama-3.1-style: EOS <|end_of_text|>, no pad named, <|finetune_right_pad_id|> kept for padding, a
+    # chat template of its own. Nothing is added, so the embeddings keep the base model's size.
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from data.tokenizer import ensure_chat_ready
+
+    special = ["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|start_header_id|>",
+               "<|end_header_id|>", "<|eot_id|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(load_texts(make_corpus(tmp_path)), trainers.BpeTrainer(
+        vocab_size=300, special_tokens=special, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=special[0], eos_token=special[1],
+                                  additional_special_tokens=special[2:])
+    tok.chat_template = ("{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>' + m['content'] "
+                         "+ '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>' }}{% endif %}")
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2))
+    size = len(tok)
+    assert ensure_chat_ready(tok, model) == 0
+    assert tok.pad_token == "<|finetune_right_pad_id|>" and model.config.pad_token_id == tok.convert_tokens_to_ids(tok.pad_token)
+    assert len(tok) == size == model.get_input_embeddings().num_embeddings
+
+
 def test_tokenizer_round_trips_english_and_chinese(shared_datasets):
     english = load_texts(shared_datasets / "tinyshakespeare" / "input.txt")[:300]
     chinese = [r["text"] for r in map(json.loads, (shared_datasets / "luxun_zh" / "luxun_fiction_and_prose.jsonl").read_text(encoding="utf-8").splitlines()[:5])]
