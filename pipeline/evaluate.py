@@ -249,6 +249,9 @@ def prompts_and_judge(run_dir: Path, prompt_files: list[str] | None, prompt_fiel
             raise PipelineError(f"{world}/truth.json not found: evaluation needs the embedded world's gold judge (run `make data "
                                 f"RUN={run_dir}`), or held-out prompts that a reward model judges: --prompts FILE "
                                 "(make eval EVAL_ARGS='--prompts FILE'), or those PPO holds out when it trains on prompts of your own")
+        if judge_path:
+            raise PipelineError("--judge judges --prompts, or the prompts PPO held out of a prompt set of your own; "
+                                f"{run_dir}'s are the world's, judged by its gold judge")
         gold = GoldJudge.load(world)
         return load_eval_prompts(world, gold), gold, {"kind": "gold", "path": str(world)}
     judge_path = Path(judge_path) if judge_path else reward_dir
@@ -563,8 +566,6 @@ def main(argv: list[str] | None = None) -> None:
         raise PipelineError("--max_new_tokens and --batch_size must be >= 1, --bootstrap, --temperature and --best_of_n >= 0")
     if args.best_of_n > 0 and args.bon_temperature <= 0:
         raise PipelineError(f"--bon_temperature must be > 0 (best-of-n samples its answers), got {args.bon_temperature}")
-    if args.judge and not args.prompts:
-        raise PipelineError("--judge judges --prompts: the world's prompts are judged by its gold judge")
     if not args.out or Path(args.out).name != args.out:
         raise PipelineError(f"--out takes a file name without a directory, not {args.out!r}")
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per model drowns the table

@@ -364,10 +364,15 @@ def build_report(run_dir: str | Path) -> Path:
         md.append(missing("ppo", run_dir))
     else:
         rows = metrics["ppo"]
-        md.append("Proxy reward (the reward model PPO optimises) against the gold score (the labeler it stands "
-                  "for) and the KL to the SFT policy: a rising proxy with a flat or falling gold score is "
-                  "over-optimisation. Dashed: best-of-k on SFT with the same reward model (from the evaluation), "
-                  "the selection baseline for the same KL.\n")
+        if any("gold/score" in r for r in rows):
+            md.append("Proxy reward (the reward model PPO optimises) against the gold score (the labeler it stands "
+                      "for) and the KL to the SFT policy: a rising proxy with a flat or falling gold score is "
+                      "over-optimisation. Dashed: best-of-k on SFT with the same reward model (from the evaluation), "
+                      "the selection baseline for the same KL.\n")
+        else:  # a run on your own prompts: no gold judge to hold the proxy against
+            md.append("Proxy reward (the reward model PPO optimises) and the KL to the SFT policy. Without the world's "
+                      "gold judge nothing shows over-optimisation here; `make eval EVAL_ARGS='--judge DIR'` scores the "
+                      "answers with a reward model trained apart.\n")
         bon = (result or {}).get("best_of_n")
         image(md, out, "ppo_reward_vs_gold.png", plot_ppo_overoptimisation(out / "ppo_reward_vs_gold.png", rows, bon),
               "proxy vs gold reward")
