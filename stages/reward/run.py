@@ -301,12 +301,17 @@ def main(argv: list[str] | None = None) -> None:
             setattr(cfg, name, [])
     # Comparisons of your own: the world's held-out comparisons and demonstrations (the defaults) say
     # nothing about them; hold out val_fraction of yours, centre on their top-ranked answers.
-    split_val = False
-    if not trains_on_world(cfg.train_files, Path(cfg.run_dir) / "world"):
-        theirs = (Path(cfg.run_dir) / "world").resolve()
-        split_val = [Path(f).resolve() for f in cfg.val_files] == [theirs / "comparisons_val.jsonl"]
-        cfg.val_files = [] if split_val else cfg.val_files
-        cfg.norm_files = [] if [Path(f).resolve() for f in cfg.norm_files] == [theirs / "sft_train.jsonl"] else cfg.norm_files
+    run_world = Path(cfg.run_dir) / "world"
+    own_data = not trains_on_world(cfg.train_files, run_world)
+
+    def the_worlds(files: list[str], name: str) -> bool:
+        return [Path(f).resolve() for f in files] == [(run_world / name).resolve()]
+
+    split_val = own_data and the_worlds(cfg.val_files, "comparisons_val.jsonl")
+    if split_val:
+        cfg.val_files = []
+    if own_data and the_worlds(cfg.norm_files, "sft_train.jsonl"):
+        cfg.norm_files = []
     # On CPU accelerate needs cpu=True to run DDP (gloo) under torchrun; without it every process
     # would train alone on the same directory (pipeline.runtime.cpu_and_backend; DeepSpeed differs).
     stage_decides_training_settings()
