@@ -255,13 +255,14 @@ def prompts_and_judge(run_dir: Path, prompt_files: list[str] | None, prompt_fiel
         gold = GoldJudge.load(world)
         return load_eval_prompts(world, gold), gold, {"kind": "gold", "path": str(world)}
     judge_path = Path(judge_path) if judge_path else reward_dir
-    if judge_path == reward_dir and read_manifest(reward_dir) is None:
+    own = judge_path.resolve() == reward_dir.resolve()  # its scores are then the proxy's: scored once
+    if own and read_manifest(reward_dir) is None:
         raise PipelineError(f"{reward_dir}: reward stage not finished, and its reward model judges the prompts: "
                             f"run `make reward RUN={run_dir}` first, or pass --judge REWARD_MODEL_DIR")
     if not (judge_path / "config.json").is_file() or AutoConfig.from_pretrained(judge_path).num_labels != 1:
         raise PipelineError(f"{judge_path}: not a reward model (a sequence classifier with one output, as `make reward` writes)")
     return (load_prompt_files(prompt_files, prompt_field), None,
-            {"kind": "reward_model", "path": str(judge_path), "prompts": [str(f) for f in prompt_files]})
+            {"kind": "reward_model", "path": str(judge_path), "own": own, "prompts": [str(f) for f in prompt_files]})
 
 
 def evaluate_run(run_dir: str | Path, max_prompts: int = 0, max_new_tokens: int = 32, temperature: float = 0.0,
@@ -327,8 +328,7 @@ def evaluate_run(run_dir: str | Path, max_prompts: int = 0, max_new_tokens: int 
 
     # 4. Without a gold judge a reward model judges: the run's own (its scores are the proxy above) or --judge.
     if not gold:
-        own = Path(judge["path"]) == reward_dir
-        judge_rm, judge_tok = (None, None) if own else load_reward_model(judge["path"], dev)
+        judge_rm, judge_tok = (None, None) if judge["own"] else load_reward_model(judge["path"], dev)
         for name in rows:
             scores = ([r["proxy"] for r in rows[name]] if judge_rm is None else
                       score(judge_rm, judge_tok, prompts, [r["answer"] for r in rows[name]], batch_size).tolist())
@@ -484,7 +484,7 @@ def markdown_table(result: dict) -> str:
         files = result["prompts_by_family"]
         if len(files) > 1:
             rows += [(f"judge score: {f}", [_fmt(s["judge_score_by_file"].get(f)) for s in stages.values()]) for f in files]
-        if Path(judge["path"]) != Path(result["run_dir"]) / "reward":
+        if not judge["own"]:
             rows.append(("the run's reward model score (proxy)", [_fmt(s["proxy_score"]) for s in stages.values()]))
         rows.append(("response length (tokens)", [_fmt(s["response_tokens"], 1) for s in stages.values()]))
     wins = result["win_rates"]
@@ -500,9 +500,8 @@ def markdown_table(result: dict) -> str:
     lines += [f"| {title} | " + " | ".join(cells) + " |" for title, cells in rows]
     extra = []
     if judge["kind"] != "gold":
-        own = Path(judge["path"]) == Path(result["run_dir"]) / "reward"
         extra.append(f"- judged by the reward model in {judge['path']} " + (
-            "(the run's own: the reward PPO optimised, so PPO's lead over SFT is an upper bound)" if own else
+            "(the run's own: the reward PPO optimised, so PPO's lead over SFT is an upper bound)" if judge["own"] else
             "(not the run's own reward model)") + "; win rates by its score, ties half (the same answer ties)")
     if wins.get("ppo_vs_sft", {}).get("ceiling") is not None:
         extra.append(f"- ceiling of the win rate vs SFT (an ideal answer to every prompt): {_fmt(wins['ppo_vs_sft'].get('ceiling'))}")

@@ -386,7 +386,7 @@ def test_a_run_without_world_is_evaluated_on_your_prompts_by_its_reward_model(ru
                       "--bootstrap", 50, "--threads", 1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((run / "eval.json").read_text())
-    assert result["judge"] == {"kind": "reward_model", "path": str(run / "reward"), "prompts": [str(prompts)]}
+    assert result["judge"] == {"kind": "reward_model", "path": str(run / "reward"), "own": True, "prompts": [str(prompts)]}
     assert result["prompts_by_family"] == {"mine.jsonl": 4} and set(result["stages"]) == {"base", "sft", "ppo"}
     # The judge's scores are the run's reward model's scores of the answers (the chat prompt as a chat).
     rm, tok = load_reward_model(run / "reward")
@@ -424,7 +424,7 @@ def test_another_reward_model_can_judge_your_prompts(run_without_world, tmp_path
     own = score(*load_reward_model(run_without_world / "reward"), asked, [a["answer"] for a in answers]).tolist()
     assert [a["score"] for a in answers] == pytest.approx(judged, abs=1e-5)
     assert [a["proxy"] for a in answers] == pytest.approx(own, abs=1e-5) and judged != pytest.approx(own, abs=1e-3)
-    assert result["judge"]["path"] == str(judge) and result["kl_ppo_sft"] is None
+    assert result["judge"]["path"] == str(judge) and not result["judge"]["own"] and result["kl_ppo_sft"] is None
     table = markdown_table(result)
     assert "the run's reward model score (proxy)" in table and "not the run's own" in table
 

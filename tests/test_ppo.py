@@ -390,8 +390,10 @@ def test_a_prompt_set_of_your_own_holds_some_out_for_the_final_evaluation(parent
     result = evaluate_run(run, max_new_tokens=4, bootstrap=10, kl_prompts=0, log=lambda *_: None)
     assert result["judge"]["prompts"] == [str(run / "ppo" / "heldout_prompts.jsonl")] and result["num_prompts"] == 4
     assert [a["prompt"] for a in result["answers"]] == [prompt_of(r) for r in saved]
-    judged = evaluate_run(run, max_new_tokens=4, bootstrap=10, kl_prompts=0, judge_path=run / "reward", log=lambda *_: None)
-    assert judged["judge"]["path"] == str(run / "reward") and judged["num_prompts"] == 4  # another judge, the same prompts
+    # --judge also judges these; the run's own reward model named by another path is still its own.
+    judged = evaluate_run(run, max_new_tokens=4, bootstrap=10, kl_prompts=0, judge_path=(run / "reward").resolve(),
+                          log=lambda *_: None)
+    assert judged["judge"]["own"] and judged["num_prompts"] == 4
     # PPO redone on the world's prompts: evaluated on the world's, by its gold judge; no stale file left.
     ppo_run.main(tiny(run, "--num_updates", 1, "--ptx_coef", 0, "--eval_size", 4))
     assert json.loads((run / "ppo" / "manifest.json").read_text())["heldout_prompts"] is None
