@@ -76,6 +76,8 @@ def run_recipe(vocab: Path, name: str, steps: int) -> dict:
     """A tiny model with the tokenizer `name`, through every stage; what its answers ended with."""
     from transformers import AutoTokenizer
 
+    from data.tokenizer import LLAMA3_TEMPLATE
+
     run, base = OUT / name, OUT / name / "base"
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     py = [sys.executable, "-m"]
@@ -97,8 +99,10 @@ def run_recipe(vocab: Path, name: str, steps: int) -> dict:
     ppo = [json.loads(line) for line in (run / "ppo" / "metrics.jsonl").read_text().splitlines()]
     no_eos = [m["response/no_eos_rate"] for m in ppo if "response/no_eos_rate" in m]
     answer = next((line for line in chat.stdout.splitlines() if line.startswith("assistant>")), "")
-    return {"tokenizer": name, "family": NAMES.get(name, name), "vocab": len(base_tok),
-            "template": "its own" if base_tok.chat_template else "ours (it has none)",
+    template = "its own" if base_tok.chat_template else (
+        "Llama 3's (it has none)" if sft_tok.chat_template == LLAMA3_TEMPLATE else "ours (it has none)")
+    return {"tokenizer": name, "family": NAMES.get(name, name), "vocab": len(base_tok), "sft_vocab": len(sft_tok),
+            "template": template,
             "base_eos": base_tok.eos_token, "sft_eos": sft_tok.eos_token,
             "ppo_no_eos_first": no_eos[0], "ppo_no_eos_last": no_eos[-1],
             "chat_answer": answer.removeprefix("assistant>").strip()}
@@ -113,10 +117,10 @@ def main(argv: list[str] | None = None) -> None:
     rows = [run_recipe(vocab, name, args.steps) for name in args.names]
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "results.json").write_text(json.dumps(rows, indent=1, ensure_ascii=False))
-    print(f"| tokenizer | vocab | chat template | EOS before -> after SFT | PPO answers without EOS (first -> last update) | greedy SFT answer to '{PROBE}' |")
+    print(f"| tokenizer | vocab (base -> SFT) | chat template | EOS before -> after SFT | PPO answers without EOS (first -> last update) | greedy SFT answer to '{PROBE}' |")
     print("|---|---:|---|---|---|---|")
     for r in rows:
-        print(f"| {r['family']} (`{r['tokenizer']}`) | {r['vocab']:,} | {r['template']} | `{r['base_eos']}` -> `{r['sft_eos']}` "
+        print(f"| {r['family']} (`{r['tokenizer']}`) | {r['vocab']:,} -> {r['sft_vocab']:,} | {r['template']} | `{r['base_eos']}` -> `{r['sft_eos']}` "
               f"| {r['ppo_no_eos_first']:.2f} -> {r['ppo_no_eos_last']:.2f} | {r['chat_answer']!r} |")
 
 

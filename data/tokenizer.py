@@ -17,7 +17,9 @@ BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
 # Special tokens a vocabulary keeps for padding without naming it the pad (Llama 3.1's first): taken as
 # the pad before adding ours, which would grow the embeddings past the base model's (often round) size.
+# Failing those, the first of the unused special tokens Llama 3 reserves (<|reserved_special_token_0|>...).
 RESERVED_PADS = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|padding|>")
+RESERVED_PREFIX = "<|reserved_special_token_"
 
 # One turn = role token + content; an assistant turn ends with EOS, which is where generation stops.
 # The {% generation %} markers let TRL compute a loss on assistant tokens only.
@@ -29,6 +31,21 @@ CHAT_TEMPLATE = (
     "{% else %}<|{{ message['role'] }}|>{{ message['content'] }}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+# Llama 3's own chat format, for a Llama 3 base vocabulary that ships without a template: its header and
+# end-of-turn tokens are already in the vocabulary (untrained in the base model), so nothing is added, and
+# the fine-tuned model speaks the format Llama 3 Instruct and its tools expect.
+LLAMA3_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] | trim }}<|eot_id|>{% endgeneration %}"
+    "{% else %}{{ message['content'] | trim }}<|eot_id|>{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
 
 
@@ -63,14 +80,16 @@ def wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
 
 def ensure_chat_ready(tokenizer: PreTrainedTokenizerBase, model=None) -> int:
     """Give an existing tokenizer (continued pretraining of a Hub model) what the pipeline needs:
-    a pad token distinct from EOS, and if it has no chat template ours, with its role tokens and a BOS.
-    Returns how many tokens were added (the model's embeddings are resized to match)."""
+    a pad token distinct from EOS, and if it has no chat template one: Llama 3's where the vocabulary
+    has its tokens, else ours, with its role tokens and a BOS. Tokens the vocabulary reserves are used
+    before new ones are added. Returns how many tokens were added (the model's embeddings are resized)."""
     added = 0
+    special = {str(t): i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     if tokenizer.eos_token is None:
         added += tokenizer.add_special_tokens({"eos_token": EOS})
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        special = {str(t) for t in tokenizer.added_tokens_decoder.values() if t.special}
-        reserved = [t for t in RESERVED_PADS if t in special and t != tokenizer.eos_token]
+        unused = sorted((i, t) for t, i in special.items() if t.startswith(RESERVED_PREFIX))
+        reserved = [t for t in RESERVED_PADS if t in special and t != tokenizer.eos_token] + [t for _, t in unused]
         if reserved:
             tokenizer.pad_token = reserved[0]
         else:
@@ -79,8 +98,11 @@ def ensure_chat_ready(tokenizer: PreTrainedTokenizerBase, model=None) -> int:
         # Our template starts with BOS; a model with its own template keeps its own (Qwen has no BOS).
         if tokenizer.bos_token is None:
             added += tokenizer.add_special_tokens({"bos_token": BOS})
-        added += tokenizer.add_special_tokens({"additional_special_tokens": ROLE_TOKENS})
-        tokenizer.chat_template = CHAT_TEMPLATE
+        if all(t in special for t in LLAMA3_TOKENS):
+            tokenizer.chat_template = LLAMA3_TEMPLATE
+        else:
+            added += tokenizer.add_special_tokens({"additional_special_tokens": ROLE_TOKENS})
+            tokenizer.chat_template = CHAT_TEMPLATE
     if model is not None and model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))  # room for tokens added now or when the tokenizer was loaded
     if model is not None:

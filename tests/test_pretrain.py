@@ -157,30 +157,62 @@ def test_continued_pretraining_of_a_model_that_needs_a_pad_token(tmp_path):
     assert tok.pad_token_id != tok.eos_token_id and tok.bos_token is None and model.config.pad_token_id == tok.pad_token_id
 
 
+def llama3_style_tokenizer(tmp_path, special: list[str]):
+    """A small BPE vocabulary with Llama 3's BOS/EOS first and the given special tokens after them."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<|begin_of_text|>", "<|end_of_text|>", *special]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(load_texts(make_corpus(tmp_path)), trainers.BpeTrainer(
+        vocab_size=300, special_tokens=special, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=special[0], eos_token=special[1],
+                                   additional_special_tokens=special[2:])
+
+
+def small_llama(vocab_size: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=2))
+
+
 def test_a_pad_the_vocabulary_reserves_is_used_instead_of_a_new_one(tmp_path):
     # Llama-3.1-style: EOS <|end_of_text|>, no pad named, <|finetune_right_pad_id|> kept for padding, a
     # chat template of its own. Nothing is added, so the embeddings keep the base model's size.
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
     from data.tokenizer import ensure_chat_ready
 
-    special = ["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|start_header_id|>",
-               "<|end_header_id|>", "<|eot_id|>"]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.train_from_iterator(load_texts(make_corpus(tmp_path)), trainers.BpeTrainer(
-        vocab_size=300, special_tokens=special, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=special[0], eos_token=special[1],
-                                  additional_special_tokens=special[2:])
+    tok = llama3_style_tokenizer(tmp_path, ["<|finetune_right_pad_id|>", "<|start_header_id|>", "<|end_header_id|>",
+                                            "<|eot_id|>"])
     tok.chat_template = ("{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>' + m['content'] "
                          "+ '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>' }}{% endif %}")
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2))
+    model = small_llama(len(tok))
     size = len(tok)
     assert ensure_chat_ready(tok, model) == 0
     assert tok.pad_token == "<|finetune_right_pad_id|>" and model.config.pad_token_id == tok.convert_tokens_to_ids(tok.pad_token)
     assert len(tok) == size == model.get_input_embeddings().num_embeddings
+
+
+def test_a_llama3_base_vocabulary_without_a_template_gets_llama3s_format_and_no_new_tokens(tmp_path):
+    # Llama 3.0 base: no template, no pad, and the header / end-of-turn tokens of its chat format already
+    # in the vocabulary among reserved ones. Before, it got our role tokens and a new pad: 4 rows more.
+    from data.tokenizer import chat_ids, ensure_chat_ready, use_turn_end_as_eos
+
+    tok = llama3_style_tokenizer(tmp_path, ["<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+                                            "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])
+    model = small_llama(len(tok))
+    size = len(tok)
+    assert ensure_chat_ready(tok, model) == 0
+    assert len(tok) == size == model.get_input_embeddings().num_embeddings
+    assert tok.pad_token == "<|reserved_special_token_0|>" and model.config.pad_token_id == tok.pad_token_id
+    text = tok.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
+                                   tokenize=False)
+    assert text == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+                    "<|start_header_id|>assistant<|end_header_id|>\n\nHello.<|eot_id|>")
+    assert tok.decode(chat_ids(tok, "Hi")).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert use_turn_end_as_eos(tok) == "<|end_of_text|>" and tok.eos_token == "<|eot_id|>"  # as Llama 3 Instruct
 
 
 def test_tokenizer_round_trips_english_and_chinese(shared_datasets):
