@@ -7,11 +7,15 @@ exactly. The pad token is separate from EOS: PPO must tell "the answer ended" fr
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Iterable
 
+import jinja2
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from pipeline.errors import PipelineError
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
@@ -145,6 +149,16 @@ def use_turn_end_as_eos(tokenizer: PreTrainedTokenizerBase) -> str | None:
         return None
     old, tokenizer.eos_token = tokenizer.eos_token, end
     return old
+
+
+@contextlib.contextmanager
+def template_accepts(where: str):
+    """A chat template may refuse a conversation by raising (Gemma's has no system role, Mistral's wants
+    user and assistant turns to alternate): one line naming the record and the template's reason."""
+    try:
+        yield
+    except jinja2.TemplateError as e:
+        raise PipelineError(f"{where}: the tokenizer's chat template rejects this conversation: {e}") from None
 
 
 def chat_ids(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict]) -> list[int]:

@@ -40,7 +40,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from data.loading import load_records, prompt_of
-from data.tokenizer import chat_ids, use_turn_end_as_eos
+from data.tokenizer import chat_ids, template_accepts, use_turn_end_as_eos
 from pipeline.errors import PipelineError, cli_main
 from pipeline.generation import answer, left_pad, max_prompt_tokens
 from pipeline.stage import read_manifest, write_json_atomic, write_text_atomic
@@ -117,8 +117,18 @@ def load_prompt_files(files: list[str], field: str = "prompt") -> list[dict]:
         found = load_records([source])
         if not found:
             raise PipelineError(f"{source}: no prompts")
-        records += [{"prompt": prompt_of(r, field), "family": Path(source).name} for r in found]
+        records += [{"prompt": prompt_of(r, field), "family": Path(source).name, "_where": r["_where"]} for r in found]
     return records
+
+
+def check_templates(stages: dict[str, Path], records: list[dict]) -> None:
+    """Every stage's chat template must accept every prompt (Gemma's refuses system turns): a prompt it
+    refuses is named before anything is generated."""
+    for path in stages.values():
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        for rec in records:
+            with template_accepts(rec["_where"]):
+                chat_ids(tokenizer, rec["prompt"])
 
 
 # ---- log-probabilities, KL, reward ----------------------------------------------------------
@@ -280,6 +290,7 @@ def evaluate_run(run_dir: str | Path, max_prompts: int = 0, max_new_tokens: int 
     stages = finished_stages(run_dir)
     if not stages:
         raise PipelineError(f"{run_dir}: no finished causal-LM stage (pretrain, sft, ppo): run `make pretrain RUN={run_dir}` first")
+    check_templates(stages, records)
     dev = pick_device(device)
     log(f"[eval] {len(prompts)} held-out prompts x stages {', '.join(stages)} on {dev}, judged by "
         + ("the gold judge" if gold else f"the reward model in {judge['path']}"))

@@ -147,6 +147,12 @@ def parents(pretrained_run, tmp_path_factory) -> Path:
     return run
 
 
+# A chat template that refuses system turns, as Gemma's does: the stages must name the record it refuses.
+NO_SYSTEM_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                      "{% endif %}<|{{ m['role'] }}|>{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+                      "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
 def qwen_style_model(path: Path, texts: list[str]) -> Path:
     """A tiny base model laid out like Qwen2.5's: EOS (and pad) <|endoftext|>, while its chat template
     closes every turn with <|im_end|> and a newline."""

@@ -21,7 +21,8 @@ from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate_run
 from pipeline.generation import left_pad
 from pipeline.packing import packs_sequences
-from tests.conftest import assert_replicas_saved, kill_after_checkpoint, one_line_error, read_jsonl, run_module, torchrun, write_jsonl
+from tests.conftest import (NO_SYSTEM_TEMPLATE, assert_replicas_saved, kill_after_checkpoint, one_line_error, read_jsonl,
+                            run_module, torchrun, write_jsonl)
 
 PER_UPDATE_KEYS = [
     "objective/score", "objective/kl", "objective/kl_coef", "objective/total_reward", "policy/entropy", "loss/policy",
@@ -365,6 +366,16 @@ def test_prompts_over_the_length_limit_can_be_dropped(parents, tmp_path, capsys)
     kept, ids = ppo_run.load_prompts([str(prompts)], tokenizer, 52, skip_long=True)
     assert kept == ["Hi", "Yo"] and all(len(i) <= 52 for i in ids)
     assert "dropped 1 of 3 prompts over max_prompt_length 52, first: " in capsys.readouterr().out
+
+
+def test_a_prompt_the_chat_template_refuses_is_named(parents, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(parents / "sft")
+    tokenizer.chat_template = NO_SYSTEM_TEMPLATE
+    prompts = write_jsonl(tmp_path / "chat.jsonl", [{"prompt": "Hi"}, {"messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}])
+    with pytest.raises(PipelineError, match="chat.jsonl: line 2: the tokenizer's chat template rejects this conversation: "
+                                            "System role not supported"):
+        ppo_run.load_prompts([str(prompts)], tokenizer, 52)
 
 
 def test_a_prompt_set_of_your_own_holds_some_out_for_the_final_evaluation(parents, tmp_path):

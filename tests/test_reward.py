@@ -25,7 +25,7 @@ from data.tokenizer import ensure_chat_ready
 from pipeline.packing import common_prefix_length, use_varlen_attention
 from stages.reward.run import GroupCollator, HeadOutputs, tokenize_groups
 from stages.reward.run import main as reward_main
-from tests.conftest import assert_replicas_saved, kill_after_checkpoint, one_line_error, read_jsonl, run_module, torchrun, write_jsonl
+from tests.conftest import NO_SYSTEM_TEMPLATE, assert_replicas_saved, kill_after_checkpoint, one_line_error, read_jsonl, run_module, torchrun, write_jsonl
 
 # ---- the loss -------------------------------------------------------------------------------------
 
@@ -188,6 +188,15 @@ def test_a_long_prompt_is_cut_alike_for_every_response(sft_run):
     assert common_prefix_length(seqs) == common_prefix_length(full) - 20 > 10
     tiny, _ = tokenize_groups([group], tok, 6)  # not even the answers fit: each keeps its last 6 tokens
     assert tiny[0]["group_ids"] == [s[-6:] for s in full]
+
+
+def test_a_group_the_chat_template_refuses_is_named(sft_run):
+    tok = AutoTokenizer.from_pretrained(sft_run / "sft")
+    tok.chat_template = NO_SYSTEM_TEMPLATE
+    system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    with pytest.raises(PipelineError, match="hh.jsonl: line 7: the tokenizer's chat template rejects this conversation"):
+        tokenize_groups([Group("Hi", ["Hello.", "Go away."], "hh.jsonl: line 6"),
+                         Group(system, ["Hello.", "Go away."], "hh.jsonl: line 7")], tok, 64)
 
 
 def toy_files(tmp_path: Path) -> tuple[Path, Path, Path]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ from stages.sft.run import (
     to_conversation,
     training_args,
 )
-from tests.conftest import (assert_replicas_saved, kill_after_checkpoint, one_line_error, qwen_style_model, read_jsonl, run_module,
+from tests.conftest import (NO_SYSTEM_TEMPLATE, assert_replicas_saved, kill_after_checkpoint, one_line_error, qwen_style_model, read_jsonl, run_module,
                             torchrun, write_jsonl)
 
 
@@ -374,6 +375,19 @@ def test_bad_input_gets_one_line_error_and_no_manifest(pretrained_run, tmp_path,
            "notext.jsonl: line 1", "'text'")
     _fails(capsys, bad("ok.jsonl", [ok]) + ["--world_dir", str(tmp_path / "noworld")], "truth.json")
     assert not (run / "sft" / "manifest.json").exists()
+
+
+def test_a_conversation_the_chat_template_refuses_is_named(pretrained_run, tmp_path, capsys):
+    base = tmp_path / "base"
+    shutil.copytree(pretrained_run / "pretrain", base)
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.chat_template = NO_SYSTEM_TEMPLATE  # Gemma's template refuses system turns; Alpaca-style data may carry one
+    tok.save_pretrained(base)
+    data = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "Hi?", "output": "Hello.", "system": ""},
+                                                   {"instruction": "Yo?", "output": "Yo.", "system": "Be brief."}])
+    _fails(capsys, ["--profile", "tiny", "--run_dir", str(tmp_path / "run"), "--init_from", str(base), "--train_files", str(data)],
+           "alpaca.jsonl: line 2: the tokenizer's chat template rejects this conversation: System role not supported")
+    assert not (tmp_path / "run" / "sft" / "manifest.json").exists()
 
 
 def test_ranked_data_gives_its_best_answers(shared_datasets):

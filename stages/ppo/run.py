@@ -30,7 +30,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from transformers.cache_utils import DynamicCache
 
 from data.loading import load_records, load_texts, prompt_of
-from data.tokenizer import chat_ids
+from data.tokenizer import chat_ids, template_accepts
 from pipeline.config import config_dict, parse_config
 from pipeline.errors import PipelineError, cli_main
 from pipeline.generation import left_pad
@@ -99,7 +99,8 @@ def load_prompts(files: list[str], tokenizer, max_prompt_length: int, field: str
     prompts, ids, long = [], [], []
     for rec in records:
         prompt = prompt_of(rec, field)
-        tokens = chat_ids(tokenizer, prompt)
+        with template_accepts(rec["_where"]):
+            tokens = chat_ids(tokenizer, prompt)
         if len(tokens) > max_prompt_length:
             if not skip_long:
                 raise PipelineError(f"{rec['_where']}: prompt is {len(tokens)} tokens, longer than max_prompt_length "

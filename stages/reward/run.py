@@ -24,7 +24,7 @@ from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import suppress_seqcls_warning
 
 from data.loading import load_records, require_text, split_holdout
-from data.tokenizer import ensure_chat_ready
+from data.tokenizer import ensure_chat_ready, template_accepts
 from pipeline.config import config_dict, parse_config
 from pipeline.errors import PipelineError, cli_main
 from pipeline.packing import common_prefix_length, pack_rows, packs_sequences
@@ -135,7 +135,8 @@ def tokenize_groups(groups: list[Group], tokenizer, max_length: int) -> tuple[Da
     not fit even so loses its own start too."""
     rows, truncated = [], 0
     for g in groups:
-        seqs = [encode(tokenizer, g.prompt, r) for r in g.responses]
+        with template_accepts(g.where):
+            seqs = [encode(tokenizer, g.prompt, r) for r in g.responses]
         over = max(map(len, seqs)) - max_length
         if over > 0:
             truncated += sum(len(s) > max_length for s in seqs)

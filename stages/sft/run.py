@@ -19,6 +19,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import jinja2
 import torch
 from accelerate import PartialState
 from datasets import Dataset, concatenate_datasets
@@ -27,7 +28,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
 from data.loading import EmptyField, load_records, load_texts, require_text, split_holdout
-from data.tokenizer import ensure_chat_ready, use_turn_end_as_eos
+from data.tokenizer import ensure_chat_ready, template_accepts, use_turn_end_as_eos
 from pipeline.config import config_dict, parse_config
 from pipeline.errors import PipelineError, cli_main
 from pipeline.generation import answer
@@ -187,7 +188,13 @@ def fit_to_length(examples: list[dict], tokenizer, max_length: int, what: str) -
     """Drop demonstrations whose prompt alone fills max_length: truncation (which keeps the start) would
     leave no completion token to learn from. Longer completions are only cut; both are counted."""
     def lengths(conversations, **kwargs) -> list[int]:  # rendered and tokenized in one batch: fast
-        texts = tokenizer.apply_chat_template(conversations, tokenize=False, **kwargs)
+        try:
+            texts = tokenizer.apply_chat_template(conversations, tokenize=False, **kwargs)
+        except jinja2.TemplateError:  # find the record the template refuses, and say which
+            for ex, conversation in zip(examples, conversations):
+                with template_accepts(ex["_where"]):
+                    tokenizer.apply_chat_template(conversation, tokenize=False, **kwargs)
+            raise
         return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
     prompt_len = lengths([ex["prompt"] for ex in examples], add_generation_prompt=True)
