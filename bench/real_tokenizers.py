@@ -53,6 +53,7 @@ def fetch_vocab(names: list[str]) -> Path:
 
 BUILD = """
 import sys
+import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 vocab, name, out = sys.argv[1:]
 try:
@@ -67,6 +68,7 @@ except Exception:  # transformers 5.24 cannot read Gemma 4's model config from t
 config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                      max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+torch.manual_seed(0)  # the same random base model on every run: runs of one vocabulary compare
 LlamaForCausalLM(config).save_pretrained(out)
 tok.save_pretrained(out)
 """
@@ -76,7 +78,7 @@ def run_recipe(vocab: Path, name: str, steps: int) -> dict:
     """A tiny model with the tokenizer `name`, through every stage; what its answers ended with."""
     from transformers import AutoTokenizer
 
-    from data.tokenizer import LLAMA3_TEMPLATE
+    from data.tokenizer import LLAMA3_TEMPLATE, SPACED_CHAT_TEMPLATE
 
     run, base = OUT / name, OUT / name / "base"
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -99,8 +101,8 @@ def run_recipe(vocab: Path, name: str, steps: int) -> dict:
     ppo = [json.loads(line) for line in (run / "ppo" / "metrics.jsonl").read_text().splitlines()]
     no_eos = [m["response/no_eos_rate"] for m in ppo if "response/no_eos_rate" in m]
     answer = next((line for line in chat.stdout.splitlines() if line.startswith("assistant>")), "")
-    template = "its own" if base_tok.chat_template else (
-        "Llama 3's (it has none)" if sft_tok.chat_template == LLAMA3_TEMPLATE else "ours (it has none)")
+    names = {LLAMA3_TEMPLATE: "Llama 3's", SPACED_CHAT_TEMPLATE: "ours, a space opening each turn"}
+    template = "its own" if base_tok.chat_template else f"{names.get(sft_tok.chat_template, 'ours')} (it has none)"
     return {"tokenizer": name, "family": NAMES.get(name, name), "vocab": len(base_tok), "sft_vocab": len(sft_tok),
             "template": template,
             "base_eos": base_tok.eos_token, "sft_eos": sft_tok.eos_token,

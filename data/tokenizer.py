@@ -36,6 +36,11 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
+# SentencePiece vocabularies (Llama 2, Mistral, TinyLlama) mark a word's start with "▁", which text right
+# after a special token does not get: "<|assistant|>Sorry" becomes "S" "orry", pieces the base model has
+# rarely seen, where running text has "▁Sorry". For them each turn's content starts with a space, inside
+# the turn, so the generation prompt still ends at the role token and the answer's first token is "▁Sorry".
+SPACED_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("{{ message['content'] }}", "{{ ' ' + message['content'] }}")
 
 # Llama 3's own chat format, for a Llama 3 base vocabulary that ships without a template: its header and
 # end-of-turn tokens are already in the vocabulary (untrained in the base model), so nothing is added, and
@@ -106,7 +111,7 @@ def ensure_chat_ready(tokenizer: PreTrainedTokenizerBase, model=None) -> int:
             tokenizer.chat_template = LLAMA3_TEMPLATE
         else:
             added += tokenizer.add_special_tokens({"additional_special_tokens": ROLE_TOKENS})
-            tokenizer.chat_template = CHAT_TEMPLATE
+            tokenizer.chat_template = SPACED_CHAT_TEMPLATE if loses_word_start(tokenizer) else CHAT_TEMPLATE
     if model is not None and model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))  # room for tokens added now or when the tokenizer was loaded
     if model is not None:
@@ -114,6 +119,17 @@ def ensure_chat_ready(tokenizer: PreTrainedTokenizerBase, model=None) -> int:
         model.config.eos_token_id = tokenizer.eos_token_id
         model.config.bos_token_id = tokenizer.bos_token_id
     return added
+
+
+def loses_word_start(tokenizer: PreTrainedTokenizerBase, word: str = "Sorry") -> bool:
+    """Whether a word right after a special token is split unlike the same word opening a text, and a
+    space before it mends that (SentencePiece's Metaspace pre-tokenizer, which marks only a text's first
+    word). Byte-level BPE and legacy SentencePiece tokenizers split both alike: False."""
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    after = ids("<|assistant|>" + word)[1:]
+    return after != ids(word) and ids("<|assistant|> " + word)[1:] == ids(word)
 
 
 def turn_end(tokenizer: PreTrainedTokenizerBase) -> tuple[str | None, str]:

@@ -215,6 +215,38 @@ def test_a_llama3_base_vocabulary_without_a_template_gets_llama3s_format_and_no_
     assert use_turn_end_as_eos(tok) == "<|end_of_text|>" and tok.eos_token == "<|eot_id|>"  # as Llama 3 Instruct
 
 
+def test_a_sentencepiece_vocabulary_gets_our_template_with_words_that_keep_their_start(tmp_path):
+    # Llama 2 / Mistral / TinyLlama: Metaspace marks only a text's first word with "▁", so right after a
+    # role token "Sorry" would become "S" "orry". A space opens each turn's content instead, inside the
+    # turn: the generation prompt still ends at <|assistant|>, and the answer starts with "▁Sorry".
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from data.tokenizer import CHAT_TEMPLATE, SPACED_CHAT_TEMPLATE, chat_ids, ensure_chat_ready
+    from reward.model import encode
+
+    spm = Tokenizer(models.BPE(unk_token="<unk>"))
+    spm.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    spm.decoder = decoders.Metaspace(prepend_scheme="first")
+    texts = load_texts(make_corpus(tmp_path)) + ["Sorry, I can't help with that."] * 20
+    spm.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=spm, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    ensure_chat_ready(tok)
+    assert tok.chat_template == SPACED_CHAT_TEMPLATE
+    question, answer = "Sorry to ask, who are you?", "Sorry, I can't help with that."
+    prompt, full = chat_ids(tok, question), encode(tok, question, answer)
+    alone = [tok(text, add_special_tokens=False)["input_ids"] for text in (question, answer)]
+    assert tok.convert_ids_to_tokens(alone[1][0]).startswith("▁Sorry")
+    assert prompt[2:-1] == alone[0] and tok.convert_ids_to_tokens(prompt[-1]) == "<|assistant|>"  # <s><|user|> ... <|assistant|>
+    assert full[:len(prompt)] == prompt and full[len(prompt):-1] == alone[1]  # then the answer as running text has it, and </s>
+    assert tok.decode(full[len(prompt):], skip_special_tokens=True) == answer
+
+    byte_level = train_tokenizer(texts, vocab_size=300)  # GPT-2-style byte-level BPE splits both alike
+    byte_level.chat_template = None
+    ensure_chat_ready(byte_level)
+    assert byte_level.chat_template == CHAT_TEMPLATE
+
+
 def test_tokenizer_round_trips_english_and_chinese(shared_datasets):
     english = load_texts(shared_datasets / "tinyshakespeare" / "input.txt")[:300]
     chinese = [r["text"] for r in map(json.loads, (shared_datasets / "luxun_zh" / "luxun_fiction_and_prose.jsonl").read_text(encoding="utf-8").splitlines()[:5])]
