@@ -1,4 +1,5 @@
-"""Byte-level BPE tokenizer with the special tokens and chat template every stage shares.
+"""Byte-level BPE tokenizer with the special tokens and chat template every stage shares, and what an
+existing model's tokenizer is given when it lacks them (a pad apart from EOS, a chat template).
 
 Byte-level BPE (GPT-2 style) never meets an unknown character, so English and Chinese text round-trip
 exactly. The pad token is separate from EOS: PPO must tell "the answer ended" from "padding"
@@ -90,8 +91,9 @@ def wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
 def ensure_chat_ready(tokenizer: PreTrainedTokenizerBase, model=None) -> int:
     """Give an existing tokenizer (continued pretraining of a Hub model) what the pipeline needs:
     a pad token distinct from EOS, and if it has no chat template one: Llama 3's where the vocabulary
-    has its tokens, else ours, with its role tokens and a BOS. Tokens the vocabulary reserves are used
-    before new ones are added. Returns how many tokens were added (the model's embeddings are resized)."""
+    has its tokens, else ours (spaced for SentencePiece vocabularies), with its role tokens and a BOS.
+    Tokens the vocabulary reserves are used before new ones are added. Returns how many tokens were
+    added (the model's embeddings are resized)."""
     added = 0
     special = {str(t): i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     if tokenizer.eos_token is None:
