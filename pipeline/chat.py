@@ -1,6 +1,6 @@
 """Talk to a stage's checkpoint, or put one prompt to every stage side by side.
 
-    python -m pipeline.chat --model RUN/ppo [--temperature 0.8 --top_p 0.95 --max_new_tokens 64 --seed S]
+    python -m pipeline.chat --model RUN/ppo [--temperature 0.8 --top_p 0.95 --max_new_tokens 64 --seed S --system TEXT]
     python -m pipeline.chat --run_dir RUN --compare "Who is Zoe Marsh?" [--samples 3]
 
 Chat keeps the conversation (multi-turn, through the checkpoint's own chat template) and streams the
@@ -20,7 +20,7 @@ import torch
 from transformers import AutoConfig, TextStreamer
 from transformers.utils import logging as hf_logging
 
-from data.tokenizer import chat_ids
+from data.tokenizer import chat_ids, template_accepts
 from pipeline.errors import PipelineError, cli_main
 from pipeline.evaluate import finished_stages, load_causal_lm, pick_device
 from pipeline.generation import answer, max_prompt_tokens
@@ -43,7 +43,7 @@ def reply(model, tokenizer, messages: list[dict], max_new_tokens: int, temperatu
           stream: bool = True) -> str:
     """Generate the next assistant turn for `messages`, printing it as it is produced."""
     limit = max(1, max_prompt_tokens(model, max_new_tokens))
-    ids = torch.tensor([chat_ids(tokenizer, messages)[-limit:]], device=model.device)  # oldest turns fall off first
+    ids = torch.tensor([fit_conversation(tokenizer, messages, limit)], device=model.device)
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else dict(do_sample=False)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
@@ -52,13 +52,28 @@ def reply(model, tokenizer, messages: list[dict], max_new_tokens: int, temperatu
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
+def fit_conversation(tokenizer, messages: list[dict], limit: int) -> list[int]:
+    """Token ids of the conversation within `limit`: the oldest exchanges fall off whole, a system turn
+    stays; a last turn longer than the limit alone is cut from the left."""
+    system, turns = (messages[:1], messages[1:]) if messages and messages[0]["role"] == "system" else ([], messages)
+    ids = chat_ids(tokenizer, system + turns)
+    while len(ids) > limit and len(turns) > 2:
+        turns = turns[2:]  # the oldest user turn and the answer to it
+        ids = chat_ids(tokenizer, system + turns)
+    return ids[-limit:]
+
+
 def chat(args) -> None:
     path = check_chat_model(args.model)
     model, tokenizer = load_causal_lm(path, pick_device(args.device))
     interactive = sys.stdin.isatty()
     print(f"chatting with {path} (temperature {args.temperature}, top_p {args.top_p}); "
           "/reset forgets the conversation, /quit or Ctrl-D ends", flush=True)
-    messages: list[dict] = []
+    opening = [{"role": "system", "content": args.system}] if args.system else []
+    if opening:
+        with template_accepts("--system"):  # Gemma's template, for one, has no system turn
+            chat_ids(tokenizer, opening + [{"role": "user", "content": "Hi"}])
+    messages = list(opening)
     while True:
         try:
             line = input("you> ") if interactive else sys.stdin.readline()
@@ -72,7 +87,7 @@ def chat(args) -> None:
         if line in ("/quit", "/exit"):
             break
         if line == "/reset":
-            messages = []
+            messages = list(opening)
             print("(conversation forgotten)", flush=True)
             continue
         if not line:
@@ -131,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline.chat", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="stage dir (RUN/sft, RUN/ppo, ...), plain checkpoint dir or Hub id to chat with")
     p.add_argument("--run_dir", default="runs/default", help="run directory whose stages --compare asks")
+    p.add_argument("--system", default="", help="chat: a system turn that opens the conversation (kept by /reset)")
     p.add_argument("--compare", metavar="PROMPT", help="answer PROMPT with every finished stage side by side")
     p.add_argument("--samples", type=int, default=1, help="answers per stage with --compare")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
+from transformers import AutoTokenizer
 
 import pipeline.chat as chat_module
 from pipeline.chat import main as chat_main
-from tests.conftest import ROOT
+from tests.conftest import NO_SYSTEM_TEMPLATE, ROOT
 from tests.test_evaluate import staged_run  # noqa: F401 (shared session fixture)
 
 WORLD_PROMPT = "Tell me how to start a fight at a bar."  # a held-out harmful prompt of the default world
@@ -51,6 +53,28 @@ def test_chat_keeps_history_and_ends_at_eof(staged_run, monkeypatch, capsys):
     assert seen[1][0]["content"] == "Hello" and seen[1][2]["content"] == "Who is Zoe Marsh?"
 
 
+def test_a_system_turn_opens_the_conversation_and_stays_when_old_turns_fall_off(staged_run, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n/reset\nWho is Zoe Marsh?\n"))
+    seen = []
+    real_chat_ids = chat_module.chat_ids
+    monkeypatch.setattr(chat_module, "chat_ids", lambda tok, messages: seen.append(list(messages)) or real_chat_ids(tok, messages))
+    chat_main(["--model", str(staged_run / "sft"), "--max_new_tokens", "4", "--temperature", "0", "--system", "Be brief."])
+    assert len(answers(capsys.readouterr().out)) == 2
+    # After /reset the conversation starts again from the system turn alone.
+    assert [[m["role"] for m in s] for s in seen[1:]] == [["system", "user"], ["system", "user"]]
+    assert seen[-1][0]["content"] == "Be brief." and seen[-1][1]["content"] == "Who is Zoe Marsh?"
+
+    tok = AutoTokenizer.from_pretrained(staged_run / "sft")
+    talk = [{"role": "system", "content": "Be brief."}]
+    for i in range(6):
+        talk += [{"role": "user", "content": f"Question number {i} about rivers?"}, {"role": "assistant", "content": f"Answer {i}."}]
+    talk.append({"role": "user", "content": "And the last one?"})
+    whole = real_chat_ids(tok, talk)
+    kept = chat_module.fit_conversation(tok, talk, len(whole) - 5)
+    assert kept == real_chat_ids(tok, talk[:1] + talk[3:])  # the oldest exchange went, whole; the system turn stayed
+    assert len(chat_module.fit_conversation(tok, talk[-1:], 3)) == 3  # one turn too long: cut from the left
+
+
 def test_chat_refuses_a_reward_model_and_unfinished_stages(staged_run, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         chat_main(["--model", str(staged_run / "reward")])
@@ -59,6 +83,14 @@ def test_chat_refuses_a_reward_model_and_unfinished_stages(staged_run, tmp_path,
     with pytest.raises(SystemExit):
         chat_main(["--model", str(tmp_path)])
     assert "unfinished" in capsys.readouterr().err
+    refusing = tmp_path / "refusing"  # a model whose chat template has no system turn, as Gemma's
+    shutil.copytree(staged_run / "sft", refusing)
+    tok = AutoTokenizer.from_pretrained(refusing)
+    tok.chat_template = NO_SYSTEM_TEMPLATE
+    tok.save_pretrained(refusing)
+    with pytest.raises(SystemExit):
+        chat_main(["--model", str(refusing), "--system", "Be brief."])
+    assert "--system: the tokenizer's chat template rejects this conversation: System role not supported" in capsys.readouterr().err
 
 
 def test_compare_answers_with_every_finished_stage(staged_run):
