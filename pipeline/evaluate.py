@@ -109,11 +109,17 @@ def load_eval_prompts(world_dir: Path, judge: GoldJudge) -> list[dict]:
     return records
 
 
-def load_prompt_files(files: list[str], field: str = "prompt") -> list[dict]:
+def load_prompt_files(files: list[str], field: str | list[str] = "prompt") -> list[dict]:
     """Prompt records from your own files (any format data.loading reads: `field`, or chat `messages`
-    ending in a user turn); each file's name stands where a world prompt's family would."""
+    ending in a user turn; one field for every file, or one per file); each file's name stands where a
+    world prompt's family would."""
+    fields = [field] if isinstance(field, str) else list(field)
+    if len(fields) not in (1, len(files)):
+        raise PipelineError(f"--prompt_field: give one field, or one per --prompts file ({len(files)} files, "
+                            f"{len(fields)} fields)")
+    fields = fields * len(files) if len(fields) == 1 else fields
     records = []
-    for source in files:
+    for source, field in zip(files, fields):
         found = load_records([source])
         if not found:
             raise PipelineError(f"{source}: no prompts")
@@ -245,7 +251,7 @@ def judged_metrics(rows: list[dict], n_boot: int, seed: int) -> dict:
 
 # ---- the evaluation -------------------------------------------------------------------------
 
-def prompts_and_judge(run_dir: Path, prompt_files: list[str] | None, prompt_field: str,
+def prompts_and_judge(run_dir: Path, prompt_files: list[str] | None, prompt_field: str | list[str],
                       judge_path: str | Path | None) -> tuple[list[dict], GoldJudge | None, dict]:
     """The held-out prompts, the gold judge (or None) and who judges, as eval.json records it: those of
     --prompts, or those PPO held out of training on prompts of your own, and a reward model; else the
@@ -278,7 +284,7 @@ def prompts_and_judge(run_dir: Path, prompt_files: list[str] | None, prompt_fiel
 def evaluate_run(run_dir: str | Path, max_prompts: int = 0, max_new_tokens: int = 32, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, bootstrap: int = 1000, batch_size: int = 64,
                  kl_prompts: int = -1, best_of_n: int = 8, bon_temperature: float = 1.0, device: str = "auto",
-                 prompt_files: list[str] | None = None, prompt_field: str = "prompt", judge_path: str | Path | None = None,
+                 prompt_files: list[str] | None = None, prompt_field: str | list[str] = "prompt", judge_path: str | Path | None = None,
                  log=print) -> dict:
     run_dir = Path(run_dir)
     t0 = time.time()
@@ -558,8 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", nargs="+", default=None, metavar="FILE",
                    help="held-out prompts of your own (jsonl/json/parquet/csv or a Hub dataset id) instead of the world's, "
                         "judged by a reward model; how a run on real data is evaluated")
-    p.add_argument("--prompt_field", default="prompt",
-                   help="field of --prompts records holding the prompt (records with chat 'messages' need none)")
+    p.add_argument("--prompt_field", nargs="+", default=["prompt"],
+                   help="field of --prompts records holding the prompt, one for all files or one per file "
+                        "(records with chat 'messages' need none)")
     p.add_argument("--judge", default=None, metavar="REWARD_MODEL_DIR",
                    help="reward model that judges --prompts (default: the run's own, RUN/reward)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from data.tokenizer import chat_ids
 from pipeline.errors import PipelineError
-from pipeline.evaluate import (compare, evaluate_run, markdown_table, response_mask, sampled_kl,
+from pipeline.evaluate import (compare, evaluate_run, load_prompt_files, markdown_table, response_mask, sampled_kl,
                                select_prompts, stage_metrics, token_logprobs)
 from pipeline.evaluate import main as evaluate_main
 from pipeline.generation import left_pad
@@ -427,6 +427,20 @@ def test_another_reward_model_can_judge_your_prompts(run_without_world, tmp_path
     assert result["judge"]["path"] == str(judge) and not result["judge"]["own"] and result["kl_ppo_sft"] is None
     table = markdown_table(result)
     assert "the run's reward model score (proxy)" in table and "not the run's own" in table
+
+
+def test_prompt_files_of_different_formats_each_name_their_field(tmp_path):
+    alpaca = write_jsonl(tmp_path / "alpaca_eval.jsonl", [{"instruction": "Name a fruit.", "output": "x"}])
+    mt_bench = write_jsonl(tmp_path / "mt_bench.jsonl", [{"turns": ["Write a poem.", "Now shorter."]}])
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "Hi"}]}])
+    records = load_prompt_files([str(alpaca), str(mt_bench), str(chat)], ["instruction", "turns", "prompt"])
+    assert [(r["prompt"], r["family"]) for r in records] == [
+        ("Name a fruit.", "alpaca_eval.jsonl"), ("Write a poem.", "mt_bench.jsonl"),
+        ([{"role": "user", "content": "Hi"}], "chat.jsonl")]
+    with pytest.raises(PipelineError, match="one per --prompts file"):
+        load_prompt_files([str(alpaca), str(mt_bench), str(chat)], ["instruction", "turns"])
+    with pytest.raises(PipelineError, match="mt_bench.jsonl: line 1: missing field 'instruction'"):
+        load_prompt_files([str(alpaca), str(mt_bench)], ["instruction"])  # one field for every file
 
 
 def test_bad_prompts_or_judge_get_one_line_errors(run_without_world, staged_run, tmp_path, capsys):
