@@ -119,11 +119,11 @@ def load_prompt_files(files: list[str], field: str | list[str] = "prompt") -> li
                             f"{len(fields)} fields)")
     fields = fields * len(files) if len(fields) == 1 else fields
     records = []
-    for source, field in zip(files, fields):
+    for source, name in zip(files, fields):
         found = load_records([source])
         if not found:
             raise PipelineError(f"{source}: no prompts")
-        records += [{"prompt": prompt_of(r, field), "family": Path(source).name, "_where": r["_where"]} for r in found]
+        records += [{"prompt": prompt_of(r, name), "family": Path(source).name, "_where": r["_where"]} for r in found]
     return records
 
 
@@ -488,13 +488,19 @@ def gold_rows(stages: dict[str, dict]) -> list[tuple[str, list[str]]]:
     return rows
 
 
+def gold_judged(result: dict) -> bool:
+    """Whether the world's gold judge judged an eval.json (else a reward model on your prompts); one
+    written before reward-model judging has no `judge` and was the gold judge's."""
+    return (result.get("judge") or {"kind": "gold"})["kind"] == "gold"
+
+
 def markdown_table(result: dict) -> str:
     """One column per stage, one row per metric (the table eval.md holds and the CLI prints)."""
     # Pipeline order (eval.json is written with sorted keys).
     names = [n for n, _ in CAUSAL_STAGES if n in result["stages"]]
     stages = {n: result["stages"][n] for n in names}
-    judge = result.get("judge") or {"kind": "gold"}  # eval.json from before reward-model judging: gold
-    if judge["kind"] == "gold":
+    judge = result.get("judge")
+    if gold_judged(result):
         rows = gold_rows(stages)
     else:
         rows = [("mean judge score (reward model) [95% CI]", [_with_ci(s["judge_score"], s["judge_score_ci"]) for s in stages.values()])]
@@ -516,7 +522,7 @@ def markdown_table(result: dict) -> str:
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     lines += [f"| {title} | " + " | ".join(cells) + " |" for title, cells in rows]
     extra = []
-    if judge["kind"] != "gold":
+    if not gold_judged(result):
         extra.append(f"- judged by the reward model in {judge['path']} " + (
             "(the run's own: the reward PPO optimised, so PPO's lead over SFT is an upper bound)" if judge["own"] else
             "(not the run's own reward model)") + "; win rates by its score, ties half (the same answer ties)")

@@ -22,7 +22,7 @@ matplotlib.use("Agg")  # files only, no display (servers, CI)
 import matplotlib.pyplot as plt  # noqa: E402
 
 from pipeline.errors import PipelineError, cli_main  # noqa: E402
-from pipeline.evaluate import CAUSAL_STAGES, accuracy_metrics, markdown_table  # noqa: E402
+from pipeline.evaluate import CAUSAL_STAGES, accuracy_metrics, gold_judged, markdown_table  # noqa: E402
 from pipeline.stage import read_manifest  # noqa: E402
 from pipeline.tracking import read_metrics  # noqa: E402
 from reward.gold import FAMILIES  # noqa: E402
@@ -54,11 +54,6 @@ def keys_containing(rows: list[dict], word: str) -> list[str]:
 def stage_names(result: dict) -> list[str]:
     """The evaluated causal-LM stages in pipeline order (eval.json is written with sorted keys)."""
     return [n for n, _ in CAUSAL_STAGES if n in (result.get("stages") or {})]
-
-
-def gold_judged(result: dict) -> bool:
-    """Whether the world's gold judge judged the evaluation (else a reward model on your prompts)."""
-    return (result.get("judge") or {"kind": "gold"})["kind"] == "gold"
 
 
 # ---- plots ----------------------------------------------------------------------------------

@@ -153,18 +153,45 @@ NO_SYSTEM_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ r
                       "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
+def refusing_system_turns(checkpoint: Path, copy_to: Path) -> Path:
+    """A copy of `checkpoint` whose tokenizer carries NO_SYSTEM_TEMPLATE."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    shutil.copytree(checkpoint, copy_to)
+    tokenizer = AutoTokenizer.from_pretrained(copy_to)
+    tokenizer.chat_template = NO_SYSTEM_TEMPLATE
+    tokenizer.save_pretrained(copy_to)
+    return copy_to
+
+
+def small_bpe(texts: list[str], special: list[str], vocab_size: int = 400, metaspace: bool = False):
+    """A small BPE vocabulary (a `tokenizers.Tokenizer`) trained on `texts` with `special` tokens first:
+    byte-level as GPT-2, Qwen and Llama 3 split text, or with `metaspace` as SentencePiece vocabularies
+    (Llama 2, Mistral) do, marking a text's first word with "▁"."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if metaspace:
+        bpe = Tokenizer(models.BPE(unk_token=special[0]))
+        bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.Metaspace(prepend_scheme="first"), decoders.Metaspace(prepend_scheme="first")
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False)
+    else:
+        bpe = Tokenizer(models.BPE())
+        bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer)
+    return bpe
+
+
 def qwen_style_model(path: Path, texts: list[str]) -> Path:
     """A tiny base model laid out like Qwen2.5's: EOS (and pad) <|endoftext|>, while its chat template
     closes every turn with <|im_end|> and a newline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=special, show_progress=False,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=special[0], pad_token=special[0],
+    tok = PreTrainedTokenizerFast(tokenizer_object=small_bpe(texts, special), eos_token=special[0], pad_token=special[0],
                                   additional_special_tokens=special[1:])
     tok.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
                          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")

@@ -29,7 +29,7 @@ from pipeline.stage import read_manifest, write_json_atomic
 from pipeline.stats import best_of_k, best_of_k_kl, bootstrap_ci, pairwise_outcomes, share, win_rate
 from reward.gold import FAMILIES, GoldJudge
 from reward.model import load_reward_model, score
-from tests.conftest import NO_SYSTEM_TEMPLATE, one_line_error, run_module, write_jsonl
+from tests.conftest import one_line_error, refusing_system_turns, run_module, write_jsonl
 
 EVAL_PROMPTS = 12  # 3 per family: every rate is defined
 RATE_KEYS = ("fact_accuracy", "fact_correct_or_verbose", "instruction_accuracy", "instruction_correct_or_verbose",
@@ -459,10 +459,7 @@ def test_bad_prompts_or_judge_get_one_line_errors(run_without_world, staged_run,
                    "reward stage not finished", "--judge")
     refusing = tmp_path / "refusing"  # an SFT model whose chat template refuses system turns, as Gemma's does
     refusing.mkdir()
-    shutil.copytree(staged_run / "sft", refusing / "sft")
-    tok = AutoTokenizer.from_pretrained(refusing / "sft")
-    tok.chat_template = NO_SYSTEM_TEMPLATE
-    tok.save_pretrained(refusing / "sft")
+    refusing_system_turns(staged_run / "sft", refusing / "sft")
     os.symlink(staged_run / "reward", refusing / "reward")
     system = write_jsonl(tmp_path / "system.jsonl", MY_PROMPTS + [{"messages": [{"role": "system", "content": "Be brief."},
                                                                                {"role": "user", "content": "Hi"}]}])

@@ -12,7 +12,7 @@ from data.loading import load_texts
 from data.tokenizer import train_tokenizer
 from stages.pretrain.run import main as pretrain_main, sample_batch
 from tests.conftest import (assert_replicas_saved, kill_after_checkpoint, one_line_error, qwen_style_model, read_jsonl, run_module,
-                            torchrun, write_jsonl)
+                            small_bpe, torchrun, write_jsonl)
 
 CORPUS = [{"text": f"Ana Lint lives in Port {c}. She works as a baker and likes the colour {c.lower()}."}
           for c in ["Red", "Blue", "Green", "Amber", "Teal", "Gray", "Pink", "Gold"] * 20]
@@ -159,17 +159,11 @@ def test_continued_pretraining_of_a_model_that_needs_a_pad_token(tmp_path):
 
 def llama3_style_tokenizer(tmp_path, special: list[str]):
     """A small BPE vocabulary with Llama 3's BOS/EOS first and the given special tokens after them."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     special = ["<|begin_of_text|>", "<|end_of_text|>", *special]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(load_texts(make_corpus(tmp_path)), trainers.BpeTrainer(
-        vocab_size=300, special_tokens=special, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=special[0], eos_token=special[1],
-                                   additional_special_tokens=special[2:])
+    return PreTrainedTokenizerFast(tokenizer_object=small_bpe(load_texts(make_corpus(tmp_path)), special, 300),
+                                   bos_token=special[0], eos_token=special[1], additional_special_tokens=special[2:])
 
 
 def small_llama(vocab_size: int):
@@ -219,17 +213,13 @@ def test_a_sentencepiece_vocabulary_gets_our_template_with_words_that_keep_their
     # Llama 2 / Mistral / TinyLlama: Metaspace marks only a text's first word with "▁", so right after a
     # role token "Sorry" would become "S" "orry". A space opens each turn's content instead, inside the
     # turn: the generation prompt still ends at <|assistant|>, and the answer starts with "▁Sorry".
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     from data.tokenizer import CHAT_TEMPLATE, SPACED_CHAT_TEMPLATE, chat_ids, ensure_chat_ready
     from reward.model import encode
 
-    spm = Tokenizer(models.BPE(unk_token="<unk>"))
-    spm.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
-    spm.decoder = decoders.Metaspace(prepend_scheme="first")
     texts = load_texts(make_corpus(tmp_path)) + ["Sorry, I can't help with that."] * 20
-    spm.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    spm = small_bpe(texts, ["<unk>", "<s>", "</s>"], metaspace=True)
     tok = PreTrainedTokenizerFast(tokenizer_object=spm, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     ensure_chat_ready(tok)
     assert tok.chat_template == SPACED_CHAT_TEMPLATE

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -30,8 +29,8 @@ from stages.sft.run import (
     to_conversation,
     training_args,
 )
-from tests.conftest import (NO_SYSTEM_TEMPLATE, assert_replicas_saved, kill_after_checkpoint, one_line_error, qwen_style_model, read_jsonl, run_module,
-                            torchrun, write_jsonl)
+from tests.conftest import (assert_replicas_saved, kill_after_checkpoint, one_line_error, qwen_style_model, read_jsonl,
+                            refusing_system_turns, run_module, torchrun, write_jsonl)
 
 
 @pytest.fixture(scope="module")
@@ -378,11 +377,8 @@ def test_bad_input_gets_one_line_error_and_no_manifest(pretrained_run, tmp_path,
 
 
 def test_a_conversation_the_chat_template_refuses_is_named(pretrained_run, tmp_path, capsys):
-    base = tmp_path / "base"
-    shutil.copytree(pretrained_run / "pretrain", base)
-    tok = AutoTokenizer.from_pretrained(base)
-    tok.chat_template = NO_SYSTEM_TEMPLATE  # Gemma's template refuses system turns; Alpaca-style data may carry one
-    tok.save_pretrained(base)
+    # Gemma's template refuses system turns; Alpaca-style data may carry one.
+    base = refusing_system_turns(pretrained_run / "pretrain", tmp_path / "base")
     data = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "Hi?", "output": "Hello.", "system": ""},
                                                    {"instruction": "Yo?", "output": "Yo.", "system": "Be brief."}])
     _fails(capsys, ["--profile", "tiny", "--run_dir", str(tmp_path / "run"), "--init_from", str(base), "--train_files", str(data)],
