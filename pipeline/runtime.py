@@ -34,12 +34,40 @@ def cpu_and_backend() -> tuple[bool, str | None]:
     return (False, "gloo") if deepspeed_launched() else (True, None)
 
 
-def setup(seed: int, mixed_precision: str = "no", gradient_accumulation_steps: int = 1) -> Accelerator:
-    """An Accelerator for whatever launched us (python, torchrun, accelerate launch), seeded.
+# Ranks' seeds lie this far apart, so run seed s's rank r never replays another small run seed's rank 0
+# (with seed + rank, seed 0's rank 1 drew exactly what seed 1's rank 0 drew).
+RANK_SEED_STRIDE = 1_000_003
 
-    Each process gets seed + rank so data sampling differs across ranks but the run is reproducible.
+
+def process_seed(seed: int, rank: int) -> int:
+    """The seed of one process of a run: distinct across ranks, reproducible, rank 0 keeps `seed`."""
+    return seed + rank * RANK_SEED_STRIDE
+
+
+def set_threads(requested: int = 0) -> int:
+    """torch's CPU thread count for this process, returned for the stage's header and manifest.
+
+    0 shares the machine's cores among the processes launched on it (LOCAL_WORLD_SIZE, set by
+    torchrun and accelerate): torch's own default gives every process all cores, so two processes
+    on a 2-core machine fight over them."""
+    if requested <= 0:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+        requested = max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+                        // max(local, 1))
+    if requested != torch.get_num_threads():
+        torch.set_num_threads(requested)
+    return torch.get_num_threads()
+
+
+def setup(seed: int, mixed_precision: str = "no", gradient_accumulation_steps: int = 1, threads: int = 0) -> Accelerator:
+    """An Accelerator for whatever launched us (python, torchrun, accelerate launch), seeded, with
+    `threads` CPU threads (0: this process's share of the cores, see set_threads).
+
+    Each process gets its own seed (process_seed) so data sampling differs across ranks but the run is
+    reproducible.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    set_threads(threads)
     stage_decides_training_settings()
     cpu, backend = cpu_and_backend()
     handlers = [InitProcessGroupKwargs(backend=backend)] if backend else []
@@ -48,7 +76,7 @@ def setup(seed: int, mixed_precision: str = "no", gradient_accumulation_steps: i
     if deepspeed_launched():
         # ZeRO-3 shards the trained models when they are prepared; the frozen ones must stay whole.
         load_models_whole()
-    set_seed(seed + accelerator.process_index)
+    set_seed(process_seed(seed, accelerator.process_index))
     return accelerator
 
 
