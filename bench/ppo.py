@@ -5,10 +5,11 @@ release with PPO) on an identical tiny config, same machine, back to back.
 
 Both sides get the same models (a tiny random Llama policy and a reward model of the same shape,
 built here over a tokenizer trained here), the same prompts (the embedded world's PPO prompts),
-rollout batch, response length, temperature, PPO epochs and minibatches. Measured: episodes per
-second of the PPO loop (model loading and saving excluded on both sides) and peak resident memory of
-each process. Runs alternate (ours, TRL, ours, TRL, ...) and the best of each side is reported, so
-a burst of load from elsewhere on a shared machine does not decide the ratio.
+rollout batch, response length, temperature, PPO epochs and minibatches, and so the same optimizer
+steps per update: PPO epochs x minibatches (`trl_settings`; TRL's own count is measured and checked).
+Measured: episodes per second of the PPO loop (model loading and saving excluded on both sides) and
+peak resident memory of each process. Runs alternate (ours, TRL, ours, TRL, ...) and the best of each
+side is reported, so a burst of load from elsewhere on a shared machine does not decide the ratio.
 
 TRL runs in its own virtual environment, bench/.trl-venv, created on first use with trl==1.12.0 and
 the same torch, transformers and accelerate versions as the project's environment.
@@ -61,6 +62,42 @@ def ensure_trl_venv() -> Path:
     return python
 
 
+def trl_settings(rollout_batch_size: int, num_minibatches: int, gradient_accumulation: int = 1) -> dict[str, int]:
+    """TRL 1.12 PPOConfig batch settings that replay our stage's update on one process: the rollout of
+    rollout_batch_size episodes, num_minibatches shuffled minibatches per PPO epoch, one optimizer step each.
+
+    TRL 1.12 (`experimental/ppo/ppo_trainer.py`): rollout = per_device_train_batch_size *
+    gradient_accumulation_steps (num_mini_batches divides it, it does not multiply it); a minibatch is
+    cut into micro-batches of per_device_train_batch_size, and accelerate steps the optimizer once every
+    gradient_accumulation_steps micro-batches, counted across minibatches. So only accumulation 1 steps
+    once per minibatch: per-device batch = the whole rollout, of which each micro-batch takes one whole
+    minibatch. (The earlier per-device batch = rollout / minibatches with accumulation = minibatches
+    stepped once per PPO epoch: 4 steps per update where ours took 4 x 2.)"""
+    if gradient_accumulation != 1:
+        raise ValueError("TRL 1.12's PPOTrainer cannot accumulate micro-batches within a minibatch: its accumulation "
+                         "counter spans minibatches, so any accumulation > 1 merges several into one step")
+    if rollout_batch_size % num_minibatches:
+        raise ValueError(f"rollout_batch_size {rollout_batch_size} is not divisible by "
+                         f"num_minibatches {num_minibatches}")
+    return {"per_device_train_batch_size": rollout_batch_size, "gradient_accumulation_steps": 1,
+            "num_mini_batches": num_minibatches, "local_rollout_forward_batch_size": rollout_batch_size}
+
+
+def trl_optimizer_steps_per_update(settings: dict[str, int], ppo_epochs: int) -> int:
+    """Optimizer steps TRL 1.12's PPOTrainer takes per update with these settings, by replaying its
+    loop (one process): epochs -> minibatches -> micro-batches in `accelerator.accumulate`, which steps
+    on every gradient_accumulation_steps-th micro-batch."""
+    local_batch = settings["per_device_train_batch_size"] * settings["gradient_accumulation_steps"]
+    minibatch = local_batch // settings["num_mini_batches"]
+    micro_batches, steps = 0, 0
+    for _epoch in range(ppo_epochs):
+        for _start in range(0, local_batch, minibatch):
+            for _micro in range(0, minibatch, settings["per_device_train_batch_size"]):
+                micro_batches += 1
+                steps += micro_batches % settings["gradient_accumulation_steps"] == 0
+    return steps
+
+
 def build_run(run: Path, n_layers: int, hidden: int, context: int, seed: int) -> None:
     """RUN/world (prompts), RUN/sft (random tiny Llama) and RUN/reward (same shape, 1 label), with
     manifests so our stage accepts them; TRL reads the same directories."""
@@ -101,18 +138,33 @@ def run_ours(run: Path, a, env: dict) -> dict:
         raise SystemExit(f"our PPO failed:\n{proc.stderr[-3000:]}")
     m = json.loads((run / "ppo" / "manifest.json").read_text())["metrics"]
     return {"episodes": m["episodes"], "train_seconds": m["train_seconds"], "episodes_per_s": m["episodes_per_s"],
-            "peak_memory_mb": m["peak_memory_mb"]}
+            "peak_memory_mb": m["peak_memory_mb"],
+            # by construction (stages.ppo: one step per minibatch); TRL's side is counted
+            "optimizer_steps_per_update": a.ppo_epochs * a.num_minibatches}
+
+
+def trl_command(python: Path, run: Path, a) -> list[str]:
+    settings = trl_settings(a.rollout_batch_size, a.num_minibatches)
+    cmd = [python, ROOT / "bench" / "trl_ppo.py", "--run_dir", run, "--updates", a.updates,
+           "--rollout_batch_size", a.rollout_batch_size, "--ppo_epochs", a.ppo_epochs,
+           "--max_new_tokens", a.max_new_tokens, "--temperature", a.temperature, "--lr", a.lr, "--kl_coef", a.kl_coef,
+           "--seed", a.seed, "--max_prompts", 1000]
+    for name, value in settings.items():
+        cmd += [f"--{name}", value]
+    return [str(c) for c in cmd]
 
 
 def run_trl(python: Path, run: Path, a, env: dict) -> dict:
-    cmd = [python, ROOT / "bench" / "trl_ppo.py", "--run_dir", run, "--updates", a.updates,
-           "--rollout_batch_size", a.rollout_batch_size, "--num_minibatches", a.num_minibatches, "--ppo_epochs", a.ppo_epochs,
-           "--max_new_tokens", a.max_new_tokens, "--temperature", a.temperature, "--lr", a.lr, "--kl_coef", a.kl_coef,
-           "--seed", a.seed, "--max_prompts", 1000]
-    proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env={**env, "PYTHONPATH": ""}, capture_output=True, text=True)
+    proc = subprocess.run(trl_command(python, run, a), cwd=ROOT, env={**env, "PYTHONPATH": ""}, capture_output=True,
+                          text=True)
     if proc.returncode != 0:
         raise SystemExit(f"TRL PPO failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    # A throughput ratio means nothing if one side does more optimizer steps: stop rather than report it.
+    if r["optimizer_steps_per_update"] != a.ppo_epochs * a.num_minibatches:
+        raise SystemExit(f"TRL took {r['optimizer_steps_per_update']} optimizer steps per update, ours "
+                         f"{a.ppo_epochs * a.num_minibatches}: the sides do not compare")
+    return r
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -132,6 +184,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=2, help="alternating runs per side; the best of each is reported")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (both sides); 0 leaves the default")
     a = ap.parse_args(argv)
+    # A shape TRL cannot replay step for step fails here, before any install.
+    if trl_optimizer_steps_per_update(trl_settings(a.rollout_batch_size, a.num_minibatches), a.ppo_epochs) \
+            != a.ppo_epochs * a.num_minibatches:
+        raise SystemExit("TRL's settings would not take one optimizer step per minibatch")
 
     python = ensure_trl_venv()
     run = OUT / f"ppo_l{a.n_layers}_h{a.hidden_size}_c{a.context}_s{a.seed}"
@@ -147,27 +203,32 @@ def main(argv: list[str] | None = None) -> None:
             r = fn()
             results[side].append(r)
             print(f"[bench] run {i + 1}/{a.repeats} {side}: {r['episodes_per_s']:.2f} episodes/s, "
-                  f"peak {r['peak_memory_mb']:.0f} MB", flush=True)
+                  f"peak {r['peak_memory_mb']:.0f} MB, {r['optimizer_steps_per_update']:g} optimizer steps/update",
+                  flush=True)
     best = {side: max(rs, key=lambda r: r["episodes_per_s"]) for side, rs in results.items()}
     ratio = best["ours"]["episodes_per_s"] / best["trl"]["episodes_per_s"]
     median = {side: sorted(r["episodes_per_s"] for r in rs)[len(rs) // 2] for side, rs in results.items()}
 
     config = (f"policy and reward: Llama {a.n_layers} layers, width {a.hidden_size}, vocab 512, context {a.context}; "
               f"{a.updates} updates x {a.rollout_batch_size} episodes, {a.max_new_tokens} new tokens at temperature "
-              f"{a.temperature}, {a.ppo_epochs} PPO epochs x {a.num_minibatches} minibatches; "
+              f"{a.temperature}, {a.ppo_epochs} PPO epochs x {a.num_minibatches} minibatches "
+              f"(one optimizer step each); "
               f"{a.threads or 'default'} thread(s); best of {a.repeats}")
     lines = [
         f"PPO throughput ({config})", "",
-        "| implementation | episodes/s | PPO loop seconds | peak memory (MB) |",
-        "|---|---:|---:|---:|",
-        f"| ours (stages.ppo) | {best['ours']['episodes_per_s']:.2f} | {best['ours']['train_seconds']:.1f} | {best['ours']['peak_memory_mb']:.0f} |",
-        f"| TRL {TRL_VERSION} PPOTrainer | {best['trl']['episodes_per_s']:.2f} | {best['trl']['train_seconds']:.1f} | {best['trl']['peak_memory_mb']:.0f} |",
+        "| implementation | episodes/s | PPO loop seconds | peak memory (MB) | optimizer steps / update |",
+        "|---|---:|---:|---:|---:|",
+        *(f"| {name} | {best[side]['episodes_per_s']:.2f} | {best[side]['train_seconds']:.1f} | "
+          f"{best[side]['peak_memory_mb']:.0f} | {best[side]['optimizer_steps_per_update']:g} |"
+          for side, name in (("ours", "ours (stages.ppo)"), ("trl", f"TRL {TRL_VERSION} PPOTrainer"))),
         "", f"**speed-up: {ratio:.2f}x** (best of each side; target >= 2x); median runs: ours {median['ours']:.2f}, "
             f"TRL {median['trl']:.2f} episodes/s ({median['ours'] / median['trl']:.2f}x)",
     ]
     print("\n".join(lines))
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "ppo.json").write_text(json.dumps({"config": vars(a), "runs": results, "best": best, "ratio": ratio, "median": median,
+    (OUT / "ppo.json").write_text(json.dumps({"config": vars(a),
+                                              "trl_settings": trl_settings(a.rollout_batch_size, a.num_minibatches),
+                                              "runs": results, "best": best, "ratio": ratio, "median": median,
                                               "versions": versions()}, indent=2))
     (OUT / "ppo.md").write_text("\n".join(lines) + "\n")
 

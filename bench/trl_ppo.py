@@ -1,7 +1,8 @@
 """TRL 1.12's PPOTrainer on the benchmark's models and prompts; run by bench/ppo.py inside bench/.trl-venv.
 
 Self-contained on purpose (torch, transformers, datasets, trl only): it runs in TRL's own environment.
-Prints one JSON line: {"episodes", "train_seconds", "episodes_per_s", "peak_memory_mb", "trl"}.
+Prints one JSON line: {"episodes", "train_seconds", "episodes_per_s", "peak_memory_mb", "optimizer_steps",
+"optimizer_steps_per_update", "trl"}. The batch settings come from bench/ppo.py's `trl_settings`.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ from trl.experimental.ppo import PPOConfig, PPOTrainer
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    for name, kind in [("run_dir", str), ("rollout_batch_size", int), ("num_minibatches", int), ("ppo_epochs", int),
+    for name, kind in [("run_dir", str), ("rollout_batch_size", int), ("ppo_epochs", int),
                        ("max_new_tokens", int), ("updates", int), ("temperature", float), ("lr", float),
-                       ("kl_coef", float), ("seed", int), ("max_prompts", int)]:
+                       ("kl_coef", float), ("seed", int), ("max_prompts", int), ("per_device_train_batch_size", int),
+                       ("gradient_accumulation_steps", int), ("num_mini_batches", int),
+                       ("local_rollout_forward_batch_size", int)]:
         ap.add_argument(f"--{name}", type=kind, required=True)
     a = ap.parse_args()
     sft, reward = os.path.join(a.run_dir, "sft"), os.path.join(a.run_dir, "reward")
@@ -44,26 +47,34 @@ def main() -> None:
     value = AutoModelForSequenceClassification.from_pretrained(reward, num_labels=1)
     reward_model = AutoModelForSequenceClassification.from_pretrained(reward, num_labels=1)
 
-    # The same episode shapes as our stage: rollout_batch_size episodes per update, split into
-    # num_minibatches micro-batches of equal size (TRL: local batch = micro * gradient_accumulation_steps).
-    micro = a.rollout_batch_size // a.num_minibatches
     with tempfile.TemporaryDirectory() as out:
         config = PPOConfig(
-            output_dir=out, per_device_train_batch_size=micro, gradient_accumulation_steps=a.num_minibatches,
-            num_mini_batches=a.num_minibatches, num_ppo_epochs=a.ppo_epochs, total_episodes=a.updates * a.rollout_batch_size,
-            local_rollout_forward_batch_size=a.rollout_batch_size, response_length=a.max_new_tokens,
+            output_dir=out, per_device_train_batch_size=a.per_device_train_batch_size,
+            gradient_accumulation_steps=a.gradient_accumulation_steps, num_mini_batches=a.num_mini_batches,
+            num_ppo_epochs=a.ppo_epochs, total_episodes=a.updates * a.rollout_batch_size,
+            local_rollout_forward_batch_size=a.local_rollout_forward_batch_size, response_length=a.max_new_tokens,
             temperature=a.temperature, stop_token="eos", missing_eos_penalty=1.0, kl_coef=a.kl_coef,
             learning_rate=a.lr, seed=a.seed, num_sample_generations=0, report_to=[], save_strategy="no",
             logging_steps=1, disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
         )
         trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=ref,
                              reward_model=reward_model, value_model=value, train_dataset=dataset, eval_dataset=dataset)
+        if trainer.args.batch_size != a.rollout_batch_size:
+            raise SystemExit(f"TRL's rollout is {trainer.args.batch_size} episodes, "
+                             f"the benchmark's {a.rollout_batch_size}")
+        # Count the steps the optimizer really takes: accelerate's wrapper skips the inner step while it
+        # accumulates, so a hook on the inner optimizer sees exactly the updates of the weights.
+        steps = [0]
+        inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+        inner.register_step_post_hook(lambda *_: steps.__setitem__(0, steps[0] + 1))
         start = time.time()
         trainer.train()
         seconds = time.time() - start
     episodes = a.updates * a.rollout_batch_size
     print(json.dumps({"episodes": episodes, "train_seconds": seconds, "episodes_per_s": episodes / seconds,
-                      "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "trl": trl.__version__}))
+                      "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "optimizer_steps": steps[0], "optimizer_steps_per_update": steps[0] / a.updates,
+                      "trl": trl.__version__}))
 
 
 if __name__ == "__main__":
