@@ -10,12 +10,20 @@ was trained on: the prompt as the user turn(s), the response as the assistant tu
 `config.pad_token_id` is distinct from EOS, so the head finds the last non-pad token, i.e. the EOS.
 
 Normalisation (Ouyang et al. 2022; Huang et al. 2024): after training, the reward stage shifts the
-rewards so the reference demonstrations average 0. Llama-style classification heads have no bias
-(`score = nn.Linear(..., bias=False)`), and the final RMSNorm in front of it removes any constant a
-bias elsewhere could add, so a constant offset cannot be baked into the plain checkpoint's weights.
-The offset is stored as `reward_bias` in config.json (a plain config attribute: it survives
-save/load in transformers) and added here. Plain transformers loading gives the raw score; raw and
-normalised scores differ by that one constant, so rankings and accuracies are identical.
+rewards so the reference demonstrations average 0. The offset is stored as `reward_bias` in
+config.json (a plain config attribute: it survives save/load in transformers) and added here, by the
+PPO stage and by anyone who loads the model with plain transformers:
+
+    reward = model(**inputs).logits[:, 0] + getattr(model.config, "reward_bias", 0.0)
+
+`fold_offset` moves it into the weights where the architecture allows: into the score head's bias,
+or, with a bias-free head (every transformers `...ForSequenceClassification.score`), into the bias of
+a final LayerNorm in front of it (GPT-2, OPT, Pythia, Phi, BLOOM). Then `reward_bias` is 0 and
+`reward_bias_folded` records the amount, so the line above and this module add nothing twice.
+Llama-style models (Llama, Qwen2, Mistral, Gemma) cannot hold it: the head has no bias, transformers
+builds it without one whatever the checkpoint holds, and the final RMSNorm in front of it has no bias
+and rescales away any constant added before it. Raw and normalised scores differ by one constant, so
+rankings and accuracies are identical.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from data.tokenizer import turn_end
 from pipeline.errors import PipelineError
 
 BIAS_KEY = "reward_bias"
+FOLDED_KEY = "reward_bias_folded"  # the part of the offset `fold_offset` moved into the weights
 
 
 def as_messages(prompt: str | list[dict]) -> list[dict]:
@@ -118,3 +127,68 @@ def score(model, tokenizer, prompts: list, responses: list[str], batch_size: int
         out[idx] = logits[:, 0].float().cpu()
     model.train(was_training)
     return out + float(getattr(model.config, BIAS_KEY, 0.0) or 0.0)
+
+
+def _head_input_sources(model, head: torch.nn.Linear, probe: dict) -> list[torch.nn.Module]:
+    """Modules with an additive bias the size of the head's input whose output, in a forward of
+    `probe`, is exactly what the head reads: the head's input is that module's output plus its bias."""
+    outputs, seen = {}, {}
+    candidates = [m for m in model.modules() if m is not head
+                  and isinstance(getattr(m, "bias", None), torch.nn.Parameter) and m.bias.shape == (head.in_features,)]
+    hooks = [m.register_forward_hook(lambda m, args, out: outputs.__setitem__(m, out)) for m in candidates]
+    hooks.append(head.register_forward_pre_hook(lambda m, args: seen.__setitem__("input", args[0])))
+    try:
+        model(**probe)
+    finally:
+        for h in hooks:
+            h.remove()
+    x = seen["input"]
+    return [m for m, out in outputs.items() if isinstance(out, torch.Tensor) and out.numel() == x.numel()
+            and torch.equal(out.reshape(x.shape), x)]
+
+
+@torch.no_grad()
+def fold_offset(model) -> bool:
+    """Move the normalising offset in the config (`reward_bias`) into the weights of a one-output
+    sequence-classification model, so that plain `AutoModelForSequenceClassification` logits include
+    it: into the score head's bias, or else into the bias of the module that feeds the head (a final
+    LayerNorm), along the head's weight w: score(x + b + d) = score(x + b) + offset for
+    d = offset * w / |w|^2. Then `reward_bias` is 0 and `reward_bias_folded` holds the amount; save
+    the whole model (weights and config). Returns False, changing nothing, where there is nothing to
+    move or the model cannot hold it (Llama: bias-free head behind an RMSNorm): the offset stays in
+    the config. Checked on a probe forward: the logits must move by exactly the offset."""
+    config = model.config
+    offset = float(getattr(config, BIAS_KEY, 0.0) or 0.0)
+    head = getattr(model, "score", None)
+    if config.num_labels != 1 or not isinstance(head, torch.nn.Linear) or not offset:
+        return False
+    was_training = model.training
+    model.eval()
+    device = head.weight.device
+    probe = {"input_ids": (torch.arange(1, 9, device=device) % config.vocab_size).view(1, -1)}
+    probe["attention_mask"] = torch.ones_like(probe["input_ids"])
+    before = model(**probe).logits.float()
+    if head.bias is not None:
+        target = head.bias
+        delta = torch.full_like(head.bias, offset)
+    else:
+        sources = _head_input_sources(model, head, probe)
+        w = head.weight[0].float()
+        if not sources or not w.dot(w) > 0:
+            model.train(was_training)
+            return False
+        target = sources[-1].bias
+        delta = (offset * w / w.dot(w)).to(target.dtype)
+    target += delta
+    moved = model(**probe).logits.float() - before
+    # A module whose bias is not simply added to its output, or whose output also feeds something
+    # else, would move the logits otherwise: undo and leave the offset in the config.
+    tolerance = max(1e-4, 16 * torch.finfo(target.dtype).eps) * max(1.0, abs(offset), before.abs().max().item())
+    if not torch.allclose(moved, torch.full_like(moved, offset), atol=tolerance, rtol=0):
+        target -= delta
+        model.train(was_training)
+        return False
+    setattr(config, FOLDED_KEY, float(getattr(config, FOLDED_KEY, 0.0) or 0.0) + offset)
+    setattr(config, BIAS_KEY, 0.0)
+    model.train(was_training)
+    return True
