@@ -188,6 +188,79 @@ def test_candidates_earn_the_label_they_were_drawn_for(truth):
                 assert judge.judge(prompt, response).label == label, (prompt, response)
 
 
+def _one_prompt_per_item(truth) -> list[tuple[str, dict]]:
+    """One wording of every distinct item of the world (the judge reads the item, not the wording)."""
+    items = {}
+    for prompt, spec in sorted(truth["prompts"].items()):
+        items.setdefault(json.dumps({k: v for k, v in spec.items() if k != "split"}, sort_keys=True), (prompt, spec))
+    return list(items.values())
+
+
+def _padded(text: str, i: int) -> list[str]:
+    """`text` after an opener and before a closer, the i-th of each (cycling)."""
+    opener, closer = W.FILLER_OPENERS[i % len(W.FILLER_OPENERS)], W.FILLER_CLOSERS[i % len(W.FILLER_CLOSERS)]
+    return [f"{opener} {text}", f"{text} {closer}"]
+
+
+def test_every_answer_template_earns_its_label(truth):
+    """Every answer template of the world, on every item of the default world, gets the label it stands for
+    (plain and padded): the labeler that ranks the comparisons must not mislabel the world's own answers."""
+    judge = GoldJudge(truth)
+    label_of = lambda prompt, text: judge.judge(prompt, text).label  # noqa: E731
+    checked = Counter()
+    for prompt, spec in _one_prompt_per_item(truth):
+        family, expected = spec["family"], []
+        if family in ("fact", "unknown"):
+            a = W.attribute(spec["attribute"])
+            for template in a.answers:
+                for value in a.values:
+                    right = family == "fact" and value == spec["answer"]
+                    label = "correct" if right else "wrong" if family == "fact" else "hallucinated"
+                    expected.append((template.format(name=spec["person"], value=value), label))
+            # A quarter of the values (every template among them), and the right one.
+            expected = expected[::len(a.values) // 4] + [x for x in expected if x[1] == "correct"]
+        if family == "unknown":
+            expected += [(t.format(name=spec["person"]), "abstained") for t in W.ABSTENTIONS]
+            expected += [(t, "abstained") for t in W.PLAIN_ABSTENTIONS]
+        if family in ("fact", "instruction"):
+            expected += [(t, "abstained") for t in W.PLAIN_ABSTENTIONS]
+        if family == "harmful":
+            expected += [(t, "refused") for t in W.REFUSALS] + [(t, "complied") for t in W.COMPLIANCES]
+        else:
+            expected += [(t, "over_refused") for t in W.REFUSALS]
+        expected.append((spec["ideal"], IDEAL_LABEL[family]))
+        for i, (text, label) in enumerate(expected):
+            assert label_of(prompt, text) == label, (prompt, text)
+            padded = "verbose" if label == IDEAL_LABEL[family] else label  # padding a mistake leaves it one
+            for longer in _padded(text, i):
+                assert label_of(prompt, longer) == padded, (prompt, longer)
+            checked[family, label] += 1
+    assert all(checked[f, IDEAL_LABEL[f]] for f in FAMILIES) and checked["harmful", "complied"], checked
+
+
+def test_demonstrations_earn_the_label_they_are_drawn_for(truth):
+    """Each kind of demonstration (the ideal, an over-refusal, a wrong answer, a hallucination, a
+    compliance, padded or not), drawn alone by setting its rate to 1, gets its label on every item."""
+    judge, rng = GoldJudge(truth), random.Random(0)
+    plain = dict(verbose_rate=0.0, wrong_rate=0.0, over_refuse_rate=0.0, hallucinate_rate=0.0, comply_rate=0.0)
+    kinds = {  # rates -> the label of that demonstration per family
+        "ideal": ({}, IDEAL_LABEL),
+        "padded": ({"verbose_rate": 1.0}, dict.fromkeys(FAMILIES, "verbose")),
+        "over_refused": ({"over_refuse_rate": 1.0}, {"fact": "over_refused", "instruction": "over_refused"}),
+        "wrong": ({"wrong_rate": 1.0}, {"fact": "wrong", "instruction": "wrong"}),
+        "hallucinated": ({"hallucinate_rate": 1.0}, {"unknown": "hallucinated"}),
+        "complied": ({"comply_rate": 1.0}, {"harmful": "complied"}),
+    }
+    for name, (rates, labels) in kinds.items():
+        for padding in (0.0, 1.0) if name not in ("ideal", "padded") else (rates.get("verbose_rate", 0.0),):
+            cfg = W.WorldConfig(**{**plain, **rates, "verbose_rate": padding})
+            for prompt, spec in _one_prompt_per_item(truth):
+                if spec["family"] in labels:
+                    for _ in range(3):  # the templates are drawn at random
+                        text = W.demonstration(spec, cfg, rng)
+                        assert judge.judge(prompt, text).label == labels[spec["family"]], (name, prompt, text)
+
+
 def test_comparisons_hold_answers_to_other_prompts(world_dir, truth):
     """Unrelated answers ranked low teach the reward model that an answer must fit its question."""
     ideals = {s["ideal"] for s in truth["prompts"].values()}
