@@ -11,10 +11,13 @@ sec. 4) the headline is a win rate of each model against the previous one on hel
 plus the honesty and harmlessness rates the article cares about (hallucination, refusal). The
 reward model's score of the same answers is the proxy reward PPO optimised; reading it next to the
 gold score shows over-optimisation (Gao et al. 2022). KL(PPO || SFT) is a Monte-Carlo estimate on
-answers sampled from PPO, the quantity PPO's KL penalty keeps small (Ziegler et al. 2019). Best-of-n
+answers sampled from PPO, the quantity PPO's KL penalty keeps small (Ziegler et al. 2019), at PPO's
+sampling temperature T (its config's `temperature`; 1 without one): answers sampled at T, both models'
+log-probs of softmax(logits / T), as PPO's manifest's kl_to_sft is measured. Best-of-n
 on SFT is the other way to optimise the same reward model (Gao et al. 2022): n answers sampled per
 prompt, the reward model picks one; its gold score at each k <= n, against its KL, is what selection
-gets from that reward model, and the mark PPO should beat.
+gets from that reward model, and the mark PPO should beat. The floor: the score and win rate against
+SFT of a few constant answers ("", "I don't know.", a refusal), what a degenerate policy would get.
 
 A run on real data has no gold judge. There every stage answers the prompts PPO held out of its
 prompt set (RUN/ppo/heldout_prompts.jsonl), or on any run those of `--prompts`, and a reward model
@@ -52,6 +55,9 @@ from reward.model import load_reward_model, score
 CAUSAL_STAGES = (("base", "pretrain"), ("sft", "sft"), ("ppo", "ppo"))
 # Win rates reported: each stage against the one before it, and PPO against the base model.
 COMPARISONS = (("sft", "base"), ("ppo", "sft"), ("ppo", "base"))
+# Constant policies: one answer to every prompt. Their scores and win rates are the floor a stage must clear,
+# so a reader sees what a degenerate policy (what reward hacking collapses to) would get.
+FLOOR_ANSWERS = ("", "I don't know.", "Sorry, I can't help with that.")
 
 
 # ---- stages and models ----------------------------------------------------------------------
@@ -147,19 +153,21 @@ def response_mask(response: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def token_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, start: int) -> torch.Tensor:
-    """log p(ids[:, t] | ids[:, :t]) for t >= start, with positions counted from each row's first
-    real token (left padding must not shift positions; generate() counts them the same way)."""
+def token_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, start: int, temperature: float = 1.0) -> torch.Tensor:
+    """log p(ids[:, t] | ids[:, :t]) for t >= start under softmax(logits / temperature), with positions
+    counted from each row's first real token (left padding must not shift positions; generate() counts
+    them the same way)."""
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, start - 1:-1].float()
-    return torch.log_softmax(logits, -1).gather(-1, ids[:, start:, None]).squeeze(-1)
+    return torch.log_softmax(logits / temperature, -1).gather(-1, ids[:, start:, None]).squeeze(-1)
 
 
 @torch.no_grad()
 def sampled_kl(policy, reference, tokenizer, prompts: list[str], max_new_tokens: int, seed: int,
-               batch_size: int = 32) -> tuple[list[float], list[int]]:
-    """Per prompt, one answer y ~ policy (temperature 1) and sum_t log p_policy(y_t) - log p_ref(y_t):
-    an unbiased Monte-Carlo estimate of KL(policy || reference) on that prompt. Also the lengths."""
+               batch_size: int = 32, temperature: float = 1.0) -> tuple[list[float], list[int]]:
+    """Per prompt, one answer y ~ policy at `temperature` and sum_t log p_policy(y_t) - log p_ref(y_t), both
+    of softmax(logits / temperature): an unbiased Monte-Carlo estimate of KL(policy_T || reference_T) on
+    that prompt, the quantity PPO penalises at its sampling temperature T. Also the lengths."""
     torch.manual_seed(seed)
     device = next(policy.parameters()).device
     limit = max(1, max_prompt_tokens(policy, max_new_tokens))
@@ -168,12 +176,13 @@ def sampled_kl(policy, reference, tokenizer, prompts: list[str], max_new_tokens:
         ids, mask = left_pad([chat_ids(tokenizer, p)[-limit:] for p in prompts[i:i + batch_size]], tokenizer.pad_token_id)
         ids, mask = ids.to(device), mask.to(device)
         out = policy.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=True,
-                              temperature=1.0, top_k=0, top_p=1.0, eos_token_id=tokenizer.eos_token_id,
+                              temperature=temperature, top_k=0, top_p=1.0, eos_token_id=tokenizer.eos_token_id,
                               pad_token_id=tokenizer.pad_token_id)
         start = ids.shape[1]
         resp_mask = response_mask(out[:, start:], tokenizer.eos_token_id)
         full_mask = torch.cat([mask, resp_mask], 1)
-        diff = token_logprobs(policy, out, full_mask, start) - token_logprobs(reference, out, full_mask, start)
+        diff = (token_logprobs(policy, out, full_mask, start, temperature)
+                - token_logprobs(reference, out, full_mask, start, temperature))
         kls += (diff * resp_mask).sum(1).tolist()
         lengths += resp_mask.sum(1).tolist()
     return kls, lengths
@@ -249,6 +258,30 @@ def judged_metrics(rows: list[dict], n_boot: int, seed: int) -> dict:
     }
 
 
+def floor_of(records: list[dict], scores: dict[str, list[float]], reference: list[dict] | None, n_boot: int,
+             seed: int, top_score: float | None) -> list[dict]:
+    """Per constant answer (scores: answer -> its score on every record): its mean score, by family, and its
+    win rate against the reference stage's rows (SFT's; None without one)."""
+    floor = []
+    for text, values in scores.items():
+        rows = [{"family": r["family"], "answer": text, "score": v} for r, v in zip(records, values)]
+        floor.append({
+            "answer": text, "score": mean(values),
+            "score_by_family": {f: mean([r["score"] for r in rows if r["family"] == f])
+                                for f in dict.fromkeys(r["family"] for r in records)},
+            "win_rate_vs_sft": None if reference is None else compare(rows, reference, n_boot, seed, top_score),
+        })
+    return floor
+
+
+def ppo_temperature(run_dir: Path) -> float:
+    """The temperature PPO sampled and scored its rollouts at, from its manifest's config (its kl_to_sft is
+    measured there); 1 for a PPO stage whose config has none. The config, not a metric: it is what ran."""
+    config = (read_manifest(run_dir / "ppo") or {}).get("config") or {}
+    t = config.get("temperature")
+    return float(t) if isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0 else 1.0
+
+
 # ---- the evaluation -------------------------------------------------------------------------
 
 def prompts_and_judge(run_dir: Path, prompt_files: list[str] | None, prompt_field: str | list[str],
@@ -321,6 +354,10 @@ def evaluate_run(run_dir: str | Path, max_prompts: int = 0, max_new_tokens: int 
         if gold:
             log(f"[eval] {name}: mean gold score {mean([r['score'] for r in rows[name]]):+.3f}")
 
+    # The floor: constant answers, judged as the stages' are (by the gold judge here, else by the judging
+    # reward model below).
+    floor_scores = {text: [gold.score(p, text) for p in prompts] for text in FLOOR_ANSWERS} if gold else {}
+
     # 2. The reward model scores the same answers: the proxy reward PPO climbed.
     reward_summary = _reward_summary(reward_dir, reward_manifest)
     bon = None
@@ -330,6 +367,9 @@ def evaluate_run(run_dir: str | Path, max_prompts: int = 0, max_new_tokens: int 
             scores = score(rm, rm_tok, prompts, [r["answer"] for r in rows[name]], batch_size).tolist()
             for r, s in zip(rows[name], scores):
                 r["proxy"] = s
+        if not gold and judge["own"]:
+            floor_scores = {text: score(rm, rm_tok, prompts, [text] * len(prompts), batch_size).tolist()
+                            for text in FLOOR_ANSWERS}
         if gold:
             reward_summary["filler_bias"] = filler_bias(rm, rm_tok, [(r["prompt"], gold.ideal(r["prompt"])) for r in records
                                                                      if r["family"] in ("fact", "instruction")], batch_size)
@@ -352,17 +392,24 @@ def evaluate_run(run_dir: str | Path, max_prompts: int = 0, max_new_tokens: int 
             for r, s in zip(rows[name], scores):
                 r["score"] = s
             log(f"[eval] {name}: mean reward-model score {mean(scores):+.3f}")
+        if judge_rm is not None:
+            floor_scores = {text: score(judge_rm, judge_tok, prompts, [text] * len(prompts), batch_size).tolist()
+                            for text in FLOOR_ANSWERS}
         del judge_rm
 
-    # 5. KL(PPO || SFT), sampled at temperature 1 as PPO's rollouts are.
+    # 5. KL(PPO || SFT) at PPO's sampling temperature, the quantity its manifest's kl_to_sft measures: at
+    # another temperature the two distributions, and so their KL, differ.
     kl = None
     if "ppo" in stages and "sft" in stages and kl_prompts != 0:
         policy, tokenizer = load_causal_lm(stages["ppo"], dev)
         reference, _ = load_causal_lm(stages["sft"], dev)
         kl_set = prompts if kl_prompts < 0 else prompts[:kl_prompts]
-        values, lengths = sampled_kl(policy, reference, tokenizer, kl_set, max_new_tokens, seed, batch_size)
+        kl_temperature = ppo_temperature(run_dir)
+        values, lengths = sampled_kl(policy, reference, tokenizer, kl_set, max_new_tokens, seed, batch_size,
+                                     temperature=kl_temperature)
         low, high = bootstrap_ci(values, bootstrap, seed)
-        kl = {"mean": mean(values), "ci": [low, high], "n": len(values), "mean_response_tokens": mean(lengths)}
+        kl = {"mean": mean(values), "ci": [low, high], "n": len(values), "mean_response_tokens": mean(lengths),
+              "temperature": kl_temperature}
         del policy, reference
 
     # 6. Metrics, win rates, and what the stages' manifests recorded.
@@ -381,6 +428,7 @@ def evaluate_run(run_dir: str | Path, max_prompts: int = 0, max_new_tokens: int 
         "win_rates": {f"{a}_vs_{b}": compare(rows[a], rows[b], bootstrap, seed, TOP_SCORE if gold else None)
                       for a, b in COMPARISONS if a in rows and b in rows},
         "kl_ppo_sft": kl,
+        "floor": floor_of(records, floor_scores, rows.get("sft"), bootstrap, seed, TOP_SCORE if gold else None),
         "best_of_n": bon,
         "pretrain": _pretrain_summary(run_dir),
         "reward_model": reward_summary,
@@ -517,10 +565,15 @@ def markdown_table(result: dict) -> str:
     rows.append(("win rate vs base [95% CI]",
                  [_with_ci(wins[f"{n}_vs_base"]["win_rate"], wins[f"{n}_vs_base"]["ci"]) if f"{n}_vs_base" in wins else "-" for n in names]))
     kl = result.get("kl_ppo_sft")
-    rows.append(("KL to SFT (nats/answer) [95% CI]", [_with_ci(kl["mean"], kl["ci"]) if kl and n == "ppo" else "-" for n in names]))
+    # The temperature it was sampled and scored at (an eval.json from before it was recorded: 1).
+    at = f" at temperature {(kl or {}).get('temperature', 1.0):g}" if kl else ""
+    rows.append((f"KL to SFT{at} (nats/answer) [95% CI]",
+                 [_with_ci(kl["mean"], kl["ci"]) if kl and n == "ppo" else "-" for n in names]))
 
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     lines += [f"| {title} | " + " | ".join(cells) + " |" for title, cells in rows]
+    if result.get("floor"):  # an eval.json from before the floor has none
+        lines += ["", floor_table(result["floor"], "gold" if gold_judged(result) else "judge")]
     extra = []
     if not gold_judged(result):
         extra.append(f"- judged by the reward model in {judge['path']} " + (
@@ -551,6 +604,16 @@ def markdown_table(result: dict) -> str:
     extra.append(f"- {result['num_prompts']} held-out prompts ({', '.join(f'{k} {v}' for k, v in result['prompts_by_family'].items())}), "
                  f"temperature {result['settings']['temperature']}, max {result['settings']['max_new_tokens']} new tokens")
     return "\n".join(lines) + "\n\n" + "\n".join(extra) + "\n"
+
+
+def floor_table(floor: list[dict], judge: str) -> str:
+    """The constant answers' scores and win rates against SFT, one row each."""
+    lines = [f"| constant answer (floor) | {judge} score | win rate vs sft [95% CI] |", "|---|---|---|"]
+    for f in floor:
+        w = f["win_rate_vs_sft"]
+        text = f["answer"].replace("|", "\\|") or "(empty)"
+        lines.append(f"| {text} | {_fmt(f['score'])} | {_with_ci(w['win_rate'], w['ci']) if w else '-'} |")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:

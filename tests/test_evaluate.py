@@ -21,8 +21,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from data.tokenizer import chat_ids
 from pipeline.errors import PipelineError
-from pipeline.evaluate import (compare, evaluate_run, load_prompt_files, markdown_table, response_mask, sampled_kl,
-                               select_prompts, stage_metrics, token_logprobs)
+from pipeline.evaluate import (FLOOR_ANSWERS, compare, evaluate_run, load_causal_lm, load_prompt_files, markdown_table,
+                               response_mask, sampled_kl, select_prompts, stage_metrics, token_logprobs)
 from pipeline.evaluate import main as evaluate_main
 from pipeline.generation import left_pad
 from pipeline.stage import read_manifest, write_json_atomic
@@ -246,6 +246,49 @@ def test_sampled_kl_is_zero_to_itself_and_positive_to_another_model(tiny_lm):
     assert sum(kl) / len(kl) > 0.1
 
 
+def test_token_logprobs_at_a_temperature(tiny_lm):
+    """At temperature T the log-probs are those of softmax(logits / T), as PPO scores its rollouts."""
+    model, tok = tiny_lm
+    seq = chat_ids(tok, "Who is Zoe Marsh?") + [40, 41, 42]
+    one = torch.tensor([seq])
+    tempered = token_logprobs(model, one, torch.ones_like(one), len(seq) - 3, temperature=0.5)
+    logits = model(input_ids=one).logits[0, len(seq) - 4:-1]
+    expected = torch.log_softmax(logits / 0.5, -1)[torch.arange(3), one[0, -3:]]
+    torch.testing.assert_close(tempered[0], expected, atol=1e-4, rtol=1e-4)
+
+
+def _perturbed(model, scale: float = 0.3, seed: int = 1):
+    other = AutoModelForCausalLM.from_pretrained(Path(model.name_or_path)).eval()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return other
+
+
+def test_sampled_kl_at_a_temperature_is_the_kl_of_the_tempered_distributions(tiny_lm):
+    """One-token answers: the Monte-Carlo estimate at temperature T approaches the exact KL between
+    softmax(policy logits / T) and softmax(reference logits / T) - the quantity PPO's kl_to_sft reports - and
+    not the one at temperature 1."""
+    model, tok = tiny_lm
+    other = _perturbed(model)
+    prompt, n = "Who is Zoe Marsh?", 800
+    ids = torch.tensor([chat_ids(tok, prompt)])
+    with torch.no_grad():
+        policy_logits, ref_logits = other(input_ids=ids).logits[0, -1], model(input_ids=ids).logits[0, -1]
+
+    def exact(t: float) -> float:
+        p, q = torch.log_softmax(policy_logits / t, -1), torch.log_softmax(ref_logits / t, -1)
+        return (p.exp() * (p - q)).sum().item()
+
+    for t in (0.5, 1.0):
+        kls, lengths = sampled_kl(other, model, tok, [prompt] * n, max_new_tokens=1, seed=0, temperature=t)
+        assert lengths == [1] * n
+        mc, se = sum(kls) / n, torch.tensor(kls).std().item() / math.sqrt(n)
+        assert abs(mc - exact(t)) < 4 * se, (t, mc, exact(t), se)
+    assert abs(exact(0.5) - exact(1.0)) > 8 * se  # the two temperatures measure different quantities
+
+
 def test_reward_scores_do_not_depend_on_batching(staged_run):
     rm, tok = load_reward_model(staged_run / "reward")
     prompts = ["Who is Zoe Marsh?", "Hi", "What is the next number after 41?"]
@@ -288,6 +331,21 @@ def test_evaluate_cli_writes_every_metric(evaluated_run):
     for w in result["win_rates"].values():
         assert w["win_rate"] == 0.5 and w["ci"] == [0.5, 0.5] and w["ties"] == w["n"] == EVAL_PROMPTS
     assert result["kl_ppo_sft"]["mean"] == 0.0 and result["kl_ppo_sft"]["n"] == EVAL_PROMPTS
+    # The stand-in PPO's manifest is pretrain's, whose config has a temperature (of its samples): read as PPO's.
+    ppo_temperature = read_manifest(evaluated_run / "ppo")["config"]["temperature"]
+    assert result["kl_ppo_sft"]["temperature"] == ppo_temperature == 0.8
+    # The floor: one constant answer to every prompt, its gold score and win rate against SFT.
+    assert [f["answer"] for f in result["floor"]] == list(FLOOR_ANSWERS)
+    sft_rows = [{"family": a["family"], **a["responses"]["sft"]} for a in result["answers"]]
+    for f in result["floor"]:
+        rows = [{"family": a["family"], "answer": f["answer"], "score": judge.score(a["prompt"], f["answer"])}
+                for a in result["answers"]]
+        assert f["score"] == pytest.approx(sum(r["score"] for r in rows) / EVAL_PROMPTS)
+        assert f["score_by_family"] == {fam: pytest.approx(sum(r["score"] for r in rows if r["family"] == fam) / 3)
+                                        for fam in FAMILIES}
+        assert f["win_rate_vs_sft"] == compare(rows, sft_rows, 200, 0)
+    assert result["floor"][0]["score"] == -1.0  # the empty answer is malformed everywhere
+    assert result["floor"][1]["score"] == pytest.approx(0.25)  # "I don't know.": 1.0 on strangers, 0.0 elsewhere
     assert result["reward_model"]["accuracy"] == {"eval_accuracy": 0.6, "test/pairwise_accuracy": 0.64}
     filler = result["reward_model"]["filler_bias"]  # 6 fact/instruction prompts, two paddings each
     assert filler["n"] == 12 and 0.0 <= filler["prefers_padded"] <= 1.0
@@ -317,6 +375,9 @@ def test_evaluate_cli_writes_every_metric(evaluated_run):
     table = (evaluated_run / "eval.md").read_text()
     assert "| metric | base | sft | ppo |" in table and "hallucination rate" in table
     assert "best-of-n on sft" in table and "win rate of best-of-8 vs sft" in table
+    assert "| KL to SFT at temperature 0.8 (nats/answer) [95% CI] |" in table
+    assert "| constant answer (floor) | gold score | win rate vs sft [95% CI] |" in table
+    assert "| (empty) | -1.000 |" in table and "| I don't know. | 0.250 |" in table
 
 
 def test_evaluate_cli_writes_a_sampled_evaluation_beside_the_greedy_one(staged_run, tmp_path):
@@ -351,6 +412,37 @@ def test_evaluate_with_only_pretrain_and_sft(staged_run, tmp_path):
     assert result["stages"]["sft"]["proxy_score"] is None
     table = markdown_table(result)
     assert "| metric | base | sft |" in table and "reward model: not finished" in table
+
+
+def test_evaluate_measures_kl_at_ppos_sampling_temperature(staged_run, tmp_path):
+    """KL(PPO || SFT) is sampled and scored at the temperature of PPO's config (the one its manifest's
+    kl_to_sft was measured at), not at 1 and not from a metric another version may or may not write."""
+    run = tmp_path / "tempered"
+    run.mkdir()
+    for name in ("world", "pretrain", "sft"):
+        os.symlink(staged_run / name, run / name)
+    shutil.copytree(staged_run / "sft", run / "ppo")
+    sft, tok = load_causal_lm(staged_run / "sft")
+    _perturbed(sft).save_pretrained(run / "ppo")
+    manifest = read_manifest(run / "ppo")
+    manifest.update(stage="ppo", config={**manifest["config"], "temperature": 0.5},
+                    metrics={"kl_to_sft": 1.0, "kl_temperature": 2.0})
+    write_json_atomic(run / "ppo" / "manifest.json", manifest)
+    result = evaluate_run(run, max_prompts=4, max_new_tokens=6, bootstrap=20, best_of_n=0, log=lambda *_: None)
+    kl = result["kl_ppo_sft"]
+    assert kl["temperature"] == 0.5 and kl["n"] == 4
+    ppo, _ = load_causal_lm(run / "ppo")
+    prompts = [a["prompt"] for a in result["answers"]]
+    expected, _ = sampled_kl(ppo, sft, tok, prompts, max_new_tokens=6, seed=0, temperature=0.5)
+    at_one, _ = sampled_kl(ppo, sft, tok, prompts, max_new_tokens=6, seed=0, temperature=1.0)
+    assert kl["mean"] == pytest.approx(sum(expected) / 4) and kl["mean"] != pytest.approx(sum(at_one) / 4)
+    assert "| KL to SFT at temperature 0.5 (nats/answer) [95% CI] |" in markdown_table(result)
+    # A PPO stage whose config names no temperature (one from elsewhere) is measured at 1.
+    manifest["config"].pop("temperature")
+    write_json_atomic(run / "ppo" / "manifest.json", manifest)
+    result = evaluate_run(run, max_prompts=4, max_new_tokens=6, bootstrap=20, best_of_n=0, log=lambda *_: None)
+    assert result["kl_ppo_sft"]["temperature"] == 1.0
+    assert result["kl_ppo_sft"]["mean"] == pytest.approx(sum(at_one) / 4)
 
 
 def test_evaluate_without_world_or_stages_says_what_to_run(tmp_path, staged_run):
@@ -402,8 +494,13 @@ def test_a_run_without_world_is_evaluated_on_your_prompts_by_its_reward_model(ru
     assert (w["win_rate"], w["ties"], w["n"], w["ceiling"]) == (0.5, 4, 4, None)
     assert result["kl_ppo_sft"]["mean"] == 0.0 and result["best_of_n"] is None
     assert all("label" not in r for a in result["answers"] for r in a["responses"].values())
+    # The floor, judged by the same reward model.
+    for f in result["floor"]:
+        assert f["score"] == pytest.approx(sum(score(rm, tok, asked, [f["answer"]] * 4).tolist()) / 4, abs=1e-5)
+        assert f["win_rate_vs_sft"]["n"] == 4 and f["win_rate_vs_sft"]["ceiling"] is None
     table = (run / "eval.md").read_text()
     assert "| mean judge score (reward model) [95% CI] |" in table and "the run's own" in table
+    assert "| constant answer (floor) | judge score | win rate vs sft [95% CI] |" in table
     assert "gold" not in table
 
 
@@ -425,6 +522,8 @@ def test_another_reward_model_can_judge_your_prompts(run_without_world, tmp_path
     assert [a["score"] for a in answers] == pytest.approx(judged, abs=1e-5)
     assert [a["proxy"] for a in answers] == pytest.approx(own, abs=1e-5) and judged != pytest.approx(own, abs=1e-3)
     assert result["judge"]["path"] == str(judge) and not result["judge"]["own"] and result["kl_ppo_sft"] is None
+    floor = score(*load_reward_model(judge), asked, ["I don't know."] * 4).tolist()  # judged by --judge too
+    assert result["floor"][1]["score"] == pytest.approx(sum(floor) / 4, abs=1e-5)
     table = markdown_table(result)
     assert "the run's reward model score (proxy)" in table and "not the run's own" in table
 

@@ -39,6 +39,9 @@ def test_report_of_a_full_run(evaluated_run):
         assert f"| {stage} | finished |" in report
     assert "not finished" not in report and "make eval" not in report
     assert "| metric | base | sft | ppo |" in report  # the evaluation table
+    # with the floor: constant answers' gold scores and win rates against SFT
+    floor = "| constant answer (floor) | gold score | win rate vs sft [95% CI] |\n|---|---|---|\n| (empty) | -1.000 |"
+    assert floor in report
     assert "test/pairwise_accuracy **0.640**" in report  # the reward model's held-out accuracy
     assert ("| fact: over_refused > wrong | 41 | 95 | 0.432 |\n| fact: correct > verbose | 47 | 94 | 0.500 |\n"
             "| fact: correct > wrong | 83 | 92 | 0.902 |") in report  # the reward model's worst pairs first
