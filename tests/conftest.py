@@ -200,3 +200,22 @@ def qwen_style_model(path: Path, texts: list[str]) -> Path:
     LlamaForCausalLM(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+class Interrupted(Exception):
+    """Stands for a kill right after a checkpoint was written (stop_after_checkpoint)."""
+
+
+def stop_after_checkpoint(monkeypatch, step: int) -> None:
+    """Make the HF Trainer stages (sft, reward) stop with Interrupted right after saving checkpoint-`step`:
+    in-process and at a known step, what a kill there leaves on disk."""
+    from transformers import Trainer
+
+    save = Trainer._save_checkpoint
+
+    def save_then_stop(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        if self.state.global_step == step:
+            raise Interrupted(f"stopped after checkpoint-{step}")
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_stop)

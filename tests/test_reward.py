@@ -25,7 +25,8 @@ from data.tokenizer import ensure_chat_ready
 from pipeline.packing import common_prefix_length, use_varlen_attention
 from stages.reward.run import GroupCollator, HeadOutputs, tokenize_groups
 from stages.reward.run import main as reward_main
-from tests.conftest import NO_SYSTEM_TEMPLATE, assert_replicas_saved, kill_after_checkpoint, one_line_error, read_jsonl, run_module, torchrun, write_jsonl
+from tests.conftest import (NO_SYSTEM_TEMPLATE, Interrupted, assert_replicas_saved, kill_after_checkpoint,
+                            one_line_error, read_jsonl, run_module, stop_after_checkpoint, torchrun, write_jsonl)
 
 # ---- the loss -------------------------------------------------------------------------------------
 
@@ -336,6 +337,95 @@ def test_world_comparisons_resume_after_sigkill(sft_run, tmp_path):
         assert -1 <= metrics[key] <= 1, key
     steps = [r["step"] for r in read_jsonl(run / "reward" / "metrics.jsonl") if "loss" in r]
     assert steps == list(range(1, 31)), "metrics must not repeat or skip after resume"
+
+
+def test_length_grouped_order_is_a_function_of_seed_and_epoch():
+    """Whatever the global RNG holds, (seed, epoch) decide the order; each epoch gets another one."""
+    from pipeline.trainer_metrics import EpochSeededLengthSampler
+
+    lengths = [i % 7 + 1 for i in range(64)]
+    global_seeds = itertools.count(123)
+
+    def order(seed: int, epoch: int) -> list[int]:
+        sampler = EpochSeededLengthSampler(4, lengths, seed)
+        sampler.set_epoch(epoch)
+        with torch.random.fork_rng():
+            torch.manual_seed(next(global_seeds))  # another global RNG state at every call
+            return list(sampler)
+
+    assert order(0, 2) == order(0, 2) and sorted(order(0, 2)) == list(range(64))
+    assert order(0, 1) != order(0, 2) and order(1, 2) != order(0, 2)
+
+
+def _stopped_then_rerun(monkeypatch, capsys, args: list[str], step: int) -> str:
+    """Run the stage, stopped right after checkpoint-`step`, then run it again: the rerun's stdout."""
+    with monkeypatch.context() as patched:
+        stop_after_checkpoint(patched, step)
+        with pytest.raises(Interrupted):
+            reward_main(args)
+    capsys.readouterr()
+    reward_main(args)
+    return capsys.readouterr().out
+
+
+def _whole_and_resumed(sft_run, tmp_path, monkeypatch, capsys, *extra) -> tuple[dict, dict, Path, Path]:
+    """Two epochs on the toy set (2 x 12 steps) run through, and again stopped in the second epoch (after
+    checkpoint-15) and rerun: (whole metrics, resumed metrics, whole run, resumed run)."""
+    train, val, demos = toy_files(tmp_path)
+    runs = []
+    for name in ("whole", "resumed"):
+        (tmp_path / name).mkdir()
+        runs.append(new_run(tmp_path / name, sft_run))
+    args = ["--train_files", train, "--val_files", val, "--norm_files", demos, "--num_epochs", 2, "--save_every", 5,
+            *extra]
+    whole, resumed = runs
+    reward_main(tiny_args(whole, *args))
+    assert "(step 15)" in _stopped_then_rerun(monkeypatch, capsys, tiny_args(resumed, *args), 15)
+    whole_metrics, resumed_metrics = (json.loads((run / "reward" / "manifest.json").read_text())["metrics"]
+                                      for run in (whole, resumed))
+    assert whole_metrics["train_steps"] == resumed_metrics["train_steps"] == 24
+    return whole_metrics, resumed_metrics, whole, resumed
+
+
+def test_a_resumed_run_reports_the_whole_runs_train_loss(sft_run, tmp_path, monkeypatch, capsys):
+    """The manifest's train_loss is the mean over every step of the run, not over the steps after a resume
+    (checkpoint 15 is no logging step: log_every 2)."""
+    whole, resumed, _, _ = _whole_and_resumed(sft_run, tmp_path, monkeypatch, capsys, "--group_by_length", "false")
+    assert resumed["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-6)
+
+
+def test_length_grouped_batches_replay_after_a_resume_past_the_first_epoch(sft_run, tmp_path, monkeypatch, capsys):
+    """The length-grouped order of each epoch is a function of (seed, epoch): stopped in the second epoch and
+    resumed, the run trains on the batches of the uninterrupted one and ends with its weights."""
+    from safetensors.torch import load_file
+
+    whole, resumed, whole_run, resumed_run = _whole_and_resumed(sft_run, tmp_path, monkeypatch, capsys)
+    ours, theirs = (load_file(run / "reward" / "model.safetensors") for run in (resumed_run, whole_run))
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs), "the resumed run trained on other batches"
+    assert resumed["val_pair_accuracy"] == whole["val_pair_accuracy"]
+
+
+def test_a_checkpoint_cut_short_is_passed_over_for_the_last_complete_one(sft_run, tmp_path, monkeypatch, capsys):
+    """The newest checkpoint's trainer_state.json cut short and the next one's weights gone: the rerun resumes
+    from the last complete checkpoint and finishes."""
+    run = new_run(tmp_path, sft_run)
+    train, val, demos = toy_files(tmp_path)
+    args = tiny_args(run, "--train_files", train, "--val_files", val, "--norm_files", demos, "--max_steps", 6,
+                     "--save_every", 1, "--keep_checkpoints", 3)
+    with monkeypatch.context() as patched:
+        stop_after_checkpoint(patched, 3)
+        with pytest.raises(Interrupted):
+            reward_main(args)
+    checkpoints = run / "reward" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    trainer_state = checkpoints / "checkpoint-3" / "trainer_state.json"
+    trainer_state.write_text(trainer_state.read_text()[:40])
+    (checkpoints / "checkpoint-2" / "model.safetensors").unlink()
+    capsys.readouterr()
+    reward_main(args)
+    assert f"resumed from {checkpoints / 'checkpoint-1'} (step 1)" in capsys.readouterr().out
+    assert json.loads((run / "reward" / "manifest.json").read_text())["metrics"]["train_steps"] == 6
 
 
 def test_two_processes_with_torchrun(sft_run, tmp_path):

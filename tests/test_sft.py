@@ -29,8 +29,9 @@ from stages.sft.run import (
     to_conversation,
     training_args,
 )
-from tests.conftest import (assert_replicas_saved, kill_after_checkpoint, one_line_error, qwen_style_model, read_jsonl,
-                            refusing_system_turns, run_module, torchrun, write_jsonl)
+from tests.conftest import (Interrupted, assert_replicas_saved, kill_after_checkpoint, one_line_error,
+                            qwen_style_model, read_jsonl, refusing_system_turns, run_module, stop_after_checkpoint,
+                            torchrun, write_jsonl)
 
 
 @pytest.fixture(scope="module")
@@ -268,6 +269,70 @@ def test_resume_after_sigkill(pretrained_run, demos, tmp_path):
     assert manifest["metrics"]["steps"] == 60
     steps = [r["step"] for r in read_jsonl(run / "sft" / "metrics.jsonl") if "loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == 60, "metrics must not repeat after resume"
+
+
+def _stopped_then_rerun(monkeypatch, capsys, args: list[str], step: int) -> str:
+    """Run the stage, stopped right after checkpoint-`step`, then run it again: the rerun's stdout."""
+    with monkeypatch.context() as patched:
+        stop_after_checkpoint(patched, step)
+        with pytest.raises(Interrupted):
+            sft_main(args)
+    capsys.readouterr()
+    sft_main(args)
+    return capsys.readouterr().out
+
+
+def _two_runs(tmp_path: Path, pretrained_run: Path) -> tuple[Path, Path]:
+    """Run directories for an uninterrupted run and an interrupted one of the same config."""
+    for name in ("whole", "resumed"):
+        (tmp_path / name).mkdir()
+    return tuple(run_dir_with_parent(tmp_path / name, pretrained_run) for name in ("whole", "resumed"))
+
+
+def test_a_resumed_run_reports_the_whole_runs_train_loss(pretrained_run, demos, tmp_path, monkeypatch, capsys):
+    """The manifest's train_loss is the mean over every step of the run, not over the steps after a resume."""
+    whole, resumed = _two_runs(tmp_path, pretrained_run)
+    args = ("--eval_prompts", "0")  # tiny: 6 steps, checkpoints at 3 and 6, loss logged at 2, 4 and 6
+    sft_main(tiny_args(whole, *demos, *args))
+    out = _stopped_then_rerun(monkeypatch, capsys, tiny_args(resumed, *demos, *args), 3)
+    assert "resumed from" in out and "(step 3)" in out
+    ours, theirs = (json.loads((run / "sft" / "manifest.json").read_text())["metrics"] for run in (resumed, whole))
+    assert ours["steps"] == theirs["steps"] == 6
+    assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-6)
+
+
+def test_length_grouped_batches_replay_after_a_resume_past_the_first_epoch(pretrained_run, demos, tmp_path,
+                                                                          monkeypatch, capsys):
+    """With --group_by_length the order of each epoch is a function of (seed, epoch): stopped in the second
+    epoch and resumed, the run trains on the batches of the uninterrupted one and ends with its weights."""
+    whole, resumed = _two_runs(tmp_path, pretrained_run)
+    args = ("--eval_prompts", "0", "--group_by_length", "true", "--max_steps", "-1", "--epochs", "2")  # 2 x 6 steps
+    sft_main(tiny_args(whole, *demos, *args))
+    assert "(step 9)" in _stopped_then_rerun(monkeypatch, capsys, tiny_args(resumed, *demos, *args), 9)
+    assert json.loads((resumed / "sft" / "manifest.json").read_text())["metrics"]["steps"] == 12
+    ours, theirs = state(resumed / "sft"), state(whole / "sft")
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs), "the resumed run trained on other batches"
+
+
+def test_a_checkpoint_cut_short_is_passed_over_for_the_last_complete_one(pretrained_run, demos, tmp_path, monkeypatch,
+                                                                        capsys):
+    """The newest checkpoint's trainer_state.json cut short and the next one's weights gone: the rerun resumes
+    from the last complete checkpoint and finishes."""
+    run = run_dir_with_parent(tmp_path, pretrained_run)
+    args = tiny_args(run, *demos, "--eval_prompts", "0", "--save_every", "1", "--keep_checkpoints", "3")
+    with monkeypatch.context() as patched:
+        stop_after_checkpoint(patched, 3)
+        with pytest.raises(Interrupted):
+            sft_main(args)
+    checkpoints = run / "sft" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    trainer_state = checkpoints / "checkpoint-3" / "trainer_state.json"
+    trainer_state.write_text(trainer_state.read_text()[:40])
+    (checkpoints / "checkpoint-2" / "model.safetensors").unlink()
+    capsys.readouterr()
+    sft_main(args)
+    assert f"resumed from {checkpoints / 'checkpoint-1'} (step 1)" in capsys.readouterr().out
+    assert json.loads((run / "sft" / "manifest.json").read_text())["metrics"]["steps"] == 6
 
 
 # ---- data formats ----------------------------------------------------------------------------

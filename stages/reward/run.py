@@ -6,7 +6,6 @@ Recipe: parse -> parent (SFT) -> comparisons -> model -> train (resumable) -> sa
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -19,7 +18,6 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from datasets import Dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import suppress_seqcls_warning
 
@@ -32,7 +30,8 @@ from pipeline.runtime import (cpu_and_backend, load_models_whole, merged_from_st
                               stage_decides_training_settings)
 from pipeline.stage import StageRun, require_stage, resolve_init, trains_on_world
 from pipeline.tracking import truncate_metrics, wandb_enabled, wandb_env
-from pipeline.trainer_metrics import JsonlMetricsCallback
+from pipeline.trainer_metrics import (JsonlMetricsCallback, last_complete_checkpoint, replayable_train_sampler,
+                                      whole_run_loss)
 from reward.comparisons import Group, load_groups
 from reward.gold import GoldJudge
 from reward.losses import group_pairs, pair_accuracy, pair_mean_loss, ranking_loss
@@ -96,6 +95,11 @@ class RankingRewardTrainer(RewardTrainer):
         if self._signature_columns is None:
             self._signature_columns = ["group_ids", "length"]
 
+    def _get_train_sampler(self, train_dataset=None):
+        # Length-grouped batches drawn from (seed, epoch), so a resumed run replays them (pipeline.trainer_metrics).
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return replayable_train_sampler(self, dataset) or super()._get_train_sampler(train_dataset)
+
     def __init__(self, *args, group_loss=ranking_loss, **kwargs):
         super().__init__(*args, **kwargs)
         self.group_loss = group_loss
@@ -144,22 +148,6 @@ def tokenize_groups(groups: list[Group], tokenizer, max_length: int) -> tuple[Da
             seqs = [s[cut:][-max_length:] for s in seqs]
         rows.append({"group_ids": seqs, "length": max(map(len, seqs))})
     return Dataset.from_list(rows), truncated
-
-
-def last_complete_checkpoint(checkpoints: Path) -> str | None:
-    """Newest Trainer checkpoint whose trainer_state.json (written last) parses; a kill mid-save
-    leaves a newer folder without one, which is skipped."""
-    if not checkpoints.is_dir():
-        return None
-    found = sorted((p for p in checkpoints.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.name.split("-")[-1].isdigit()),
-                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
-    for ckpt in found:
-        try:
-            json.loads((ckpt / "trainer_state.json").read_text())
-            return str(ckpt)
-        except (OSError, ValueError):
-            continue
-    return None
 
 
 # ---- parent, head, reference data ---------------------------------------------------------------
@@ -393,14 +381,15 @@ def main(argv: list[str] | None = None) -> None:
                                    train_dataset=train_ds, eval_dataset=val_ds, processing_class=tokenizer,
                                    callbacks=[JsonlMetricsCallback(stage_dir)], peft_config=peft_config, group_loss=group_loss)
 
-    # 4. Train, resuming from the newest complete checkpoint a killed run left.
-    resume = last_complete_checkpoint(run.checkpoints)
+    # 4. Train, resuming from the newest complete checkpoint a killed run left (pipeline.trainer_metrics).
+    resume, resume_step = last_complete_checkpoint(run.checkpoints, remove_incomplete=state.is_main_process)
     if resume and state.is_main_process:
-        step = int(resume.split("-")[-1])
-        truncate_metrics(stage_dir / "metrics.jsonl", step)
-        print(f"[reward] resumed from {resume} (step {step})", flush=True)
+        truncate_metrics(stage_dir / "metrics.jsonl", resume_step)
+        print(f"[reward] resumed from {resume} (step {resume_step})", flush=True)
     state.wait_for_everyone()
     result = trainer.train(resume_from_checkpoint=resume)
+    # Trainer's training_loss covers the steps since the resume only; the manifest reports the whole run's.
+    train_loss = whole_run_loss(trainer.state.log_history, resume_step, result.global_step, result.training_loss)
     checksums = rank_checksums(trainer.accelerator, trainer.model)  # replicas in sync (2-process tests)
 
     # 5. Save a plain checkpoint (LoRA merged into the weights, the trained head kept; merged into a
@@ -435,7 +424,7 @@ def main(argv: list[str] | None = None) -> None:
     metrics = evaluate(reward_model, reward_tokenizer, val_groups, judge, cfg.eval_batch_size, max_length,
                        group_loss) if val_groups else {}
     metrics.update({
-        "train_loss": result.training_loss, "train_steps": result.global_step, "train_groups": len(train_groups),
+        "train_loss": train_loss, "train_steps": result.global_step, "train_groups": len(train_groups),
         "train_pairs": n_pairs, "train_seconds": round(result.metrics.get("train_runtime", 0.0), 1),
         "reference_raw_mean": raw.mean().item(), "reference_mean": normalised.mean().item(),
         "reference_std": normalised.std().item() if len(normalised) > 1 else 0.0, "reference_size": len(normalised),

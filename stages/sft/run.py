@@ -11,10 +11,8 @@ evaluation vs the parent -> manifest.
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import shutil
 import sys
 from collections import Counter
 from pathlib import Path
@@ -24,7 +22,6 @@ import torch
 from accelerate import PartialState
 from datasets import Dataset, concatenate_datasets
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
 from data.loading import EmptyField, load_records, load_texts, require_text, split_holdout
@@ -38,7 +35,8 @@ from pipeline.runtime import (cpu_and_backend, load_models_whole, merged_from_st
 from pipeline.stage import StageRun, require_stage, resolve_init, trains_on_world
 from pipeline.stats import win_rate
 from pipeline.tracking import truncate_metrics, wandb_enabled, wandb_env
-from pipeline.trainer_metrics import JsonlMetricsCallback
+from pipeline.trainer_metrics import (JsonlMetricsCallback, last_complete_checkpoint, replayable_train_sampler,
+                                      whole_run_loss)
 from reward.comparisons import InvalidGroup, group_builders, is_comparison
 from reward.gold import GoldJudge
 from reward.model import as_messages
@@ -354,9 +352,18 @@ def lora_config(cfg: SFTStageConfig):
     )
 
 
+class StageSFTTrainer(SFTTrainer):
+    """TRL's SFTTrainer whose length-grouped batches (--group_by_length) a resumed run replays: drawn from
+    (seed, epoch) rather than the global RNG (pipeline.trainer_metrics.EpochSeededLengthSampler)."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return replayable_train_sampler(self, dataset) or super()._get_train_sampler(train_dataset)
+
+
 def build_trainer(cfg: SFTStageConfig, args: SFTConfig, model, tokenizer, train: Dataset, val: Dataset | None,
                   stage_dir: Path) -> SFTTrainer:
-    trainer = SFTTrainer(
+    trainer = StageSFTTrainer(
         model=model, args=args, train_dataset=train, eval_dataset=val,
         processing_class=tokenizer, peft_config=lora_config(cfg), callbacks=[JsonlMetricsCallback(stage_dir)],
     )
@@ -365,19 +372,6 @@ def build_trainer(cfg: SFTStageConfig, args: SFTConfig, model, tokenizer, train:
         if trainer.eval_dataset is not None:
             trainer.eval_dataset = cut_to_max_length(trainer.eval_dataset, cfg.max_length)
     return trainer
-
-
-def resumable_checkpoint(checkpoints: Path, is_main: bool) -> str | None:
-    """The newest complete Trainer checkpoint. Trainer writes trainer_state.json last, so a directory
-    without it is a save that a kill interrupted: remove it rather than resume from half a state."""
-    if not checkpoints.is_dir():
-        return None
-    if is_main:
-        for d in checkpoints.glob("checkpoint-*"):
-            if d.is_dir() and not (d / "trainer_state.json").is_file():
-                shutil.rmtree(d, ignore_errors=True)
-    PartialState().wait_for_everyone()
-    return get_last_checkpoint(str(checkpoints))
 
 
 def save_plain_checkpoint(trainer: SFTTrainer, cfg: SFTStageConfig, parent_path: str, tokenizer, stage_dir: Path,
@@ -544,9 +538,10 @@ def main(argv: list[str] | None = None) -> None:
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters() if p.requires_grad)
     total = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters())
 
-    # 5. Train, resuming from the newest complete checkpoint a killed run left.
-    resume = resumable_checkpoint(run.checkpoints, is_main)
-    resume_step = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"] if resume else 0
+    # 5. Train, resuming from the newest complete checkpoint a killed run left (pipeline.trainer_metrics:
+    #    its trainer_state.json parses and its weights are there; newer half-written ones are removed).
+    resume, resume_step = last_complete_checkpoint(run.checkpoints, remove_incomplete=is_main)
+    PartialState().wait_for_everyone()
     if is_main:
         truncate_metrics(stage_dir / "metrics.jsonl", resume_step)
         if resume:
@@ -556,7 +551,9 @@ def main(argv: list[str] | None = None) -> None:
               f"parameters trained{' (LoRA)' if cfg.lora_r else ''}, {args.world_size} process(es)", flush=True)
     result = trainer.train(resume_from_checkpoint=resume)
     checksums = rank_checksums(trainer.accelerator, trainer.model)  # replicas in sync (2-process tests)
-    train_loss = result.training_loss
+    # Trainer's training_loss covers the steps since the resume only; the manifest reports the whole run's.
+    train_loss = whole_run_loss(trainer.state.log_history, resume_step, trainer.state.global_step,
+                                result.training_loss)
     if not torch.isfinite(torch.tensor(train_loss)):
         raise PipelineError(f"sft: training loss became {train_loss}; lower lr (now {cfg.lr})")
 
