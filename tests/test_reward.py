@@ -573,3 +573,31 @@ def test_a_bad_group_in_a_message_tree_is_skipped_alone(tmp_path):
         load_groups([str(path)])
     groups = load_groups([str(path)], skip_invalid=True)
     assert [(g.prompt, g.responses) for g in groups] == [([{"role": "user", "content": "Q1"}], ["B", "A"])]
+
+
+def test_a_gpt2_reward_model_gives_its_normalised_reward_to_plain_transformers(sft_run, tmp_path):
+    """GPT-2's final LayerNorm has a bias, so the stage folds the normalising shift into the weights:
+    plain transformers logits are then the reward, and our loader does not add it a second time."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    plain = tmp_path / "gpt2_sft"
+    tok = AutoTokenizer.from_pretrained(sft_run / "sft")
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=128,
+                               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(plain)
+    tok.save_pretrained(plain)
+    run = tmp_path / "run"
+    train, val, demos = toy_files(tmp_path)
+    reward_main(tiny_args(run, "--init_from", plain, "--train_files", train, "--val_files", val, "--norm_files", demos,
+                          "--max_steps", 4))
+    stage = run / "reward"
+    manifest = json.loads((stage / "manifest.json").read_text())
+    assert manifest["reward_bias_folded"] and manifest["reward_bias"] != 0.0
+    model, tokenizer = load_reward_model(stage)
+    prompt, answers = "Question 1: do you agree?", ["yes yes", "no no"]
+    ours = score(model, tokenizer, [prompt] * 2, answers, 8, 64)
+    hf = AutoModelForSequenceClassification.from_pretrained(stage).eval()
+    for answer, expected in zip(answers, ours.tolist()):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+                                            return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            assert hf(**ids).logits[0, 0].item() == pytest.approx(expected, abs=1e-4)

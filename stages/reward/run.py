@@ -35,7 +35,7 @@ from pipeline.trainer_metrics import (JsonlMetricsCallback, last_complete_checkp
 from reward.comparisons import Group, load_groups
 from reward.gold import GoldJudge
 from reward.losses import group_pairs, pair_accuracy, pair_mean_loss, ranking_loss
-from reward.model import BIAS_KEY, check_reward_tokenizer, encode, load_reward_model, right_pad, score
+from reward.model import BIAS_KEY, check_reward_tokenizer, encode, fold_offset, load_reward_model, right_pad, score
 from stages.reward.config import RewardStageConfig
 
 
@@ -416,9 +416,13 @@ def main(argv: list[str] | None = None) -> None:
     reward_model, reward_tokenizer = load_reward_model(stage_dir, device=state.device)
     setattr(reward_model.config, BIAS_KEY, 0.0)
     raw = score(reward_model, reward_tokenizer, *reference, cfg.eval_batch_size, max_length)
-    setattr(reward_model.config, BIAS_KEY, -raw.mean().item())
-    reward_model.config.save_pretrained(stage_dir)
-    normalised = raw + getattr(reward_model.config, BIAS_KEY)
+    offset = -raw.mean().item()
+    setattr(reward_model.config, BIAS_KEY, offset)
+    # Into the weights where the architecture holds it (GPT-2's final LayerNorm bias), so plain transformers
+    # logits are the reward; Llama-style models (RMSNorm, bias-free head) keep it in config.json.
+    folded = fold_offset(reward_model)
+    (reward_model if folded else reward_model.config).save_pretrained(stage_dir)
+    normalised = raw + offset
 
     # 7. Evaluate on held-out comparisons, then write the manifest (last).
     metrics = evaluate(reward_model, reward_tokenizer, val_groups, judge, cfg.eval_batch_size, max_length,
@@ -431,10 +435,10 @@ def main(argv: list[str] | None = None) -> None:
         "params": sum(p.numel() for p in reward_model.parameters()), "peak_memory_mb": round(peak_memory_mb()),
     })
     trainer.log({k: v for k, v in metrics.items() if k.startswith(("val_", "reference_"))})  # -> metrics.jsonl, wandb
-    run.finish(metrics, {"processes": state.num_processes, BIAS_KEY: getattr(reward_model.config, BIAS_KEY),
+    run.finish(metrics, {"processes": state.num_processes, BIAS_KEY: offset, "reward_bias_folded": folded,
                          "truncated_sequences": truncated, "max_length": max_length,
                          "weights_checksum_per_rank": checksums})
     summary = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("val_pair_accuracy", "val_top_vs_rest_accuracy",
                                                            "val_gold_pair_accuracy", "val_gold_pearson", "val_label_ceiling_accuracy") if k in metrics)
     print(f"[reward] done in {metrics['train_seconds']}s: {summary or 'no held-out set'}; reward bias "
-          f"{getattr(reward_model.config, BIAS_KEY):+.3f} -> {stage_dir}", flush=True)
+          f"{offset:+.3f}{' (in the weights)' if folded else ''} -> {stage_dir}", flush=True)
