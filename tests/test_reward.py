@@ -601,3 +601,9 @@ def test_a_gpt2_reward_model_gives_its_normalised_reward_to_plain_transformers(s
                                             return_tensors="pt", return_dict=True)
         with torch.no_grad():
             assert hf(**ids).logits[0, 0].item() == pytest.approx(expected, abs=1e-4)
+
+
+def test_the_manifest_records_the_threads_each_process_used(toy_reward):
+    run, _ = toy_reward
+    manifest = json.loads((run / "reward" / "manifest.json").read_text())
+    assert manifest["threads"] == max(1, len(os.sched_getaffinity(0)))  # --threads 0: all cores, one process

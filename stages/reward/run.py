@@ -27,7 +27,7 @@ from pipeline.config import config_dict, parse_config
 from pipeline.errors import PipelineError, cli_main
 from pipeline.packing import common_prefix_length, pack_rows, packs_sequences
 from pipeline.runtime import (cpu_and_backend, load_models_whole, merged_from_state_dict, peak_memory_mb, rank_checksums,
-                              stage_decides_training_settings)
+                              set_threads, stage_decides_training_settings)
 from pipeline.stage import StageRun, require_stage, resolve_init, trains_on_world
 from pipeline.tracking import truncate_metrics, wandb_enabled, wandb_env
 from pipeline.trainer_metrics import (JsonlMetricsCallback, last_complete_checkpoint, replayable_train_sampler,
@@ -285,6 +285,7 @@ def evaluate(model, tokenizer, groups: list[Group], judge: GoldJudge | None, bat
 def main(argv: list[str] | None = None) -> None:
     # 1. Config, parent and data - all checked before anything is written.
     cfg = parse_config(RewardStageConfig, "reward", argv)
+    threads = set_threads(cfg.threads)
     for name in ("val_files", "norm_files"):  # "none" (a list cannot be empty on the command line)
         if [f.lower() for f in getattr(cfg, name)] == ["none"]:
             setattr(cfg, name, [])
@@ -349,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
     n_pairs = sum(len(g.responses) * (len(g.responses) - 1) // 2 for g in train_groups)
     if state.is_main_process:
         print(f"[reward] {len(train_groups)} training groups ({sum(len(g.responses) for g in train_groups)} responses, "
-              f"{n_pairs} pairs), {len(val_groups)} held-out groups, {state.num_processes} process(es); "
+              f"{n_pairs} pairs), {len(val_groups)} held-out groups, {state.num_processes} process(es) x {threads} thread(s); "
               f"{truncated} sequences cut to {max_length} tokens", flush=True)
 
     # 3. Trainer: TRL's RewardTrainer with the K-wise loss; checkpoints inside the stage directory.
@@ -435,7 +436,7 @@ def main(argv: list[str] | None = None) -> None:
         "params": sum(p.numel() for p in reward_model.parameters()), "peak_memory_mb": round(peak_memory_mb()),
     })
     trainer.log({k: v for k, v in metrics.items() if k.startswith(("val_", "reference_"))})  # -> metrics.jsonl, wandb
-    run.finish(metrics, {"processes": state.num_processes, BIAS_KEY: offset, "reward_bias_folded": folded,
+    run.finish(metrics, {"processes": state.num_processes, "threads": threads, BIAS_KEY: offset, "reward_bias_folded": folded,
                          "truncated_sequences": truncated, "max_length": max_length,
                          "weights_checksum_per_rank": checksums})
     summary = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("val_pair_accuracy", "val_top_vs_rest_accuracy",

@@ -49,6 +49,7 @@ class SFTStageConfig:
     keep_checkpoints: int = field(default=2, metadata={"help": "Checkpoints kept on disk."})
     log_every: int = field(default=10, metadata={"help": "Steps between metric log lines."})
     seed: int = field(default=0, metadata={"help": "Random seed (data order, init of adapters)."})
+    threads: int = field(default=0, metadata={"help": "CPU threads for torch in each process; 0: the machine's cores shared among the processes launched on it."})
     force: bool = field(default=False, metadata={"help": "Redo the stage even if it is finished with this config."})
 
     def validate(self) -> None:

@@ -31,7 +31,7 @@ from pipeline.errors import PipelineError, cli_main
 from pipeline.generation import answer
 from pipeline.packing import packs_sequences
 from pipeline.runtime import (cpu_and_backend, load_models_whole, merged_from_state_dict, peak_memory_mb, rank_checksums,
-                              stage_decides_training_settings)
+                              set_threads, stage_decides_training_settings)
 from pipeline.stage import StageRun, require_stage, resolve_init, trains_on_world
 from pipeline.stats import win_rate
 from pipeline.tracking import truncate_metrics, wandb_enabled, wandb_env
@@ -484,6 +484,7 @@ def main(argv: list[str] | None = None) -> None:
     # 1. Config, parent, and the stage directory: finished already? resumable checkpoints?
     cfg = parse_config(SFTStageConfig, "sft", argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    threads = set_threads(cfg.threads)
     stage_dir = Path(cfg.run_dir) / "sft"
     wandb_env(stage_dir)
     args = training_args(cfg, stage_dir)
@@ -548,7 +549,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[sft] resumed from {resume} (step {resume_step})", flush=True)
         mixed = f" + {lm_documents} pretraining documents" if lm_documents else ""
         print(f"[sft] {len(train)} demonstrations{mixed} ({len(val)} held out), {trainable / 1e6:.2f}M of {total / 1e6:.2f}M "
-              f"parameters trained{' (LoRA)' if cfg.lora_r else ''}, {args.world_size} process(es)", flush=True)
+              f"parameters trained{' (LoRA)' if cfg.lora_r else ''}, {args.world_size} process(es) x {threads} thread(s)",
+              flush=True)
     result = trainer.train(resume_from_checkpoint=resume)
     checksums = rank_checksums(trainer.accelerator, trainer.model)  # replicas in sync (2-process tests)
     # Trainer's training_loss covers the steps since the resume only; the manifest reports the whole run's.
@@ -584,7 +586,7 @@ def main(argv: list[str] | None = None) -> None:
             metrics.update(gold)
         metrics["peak_memory_mb"] = round(peak_memory_mb())
         (stage_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; the manifest holds the config
-        run.finish(metrics, {"samples": samples, "processes": args.world_size, "lora": bool(cfg.lora_r),
+        run.finish(metrics, {"samples": samples, "processes": args.world_size, "threads": threads, "lora": bool(cfg.lora_r),
                              "weights_checksum_per_rank": checksums})
         line = f"[sft] done: val loss {val_loss:.3f}" if val_loss is not None else "[sft] done"
         if world is not None:
