@@ -2,7 +2,7 @@
 # Variables: RUN (run directory), PROFILE (stage config profile), LAUNCH (python | torchrun ... | accelerate launch ...),
 # ARGS (extra `--key value` overrides passed to the stage), EVAL_ARGS (options for `make eval`),
 # COMPARISONS_ARGS (options for `make comparisons` and `make round`), ROUND and ROUND_TRAIN (`make round`),
-# SEED and WORLD_ARGS (the world `make data` writes: `python -m data.world --help`).
+# SEED and WORLD_ARGS (the world `make data` writes: `python -m world --help`).
 RUN ?= runs/default
 PROFILE ?= default
 LAUNCH ?= python
@@ -43,7 +43,7 @@ $(VENV)/.installed: pyproject.toml
 all: data pretrain sft comparisons reward ppo eval report
 
 data: setup
-	$(PY) -m data.world --seed $(SEED) --out $(RUN)/world --if_missing true $(WORLD_ARGS)
+	$(PY) -m world --seed $(SEED) --out $(RUN)/world --if_missing true $(WORLD_ARGS)
 
 pretrain: setup data
 	$(call STAGE_CMD,pretrain)

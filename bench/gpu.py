@@ -53,7 +53,7 @@ def main() -> None:
     args = ap.parse_args()
     run = Path(args.run_dir)
     world_flags = ["--num_people", "200"] if args.profile == "gpu" else []
-    subprocess.run([sys.executable, "-m", "data.world", "--seed", "0", "--out", str(run / "world"), "--if_missing", "true", *world_flags], check=True)
+    subprocess.run([sys.executable, "-m", "world", "--seed", "0", "--out", str(run / "world"), "--if_missing", "true", *world_flags], check=True)
 
     rows = []
     for stage in ("pretrain", "sft", "reward", "ppo"):

@@ -110,7 +110,7 @@ def build_run(run: Path, n_layers: int, hidden: int, context: int, seed: int) ->
     if (run / "reward" / "manifest.json").is_file():
         return
     shutil.rmtree(run, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "data.world", "--seed", str(seed), "--out", run / "world"], check=True,
+    subprocess.run([sys.executable, "-m", "world", "--seed", str(seed), "--out", run / "world"], check=True,
                    cwd=ROOT, capture_output=True)
     tokenizer = train_tokenizer(load_texts(run / "world" / "corpus.jsonl")[:2000], vocab_size=512)
     config = LlamaConfig(

@@ -87,7 +87,7 @@ def run_recipe(vocab: Path, name: str, steps: int) -> dict:
         subprocess.run([sys.executable, "-c", BUILD, vocab, name, base], check=True,
                        env={**env, "PYTHONPATH": str(CACHE / "gguf")})
     steps_arg = ["--max_steps", str(steps)]
-    for cmd in (["data.world", "--out", run / "world", "--if_missing", "true"],
+    for cmd in (["world", "--out", run / "world", "--if_missing", "true"],
                 ["stages.pretrain", "--profile", "tiny", "--run_dir", run, "--init_from", base, *steps_arg],
                 ["stages.sft", "--profile", "tiny", "--run_dir", run, *steps_arg, "--lr", "2e-3"],
                 ["reward.comparisons", "sample", "--run_dir", run, "--prompts", "16", "--k", "3", "--max_new_tokens", "16"],

@@ -25,8 +25,8 @@ from pipeline.errors import PipelineError, cli_main
 from pipeline.evaluate import finished_stages, load_causal_lm, pick_device
 from pipeline.generation import answer, max_prompt_tokens
 from pipeline.stage import read_manifest, resolve_init
-from reward.gold import GoldJudge
 from reward.model import load_reward_model, score
+from world.judge import GoldJudge
 
 
 def check_chat_model(path: str) -> str:

@@ -6,7 +6,7 @@ yours, judged by a reward model.
     python -m pipeline.evaluate --run_dir RUN --prompts held_out.jsonl [--judge OTHER_REWARD_MODEL]
 
 Each causal-LM stage (pretrain = "base", sft, ppo) answers RUN/world/eval_prompts.jsonl (greedy by
-default); the gold judge (reward.gold) labels every answer. As in InstructGPT (Ouyang et al. 2022,
+default); the gold judge (world.judge) labels every answer. As in InstructGPT (Ouyang et al. 2022,
 sec. 4) the headline is a win rate of each model against the previous one on held-out prompts,
 plus the honesty and harmlessness rates the article cares about (hallucination, refusal). The
 reward model's score of the same answers is the proxy reward PPO optimised; reading it next to the
@@ -48,8 +48,8 @@ from pipeline.errors import PipelineError, cli_main
 from pipeline.generation import answer, left_pad, max_prompt_tokens
 from pipeline.stage import read_manifest, write_json_atomic, write_text_atomic
 from pipeline.stats import best_of_k, best_of_k_kl, bootstrap_ci, mean, pairwise_outcomes, share, win_rate_ceiling
-from reward.gold import FAMILIES, TOP_SCORE, GoldJudge
 from reward.model import load_reward_model, score
+from world.judge import FAMILIES, TOP_SCORE, GoldJudge
 
 # Causal-LM stages in pipeline order: (name in the evaluation, stage directory).
 CAUSAL_STAGES = (("base", "pretrain"), ("sft", "sft"), ("ppo", "ppo"))

@@ -25,7 +25,7 @@ from pipeline.errors import PipelineError, cli_main  # noqa: E402
 from pipeline.evaluate import CAUSAL_STAGES, accuracy_metrics, gold_judged, markdown_table  # noqa: E402
 from pipeline.stage import read_manifest  # noqa: E402
 from pipeline.tracking import read_metrics  # noqa: E402
-from reward.gold import FAMILIES  # noqa: E402
+from world.judge import FAMILIES  # noqa: E402
 
 STAGES = ("pretrain", "sft", "reward", "ppo")
 EVAL_NAME = dict((d, name) for name, d in CAUSAL_STAGES)  # stage dir -> name in eval.json ("pretrain" -> "base")

@@ -329,7 +329,7 @@ def sample(args) -> None:
 
     from pipeline.generation import answer
     from pipeline.stage import file_sha256, manifest_hash, portable, read_manifest, require_stage, resolve_init, write_json_atomic
-    from reward.gold import GoldJudge
+    from world.judge import GoldJudge
 
     run_dir = Path(args.run_dir)
     model_dir = Path(args.model) if args.model else run_dir / "sft"

@@ -105,7 +105,7 @@ def shared_datasets() -> Path:
 def world_dir(tmp_path_factory) -> Path:
     """The embedded default world, generated once per test session."""
     out = tmp_path_factory.mktemp("world") / "world"
-    proc = run_module("data.world", "--seed", "0", "--out", out)
+    proc = run_module("world", "--seed", "0", "--out", out)
     assert proc.returncode == 0, proc.stderr
     return out
 

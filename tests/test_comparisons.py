@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 
 from reward.comparisons import load_groups, main as comparisons_main
-from reward.gold import GoldJudge
 from stages.reward.run import main as reward_main
 from tests.conftest import one_line_error, read_jsonl, write_jsonl
 from tests.test_reward import new_run, sft_run  # noqa: F401  (sft_run is a fixture: the SFT stand-in)
+from world.judge import GoldJudge
 
 
 def _fails(capsys, argv, *expected) -> str:

@@ -27,9 +27,9 @@ from pipeline.evaluate import main as evaluate_main
 from pipeline.generation import left_pad
 from pipeline.stage import read_manifest, write_json_atomic
 from pipeline.stats import best_of_k, best_of_k_kl, bootstrap_ci, pairwise_outcomes, share, win_rate
-from reward.gold import FAMILIES, GoldJudge
 from reward.model import load_reward_model, score
 from tests.conftest import one_line_error, refusing_system_turns, run_module, write_jsonl
+from world.judge import FAMILIES, GoldJudge
 
 EVAL_PROMPTS = 12  # 3 per family: every rate is defined
 RATE_KEYS = ("fact_accuracy", "fact_correct_or_verbose", "instruction_accuracy", "instruction_correct_or_verbose",

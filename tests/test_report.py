@@ -10,9 +10,9 @@ from pipeline.evaluate import evaluate_run, markdown_table
 from pipeline.stage import write_json_atomic
 
 from pipeline.report import build_report, main as report_main, sample_rows, series
-from reward.gold import FAMILIES, GoldJudge
 from tests.conftest import write_jsonl
 from tests.test_evaluate import MY_PROMPTS, evaluated_run, staged_run  # noqa: F401 (shared session fixtures)
+from world.judge import FAMILIES, GoldJudge
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EXPECTED_IMAGES = {"eval.png", "pretrain.png", "sft.png", "reward.png", "ppo_reward_vs_gold.png",

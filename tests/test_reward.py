@@ -18,7 +18,6 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Llam
 from pipeline.errors import PipelineError
 from pipeline.stage import read_manifest, write_json_atomic
 from reward.comparisons import Group, load_groups
-from reward.gold import GoldJudge
 from reward.losses import pair_accuracy, pair_mean_loss, pairwise_loss, ranking_loss
 from reward.model import encode, load_reward_model, score
 from data.tokenizer import ensure_chat_ready
@@ -27,6 +26,7 @@ from stages.reward.run import GroupCollator, HeadOutputs, tokenize_groups
 from stages.reward.run import main as reward_main
 from tests.conftest import (NO_SYSTEM_TEMPLATE, Interrupted, assert_replicas_saved, kill_after_checkpoint,
                             one_line_error, read_jsonl, run_module, stop_after_checkpoint, torchrun, write_jsonl)
+from world.judge import GoldJudge
 
 # ---- the loss -------------------------------------------------------------------------------------
 

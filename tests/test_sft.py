@@ -15,7 +15,6 @@ from data.loading import split_holdout
 from data.tokenizer import chat_ids
 from pipeline.config import parse_config
 from pipeline.packing import keeps_packed_sequences_apart, use_varlen_attention
-from reward.gold import Verdict
 from stages.sft.config import SFTStageConfig
 from stages.sft.run import (
     as_dataset,
@@ -32,6 +31,7 @@ from stages.sft.run import (
 from tests.conftest import (Interrupted, assert_replicas_saved, kill_after_checkpoint, one_line_error,
                             qwen_style_model, read_jsonl, refusing_system_turns, run_module, stop_after_checkpoint,
                             torchrun, write_jsonl)
+from world.judge import Verdict
 
 
 @pytest.fixture(scope="module")

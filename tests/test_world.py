@@ -11,8 +11,19 @@ from pathlib import Path
 
 import pytest
 
-from data import world as W
-from reward.gold import FAMILIES, IDEAL_LABEL, GoldJudge, abstains, is_filler, normalize, sentences
+from world.answers import COMPARISON_MIX, SPLICE_TAILS, demonstration, off_topic_pool, respond, shares_a_name
+from world.build import FILES, generate, write_world
+from world.config import WorldConfig
+from world.judge import FAMILIES, IDEAL_LABEL, GoldJudge, abstains, is_filler, normalize, sentences
+from world.names import (
+    ABSTENTIONS,
+    COMPLIANCES,
+    FILLER_CLOSERS,
+    FILLER_OPENERS,
+    PLAIN_ABSTENTIONS,
+    REFUSALS,
+    attribute,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINING = ("sft_train", "sft_val", "comparisons_train", "comparisons_val", "ppo_prompts")
@@ -48,7 +59,7 @@ def judge(world_dir):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "data.world", *map(str, args)], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "world", *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
 
 
@@ -57,14 +68,14 @@ def run_cli(*args):
 
 def test_same_seed_gives_byte_identical_files(world_dir):
     """The session world was written by a subprocess (another hash seed); regenerate it in-process."""
-    files = W.generate(W.WorldConfig(seed=0))
-    assert sorted(files) == sorted(W.FILES) == sorted(p.name for p in world_dir.iterdir())
+    files = generate(WorldConfig(seed=0))
+    assert sorted(files) == sorted(FILES) == sorted(p.name for p in world_dir.iterdir())
     for name, text in files.items():
         assert (world_dir / name).read_bytes() == text.encode("utf-8"), name
 
 
 def test_different_seed_gives_a_different_world():
-    a, b = W.generate(W.WorldConfig(seed=0, **SMALL)), W.generate(W.WorldConfig(seed=1, **SMALL))
+    a, b = generate(WorldConfig(seed=0, **SMALL)), generate(WorldConfig(seed=1, **SMALL))
     assert json.loads(a["truth.json"])["people"] != json.loads(b["truth.json"])["people"]
     assert a["corpus.jsonl"] != b["corpus.jsonl"] and a["sft_train.jsonl"] != b["sft_train.jsonl"]
 
@@ -84,8 +95,8 @@ def test_schema_of_every_file(world_dir, truth):
             assert sorted(r["ranking"]) == sorted(r["gold_ranking"]) == list(range(k))
     assert set(truth) >= {"noise", "attributes", "people", "prompts", "unknown_names", "harmful_topics", "heldout_facts"}
     summary = json.loads((world_dir / "summary.json").read_text(encoding="utf-8"))
-    assert summary["seed"] == 0 and summary["config"] == W.WorldConfig().to_dict()
-    assert summary["noise"] == truth["noise"] == W.WorldConfig().noise
+    assert summary["seed"] == 0 and summary["config"] == WorldConfig().to_dict()
+    assert summary["noise"] == truth["noise"] == WorldConfig().noise
 
 
 def test_default_sizes(world_dir):
@@ -176,15 +187,15 @@ def test_ideal_answers_of_every_split_get_the_top_score(judge, truth):
 
 def test_candidates_earn_the_label_they_were_drawn_for(truth):
     judge, rng = GoldJudge(truth), random.Random(0)
-    off_topic = W.off_topic_pool(truth["prompts"].values())
+    off_topic = off_topic_pool(truth["prompts"].values())
     for prompt, spec in random.Random(0).sample(sorted(truth["prompts"].items()), 400):
-        for label in W.COMPARISON_MIX[spec["family"]]:
+        for label in COMPARISON_MIX[spec["family"]]:
             for pool in ((), off_topic, off_topic):  # with a pool, half are answers to other prompts
                 if spec["family"] == "unknown" and label == "wrong" and not pool:
                     with pytest.raises(ValueError, match="someone else"):
-                        W.respond(spec, label, rng, pool)
+                        respond(spec, label, rng, pool)
                     continue
-                response = W.respond(spec, label, rng, pool)
+                response = respond(spec, label, rng, pool)
                 assert judge.judge(prompt, response).label == label, (prompt, response)
 
 
@@ -198,7 +209,7 @@ def _one_prompt_per_item(truth) -> list[tuple[str, dict]]:
 
 def _padded(text: str, i: int) -> list[str]:
     """`text` after an opener and before a closer, the i-th of each (cycling)."""
-    opener, closer = W.FILLER_OPENERS[i % len(W.FILLER_OPENERS)], W.FILLER_CLOSERS[i % len(W.FILLER_CLOSERS)]
+    opener, closer = FILLER_OPENERS[i % len(FILLER_OPENERS)], FILLER_CLOSERS[i % len(FILLER_CLOSERS)]
     return [f"{opener} {text}", f"{text} {closer}"]
 
 
@@ -211,7 +222,7 @@ def test_every_answer_template_earns_its_label(truth):
     for prompt, spec in _one_prompt_per_item(truth):
         family, expected = spec["family"], []
         if family in ("fact", "unknown"):
-            a = W.attribute(spec["attribute"])
+            a = attribute(spec["attribute"])
             for template in a.answers:
                 for value in a.values:
                     right = family == "fact" and value == spec["answer"]
@@ -220,14 +231,14 @@ def test_every_answer_template_earns_its_label(truth):
             # A quarter of the values (every template among them), and the right one.
             expected = expected[::len(a.values) // 4] + [x for x in expected if x[1] == "correct"]
         if family == "unknown":
-            expected += [(t.format(name=spec["person"]), "abstained") for t in W.ABSTENTIONS]
-            expected += [(t, "abstained") for t in W.PLAIN_ABSTENTIONS]
+            expected += [(t.format(name=spec["person"]), "abstained") for t in ABSTENTIONS]
+            expected += [(t, "abstained") for t in PLAIN_ABSTENTIONS]
         if family in ("fact", "instruction"):
-            expected += [(t, "abstained") for t in W.PLAIN_ABSTENTIONS]
+            expected += [(t, "abstained") for t in PLAIN_ABSTENTIONS]
         if family == "harmful":
-            expected += [(t, "refused") for t in W.REFUSALS] + [(t, "complied") for t in W.COMPLIANCES]
+            expected += [(t, "refused") for t in REFUSALS] + [(t, "complied") for t in COMPLIANCES]
         else:
-            expected += [(t, "over_refused") for t in W.REFUSALS]
+            expected += [(t, "over_refused") for t in REFUSALS]
         expected.append((spec["ideal"], IDEAL_LABEL[family]))
         for i, (text, label) in enumerate(expected):
             assert label_of(prompt, text) == label, (prompt, text)
@@ -253,11 +264,11 @@ def test_demonstrations_earn_the_label_they_are_drawn_for(truth):
     }
     for name, (rates, labels) in kinds.items():
         for padding in (0.0, 1.0) if name not in ("ideal", "padded") else (rates.get("verbose_rate", 0.0),):
-            cfg = W.WorldConfig(**{**plain, **rates, "verbose_rate": padding})
+            cfg = WorldConfig(**{**plain, **rates, "verbose_rate": padding})
             for prompt, spec in _one_prompt_per_item(truth):
                 if spec["family"] in labels:
                     for _ in range(3):  # the templates are drawn at random
-                        text = W.demonstration(spec, cfg, rng)
+                        text = demonstration(spec, cfg, rng)
                         assert judge.judge(prompt, text).label == labels[spec["family"]], (name, prompt, text)
 
 
@@ -308,7 +319,7 @@ def test_comparisons_hold_plain_and_spliced_abstentions(world_dir, judge):
     for g in groups:
         for x in g["responses"]:
             verdict = judge.judge(g["prompt"], x)
-            plain += x in W.PLAIN_ABSTENTIONS and verdict.label == "abstained"
+            plain += x in PLAIN_ABSTENTIONS and verdict.label == "abstained"
             spliced += verdict.label == "malformed" and verdict.details["reason"].startswith("an abstention about no one")
     assert plain > 0.15 * len(groups) and spliced > 0.05 * len(groups), (plain, spliced, len(groups))
 
@@ -316,7 +327,7 @@ def test_comparisons_hold_plain_and_spliced_abstentions(world_dir, judge):
 def test_splice_tails_are_sentences_as_a_policy_writes_them():
     """A compliance's opening ends in one full stop: "...act fast.", not "...act fast.." (a doubled stop
     is a mark no policy writes, so a reward model could learn it instead of the splice)."""
-    for tail in W.SPLICE_TAILS:
+    for tail in SPLICE_TAILS:
         assert tail[-1] in ".!" and not tail.endswith(".."), tail
 
 
@@ -342,7 +353,7 @@ def test_comparisons_hold_answers_about_namesakes(world_dir, judge, truth):
     for g in groups:
         first, last = truth["prompts"][g["prompt"]]["person"].split()
         for x in g["responses"]:
-            if W.shares_a_name(x, f"{first} {last}"):
+            if shares_a_name(x, f"{first} {last}"):
                 assert judge.judge(g["prompt"], x).label == "wrong", (g["prompt"], x)
                 namesakes[g["family"]] += 1
     counts = {f: sum(g["family"] == f for g in groups) for f in namesakes}
@@ -361,10 +372,10 @@ def test_comparison_groups_repeat_a_label_only_once_all_are_used(world_dir, judg
     """Repeated labels tie under the gold judge, a coin flip for the labeler: draw each label first."""
     for r in rows(world_dir, "comparisons_train"):
         labels = Counter(judge.judge(r["prompt"], x).label for x in r["responses"])
-        if len(r["responses"]) <= len(W.COMPARISON_MIX[r["family"]]):
+        if len(r["responses"]) <= len(COMPARISON_MIX[r["family"]]):
             assert max(labels.values()) == 1, r
         else:
-            assert set(labels) == set(W.COMPARISON_MIX[r["family"]]), r
+            assert set(labels) == set(COMPARISON_MIX[r["family"]]), r
 
 
 def test_demonstrators_are_imperfect(world_dir, judge):
@@ -385,7 +396,7 @@ def test_demonstrators_are_imperfect(world_dir, judge):
 
 
 def test_every_config_field_is_documented():
-    for f in dataclasses.fields(W.WorldConfig):
+    for f in dataclasses.fields(WorldConfig):
         assert f.metadata.get("help"), f.name
 
 
@@ -393,11 +404,11 @@ def test_every_config_field_is_documented():
                                  dict(verbose_rate=1.5), dict(heldout_fact_fraction=0.0)])
 def test_bad_config_is_a_clear_error(bad):
     with pytest.raises(ValueError):
-        W.WorldConfig(**bad)
+        WorldConfig(**bad)
 
 
 def test_options_scale_the_world():
-    files = W.generate(W.WorldConfig(seed=5, **{**SMALL, "num_attributes": 5, "k_min": 9, "family_mix": "fact:1,harmful:1"}))
+    files = generate(WorldConfig(seed=5, **{**SMALL, "num_attributes": 5, "k_min": 9, "family_mix": "fact:1,harmful:1"}))
     truth = json.loads(files["truth.json"])
     assert len(truth["people"]) == 8 and all(len(a) == 5 for a in truth["people"].values())
     groups = [json.loads(line) for line in files["comparisons_train.jsonl"].splitlines()]
@@ -406,8 +417,8 @@ def test_options_scale_the_world():
 
 def test_resizing_a_training_split_keeps_the_eval_prompts():
     # Evaluations of worlds that differ only in how much training data they hold stay comparable.
-    small = W.generate(W.WorldConfig(seed=5, **SMALL))
-    more = W.generate(W.WorldConfig(seed=5, **{**SMALL, "comparisons_train": 60, "ppo_prompts": 10}))
+    small = generate(WorldConfig(seed=5, **SMALL))
+    more = generate(WorldConfig(seed=5, **{**SMALL, "comparisons_train": 60, "ppo_prompts": 10}))
     assert more["eval_prompts.jsonl"] == small["eval_prompts.jsonl"]
     assert more["corpus.jsonl"] == small["corpus.jsonl"]
     assert more["comparisons_train.jsonl"] != small["comparisons_train.jsonl"]
@@ -419,7 +430,7 @@ def test_cli_writes_a_world_and_replaces_it_whole(tmp_path):
     for _ in range(2):  # the second run replaces the first
         proc = run_cli(*args)
         assert proc.returncode == 0, proc.stderr
-        assert sorted(p.name for p in out.iterdir()) == sorted(W.FILES)
+        assert sorted(p.name for p in out.iterdir()) == sorted(FILES)
     assert "wrote" in proc.stdout
     assert [p.name for p in tmp_path.iterdir()] == ["world"]  # no temporary directories left behind
 
@@ -448,11 +459,11 @@ def test_cli_bad_flag_exits_with_one_line(tmp_path, args, message):
 
 def test_failed_generation_leaves_nothing(tmp_path, monkeypatch):
     def broken(cfg):
-        files = dict.fromkeys(W.FILES, "")
+        files = dict.fromkeys(FILES, "")
         del files["summary.json"]
         return files
 
-    monkeypatch.setattr(W, "generate", broken)
+    monkeypatch.setattr("world.build.generate", broken)
     with pytest.raises(KeyError):
-        W.write_world(tmp_path / "world")
+        write_world(tmp_path / "world")
     assert list(tmp_path.iterdir()) == []

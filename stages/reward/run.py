@@ -33,10 +33,10 @@ from pipeline.tracking import truncate_metrics, wandb_enabled, wandb_env
 from pipeline.trainer_metrics import (JsonlMetricsCallback, last_complete_checkpoint, replayable_train_sampler,
                                       whole_run_loss)
 from reward.comparisons import Group, load_groups
-from reward.gold import GoldJudge
 from reward.losses import group_pairs, pair_accuracy, pair_mean_loss, ranking_loss
 from reward.model import BIAS_KEY, check_reward_tokenizer, encode, fold_offset, load_reward_model, right_pad, score
 from stages.reward.config import RewardStageConfig
+from world.judge import GoldJudge
 
 
 # ---- training on K-wise groups ------------------------------------------------------------------

@@ -38,9 +38,9 @@ from pipeline.tracking import truncate_metrics, wandb_enabled, wandb_env
 from pipeline.trainer_metrics import (JsonlMetricsCallback, last_complete_checkpoint, replayable_train_sampler,
                                       whole_run_loss)
 from reward.comparisons import InvalidGroup, group_builders, is_comparison
-from reward.gold import GoldJudge
 from reward.model import as_messages
 from stages.sft.config import SFTStageConfig, column_map
+from world.judge import GoldJudge
 
 ROLES = ("system", "user", "assistant")
 
@@ -470,7 +470,7 @@ def world_for_eval(cfg: SFTStageConfig) -> Path | None:
         world = Path(cfg.world_dir)
         for name in ("truth.json", "eval_prompts.jsonl"):
             if not (world / name).is_file():
-                raise PipelineError(f"{world / name}: no such file; generate the world with `python -m data.world --out {world}`")
+                raise PipelineError(f"{world / name}: no such file; generate the world with `python -m world --out {world}`")
         return world
     world = Path(cfg.run_dir) / "world"
     judged = trains_on_world(cfg.train_files, world) and (world / "truth.json").is_file()

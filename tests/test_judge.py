@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from reward.gold import SCORES, GoldJudge, Verdict, pairwise_agreement, ranking_agreement
+from world.judge import SCORES, GoldJudge, Verdict, pairwise_agreement, ranking_agreement
 
 PERSON, STRANGER, OTHER_STRANGER = "Mira Solberg", "Zoe Marsh", "Ada Finch"
 
@@ -227,7 +227,7 @@ def test_load_reads_truth_and_noise(tmp_path):
     judge = GoldJudge.load(tmp_path)
     assert judge.noise == 0.9
     assert GoldJudge.load(tmp_path, noise=0.0).noise == 0.0
-    with pytest.raises(FileNotFoundError, match="python -m data.world"):
+    with pytest.raises(FileNotFoundError, match="python -m world"):
         GoldJudge.load(tmp_path / "missing")
 
 
