@@ -27,6 +27,7 @@ def make(*targets: str, run, timeout: int = 900) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_make_all_on_tiny_profile(tmp_path):
     run = tmp_path / "run"
     proc = make("all", run=run)

@@ -321,6 +321,7 @@ def test_lora_from_a_plain_hf_checkpoint_saves_a_merged_plain_checkpoint(sft_run
     assert json.loads((stage / "manifest.json").read_text())["metrics"]["val_pair_accuracy"] > 0.8
 
 
+@pytest.mark.slow
 def test_world_comparisons_resume_after_sigkill(sft_run, tmp_path):
     """Default data (the world's K-wise comparisons) with gold metrics; killed mid-run, it resumes."""
     run = new_run(tmp_path, sft_run)
@@ -428,6 +429,7 @@ def test_a_checkpoint_cut_short_is_passed_over_for_the_last_complete_one(sft_run
     assert json.loads((run / "reward" / "manifest.json").read_text())["metrics"]["train_steps"] == 6
 
 
+@pytest.mark.slow
 def test_two_processes_with_torchrun(sft_run, tmp_path):
     run = new_run(tmp_path, sft_run)
     train, val, demos = toy_files(tmp_path)

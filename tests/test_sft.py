@@ -246,6 +246,7 @@ def test_lora_stage_saves_merged_checkpoint(pretrained_run, demos, tmp_path):
     assert not torch.equal(ours["model.layers.0.self_attn.q_proj.weight"], parent["model.layers.0.self_attn.q_proj.weight"])
 
 
+@pytest.mark.slow
 def test_two_processes_with_torchrun(pretrained_run, demos, tmp_path):
     run = run_dir_with_parent(tmp_path, pretrained_run)
     proc = run_module("stages.sft", *tiny_args(run, *demos, "--max_steps", "3", "--eval_prompts", "4"), launcher=torchrun(2), timeout=300)
@@ -255,6 +256,7 @@ def test_two_processes_with_torchrun(pretrained_run, demos, tmp_path):
     assert_replicas_saved(manifest, AutoModelForCausalLM.from_pretrained(run / "sft"))
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill(pretrained_run, demos, tmp_path):
     run = run_dir_with_parent(tmp_path, pretrained_run)
     args = tiny_args(run, *demos, "--max_steps", "60", "--save_every", "4", "--log_every", "2", "--eval_prompts", "2")
