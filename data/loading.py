@@ -11,6 +11,7 @@ import gzip
 import io
 import json
 import random
+import zlib
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -21,9 +22,15 @@ TEXT_SEPARATOR = "<|endoftext|>"
 
 
 def _read_text(path: Path) -> str:
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise PipelineError(f"{path}: cannot read ({e.strerror or e})") from None
     if path.name.endswith(".gz"):
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError; a cut-off stream, EOFError
+            raise PipelineError(f"{path}: corrupt or truncated gzip file ({type(e).__name__}: {e})") from None
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -107,7 +114,7 @@ def load_records(sources: str | Iterable[str], split: str = "train") -> list[dic
         else:
             records += _hub_records(source, split)
     for i, rec in enumerate(records):
-        rec.setdefault("_where", f"{sources}: record {i + 1}")
+        rec.setdefault("_where", f"{', '.join(sources)}: record {i + 1}")
     return records
 
 
@@ -129,9 +136,11 @@ class EmptyField(PipelineError):
 def require_text(rec: dict[str, Any], field: str, allow_empty: bool = False) -> str:
     """The string in `field`, or a one-line error naming file, record and field."""
     where = rec.get("_where", "record")
-    if field not in rec or rec[field] is None:
+    if field not in rec:
         raise PipelineError(f"{where}: missing field '{field}'")
     value = rec[field]
+    if value is None:  # JSON null (or an empty parquet/Hub cell): the field is there, its value is not
+        raise PipelineError(f"{where}: field '{field}' is null, expected a string")
     if not isinstance(value, str):
         raise PipelineError(f"{where}: field '{field}' must be a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():
@@ -172,7 +181,8 @@ def split_holdout(records: list, fraction: float, seed: int) -> tuple[list, list
 
 def load_texts(sources: str | Iterable[str], field: str = "text", split: str = "train") -> list[str]:
     """A pretraining corpus: the `field` of every record, validated."""
+    sources = [str(sources)] if isinstance(sources, (str, Path)) else [str(s) for s in sources]
     records = load_records(sources, split)
     if not records:
-        raise PipelineError(f"{sources}: corpus is empty")
+        raise PipelineError(f"{', '.join(sources)}: corpus is empty")
     return [require_text(r, field) for r in records]

@@ -60,6 +60,9 @@ LLAMA3_TEMPLATE = (
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> PreTrainedTokenizerFast:
+    """A byte-level BPE vocabulary of at most `vocab_size` tokens, special tokens included: merging stops
+    when no pair occurs `min_frequency` times, so a small corpus gives fewer (the pretrain stage says so
+    and records both sizes in its manifest)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -15,10 +15,17 @@ def cli_main(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from pipeline.stage import held_stage_locks, release_stage_locks  # here: pipeline.stage imports this module
+
+        held = held_stage_locks()
         try:
             return fn(*args, **kwargs)
         except PipelineError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             sys.exit(2)
+        finally:
+            # A stage holds its directory's lock for as long as it runs: main() called twice in one
+            # process (tests, notebooks) must find the directory free again, whether it ended or failed.
+            release_stage_locks(keep=held)
 
     return wrapper

@@ -4,14 +4,17 @@ A finished stage directory is a plain Hugging Face checkpoint plus `manifest.jso
 atomically. No manifest means unfinished: downstream stages refuse it. Work in progress lives in
 `checkpoints/` inside the directory, and `run.json` records which config the checkpoints belong to,
 so a rerun with the same config resumes and a rerun with another one starts over (and says why).
+One run at a time: the main process holds an flock on `.lock` in the directory while it runs.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +25,7 @@ from typing import Any
 from pipeline.errors import PipelineError
 
 MANIFEST = "manifest.json"
+LOCK = ".lock"
 # The make target that produces each stage, named in errors about a missing parent.
 MAKE_TARGET = {"pretrain": "pretrain", "sft": "sft", "reward": "reward", "ppo": "ppo"}
 # Config keys that do not change what a stage produces: changing them neither redoes a finished
@@ -84,13 +88,73 @@ def read_manifest(stage_dir: str | Path) -> dict | None:
         return None
 
 
+def check_run_dir(path: str | Path) -> None:
+    """A run or stage directory must be a directory, or not exist yet (it is made): a file where one
+    should be, or above it, is one line instead of NotADirectoryError from deep inside a save."""
+    for p in (Path(path), *Path(path).parents):
+        if p.exists():
+            if not p.is_dir():
+                raise PipelineError(f"{p} is a file, not a directory: give --run_dir a directory (made if missing)")
+            return
+
+
+def _same_path(a: str | Path, b: str | Path) -> bool:
+    return os.path.normpath(os.path.abspath(a)) == os.path.normpath(os.path.abspath(b))
+
+
+def _rerun(stage_dir: Path, stage: str | None) -> str:
+    """What to do about a stage directory whose weights are broken."""
+    if stage and stage_dir.name == stage:  # RUN/<stage>: the make target that wrote it rewrites it
+        return f"rerun that stage (`make {MAKE_TARGET.get(stage, stage)} RUN={stage_dir.parent}`)"
+    return f"rerun the {stage} stage that wrote it" if stage else "save or download that checkpoint again"
+
+
+def weights_problem(model_dir: str | Path) -> str | None:
+    """Why the weights in `model_dir` cannot be loaded (a safetensors file cut short or corrupt, a shard
+    its index names missing), or None. Parses headers and checks sizes (safe_open: no tensor is read),
+    so a truncated copy or a disk that filled up is named here, not as a traceback in from_pretrained."""
+    from safetensors import safe_open
+
+    d = Path(model_dir)
+    for index in sorted(d.glob("*.safetensors.index.json")):
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            return f"{index}: not a readable safetensors index ({type(e).__name__})"
+        missing = [name for name in shards if not (d / name).is_file()]
+        if missing:
+            return f"{d / missing[0]}: missing (named in {index.name})"
+    for f in sorted(d.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception as e:  # SafetensorError, OSError: the library's message says which
+            return f"{f}: truncated or corrupt ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})"
+    return None
+
+
+def check_weights(model_dir: str | Path, stage: str | None) -> None:
+    problem = weights_problem(model_dir)
+    if problem:
+        raise PipelineError(f"{problem}: {_rerun(Path(model_dir), stage)}")
+
+
 def require_stage(stage_dir: str | Path, stage: str, run_dir: str | Path | None = None) -> dict:
-    """Return the manifest of a finished parent stage, or stop with the command that makes it."""
+    """Return the manifest of a finished parent stage (its weights loadable), or stop with what to do:
+    the command that makes RUN/<stage>, or for a path given elsewhere, that it is not a finished stage."""
+    if run_dir is not None:
+        check_run_dir(run_dir)
     manifest = read_manifest(stage_dir)
+    p = Path(stage_dir)
     if manifest is None:
-        run = f" RUN={run_dir}" if run_dir else ""
-        what = "is not a finished stage (no complete manifest.json)" if Path(stage_dir).exists() else "does not exist"
-        raise PipelineError(f"{stage_dir} {what}: run `make {MAKE_TARGET.get(stage, stage)}{run}` first")
+        what = ("is a file" if p.is_file() else "is not a finished stage (no complete manifest.json)" if p.exists()
+                else "does not exist")
+        if run_dir is None or _same_path(p, Path(run_dir) / stage):
+            run = f" RUN={run_dir}" if run_dir else ""
+            raise PipelineError(f"{stage_dir} {what}: run `make {MAKE_TARGET.get(stage, stage)}{run}` first")
+        # A path given in place of RUN/<stage>: `make` would not write there, so do not suggest it.
+        raise PipelineError(f"{stage_dir} {what}, so it is not a finished {stage} stage: give the directory of one")
+    check_weights(p, manifest.get("stage", stage))
     return manifest
 
 
@@ -101,15 +165,71 @@ def resolve_init(path_or_id: str) -> tuple[str, dict | None]:
     if p.is_dir():
         manifest = read_manifest(p)
         if manifest is not None:
+            check_weights(p, manifest.get("stage"))
             return str(p), manifest
         if (p / "run.json").exists() or (p / "checkpoints").exists():
             raise PipelineError(f"{p} is an unfinished stage directory (no manifest.json): rerun that stage first")
         if not (p / "config.json").is_file():
             raise PipelineError(f"{p}: neither a finished stage (manifest.json) nor a Hugging Face checkpoint (config.json)")
+        check_weights(p, None)
         return str(p), None
+    if p.is_file():
+        raise PipelineError(f"{path_or_id} is a file, not a model directory")
     if p.exists() or path_or_id.startswith((".", "/")) or path_or_id.count("/") > 1:
         raise PipelineError(f"{path_or_id}: no such model directory")
     return path_or_id, None  # a Hub id; loading it reports its own errors
+
+
+# Stage directories whose lock this process holds: real path -> the open lock file.
+_LOCKS: dict[str, Any] = {}
+
+
+def _holder(text: str) -> str:
+    try:
+        h = json.loads(text)
+        return f"pid {h['pid']} on {h['host']}, started {h['started']}"
+    except (ValueError, KeyError, TypeError):
+        return "a process that has not yet written its name"
+
+
+def lock_stage_dir(stage_dir: str | Path, stage: str) -> None:
+    """Hold an exclusive flock on stage_dir/.lock until release_stage_locks() or the process ends, or
+    stop with one line naming the holder. The kernel drops an flock when its holder dies, even by
+    SIGKILL, so the file a killed run leaves behind blocks nothing."""
+    d = Path(stage_dir)
+    key = os.path.realpath(d)
+    if key in _LOCKS:
+        return
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        f = open(d / LOCK, "a+", encoding="utf-8")
+    except OSError as e:  # a read-only or foreign directory
+        raise PipelineError(f"{d / LOCK}: cannot create the stage's lock file ({e.strerror or e})") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # EWOULDBLOCK: another open file holds it
+        f.seek(0)
+        holder = _holder(f.read())
+        f.close()
+        raise PipelineError(f"{d} is in use by another run of the {stage} stage ({holder}): "
+                            f"wait for it to end, or stop it") from None
+    f.seek(0)
+    f.truncate()
+    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                        "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+    f.flush()
+    _LOCKS[key] = f
+
+
+def held_stage_locks() -> set[str]:
+    return set(_LOCKS)
+
+
+def release_stage_locks(keep: set[str] = frozenset()) -> None:
+    """Let go of the stage directories this process locked (but those in `keep`). The lock file stays:
+    deleting it could let a run that opened it just before lock a file no one else can see."""
+    for key in [k for k in _LOCKS if k not in keep]:
+        _LOCKS.pop(key).close()
 
 
 def manifest_hash(manifest: dict | None) -> str | None:
@@ -163,6 +283,7 @@ class StageRun:
 
     def __init__(self, stage: str, stage_dir: str | Path, config: dict, parent: dict | None,
                  parent_path: str | None, data_files: list[str], is_main: bool = True):
+        check_run_dir(stage_dir)
         self.stage, self.dir, self.config = stage, Path(stage_dir), config
         self.parent_path, self.parent_hash = parent_path, manifest_hash(parent)
         # Every rank computes the same key, so all of them agree on "up to date" and none hangs.
@@ -173,16 +294,23 @@ class StageRun:
         self.checkpoints = self.dir / "checkpoints"
 
     def begin(self, force: bool = False) -> bool:
-        """Return False when the stage is already finished with this exact config and parent."""
+        """Return False when the stage is already finished with this exact config and parent. The main
+        process first locks the directory: a second run of the stage at once stops here, in one line."""
+        if self.is_main:
+            lock_stage_dir(self.dir, self.stage)
         old = read_manifest(self.dir)
-        if old is not None and old.get("run_key") == self.key and not force:
+        # Finished, but its weights since cut short (a disk that filled up, a bad copy): redo, rather than
+        # call it up to date and leave the next stage to find it broken.
+        same = old is not None and old.get("run_key") == self.key and not force
+        broken = weights_problem(self.dir) if same else None
+        if same and broken is None:
             print(f"[{self.stage}] up to date: {self.dir}/{MANIFEST} (same config, parent and data); "
                   f"pass --force true to redo", flush=True)
             return False
         if not self.is_main:
             return True
         if old is not None:
-            why = "--force" if force else _diff(old.get("config", {}), self.config)
+            why = "--force" if force else broken or _diff(old.get("config", {}), self.config)
             print(f"[{self.stage}] redoing {self.dir}: {why}", flush=True)
             (self.dir / MANIFEST).unlink()
         run = self.dir / "run.json"

@@ -32,12 +32,11 @@ from stages.pretrain.config import PretrainConfig
 
 
 def split_documents(texts: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Hold out whole documents (not token ranges) so validation text is never seen in training."""
+    """Hold out whole documents (not token ranges) so validation text is never seen in training: at
+    least one, never all. A corpus of one document holds none out (see main)."""
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = max(1, round(len(texts) * val_fraction)) if len(texts) > 1 else 0
-    val = [texts[i] for i in order[:n_val]]
-    train = [texts[i] for i in order[n_val:]] or val
-    return train, val
+    n_val = min(len(texts) - 1, max(1, round(len(texts) * val_fraction)))
+    return [texts[i] for i in order[n_val:]], [texts[i] for i in order[:n_val]]
 
 
 def sample_batch(stream: torch.Tensor, batch_size: int, context: int, seed: int) -> torch.Tensor:
@@ -49,7 +48,10 @@ def sample_batch(stream: torch.Tensor, batch_size: int, context: int, seed: int)
 
 
 def val_blocks(stream: torch.Tensor, context: int, n: int) -> torch.Tensor:
-    """Fixed, non-overlapping validation blocks (the same ones at every evaluation)."""
+    """Fixed, non-overlapping validation blocks (the same ones at every evaluation). Held-out text
+    shorter than one block is one shorter block: a small corpus still gets a held-out loss."""
+    if len(stream) < context:
+        return stream.view(1, -1)
     n = min(n, max(1, (len(stream) - 1) // context))
     return stream[: n * context].view(n, context)
 
@@ -149,13 +151,30 @@ def main(argv: list[str] | None = None) -> None:
     accelerator.wait_for_everyone()
 
     # 2. Corpus and tokenizer.
+    files = ", ".join(cfg.train_files)
     texts = load_texts(cfg.train_files, cfg.text_field)
-    train_texts, val_texts = split_documents(texts, cfg.val_fraction, cfg.seed)
+    # One document cannot be split into whole documents for validation. Training on it is still what
+    # the user asked for, so train on all of it and say there is no held-out loss, instead of refusing
+    # (or holding out a slice of the one text, which would not be the same measure as on any other corpus).
+    train_texts, val_texts = split_documents(texts, cfg.val_fraction, cfg.seed) if len(texts) > 1 else (texts, [])
+    if not val_texts:
+        accelerator.print(f"[pretrain] {files}: one document, so none is held out for validation: no held-out loss "
+                          f"(give several documents, e.g. a .txt with blank lines between them, for one)")
     tokenizer = get_tokenizer(cfg, stage_dir, train_texts, accelerator)
-    train_stream, val_stream = document_stream(tokenizer, train_texts), document_stream(tokenizer, val_texts)
+    vocab = {"vocab_size": len(tokenizer)}
+    if not (cfg.tokenizer or cfg.init_from):
+        # BPE stops merging when no pair of tokens occurs twice: a small corpus gives fewer tokens than asked.
+        vocab["vocab_size_requested"] = cfg.vocab_size
+        if len(tokenizer) < cfg.vocab_size:
+            accelerator.print(f"[pretrain] tokenizer: {len(tokenizer):,} tokens, fewer than the {cfg.vocab_size:,} "
+                              f"asked (--vocab_size): the corpus has no more pairs seen twice to merge")
+    train_stream = document_stream(tokenizer, train_texts)
+    val_stream = document_stream(tokenizer, val_texts) if val_texts else None
     if len(train_stream) <= cfg.context:
-        raise PipelineError(f"{cfg.train_files}: corpus has {len(train_stream)} tokens, fewer than one block of {cfg.context}")
-    held_out = val_blocks(val_stream, cfg.context, cfg.eval_batches * cfg.batch_size)
+        held = f" once {len(val_texts)} of {len(texts)} documents are held out (--val_fraction)" if val_texts else ""
+        raise PipelineError(f"{files}: {len(train_stream)} tokens to train on{held}, "
+                            f"fewer than one block of {cfg.context}")
+    held_out = val_blocks(val_stream, cfg.context, cfg.eval_batches * cfg.batch_size) if val_texts else None
 
     # 3. Model and optimizer (AdamW, warmup then cosine decay to min_lr_ratio * lr).
     model = build_model(cfg, tokenizer)
@@ -181,7 +200,8 @@ def main(argv: list[str] | None = None) -> None:
         tracker.truncate_after(step)
         accelerator.print(f"[pretrain] resumed from {latest} (step {step})")
     accelerator.print(f"[pretrain] {n_params / 1e6:.2f}M parameters, {len(train_stream):,} train tokens, "
-                      f"{len(val_stream):,} held-out tokens, {accelerator.num_processes} process(es)")
+                      f"{len(val_stream) if val_texts else 0:,} held-out tokens, "
+                      f"{accelerator.num_processes} process(es)")
 
     # 5. Train.
     tokens_per_step = cfg.batch_size * cfg.context * cfg.grad_accum * accelerator.num_processes
@@ -213,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
             train_loss = accelerator.reduce(torch.stack(losses).mean(), "mean").item()
             metrics = {"train/loss": train_loss, "train/lr": scheduler.get_last_lr()[0],
                        "perf/tokens_per_s": tokens_since / max(elapsed, 1e-9)}
-            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            if held_out is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                 val_loss = evaluate(model, accelerator, held_out, cfg.batch_size)
                 metrics.update({"val/loss": val_loss, "val/perplexity": math.exp(min(val_loss, 50))})
             tracker.log(metrics, step)
@@ -224,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     bar.close()
 
     # 6. Evaluate, sample, save a plain HF checkpoint, then the manifest (last).
-    val_loss = evaluate(model, accelerator, held_out, cfg.batch_size)
+    val_loss = evaluate(model, accelerator, held_out, cfg.batch_size) if held_out is not None else None
     checksums = rank_checksums(accelerator, model)
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.generation_config = GenerationConfig(
@@ -241,14 +261,17 @@ def main(argv: list[str] | None = None) -> None:
         # Samples from the saved checkpoint: under FSDP or ZeRO-3 the trained model is sharded, and a
         # forward on the main process alone would wait for the others forever.
         prompts = cfg.sample_prompts or [tokenizer.decode(tokenizer(t, add_special_tokens=False)["input_ids"][:6])
-                                         for t in val_texts[:4]]
+                                         for t in (val_texts or train_texts)[:4]]
         saved = AutoModelForCausalLM.from_pretrained(stage_dir).to(accelerator.device)
         samples = sample_completions(saved, tokenizer, prompts, cfg.sample_tokens, cfg.temperature, cfg.seed)
-        metrics = {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50)), "params": n_params,
+        perplexity = math.exp(min(val_loss, 50)) if val_loss is not None else None
+        metrics = {"val_loss": val_loss, "val_perplexity": perplexity, "params": n_params,
                    "train_tokens_seen": cfg.max_steps * tokens_per_step, "peak_memory_mb": round(peak_memory_mb())}
         run.finish(metrics, {"samples": samples, "processes": accelerator.num_processes,
-                             "weights_checksum_per_rank": checksums})
-        accelerator.print(f"[pretrain] done: val loss {val_loss:.3f} (perplexity {math.exp(min(val_loss, 50)):.1f}) -> {stage_dir}")
+                             "weights_checksum_per_rank": checksums, "train_documents": len(train_texts),
+                             "held_out_documents": len(val_texts), **vocab})
+        done = f"val loss {val_loss:.3f} (perplexity {perplexity:.1f})" if val_loss is not None else "no held-out loss"
+        accelerator.print(f"[pretrain] done: {done} -> {stage_dir}")
         for s in samples:
             accelerator.print(f"  {s['prompt']!r} -> {s['completion']!r}")
     tracker.close()
