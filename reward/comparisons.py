@@ -257,8 +257,13 @@ def to_group(rec: dict) -> Group:
     if "chosen" in rec or "rejected" in rec:
         for field in ("chosen", "rejected"):
             if rec.get(field) is None:
-                raise PipelineError(f"{rec['_where']}: missing field '{field}'")
-        if isinstance(rec["chosen"], str) and rec.get("prompt") is None and "\n\nAssistant:" in rec["chosen"]:
+                why = "is null" if field in rec else "is missing"
+                raise PipelineError(f"{rec['_where']}: field '{field}' {why}, expected a string or a list of messages")
+        # Either transcript in HH form makes the pair HH, so one without a final Assistant turn is refused
+        # by _hh, not trained as a pair with an empty prompt and whole transcripts for answers.
+        hh = [t for t in (rec["chosen"], rec["rejected"])
+              if isinstance(t, str) and ("\n\nAssistant:" in t or t.startswith("\n\nHuman:"))]
+        if isinstance(rec["chosen"], str) and rec.get("prompt") is None and hh:
             return _hh(rec)
         return _pair(rec)
     fields = ", ".join(sorted(k for k in rec if k != "_where")) or "none"

@@ -285,8 +285,6 @@ def test_under_torchrun_a_held_stage_is_refused_without_a_hang(tmp_path):
 # ---- 6. an HH pair whose `chosen` has no final Assistant turn -----------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="HH transcripts are parsed in reward/comparisons.py (to_group), outside this "
-                                       "change: remove this marker with the fix there")
 def test_an_hh_pair_whose_chosen_has_no_assistant_turn_is_refused_like_rejected():
     from reward.comparisons import to_group
 
@@ -294,6 +292,8 @@ def test_an_hh_pair_whose_chosen_has_no_assistant_turn_is_refused_like_rejected(
           "_where": "hh.jsonl: line 1"}
     with pytest.raises(PipelineError, match="line 1: field 'chosen' is a transcript without a final Assistant turn"):
         to_group(hh)
+    with pytest.raises(PipelineError, match="line 2: field 'rejected' is null"):
+        to_group({"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": None, "_where": "hh.jsonl: line 2"})
 
 
 # ---- 7. messages -----------------------------------------------------------------------------------
