@@ -43,8 +43,12 @@ def _segments(position_ids: torch.Tensor) -> tuple[int, int, torch.Tensor, torch
     they sit after the end of their sequence, where causal attention never looks, and their outputs
     (and those of a branch's copied prefix) are dropped."""
     global _last
+    # Tensors made in inference mode (sampling's) track no version, and a layout made there must not
+    # reach a later forward that autograd records (its index tensors cannot be saved for backward):
+    # there the layout is computed afresh and not kept.
+    cacheable = not (torch.is_inference_mode_enabled() or position_ids.is_inference())
     ref, version, layout = _last
-    if ref is not None and ref() is position_ids and version == position_ids._version:
+    if cacheable and ref is not None and ref() is position_ids and version == position_ids._version:
         return layout
     flat = position_ids.reshape(-1)
     n, width = flat.numel(), position_ids.shape[-1]
@@ -68,7 +72,8 @@ def _segments(position_ids: torch.Tensor) -> tuple[int, int, torch.Tensor, torch
                          torch.where(own, starts[:, None] + slot - prefix[:, None], 0)).reshape(-1)
     scatter = own.reshape(-1).nonzero().squeeze(1)
     layout = (len(starts), longest, gather, scatter)
-    _last = (weakref.ref(position_ids), position_ids._version, layout)
+    if cacheable:
+        _last = (weakref.ref(position_ids), position_ids._version, layout)
     return layout
 
 
@@ -81,7 +86,8 @@ def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     if plain:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       position_ids=position_ids, **kwargs)
-    position_ids = position_ids.expand(B, L)
+    if position_ids.shape != (B, L):  # expand() makes a new tensor per layer: the layout cache would never hit
+        position_ids = position_ids.expand(B, L)
     S, longest, gather, scatter = _segments(position_ids)
     if S == B:  # one sequence per row, no padding: causal sdpa as is
         return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)

@@ -133,3 +133,36 @@ def test_a_model_that_cannot_branch_fails_the_check():
     model = tiny_llama()
     model.set_attn_implementation("sdpa")
     assert not keeps_packed_sequences_apart(model, GROUPS[0], share_prefix=True)
+
+
+def test_packed_forwards_in_inference_mode_and_autograd_after_them():
+    """PPO samples in inference mode; a rollout whose prompts all have one length gives generation's
+    first forward no padding mask, so it takes the packed path with position ids made in inference
+    mode (they track no version: 'Inference tensors do not track version counter'). Position ids made
+    outside and read there first must not leave a layout that a later forward with gradients reuses."""
+    model = tiny_llama()
+    use_varlen_attention(model)
+    ids, pos = packed_row(SEQS)
+    with torch.no_grad():
+        want = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+    for made_in_inference_mode in (True, False):
+        with torch.inference_mode():
+            p = pos.clone() if made_in_inference_mode else pos
+            got = model(input_ids=ids, position_ids=p, use_cache=False).logits
+        assert torch.equal(got, want)
+        model(input_ids=ids, position_ids=pos, use_cache=False).logits.sum().backward()
+        model.zero_grad()
+
+
+def test_one_layout_per_forward(monkeypatch):
+    """Every layer of a forward reads the same position ids: their layout is computed once."""
+    import pipeline.packing as packing
+
+    model = tiny_llama()
+    use_varlen_attention(model)
+    ids, pos = packed_row(SEQS)
+    layouts, segments = [], packing._segments
+    monkeypatch.setattr(packing, "_segments", lambda p: layouts.append(segments(p)) or layouts[-1])
+    with torch.no_grad():
+        model(input_ids=ids, position_ids=pos, use_cache=False)
+    assert len(layouts) == model.config.num_hidden_layers == 2 and layouts[1] is layouts[0]
