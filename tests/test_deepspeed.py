@@ -144,3 +144,17 @@ def test_reward_under_zero3_matches_ddp(parents, tmp_path, lora):
     for key in ("val_pair_accuracy", "val_loss", "reference_raw_mean"):
         assert metrics["ds"][key] == pytest.approx(metrics["ddp"][key], abs=1e-4), key
     assert_same_weights(runs["ds"] / "reward", runs["ddp"] / "reward")
+
+
+@pytest.mark.slow
+def test_ppo_refuses_an_ema_under_zero3(parents, tmp_path):
+    """The EMA of a policy that ZeRO-3 has partitioned averages empty shards, so its 'EMA weights' were
+    the raw ones: each process stops with one error line before the stage writes anything."""
+    run = run_with_parents(parents, tmp_path, "ds", ("sft", "reward"))
+    proc = run_module("stages.ppo", "--run_dir", run, "--profile", "tiny", "--ema_decay", 0.9,
+                      launcher=deepspeed("zero3.yaml"), env=ENV, timeout=400)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: ema_decay 0.9 does not work under DeepSpeed ZeRO-3 (the policy's weights are "
+                      "partitioned): use ZeRO-2 or DDP, or set ema_decay 0"] * 2, proc.stderr[-3000:]
+    assert not (run / "ppo").exists()

@@ -18,7 +18,7 @@ import stages.ppo.run as ppo_run
 from data.loading import prompt_of
 from data.tokenizer import chat_ids, train_tokenizer
 from pipeline.errors import PipelineError
-from pipeline.evaluate import evaluate_run
+from evaluation.evaluate import EvalOptions, evaluate_run
 from pipeline.generation import left_pad
 from pipeline.packing import packs_sequences
 from tests.conftest import (NO_SYSTEM_TEMPLATE, assert_replicas_saved, kill_after_checkpoint, one_line_error, read_jsonl,
@@ -28,6 +28,7 @@ PER_UPDATE_KEYS = [
     "objective/score", "objective/kl", "objective/kl_coef", "objective/total_reward", "policy/entropy", "loss/policy",
     "loss/value", "policy/clipfrac", "value/clipfrac", "policy/approx_kl", "value/explained_variance",
     "response/length", "response/no_eos_rate", "perf/episodes_per_s", "perf/tokens_per_s",
+    "policy/approx_kl_first", "policy/clipfrac_first",
 ]
 GOLD_KEYS = ["gold/score", "gold/hallucination_rate", "gold/proxy_score"]
 # Tiny models are faster on one thread, and two cores are shared with other test processes.
@@ -113,8 +114,8 @@ def test_smoke_logs_finite_metrics_changes_policy_not_reference(parents, tmp_pat
 
 
 def test_rollout_logprobs_equal_a_full_forward(parents):
-    """The sampling loop's log-probs (KV cache, left padding) are the 'old' log-probs of PPO: they
-    must equal a fresh forward's, or the first ratio would not be 1."""
+    """The sampling loop's log-probs (KV cache, left padding) equal a fresh forward's in fp32. (PPO's
+    'old' log-probs come from that forward itself: under bf16 the two paths differ.)"""
     model = AutoModelForCausalLM.from_pretrained(parents / "sft").eval()
     tok = AutoTokenizer.from_pretrained(parents / "sft")
     prompts = ["Who is Ana Lint?", "Say the word river three times please, twice over.", "Hi"]
@@ -398,18 +399,219 @@ def test_a_prompt_set_of_your_own_holds_some_out_for_the_final_evaluation(parent
     # The held-out prompts are kept beside the policy, as written, and `make eval` evaluates on them.
     saved = read_jsonl(run / "ppo" / "heldout_prompts.jsonl")
     assert manifest["heldout_prompts"] == "heldout_prompts.jsonl" and len(saved) == 4 and all(r in records for r in saved)
-    result = evaluate_run(run, max_new_tokens=4, bootstrap=10, kl_prompts=0, log=lambda *_: None)
+    result = evaluate_run(run, EvalOptions(max_new_tokens=4, bootstrap=10, kl_prompts=0), log=lambda *_: None)
     assert result["judge"]["prompts"] == [str(run / "ppo" / "heldout_prompts.jsonl")] and result["num_prompts"] == 4
     assert [a["prompt"] for a in result["answers"]] == [prompt_of(r) for r in saved]
     # --judge also judges these; the run's own reward model named by another path is still its own.
-    judged = evaluate_run(run, max_new_tokens=4, bootstrap=10, kl_prompts=0, judge_path=(run / "reward").resolve(),
-                          log=lambda *_: None)
+    options = EvalOptions(max_new_tokens=4, bootstrap=10, kl_prompts=0, judge_path=(run / "reward").resolve())
+    judged = evaluate_run(run, options, log=lambda *_: None)
     assert judged["judge"]["own"] and judged["num_prompts"] == 4
     # PPO redone on the world's prompts: evaluated on the world's, by its gold judge; no stale file left.
     ppo_run.main(tiny(run, "--num_updates", 1, "--ptx_coef", 0, "--eval_size", 4))
     assert json.loads((run / "ppo" / "manifest.json").read_text())["heldout_prompts"] is None
     assert not (run / "ppo" / "heldout_prompts.jsonl").exists()
-    assert evaluate_run(run, max_prompts=4, max_new_tokens=4, bootstrap=10, kl_prompts=0, best_of_n=0,
+    assert evaluate_run(run, EvalOptions(max_prompts=4, max_new_tokens=4, bootstrap=10, kl_prompts=0, best_of_n=0),
                         log=lambda *_: None)["judge"]["kind"] == "gold"
     with pytest.raises(PipelineError, match="judged by its gold judge"):
-        evaluate_run(run, judge_path=run / "reward")
+        evaluate_run(run, EvalOptions(judge_path=run / "reward"))
+
+
+# ---- audit fixes: precision, guards, dropout, evaluation ---------------------------------------------
+
+
+@pytest.fixture
+def own_precision():
+    """accelerate keeps one process-wide state, its mixed precision fixed by the first Accelerator: a
+    test that runs the stage at another precision starts and leaves it fresh."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def fp16_as_on_a_gpu(monkeypatch) -> list:
+    """accelerate leaves fp16 off on a CPU (no autocast, no GradScaler); switch on both as it does on a
+    GPU, so the stage's fp16 path - autocast, scaled loss, unscale, clipping, scaler step - runs here."""
+    real, made = ppo_run.setup, []
+
+    def setup(*args, **kwargs):
+        accelerator = real(*args, **kwargs)
+        assert accelerator.mixed_precision == "fp16" and accelerator.scaler is None
+        accelerator.native_amp, accelerator.scaler = True, torch.amp.GradScaler("cpu")
+        made.append(accelerator)
+        return accelerator
+
+    monkeypatch.setattr(ppo_run, "setup", setup)
+    return made
+
+
+def test_fp16_with_gradient_clipping_trains(parents, tmp_path, monkeypatch, own_precision):
+    """Policy and critic clipped each to the bound under one optimizer: accelerate's clip_grad_norm_
+    twice unscaled the optimizer twice ('unscale_() has already been called') at the first step."""
+    made = fp16_as_on_a_gpu(monkeypatch)
+    run = new_run(parents, tmp_path)
+    ppo_run.main(tiny(run, "--mixed_precision", "fp16", "--grad_clip", 0.5, "--num_updates", 2, "--gold_every", 0,
+                      "--eval_size", 4, "--save_every", 1))
+    assert made and made[0].scaler._scale is not None, "the GradScaler scaled the loss"
+    metrics = json.loads((run / "ppo" / "manifest.json").read_text())["metrics"]
+    assert math.isfinite(metrics["reward_score"]) and changed_params(run / "ppo", run / "sft") > 0.5
+
+
+def test_clipping_unscales_once_and_bounds_policy_and_critic_each(own_precision):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision="fp16", cpu=True)  # with what it has on a GPU (fp16_as_on_a_gpu)
+    accelerator.native_amp, accelerator.scaler = True, torch.amp.GradScaler("cpu", init_scale=1024.0)
+    torch.manual_seed(0)
+    policy, critic = torch.nn.Linear(8, 8), torch.nn.Linear(8, 1)
+    optimizer = accelerator.prepare(torch.optim.AdamW([*policy.parameters(), *critic.parameters()]))
+    x = torch.randn(4, 8)
+    # The policy's gradients far over the bound, the critic's under it.
+    loss = 100 * policy(x).square().sum() + 0.01 * critic(x).sum()
+    accelerator.backward(loss)
+    scaled = [p.grad.clone() for p in (*policy.parameters(), *critic.parameters())]
+    ppo_run.clip_grad_norms_(accelerator, [policy.parameters(), critic.parameters()], 1.0)
+    def norm(grads) -> float:
+        return torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()
+
+    assert norm(p.grad for p in policy.parameters()) == pytest.approx(1.0, rel=1e-5), "the policy's clipped"
+    raw_critic = norm(scaled[2:]) / 1024
+    assert raw_critic < 1.0, "the critic's under the bound"
+    assert norm(p.grad for p in critic.parameters()) == pytest.approx(raw_critic, rel=1e-5), "unscaled, not clipped"
+    optimizer.step()  # the scaler steps on gradients unscaled once
+
+
+def test_bf16_rollout_and_update_compute_alike(parents, tmp_path, own_precision):
+    """bf16: the rollout ran the fp32 modules without autocast and the reference was loaded in bf16,
+    while the update ran under autocast: the first ratio was not 1 and KL at update 0 not 0. Now the
+    first minibatch of the first epoch finds the rollout's log-probs (ratio 1, N+), and the reference
+    is the policy bit for bit at update 0."""
+    run = new_run(parents, tmp_path)
+    ppo_run.main(tiny(run, "--mixed_precision", "bf16", "--num_updates", 2, "--gold_every", 0, "--eval_size", 4))
+    updates = [r for r in read_jsonl(run / "ppo" / "metrics.jsonl") if "objective/score" in r]
+    assert updates[0]["objective/kl"] == 0.0, "policy and reference compute alike at update 0"
+    for r in updates:
+        assert abs(r["policy/approx_kl_first"]) < 1e-7 and r["policy/clipfrac_first"] == 0.0, r
+    assert updates[0]["policy/approx_kl"] > 1e-5, "later minibatches see a changed policy"
+
+
+@pytest.mark.parametrize("poison", ["log-probs", "loss"])
+def test_nan_in_log_probs_or_loss_stops_before_any_step(parents, tmp_path, monkeypatch, capsys, poison):
+    """A NaN in the rollout's log-probs passed the guards (`nan > max_kl` is false) and the optimizer
+    stepped on a NaN loss; so did a NaN loss. Now either stops the run before a step: the live weights
+    are still those of the last good checkpoint (update 2)."""
+    run = new_run(parents, tmp_path)
+    pairs, update, pair_class = [], [], ppo_run.ActorCritic
+    monkeypatch.setattr(ppo_run, "ActorCritic", lambda *a: pairs.append(pair_class(*a)) or pairs[-1])
+    real_indices = ppo_run.prompt_indices
+    monkeypatch.setattr(ppo_run, "prompt_indices", lambda n, u, *a: update.append(u) or real_indices(n, u, *a))
+    nan_now = lambda: update and update[-1] == 2  # noqa: E731  (update 3)
+    if poison == "log-probs":
+        real = ppo_run.logprobs_from_logits  # the rollout's (no grad) log-probs, of the policy or the reference
+        monkeypatch.setattr(ppo_run, "logprobs_from_logits", lambda logits, tokens: real(logits, tokens) * (
+            float("nan") if nan_now() and not torch.is_grad_enabled() else 1.0))
+    else:
+        real = ppo_run.policy_loss
+        monkeypatch.setattr(ppo_run, "policy_loss", lambda *a: (lambda pg, *rest: (
+            pg * float("nan") if nan_now() else pg, *rest))(*real(*a)))
+    err = _fails(capsys, tiny(run, "--num_updates", 4, "--save_every", 2, "--gold_every", 0),
+                 f"non-finite {poison} at update 3")
+    assert "last good checkpoint kept" in err
+    assert [p.name for p in (run / "ppo" / "checkpoints").iterdir()] == ["step_2"]
+    assert not (run / "ppo" / "manifest.json").exists()
+    from safetensors.torch import load_file
+
+    saved = load_file(run / "ppo" / "checkpoints" / "step_2" / "model.safetensors")
+    live = pairs[0].state_dict()
+    assert saved and all(torch.equal(live[k], v) for k, v in saved.items()), "weights moved after the last checkpoint"
+
+
+def gpt2_parents(parents: Path, tmp_path: Path) -> Path:
+    """A run whose SFT and reward models are tiny GPT-2s (random weights, the stand-ins' tokenizer):
+    GPT-2 names its dropout rates resid_pdrop, embd_pdrop and attn_pdrop, and they default to 0.1."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    from pipeline.stage import write_json_atomic
+
+    run = tmp_path / "gpt2_run"
+    run.mkdir()
+    os.symlink(parents / "world", run / "world")
+    tok = AutoTokenizer.from_pretrained(parents / "sft")
+    config = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=64, n_layer=2, n_head=2, num_labels=1,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    assert config.resid_pdrop == config.embd_pdrop == config.attn_pdrop == 0.1
+    torch.manual_seed(0)
+    for stage, cls in (("sft", GPT2LMHeadModel), ("reward", GPT2ForSequenceClassification)):
+        cls(config).save_pretrained(run / stage)
+        tok.save_pretrained(run / stage)
+        write_json_atomic(run / stage / "manifest.json", {"stage": stage, "stand_in": True})
+    return run
+
+
+def dropout_rates(model: torch.nn.Module) -> list[tuple[str, float]]:
+    """Every non-zero dropout probability in a model: dropout modules, and float rates modules keep."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p:
+            found.append((name, module.p))
+        found += [(f"{name}.{k}", v) for k, v in vars(module).items()
+                  if ("drop" in k) and isinstance(v, float) and v]
+    return found
+
+
+def test_dropout_is_off_in_every_model_whatever_the_config_calls_it(parents, tmp_path, monkeypatch):
+    """Only config keys containing 'dropout' were zeroed: GPT-2's resid_pdrop, embd_pdrop and attn_pdrop
+    stayed 0.1 in the policy, reference, critic and reward model."""
+    run = gpt2_parents(parents, tmp_path)
+    models, real = [], ppo_run.packs_sequences  # asked of each of the four models once they are loaded
+    monkeypatch.setattr(ppo_run, "packs_sequences", lambda m, *a: models.append(m) or real(m, *a))
+    ppo_run.main(tiny(run, "--num_updates", 1, "--gold_every", 0, "--eval_size", 4,
+                      "--gradient_checkpointing", "true"))
+    assert len(models) == 4
+    for model in models:
+        assert dropout_rates(model) == [], type(model).__name__
+    policy = models[0].train()  # train mode (gradient checkpointing): still deterministic
+    ids = torch.tensor([[1, 5, 9, 33, 70, 2]])
+    with torch.no_grad():
+        assert torch.equal(policy(input_ids=ids).logits, policy(input_ids=ids).logits)
+    saved = json.loads((run / "ppo" / "config.json").read_text())
+    assert saved["resid_pdrop"] == saved["embd_pdrop"] == saved["attn_pdrop"] == 0.0
+
+
+def test_a_rollout_of_prompts_of_one_length(parents, tmp_path):
+    """Identical prompts (or one prompt): no padding, so generation's first forward took the packed
+    path in inference mode and crashed ('Inference tensors do not track version counter')."""
+    run = new_run(parents, tmp_path)
+    prompts = write_jsonl(tmp_path / "same.jsonl", [{"prompt": "Who is Ana Lint?"}] * 8)
+    ppo_run.main(tiny(run, "--prompt_files", prompts, "--num_updates", 2, "--gold_every", 0))
+    rows = [r for r in read_jsonl(run / "ppo" / "metrics.jsonl") if "objective/score" in r]
+    assert [r["step"] for r in rows] == [1, 2] and (run / "ppo" / "manifest.json").is_file()
+
+
+def test_evaluation_scores_unfinished_answers_as_training_does(parents, tmp_path):
+    """The manifest's reward scores read answers cut at max_new_tokens without the no-EOS penalty
+    training applies; now reward_score is what training optimises, *_raw the reward model's own score.
+    kl_to_sft is measured at the sampling temperature, which the manifest records beside it."""
+    run = new_run(parents, tmp_path)
+    # One token: no greedy answer of the stand-in SFT model to these prompts is a bare EOS.
+    ppo_run.main(tiny(run, "--max_new_tokens", 1, "--no_eos_penalty", -7, "--temperature", 0.9, "--num_updates", 1,
+                      "--gold_every", 0, "--eval_size", 8))
+    metrics = json.loads((run / "ppo" / "manifest.json").read_text())["metrics"]
+    assert metrics["reward_score"] == metrics["sft_reward_score"] == -7.0
+    assert -7.0 < metrics["reward_score_raw"] < 7.0 and -7.0 < metrics["sft_reward_score_raw"] < 7.0
+    assert metrics["kl_temperature"] == 0.9 and math.isfinite(metrics["kl_to_sft"])
+    # Without the penalty in training, the evaluation reads the reward model alone too.
+    ppo_run.main(tiny(run, "--max_new_tokens", 1, "--penalize_no_eos", "false", "--temperature", 0.9,
+                      "--num_updates", 1, "--gold_every", 0, "--eval_size", 8))
+    metrics = json.loads((run / "ppo" / "manifest.json").read_text())["metrics"]
+    assert metrics["reward_score"] == metrics["reward_score_raw"] != -7.0
+
+
+def test_ema_is_refused_under_zero3_before_anything_is_written():
+    """ZeRO-3 partitions the policy at prepare(): the EMA, built after it, averaged empty shards and the
+    'EMA weights' saved were the raw ones (tests/test_deepspeed.py launches it)."""
+    with pytest.raises(PipelineError, match=r"^ema_decay 0.9 does not work under DeepSpeed ZeRO-3 .*set ema_decay 0$"):
+        ppo_run.check_ema_supported(0.9, 3)
+    for decay, stage in ((0.0, 3), (0.9, 2), (0.9, None)):
+        ppo_run.check_ema_supported(decay, stage)

@@ -25,7 +25,9 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
+from accelerate.utils import DistributedType
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
 from transformers.cache_utils import DynamicCache
 
@@ -40,7 +42,6 @@ from pipeline.runtime import (configure_deepspeed, load_checkpoint, merged_from_
 from pipeline.stage import StageRun, require_stage, trains_on_world, write_text_atomic
 from pipeline.stats import win_rate, win_rate_ceiling
 from pipeline.tracking import Tracker
-from reward.gold import TOP_SCORE, GoldJudge
 from reward.model import BIAS_KEY, load_reward_model
 from stages.ppo.config import PPOConfig
 from stages.ppo.math import (
@@ -60,6 +61,7 @@ from stages.ppo.math import (
     value_loss,
     whiten,
 )
+from world.judge import TOP_SCORE, GoldJudge
 
 # Prompts held out of training when PPO trains on a prompt set of your own; the manifest names the file.
 HELD_OUT_FILE = "heldout_prompts.jsonl"
@@ -188,14 +190,37 @@ def episodes(seq: torch.Tensor, seq_mask: torch.Tensor, resp_mask: torch.Tensor,
 # ---- models -------------------------------------------------------------------------------------
 
 
+def _is_dropout_rate(name: str) -> bool:
+    # attention_dropout (Llama, Qwen2), attn_pdrop (GPT-2), layerdrop (OPT: whole layers skipped in training)
+    return any(part in name for part in ("dropout", "pdrop", "layerdrop", "drop_path"))
+
+
 def without_dropout(path: str):
-    """Dropout off in every model (N+): with dropout the log-probs of the rollout and of the update
-    differ for reasons that have nothing to do with the policy changing."""
+    """A model's config with every dropout rate 0 (so a saved checkpoint says what was trained)."""
     config = AutoConfig.from_pretrained(path)
     for key, value in config.to_dict().items():
-        if "dropout" in key and isinstance(value, float):
+        if _is_dropout_rate(key) and isinstance(value, float):
             setattr(config, key, 0.0)
     return config
+
+
+def switch_off_dropout(model: nn.Module) -> nn.Module:
+    """p = 0 in every dropout module, and 0 in every float dropout rate a module keeps: the config's
+    names vary by model (GPT-2's resid_pdrop, embd_pdrop, attn_pdrop), the modules do not."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if _is_dropout_rate(name) and isinstance(value, float):
+                setattr(module, name, 0.0)
+    return model
+
+
+def load_without_dropout(cls, path: str, **kwargs) -> nn.Module:
+    """Dropout off in every model (N+): with dropout the log-probs of the rollout and of the update
+    differ for reasons that have nothing to do with the policy changing (train mode, which gradient
+    checkpointing needs, would switch it on)."""
+    return switch_off_dropout(cls.from_pretrained(path, config=without_dropout(path), **kwargs))
 
 
 class Critic(nn.Module):
@@ -283,6 +308,16 @@ def gathered(accelerator, model: nn.Module):
         yield
 
 
+@contextmanager
+def as_trained(accelerator, model: nn.Module):
+    """No-grad passes (rollout, evaluation) on full weights (`gathered`) and at the precision of the
+    training forward, which the prepared model runs under accelerator.autocast: the rollout's log-probs
+    and values are then what the first minibatch recomputes (ratio 1, N+), and the reference's match
+    the policy's while both are the SFT model."""
+    with gathered(accelerator, model), accelerator.autocast():
+        yield
+
+
 class EMA:
     """Exponential moving average of the trainable policy weights (InstructGPT); saved instead of
     the raw weights when enabled. state_dict/load_state_dict let accelerate checkpoint it."""
@@ -309,6 +344,30 @@ class EMA:
     def load_state_dict(self, state: dict) -> None:
         for n in self.shadow:
             self.shadow[n].copy_(state[n])
+
+
+def clip_grad_norms_(accelerator, groups: list, bound: float) -> None:
+    """Clip each group's gradients (policy, critic) to `bound` on its own. The gradients are unscaled
+    once: under fp16 the GradScaler unscales an optimizer once per step, and accelerate's
+    clip_grad_norm_ unscales on every call (a second call raises). DeepSpeed's engine clips (to the
+    norm of both together: configure_deepspeed) and keeps the gradients to itself."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return
+    accelerator.unscale_gradients()
+    for params in groups:
+        params = [p for p in params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if isinstance(norm, DTensor):  # FSDP2: each process holds a shard of the gradients
+            norm = norm.full_tensor()
+        torch.nn.utils.clip_grads_with_norm_(params, bound, norm)
+
+
+def check_ema_supported(ema_decay: float, zero_stage: int | None) -> None:
+    """ZeRO-3 partitions the policy when it is prepared, leaving each parameter's data empty, so an
+    EMA of the weights would average nothing and save the raw weights as its own: refuse."""
+    if ema_decay > 0 and zero_stage == 3:
+        raise PipelineError(f"ema_decay {ema_decay} does not work under DeepSpeed ZeRO-3 (the policy's weights are "
+                            "partitioned): use ZeRO-2 or DDP, or set ema_decay 0")
 
 
 def with_lora(policy, cfg: PPOConfig):
@@ -350,8 +409,9 @@ def sample(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, te
     """Sample responses to left-padded prompts with a KV cache: one forward over the prompts, then
     one single-token forward per new token, stopping when every row has emitted EOS.
 
-    Returns (tokens [B, T], log-probs [B, T] under softmax(logits / temperature)): the rollout's
-    "old" log-probs come for free. temperature 0 is greedy. Rows that finished emit padding."""
+    Returns (tokens [B, T], log-probs [B, T] under softmax(logits / temperature)). PPO's "old"
+    log-probs come from a full forward instead (rollout step 4): one token at a time under bf16 they
+    differ. temperature 0 is greedy. Rows that finished emit padding."""
     # Inference mode, not only no_grad: no autograd bookkeeping on any tensor, a sixth less time per
     # token on a CPU. Its tensors must not meet autograd later, so the results leave as copies.
     with torch.inference_mode():
@@ -385,6 +445,12 @@ def response_logits(model, ep: Episodes, temperature: float) -> torch.Tensor:
     (N+): only the response positions go through the LM head."""
     logits = model(input_ids=ep.ids, attention_mask=ep.mask, position_ids=ep.pos, use_cache=False, logits_to_keep=ep.keep).logits
     return logits.view(*ep.resp_mask.shape, -1).float() / temperature
+
+
+def rollout_logprobs(model, parts: list[Episodes], temperature: float) -> torch.Tensor:
+    """Log-probs [B, T] of the response tokens at `temperature`, over a rollout's episodes in parts."""
+    return torch.cat([logprobs_from_logits(response_logits(model, ep, temperature), ep.seq[:, -ep.resp_mask.shape[1]:])
+                      for ep in parts])
 
 
 @torch.no_grad()
@@ -446,12 +512,19 @@ def gold_report(judge: GoldJudge, prompts: list, texts: list[str]) -> tuple[list
 
 
 def evaluate(model, reward_model, tokenizer, judge: GoldJudge | None, prompts: list, prompt_ids: list[list[int]],
-             max_new_tokens: int) -> dict:
-    """Greedy answers to held-out prompts, scored by the reward model (proxy) and the gold judge."""
+             max_new_tokens: int, no_eos_penalty: float | None = None) -> dict:
+    """Greedy answers to held-out prompts, scored by the reward model (proxy) and the gold judge.
+    `proxy` is scored as training scores (answers without EOS get no_eos_penalty unless it is None),
+    `proxy_raw` is the reward model's score of the answers as they are."""
     responses = answers(model, tokenizer, prompt_ids, max_new_tokens)
     texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses]
-    scores = proxy_scores(reward_model, tokenizer, prompt_ids, responses)
-    result = {"texts": texts, "proxy": scores, "length": sum(map(len, responses)) / max(len(responses), 1)}
+    raw = proxy_scores(reward_model, tokenizer, prompt_ids, responses)
+    scores = raw
+    if no_eos_penalty is not None:
+        has_eos = torch.tensor([bool(r) and r[-1] == tokenizer.eos_token_id for r in responses])
+        scores = apply_no_eos_penalty(torch.tensor(raw), has_eos, no_eos_penalty).tolist()
+    result = {"texts": texts, "proxy": scores, "proxy_raw": raw,
+              "length": sum(map(len, responses)) / max(len(responses), 1)}
     if judge is not None:
         result["verdicts"], result["gold"] = gold_report(judge, prompts, texts)
     return result
@@ -465,6 +538,8 @@ def main(argv: list[str] | None = None) -> None:
     # 1. Config, processes and batch sizes (derived once, checked to divide exactly).
     cfg = parse_config(PPOConfig, "ppo", argv)
     accelerator = setup(cfg.seed, cfg.mixed_precision, cfg.gradient_accumulation)
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    check_ema_supported(cfg.ema_decay, plugin.zero_stage if plugin is not None else None)
     sizes = batch_sizes(cfg.rollout_batch_size, cfg.num_minibatches, cfg.gradient_accumulation, accelerator.num_processes)
     is_main, device = accelerator.is_main_process, accelerator.device
     stage_dir = Path(cfg.run_dir) / "ppo"
@@ -520,15 +595,17 @@ def main(argv: list[str] | None = None) -> None:
 
     # 4. Models: policy (optionally LoRA), frozen reference, critic and reward model. Everything
     # stays in eval mode: dropout off (N+); the training forward needs gradients, not train mode.
+    # The reference loads as the policy does (fp32; cast to the policy's dtype once prepared), so at
+    # update 0 it computes the policy's log-probs bit for bit (KL 0); the reward model only scores.
     frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
-    policy = AutoModelForCausalLM.from_pretrained(cfg.sft_path, config=without_dropout(cfg.sft_path))
+    policy = load_without_dropout(AutoModelForCausalLM, cfg.sft_path)
     ref_model = None
     if cfg.lora_r == 0:
-        ref_model = AutoModelForCausalLM.from_pretrained(cfg.sft_path, config=without_dropout(cfg.sft_path), dtype=frozen_dtype)
+        ref_model = load_without_dropout(AutoModelForCausalLM, cfg.sft_path)
         ref_model.requires_grad_(False).eval().to(device)
     reward_model, _ = load_reward_model(cfg.reward_path, device=device, dtype=frozen_dtype)
-    reward_model.requires_grad_(False)
-    critic_base = AutoModelForSequenceClassification.from_pretrained(cfg.reward_path, config=without_dropout(cfg.reward_path))
+    switch_off_dropout(reward_model).requires_grad_(False)
+    critic_base = load_without_dropout(AutoModelForSequenceClassification, cfg.reward_path)
     # Padding-free forwards (all but generation) when every model keeps packed episodes apart.
     packed = cfg.padding_free and all([packs_sequences(m) for m in (policy, ref_model, reward_model, critic_base) if m is not None])
     if cfg.padding_free and not packed:
@@ -553,6 +630,9 @@ def main(argv: list[str] | None = None) -> None:
     model, optimizer = accelerator.prepare(ActorCritic(policy, critic), optimizer)
     # No-grad passes (generation, reference, rollout values, evaluation) skip the DDP wrapper.
     unwrapped, critic_net = accelerator.unwrap_model(model).policy, accelerator.unwrap_model(model).critic
+    if ref_model is not None:  # DeepSpeed's bf16 casts the policy it prepares: the reference follows
+        ref_model.to(next(unwrapped.parameters()).dtype)
+    clip_groups = [list(unwrapped.parameters()), list(critic_net.parameters())]
     ema = EMA(unwrapped, cfg.ema_decay) if cfg.ema_decay > 0 else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
@@ -571,17 +651,21 @@ def main(argv: list[str] | None = None) -> None:
                       f"{cfg.ppo_epochs} epochs x {cfg.num_minibatches} minibatches of {sizes.minibatch} "
                       f"(micro-batches of {sizes.micro}) per process")
 
+    # The proxy score of evaluations is what training optimises: unfinished answers get no_eos_penalty.
+    no_eos_penalty = cfg.no_eos_penalty if cfg.penalize_no_eos else None
+
     def gold_metrics() -> dict:
         """Greedy answers to a fixed subset of held-out prompts: gold score beside the proxy score."""
-        result = evaluate(unwrapped, reward_model, tokenizer, judge, eval_prompts[:gold_n], eval_ids[:gold_n], cfg.max_new_tokens)
+        result = evaluate(unwrapped, reward_model, tokenizer, judge, eval_prompts[:gold_n], eval_ids[:gold_n],
+                          cfg.max_new_tokens, no_eos_penalty)
         return {"gold/score": result["gold"]["score"], "gold/hallucination_rate": result["gold"]["hallucination_rate"],
-                "gold/proxy_score": sum(result["proxy"]) / len(result["proxy"])}
+                "gold/proxy_score": _mean(result["proxy"])}
 
     # Evaluations run on every process (no extra wall time; sharded engines need all of them for the
     # gather); the tracker logs on the main one only.
     watch_gold = judge is not None and cfg.gold_every > 0 and gold_n > 0
     if watch_gold and start == 0:
-        with gathered(accelerator, model):
+        with as_trained(accelerator, model):
             tracker.log(gold_metrics(), 0)  # the SFT policy's starting point
 
     # 6. PPO updates.
@@ -599,24 +683,24 @@ def main(argv: list[str] | None = None) -> None:
         batch = prompt_indices(len(prompt_ids), update, cfg.rollout_batch_size, accelerator.process_index, sizes.per_process, cfg.seed)
         query, query_mask = (t.to(device) for t in left_pad([prompt_ids[i] for i in batch], pad))
         P = query.shape[1]
-        with torch.no_grad(), gathered(accelerator, model):
-            # (1) Generate: left-padded prompts, KV cache, sampling at temperature; the sampling
-            # log-probs (logits / temperature) are the rollout's old log-probs.
-            raw, logprobs = sample(unwrapped, query, query_mask, cfg.max_new_tokens, cfg.temperature, eos, pad)
+        with torch.no_grad(), as_trained(accelerator, model):
+            # (1) Generate: left-padded prompts, KV cache, sampling at temperature.
+            raw, _ = sample(unwrapped, query, query_mask, cfg.max_new_tokens, cfg.temperature, eos, pad)
             # (2) Truncate after the first EOS: later tokens become padding, masked out everywhere.
             responses, mask, has_eos = truncate_after_eos(raw, eos, pad)
             seq = torch.cat([query, responses], dim=1)
             seq_mask = torch.cat([query_mask, mask], dim=1)
-            logprobs = logprobs * mask
             parts = [episodes(seq[s], seq_mask[s], mask[s], packed) for s in chunks(len(seq), cfg.forward_batch_size)]
             # (3) Score with the reward model at the last token; no EOS: a fixed penalty (N+).
             rm_scores = torch.cat([reward_scores(reward_model, ep) for ep in parts])
             scores = apply_no_eos_penalty(rm_scores, has_eos, cfg.no_eos_penalty) if cfg.penalize_no_eos else rm_scores
-            # (4) Reference log-probs (logits / temperature, like the policy's) and the critic's
-            # values of the states before each response token.
+            # (4) Old log-probs of the policy and the reference (logits / temperature, N+), and the
+            # critic's values of the states before each response token. The policy's come from the
+            # forward the update and the reference run, not from sampling (cached, one token at a
+            # time: under bf16 the two differ), so at update 0 KL is 0 and the first ratio 1 (N+).
+            logprobs = rollout_logprobs(unwrapped, parts, cfg.temperature) * mask
             with reference(unwrapped, ref_model) as ref:
-                ref_logprobs = torch.cat([logprobs_from_logits(response_logits(ref, ep, cfg.temperature), ep.seq[:, P:])
-                                          for ep in parts]) * mask
+                ref_logprobs = rollout_logprobs(ref, parts, cfg.temperature) * mask
             values = torch.cat([critic_net(ep) for ep in parts]) * mask
             # (5) Per-token KL penalty, the score added on the last response token.
             rewards, kl = kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)
@@ -624,14 +708,17 @@ def main(argv: list[str] | None = None) -> None:
             advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
             advantages = whiten(advantages, mask)
 
-        # Guards before learning from this batch: a non-finite reward or value, or a runaway KL,
-        # stops the run; the newest checkpoint on disk is from a good update.
-        rollout_stats = accelerator.reduce(torch.stack([
-            scores.mean(), kl.sum(1).mean(), (~torch.isfinite(rm_scores)).float().sum(), (~torch.isfinite(values)).float().sum(),
-        ]).to(device), "sum")
+        # Guards before learning from this batch: a non-finite value in anything the loss reads (named
+        # in rollout order, so the first is where it came from), or a runaway KL, stops the run; the
+        # newest checkpoint on disk is from a good update. (A NaN KL passes `kl > max_kl`.)
+        guarded = {"log-probs": logprobs, "reward": rm_scores, "reference log-probs": ref_logprobs, "values": values,
+                   "KL": kl, "advantages": advantages, "returns": returns}
+        rollout_stats = accelerator.reduce(torch.stack([scores.mean(), kl.sum(1).mean()] + [
+            (~torch.isfinite(t)).float().sum() for t in guarded.values()]).to(device), "sum")
         mean_score, mean_kl = (rollout_stats[:2] / accelerator.num_processes).tolist()
-        if rollout_stats[2] > 0 or rollout_stats[3] > 0:
-            stop("non-finite " + ("reward" if rollout_stats[2] > 0 else "values"))
+        for name, bad in zip(guarded, rollout_stats[2:].tolist()):
+            if bad:
+                stop(f"non-finite {name}")
         if cfg.max_kl and mean_kl > cfg.max_kl:
             stop(f"KL to the SFT policy {mean_kl:.2f} exceeds max_kl {cfg.max_kl} (lower lr or raise kl_coef)")
 
@@ -661,10 +748,13 @@ def main(argv: list[str] | None = None) -> None:
                         pg_loss, pg_clipfrac, approx_kl = policy_loss(new_logprobs, logprobs[idx, :m_T], advantages[idx, :m_T], m_rmask, cfg.cliprange)
                         vf_loss, vf_clipfrac = value_loss(new_values, values[idx, :m_T], returns[idx, :m_T], m_rmask, cfg.cliprange_value)
                         loss = pg_loss + cfg.vf_coef * vf_loss + cfg.ptx_coef * ptx_loss
+                        # No backward, hence no step (DeepSpeed steps inside it), on a non-finite loss on
+                        # any process: all of them stop here together.
+                        if accelerator.reduce((~torch.isfinite(loss.detach())).float()[None], "sum").item():
+                            stop("non-finite loss")
                         accelerator.backward(loss)
                         if accelerator.sync_gradients and cfg.grad_clip > 0:  # policy and critic each to the bound
-                            accelerator.clip_grad_norm_(unwrapped.parameters(), cfg.grad_clip)
-                            accelerator.clip_grad_norm_(critic_net.parameters(), cfg.grad_clip)
+                            clip_grad_norms_(accelerator, clip_groups, cfg.grad_clip)
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
                     if ema is not None and accelerator.sync_gradients:
@@ -672,10 +762,11 @@ def main(argv: list[str] | None = None) -> None:
                     with torch.no_grad():
                         entropy = masked_mean(entropy_from_logits(logits), m_rmask)
                     stats.append(torch.stack([pg_loss, vf_loss, pg_clipfrac, vf_clipfrac, approx_kl, entropy, ptx_loss]).detach())
+                if _epoch == 0 and mb == 0:  # before the first optimizer step: the ratio must be 1 (N+)
+                    first_stats = torch.stack(stats).mean(0)[[4, 2]]  # approx_kl, clipfrac
         model.eval()
         train_stats = accelerator.reduce(torch.stack(stats).mean(0), "mean")
-        if not torch.isfinite(train_stats[:2]).all():
-            stop("non-finite loss")
+        approx_kl_first, clipfrac_first = accelerator.reduce(first_stats, "mean").tolist()
         kl_ctl.update(mean_kl, cfg.rollout_batch_size)
 
         # Log, checkpoint, and now and then ask the gold judge.
@@ -690,6 +781,9 @@ def main(argv: list[str] | None = None) -> None:
             "policy/entropy": train_stats[5].item(), "loss/policy": train_stats[0].item(), "loss/value": train_stats[1].item(),
             "policy/clipfrac": train_stats[2].item(), "value/clipfrac": train_stats[3].item(),
             "policy/approx_kl": train_stats[4].item(), "value/explained_variance": rollout[2],
+            # The first minibatch of the first epoch, before any step: ~0 and 0 unless the rollout and the
+            # update compute the policy differently (precision, dropout, padding; N+).
+            "policy/approx_kl_first": approx_kl_first, "policy/clipfrac_first": clipfrac_first,
             "response/length": rollout[0], "response/no_eos_rate": rollout[1],
             "perf/episodes_per_s": cfg.rollout_batch_size / seconds,
             "perf/tokens_per_s": rollout[3] * accelerator.num_processes / seconds,
@@ -697,7 +791,7 @@ def main(argv: list[str] | None = None) -> None:
         if ptx_stream is not None:
             metrics["loss/ptx"] = train_stats[6].item()
         if watch_gold and (update + 1) % cfg.gold_every == 0:
-            with gathered(accelerator, model):
+            with as_trained(accelerator, model):
                 metrics.update(gold_metrics())
         tracker.log(metrics, update + 1)
         last = metrics
@@ -718,14 +812,20 @@ def main(argv: list[str] | None = None) -> None:
                "train_seconds": loop_seconds, "episodes_per_s": (cfg.num_updates - start) * cfg.rollout_batch_size / max(loop_seconds, 1e-9)}
     samples = []
     if eval_ids:  # on every process, like the gold metrics above; the main one writes the manifest
-        with gathered(accelerator, model):
-            ppo = evaluate(unwrapped, reward_model, tokenizer, judge, eval_prompts, eval_ids, cfg.max_new_tokens)
+        with as_trained(accelerator, model):
+            ppo = evaluate(unwrapped, reward_model, tokenizer, judge, eval_prompts, eval_ids, cfg.max_new_tokens,
+                           no_eos_penalty)
             with reference(unwrapped, ref_model) as ref:
-                base = evaluate(ref, reward_model, tokenizer, judge, eval_prompts, eval_ids, cfg.max_new_tokens)
+                base = evaluate(ref, reward_model, tokenizer, judge, eval_prompts, eval_ids, cfg.max_new_tokens,
+                                no_eos_penalty)
             kl_to_sft = kl_to_reference(unwrapped, ref_model, tokenizer, eval_ids, cfg)
+        # reward_score is what training optimises (unfinished answers at no_eos_penalty); *_raw the reward
+        # model's own score of the same answers. kl_to_sft is between the distributions at the sampling
+        # temperature (logits / kl_temperature, N+), of answers sampled at it.
         metrics.update({"reward_score": _mean(ppo["proxy"]), "sft_reward_score": _mean(base["proxy"]),
+                        "reward_score_raw": _mean(ppo["proxy_raw"]), "sft_reward_score_raw": _mean(base["proxy_raw"]),
                         "response_length": ppo["length"], "sft_response_length": base["length"],
-                        "kl_to_sft": kl_to_sft, "eval_prompts": len(eval_ids)})
+                        "kl_to_sft": kl_to_sft, "kl_temperature": cfg.temperature, "eval_prompts": len(eval_ids)})
         if judge is not None:
             sft_scores = [v.score for v in base["verdicts"]]
             metrics.update({"gold_score": ppo["gold"]["score"], "sft_gold_score": base["gold"]["score"],
@@ -745,7 +845,7 @@ def main(argv: list[str] | None = None) -> None:
         state_dict = {k.removeprefix("policy."): v for k, v in pair_state.items() if k.startswith("policy.")}
         final = unwrapped
         if cfg.lora_r > 0:
-            fresh = with_lora(AutoModelForCausalLM.from_pretrained(cfg.sft_path, config=without_dropout(cfg.sft_path)), cfg)
+            fresh = with_lora(load_without_dropout(AutoModelForCausalLM, cfg.sft_path), cfg)
             final, state_dict = merged_from_state_dict(fresh, state_dict), None
         else:
             state_dict = one_entry_per_parameter(final, state_dict)
@@ -789,15 +889,17 @@ def _knows(judge: GoldJudge, prompt: str) -> bool:
 @torch.no_grad()
 def kl_to_reference(policy, ref_model, tokenizer, prompt_ids: list[list[int]], cfg: PPOConfig, batch_size: int = 64) -> float:
     """Mean summed KL(policy || SFT) of sampled answers to held-out prompts (the k1 estimate PPO
-    penalises: log pi - log pi_ref, summed over the response)."""
+    penalises: log pi - log pi_ref, summed over the response), between the distributions at the
+    sampling temperature (logits / temperature), both from the same forward, as in the rollout."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     device = next(policy.parameters()).device
     total = 0.0
     for i in range(0, len(prompt_ids), batch_size):
         query, query_mask = (t.to(device) for t in left_pad(prompt_ids[i:i + batch_size], pad))
-        raw, logprobs = sample(policy, query, query_mask, cfg.max_new_tokens, cfg.temperature, eos, pad)
+        raw, _ = sample(policy, query, query_mask, cfg.max_new_tokens, cfg.temperature, eos, pad)
         responses, mask, _ = truncate_after_eos(raw, eos, pad)
         ep = episodes(torch.cat([query, responses], 1), torch.cat([query_mask, mask], 1), mask, packed=False)
+        logprobs = logprobs_from_logits(response_logits(policy, ep, cfg.temperature), responses)
         with reference(policy, ref_model) as ref:
             ref_logprobs = logprobs_from_logits(response_logits(ref, ep, cfg.temperature), responses)
         total += ((logprobs - ref_logprobs) * mask).sum().item()
