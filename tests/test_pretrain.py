@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -47,8 +49,10 @@ def test_smoke_trains_saves_and_loads_in_plain_transformers(pretrained_run):
 def test_rerun_is_up_to_date_and_changed_config_redoes(tmp_path):
     corpus = make_corpus(tmp_path)
     run = tmp_path / "run"
-    args = tiny_args(run, corpus, "--max_steps", "4", "--save_every", "100")
-    assert run_module("stages.pretrain", *args).returncode == 0
+    args = tiny_args(run, corpus, "--max_steps", "4", "--save_every", "100", "--threads", "1")
+    first = run_module("stages.pretrain", *args)
+    assert first.returncode == 0 and "1 process(es) x 1 thread(s)" in first.stdout
+    assert json.loads((run / "pretrain" / "manifest.json").read_text())["threads"] == 1
     again = run_module("stages.pretrain", *args)
     assert again.returncode == 0 and "up to date" in again.stdout
     changed = run_module("stages.pretrain", *args, "--lr", "1e-3")
@@ -64,6 +68,7 @@ def test_run_keys_see_paths_inside_the_run_relative_to_it():
                                            "world_dir": "{run_dir}/world", "elsewhere": "runs/ab/x", "steps": 3}
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_continues_from_checkpoint(tmp_path):
     corpus = make_corpus(tmp_path)
     run = tmp_path / "run"
@@ -80,6 +85,7 @@ def test_resume_after_sigkill_continues_from_checkpoint(tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 400, "metrics must not repeat or skip after resume"
 
 
+@pytest.mark.slow
 def test_two_processes_with_torchrun(tmp_path):
     corpus = make_corpus(tmp_path)
     run = tmp_path / "run"
@@ -87,6 +93,8 @@ def test_two_processes_with_torchrun(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((run / "pretrain" / "manifest.json").read_text())
     assert manifest["processes"] == 2
+    # Two processes share the cores instead of each taking all of them.
+    assert manifest["threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
     assert_replicas_saved(manifest, AutoModelForCausalLM.from_pretrained(run / "pretrain"))
     rows = read_jsonl(run / "pretrain" / "metrics.jsonl")
     assert len({r["step"] for r in rows}) == len(rows), "only the main process logs, once per step"

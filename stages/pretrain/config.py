@@ -39,6 +39,7 @@ class PretrainConfig:
     sample_tokens: int = field(default=40, metadata={"help": "Tokens per sample completion."})
     temperature: float = field(default=0.8, metadata={"help": "Sampling temperature for sample completions."})
     seed: int = field(default=0, metadata={"help": "Random seed (data order, init, sampling)."})
+    threads: int = field(default=0, metadata={"help": "CPU threads for torch in each process; 0: the machine's cores shared among the processes launched on it."})
     force: bool = field(default=False, metadata={"help": "Redo the stage even if it is finished with this config."})
 
     def validate(self) -> None:

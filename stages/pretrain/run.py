@@ -141,7 +141,7 @@ def sample_completions(model, tokenizer, prompts: list[str], max_new_tokens: int
 def main(argv: list[str] | None = None) -> None:
     # 1. Config and stage directory: finished already? resumable checkpoints?
     cfg = parse_config(PretrainConfig, "pretrain", argv)
-    accelerator = setup(cfg.seed, cfg.mixed_precision, cfg.grad_accum)
+    accelerator = setup(cfg.seed, cfg.mixed_precision, cfg.grad_accum, cfg.threads)
     stage_dir = Path(cfg.run_dir) / "pretrain"
     parent = resolve_init(cfg.init_from) if cfg.init_from else (None, None)
     run = StageRun("pretrain", stage_dir, config_dict(cfg), parent[1], parent[0],
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         accelerator.print(f"[pretrain] resumed from {latest} (step {step})")
     accelerator.print(f"[pretrain] {n_params / 1e6:.2f}M parameters, {len(train_stream):,} train tokens, "
                       f"{len(val_stream) if val_texts else 0:,} held-out tokens, "
-                      f"{accelerator.num_processes} process(es)")
+                      f"{accelerator.num_processes} process(es) x {torch.get_num_threads()} thread(s)")
 
     # 5. Train.
     tokens_per_step = cfg.batch_size * cfg.context * cfg.grad_accum * accelerator.num_processes
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
         perplexity = math.exp(min(val_loss, 50)) if val_loss is not None else None
         metrics = {"val_loss": val_loss, "val_perplexity": perplexity, "params": n_params,
                    "train_tokens_seen": cfg.max_steps * tokens_per_step, "peak_memory_mb": round(peak_memory_mb())}
-        run.finish(metrics, {"samples": samples, "processes": accelerator.num_processes,
+        run.finish(metrics, {"samples": samples, "processes": accelerator.num_processes, "threads": torch.get_num_threads(),
                              "weights_checksum_per_rank": checksums, "train_documents": len(train_texts),
                              "held_out_documents": len(val_texts), **vocab})
         done = f"val loss {val_loss:.3f} (perplexity {perplexity:.1f})" if val_loss is not None else "no held-out loss"
