@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from tests.conftest import ROOT, free_port, read_jsonl, run_module, torchrun, write_jsonl
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is a dev dependency: pip install -e '.[dev]'")
+pytestmark = pytest.mark.slow  # every test here runs two DeepSpeed processes
 
 ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "CI": "1"}
 
@@ -146,7 +147,6 @@ def test_reward_under_zero3_matches_ddp(parents, tmp_path, lora):
     assert_same_weights(runs["ds"] / "reward", runs["ddp"] / "reward")
 
 
-@pytest.mark.slow
 def test_ppo_refuses_an_ema_under_zero3(parents, tmp_path):
     """The EMA of a policy that ZeRO-3 has partitioned averages empty shards, so its 'EMA weights' were
     the raw ones: each process stops with one error line before the stage writes anything."""

@@ -59,6 +59,7 @@ class PPOConfig:
     mixed_precision: str = field(default="no", metadata={"help": "accelerate mixed precision: no, bf16 or fp16."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory on large policies."})
     seed: int = field(default=0, metadata={"help": "Random seed (prompt order, sampling)."})
+    threads: int = field(default=0, metadata={"help": "CPU threads for torch in each process; 0: the machine's cores shared among the processes launched on it."})
     force: bool = field(default=False, metadata={"help": "Redo the stage even if it is finished with this config."})
 
     def validate(self) -> None:

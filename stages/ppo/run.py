@@ -537,7 +537,7 @@ def evaluate(model, reward_model, tokenizer, judge: GoldJudge | None, prompts: l
 def main(argv: list[str] | None = None) -> None:
     # 1. Config, processes and batch sizes (derived once, checked to divide exactly).
     cfg = parse_config(PPOConfig, "ppo", argv)
-    accelerator = setup(cfg.seed, cfg.mixed_precision, cfg.gradient_accumulation)
+    accelerator = setup(cfg.seed, cfg.mixed_precision, cfg.gradient_accumulation, cfg.threads)
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     check_ema_supported(cfg.ema_decay, plugin.zero_stage if plugin is not None else None)
     sizes = batch_sizes(cfg.rollout_batch_size, cfg.num_minibatches, cfg.gradient_accumulation, accelerator.num_processes)
@@ -647,7 +647,7 @@ def main(argv: list[str] | None = None) -> None:
         accelerator.print(f"[ppo] resumed from {latest} (step {start})")
     tracker.truncate_after(start if latest is not None else -1)  # rows the resumed (or an abandoned) run logged later
     accelerator.print(f"[ppo] {len(prompts)} prompts ({len(eval_ids)} held out), {n_params / 1e6:.2f}M trainable policy parameters, "
-                      f"{accelerator.num_processes} process(es); per update: {cfg.rollout_batch_size} episodes, "
+                      f"{accelerator.num_processes} process(es) x {torch.get_num_threads()} thread(s); per update: {cfg.rollout_batch_size} episodes, "
                       f"{cfg.ppo_epochs} epochs x {cfg.num_minibatches} minibatches of {sizes.minibatch} "
                       f"(micro-batches of {sizes.micro}) per process")
 
@@ -685,7 +685,7 @@ def main(argv: list[str] | None = None) -> None:
         P = query.shape[1]
         with torch.no_grad(), as_trained(accelerator, model):
             # (1) Generate: left-padded prompts, KV cache, sampling at temperature.
-            raw, _ = sample(unwrapped, query, query_mask, cfg.max_new_tokens, cfg.temperature, eos, pad)
+            raw, sampled_logprobs = sample(unwrapped, query, query_mask, cfg.max_new_tokens, cfg.temperature, eos, pad)
             # (2) Truncate after the first EOS: later tokens become padding, masked out everywhere.
             responses, mask, has_eos = truncate_after_eos(raw, eos, pad)
             seq = torch.cat([query, responses], dim=1)
@@ -695,10 +695,12 @@ def main(argv: list[str] | None = None) -> None:
             rm_scores = torch.cat([reward_scores(reward_model, ep) for ep in parts])
             scores = apply_no_eos_penalty(rm_scores, has_eos, cfg.no_eos_penalty) if cfg.penalize_no_eos else rm_scores
             # (4) Old log-probs of the policy and the reference (logits / temperature, N+), and the
-            # critic's values of the states before each response token. The policy's come from the
-            # forward the update and the reference run, not from sampling (cached, one token at a
-            # time: under bf16 the two differ), so at update 0 KL is 0 and the first ratio 1 (N+).
-            logprobs = rollout_logprobs(unwrapped, parts, cfg.temperature) * mask
+            # critic's values of the states before each response token. Under mixed precision the
+            # policy's come from the forward the update and the reference run, not from sampling (cached,
+            # one token at a time: under bf16 the two differ), so at update 0 KL is 0 and the first ratio
+            # 1 (N+); in fp32 the sampling pass gives the same to float rounding, and a forward less.
+            logprobs = (sampled_logprobs if accelerator.mixed_precision == "no"
+                        else rollout_logprobs(unwrapped, parts, cfg.temperature)) * mask
             with reference(unwrapped, ref_model) as ref:
                 ref_logprobs = rollout_logprobs(ref, parts, cfg.temperature) * mask
             values = torch.cat([critic_net(ep) for ep in parts]) * mask
@@ -861,7 +863,8 @@ def main(argv: list[str] | None = None) -> None:
             write_text_atomic(held_out_file, "".join(
                 json.dumps({"messages": p} if isinstance(p, list) else {"prompt": p}, ensure_ascii=False) + "\n" for p in held_out))
         metrics["peak_memory_mb"] = round(peak_memory_mb())
-        run.finish(metrics, {"samples": samples, "processes": accelerator.num_processes, "reward_path": cfg.reward_path,
+        run.finish(metrics, {"samples": samples, "processes": accelerator.num_processes,
+                             "threads": torch.get_num_threads(), "reward_path": cfg.reward_path,
                              "heldout_prompts": HELD_OUT_FILE if held_out else None,
                              "weights_checksum_per_rank": checksums})
         accelerator.print(f"[ppo] done -> {stage_dir}: " + ", ".join(
