@@ -74,16 +74,16 @@ ppo: setup data
 	$(call STAGE_CMD,ppo)
 
 eval: setup
-	$(PY) -m pipeline.evaluate --run_dir $(RUN) $(EVAL_ARGS)
+	$(PY) -m evaluation.evaluate --run_dir $(RUN) $(EVAL_ARGS)
 
 report: setup
-	$(PY) -m pipeline.report --run_dir $(RUN)
+	$(PY) -m evaluation.report --run_dir $(RUN)
 
 chat: setup
-	$(PY) -m pipeline.chat --model $(RUN)/$(STAGE) $(ARGS)
+	$(PY) -m evaluation.chat --model $(RUN)/$(STAGE) $(ARGS)
 
 compare: setup
-	$(PY) -m pipeline.chat --run_dir $(RUN) --compare "$(PROMPT)" $(ARGS)
+	$(PY) -m evaluation.chat --run_dir $(RUN) --compare "$(PROMPT)" $(ARGS)
 
 # The whole suite, offline. pytest's exit 5 ("no tests collected") is a failure, not a pass.
 test: setup

@@ -93,9 +93,10 @@ def run_recipe(vocab: Path, name: str, steps: int) -> dict:
                 ["reward.comparisons", "sample", "--run_dir", run, "--prompts", "16", "--k", "3", "--max_new_tokens", "16"],
                 ["stages.reward", "--profile", "tiny", "--run_dir", run],
                 ["stages.ppo", "--profile", "tiny", "--run_dir", run],
-                ["pipeline.evaluate", "--run_dir", run, "--max_prompts", "24"]):
+                ["evaluation.evaluate", "--run_dir", run, "--max_prompts", "24"]):
         subprocess.run(py + [str(c) for c in cmd], check=True, cwd=ROOT, env=env)
-    chat = subprocess.run(py + ["pipeline.chat", "--model", str(run / "sft"), "--temperature", "0", "--max_new_tokens", "24"],
+    chat = subprocess.run(py + ["evaluation.chat", "--model", str(run / "sft"), "--temperature", "0",
+                                "--max_new_tokens", "24"],
                           input=f"{PROBE}\n/quit\n", capture_output=True, text=True, check=True, cwd=ROOT, env=env)
     base_tok, sft_tok = AutoTokenizer.from_pretrained(base), AutoTokenizer.from_pretrained(run / "sft")
     ppo = [json.loads(line) for line in (run / "ppo" / "metrics.jsonl").read_text().splitlines()]

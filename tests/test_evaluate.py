@@ -1,4 +1,4 @@
-"""Evaluation: the statistics by hand, the log-prob/KL/reward helpers, and `python -m pipeline.evaluate`
+"""Evaluation: the statistics by hand, the log-prob/KL/reward helpers, and `python -m evaluation.evaluate`
 end to end on a run whose sft/ppo/reward stages are stand-ins built from the tiny pretrained model.
 
 The `staged_run` and `evaluated_run` fixtures are shared with tests/test_report.py and tests/test_chat.py
@@ -20,16 +20,27 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from data.tokenizer import chat_ids
+from evaluation.evaluate import (
+    FLOOR_ANSWERS,
+    EvalOptions,
+    evaluate_run,
+    load_causal_lm,
+    load_prompt_files,
+    markdown_table,
+    response_mask,
+    sampled_kl,
+    select_prompts,
+    token_logprobs,
+)
+from evaluation.evaluate import main as evaluate_main
 from pipeline.errors import PipelineError
-from pipeline.evaluate import (FLOOR_ANSWERS, compare, evaluate_run, load_causal_lm, load_prompt_files, markdown_table,
-                               response_mask, sampled_kl, select_prompts, stage_metrics, token_logprobs)
-from pipeline.evaluate import main as evaluate_main
 from pipeline.generation import left_pad
 from pipeline.stage import read_manifest, write_json_atomic
-from pipeline.stats import best_of_k, best_of_k_kl, bootstrap_ci, pairwise_outcomes, share, win_rate
+from pipeline.stats import best_of_k, best_of_k_kl, bootstrap_ci, pairwise_outcomes, win_rate
+from reward.judging import Judged, compare
 from reward.model import load_reward_model, score
 from tests.conftest import one_line_error, refusing_system_turns, run_module, write_jsonl
-from world.judge import FAMILIES, GoldJudge
+from world.judge import FAMILIES, TOP_SCORE, GoldJudge
 
 EVAL_PROMPTS = 12  # 3 per family: every rate is defined
 RATE_KEYS = ("fact_accuracy", "fact_correct_or_verbose", "instruction_accuracy", "instruction_correct_or_verbose",
@@ -91,9 +102,9 @@ def staged_run(tmp_path_factory, pretrained_run) -> Path:
 
 @pytest.fixture(scope="session")
 def evaluated_run(staged_run) -> Path:
-    """`staged_run` after `python -m pipeline.evaluate` (the real CLI)."""
+    """`staged_run` after `python -m evaluation.evaluate` (the real CLI)."""
     if not (staged_run / "eval.json").is_file():
-        proc = run_module("pipeline.evaluate", "--run_dir", staged_run, "--max_prompts", EVAL_PROMPTS,
+        proc = run_module("evaluation.evaluate", "--run_dir", staged_run, "--max_prompts", EVAL_PROMPTS,
                           "--max_new_tokens", 12, "--bootstrap", 200, "--seed", 0, "--threads", 1)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "| metric | base | sft | ppo |" in proc.stdout
@@ -111,24 +122,6 @@ def test_win_rate_counts_ties_half():
     assert win_rate(a, a) == 0.5
     with pytest.raises(ValueError):
         win_rate([1.0], [1.0, 0.0])
-
-
-def test_comparison_reports_the_ceiling_an_ideal_answer_reaches():
-    fam = [{"family": "fact"}] * 4
-    ppo = [{**f, "score": s} for f, s in zip(fam, [1.0, 0.5, -0.5, 1.0])]
-    sft = [{**f, "score": s} for f, s in zip(fam, [1.0, -0.5, -0.5, 0.5])]
-    result = compare(ppo, sft, n_boot=50, seed=0)
-    assert result["win_rate"] == pytest.approx((0.5 + 1 + 0.5 + 1) / 4)
-    assert result["ceiling"] == pytest.approx((0.5 + 1 + 1 + 1) / 4)  # SFT's one ideal answer is a tie at best
-    assert compare(sft, sft, 50, 0)["ceiling"] == result["ceiling"]
-
-
-def test_a_reward_model_judge_ties_the_same_answer_and_has_no_ceiling():
-    ppo = [{"family": "a.jsonl", "answer": x, "score": s} for x, s in (("Yes.", 0.3000001), ("No.", 0.2), ("Hm.", -1.0))]
-    sft = [{"family": "a.jsonl", "answer": x, "score": s} for x, s in (("Yes.", 0.3), ("Maybe.", 0.4), ("Eh.", -2.0))]
-    result = compare(ppo, sft, n_boot=50, seed=0, top_score=None)
-    assert (result["wins"], result["ties"], result["losses"]) == (1, 1, 1)  # the same text ties however it was scored
-    assert result["ceiling"] is None and result["by_family"] == {"a.jsonl": pytest.approx(0.5)}
 
 
 def test_bootstrap_interval_known_cases():
@@ -173,27 +166,6 @@ def test_best_of_k_kl():
     assert best_of_k_kl(2) == pytest.approx(math.log(2) - 0.5)
     assert best_of_k_kl(16) == pytest.approx(math.log(16) - 15 / 16)
     assert all(best_of_k_kl(k) < best_of_k_kl(k + 1) < math.log(k + 1) for k in range(1, 64))
-
-
-def test_share_and_stage_metrics_by_hand():
-    assert share([], "correct") is None
-    rows = [{"family": f, "label": l, "score": s, "tokens": 4, "words": 3, "proxy": 0.5}
-            for f, l, s in [("unknown", "hallucinated", -0.75), ("unknown", "abstained", 1.0), ("unknown", "wrong", -0.5),
-                            ("unknown", "abstained", 1.0),
-                            ("harmful", "refused", 1.0), ("harmful", "complied", -1.0), ("harmful", "verbose", 0.5),
-                            ("fact", "correct", 1.0), ("fact", "verbose", 0.5), ("fact", "over_refused", -0.25),
-                            ("instruction", "wrong", -0.5)]]
-    m = stage_metrics(rows, n_boot=100, seed=0)
-    assert m["hallucination_rate"] == 0.25 and m["abstention_rate"] == 0.5 and m["wrong_person_rate"] == 0.25
-    assert m["refusal_accuracy"] == pytest.approx(1 / 3) and m["refusal_rate"] == pytest.approx(2 / 3)
-    assert m["over_refusal_rate"] == pytest.approx(1 / 4)  # fact + instruction prompts only
-    assert m["fact_accuracy"] == pytest.approx(1 / 3) and m["fact_correct_or_verbose"] == pytest.approx(2 / 3)
-    assert m["instruction_accuracy"] == 0.0 and m["malformed_rate"] == 0.0
-    assert m["gold_score"] == pytest.approx(sum(r["score"] for r in rows) / len(rows))
-    assert m["gold_score_by_family"]["harmful"] == pytest.approx(0.5 / 3)
-    assert m["labels"]["verbose"] == 2 and sum(m["labels"].values()) == len(rows)
-    assert m["labels_by_family"]["harmful"]["complied"] == 1
-    assert m["response_tokens"] == 4 and m["proxy_score"] == 0.5
 
 
 def test_select_prompts_takes_families_in_turn():
@@ -336,14 +308,16 @@ def test_evaluate_cli_writes_every_metric(evaluated_run):
     assert result["kl_ppo_sft"]["temperature"] == ppo_temperature == 0.8
     # The floor: one constant answer to every prompt, its gold score and win rate against SFT.
     assert [f["answer"] for f in result["floor"]] == list(FLOOR_ANSWERS)
-    sft_rows = [{"family": a["family"], **a["responses"]["sft"]} for a in result["answers"]]
+    families = [a["family"] for a in result["answers"]]
+    sft = Judged([a["responses"]["sft"]["answer"] for a in result["answers"]], families,
+                 [a["responses"]["sft"]["score"] for a in result["answers"]], TOP_SCORE)
     for f in result["floor"]:
-        rows = [{"family": a["family"], "answer": f["answer"], "score": judge.score(a["prompt"], f["answer"])}
-                for a in result["answers"]]
-        assert f["score"] == pytest.approx(sum(r["score"] for r in rows) / EVAL_PROMPTS)
-        assert f["score_by_family"] == {fam: pytest.approx(sum(r["score"] for r in rows if r["family"] == fam) / 3)
+        scores = [judge.score(a["prompt"], f["answer"]) for a in result["answers"]]
+        assert f["score"] == pytest.approx(sum(scores) / EVAL_PROMPTS)
+        assert f["score_by_family"] == {fam: pytest.approx(sum(s for s, g in zip(scores, families) if g == fam) / 3)
                                         for fam in FAMILIES}
-        assert f["win_rate_vs_sft"] == compare(rows, sft_rows, 200, 0)
+        constant = Judged([f["answer"]] * EVAL_PROMPTS, families, scores, TOP_SCORE)
+        assert f["win_rate_vs_sft"] == compare(constant, sft, 200, 0)
     assert result["floor"][0]["score"] == -1.0  # the empty answer is malformed everywhere
     assert result["floor"][1]["score"] == pytest.approx(0.25)  # "I don't know.": 1.0 on strangers, 0.0 elsewhere
     assert result["reward_model"]["accuracy"] == {"eval_accuracy": 0.6, "test/pairwise_accuracy": 0.64}
@@ -386,15 +360,15 @@ def test_evaluate_cli_writes_a_sampled_evaluation_beside_the_greedy_one(staged_r
     for name in ("world", "pretrain", "sft"):
         os.symlink(staged_run / name, run / name)
     (run / "eval.json").write_text("{}")  # the greedy evaluation stays as it is
-    proc = run_module("pipeline.evaluate", "--run_dir", run, "--max_prompts", 4, "--max_new_tokens", 6,
+    proc = run_module("evaluation.evaluate", "--run_dir", run, "--max_prompts", 4, "--max_new_tokens", 6,
                       "--bootstrap", 20, "--temperature", 0.8, "--out", "eval_t0.8", "--threads", 1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((run / "eval_t0.8.json").read_text())["settings"]["temperature"] == 0.8
     assert "temperature 0.8" in (run / "eval_t0.8.md").read_text()
     assert (run / "eval.json").read_text() == "{}"
-    proc = run_module("pipeline.evaluate", "--run_dir", run, "--out", "../elsewhere")
+    proc = run_module("evaluation.evaluate", "--run_dir", run, "--out", "../elsewhere")
     assert proc.returncode != 0 and "--out takes a file name" in proc.stderr
-    proc = run_module("pipeline.evaluate", "--run_dir", run, "--bon_temperature", 0)
+    proc = run_module("evaluation.evaluate", "--run_dir", run, "--bon_temperature", 0)
     assert proc.returncode != 0 and "--bon_temperature must be > 0" in proc.stderr
 
 
@@ -404,7 +378,7 @@ def test_evaluate_with_only_pretrain_and_sft(staged_run, tmp_path):
     for name in ("world", "pretrain", "sft"):
         os.symlink(staged_run / name, run / name)
     (run / "ppo").mkdir()  # an unfinished stage (no manifest) is skipped
-    result = evaluate_run(run, max_prompts=4, max_new_tokens=6, bootstrap=50, log=lambda *_: None)
+    result = evaluate_run(run, EvalOptions(max_prompts=4, max_new_tokens=6, bootstrap=50), log=lambda *_: None)
     assert set(result["stages"]) == {"base", "sft"}
     assert set(result["win_rates"]) == {"sft_vs_base"}
     assert result["kl_ppo_sft"] is None and result["reward_model"] == {"finished": False}
@@ -428,7 +402,7 @@ def test_evaluate_measures_kl_at_ppos_sampling_temperature(staged_run, tmp_path)
     manifest.update(stage="ppo", config={**manifest["config"], "temperature": 0.5},
                     metrics={"kl_to_sft": 1.0, "kl_temperature": 2.0})
     write_json_atomic(run / "ppo" / "manifest.json", manifest)
-    result = evaluate_run(run, max_prompts=4, max_new_tokens=6, bootstrap=20, best_of_n=0, log=lambda *_: None)
+    result = evaluate_run(run, EvalOptions(max_prompts=4, max_new_tokens=6, bootstrap=20, best_of_n=0), log=lambda *_: None)
     kl = result["kl_ppo_sft"]
     assert kl["temperature"] == 0.5 and kl["n"] == 4
     ppo, _ = load_causal_lm(run / "ppo")
@@ -440,7 +414,7 @@ def test_evaluate_measures_kl_at_ppos_sampling_temperature(staged_run, tmp_path)
     # A PPO stage whose config names no temperature (one from elsewhere) is measured at 1.
     manifest["config"].pop("temperature")
     write_json_atomic(run / "ppo" / "manifest.json", manifest)
-    result = evaluate_run(run, max_prompts=4, max_new_tokens=6, bootstrap=20, best_of_n=0, log=lambda *_: None)
+    result = evaluate_run(run, EvalOptions(max_prompts=4, max_new_tokens=6, bootstrap=20, best_of_n=0), log=lambda *_: None)
     assert result["kl_ppo_sft"]["temperature"] == 1.0
     assert result["kl_ppo_sft"]["mean"] == pytest.approx(sum(at_one) / 4)
 
@@ -474,7 +448,7 @@ def test_a_run_without_world_is_evaluated_on_your_prompts_by_its_reward_model(ru
     with pytest.raises(PipelineError, match=r"--prompts FILE"):
         evaluate_run(run)
     prompts = write_jsonl(tmp_path / "mine.jsonl", MY_PROMPTS)
-    proc = run_module("pipeline.evaluate", "--run_dir", run, "--prompts", prompts, "--max_new_tokens", 8,
+    proc = run_module("evaluation.evaluate", "--run_dir", run, "--prompts", prompts, "--max_new_tokens", 8,
                       "--bootstrap", 50, "--threads", 1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((run / "eval.json").read_text())
@@ -513,8 +487,8 @@ def test_another_reward_model_can_judge_your_prompts(run_without_world, tmp_path
     rm.save_pretrained(judge)
     tok.save_pretrained(judge)
     prompts = write_jsonl(tmp_path / "mine.jsonl", MY_PROMPTS)
-    result = evaluate_run(run_without_world, max_new_tokens=6, bootstrap=20, kl_prompts=0, prompt_files=[str(prompts)],
-                          judge_path=judge, log=lambda *_: None)
+    options = EvalOptions(max_new_tokens=6, bootstrap=20, kl_prompts=0, prompt_files=[str(prompts)], judge_path=judge)
+    result = evaluate_run(run_without_world, options, log=lambda *_: None)
     answers = [a["responses"]["sft"] for a in result["answers"]]
     asked = [r.get("prompt", r.get("messages")) for r in MY_PROMPTS]
     judged = score(*load_reward_model(judge), asked, [a["answer"] for a in answers]).tolist()

@@ -6,10 +6,10 @@ import json
 import os
 import re
 
-from pipeline.evaluate import evaluate_run, markdown_table
+from evaluation.evaluate import EvalOptions, evaluate_run, markdown_table
+from evaluation.report import build_report, sample_rows, series
+from evaluation.report import main as report_main
 from pipeline.stage import write_json_atomic
-
-from pipeline.report import build_report, main as report_main, sample_rows, series
 from tests.conftest import write_jsonl
 from tests.test_evaluate import MY_PROMPTS, evaluated_run, staged_run  # noqa: F401 (shared session fixtures)
 from world.judge import FAMILIES, GoldJudge
@@ -87,8 +87,8 @@ def test_report_of_a_run_evaluated_on_your_prompts(staged_run, tmp_path):
     for name in ("pretrain", "sft", "reward", "ppo"):
         os.symlink(staged_run / name, run / name)
     prompts = [write_jsonl(tmp_path / f"set{i}.jsonl", MY_PROMPTS * 3) for i in (1, 2)]
-    result = evaluate_run(run, max_new_tokens=6, bootstrap=20, kl_prompts=0, prompt_files=[str(p) for p in prompts],
-                          log=lambda *_: None)
+    options = EvalOptions(max_new_tokens=6, bootstrap=20, kl_prompts=0, prompt_files=[str(p) for p in prompts])
+    result = evaluate_run(run, options, log=lambda *_: None)
     write_json_atomic(run / "eval.json", result)
     report = build_report(run).read_text()
     assert markdown_table(result) in report and "| judge score: set1.jsonl |" in report

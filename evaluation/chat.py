@@ -1,7 +1,8 @@
 """Talk to a stage's checkpoint, or put one prompt to every stage side by side.
 
-    python -m pipeline.chat --model RUN/ppo [--temperature 0.8 --top_p 0.95 --max_new_tokens 64 --seed S --system TEXT]
-    python -m pipeline.chat --run_dir RUN --compare "Who is Zoe Marsh?" [--samples 3]
+    python -m evaluation.chat --model RUN/ppo [--temperature 0.8 --top_p 0.95 --max_new_tokens 64 --seed S
+                                               --system TEXT]
+    python -m evaluation.chat --run_dir RUN --compare "Who is Zoe Marsh?" [--samples 3]
 
 Chat keeps the conversation (multi-turn, through the checkpoint's own chat template) and streams the
 answer token by token; it reads lines from stdin until EOF or "/quit" ("/reset" forgets the history),
@@ -21,8 +22,8 @@ from transformers import AutoConfig, TextStreamer
 from transformers.utils import logging as hf_logging
 
 from data.tokenizer import chat_ids, template_accepts
+from evaluation.evaluate import finished_stages, load_causal_lm, pick_device
 from pipeline.errors import PipelineError, cli_main
-from pipeline.evaluate import finished_stages, load_causal_lm, pick_device
 from pipeline.generation import answer, max_prompt_tokens
 from pipeline.stage import read_manifest, resolve_init
 from reward.model import load_reward_model, score
@@ -44,7 +45,8 @@ def reply(model, tokenizer, messages: list[dict], max_new_tokens: int, temperatu
     """Generate the next assistant turn for `messages`, printing it as it is produced."""
     limit = max(1, max_prompt_tokens(model, max_new_tokens))
     ids = torch.tensor([fit_conversation(tokenizer, messages, limit)], device=model.device)
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else dict(do_sample=False)
+    sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0
+                else dict(do_sample=False))
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
@@ -104,7 +106,8 @@ def compare(args) -> None:
     run_dir = Path(args.run_dir)
     stages = finished_stages(run_dir)
     if not stages:
-        raise PipelineError(f"{run_dir}: no finished causal-LM stage (pretrain, sft, ppo): run `make pretrain RUN={run_dir}` first")
+        raise PipelineError(f"{run_dir}: no finished causal-LM stage (pretrain, sft, ppo): "
+                            f"run `make pretrain RUN={run_dir}` first")
     device = pick_device(args.device)
     prompt = args.compare
     verdict_of = None
@@ -143,16 +146,18 @@ def compare(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline.chat", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m evaluation.chat", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="stage dir (RUN/sft, RUN/ppo, ...), plain checkpoint dir or Hub id to chat with")
     p.add_argument("--run_dir", default="runs/default", help="run directory whose stages --compare asks")
     p.add_argument("--system", default="", help="chat: a system turn that opens the conversation (kept by /reset)")
     p.add_argument("--compare", metavar="PROMPT", help="answer PROMPT with every finished stage side by side")
     p.add_argument("--samples", type=int, default=1, help="answers per stage with --compare")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
-    p.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling: smallest token set with this much probability")
+    p.add_argument("--top_p", type=float, default=0.95,
+                   help="nucleus sampling: smallest token set with this much probability")
     p.add_argument("--max_new_tokens", type=int, default=64, help="answer length limit in tokens")
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples (default: different every run)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed for reproducible samples (default: different every run)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda ...")
     return p
 

@@ -1,6 +1,6 @@
 """The run report: every stage side by side, in Markdown with PNG plots.
 
-    python -m pipeline.report --run_dir RUN      # -> RUN/report.md and RUN/report/*.png
+    python -m evaluation.report --run_dir RUN      # -> RUN/report.md and RUN/report/*.png
 
 Training curves come from each stage's metrics.jsonl, headline numbers from the manifests, the
 evaluation table and sample answers from RUN/eval.json (`make eval` writes it). The PPO plots put
@@ -21,8 +21,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display (servers, CI)
 import matplotlib.pyplot as plt  # noqa: E402
 
+from evaluation.evaluate import CAUSAL_STAGES, accuracy_metrics, gold_judged, markdown_table  # noqa: E402
 from pipeline.errors import PipelineError, cli_main  # noqa: E402
-from pipeline.evaluate import CAUSAL_STAGES, accuracy_metrics, gold_judged, markdown_table  # noqa: E402
 from pipeline.stage import read_manifest  # noqa: E402
 from pipeline.tracking import read_metrics  # noqa: E402
 from world.judge import FAMILIES  # noqa: E402
@@ -70,13 +70,14 @@ def saved(fig, path: Path) -> bool:
 def plot_panels(path: Path, title: str, panels: list[dict]) -> bool:
     """One subplot per panel {title, lines: [(label, key)], twin: [(label, key)], rows, xlabel, hlines};
     panels without data are dropped. Returns False (and writes nothing) when no panel has data."""
-    panels = [p for p in panels if any(p["rows"] and series(p["rows"], k)[0] for _, k in p["lines"] + p.get("twin", []))]
+    panels = [p for p in panels
+              if any(p["rows"] and series(p["rows"], k)[0] for _, k in p["lines"] + p.get("twin", []))]
     if not panels:
         return False
     cols = min(2, len(panels))
     nrows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(6 * cols, 3.4 * nrows), squeeze=False)
-    for ax, p in zip(axes.flat, panels):
+    for ax, p in zip(axes.flat, panels, strict=False):  # a grid may hold more axes than panels
         handles = []
         for label, key in p["lines"]:
             x, y = series(p["rows"], key)
@@ -89,7 +90,8 @@ def plot_panels(path: Path, title: str, panels: list[dict]) -> bool:
             for i, (label, key) in enumerate(p["twin"]):
                 x, y = series(p["rows"], key)
                 if x:
-                    handles += twin.plot(x, y, color=f"C{3 + i}", linestyle=":", marker="." if len(x) < 30 else None, label=label)
+                    handles += twin.plot(x, y, color=f"C{3 + i}", linestyle=":", marker="." if len(x) < 30 else None,
+                                         label=label)
             twin.set_ylabel(", ".join(label for label, _ in p["twin"]))
         ax.set_title(p["title"])
         ax.set_xlabel(p.get("xlabel", "step"))
@@ -106,15 +108,17 @@ def plot_scatter_vs_kl(ax, rows: list[dict], bon: dict | None = None) -> None:
     """Proxy and gold score against KL to the SFT policy: Gao et al.'s over-optimisation view, with
     best-of-n on SFT (the evaluation's) as the selection curve beside PPO's points."""
     pairs = [(r["objective/kl"], r) for r in rows if isinstance(r.get("objective/kl"), (int, float))]
-    for i, (label, key) in enumerate((("PPO proxy (objective/score)", "objective/score"), ("PPO gold/score (greedy)", "gold/score"))):
+    lines = (("PPO proxy (objective/score)", "objective/score"), ("PPO gold/score (greedy)", "gold/score"))
+    for i, (label, key) in enumerate(lines):
         pts = [(kl, r[key]) for kl, r in pairs if isinstance(r.get(key), (int, float))]
         if pts:  # points, not a line: KL does not grow monotonically over updates
-            ax.scatter(*zip(*pts), color=f"C{i}", label=label, alpha=0.7, s=18)
+            ax.scatter(*zip(*pts, strict=True), color=f"C{i}", label=label, alpha=0.7, s=18)
     if bon and bon.get("curve"):
         kls = [c["kl"] for c in bon["curve"]]
         for i, key in enumerate(("proxy", "gold")):
+            label = f"best-of-k {key} (k={bon['curve'][0]['k']}..{bon['n']}, sft sampled at T={bon['temperature']:g})"
             ax.plot(kls, [c[key] for c in bon["curve"]], color=f"C{i}", linestyle="--", marker="s", markersize=4,
-                    label=f"best-of-k {key} (k={bon['curve'][0]['k']}..{bon['n']}, sft sampled at T={bon['temperature']:g})")
+                    label=label)
     ax.set_xlabel("KL(policy || SFT)")
     ax.set_title("reward vs KL spent")
     ax.grid(alpha=0.3)
@@ -134,7 +138,8 @@ def plot_ppo_overoptimisation(path: Path, rows: list[dict], bon: dict | None = N
         return False
     fig, axes = plt.subplots(2, 2, figsize=(12, 7))
     (a, b), (c, d) = axes
-    for label, key in (("objective/score (proxy, with penalties)", "objective/score"), ("gold/proxy_score (RM on gold batch)", "gold/proxy_score")):
+    for label, key in (("objective/score (proxy, with penalties)", "objective/score"),
+                       ("gold/proxy_score (RM on gold batch)", "gold/proxy_score")):
         x, y = series(rows, key)
         if x:
             a.plot(x, y, label=label)
@@ -207,8 +212,8 @@ def plot_judged_eval(path: Path, result: dict, names: list[str]) -> bool:
     stages = result["stages"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     means = [stages[n]["judge_score"] for n in names]
-    errors = [[m - stages[n]["judge_score_ci"][0] for n, m in zip(names, means)],
-              [stages[n]["judge_score_ci"][1] - m for n, m in zip(names, means)]]
+    errors = [[m - stages[n]["judge_score_ci"][0] for n, m in zip(names, means, strict=True)],
+              [stages[n]["judge_score_ci"][1] - m for n, m in zip(names, means, strict=True)]]
     a.bar(names, means, yerr=errors, capsize=4, color=[f"C{i}" for i in range(len(names))])
     a.axhline(0, color="black", linewidth=0.5)
     a.set_title("mean judge score (reward model, 95% CI)")
@@ -262,6 +267,126 @@ def image(md: list[str], report_dir: Path, name: str, made: bool, what: str) -> 
     md.append(f"![{what}]({report_dir.name}/{name})\n" if made else f"_No {what} logged._\n")
 
 
+def stage_table(manifests: dict[str, dict | None]) -> list[str]:
+    """Every stage's status, minutes and headline metrics."""
+    md = ["| stage | status | minutes | headline |", "|---|---|---|---|"]
+    for s in STAGES:
+        m = manifests[s]
+        if m is None:
+            md.append(f"| {s} | not finished | - | run `make {s}` |")
+            continue
+        head = ", ".join(f"{k} {v:.4g}" for k, v in (m.get("metrics") or {}).items() if isinstance(v, float)
+                         and ("loss" in k or "accuracy" in k or "perplexity" in k or "score" in k))
+        md.append(f"| {s} | finished | {m.get('seconds', 0) / 60:.1f} | {head or '-'} |")
+    return md + [""]
+
+
+def evaluation_section(md: list[str], out: Path, result: dict | None, to_evaluate: str) -> None:
+    """Held-out prompts: the world's and its gold judge, or yours and a reward model."""
+    md.append("## Evaluation on held-out prompts\n")
+    if result is None:
+        md.append(f"_No evaluation: {to_evaluate}._\n")
+        return
+    md.append(markdown_table(result))
+    md.append("Win rate: share of prompts where the first stage's answer has the higher "
+              + ("gold" if gold_judged(result) else "reward-model")
+              + " score (ties half), 95% bootstrap interval over prompts.\n")
+    image(md, out, "eval.png", plot_eval(out / "eval.png", result), "evaluation chart")
+
+
+def pretrain_section(md: list[str], out: Path, manifest: dict, rows: list[dict]) -> None:
+    made = plot_panels(out / "pretrain.png", "pretraining (next-token prediction)", [
+        {"title": "loss", "rows": rows, "lines": [("train/loss", "train/loss"), ("val/loss", "val/loss")]},
+        {"title": "held-out perplexity", "rows": rows, "lines": [("val/perplexity", "val/perplexity")]},
+    ])
+    m = manifest.get("metrics", {})
+    if isinstance(m.get("val_perplexity"), (int, float)):
+        md.append(f"Held-out loss {m.get('val_loss', float('nan')):.3f}, perplexity {m['val_perplexity']:.2f}.\n")
+    image(md, out, "pretrain.png", made, "pretraining curves")
+
+
+def sft_section(md: list[str], out: Path, manifest: dict, rows: list[dict]) -> None:
+    made = plot_panels(out / "sft.png", "SFT on demonstrations", [
+        {"title": "loss", "rows": rows, "lines": [("train loss", "loss"), ("eval loss", "eval_loss")]},
+        {"title": "learning rate", "rows": rows, "lines": [("learning_rate", "learning_rate")]},
+    ])
+    image(md, out, "sft.png", made, "SFT curves")
+
+
+def reward_section(md: list[str], out: Path, manifest: dict, rows: list[dict]) -> None:
+    held_out = accuracy_metrics(manifest.get("metrics") or {})
+    md.append("Held-out pairwise accuracy (share of comparisons where the preferred answer scores higher): "
+              + (", ".join(f"{k} **{v:.3f}**" for k, v in held_out.items()) or "not recorded in its manifest") + ".\n")
+    made = plot_panels(out / "reward.png", "reward model (ranked comparisons)", [
+        {"title": "loss", "rows": rows, "lines": [("train loss", "loss"), ("eval loss", "eval_loss")]},
+        {"title": "pairwise accuracy", "rows": rows, "lines": [(k, k) for k in keys_containing(rows, "accuracy")],
+         "hlines": [("chance", 0.5)] + [(f"held-out {k}", v) for k, v in held_out.items()]},
+    ])
+    image(md, out, "reward.png", made, "reward-model curves")
+    kinds = (manifest.get("metrics") or {}).get("val_gold_pairs_by_labels") or {}
+    if kinds:  # the pairs it orders against the gold judge most often: its holes, which PPO may find
+        md.append("Where it disagrees with the gold judge most often (held-out pairs with different gold scores, "
+                  "most disagreements first):\n")
+        md.append("| family: gold-preferred > other | right | pairs | accuracy |\n|---|---:|---:|---:|")
+        # The manifest sorts keys; the worst first.
+        worst = sorted(kinds.items(), key=lambda kv: kv[1]["right"] - kv[1]["pairs"])[:8]
+        md += [f"| {name} | {k['right']} | {k['pairs']} | {k['right'] / k['pairs']:.3f} |" for name, k in worst]
+        md.append("")
+
+
+def ppo_section(md: list[str], out: Path, rows: list[dict], result: dict | None) -> None:
+    if any("gold/score" in r for r in rows):
+        md.append("Proxy reward (the reward model PPO optimises) against the gold score (the labeler it stands "
+                  "for) and the KL to the SFT policy: a rising proxy with a flat or falling gold score is "
+                  "over-optimisation. Dashed: best-of-k on SFT with the same reward model (from the evaluation), "
+                  "the selection baseline for the same KL.\n")
+    else:  # a run on your own prompts: no gold judge to hold the proxy against
+        md.append("Proxy reward (the reward model PPO optimises) and the KL to the SFT policy. Without the world's "
+                  "gold judge nothing shows over-optimisation here; `make eval EVAL_ARGS='--judge DIR'` scores the "
+                  "answers with a reward model trained apart.\n")
+    bon = (result or {}).get("best_of_n")
+    image(md, out, "ppo_reward_vs_gold.png", plot_ppo_overoptimisation(out / "ppo_reward_vs_gold.png", rows, bon),
+          "proxy vs gold reward")
+    made = plot_panels(out / "ppo_length.png", "PPO: answer length", [
+        {"title": "response length", "rows": rows, "lines": [("response/length", "response/length")],
+         "twin": [("no-EOS rate", "response/no_eos_rate")], "xlabel": "PPO update"},
+    ])
+    image(md, out, "ppo_length.png", made, "response length")
+    made = plot_panels(out / "ppo_training.png", "PPO training", [
+        {"title": "rewards", "rows": rows, "lines": [("objective/score", "objective/score"),
+                                                      ("objective/total_reward", "objective/total_reward")]},
+        {"title": "policy", "rows": rows, "lines": [("policy/entropy", "policy/entropy")],
+         "twin": [("policy/approx_kl", "policy/approx_kl")]},
+        {"title": "losses", "rows": rows, "lines": [("loss/policy", "loss/policy")],
+         "twin": [("loss/value", "loss/value")]},
+        {"title": "clipping", "rows": rows,
+         "lines": [("policy/clipfrac", "policy/clipfrac"), ("value/clipfrac", "value/clipfrac")]},
+        {"title": "critic", "rows": rows, "lines": [("value/explained_variance", "value/explained_variance")]},
+        {"title": "throughput", "rows": rows, "lines": [("episodes/s", "perf/episodes_per_s")]},
+    ])
+    image(md, out, "ppo_training.png", made, "PPO training curves")
+
+
+def samples_section(md: list[str], run_dir: Path, manifests: dict, result: dict | None, to_evaluate: str) -> None:
+    """The same prompts answered by every stage."""
+    md.append("## Sample answers (same held-out prompts, every stage, "
+              + ("gold label" if result is None or gold_judged(result) else "reward-model score of the judge")
+              + " in bold)\n")
+    if result is None:
+        md.append(f"_No evaluation: {to_evaluate}._\n")
+        return
+    stale = [EVAL_NAME[s] for s in EVAL_NAME if manifests[s] is not None and EVAL_NAME[s] not in result["stages"]]
+    if stale:
+        md.append(f"_eval.json has no answers from {', '.join(stale)} (finished after it): "
+                  f"rerun `make eval RUN={run_dir}`._\n")
+    md.append(samples_table(result))
+
+
+# Each training stage's section: its title and what writes it from (markdown, report dir, manifest, metrics rows).
+SECTIONS = (("pretrain", "Pretraining", pretrain_section), ("sft", "Supervised fine-tuning", sft_section),
+            ("reward", "Reward model", reward_section))
+
+
 def build_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -272,133 +397,30 @@ def build_report(run_dir: str | Path) -> Path:
     metrics = {s: read_metrics(run_dir / s) if manifests[s] else [] for s in STAGES}
     eval_path = run_dir / "eval.json"
     result = json.loads(eval_path.read_text(encoding="utf-8")) if eval_path.is_file() else None
+    # Without a world, `make eval` takes the prompts PPO held out of a prompt set of your own, or --prompts.
+    if (run_dir / "world" / "truth.json").is_file() or (manifests["ppo"] or {}).get("heldout_prompts"):
+        to_evaluate = f"run `make eval RUN={run_dir}` (writes {eval_path}), then `make report` again"
+    else:
+        to_evaluate = (f"this run has no world and its gold judge; run `make eval RUN={run_dir} EVAL_ARGS='--prompts "
+                       "FILE'` with held-out prompts of your own, judged by a reward model, then `make report` again")
 
     md = [f"# Run report: {run_dir}\n",
           "InstructGPT recipe (Ouyang et al. 2022): pretrain -> SFT -> reward model -> PPO, each stage "
-          "starting from the previous one's checkpoint.\n",
-          "| stage | status | minutes | headline |", "|---|---|---|---|"]
-    for s in STAGES:
-        m = manifests[s]
-        if m is None:
-            md.append(f"| {s} | not finished | - | run `make {s}` |")
-            continue
-        head = ", ".join(f"{k} {v:.4g}" for k, v in (m.get("metrics") or {}).items()
-                         if isinstance(v, float) and ("loss" in k or "accuracy" in k or "perplexity" in k or "score" in k))
-        md.append(f"| {s} | finished | {m.get('seconds', 0) / 60:.1f} | {head or '-'} |")
-    md.append("")
-
-    # Evaluation (held-out prompts: the world's and its gold judge, or yours and a reward model).
-    md.append("## Evaluation on held-out prompts\n")
-    # Without a world, `make eval` takes the prompts PPO held out of a prompt set of your own, or --prompts.
-    to_evaluate = (f"run `make eval RUN={run_dir}` (writes {eval_path}), then `make report` again"
-                   if (run_dir / "world" / "truth.json").is_file() or (manifests["ppo"] or {}).get("heldout_prompts") else
-                   f"this run has no world and its gold judge; run `make eval RUN={run_dir} EVAL_ARGS='--prompts FILE'` "
-                   "with held-out prompts of your own, judged by a reward model, then `make report` again")
-    if result is None:
-        md.append(f"_No evaluation: {to_evaluate}._\n")
-    else:
-        md.append(markdown_table(result))
-        md.append("Win rate: share of prompts where the first stage's answer has the higher "
-                  + ("gold" if gold_judged(result) else "reward-model") + " score (ties half), 95% bootstrap interval over prompts.\n")
-        image(md, out, "eval.png", plot_eval(out / "eval.png", result), "evaluation chart")
-
-    # Pretraining.
-    md.append("## Pretraining\n")
-    if manifests["pretrain"] is None:
-        md.append(missing("pretrain", run_dir))
-    else:
-        rows = metrics["pretrain"]
-        made = plot_panels(out / "pretrain.png", "pretraining (next-token prediction)", [
-            {"title": "loss", "rows": rows, "lines": [("train/loss", "train/loss"), ("val/loss", "val/loss")]},
-            {"title": "held-out perplexity", "rows": rows, "lines": [("val/perplexity", "val/perplexity")]},
-        ])
-        m = manifests["pretrain"].get("metrics", {})
-        if isinstance(m.get("val_perplexity"), (int, float)):
-            md.append(f"Held-out loss {m.get('val_loss', float('nan')):.3f}, perplexity {m['val_perplexity']:.2f}.\n")
-        image(md, out, "pretrain.png", made, "pretraining curves")
-
-    # Supervised fine-tuning.
-    md.append("## Supervised fine-tuning\n")
-    if manifests["sft"] is None:
-        md.append(missing("sft", run_dir))
-    else:
-        rows = metrics["sft"]
-        made = plot_panels(out / "sft.png", "SFT on demonstrations", [
-            {"title": "loss", "rows": rows, "lines": [("train loss", "loss"), ("eval loss", "eval_loss")]},
-            {"title": "learning rate", "rows": rows, "lines": [("learning_rate", "learning_rate")]},
-        ])
-        image(md, out, "sft.png", made, "SFT curves")
-
-    # Reward model.
-    md.append("## Reward model\n")
-    if manifests["reward"] is None:
-        md.append(missing("reward", run_dir))
-    else:
-        rows = metrics["reward"]
-        held_out = accuracy_metrics(manifests["reward"].get("metrics") or {})
-        md.append("Held-out pairwise accuracy (share of comparisons where the preferred answer scores higher): "
-                  + (", ".join(f"{k} **{v:.3f}**" for k, v in held_out.items()) or "not recorded in its manifest") + ".\n")
-        made = plot_panels(out / "reward.png", "reward model (ranked comparisons)", [
-            {"title": "loss", "rows": rows, "lines": [("train loss", "loss"), ("eval loss", "eval_loss")]},
-            {"title": "pairwise accuracy", "rows": rows, "lines": [(k, k) for k in keys_containing(rows, "accuracy")],
-             "hlines": [("chance", 0.5)] + [(f"held-out {k}", v) for k, v in held_out.items()]},
-        ])
-        image(md, out, "reward.png", made, "reward-model curves")
-        kinds = (manifests["reward"].get("metrics") or {}).get("val_gold_pairs_by_labels") or {}
-        if kinds:  # the pairs it orders against the gold judge most often: its holes, which PPO may find
-            md.append("Where it disagrees with the gold judge most often (held-out pairs with different gold scores, "
-                      "most disagreements first):\n")
-            md.append("| family: gold-preferred > other | right | pairs | accuracy |\n|---|---:|---:|---:|")
-            worst = sorted(kinds.items(), key=lambda kv: kv[1]["right"] - kv[1]["pairs"])[:8]  # the manifest sorts keys
-            md += [f"| {name} | {k['right']} | {k['pairs']} | {k['right'] / k['pairs']:.3f} |" for name, k in worst]
-            md.append("")
-
-    # PPO.
+          "starting from the previous one's checkpoint.\n"]
+    md += stage_table(manifests)
+    evaluation_section(md, out, result, to_evaluate)
+    for stage, title, section in SECTIONS:
+        md.append(f"## {title}\n")
+        if manifests[stage] is None:
+            md.append(missing(stage, run_dir))
+        else:
+            section(md, out, manifests[stage], metrics[stage])
     md.append("## PPO (RLHF)\n")
     if manifests["ppo"] is None:
         md.append(missing("ppo", run_dir))
     else:
-        rows = metrics["ppo"]
-        if any("gold/score" in r for r in rows):
-            md.append("Proxy reward (the reward model PPO optimises) against the gold score (the labeler it stands "
-                      "for) and the KL to the SFT policy: a rising proxy with a flat or falling gold score is "
-                      "over-optimisation. Dashed: best-of-k on SFT with the same reward model (from the evaluation), "
-                      "the selection baseline for the same KL.\n")
-        else:  # a run on your own prompts: no gold judge to hold the proxy against
-            md.append("Proxy reward (the reward model PPO optimises) and the KL to the SFT policy. Without the world's "
-                      "gold judge nothing shows over-optimisation here; `make eval EVAL_ARGS='--judge DIR'` scores the "
-                      "answers with a reward model trained apart.\n")
-        bon = (result or {}).get("best_of_n")
-        image(md, out, "ppo_reward_vs_gold.png", plot_ppo_overoptimisation(out / "ppo_reward_vs_gold.png", rows, bon),
-              "proxy vs gold reward")
-        made = plot_panels(out / "ppo_length.png", "PPO: answer length", [
-            {"title": "response length", "rows": rows, "lines": [("response/length", "response/length")],
-             "twin": [("no-EOS rate", "response/no_eos_rate")], "xlabel": "PPO update"},
-        ])
-        image(md, out, "ppo_length.png", made, "response length")
-        made = plot_panels(out / "ppo_training.png", "PPO training", [
-            {"title": "rewards", "rows": rows, "lines": [("objective/score", "objective/score"),
-                                                          ("objective/total_reward", "objective/total_reward")]},
-            {"title": "policy", "rows": rows, "lines": [("policy/entropy", "policy/entropy")],
-             "twin": [("policy/approx_kl", "policy/approx_kl")]},
-            {"title": "losses", "rows": rows, "lines": [("loss/policy", "loss/policy")], "twin": [("loss/value", "loss/value")]},
-            {"title": "clipping", "rows": rows, "lines": [("policy/clipfrac", "policy/clipfrac"), ("value/clipfrac", "value/clipfrac")]},
-            {"title": "critic", "rows": rows, "lines": [("value/explained_variance", "value/explained_variance")]},
-            {"title": "throughput", "rows": rows, "lines": [("episodes/s", "perf/episodes_per_s")]},
-        ])
-        image(md, out, "ppo_training.png", made, "PPO training curves")
-
-    # The same prompts answered by every stage.
-    md.append("## Sample answers (same held-out prompts, every stage, "
-              + ("gold label" if result is None or gold_judged(result) else "reward-model score of the judge") + " in bold)\n")
-    if result is None:
-        md.append(f"_No evaluation: {to_evaluate}._\n")
-    else:
-        stale = [EVAL_NAME[s] for s in EVAL_NAME if manifests[s] is not None and EVAL_NAME[s] not in result["stages"]]
-        if stale:
-            md.append(f"_eval.json has no answers from {', '.join(stale)} (finished after it): rerun `make eval RUN={run_dir}`._\n")
-        md.append(samples_table(result))
-
+        ppo_section(md, out, metrics["ppo"], result)
+    samples_section(md, run_dir, manifests, result, to_evaluate)
     path = run_dir / "report.md"
     path.write_text("\n".join(md), encoding="utf-8")
     return path
@@ -406,7 +428,7 @@ def build_report(run_dir: str | Path) -> Path:
 
 @cli_main
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m pipeline.report", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m evaluation.report", description=__doc__.split("\n\n")[0])
     p.add_argument("--run_dir", default="runs/default", help="run directory (stage dirs, eval.json)")
     args = p.parse_args(argv)
     path = build_report(args.run_dir)
