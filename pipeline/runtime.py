@@ -85,6 +85,10 @@ def run_as_process(main) -> None:
     group (if the launch made one), also when `main` raised. Left to interpreter exit, gloo's worker
     threads can outlive Python and abort a process whose run has finished and saved (SIGABRT,
     "terminate called without an active exception"): 5 of 30 two-process gloo runs here."""
+    # One progress bar per stage, its own: not transformers' bars for loading and writing weights.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     try:
         main()
     finally:

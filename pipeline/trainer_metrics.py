@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer import FSDP_MODEL_NAME, TRAINER_STATE_NAME
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -24,6 +25,27 @@ from pipeline.tracking import clean
 # The files that hold a checkpoint's weights (full model, sharded, or LoRA adapters), as Trainer loads them.
 WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME,
                 ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME)
+
+
+class QuietProgress(ProgressCallback):
+    """Trainer's progress bar, with the latest loss beside it instead of a raw dict of every log event
+    printed under it: those go to metrics.jsonl and wandb."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.3f}", refresh=False)
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        """No second bar for each held-out evaluation: it is over in seconds."""
+
+
+def quiet_console(trainer) -> None:
+    """No raw log dicts on the console: QuietProgress replaces Trainer's bar (or, with the bar off in CI,
+    the printer of every log event)."""
+    had_bar = trainer.pop_callback(ProgressCallback) is not None
+    trainer.pop_callback(PrinterCallback)
+    if had_bar:
+        trainer.add_callback(QuietProgress)
 
 
 class JsonlMetricsCallback(TrainerCallback):

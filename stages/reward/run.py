@@ -30,7 +30,7 @@ from pipeline.runtime import (cpu_and_backend, load_models_whole, merged_from_st
                               set_threads, stage_decides_training_settings)
 from pipeline.stage import StageRun, require_stage, resolve_init, trains_on_world
 from pipeline.tracking import truncate_metrics, wandb_enabled, wandb_env
-from pipeline.trainer_metrics import (JsonlMetricsCallback, last_complete_checkpoint, replayable_train_sampler,
+from pipeline.trainer_metrics import (JsonlMetricsCallback, quiet_console, last_complete_checkpoint, replayable_train_sampler,
                                       whole_run_loss)
 from reward.comparisons import Group, load_groups
 from reward.losses import group_pairs, pair_accuracy, pair_mean_loss, ranking_loss
@@ -381,6 +381,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer = RankingRewardTrainer(model=model, args=args, data_collator=GroupCollator(tokenizer.pad_token_id, packed, share),
                                    train_dataset=train_ds, eval_dataset=val_ds, processing_class=tokenizer,
                                    callbacks=[JsonlMetricsCallback(stage_dir)], peft_config=peft_config, group_loss=group_loss)
+    quiet_console(trainer)
 
     # 4. Train, resuming from the newest complete checkpoint a killed run left (pipeline.trainer_metrics).
     resume, resume_step = last_complete_checkpoint(run.checkpoints, remove_incomplete=state.is_main_process)
