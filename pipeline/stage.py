@@ -274,6 +274,47 @@ def _diff(old: dict, new: dict) -> str:
     return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:4]) or "parent or data changed"
 
 
+# What a complete checkpoint holds besides its state file: the weights, whole, sharded (index; FSDP's
+# pytorch_model_fsdp_0/, DeepSpeed's global_stepN/) or LoRA adapters.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+                "adapter_model.safetensors", "adapter_model.bin")
+
+
+def checkpoint_step(checkpoint: Path) -> int | None:
+    """The step of a complete checkpoint, None for a save a kill or a full disk cut short. Two layouts:
+    `step_N` (accelerate's state, pretrain and ppo: extra.json, written last, parses) and `checkpoint-N`
+    (HF Trainer, sft and reward: trainer_state.json, written last, parses, and the weights are there)."""
+    try:
+        if checkpoint.name.startswith("step_"):
+            step = json.loads((checkpoint / "extra.json").read_text(encoding="utf-8"))["step"]
+            return step if isinstance(step, int) else None
+        step = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))["global_step"]
+        names = {p.name for p in checkpoint.iterdir()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    weights = names & set(WEIGHT_FILES) or any(n.startswith(("pytorch_model_fsdp", "global_step")) for n in names)
+    return step if isinstance(step, int) and weights else None
+
+
+def last_complete_checkpoint(checkpoints: str | Path, remove_incomplete: bool = False) -> tuple[str | None, int]:
+    """(path, step) of the newest complete checkpoint in `checkpoints`, or (None, 0): the one rule every
+    stage resumes by. Newer incomplete ones are passed over; with `remove_incomplete` (the main process)
+    they are deleted too: the resumed run redoes their steps, and a half-written folder must not outlive
+    it. (`step_N.tmp`, a save in progress, is no checkpoint at all.)"""
+    checkpoints = Path(checkpoints)
+    if not checkpoints.is_dir():
+        return None, 0
+    number = {p: p.name.split("_" if p.name.startswith("step_") else "-")[-1] for p in checkpoints.iterdir()
+              if p.is_dir() and p.name.startswith(("step_", "checkpoint-"))}
+    for checkpoint in sorted((p for p, n in number.items() if n.isdigit()), key=lambda p: int(number[p]), reverse=True):
+        step = checkpoint_step(checkpoint)
+        if step is not None:
+            return str(checkpoint), step
+        if remove_incomplete:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+    return None, 0
+
+
 class StageRun:
     """One execution of a stage in `run_dir/stage`.
 
@@ -323,11 +364,9 @@ class StageRun:
         return True
 
     def latest_checkpoint(self) -> Path | None:
-        """Newest complete checkpoint (`step_N`; `*.tmp` dirs are saves a kill interrupted)."""
-        if not self.checkpoints.is_dir():
-            return None
-        done = [p for p in self.checkpoints.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()]
-        return max(done, key=lambda p: int(p.name[5:]), default=None)
+        """Newest complete checkpoint in checkpoints/ (last_complete_checkpoint), or None."""
+        path, _ = last_complete_checkpoint(self.checkpoints, remove_incomplete=self.is_main)
+        return None if path is None else Path(path)
 
     def finish(self, metrics: dict, extra: dict | None = None) -> dict:
         """Write manifest.json (last, atomically) and drop the work-in-progress checkpoints."""

@@ -1,5 +1,5 @@
 """What the stages trained by HF Trainer (sft, reward) share: metrics.jsonl, the whole run's training
-loss, the checkpoint a rerun resumes from, and a length-grouped data order a resumed run replays.
+loss, a quiet console, and a length-grouped data order a resumed run replays.
 
 Its own module because importing transformers' Trainer stack costs seconds (it pulls in peft); the
 stages with their own loop (pretrain, ppo) and the report import pipeline.tracking without it.
@@ -8,23 +8,14 @@ stages with their own loop (pretrain, ppo) and the report import pipeline.tracki
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer import FSDP_MODEL_NAME, TRAINER_STATE_NAME
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from transformers.utils import (ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME,
-                                SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME)
 
 from pipeline.tracking import clean
-
-# The files that hold a checkpoint's weights (full model, sharded, or LoRA adapters), as Trainer loads them.
-WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME,
-                ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME)
 
 
 class QuietProgress(ProgressCallback):
@@ -80,37 +71,6 @@ def whole_run_loss(log_history: list[dict], resumed_at: int, steps: int, loss_si
             last = entry["step"]
     total += loss_since_resume * (steps - resumed_at)
     return total / max(last + steps - resumed_at, 1)
-
-
-def _checkpoint_step(checkpoint: Path) -> int | None:
-    """The global step of a complete checkpoint: its trainer_state.json (Trainer writes it last) parses and its
-    weights are there. None for a save a kill or a full disk cut short."""
-    try:
-        step = json.loads((checkpoint / TRAINER_STATE_NAME).read_text(encoding="utf-8"))["global_step"]
-        names = {p.name for p in checkpoint.iterdir()}
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    # Sharded states live in folders: FSDP's pytorch_model_fsdp_0/, DeepSpeed's global_stepN/.
-    weights = names & set(WEIGHT_FILES) or any(n.startswith((FSDP_MODEL_NAME, "global_step")) for n in names)
-    return step if isinstance(step, int) and weights else None
-
-
-def last_complete_checkpoint(checkpoints: str | Path, remove_incomplete: bool = False) -> tuple[str | None, int]:
-    """(path, global step) of the newest complete Trainer checkpoint in `checkpoints`, or (None, 0).
-
-    Newer incomplete ones are passed over; with `remove_incomplete` (the main process) they are deleted too:
-    the resumed run redoes their steps, and a half-written folder must not outlive it."""
-    checkpoints = Path(checkpoints)
-    if not checkpoints.is_dir():
-        return None, 0
-    found = [p for p in checkpoints.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.name.split("-")[-1].isdigit()]
-    for checkpoint in sorted((p for p in found if p.is_dir()), key=lambda p: int(p.name.split("-")[-1]), reverse=True):
-        step = _checkpoint_step(checkpoint)
-        if step is not None:
-            return str(checkpoint), step
-        if remove_incomplete:
-            shutil.rmtree(checkpoint, ignore_errors=True)
-    return None, 0
 
 
 class EpochSeededLengthSampler(LengthGroupedSampler):

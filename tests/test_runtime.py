@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -27,3 +28,30 @@ def test_threads_default_to_this_process_share_of_the_cores(monkeypatch):
         assert set_threads(1) == 1 == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+
+
+def test_every_stage_resumes_from_its_last_complete_checkpoint(tmp_path):
+    from pipeline.stage import last_complete_checkpoint
+
+    def accelerate_state(step: int, complete: bool = True):
+        (tmp_path / f"step_{step}").mkdir()
+        if complete:
+            (tmp_path / f"step_{step}" / "extra.json").write_text(json.dumps({"step": step}))
+
+    def trainer_state(step: int, state: str | None = None, weights: bool = True):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "trainer_state.json").write_text(state or json.dumps({"global_step": step}))
+        if weights:
+            (folder / "model.safetensors").write_bytes(b"")
+
+    assert last_complete_checkpoint(tmp_path / "none") == (None, 0)
+    accelerate_state(10)
+    accelerate_state(20, complete=False)  # extra.json is written last: a cut-short save
+    (tmp_path / "step_30.tmp").mkdir()  # a save in progress
+    assert last_complete_checkpoint(tmp_path) == (str(tmp_path / "step_10"), 10)
+    trainer_state(40)
+    trainer_state(50, state='{"global_st')  # cut short
+    trainer_state(60, weights=False)
+    assert last_complete_checkpoint(tmp_path, remove_incomplete=True) == (str(tmp_path / "checkpoint-40"), 40)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-40", "step_10", "step_20", "step_30.tmp"]
