@@ -55,3 +55,14 @@ def test_every_stage_resumes_from_its_last_complete_checkpoint(tmp_path):
     trainer_state(60, weights=False)
     assert last_complete_checkpoint(tmp_path, remove_incomplete=True) == (str(tmp_path / "checkpoint-40"), 40)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-40", "step_10", "step_20", "step_30.tmp"]
+
+
+def test_lora_config_is_none_at_rank_0_and_names_its_targets():
+    from pipeline.lora import lora_config
+
+    assert lora_config(0, 16, ["all-linear"]) is None
+    every = lora_config(8, 16, ["all-linear"])
+    assert every.r == 8 and every.lora_alpha == 16 and every.target_modules == "all-linear"
+    some = lora_config(4, 8, ["q_proj", "v_proj"], dropout=0.1, task_type="SEQ_CLS", modules_to_save=["score"])
+    assert set(some.target_modules) == {"q_proj", "v_proj"} and some.modules_to_save == ["score"]
+    assert some.task_type == "SEQ_CLS" and some.lora_dropout == 0.1

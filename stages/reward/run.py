@@ -25,6 +25,7 @@ from data.loading import load_records, require_text, split_holdout
 from data.tokenizer import ensure_chat_ready, template_accepts
 from pipeline.config import config_dict, parse_config
 from pipeline.errors import PipelineError, cli_main
+from pipeline.lora import lora_config
 from pipeline.packing import common_prefix_length, pack_rows, packs_sequences
 from pipeline.runtime import (cpu_and_backend, load_models_whole, merged_from_state_dict, peak_memory_mb, rank_checksums,
                               set_threads, stage_decides_training_settings)
@@ -355,13 +356,9 @@ def main(argv: list[str] | None = None) -> None:
 
     # 3. Trainer: TRL's RewardTrainer with the K-wise loss; checkpoints inside the stage directory.
     group_loss = pair_mean_loss if cfg.loss == "pairs" else ranking_loss
-    peft_config = None
-    if cfg.use_lora:  # adapters on the body, the new score head trained in full (peft's modules_to_save)
-        from peft import LoraConfig, TaskType
-
-        targets = "all-linear" if cfg.lora_target_modules == ["all-linear"] else cfg.lora_target_modules
-        peft_config = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                 lora_dropout=cfg.lora_dropout, target_modules=targets, modules_to_save=["score"])
+    # LoRA: adapters on the body, the new score head trained in full.
+    peft_config = lora_config(cfg.lora_r if cfg.use_lora else 0, cfg.lora_alpha, cfg.lora_target_modules,
+                              cfg.lora_dropout, "SEQ_CLS", modules_to_save=["score"])
     args = RewardConfig(
         output_dir=str(run.checkpoints), use_cpu=use_cpu, ddp_backend=backend, seed=cfg.seed, data_seed=cfg.seed,
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
