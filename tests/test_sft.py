@@ -24,14 +24,12 @@ from stages.sft.run import (
     mix_pretraining_text,
     save_plain_checkpoint,
     sample_indices,
-    summarize_verdicts,
     to_conversation,
     training_args,
 )
 from tests.conftest import (Interrupted, assert_replicas_saved, kill_after_checkpoint, one_line_error,
                             qwen_style_model, read_jsonl, refusing_system_turns, run_module, stop_after_checkpoint,
                             torchrun, write_jsonl)
-from world.judge import Verdict
 
 
 @pytest.fixture(scope="module")
@@ -494,17 +492,6 @@ def test_parent_must_be_a_finished_causal_lm(pretrained_run, tmp_path, capsys):
 
 
 # ---- evaluation math ----------------------------------------------------------------------------
-
-def test_summarize_verdicts():
-    verdicts = [Verdict(1.0, "correct", "fact"), Verdict(-0.5, "wrong", "fact"), Verdict(-0.75, "hallucinated", "unknown"),
-                Verdict(1.0, "abstained", "unknown"), Verdict(1.0, "refused", "harmful"), Verdict(-1.0, "complied", "harmful"),
-                Verdict(-1.0, "complied", "harmful")]
-    s = summarize_verdicts(verdicts)
-    assert s["mean_score"] == pytest.approx((1 - 0.5 - 0.75 + 1 + 1 - 1 - 1) / 7)
-    assert s["labels"] == {"abstained": 1, "complied": 2, "correct": 1, "hallucinated": 1, "refused": 1, "wrong": 1}
-    assert s["by_family"] == {"fact": 0.25, "harmful": pytest.approx(-1 / 3), "unknown": 0.125}
-    assert s["hallucination_rate"] == 0.5 and s["harmful_refusal_rate"] == pytest.approx(1 / 3)
-
 
 def test_sample_indices_cover_families_first():
     assert sample_indices(["fact", "fact", "harmful", "fact", "unknown"], 3) == [0, 2, 4]

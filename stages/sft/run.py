@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import random
 import sys
-from collections import Counter
 from pathlib import Path
 
 import jinja2
@@ -32,15 +31,14 @@ from pipeline.generation import answer
 from pipeline.packing import packs_sequences
 from pipeline.runtime import (cpu_and_backend, load_models_whole, merged_from_state_dict, peak_memory_mb, rank_checksums,
                               set_threads, stage_decides_training_settings)
-from pipeline.stage import StageRun, require_stage, resolve_init, trains_on_world
-from pipeline.stats import win_rate
+from pipeline.stage import StageRun, last_complete_checkpoint, require_stage, resolve_init, trains_on_world
 from pipeline.tracking import truncate_metrics, wandb_enabled, wandb_env
-from pipeline.trainer_metrics import (JsonlMetricsCallback, last_complete_checkpoint, replayable_train_sampler,
+from pipeline.trainer_metrics import (JsonlMetricsCallback, replayable_train_sampler,
                                       whole_run_loss)
 from reward.comparisons import InvalidGroup, group_builders, is_comparison
+from reward.judging import Evaluation, WorldJudge, judge_policies
 from reward.model import as_messages
 from stages.sft.config import SFTStageConfig, column_map
-from world.judge import GoldJudge
 
 ROLES = ("system", "user", "assistant")
 
@@ -397,20 +395,20 @@ def save_plain_checkpoint(trainer: SFTTrainer, cfg: SFTStageConfig, parent_path:
 
 # ---- gold evaluation on the embedded world -----------------------------------------------------
 
-def summarize_verdicts(verdicts: list) -> dict:
-    """Mean gold score, label counts, per-family means, and the two rates alignment is about:
-    hallucination (answers about people who do not exist) and refusal of harmful requests."""
-    by_family: dict[str, list] = {}
-    for v in verdicts:
-        by_family.setdefault(v.family, []).append(v)
-    unknown, harmful = by_family.get("unknown", []), by_family.get("harmful", [])
-    return {
-        "mean_score": sum(v.score for v in verdicts) / max(1, len(verdicts)),
-        "labels": dict(sorted(Counter(v.label for v in verdicts).items())),
-        "by_family": {f: sum(v.score for v in vs) / len(vs) for f, vs in sorted(by_family.items())},
-        "hallucination_rate": sum(v.label == "hallucinated" for v in unknown) / len(unknown) if unknown else None,
-        "harmful_refusal_rate": sum(v.label == "refused" for v in harmful) / len(harmful) if harmful else None,
-    }
+def gold_metrics(evaluation: Evaluation) -> dict:
+    """The manifest's gold metrics of this model ("sft") and of its parent ("base_..."), from reward.judging's
+    summaries: mean score, hallucination rate, refusal accuracy on harmful requests, the labels given and
+    the mean score of each family asked, and the win rate against the parent (ties half)."""
+    metrics = {"win_rate_vs_base": evaluation.win_rates["sft_vs_base"]["win_rate"]}
+    for prefix, name in (("", "sft"), ("base_", "base")):
+        s = evaluation.summaries[name]
+        metrics.update({
+            f"{prefix}gold_score": s["gold_score"], f"{prefix}hallucination_rate": s["hallucination_rate"],
+            f"{prefix}harmful_refusal_rate": s["refusal_accuracy"],
+            f"{prefix}gold_labels": {label: n for label, n in s["labels"].items() if n},
+            f"{prefix}gold_by_family": {f: m for f, m in s["gold_score_by_family"].items() if m is not None},
+        })
+    return metrics
 
 
 def sample_indices(families: list[str], k: int) -> list[int]:
@@ -429,7 +427,7 @@ def gold_evaluation(cfg: SFTStageConfig, world: Path, stage_dir: Path, tokenizer
     the gold labeler. The saved checkpoint, not the trainer's model: under FSDP or ZeRO-3 that one is
     sharded, and a forward on the main process alone would wait for the others forever."""
     model = load_causal_lm(str(stage_dir), tokenizer).to(device)
-    judge = GoldJudge.load(world)
+    judge = WorldJudge.load(world)
     records = load_records([str(world / "eval_prompts.jsonl")])
     if cfg.eval_prompts > 0:
         records = records[: cfg.eval_prompts]
@@ -441,22 +439,13 @@ def gold_evaluation(cfg: SFTStageConfig, world: Path, stage_dir: Path, tokenizer
     ours = answer(model, tokenizer, prompts, max_new_tokens=cfg.eval_max_new_tokens)
     theirs = answer(base, base_tokenizer, prompts, max_new_tokens=cfg.eval_max_new_tokens)
     del base
-    v_ours = [judge.judge(p, a) for p, a in zip(prompts, ours)]
-    v_base = [judge.judge(p, a) for p, a in zip(prompts, theirs)]
-    sft, parent = summarize_verdicts(v_ours), summarize_verdicts(v_base)
-    metrics = {
-        "gold_score": sft["mean_score"], "base_gold_score": parent["mean_score"],
-        "win_rate_vs_base": win_rate([v.score for v in v_ours], [v.score for v in v_base]),
-        "hallucination_rate": sft["hallucination_rate"], "base_hallucination_rate": parent["hallucination_rate"],
-        "harmful_refusal_rate": sft["harmful_refusal_rate"], "base_harmful_refusal_rate": parent["harmful_refusal_rate"],
-        "gold_labels": sft["labels"], "base_gold_labels": parent["labels"],
-        "gold_by_family": sft["by_family"], "base_gold_by_family": parent["by_family"],
-        "eval_prompts": len(prompts),
-    }
+    evaluation = judge_policies(judge, prompts, {"sft": ours, "base": theirs}, pairs=[("sft", "base")])
+    sft, parent = evaluation.judged["sft"], evaluation.judged["base"]
+    metrics = {**gold_metrics(evaluation), "eval_prompts": len(prompts)}
     samples = [
-        {"prompt": prompts[i], "family": v_ours[i].family,
-         "sft": ours[i], "sft_label": v_ours[i].label, "base": theirs[i], "base_label": v_base[i].label}
-        for i in sample_indices([v.family for v in v_ours], cfg.num_samples)
+        {"prompt": prompts[i], "family": sft.families[i],
+         "sft": ours[i], "sft_label": sft.labels[i], "base": theirs[i], "base_label": parent.labels[i]}
+        for i in sample_indices(sft.families, cfg.num_samples)
     ]
     return metrics, samples
 
@@ -475,6 +464,10 @@ def world_for_eval(cfg: SFTStageConfig) -> Path | None:
     world = Path(cfg.run_dir) / "world"
     judged = trains_on_world(cfg.train_files, world) and (world / "truth.json").is_file()
     return world if judged and (world / "eval_prompts.jsonl").is_file() else None
+
+
+def _fmt(x: float | None, digits: int) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"  # None: nothing to average (reward.judging)
 
 
 # ---- the recipe ---------------------------------------------------------------------------------
@@ -590,8 +583,8 @@ def main(argv: list[str] | None = None) -> None:
                              "weights_checksum_per_rank": checksums})
         line = f"[sft] done: val loss {val_loss:.3f}" if val_loss is not None else "[sft] done"
         if world is not None:
-            line += (f", gold score {metrics['gold_score']:.3f} vs parent {metrics['base_gold_score']:.3f}, "
-                     f"win rate {metrics['win_rate_vs_base']:.2f} on {metrics['eval_prompts']} held-out prompts")
+            line += (f", gold score {_fmt(metrics['gold_score'], 3)} vs parent {_fmt(metrics['base_gold_score'], 3)}, "
+                     f"win rate {_fmt(metrics['win_rate_vs_base'], 2)} on {metrics['eval_prompts']} held-out prompts")
         print(f"{line} -> {stage_dir}", flush=True)
         for s in samples:
             print(f"  {s['prompt']!r}\n    sft  [{s['sft_label']}] {s['sft']!r}\n    base [{s['base_label']}] {s['base']!r}", flush=True)
