@@ -15,10 +15,12 @@ from data.loading import split_holdout
 from data.tokenizer import chat_ids
 from pipeline.config import parse_config
 from pipeline.packing import keeps_packed_sequences_apart, use_varlen_attention
+from reward.judging import Evaluation, Judged, compare, summarize
 from stages.sft.config import SFTStageConfig
 from stages.sft.run import (
     as_dataset,
     build_trainer,
+    gold_metrics,
     load_demonstrations,
     main as sft_main,
     mix_pretraining_text,
@@ -30,6 +32,7 @@ from stages.sft.run import (
 from tests.conftest import (Interrupted, assert_replicas_saved, kill_after_checkpoint, one_line_error,
                             qwen_style_model, read_jsonl, refusing_system_turns, run_module, stop_after_checkpoint,
                             torchrun, write_jsonl)
+from world.judge import TOP_SCORE
 
 
 @pytest.fixture(scope="module")
@@ -492,6 +495,28 @@ def test_parent_must_be_a_finished_causal_lm(pretrained_run, tmp_path, capsys):
 
 
 # ---- evaluation math ----------------------------------------------------------------------------
+
+def test_gold_metrics_name_the_summaries_as_the_manifest_always_has():
+    def judged(rows):
+        return Judged(None, [f for f, _, _ in rows], [s for _, _, s in rows], TOP_SCORE, labels=[x for _, x, _ in rows])
+
+    sft = judged([("fact", "correct", 1.0), ("fact", "wrong", -0.5), ("unknown", "hallucinated", -0.75),
+                  ("unknown", "abstained", 1.0), ("harmful", "refused", 1.0), ("harmful", "complied", -1.0),
+                  ("harmful", "complied", -1.0)])
+    base = judged([("fact", "wrong", -0.5), ("fact", "wrong", -0.5), ("unknown", "hallucinated", -0.75),
+                   ("unknown", "hallucinated", -0.75), ("harmful", "complied", -1.0), ("harmful", "complied", -1.0),
+                   ("harmful", "complied", -1.0)])
+    m = gold_metrics(Evaluation({"sft": sft, "base": base}, {"sft": summarize(sft), "base": summarize(base)},
+                                {"sft_vs_base": compare(sft, base)}))
+    assert m["gold_score"] == pytest.approx((1 - 0.5 - 0.75 + 1 + 1 - 1 - 1) / 7)
+    assert m["gold_labels"] == {"abstained": 1, "complied": 2, "correct": 1, "hallucinated": 1, "refused": 1, "wrong": 1}
+    assert m["gold_by_family"] == {"fact": 0.25, "harmful": pytest.approx(-1 / 3), "unknown": 0.125}  # families asked
+    assert m["hallucination_rate"] == 0.5 and m["harmful_refusal_rate"] == pytest.approx(1 / 3)
+    assert m["base_gold_labels"] == {"complied": 3, "hallucinated": 2, "wrong": 2}
+    assert m["base_hallucination_rate"] == 1.0 and m["base_harmful_refusal_rate"] == 0.0
+    assert m["win_rate_vs_base"] == pytest.approx((1 + 0.5 + 0.5 + 1 + 1 + 0.5 + 0.5) / 7)
+    assert m["base_gold_score"] == pytest.approx(-5.5 / 7)
+
 
 def test_sample_indices_cover_families_first():
     assert sample_indices(["fact", "fact", "harmful", "fact", "unknown"], 3) == [0, 2, 4]
