@@ -103,7 +103,7 @@ def build_run(run: Path, n_layers: int, hidden: int, context: int, seed: int) ->
     manifests so our stage accepts them; TRL reads the same directories."""
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-    from data.loading import load_texts
+    from data.formats.text import load_texts
     from data.tokenizer import train_tokenizer
     from pipeline.stage import write_json_atomic
 

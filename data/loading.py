@@ -1,7 +1,8 @@
 """Load records from local files (.txt .jsonl .jsonl.gz .json .parquet .csv) or a Hub dataset id.
 
 Every problem is reported as one line naming the file, the record (1-based line or index) and the
-field, because that is what a user needs to fix their data.
+field, because that is what a user needs to fix their data. What a stage makes of the records (the
+fields each accepts) is data.formats.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import io
 import json
 import random
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from pipeline.errors import PipelineError
 
@@ -35,7 +37,8 @@ def _read_text(path: Path) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise PipelineError(f"{path}: line {line}: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+        raise PipelineError(f"{path}: line {line}: not UTF-8 "
+                            f"(byte 0x{raw[e.start]:02x} at offset {e.start})") from None
 
 
 def _local_records(path: Path) -> list[dict[str, Any]]:
@@ -124,48 +127,9 @@ def _hub_records(dataset_id: str, split: str) -> list[dict[str, Any]]:
     try:
         ds = datasets.load_dataset(dataset_id, split=split)
     except Exception as e:  # offline, missing, private: one line is all the user needs
-        raise PipelineError(f"{dataset_id}: could not load Hub dataset split '{split}' ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise PipelineError(f"{dataset_id}: could not load Hub dataset split '{split}' "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     return [dict(r, _where=f"{dataset_id}[{split}]: record {i + 1}") for i, r in enumerate(ds)]
-
-
-class EmptyField(PipelineError):
-    """A well-formed record whose text is empty: nothing to learn from. Stages that may skip such
-    records (SFT's skip_invalid) catch this; to everything else it is a PipelineError like any other."""
-
-
-def require_text(rec: dict[str, Any], field: str, allow_empty: bool = False) -> str:
-    """The string in `field`, or a one-line error naming file, record and field."""
-    where = rec.get("_where", "record")
-    if field not in rec:
-        raise PipelineError(f"{where}: missing field '{field}'")
-    value = rec[field]
-    if value is None:  # JSON null (or an empty parquet/Hub cell): the field is there, its value is not
-        raise PipelineError(f"{where}: field '{field}' is null, expected a string")
-    if not isinstance(value, str):
-        raise PipelineError(f"{where}: field '{field}' must be a string, got {type(value).__name__}")
-    if not allow_empty and not value.strip():
-        raise EmptyField(f"{where}: field '{field}' is empty")
-    return value
-
-
-def prompt_of(rec: dict, field: str = "prompt") -> str | list[dict]:
-    """The prompt string in `field` (of a list of turns, the first: later turns of a multi-turn
-    benchmark follow the model's own answers), or chat `messages` ending in a user turn."""
-    where = rec.get("_where", "record")
-    if isinstance(rec.get(field), list):
-        turns = rec[field]
-        if not turns or not isinstance(turns[0], str) or not turns[0].strip():
-            raise PipelineError(f"{where}: field '{field}' must be a string or a list of strings starting with a non-empty turn")
-        return turns[0]
-    if field in rec or "messages" not in rec:
-        return require_text(rec, field)
-    messages = rec["messages"]
-    if (not isinstance(messages, list) or not messages
-            or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)):
-        raise PipelineError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} turns")
-    if messages[-1]["role"] != "user":
-        raise PipelineError(f"{where}: field 'messages' must end in a user turn (got '{messages[-1]['role']}')")
-    return messages
 
 
 def split_holdout(records: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -179,10 +143,14 @@ def split_holdout(records: list, fraction: float, seed: int) -> tuple[list, list
     return [records[i] for i in order[n_val:]], [records[i] for i in order[:n_val]]
 
 
-def load_texts(sources: str | Iterable[str], field: str = "text", split: str = "train") -> list[str]:
-    """A pretraining corpus: the `field` of every record, validated."""
-    sources = [str(sources)] if isinstance(sources, (str, Path)) else [str(s) for s in sources]
-    records = load_records(sources, split)
-    if not records:
-        raise PipelineError(f"{', '.join(sources)}: corpus is empty")
-    return [require_text(r, field) for r in records]
+# Moved to data.formats; stages/ppo/run.py still imports these two from here until its imports change.
+# Looked up on first use (not imported at the top: data.formats.text imports this module).
+_MOVED = {"load_texts": "data.formats.text", "prompt_of": "data.formats.prompts"}
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        import importlib
+
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -46,7 +46,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from data.loading import load_records, prompt_of
+from data.formats.prompts import prompt_of
+from data.loading import load_records
 from data.tokenizer import chat_ids, template_accepts, use_turn_end_as_eos
 from pipeline.errors import PipelineError, cli_main
 from pipeline.generation import answer, left_pad, max_prompt_tokens

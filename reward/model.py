@@ -33,18 +33,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
+from data.formats.prompts import as_messages
 from data.tokenizer import turn_end
 from pipeline.errors import PipelineError
 
 BIAS_KEY = "reward_bias"
 FOLDED_KEY = "reward_bias_folded"  # the part of the offset `fold_offset` moved into the weights
-
-
-def as_messages(prompt: str | list[dict]) -> list[dict]:
-    """A prompt as chat messages: a string is one user turn (an empty string: no turn at all)."""
-    if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}] if prompt else []
-    return list(prompt)
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict], response: str, max_length: int | None = None) -> list[int]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 
-from reward.comparisons import load_groups, main as comparisons_main
+from data.formats.comparisons import load_groups
+from reward.comparisons import main as comparisons_main
 from stages.reward.run import main as reward_main
 from tests.conftest import one_line_error, read_jsonl, write_jsonl
 from tests.test_reward import new_run, sft_run  # noqa: F401  (sft_run is a fixture: the SFT stand-in)

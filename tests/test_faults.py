@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import stages.ppo.run as ppo_run
-from data.loading import load_texts
+from data.formats.text import load_texts
 from pipeline.errors import PipelineError
 from pipeline.stage import read_manifest
 from stages.pretrain.run import main as pretrain_main
@@ -286,7 +286,7 @@ def test_under_torchrun_a_held_stage_is_refused_without_a_hang(tmp_path):
 
 
 def test_an_hh_pair_whose_chosen_has_no_assistant_turn_is_refused_like_rejected():
-    from reward.comparisons import to_group
+    from data.formats.comparisons import to_group
 
     hh = {"chosen": "\n\nHuman: hi there", "rejected": "\n\nHuman: hi\n\nAssistant: hello",
           "_where": "hh.jsonl: line 1"}

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from data.loading import load_texts
+from data.formats.text import load_texts
 from data.tokenizer import train_tokenizer
 from stages.pretrain.run import main as pretrain_main, sample_batch
 from tests.conftest import (assert_replicas_saved, kill_after_checkpoint, one_line_error, qwen_style_model, read_jsonl, run_module,

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
+from data.formats.comparisons import Group, load_groups
 from pipeline.errors import PipelineError
 from pipeline.stage import read_manifest, write_json_atomic
-from reward.comparisons import Group, load_groups
 from reward.losses import pair_accuracy, pair_mean_loss, pairwise_loss, ranking_loss
 from reward.model import encode, load_reward_model, score
 from data.tokenizer import ensure_chat_ready

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
 
+from data.formats.demonstrations import load_demonstrations, to_conversation
 from data.loading import split_holdout
 from data.tokenizer import chat_ids
 from pipeline.config import parse_config
@@ -21,12 +22,10 @@ from stages.sft.run import (
     as_dataset,
     build_trainer,
     gold_metrics,
-    load_demonstrations,
     main as sft_main,
     mix_pretraining_text,
     save_plain_checkpoint,
     sample_indices,
-    to_conversation,
     training_args,
 )
 from tests.conftest import (Interrupted, assert_replicas_saved, kill_after_checkpoint, one_line_error,

@@ -19,7 +19,7 @@ from transformers import (
     get_cosine_with_min_lr_schedule_with_warmup,
 )
 
-from data.loading import load_texts
+from data.formats.text import load_texts
 from data.tokenizer import ensure_chat_ready, train_tokenizer
 from pipeline.config import config_dict, parse_config
 from pipeline.errors import PipelineError, cli_main

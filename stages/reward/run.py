@@ -21,7 +21,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_
 from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import suppress_seqcls_warning
 
-from data.loading import load_records, require_text, split_holdout
+from data.formats.comparisons import Group, load_groups
+from data.formats.fields import require_text
+from data.loading import load_records, split_holdout
 from data.tokenizer import ensure_chat_ready, template_accepts
 from pipeline.config import config_dict, parse_config
 from pipeline.errors import PipelineError, cli_main
@@ -33,7 +35,6 @@ from pipeline.stage import StageRun, last_complete_checkpoint, require_stage, re
 from pipeline.tracking import truncate_metrics, wandb_enabled, wandb_env
 from pipeline.trainer_metrics import (JsonlMetricsCallback, quiet_console, replayable_train_sampler,
                                       whole_run_loss)
-from reward.comparisons import Group, load_groups
 from reward.losses import group_pairs, pair_accuracy, pair_mean_loss, ranking_loss
 from reward.model import BIAS_KEY, check_reward_tokenizer, encode, fold_offset, load_reward_model, right_pad, score
 from stages.reward.config import RewardStageConfig

@@ -3,10 +3,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from data.formats.demonstrations import COLUMN_ROLES, column_map
 from pipeline.errors import PipelineError
-
-# The roles a `--columns role=field` entry may name: what each field of a record means.
-COLUMN_ROLES = ("prompt", "completion", "messages", "system", "context", "history")
 
 
 @dataclass
@@ -75,16 +73,3 @@ class SFTStageConfig:
         if not self.train_files:
             raise PipelineError("train_files is empty")
         column_map(self.columns)
-
-
-def column_map(columns: list[str]) -> dict[str, str]:
-    """`["prompt=question", "completion=answer"]` -> {"prompt": "question", "completion": "answer"}."""
-    mapping = {}
-    for entry in columns:
-        role, sep, source = entry.partition("=")
-        if not sep or not role or not source:
-            raise PipelineError(f"columns: '{entry}' is not role=field (e.g. prompt=question)")
-        if role not in COLUMN_ROLES:
-            raise PipelineError(f"columns: unknown role '{role}' in '{entry}' (roles: {', '.join(COLUMN_ROLES)})")
-        mapping[role] = source
-    return mapping
