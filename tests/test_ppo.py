@@ -618,3 +618,34 @@ def test_ema_is_refused_under_zero3_before_anything_is_written():
         ppo_run.check_ema_supported(0.9, 3)
     for decay, stage in ((0.0, 3), (0.9, 2), (0.9, None)):
         ppo_run.check_ema_supported(decay, stage)
+
+
+def test_guards_name_the_first_non_finite_tensor_in_rollout_order_and_stop_a_runaway_kl(own_precision):
+    """`guards` reads one Rollout: the first non-finite tensor the loss would read is named (in rollout
+    order), a KL over max_kl stops the run, and a sound batch gives its mean score and summed KL."""
+    from dataclasses import fields
+
+    from accelerate import Accelerator
+
+    from stages.ppo.config import PPOConfig
+
+    accelerator = Accelerator(cpu=True)
+
+    def batch(**changed):
+        per_episode = {"scores", "rm_scores", "has_eos"}
+        values = {f.name: torch.ones(2) if f.name in per_episode else torch.ones(2, 3)
+                  for f in fields(ppo_run.Rollout)}
+        return ppo_run.Rollout(**{**values, **changed})
+
+    def stop(why):
+        raise RuntimeError(why)
+
+    nan = torch.full((2, 3), float("nan"))
+    assert ppo_run.guards(PPOConfig(max_kl=5.0), accelerator, batch(), stop) == (1.0, 3.0)
+    with pytest.raises(RuntimeError, match="^non-finite values$"):
+        ppo_run.guards(PPOConfig(), accelerator, batch(values=nan, advantages=nan), stop)
+    with pytest.raises(RuntimeError, match="^non-finite reward$"):
+        ppo_run.guards(PPOConfig(), accelerator, batch(rm_scores=torch.tensor([1.0, float("inf")])), stop)
+    with pytest.raises(RuntimeError, match="^KL to the SFT policy 3.00 exceeds max_kl 2.5"):
+        ppo_run.guards(PPOConfig(max_kl=2.5), accelerator, batch(), stop)
+    assert ppo_run.guards(PPOConfig(max_kl=0.0), accelerator, batch(kl=torch.full((2, 3), 9.0)), stop)[1] == 27.0

@@ -1,10 +1,17 @@
 """PPO (InstructGPT step 3): optimise the SFT policy against the reward model with a KL penalty.
 
-Recipe: parse -> parents (SFT policy, reward model) -> prompts -> models (policy, reference, critic,
-reward) -> PPO updates (resumable) -> evaluate -> save -> manifest. Each update reads top to bottom:
+Recipe (`main`, top to bottom): parse -> parents (SFT policy, reward model: `load_parents`) -> prompts
+(`load_prompt_sets`) -> models (policy, reference, critic, reward: `load_models`) -> optimizer and accelerate
+(`prepare`) -> resume -> PPO updates -> evaluate, save, manifest (`finish`). Each update generates a trajectory,
+then takes the PPO step:
 
-    (1) generate   (2) truncate after EOS   (3) score   (4) log-probs and values
-    (5) KL-shaped rewards   (6) GAE advantages   (7) PPO epochs of clipped policy + value updates
+    `rollout`      (1) generate   (2) truncate after EOS   (3) score   (4) log-probs and values
+                   (5) KL-shaped rewards   (6) GAE advantages  -> one `Rollout` batch
+    `guards`       a non-finite value or a runaway KL stops the run before it learns from the batch
+    `ppo_update`   (7) PPO epochs of clipped policy + value updates (`ppo_step` per micro-batch)
+    `update_metrics`, logged; a resumable checkpoint now and then.
+
+The tensor math is in stages/ppo/math.py.
 
 Published details followed (Ziegler et al. 2019; Ouyang et al. 2022; Huang et al. 2024 "The N+
 implementation details of RLHF with PPO", cited as N+): pad token distinct from EOS, left-padded
@@ -19,16 +26,24 @@ import functools
 import json
 import random
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
-from accelerate import PartialState
+from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType
 from torch import nn
 from torch.distributed.tensor import DTensor
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GenerationConfig,
+)
 from transformers.cache_utils import DynamicCache
 
 from data.loading import load_records, load_texts, prompt_of
@@ -37,8 +52,17 @@ from pipeline.config import config_dict, parse_config
 from pipeline.errors import PipelineError, cli_main
 from pipeline.generation import left_pad
 from pipeline.packing import document_stream, packs_sequences
-from pipeline.runtime import (configure_deepspeed, load_checkpoint, merged_from_state_dict, one_entry_per_parameter,
-                              peak_memory_mb, progress, rank_checksums, save_checkpoint, setup)
+from pipeline.runtime import (
+    configure_deepspeed,
+    load_checkpoint,
+    merged_from_state_dict,
+    one_entry_per_parameter,
+    peak_memory_mb,
+    progress,
+    rank_checksums,
+    save_checkpoint,
+    setup,
+)
 from pipeline.stage import StageRun, require_stage, trains_on_world, write_text_atomic
 from pipeline.stats import win_rate, win_rate_ceiling
 from pipeline.tracking import Tracker
@@ -76,14 +100,16 @@ class BatchSizes:
     micro: int  # episodes per forward/backward (gradient accumulation splits a minibatch)
 
 
-def batch_sizes(rollout_batch_size: int, num_minibatches: int, gradient_accumulation: int, processes: int) -> BatchSizes:
+def batch_sizes(rollout_batch_size: int, num_minibatches: int, gradient_accumulation: int,
+                processes: int) -> BatchSizes:
     """Derive every batch size once, from the global rollout size, and demand exact division
     (cleanrl / summarize_from_feedback_details): no silently dropped or repeated episodes."""
     if rollout_batch_size % (num_minibatches * processes):
         raise PipelineError(f"rollout_batch_size {rollout_batch_size} is not divisible by num_minibatches "
                             f"{num_minibatches} * processes {processes}")
     if rollout_batch_size % (num_minibatches * gradient_accumulation * processes):
-        raise PipelineError(f"rollout_batch_size {rollout_batch_size} is not divisible by num_minibatches {num_minibatches} "
+        raise PipelineError(f"rollout_batch_size {rollout_batch_size} is not divisible by num_minibatches "
+                            f"{num_minibatches} "
                             f"* gradient_accumulation {gradient_accumulation} * processes {processes}")
     per_process = rollout_batch_size // processes
     minibatch = per_process // num_minibatches
@@ -106,7 +132,8 @@ def load_prompts(files: list[str], tokenizer, max_prompt_length: int, field: str
         if len(tokens) > max_prompt_length:
             if not skip_long:
                 raise PipelineError(f"{rec['_where']}: prompt is {len(tokens)} tokens, longer than max_prompt_length "
-                                    f"{max_prompt_length} (raise it, or set skip_long_prompts true to drop such prompts)")
+                                    f"{max_prompt_length} (raise it, or set skip_long_prompts true to drop such "
+                                    "prompts)")
             long.append(rec["_where"])
             continue
         prompts.append(prompt)
@@ -184,7 +211,8 @@ def episodes(seq: torch.Tensor, seq_mask: torch.Tensor, resp_mask: torch.Tensor,
     # The token before each response token predicts it; where that is padding the target is padding
     # too (masked out of every loss), so any place will do.
     keep = where[:, P - 1:L - 1].clamp(min=0).reshape(-1)
-    return Episodes(seq, resp_mask, seq[real][None], None, pos[real][None], keep, where.gather(1, end[:, None]).squeeze(1))
+    return Episodes(seq, resp_mask, seq[real][None], None, pos[real][None], keep,
+                    where.gather(1, end[:, None]).squeeze(1))
 
 
 # ---- models -------------------------------------------------------------------------------------
@@ -236,7 +264,8 @@ class Critic(nn.Module):
 
     def forward(self, ep: Episodes) -> torch.Tensor:
         """Values [B, T] of the states before each response token."""
-        hidden = self.body(input_ids=ep.ids, attention_mask=ep.mask, position_ids=ep.pos, use_cache=False).last_hidden_state
+        hidden = self.body(input_ids=ep.ids, attention_mask=ep.mask, position_ids=ep.pos,
+                           use_cache=False).last_hidden_state
         return self.head(hidden[:, ep.keep]).view(*ep.resp_mask.shape).float() + self.offset
 
 
@@ -374,7 +403,8 @@ def with_lora(policy, cfg: PPOConfig):
     """The policy with trainable LoRA adapters (peft); the base weights stay frozen."""
     from peft import LoraConfig, get_peft_model
 
-    targets = cfg.lora_target_modules if cfg.lora_target_modules == "all-linear" else cfg.lora_target_modules.split(",")
+    targets = (cfg.lora_target_modules if cfg.lora_target_modules == "all-linear"
+               else cfg.lora_target_modules.split(","))
     return get_peft_model(policy, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                                              target_modules=targets, task_type="CAUSAL_LM"))
 
@@ -384,7 +414,8 @@ def check_same_tokenizer(policy_tok, reward_tok, sft_path: str, reward_path: str
     and the same conversation format."""
     if policy_tok.get_vocab() != reward_tok.get_vocab():
         raise PipelineError(f"reward model {reward_path} and policy {sft_path} use different tokenizers "
-                            f"(vocab {len(reward_tok)} vs {len(policy_tok)} tokens or different ids): train the reward model from this SFT model")
+                            f"(vocab {len(reward_tok)} vs {len(policy_tok)} tokens or different ids): "
+                            "train the reward model from this SFT model")
     if policy_tok.chat_template != reward_tok.chat_template:
         raise PipelineError(f"reward model {reward_path} and policy {sft_path} use different chat templates: "
                             f"the reward model must read conversations as the policy writes them")
@@ -443,7 +474,8 @@ def sample(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, te
 def response_logits(model, ep: Episodes, temperature: float) -> torch.Tensor:
     """Logits [B, T, V] that predicted each response token, divided by the sampling temperature
     (N+): only the response positions go through the LM head."""
-    logits = model(input_ids=ep.ids, attention_mask=ep.mask, position_ids=ep.pos, use_cache=False, logits_to_keep=ep.keep).logits
+    logits = model(input_ids=ep.ids, attention_mask=ep.mask, position_ids=ep.pos, use_cache=False,
+                   logits_to_keep=ep.keep).logits
     return logits.view(*ep.resp_mask.shape, -1).float() / temperature
 
 
@@ -471,6 +503,574 @@ def chunks(n: int, size: int) -> list[slice]:
     return [slice(i, i + size) for i in range(0, n, size)]
 
 
+# ---- set-up: parents, prompts, models -----------------------------------------------------------
+
+
+def load_parents(cfg: PPOConfig) -> tuple[dict, object]:
+    """2. The SFT stage's manifest and tokenizer. The reward model must share that tokenizer and chat
+    template (it scores the policy's token ids), the pad token must differ from EOS (N+), and a
+    prompt and its response must fit the model's context."""
+    sft = require_stage(cfg.sft_path, "sft", cfg.run_dir)
+    require_stage(cfg.reward_path, "reward", cfg.run_dir)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.sft_path)
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise PipelineError(f"{cfg.sft_path}: tokenizer needs a pad token distinct from EOS (N+: separate pad token)")
+    check_same_tokenizer(tokenizer, AutoTokenizer.from_pretrained(cfg.reward_path), cfg.sft_path, cfg.reward_path)
+    max_positions = getattr(AutoConfig.from_pretrained(cfg.sft_path), "max_position_embeddings", None)
+    if max_positions and cfg.max_prompt_length + cfg.max_new_tokens > max_positions:
+        raise PipelineError(f"max_prompt_length {cfg.max_prompt_length} + max_new_tokens {cfg.max_new_tokens} exceeds "
+                            f"the model's context of {max_positions} tokens ({cfg.sft_path})")
+    return sft, tokenizer
+
+
+@dataclass
+class PromptSets:
+    """What PPO reads besides the models: training prompts, held-out evaluation prompts (with the gold
+    judge when it knows every one of them), PPO-ptx text, and the files they all came from."""
+
+    prompts: list
+    ids: list[list[int]]
+    eval_prompts: list
+    eval_ids: list[list[int]]
+    held_out: list  # training prompts held out for evaluation, saved beside the weights
+    judge: GoldJudge | None
+    gold_n: int  # held-out prompts in each periodic gold evaluation
+    ptx_stream: torch.Tensor | None  # PPO-ptx token stream; None without ptx
+    files: list[str]
+
+
+def load_prompt_sets(cfg: PPOConfig, tokenizer) -> PromptSets:
+    """3. Prompts (training, held out) and PPO-ptx text, checked before anything is written."""
+    world = Path(cfg.world_dir)
+    # The world's evaluation prompts judge a policy trained on the world's prompts; one trained on a
+    # prompt set of your own holds some of those out instead.
+    eval_files = cfg.eval_files or ([str(world / "eval_prompts.jsonl")] if trains_on_world(cfg.prompt_files, world)
+                                    and (world / "eval_prompts.jsonl").is_file() else [])
+    prompts, prompt_ids = load_prompts(cfg.prompt_files, tokenizer, cfg.max_prompt_length, cfg.prompt_field,
+                                       cfg.skip_long_prompts)
+    eval_field = cfg.prompt_field if cfg.eval_files else "prompt"  # the world's eval prompts say `prompt`
+    eval_prompts, eval_ids = load_prompts(eval_files, tokenizer, cfg.max_prompt_length, eval_field,
+                                          cfg.skip_long_prompts) if eval_files else ([], [])
+    if not eval_files and cfg.eval_holdout:
+        # A prompt set alone (no world, no --eval_files): hold a seeded few out of training, so the manifest
+        # still reports reward and KL to SFT on prompts PPO never trained on.
+        n = min(cfg.eval_holdout, len(prompts) // 10, cfg.eval_size or len(prompts))
+        prompts, prompt_ids, eval_prompts, eval_ids = hold_out(prompts, prompt_ids, n, cfg.seed)
+        held_out = eval_prompts
+    else:
+        held_out = []
+    if cfg.eval_size:
+        eval_prompts, eval_ids = eval_prompts[:cfg.eval_size], eval_ids[:cfg.eval_size]
+    judge = GoldJudge.load(world) if (world / "truth.json").is_file() else None
+    if judge is not None:  # the gold judge knows only the world's prompts
+        known = [i for i, p in enumerate(eval_prompts) if isinstance(p, str) and _knows(judge, p)]
+        judge = judge if len(known) == len(eval_prompts) and known else None
+    gold_n = min(cfg.gold_eval_size, len(eval_ids))
+    ptx_stream = document_stream(tokenizer, load_texts(cfg.ptx_files, cfg.ptx_field)) if cfg.ptx_coef > 0 else None
+    if ptx_stream is not None and len(ptx_stream) <= cfg.ptx_length:
+        raise PipelineError(f"{cfg.ptx_files}: {len(ptx_stream)} tokens, fewer than one ptx block of {cfg.ptx_length}")
+    files = list(cfg.prompt_files) + eval_files + (list(cfg.ptx_files) if cfg.ptx_coef > 0 else [])
+    return PromptSets(prompts, prompt_ids, eval_prompts, eval_ids, held_out, judge, gold_n, ptx_stream, files)
+
+
+def _knows(judge: GoldJudge, prompt: str) -> bool:
+    try:
+        judge.spec(prompt)
+        return True
+    except KeyError:
+        return False
+
+
+@dataclass
+class Models:
+    """The four models as loaded: the policy (optionally LoRA) and the critic, which PPO trains, and the
+    frozen reference (None under LoRA: the policy with its adapters off) and reward model."""
+
+    policy: nn.Module
+    critic: Critic
+    ref_model: nn.Module | None
+    reward_model: nn.Module
+    packed: bool  # padding-free forwards (all but generation): every model keeps packed episodes apart
+    trainable: int  # trainable policy parameters
+
+
+def load_models(cfg: PPOConfig, accelerator) -> Models:
+    """4. Models: policy (optionally LoRA), frozen reference, critic and reward model. Everything
+    stays in eval mode: dropout off (N+); the training forward needs gradients, not train mode.
+    The reference loads as the policy does (fp32; cast to the policy's dtype once prepared), so at
+    update 0 it computes the policy's log-probs bit for bit (KL 0); the reward model only scores."""
+    device = accelerator.device
+    frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
+    policy = load_without_dropout(AutoModelForCausalLM, cfg.sft_path)
+    ref_model = None
+    if cfg.lora_r == 0:
+        ref_model = load_without_dropout(AutoModelForCausalLM, cfg.sft_path)
+        ref_model.requires_grad_(False).eval().to(device)
+    reward_model, _ = load_reward_model(cfg.reward_path, device=device, dtype=frozen_dtype)
+    switch_off_dropout(reward_model).requires_grad_(False)
+    critic_base = load_without_dropout(AutoModelForSequenceClassification, cfg.reward_path)
+    # Padding-free forwards (all but generation) when every model keeps packed episodes apart.
+    packed = cfg.padding_free and all([packs_sequences(m) for m in (policy, ref_model, reward_model, critic_base)
+                                       if m is not None])
+    if cfg.padding_free and not packed:
+        accelerator.print("[ppo] a model does not keep packed sequences apart; padded batches instead")
+    if cfg.lora_r > 0:
+        policy = with_lora(policy, cfg)
+    critic = Critic(critic_base, float(getattr(critic_base.config, BIAS_KEY, 0.0) or 0.0))
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+        critic_base.gradient_checkpointing_enable()
+    policy.eval()
+    critic.eval()
+    trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    return Models(policy, critic, ref_model, reward_model, packed, trainable)
+
+
+@dataclass
+class Learner:
+    """The models as PPO runs them: the policy + critic pair accelerate prepared and its optimizer;
+    the unwrapped policy and critic, which the no-grad passes (generation, reference, rollout values,
+    evaluation) call, skipping the DDP wrapper; the frozen models; the EMA of the policy."""
+
+    accelerator: Accelerator
+    model: nn.Module  # the prepared ActorCritic
+    optimizer: torch.optim.Optimizer
+    policy: nn.Module
+    critic: Critic
+    ref_model: nn.Module | None
+    reward_model: nn.Module
+    packed: bool
+    clip_groups: list  # policy and critic parameters, each clipped to grad_clip on its own
+    ema: EMA | None
+
+
+def prepare(cfg: PPOConfig, accelerator, models: Models, sizes: BatchSizes) -> Learner:
+    """5. AdamW over the trainable weights (the critic at its own rate), accelerate's prepare of the
+    pair, and the EMA, registered so that checkpoints carry it."""
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in models.policy.parameters() if p.requires_grad], "lr": cfg.lr},
+         {"params": list(models.critic.parameters()), "lr": cfg.critic_lr or cfg.lr}],
+        eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+        fused=accelerator.device.type in ("cpu", "cuda"),  # one kernel, not a loop over tensors
+    )
+    configure_deepspeed(accelerator, sizes.micro, cfg.grad_clip)
+    model, optimizer = accelerator.prepare(ActorCritic(models.policy, models.critic), optimizer)
+    # No-grad passes (generation, reference, rollout values, evaluation) skip the DDP wrapper.
+    unwrapped, critic_net = accelerator.unwrap_model(model).policy, accelerator.unwrap_model(model).critic
+    if models.ref_model is not None:  # DeepSpeed's bf16 casts the policy it prepares: the reference follows
+        models.ref_model.to(next(unwrapped.parameters()).dtype)
+    clip_groups = [list(unwrapped.parameters()), list(critic_net.parameters())]
+    ema = EMA(unwrapped, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    return Learner(accelerator, model, optimizer, unwrapped, critic_net, models.ref_model, models.reward_model,
+                   models.packed, clip_groups, ema)
+
+
+def resume(accelerator, run: StageRun, kl_ctl, tracker: Tracker) -> int:
+    """The update to start from: 0, or the step of a killed run's newest checkpoint, whose state and KL
+    coefficient come back. The tracker drops the rows the resumed (or an abandoned) run logged later."""
+    start = 0
+    latest = run.latest_checkpoint()
+    if latest is not None:
+        extra = load_checkpoint(accelerator, latest)
+        start, kl_ctl.value = extra["step"], extra["kl_coef"]
+        accelerator.print(f"[ppo] resumed from {latest} (step {start})")
+    tracker.truncate_after(start if latest is not None else -1)
+    return start
+
+
+def print_plan(cfg: PPOConfig, accelerator, data: PromptSets, sizes: BatchSizes, trainable: int) -> None:
+    accelerator.print(f"[ppo] {len(data.prompts)} prompts ({len(data.eval_ids)} held out), "
+                      f"{trainable / 1e6:.2f}M trainable policy parameters, {accelerator.num_processes} process(es) "
+                      f"x {torch.get_num_threads()} thread(s); per update: {cfg.rollout_batch_size} episodes, "
+                      f"{cfg.ppo_epochs} epochs x {cfg.num_minibatches} minibatches of {sizes.minibatch} "
+                      f"(micro-batches of {sizes.micro}) per process")
+
+
+# ---- one update: rollout, guards, PPO epochs, metrics ----------------------------------------------
+
+Stop = Callable[[str], NoReturn]  # stops the run in one line (`stopper`)
+
+
+@dataclass
+class Rollout:
+    """One update's episodes on this process, as steps (1)-(6) made them and the PPO epochs (7) read
+    them: B episodes of P prompt and T response tokens; response tensors are [B, T], 0 after the EOS."""
+
+    query: torch.Tensor  # [B, P] left-padded prompts
+    responses: torch.Tensor  # [B, T] truncated after the first EOS, then padding
+    mask: torch.Tensor  # [B, T] 1 on the response tokens through the first EOS
+    seq: torch.Tensor  # [B, P + T] prompts then responses
+    seq_mask: torch.Tensor
+    logprobs: torch.Tensor  # the policy's ("old") log-probs
+    ref_logprobs: torch.Tensor  # the frozen SFT policy's
+    values: torch.Tensor  # the critic's, of the state before each response token
+    rewards: torch.Tensor  # KL-shaped, the score on the last token
+    kl: torch.Tensor  # per token, log pi - log pi_ref
+    advantages: torch.Tensor  # GAE, whitened
+    returns: torch.Tensor
+    scores: torch.Tensor  # [B] what PPO maximises: rm_scores, or no_eos_penalty for a response without EOS
+    rm_scores: torch.Tensor  # [B] the reward model's scores
+    has_eos: torch.Tensor  # [B]
+
+
+def rollout(cfg: PPOConfig, learner: Learner, prompt_ids: list[list[int]], tokenizer, kl_coef: float) -> Rollout:
+    """Steps (1)-(6) on this process's prompts of the update: no-grad passes on full weights at the
+    training forward's precision (`as_trained`)."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    query, query_mask = (t.to(learner.accelerator.device) for t in left_pad(prompt_ids, pad))
+    with torch.no_grad(), as_trained(learner.accelerator, learner.model):
+        # (1) Generate: left-padded prompts, KV cache, sampling at temperature.
+        raw, sampled_logprobs = sample(learner.policy, query, query_mask, cfg.max_new_tokens, cfg.temperature, eos,
+                                       pad)
+        # (2) Truncate after the first EOS: later tokens become padding, masked out everywhere.
+        responses, mask, has_eos = truncate_after_eos(raw, eos, pad)
+        seq = torch.cat([query, responses], dim=1)
+        seq_mask = torch.cat([query_mask, mask], dim=1)
+        parts = [episodes(seq[s], seq_mask[s], mask[s], learner.packed)
+                 for s in chunks(len(seq), cfg.forward_batch_size)]
+        # (3) Score with the reward model at the last token; no EOS: a fixed penalty (N+).
+        rm_scores = torch.cat([reward_scores(learner.reward_model, ep) for ep in parts])
+        scores = apply_no_eos_penalty(rm_scores, has_eos, cfg.no_eos_penalty) if cfg.penalize_no_eos else rm_scores
+        # (4) Old log-probs of the policy and the reference (logits / temperature, N+), and the
+        # critic's values of the states before each response token. Under mixed precision the
+        # policy's come from the forward the update and the reference run, not from sampling (cached,
+        # one token at a time: under bf16 the two differ), so at update 0 KL is 0 and the first ratio
+        # 1 (N+); in fp32 the sampling pass gives the same to float rounding, and a forward less.
+        logprobs = (sampled_logprobs if learner.accelerator.mixed_precision == "no"
+                    else rollout_logprobs(learner.policy, parts, cfg.temperature)) * mask
+        with reference(learner.policy, learner.ref_model) as ref:
+            ref_logprobs = rollout_logprobs(ref, parts, cfg.temperature) * mask
+        values = torch.cat([learner.critic(ep) for ep in parts]) * mask
+        # (5) Per-token KL penalty, the score added on the last response token.
+        rewards, kl = kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)
+        # (6) GAE advantages and returns, then whitened advantages (N+).
+        advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        advantages = whiten(advantages, mask)
+    return Rollout(query, responses, mask, seq, seq_mask, logprobs, ref_logprobs, values, rewards, kl, advantages,
+                   returns, scores, rm_scores, has_eos)
+
+
+def stopper(bar, checkpoints: Path, update: int) -> Stop:
+    """How a guard stops the run at `update`: in one line that names the kept checkpoint."""
+
+    def stop(why: str) -> NoReturn:
+        bar.close()  # the error goes on its own line
+        raise PipelineError(f"ppo: {why} at update {update + 1}; stopped, last good checkpoint kept in {checkpoints}")
+
+    return stop
+
+
+def guards(cfg: PPOConfig, accelerator, batch: Rollout, stop: Stop) -> tuple[float, float]:
+    """Guards before learning from this batch: a non-finite value in anything the loss reads (named
+    in rollout order, so the first is where it came from), or a runaway KL, stops the run; the
+    newest checkpoint on disk is from a good update. (A NaN KL passes `kl > max_kl`.) Returns the
+    mean score and the mean summed KL over all processes."""
+    guarded = {"log-probs": batch.logprobs, "reward": batch.rm_scores, "reference log-probs": batch.ref_logprobs,
+               "values": batch.values, "KL": batch.kl, "advantages": batch.advantages, "returns": batch.returns}
+    rollout_stats = accelerator.reduce(torch.stack([batch.scores.mean(), batch.kl.sum(1).mean()] + [
+        (~torch.isfinite(t)).float().sum() for t in guarded.values()]).to(accelerator.device), "sum")
+    mean_score, mean_kl = (rollout_stats[:2] / accelerator.num_processes).tolist()
+    for name, bad in zip(guarded, rollout_stats[2:].tolist()):
+        if bad:
+            stop(f"non-finite {name}")
+    if cfg.max_kl and mean_kl > cfg.max_kl:
+        stop(f"KL to the SFT policy {mean_kl:.2f} exceeds max_kl {cfg.max_kl} (lower lr or raise kl_coef)")
+    return mean_score, mean_kl
+
+
+@dataclass
+class PPOStats:
+    """Step (7)'s statistics, averaged over micro-batches and processes."""
+
+    policy_loss: float
+    value_loss: float
+    policy_clipfrac: float
+    value_clipfrac: float
+    approx_kl: float
+    entropy: float
+    ptx_loss: float
+    # The first minibatch of the first epoch, before any step: ~0 and 0 unless the rollout and the
+    # update compute the policy differently (precision, dropout, padding; N+).
+    approx_kl_first: float
+    clipfrac_first: float
+
+
+def ppo_update(cfg: PPOConfig, learner: Learner, batch: Rollout, sizes: BatchSizes, update: int,
+               ptx_stream: torch.Tensor | None, stop: Stop) -> PPOStats:
+    """(7) PPO epochs: shuffled minibatches (one optimizer step each), split into micro-batches.
+    Dropout is zero in every config, so train mode here only switches on gradient checkpointing."""
+    accelerator, model = learner.accelerator, learner.model
+    model.train(cfg.gradient_checkpointing)
+    stats = []
+    for epoch in range(cfg.ppo_epochs):
+        order = torch.randperm(sizes.per_process, device=accelerator.device)
+        for mb in range(cfg.num_minibatches):
+            for micro in range(cfg.gradient_accumulation):
+                first = mb * sizes.minibatch + micro * sizes.micro
+                # PPO-ptx (InstructGPT eq. 2): also keep the pretraining distribution's likelihood.
+                ptx_ids = None if ptx_stream is None else ptx_batch(
+                    ptx_stream, cfg.ptx_batch_size, cfg.ptx_length,
+                    hash((cfg.seed, accelerator.process_index, update, epoch, mb, micro)) % 2**62,
+                ).to(accelerator.device)
+                stats.append(ppo_step(cfg, learner, batch, order[first:first + sizes.micro], ptx_ids, stop))
+            if epoch == 0 and mb == 0:  # before the first optimizer step: the ratio must be 1 (N+)
+                first_stats = torch.stack(stats).mean(0)[[4, 2]]  # approx_kl, clipfrac
+    model.eval()
+    train_stats = accelerator.reduce(torch.stack(stats).mean(0), "mean")
+    approx_kl_first, clipfrac_first = accelerator.reduce(first_stats, "mean").tolist()
+    return PPOStats(*train_stats.tolist(), approx_kl_first, clipfrac_first)
+
+
+def ppo_step(cfg: PPOConfig, learner: Learner, batch: Rollout, idx: torch.Tensor, ptx_ids: torch.Tensor | None,
+             stop: Stop) -> torch.Tensor:
+    """One micro-batch of (7): clipped policy and value losses (and PPO-ptx's), backward, and at the
+    end of a minibatch the clipped optimizer step and the EMA update. Returns [policy loss, value
+    loss, policy clip fraction, value clip fraction, approx KL, entropy, ptx loss]."""
+    accelerator = learner.accelerator
+    # Drop the padding columns this micro-batch does not need.
+    P = batch.query.shape[1]
+    m_T = int(batch.mask[idx].sum(1).max())
+    left = int((batch.seq_mask[idx, :P].sum(0) > 0).float().argmax())
+    cols = slice(left, P + m_T)
+    ep = episodes(batch.seq[idx, cols], batch.seq_mask[idx, cols], batch.mask[idx, :m_T], learner.packed)
+    m_resp, m_rmask = batch.responses[idx, :m_T], batch.mask[idx, :m_T].float()
+    with accelerator.accumulate(learner.model):
+        logits, new_values, ptx_loss = learner.model(ep, cfg.temperature, ptx_ids)
+        new_logprobs = logprobs_from_logits(logits, m_resp)
+        pg_loss, pg_clipfrac, approx_kl = policy_loss(new_logprobs, batch.logprobs[idx, :m_T],
+                                                      batch.advantages[idx, :m_T], m_rmask, cfg.cliprange)
+        vf_loss, vf_clipfrac = value_loss(new_values, batch.values[idx, :m_T], batch.returns[idx, :m_T], m_rmask,
+                                          cfg.cliprange_value)
+        loss = pg_loss + cfg.vf_coef * vf_loss + cfg.ptx_coef * ptx_loss
+        # No backward, hence no step (DeepSpeed steps inside it), on a non-finite loss on
+        # any process: all of them stop here together.
+        if accelerator.reduce((~torch.isfinite(loss.detach())).float()[None], "sum").item():
+            stop("non-finite loss")
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and cfg.grad_clip > 0:  # policy and critic each to the bound
+            clip_grad_norms_(accelerator, learner.clip_groups, cfg.grad_clip)
+        learner.optimizer.step()
+        learner.optimizer.zero_grad(set_to_none=True)
+    if learner.ema is not None and accelerator.sync_gradients:
+        learner.ema.update(learner.policy)
+    with torch.no_grad():
+        entropy = masked_mean(entropy_from_logits(logits), m_rmask)
+    return torch.stack([pg_loss, vf_loss, pg_clipfrac, vf_clipfrac, approx_kl, entropy, ptx_loss]).detach()
+
+
+def update_metrics(cfg: PPOConfig, accelerator, batch: Rollout, stats: PPOStats, kl_coef: float,
+                   mean_score: float, mean_kl: float, t0: float) -> dict:
+    """What the tracker logs for an update that began at time `t0`."""
+    lengths = batch.mask.sum(1).float()
+    rollout = accelerator.reduce(torch.stack([
+        lengths.mean(), (~batch.has_eos).float().mean(), explained_variance(batch.values, batch.returns, batch.mask),
+        lengths.sum(),
+    ]), "mean").tolist()
+    seconds = time.time() - t0
+    metrics = {
+        "objective/score": mean_score, "objective/kl": mean_kl, "objective/kl_coef": kl_coef,
+        "objective/total_reward": mean_score - kl_coef * mean_kl,
+        "policy/entropy": stats.entropy, "loss/policy": stats.policy_loss, "loss/value": stats.value_loss,
+        "policy/clipfrac": stats.policy_clipfrac, "value/clipfrac": stats.value_clipfrac,
+        "policy/approx_kl": stats.approx_kl, "value/explained_variance": rollout[2],
+        "policy/approx_kl_first": stats.approx_kl_first, "policy/clipfrac_first": stats.clipfrac_first,
+        "response/length": rollout[0], "response/no_eos_rate": rollout[1],
+        "perf/episodes_per_s": cfg.rollout_batch_size / seconds,
+        "perf/tokens_per_s": rollout[3] * accelerator.num_processes / seconds,
+    }
+    if cfg.ptx_coef > 0:
+        metrics["loss/ptx"] = stats.ptx_loss
+    return metrics
+
+
+def scoring_penalty(cfg: PPOConfig) -> float | None:
+    """The proxy score of evaluations is what training optimises: unfinished answers get no_eos_penalty."""
+    return cfg.no_eos_penalty if cfg.penalize_no_eos else None
+
+
+def gold_metrics(cfg: PPOConfig, learner: Learner, tokenizer, data: PromptSets) -> dict:
+    """Greedy answers to a fixed subset of held-out prompts: gold score beside the proxy score.
+    Evaluations run on every process (no extra wall time; sharded engines need all of them for the
+    gather); the tracker logs on the main one only."""
+    with as_trained(learner.accelerator, learner.model):
+        result = evaluate(learner.policy, learner.reward_model, tokenizer, data.judge, data.eval_prompts[:data.gold_n],
+                          data.eval_ids[:data.gold_n], cfg.max_new_tokens, scoring_penalty(cfg))
+    return {"gold/score": result["gold"]["score"], "gold/hallucination_rate": result["gold"]["hallucination_rate"],
+            "gold/proxy_score": _mean(result["proxy"])}
+
+
+# ---- the end: evaluation, save, manifest ----------------------------------------------------------
+
+
+def train_summary(cfg: PPOConfig, last: dict, trainable: int, start: int, loop_seconds: float) -> dict:
+    return {"updates": cfg.num_updates, "episodes": cfg.num_updates * cfg.rollout_batch_size,
+            "final/score": last.get("objective/score"), "final/kl": last.get("objective/kl"),
+            "trainable_params": trainable,
+            # Throughput of this process's loop (a resumed run counts its own updates only).
+            "train_seconds": loop_seconds,
+            "episodes_per_s": (cfg.num_updates - start) * cfg.rollout_batch_size / max(loop_seconds, 1e-9)}
+
+
+def final_evaluation(cfg: PPOConfig, learner: Learner, tokenizer, data: PromptSets) -> tuple[dict, list]:
+    """7. Evaluation against the SFT policy on held-out prompts: the metrics and sample answers of the
+    manifest. On every process, like the gold metrics; the main one writes the manifest."""
+    if not data.eval_ids:
+        return {}, []
+    with as_trained(learner.accelerator, learner.model):
+        ppo = evaluate(learner.policy, learner.reward_model, tokenizer, data.judge, data.eval_prompts, data.eval_ids,
+                       cfg.max_new_tokens, scoring_penalty(cfg))
+        with reference(learner.policy, learner.ref_model) as ref:
+            base = evaluate(ref, learner.reward_model, tokenizer, data.judge, data.eval_prompts, data.eval_ids,
+                            cfg.max_new_tokens, scoring_penalty(cfg))
+        kl_to_sft = kl_to_reference(learner.policy, learner.ref_model, tokenizer, data.eval_ids, cfg)
+    # reward_score is what training optimises (unfinished answers at no_eos_penalty); *_raw the reward
+    # model's own score of the same answers. kl_to_sft is between the distributions at the sampling
+    # temperature (logits / kl_temperature, N+), of answers sampled at it.
+    metrics = {"reward_score": _mean(ppo["proxy"]), "sft_reward_score": _mean(base["proxy"]),
+               "reward_score_raw": _mean(ppo["proxy_raw"]), "sft_reward_score_raw": _mean(base["proxy_raw"]),
+               "response_length": ppo["length"], "sft_response_length": base["length"],
+               "kl_to_sft": kl_to_sft, "kl_temperature": cfg.temperature, "eval_prompts": len(data.eval_ids)}
+    if data.judge is not None:
+        sft_scores = [v.score for v in base["verdicts"]]
+        metrics.update({"gold_score": ppo["gold"]["score"], "sft_gold_score": base["gold"]["score"],
+                        "gold_win_rate": win_rate([v.score for v in ppo["verdicts"]], sft_scores),
+                        # What the ideal answer (the judge's top score, 1) would win against SFT.
+                        "gold_win_rate_ceiling": win_rate_ceiling(sft_scores, TOP_SCORE),
+                        "hallucination_rate": ppo["gold"]["hallucination_rate"],
+                        "sft_hallucination_rate": base["gold"]["hallucination_rate"]})
+    samples = [{"prompt": p, "ppo": a, "sft": b}
+               for p, a, b in zip(data.eval_prompts[:8], ppo["texts"], base["texts"])]
+    return metrics, samples
+
+
+def save_policy(cfg: PPOConfig, policy: nn.Module, pair_state: dict, tokenizer, stage_dir: Path) -> None:
+    """8. A plain HF checkpoint of the policy (LoRA merged into the weights), its tokenizer and its
+    generation config (the SFT model's, or one naming the tokenizer's special tokens)."""
+    state_dict = {k.removeprefix("policy."): v for k, v in pair_state.items() if k.startswith("policy.")}
+    final = policy
+    if cfg.lora_r > 0:
+        fresh = with_lora(load_without_dropout(AutoModelForCausalLM, cfg.sft_path), cfg)
+        final, state_dict = merged_from_state_dict(fresh, state_dict), None
+    else:
+        state_dict = one_entry_per_parameter(final, state_dict)
+    gen_config_file = Path(cfg.sft_path) / "generation_config.json"
+    final.generation_config = (GenerationConfig.from_pretrained(cfg.sft_path) if gen_config_file.is_file() else
+                               GenerationConfig(bos_token_id=tokenizer.bos_token_id,
+                                                eos_token_id=tokenizer.eos_token_id,
+                                                pad_token_id=tokenizer.pad_token_id))
+    final.save_pretrained(stage_dir, state_dict=state_dict)
+    tokenizer.save_pretrained(stage_dir)
+
+
+def finish(cfg: PPOConfig, run: StageRun, learner: Learner, tokenizer, data: PromptSets, metrics: dict) -> None:
+    """7. Final weights (the EMA when enabled), evaluation against the SFT policy on held-out prompts.
+    8. Save a plain HF checkpoint, the held-out prompts, then the manifest (last)."""
+    accelerator = learner.accelerator
+    if learner.ema is not None:
+        learner.ema.copy_to(learner.policy)
+    evaluation, samples = final_evaluation(cfg, learner, tokenizer, data)
+    metrics.update(evaluation)
+    # The pair's state dict is gathered from every shard under FSDP / ZeRO-3 (every process takes part;
+    # under ZeRO-3 only the main one receives it).
+    pair_state = accelerator.get_state_dict(learner.model)
+    checksums = rank_checksums(accelerator, learner.policy)  # replicas in sync (2-process tests)
+    if not accelerator.is_main_process:
+        return
+    save_policy(cfg, learner.policy, pair_state, tokenizer, run.dir)
+    # Prompts PPO never trained on: `make eval` evaluates every stage on them (judged by a reward model).
+    held_out_file = run.dir / HELD_OUT_FILE
+    held_out_file.unlink(missing_ok=True)  # from an earlier run in this directory
+    if data.held_out:
+        write_text_atomic(held_out_file, "".join(json.dumps({"messages": p} if isinstance(p, list) else {"prompt": p},
+                                                            ensure_ascii=False) + "\n" for p in data.held_out))
+    metrics["peak_memory_mb"] = round(peak_memory_mb())
+    run.finish(metrics, {"samples": samples, "processes": accelerator.num_processes,
+                         "threads": torch.get_num_threads(), "reward_path": cfg.reward_path,
+                         "heldout_prompts": HELD_OUT_FILE if data.held_out else None,
+                         "weights_checksum_per_rank": checksums})
+    accelerator.print(f"[ppo] done -> {run.dir}: " + ", ".join(
+        f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float) and k in _SUMMARY))
+
+
+_SUMMARY = ("reward_score", "sft_reward_score", "kl_to_sft", "gold_score", "sft_gold_score", "gold_win_rate",
+            "gold_win_rate_ceiling", "hallucination_rate", "sft_hallucination_rate")
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / max(len(xs), 1)
+
+
+# ---- the stage ----------------------------------------------------------------------------------
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    # 1. Config, processes and batch sizes (derived once, checked to divide exactly).
+    cfg = parse_config(PPOConfig, "ppo", argv)
+    accelerator = setup(cfg.seed, cfg.mixed_precision, cfg.gradient_accumulation, cfg.threads)
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    check_ema_supported(cfg.ema_decay, plugin.zero_stage if plugin is not None else None)
+    sizes = batch_sizes(cfg.rollout_batch_size, cfg.num_minibatches, cfg.gradient_accumulation,
+                        accelerator.num_processes)
+    is_main, stage_dir = accelerator.is_main_process, Path(cfg.run_dir) / "ppo"
+    # 2. Parents: the SFT policy and the reward model, which must share one tokenizer and template.
+    sft, tokenizer = load_parents(cfg)
+    # 3. Prompts (training, held out) and PPO-ptx text, checked before anything is written. The run key
+    # covers the reward model too: its manifest is fingerprinted like a data file.
+    data = load_prompt_sets(cfg, tokenizer)
+    run = StageRun("ppo", stage_dir, config_dict(cfg), sft, cfg.sft_path,
+                   data.files + [str(Path(cfg.reward_path) / "manifest.json")], is_main)
+    if not run.begin(cfg.force):
+        return
+    accelerator.wait_for_everyone()
+    # 4. Models: policy (optionally LoRA), frozen reference, critic and reward model, dropout off (N+).
+    models = load_models(cfg, accelerator)
+    # 5. Optimizer, accelerate, tracking, KL controller, and resume from a killed run's checkpoint.
+    learner = prepare(cfg, accelerator, models, sizes)
+    kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.target_kl > 0
+              else FixedKLController(cfg.kl_coef))
+    tracker = Tracker(stage_dir, "ppo", config_dict(cfg), enabled=is_main, run_name=f"{cfg.run_dir}/ppo")
+    start = resume(accelerator, run, kl_ctl, tracker)
+    print_plan(cfg, accelerator, data, sizes, models.trainable)
+    watch_gold = data.judge is not None and cfg.gold_every > 0 and data.gold_n > 0
+    if watch_gold and start == 0:
+        tracker.log(gold_metrics(cfg, learner, tokenizer, data), 0)  # the SFT policy's starting point
+
+    # 6. PPO updates: a rollout (1)-(6), the guards, the PPO epochs (7), then log and checkpoint.
+    bar = progress(cfg.num_updates, start, "ppo", is_main)
+    last, loop_start = {}, time.time()
+    for update in range(start, cfg.num_updates):
+        t0, kl_coef, stop = time.time(), kl_ctl.value, stopper(bar, run.checkpoints, update)
+        picked = prompt_indices(len(data.ids), update, cfg.rollout_batch_size, accelerator.process_index,
+                                sizes.per_process, cfg.seed)
+        batch = rollout(cfg, learner, [data.ids[i] for i in picked], tokenizer, kl_coef)
+        mean_score, mean_kl = guards(cfg, accelerator, batch, stop)
+        stats = ppo_update(cfg, learner, batch, sizes, update, data.ptx_stream, stop)
+        kl_ctl.update(mean_kl, cfg.rollout_batch_size)
+        # Log, checkpoint, and now and then ask the gold judge.
+        last = update_metrics(cfg, accelerator, batch, stats, kl_coef, mean_score, mean_kl, t0)
+        if watch_gold and (update + 1) % cfg.gold_every == 0:
+            last.update(gold_metrics(cfg, learner, tokenizer, data))
+        tracker.log(last, update + 1)
+        bar.update(1)
+        bar.set_postfix(score=f"{mean_score:.3f}", kl=f"{mean_kl:.2f}")
+        if (update + 1) % cfg.save_every == 0 and update + 1 < cfg.num_updates:
+            save_checkpoint(accelerator, run.checkpoints, update + 1, cfg.keep_checkpoints,
+                            {"kl_coef": kl_ctl.value, "episodes": (update + 1) * cfg.rollout_batch_size})
+    bar.close()
+    summary = train_summary(cfg, last, models.trainable, start, time.time() - loop_start)
+
+    # 7-8. Final weights, evaluation against the SFT policy, save, manifest.
+    finish(cfg, run, learner, tokenizer, data, summary)
+    tracker.close()
+    accelerator.wait_for_everyone()
+
+
+# ---- evaluation ---------------------------------------------------------------------------------
+
+
 @torch.no_grad()
 def answers(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
             batch_size: int = 64) -> list[list[int]]:
@@ -487,7 +1087,8 @@ def answers(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, 
 
 
 @torch.no_grad()
-def proxy_scores(reward_model, tokenizer, prompt_ids: list[list[int]], responses: list[list[int]], batch_size: int = 64) -> list[float]:
+def proxy_scores(reward_model, tokenizer, prompt_ids: list[list[int]], responses: list[list[int]],
+                 batch_size: int = 64) -> list[float]:
     """Reward-model score of each prompt + response (left-padded, so every row ends in the last column)."""
     device = next(reward_model.parameters()).device
     out = []
@@ -530,367 +1131,9 @@ def evaluate(model, reward_model, tokenizer, judge: GoldJudge | None, prompts: l
     return result
 
 
-# ---- the stage ----------------------------------------------------------------------------------
-
-
-@cli_main
-def main(argv: list[str] | None = None) -> None:
-    # 1. Config, processes and batch sizes (derived once, checked to divide exactly).
-    cfg = parse_config(PPOConfig, "ppo", argv)
-    accelerator = setup(cfg.seed, cfg.mixed_precision, cfg.gradient_accumulation, cfg.threads)
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    check_ema_supported(cfg.ema_decay, plugin.zero_stage if plugin is not None else None)
-    sizes = batch_sizes(cfg.rollout_batch_size, cfg.num_minibatches, cfg.gradient_accumulation, accelerator.num_processes)
-    is_main, device = accelerator.is_main_process, accelerator.device
-    stage_dir = Path(cfg.run_dir) / "ppo"
-
-    # 2. Parents: the SFT policy and the reward model, which must share one tokenizer and template.
-    sft = require_stage(cfg.sft_path, "sft", cfg.run_dir)
-    require_stage(cfg.reward_path, "reward", cfg.run_dir)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.sft_path)
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise PipelineError(f"{cfg.sft_path}: tokenizer needs a pad token distinct from EOS (N+: separate pad token)")
-    check_same_tokenizer(tokenizer, AutoTokenizer.from_pretrained(cfg.reward_path), cfg.sft_path, cfg.reward_path)
-    max_positions = getattr(AutoConfig.from_pretrained(cfg.sft_path), "max_position_embeddings", None)
-    if max_positions and cfg.max_prompt_length + cfg.max_new_tokens > max_positions:
-        raise PipelineError(f"max_prompt_length {cfg.max_prompt_length} + max_new_tokens {cfg.max_new_tokens} exceeds "
-                            f"the model's context of {max_positions} tokens ({cfg.sft_path})")
-
-    # 3. Prompts (training, held out) and PPO-ptx text, checked before anything is written.
-    world = Path(cfg.world_dir)
-    # The world's evaluation prompts judge a policy trained on the world's prompts; one trained on a
-    # prompt set of your own holds some of those out instead.
-    eval_files = cfg.eval_files or ([str(world / "eval_prompts.jsonl")] if trains_on_world(cfg.prompt_files, world)
-                                    and (world / "eval_prompts.jsonl").is_file() else [])
-    prompts, prompt_ids = load_prompts(cfg.prompt_files, tokenizer, cfg.max_prompt_length, cfg.prompt_field,
-                                      cfg.skip_long_prompts)
-    eval_field = cfg.prompt_field if cfg.eval_files else "prompt"  # the world's eval prompts say `prompt`
-    eval_prompts, eval_ids = load_prompts(eval_files, tokenizer, cfg.max_prompt_length, eval_field,
-                                          cfg.skip_long_prompts) if eval_files else ([], [])
-    if not eval_files and cfg.eval_holdout:
-        # A prompt set alone (no world, no --eval_files): hold a seeded few out of training, so the manifest
-        # still reports reward and KL to SFT on prompts PPO never trained on.
-        n = min(cfg.eval_holdout, len(prompts) // 10, cfg.eval_size or len(prompts))
-        prompts, prompt_ids, eval_prompts, eval_ids = hold_out(prompts, prompt_ids, n, cfg.seed)
-        held_out = eval_prompts
-    else:
-        held_out = []
-    if cfg.eval_size:
-        eval_prompts, eval_ids = eval_prompts[:cfg.eval_size], eval_ids[:cfg.eval_size]
-    judge = GoldJudge.load(world) if (world / "truth.json").is_file() else None
-    if judge is not None:  # the gold judge knows only the world's prompts
-        known = [i for i, p in enumerate(eval_prompts) if isinstance(p, str) and _knows(judge, p)]
-        judge = judge if len(known) == len(eval_prompts) and known else None
-    gold_n = min(cfg.gold_eval_size, len(eval_ids))
-    ptx_stream = document_stream(tokenizer, load_texts(cfg.ptx_files, cfg.ptx_field)) if cfg.ptx_coef > 0 else None
-    if ptx_stream is not None and len(ptx_stream) <= cfg.ptx_length:
-        raise PipelineError(f"{cfg.ptx_files}: {len(ptx_stream)} tokens, fewer than one ptx block of {cfg.ptx_length}")
-    data_files = list(cfg.prompt_files) + eval_files + (list(cfg.ptx_files) if cfg.ptx_coef > 0 else [])
-    # The run key covers the reward model too: its manifest is fingerprinted like a data file.
-    run = StageRun("ppo", stage_dir, config_dict(cfg), sft, cfg.sft_path,
-                   data_files + [str(Path(cfg.reward_path) / "manifest.json")], is_main)
-    if not run.begin(cfg.force):
-        return
-    accelerator.wait_for_everyone()
-
-    # 4. Models: policy (optionally LoRA), frozen reference, critic and reward model. Everything
-    # stays in eval mode: dropout off (N+); the training forward needs gradients, not train mode.
-    # The reference loads as the policy does (fp32; cast to the policy's dtype once prepared), so at
-    # update 0 it computes the policy's log-probs bit for bit (KL 0); the reward model only scores.
-    frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
-    policy = load_without_dropout(AutoModelForCausalLM, cfg.sft_path)
-    ref_model = None
-    if cfg.lora_r == 0:
-        ref_model = load_without_dropout(AutoModelForCausalLM, cfg.sft_path)
-        ref_model.requires_grad_(False).eval().to(device)
-    reward_model, _ = load_reward_model(cfg.reward_path, device=device, dtype=frozen_dtype)
-    switch_off_dropout(reward_model).requires_grad_(False)
-    critic_base = load_without_dropout(AutoModelForSequenceClassification, cfg.reward_path)
-    # Padding-free forwards (all but generation) when every model keeps packed episodes apart.
-    packed = cfg.padding_free and all([packs_sequences(m) for m in (policy, ref_model, reward_model, critic_base) if m is not None])
-    if cfg.padding_free and not packed:
-        accelerator.print("[ppo] a model does not keep packed sequences apart; padded batches instead")
-    if cfg.lora_r > 0:
-        policy = with_lora(policy, cfg)
-    critic = Critic(critic_base, float(getattr(critic_base.config, BIAS_KEY, 0.0) or 0.0))
-    if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
-        critic_base.gradient_checkpointing_enable()
-    policy.eval()
-    critic.eval()
-    n_params = sum(p.numel() for p in policy.parameters() if p.requires_grad)
-
-    # 5. Optimizer, accelerate, tracking, KL controller, and resume from a killed run's checkpoint.
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": cfg.lr},
-         {"params": list(critic.parameters()), "lr": cfg.critic_lr or cfg.lr}],
-        eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda"),  # one kernel, not a loop over tensors
-    )
-    configure_deepspeed(accelerator, sizes.micro, cfg.grad_clip)
-    model, optimizer = accelerator.prepare(ActorCritic(policy, critic), optimizer)
-    # No-grad passes (generation, reference, rollout values, evaluation) skip the DDP wrapper.
-    unwrapped, critic_net = accelerator.unwrap_model(model).policy, accelerator.unwrap_model(model).critic
-    if ref_model is not None:  # DeepSpeed's bf16 casts the policy it prepares: the reference follows
-        ref_model.to(next(unwrapped.parameters()).dtype)
-    clip_groups = [list(unwrapped.parameters()), list(critic_net.parameters())]
-    ema = EMA(unwrapped, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
-    kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.target_kl > 0
-              else FixedKLController(cfg.kl_coef))
-    tracker = Tracker(stage_dir, "ppo", config_dict(cfg), enabled=is_main, run_name=f"{cfg.run_dir}/ppo")
-    start = 0
-    latest = run.latest_checkpoint()
-    if latest is not None:
-        extra = load_checkpoint(accelerator, latest)
-        start, kl_ctl.value = extra["step"], extra["kl_coef"]
-        accelerator.print(f"[ppo] resumed from {latest} (step {start})")
-    tracker.truncate_after(start if latest is not None else -1)  # rows the resumed (or an abandoned) run logged later
-    accelerator.print(f"[ppo] {len(prompts)} prompts ({len(eval_ids)} held out), {n_params / 1e6:.2f}M trainable policy parameters, "
-                      f"{accelerator.num_processes} process(es) x {torch.get_num_threads()} thread(s); per update: {cfg.rollout_batch_size} episodes, "
-                      f"{cfg.ppo_epochs} epochs x {cfg.num_minibatches} minibatches of {sizes.minibatch} "
-                      f"(micro-batches of {sizes.micro}) per process")
-
-    # The proxy score of evaluations is what training optimises: unfinished answers get no_eos_penalty.
-    no_eos_penalty = cfg.no_eos_penalty if cfg.penalize_no_eos else None
-
-    def gold_metrics() -> dict:
-        """Greedy answers to a fixed subset of held-out prompts: gold score beside the proxy score."""
-        result = evaluate(unwrapped, reward_model, tokenizer, judge, eval_prompts[:gold_n], eval_ids[:gold_n],
-                          cfg.max_new_tokens, no_eos_penalty)
-        return {"gold/score": result["gold"]["score"], "gold/hallucination_rate": result["gold"]["hallucination_rate"],
-                "gold/proxy_score": _mean(result["proxy"])}
-
-    # Evaluations run on every process (no extra wall time; sharded engines need all of them for the
-    # gather); the tracker logs on the main one only.
-    watch_gold = judge is not None and cfg.gold_every > 0 and gold_n > 0
-    if watch_gold and start == 0:
-        with as_trained(accelerator, model):
-            tracker.log(gold_metrics(), 0)  # the SFT policy's starting point
-
-    # 6. PPO updates.
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    bar = progress(cfg.num_updates, start, "ppo", is_main)
-
-    def stop(why: str):
-        bar.close()  # the error goes on its own line
-        raise PipelineError(f"ppo: {why} at update {update + 1}; stopped, last good checkpoint kept in {run.checkpoints}")
-
-    last, loop_start = {}, time.time()
-    for update in range(start, cfg.num_updates):
-        t0 = time.time()
-        kl_coef = kl_ctl.value
-        batch = prompt_indices(len(prompt_ids), update, cfg.rollout_batch_size, accelerator.process_index, sizes.per_process, cfg.seed)
-        query, query_mask = (t.to(device) for t in left_pad([prompt_ids[i] for i in batch], pad))
-        P = query.shape[1]
-        with torch.no_grad(), as_trained(accelerator, model):
-            # (1) Generate: left-padded prompts, KV cache, sampling at temperature.
-            raw, sampled_logprobs = sample(unwrapped, query, query_mask, cfg.max_new_tokens, cfg.temperature, eos, pad)
-            # (2) Truncate after the first EOS: later tokens become padding, masked out everywhere.
-            responses, mask, has_eos = truncate_after_eos(raw, eos, pad)
-            seq = torch.cat([query, responses], dim=1)
-            seq_mask = torch.cat([query_mask, mask], dim=1)
-            parts = [episodes(seq[s], seq_mask[s], mask[s], packed) for s in chunks(len(seq), cfg.forward_batch_size)]
-            # (3) Score with the reward model at the last token; no EOS: a fixed penalty (N+).
-            rm_scores = torch.cat([reward_scores(reward_model, ep) for ep in parts])
-            scores = apply_no_eos_penalty(rm_scores, has_eos, cfg.no_eos_penalty) if cfg.penalize_no_eos else rm_scores
-            # (4) Old log-probs of the policy and the reference (logits / temperature, N+), and the
-            # critic's values of the states before each response token. Under mixed precision the
-            # policy's come from the forward the update and the reference run, not from sampling (cached,
-            # one token at a time: under bf16 the two differ), so at update 0 KL is 0 and the first ratio
-            # 1 (N+); in fp32 the sampling pass gives the same to float rounding, and a forward less.
-            logprobs = (sampled_logprobs if accelerator.mixed_precision == "no"
-                        else rollout_logprobs(unwrapped, parts, cfg.temperature)) * mask
-            with reference(unwrapped, ref_model) as ref:
-                ref_logprobs = rollout_logprobs(ref, parts, cfg.temperature) * mask
-            values = torch.cat([critic_net(ep) for ep in parts]) * mask
-            # (5) Per-token KL penalty, the score added on the last response token.
-            rewards, kl = kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)
-            # (6) GAE advantages and returns, then whitened advantages (N+).
-            advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
-            advantages = whiten(advantages, mask)
-
-        # Guards before learning from this batch: a non-finite value in anything the loss reads (named
-        # in rollout order, so the first is where it came from), or a runaway KL, stops the run; the
-        # newest checkpoint on disk is from a good update. (A NaN KL passes `kl > max_kl`.)
-        guarded = {"log-probs": logprobs, "reward": rm_scores, "reference log-probs": ref_logprobs, "values": values,
-                   "KL": kl, "advantages": advantages, "returns": returns}
-        rollout_stats = accelerator.reduce(torch.stack([scores.mean(), kl.sum(1).mean()] + [
-            (~torch.isfinite(t)).float().sum() for t in guarded.values()]).to(device), "sum")
-        mean_score, mean_kl = (rollout_stats[:2] / accelerator.num_processes).tolist()
-        for name, bad in zip(guarded, rollout_stats[2:].tolist()):
-            if bad:
-                stop(f"non-finite {name}")
-        if cfg.max_kl and mean_kl > cfg.max_kl:
-            stop(f"KL to the SFT policy {mean_kl:.2f} exceeds max_kl {cfg.max_kl} (lower lr or raise kl_coef)")
-
-        # (7) PPO epochs: shuffled minibatches (one optimizer step each), split into micro-batches.
-        # Dropout is zero in every config, so train mode here only switches on gradient checkpointing.
-        model.train(cfg.gradient_checkpointing)
-        stats = []
-        for _epoch in range(cfg.ppo_epochs):
-            order = torch.randperm(sizes.per_process, device=device)
-            for mb in range(cfg.num_minibatches):
-                for micro in range(cfg.gradient_accumulation):
-                    first = mb * sizes.minibatch + micro * sizes.micro
-                    idx = order[first:first + sizes.micro]
-                    # Drop the padding columns this micro-batch does not need.
-                    m_T = int(mask[idx].sum(1).max())
-                    left = int((seq_mask[idx, :P].sum(0) > 0).float().argmax())
-                    cols = slice(left, P + m_T)
-                    ep = episodes(seq[idx, cols], seq_mask[idx, cols], mask[idx, :m_T], packed)
-                    m_resp, m_rmask = responses[idx, :m_T], mask[idx, :m_T].float()
-                    # PPO-ptx (InstructGPT eq. 2): also keep the pretraining distribution's likelihood.
-                    ptx_ids = None if ptx_stream is None else ptx_batch(
-                        ptx_stream, cfg.ptx_batch_size, cfg.ptx_length,
-                        hash((cfg.seed, accelerator.process_index, update, _epoch, mb, micro)) % 2**62).to(device)
-                    with accelerator.accumulate(model):
-                        logits, new_values, ptx_loss = model(ep, cfg.temperature, ptx_ids)
-                        new_logprobs = logprobs_from_logits(logits, m_resp)
-                        pg_loss, pg_clipfrac, approx_kl = policy_loss(new_logprobs, logprobs[idx, :m_T], advantages[idx, :m_T], m_rmask, cfg.cliprange)
-                        vf_loss, vf_clipfrac = value_loss(new_values, values[idx, :m_T], returns[idx, :m_T], m_rmask, cfg.cliprange_value)
-                        loss = pg_loss + cfg.vf_coef * vf_loss + cfg.ptx_coef * ptx_loss
-                        # No backward, hence no step (DeepSpeed steps inside it), on a non-finite loss on
-                        # any process: all of them stop here together.
-                        if accelerator.reduce((~torch.isfinite(loss.detach())).float()[None], "sum").item():
-                            stop("non-finite loss")
-                        accelerator.backward(loss)
-                        if accelerator.sync_gradients and cfg.grad_clip > 0:  # policy and critic each to the bound
-                            clip_grad_norms_(accelerator, clip_groups, cfg.grad_clip)
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                    if ema is not None and accelerator.sync_gradients:
-                        ema.update(unwrapped)
-                    with torch.no_grad():
-                        entropy = masked_mean(entropy_from_logits(logits), m_rmask)
-                    stats.append(torch.stack([pg_loss, vf_loss, pg_clipfrac, vf_clipfrac, approx_kl, entropy, ptx_loss]).detach())
-                if _epoch == 0 and mb == 0:  # before the first optimizer step: the ratio must be 1 (N+)
-                    first_stats = torch.stack(stats).mean(0)[[4, 2]]  # approx_kl, clipfrac
-        model.eval()
-        train_stats = accelerator.reduce(torch.stack(stats).mean(0), "mean")
-        approx_kl_first, clipfrac_first = accelerator.reduce(first_stats, "mean").tolist()
-        kl_ctl.update(mean_kl, cfg.rollout_batch_size)
-
-        # Log, checkpoint, and now and then ask the gold judge.
-        lengths = mask.sum(1).float()
-        rollout = accelerator.reduce(torch.stack([
-            lengths.mean(), (~has_eos).float().mean(), explained_variance(values, returns, mask), lengths.sum(),
-        ]), "mean").tolist()
-        seconds = time.time() - t0
-        metrics = {
-            "objective/score": mean_score, "objective/kl": mean_kl, "objective/kl_coef": kl_coef,
-            "objective/total_reward": mean_score - kl_coef * mean_kl,
-            "policy/entropy": train_stats[5].item(), "loss/policy": train_stats[0].item(), "loss/value": train_stats[1].item(),
-            "policy/clipfrac": train_stats[2].item(), "value/clipfrac": train_stats[3].item(),
-            "policy/approx_kl": train_stats[4].item(), "value/explained_variance": rollout[2],
-            # The first minibatch of the first epoch, before any step: ~0 and 0 unless the rollout and the
-            # update compute the policy differently (precision, dropout, padding; N+).
-            "policy/approx_kl_first": approx_kl_first, "policy/clipfrac_first": clipfrac_first,
-            "response/length": rollout[0], "response/no_eos_rate": rollout[1],
-            "perf/episodes_per_s": cfg.rollout_batch_size / seconds,
-            "perf/tokens_per_s": rollout[3] * accelerator.num_processes / seconds,
-        }
-        if ptx_stream is not None:
-            metrics["loss/ptx"] = train_stats[6].item()
-        if watch_gold and (update + 1) % cfg.gold_every == 0:
-            with as_trained(accelerator, model):
-                metrics.update(gold_metrics())
-        tracker.log(metrics, update + 1)
-        last = metrics
-        bar.update(1)
-        bar.set_postfix(score=f"{mean_score:.3f}", kl=f"{mean_kl:.2f}")
-        if (update + 1) % cfg.save_every == 0 and update + 1 < cfg.num_updates:
-            save_checkpoint(accelerator, run.checkpoints, update + 1, cfg.keep_checkpoints,
-                            {"kl_coef": kl_ctl.value, "episodes": (update + 1) * cfg.rollout_batch_size})
-    bar.close()
-    loop_seconds = time.time() - loop_start
-
-    # 7. Final weights (the EMA when enabled), evaluation against the SFT policy on held-out prompts.
-    if ema is not None:
-        ema.copy_to(unwrapped)
-    metrics = {"updates": cfg.num_updates, "episodes": cfg.num_updates * cfg.rollout_batch_size,
-               "final/score": last.get("objective/score"), "final/kl": last.get("objective/kl"), "trainable_params": n_params,
-               # Throughput of this process's loop (a resumed run counts its own updates only).
-               "train_seconds": loop_seconds, "episodes_per_s": (cfg.num_updates - start) * cfg.rollout_batch_size / max(loop_seconds, 1e-9)}
-    samples = []
-    if eval_ids:  # on every process, like the gold metrics above; the main one writes the manifest
-        with as_trained(accelerator, model):
-            ppo = evaluate(unwrapped, reward_model, tokenizer, judge, eval_prompts, eval_ids, cfg.max_new_tokens,
-                           no_eos_penalty)
-            with reference(unwrapped, ref_model) as ref:
-                base = evaluate(ref, reward_model, tokenizer, judge, eval_prompts, eval_ids, cfg.max_new_tokens,
-                                no_eos_penalty)
-            kl_to_sft = kl_to_reference(unwrapped, ref_model, tokenizer, eval_ids, cfg)
-        # reward_score is what training optimises (unfinished answers at no_eos_penalty); *_raw the reward
-        # model's own score of the same answers. kl_to_sft is between the distributions at the sampling
-        # temperature (logits / kl_temperature, N+), of answers sampled at it.
-        metrics.update({"reward_score": _mean(ppo["proxy"]), "sft_reward_score": _mean(base["proxy"]),
-                        "reward_score_raw": _mean(ppo["proxy_raw"]), "sft_reward_score_raw": _mean(base["proxy_raw"]),
-                        "response_length": ppo["length"], "sft_response_length": base["length"],
-                        "kl_to_sft": kl_to_sft, "kl_temperature": cfg.temperature, "eval_prompts": len(eval_ids)})
-        if judge is not None:
-            sft_scores = [v.score for v in base["verdicts"]]
-            metrics.update({"gold_score": ppo["gold"]["score"], "sft_gold_score": base["gold"]["score"],
-                            "gold_win_rate": win_rate([v.score for v in ppo["verdicts"]], sft_scores),
-                            # What the ideal answer (the judge's top score, 1) would win against SFT.
-                            "gold_win_rate_ceiling": win_rate_ceiling(sft_scores, TOP_SCORE),
-                            "hallucination_rate": ppo["gold"]["hallucination_rate"],
-                            "sft_hallucination_rate": base["gold"]["hallucination_rate"]})
-        samples = [{"prompt": p, "ppo": a, "sft": b} for p, a, b in zip(eval_prompts[:8], ppo["texts"], base["texts"])]
-
-    # 8. Save a plain HF checkpoint (LoRA merged into the weights), tokenizer, generation config,
-    # then the manifest (last). The pair's state dict is gathered from every shard under FSDP / ZeRO-3
-    # (every process takes part; under ZeRO-3 only the main one receives it).
-    pair_state = accelerator.get_state_dict(model)
-    checksums = rank_checksums(accelerator, unwrapped)  # replicas in sync (2-process tests)
-    if is_main:
-        state_dict = {k.removeprefix("policy."): v for k, v in pair_state.items() if k.startswith("policy.")}
-        final = unwrapped
-        if cfg.lora_r > 0:
-            fresh = with_lora(load_without_dropout(AutoModelForCausalLM, cfg.sft_path), cfg)
-            final, state_dict = merged_from_state_dict(fresh, state_dict), None
-        else:
-            state_dict = one_entry_per_parameter(final, state_dict)
-        gen_config_file = Path(cfg.sft_path) / "generation_config.json"
-        final.generation_config = (GenerationConfig.from_pretrained(cfg.sft_path) if gen_config_file.is_file() else
-                                   GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=pad))
-        final.save_pretrained(stage_dir, state_dict=state_dict)
-        tokenizer.save_pretrained(stage_dir)
-        # Prompts PPO never trained on: `make eval` evaluates every stage on them (judged by a reward model).
-        held_out_file = stage_dir / HELD_OUT_FILE
-        held_out_file.unlink(missing_ok=True)  # from an earlier run in this directory
-        if held_out:
-            write_text_atomic(held_out_file, "".join(
-                json.dumps({"messages": p} if isinstance(p, list) else {"prompt": p}, ensure_ascii=False) + "\n" for p in held_out))
-        metrics["peak_memory_mb"] = round(peak_memory_mb())
-        run.finish(metrics, {"samples": samples, "processes": accelerator.num_processes,
-                             "threads": torch.get_num_threads(), "reward_path": cfg.reward_path,
-                             "heldout_prompts": HELD_OUT_FILE if held_out else None,
-                             "weights_checksum_per_rank": checksums})
-        accelerator.print(f"[ppo] done -> {stage_dir}: " + ", ".join(
-            f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float) and k in _SUMMARY))
-    tracker.close()
-    accelerator.wait_for_everyone()
-
-
-_SUMMARY = ("reward_score", "sft_reward_score", "kl_to_sft", "gold_score", "sft_gold_score", "gold_win_rate",
-            "gold_win_rate_ceiling", "hallucination_rate", "sft_hallucination_rate")
-
-
-def _mean(xs: list[float]) -> float:
-    return sum(xs) / max(len(xs), 1)
-
-
-def _knows(judge: GoldJudge, prompt: str) -> bool:
-    try:
-        judge.spec(prompt)
-        return True
-    except KeyError:
-        return False
-
-
 @torch.no_grad()
-def kl_to_reference(policy, ref_model, tokenizer, prompt_ids: list[list[int]], cfg: PPOConfig, batch_size: int = 64) -> float:
+def kl_to_reference(policy, ref_model, tokenizer, prompt_ids: list[list[int]], cfg: PPOConfig,
+                    batch_size: int = 64) -> float:
     """Mean summed KL(policy || SFT) of sampled answers to held-out prompts (the k1 estimate PPO
     penalises: log pi - log pi_ref, summed over the response), between the distributions at the
     sampling temperature (logits / temperature), both from the same forward, as in the rollout."""
