@@ -18,6 +18,7 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from datasets import Dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
+from transformers.trainer_utils import TrainOutput
 from trl import RewardConfig, RewardTrainer
 from trl.trainer.reward_trainer import suppress_seqcls_warning
 
@@ -29,8 +30,8 @@ from pipeline.config import config_dict, parse_config
 from pipeline.errors import PipelineError, cli_main
 from pipeline.lora import lora_config
 from pipeline.packing import common_prefix_length, pack_rows, packs_sequences
-from pipeline.runtime import (cpu_and_backend, load_models_whole, merged_from_state_dict, peak_memory_mb, rank_checksums,
-                              set_threads, stage_decides_training_settings)
+from pipeline.runtime import (cpu_and_backend, load_models_whole, merged_from_state_dict, peak_memory_mb,
+                              rank_checksums, set_threads, stage_decides_training_settings)
 from pipeline.stage import StageRun, last_complete_checkpoint, require_stage, resolve_init, trains_on_world
 from pipeline.tracking import truncate_metrics, wandb_enabled, wandb_env
 from pipeline.trainer_metrics import (JsonlMetricsCallback, quiet_console, replayable_train_sampler,
@@ -261,7 +262,8 @@ def evaluate(model, tokenizer, groups: list[Group], judge: GoldJudge | None, bat
                 label_pairs += 1
                 if gold[i] != gold[j]:
                     better, worse = (i, j) if gold[i] > gold[j] else (j, i)
-                    kind = by_labels.setdefault(f"{verdicts[0].family}: {verdicts[better].label} > {verdicts[worse].label}", [0, 0])
+                    name = f"{verdicts[0].family}: {verdicts[better].label} > {verdicts[worse].label}"
+                    kind = by_labels.setdefault(name, [0, 0])
                     for tally in (family, kind):
                         tally[0] += int(r[better] > r[worse])
                         tally[1] += 1
@@ -272,7 +274,8 @@ def evaluate(model, tokenizer, groups: list[Group], judge: GoldJudge | None, bat
         m["val_gold_pairs"] = gold_pairs
         m["val_gold_pair_accuracy_by_family"] = {f: right / n for f, (right, n) in sorted(by_family.items()) if n}
         # Which kinds of pairs it gets wrong (e.g. a right answer below its padded form).
-        m["val_gold_pairs_by_labels"] = {k: {"right": right, "pairs": n} for k, (right, n) in sorted(by_labels.items())}
+        m["val_gold_pairs_by_labels"] = {k: {"right": right, "pairs": n}
+                                         for k, (right, n) in sorted(by_labels.items())}
         m["val_gold_pearson"] = torch.corrcoef(torch.tensor([xs, ys]))[0, 1].item()
         # What a reward equal to the gold score would get against these noisy labels (ties half):
         # the ceiling for val_pair_accuracy on the world.
@@ -280,14 +283,11 @@ def evaluate(model, tokenizer, groups: list[Group], judge: GoldJudge | None, bat
     return m
 
 
-# ---- the stage -------------------------------------------------------------------------------------
+# ---- the recipe's steps, in order ---------------------------------------------------------------
 
 
-@cli_main
-def main(argv: list[str] | None = None) -> None:
-    # 1. Config, parent and data - all checked before anything is written.
-    cfg = parse_config(RewardStageConfig, "reward", argv)
-    threads = set_threads(cfg.threads)
+def settle_data_files(cfg: RewardStageConfig) -> bool:
+    """Resolve the data-file defaults in cfg; True when the held-out groups come out of train_files."""
     for name in ("val_files", "norm_files"):  # "none" (a list cannot be empty on the command line)
         if [f.lower() for f in getattr(cfg, name)] == ["none"]:
             setattr(cfg, name, [])
@@ -304,63 +304,97 @@ def main(argv: list[str] | None = None) -> None:
         cfg.val_files = []
     if own_data and the_worlds(cfg.norm_files, "sft_train.jsonl"):
         cfg.norm_files = []
+    return split_val
+
+
+def start_processes() -> PartialState:
     # On CPU accelerate needs cpu=True to run DDP (gloo) under torchrun; without it every process
     # would train alone on the same directory (pipeline.runtime.cpu_and_backend; DeepSpeed differs).
     stage_decides_training_settings()
     use_cpu, backend = cpu_and_backend()
-    state = PartialState(cpu=use_cpu, backend=backend)
-    stage_dir = Path(cfg.run_dir) / "reward"
-    parent_path, parent_manifest = parent_model(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(parent_path)
-    check_reward_tokenizer(tokenizer, parent_path)
+    return PartialState(cpu=use_cpu, backend=backend)
+
+
+@dataclass
+class Comparisons:
+    train: list[Group]
+    val: list[Group]
+    reference: tuple[list, list[str]]  # (prompts, answers) of the demonstrations whose mean reward becomes 0
+
+
+def load_comparisons(cfg: RewardStageConfig, split_val: bool, is_main: bool) -> Comparisons:
+    """The training groups, the held-out ones (with split_val: val_fraction of the training file's), and the
+    reference demonstrations."""
     train_groups = load_groups(cfg.train_files, cfg.skip_invalid, cfg.max_train_groups)
     if split_val:
         train_groups, val_groups = split_holdout(train_groups, cfg.val_fraction, cfg.seed)
         val_groups = val_groups[:cfg.max_val_groups or None]
-        if state.is_main_process:
-            print(f"[reward] comparisons of your own: {len(val_groups)} of {len(train_groups) + len(val_groups)} groups "
-                  f"held out for validation; rewards centred on {'--norm_files' if cfg.norm_files else 'the top-ranked training answers'}", flush=True)
+        if is_main:
+            centre = "--norm_files" if cfg.norm_files else "the top-ranked training answers"
+            print(f"[reward] comparisons of your own: {len(val_groups)} of {len(train_groups) + len(val_groups)} "
+                  f"groups held out for validation; rewards centred on {centre}", flush=True)
     else:
         val_groups = load_groups(cfg.val_files, cfg.skip_invalid, cfg.max_val_groups) if cfg.val_files else []
-    reference = reference_set(cfg, train_groups)
+    return Comparisons(train_groups, val_groups, reference_set(cfg, train_groups))
+
+
+def gold_judge(cfg: RewardStageConfig) -> GoldJudge | None:
+    """The world's gold judge, if --world_dir holds a world: held-out metrics against the truth too."""
     world = Path(cfg.world_dir)
-    judge = GoldJudge.load(world) if (world / "truth.json").is_file() else None
+    return GoldJudge.load(world) if (world / "truth.json").is_file() else None
 
-    run = StageRun("reward", stage_dir, config_dict(cfg), parent_manifest, parent_path,
-                   cfg.train_files + cfg.val_files + cfg.norm_files, state.is_main_process)
-    # The main process decides (only it fingerprints the data); the others follow.
-    if not broadcast_object_list([run.begin(cfg.force) if state.is_main_process else None])[0]:
-        return
+
+def begins(run: StageRun, force: bool, state: PartialState) -> bool:
+    """Whether the stage runs (not finished already). The main process decides (only it fingerprints the
+    data); the others follow."""
+    if not broadcast_object_list([run.begin(force) if state.is_main_process else None])[0]:
+        return False
     state.wait_for_everyone()
-    wandb_env(stage_dir)
+    return True
 
-    # 2. Model: the SFT transformer with a one-output head, reward read at the last (EOS) token.
-    set_seed(cfg.seed)
-    model = reward_body(parent_path, tokenizer)
-    max_length = min(cfg.max_length, getattr(model.config, "max_position_embeddings", cfg.max_length))
-    # Padding-free batches if the transformer keeps packed sequences apart (pipeline.packing).
+
+def batch_layout(cfg: RewardStageConfig, model, parent_path: str, is_main: bool) -> tuple[bool, bool]:
+    """(packed, share_prompts): padding-free batches if the transformer keeps packed sequences apart
+    (pipeline.packing), and then each group's prompt once if its attention allows it."""
     packed = cfg.padding_free and packs_sequences(model)
-    if cfg.padding_free and not packed and state.is_main_process:
-        print(f"[reward] {parent_path}: the model does not keep packed sequences apart; padding batches instead", flush=True)
+    if cfg.padding_free and not packed and is_main:
+        print(f"[reward] {parent_path}: the model does not keep packed sequences apart; padding batches instead",
+              flush=True)
     # A group's K responses share its prompt (InstructGPT's point for K-wise groups: K forwards give
     # C(K,2) comparisons); the prompt's tokens then go through the model once, not K times.
     share = packed and cfg.share_prompts and packs_sequences(model, share_prefix=True)
-    if packed and cfg.share_prompts and not share and state.is_main_process:
-        print(f"[reward] {parent_path}: the model's attention cannot share a prompt between responses; packing each whole", flush=True)
-    train_ds, truncated = tokenize_groups(train_groups, tokenizer, max_length)
-    val_ds = tokenize_groups(val_groups, tokenizer, max_length)[0] if val_groups and cfg.eval_every else None
-    n_pairs = sum(len(g.responses) * (len(g.responses) - 1) // 2 for g in train_groups)
-    if state.is_main_process:
-        print(f"[reward] {len(train_groups)} training groups ({sum(len(g.responses) for g in train_groups)} responses, "
-              f"{n_pairs} pairs), {len(val_groups)} held-out groups, {state.num_processes} process(es) x {threads} thread(s); "
-              f"{truncated} sequences cut to {max_length} tokens", flush=True)
+    if packed and cfg.share_prompts and not share and is_main:
+        print(f"[reward] {parent_path}: the model's attention cannot share a prompt between responses; "
+              "packing each whole", flush=True)
+    return packed, share
 
-    # 3. Trainer: TRL's RewardTrainer with the K-wise loss; checkpoints inside the stage directory.
-    group_loss = pair_mean_loss if cfg.loss == "pairs" else ranking_loss
-    # LoRA: adapters on the body, the new score head trained in full.
-    peft_config = lora_config(cfg.lora_r if cfg.use_lora else 0, cfg.lora_alpha, cfg.lora_target_modules,
-                              cfg.lora_dropout, "SEQ_CLS", modules_to_save=["score"])
-    args = RewardConfig(
+
+def pair_count(groups: list[Group]) -> int:
+    return sum(len(g.responses) * (len(g.responses) - 1) // 2 for g in groups)
+
+
+def tokenized(cfg: RewardStageConfig, data: Comparisons, tokenizer, max_length: int, state: PartialState,
+              threads: int) -> tuple[Dataset, Dataset | None, int]:
+    """The training groups and, when evaluated during training, the held-out ones, tokenized; and how many
+    sequences were cut to max_length."""
+    train_ds, truncated = tokenize_groups(data.train, tokenizer, max_length)
+    val_ds = tokenize_groups(data.val, tokenizer, max_length)[0] if data.val and cfg.eval_every else None
+    if state.is_main_process:
+        print(f"[reward] {len(data.train)} training groups ({sum(len(g.responses) for g in data.train)} responses, "
+              f"{pair_count(data.train)} pairs), {len(data.val)} held-out groups, {state.num_processes} process(es) "
+              f"x {threads} thread(s); {truncated} sequences cut to {max_length} tokens", flush=True)
+    return train_ds, val_ds, truncated
+
+
+def reward_lora(cfg: RewardStageConfig):
+    """LoRA: adapters on the body, the new score head trained in full (None without --use_lora)."""
+    return lora_config(cfg.lora_r if cfg.use_lora else 0, cfg.lora_alpha, cfg.lora_target_modules,
+                       cfg.lora_dropout, "SEQ_CLS", modules_to_save=["score"])
+
+
+def training_args(cfg: RewardStageConfig, run: StageRun, evaluates: bool) -> RewardConfig:
+    use_cpu, backend = cpu_and_backend()  # as the process group was started (start_processes)
+    return RewardConfig(
         output_dir=str(run.checkpoints), use_cpu=use_cpu, ddp_backend=backend, seed=cfg.seed, data_seed=cfg.seed,
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=cfg.num_epochs, max_steps=cfg.max_steps or -1,
@@ -369,43 +403,134 @@ def main(argv: list[str] | None = None) -> None:
         bf16=cfg.mixed_precision == "bf16", fp16=cfg.mixed_precision == "fp16",
         activation_checkpointing=cfg.gradient_checkpointing, disable_dropout=True, max_length=None,
         logging_steps=cfg.log_every, save_strategy="steps", save_steps=cfg.save_every,
-        save_total_limit=cfg.keep_checkpoints, eval_strategy="steps" if val_ds is not None else "no",
+        save_total_limit=cfg.keep_checkpoints, eval_strategy="steps" if evaluates else "no",
         eval_steps=cfg.eval_every or None, prediction_loss_only=True,
         report_to=["wandb"] if wandb_enabled() else "none", run_name=f"{cfg.run_dir}/reward",
         disable_tqdm=bool(os.environ.get("CI")) and not sys.stderr.isatty(),
         dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(),
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
     )
-    trainer = RankingRewardTrainer(model=model, args=args, data_collator=GroupCollator(tokenizer.pad_token_id, packed, share),
-                                   train_dataset=train_ds, eval_dataset=val_ds, processing_class=tokenizer,
-                                   callbacks=[JsonlMetricsCallback(stage_dir)], peft_config=peft_config, group_loss=group_loss)
-    quiet_console(trainer)
 
-    # 4. Train, resuming from the newest complete checkpoint a killed run left (pipeline.trainer_metrics).
+
+def train(trainer: RankingRewardTrainer, run: StageRun, state: PartialState) -> tuple[TrainOutput, float]:
+    """Train, resuming from the newest complete checkpoint a killed run left (pipeline.trainer_metrics).
+    Returns Trainer's result and the whole run's training loss."""
     resume, resume_step = last_complete_checkpoint(run.checkpoints, remove_incomplete=state.is_main_process)
     if resume and state.is_main_process:
-        truncate_metrics(stage_dir / "metrics.jsonl", resume_step)
+        truncate_metrics(run.dir / "metrics.jsonl", resume_step)
         print(f"[reward] resumed from {resume} (step {resume_step})", flush=True)
     state.wait_for_everyone()
     result = trainer.train(resume_from_checkpoint=resume)
     # Trainer's training_loss covers the steps since the resume only; the manifest reports the whole run's.
-    train_loss = whole_run_loss(trainer.state.log_history, resume_step, result.global_step, result.training_loss)
+    return result, whole_run_loss(trainer.state.log_history, resume_step, result.global_step, result.training_loss)
+
+
+def save_plain_checkpoint(trainer: RankingRewardTrainer, use_lora: bool, peft_config, parent_path: str, tokenizer,
+                          stage_dir: Path, is_main: bool) -> None:
+    """The trained model as a plain checkpoint. With LoRA the adapters are merged into the weights (the
+    trained head kept) of a fresh copy on the main process, given the weights gathered from every process."""
+    if not use_lora:
+        trainer.save_model(str(stage_dir))
+        return
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    if is_main:
+        from peft import get_peft_model
+
+        fresh = get_peft_model(reward_body(parent_path, tokenizer), peft_config)
+        merged_from_state_dict(fresh, state_dict).save_pretrained(stage_dir)
+        tokenizer.save_pretrained(stage_dir)
+
+
+@dataclass
+class Normalisation:
+    raw: torch.Tensor  # the reference demonstrations' rewards before the shift
+    offset: float  # the shift: minus their mean
+    folded: bool  # in the weights (else in config.json)
+
+
+def normalise(reward_model, reward_tokenizer, reference: tuple[list, list[str]], batch_size: int, max_length: int,
+              stage_dir: Path) -> Normalisation:
+    """Shift the saved model's rewards so the reference demonstrations average 0, and save the shift."""
+    setattr(reward_model.config, BIAS_KEY, 0.0)
+    raw = score(reward_model, reward_tokenizer, *reference, batch_size, max_length)
+    offset = -raw.mean().item()
+    setattr(reward_model.config, BIAS_KEY, offset)
+    # Into the weights where the architecture holds it (GPT-2's final LayerNorm bias), so plain transformers
+    # logits are the reward; Llama-style models (RMSNorm, bias-free head) keep it in config.json.
+    folded = fold_offset(reward_model)
+    (reward_model if folded else reward_model.config).save_pretrained(stage_dir)
+    return Normalisation(raw, offset, folded)
+
+
+def training_metrics(result: TrainOutput, train_loss: float, data: Comparisons, norm: Normalisation,
+                     reward_model) -> dict:
+    normalised = norm.raw + norm.offset
+    return {
+        "train_loss": train_loss, "train_steps": result.global_step, "train_groups": len(data.train),
+        "train_pairs": pair_count(data.train), "train_seconds": round(result.metrics.get("train_runtime", 0.0), 1),
+        "reference_raw_mean": norm.raw.mean().item(), "reference_mean": normalised.mean().item(),
+        "reference_std": normalised.std().item() if len(normalised) > 1 else 0.0, "reference_size": len(normalised),
+        "params": sum(p.numel() for p in reward_model.parameters()), "peak_memory_mb": round(peak_memory_mb()),
+    }
+
+
+def report(metrics: dict, norm: Normalisation, stage_dir: Path) -> None:
+    summary = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("val_pair_accuracy", "val_top_vs_rest_accuracy",
+                                                           "val_gold_pair_accuracy", "val_gold_pearson",
+                                                           "val_label_ceiling_accuracy") if k in metrics)
+    print(f"[reward] done in {metrics['train_seconds']}s: {summary or 'no held-out set'}; reward bias "
+          f"{norm.offset:+.3f}{' (in the weights)' if norm.folded else ''} -> {stage_dir}", flush=True)
+
+
+# ---- the stage -------------------------------------------------------------------------------------
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    # 1. Config, parent and data - all checked before anything is written.
+    cfg = parse_config(RewardStageConfig, "reward", argv)
+    threads = set_threads(cfg.threads)
+    split_val = settle_data_files(cfg)
+    state = start_processes()
+    stage_dir = Path(cfg.run_dir) / "reward"
+    parent_path, parent_manifest = parent_model(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(parent_path)
+    check_reward_tokenizer(tokenizer, parent_path)
+    data = load_comparisons(cfg, split_val, state.is_main_process)
+    judge = gold_judge(cfg)
+    run = StageRun("reward", stage_dir, config_dict(cfg), parent_manifest, parent_path,
+                   cfg.train_files + cfg.val_files + cfg.norm_files, state.is_main_process)
+    if not begins(run, cfg.force, state):
+        return
+    wandb_env(stage_dir)
+
+    # 2. Model: the SFT transformer with a one-output head, reward read at the last (EOS) token.
+    set_seed(cfg.seed)
+    model = reward_body(parent_path, tokenizer)
+    max_length = min(cfg.max_length, getattr(model.config, "max_position_embeddings", cfg.max_length))
+    packed, share = batch_layout(cfg, model, parent_path, state.is_main_process)
+    train_ds, val_ds, truncated = tokenized(cfg, data, tokenizer, max_length, state, threads)
+
+    # 3. Trainer: TRL's RewardTrainer with the K-wise loss; checkpoints inside the stage directory.
+    group_loss = pair_mean_loss if cfg.loss == "pairs" else ranking_loss
+    peft_config = reward_lora(cfg)
+    trainer = RankingRewardTrainer(
+        model=model, args=training_args(cfg, run, val_ds is not None),
+        data_collator=GroupCollator(tokenizer.pad_token_id, packed, share), train_dataset=train_ds,
+        eval_dataset=val_ds, processing_class=tokenizer, callbacks=[JsonlMetricsCallback(stage_dir)],
+        peft_config=peft_config, group_loss=group_loss)
+    quiet_console(trainer)
+
+    # 4. Train, resuming from the newest complete checkpoint a killed run left (pipeline.trainer_metrics).
+    result, train_loss = train(trainer, run, state)
     checksums = rank_checksums(trainer.accelerator, trainer.model)  # replicas in sync (2-process tests)
 
     # 5. Save a plain checkpoint (LoRA merged into the weights, the trained head kept; merged into a
     #    fresh copy given the weights gathered from every process). Models loaded from here on, on
     #    the main process alone, load whole.
     load_models_whole()
-    if cfg.use_lora:
-        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
-        if state.is_main_process:
-            from peft import get_peft_model
-
-            fresh = get_peft_model(reward_body(parent_path, tokenizer), peft_config)
-            merged_from_state_dict(fresh, state_dict).save_pretrained(stage_dir)
-            tokenizer.save_pretrained(stage_dir)
-    else:
-        trainer.save_model(str(stage_dir))
+    save_plain_checkpoint(trainer, cfg.use_lora, peft_config, parent_path, tokenizer, stage_dir,
+                          state.is_main_process)
     state.wait_for_everyone()
     if not state.is_main_process:
         return
@@ -414,31 +539,14 @@ def main(argv: list[str] | None = None) -> None:
     # 6. Normalise on the saved checkpoint, as every consumer will load it: shift so the reference
     #    demonstrations average 0 (Ouyang et al. 2022; Huang et al. 2024, "reward normalization").
     reward_model, reward_tokenizer = load_reward_model(stage_dir, device=state.device)
-    setattr(reward_model.config, BIAS_KEY, 0.0)
-    raw = score(reward_model, reward_tokenizer, *reference, cfg.eval_batch_size, max_length)
-    offset = -raw.mean().item()
-    setattr(reward_model.config, BIAS_KEY, offset)
-    # Into the weights where the architecture holds it (GPT-2's final LayerNorm bias), so plain transformers
-    # logits are the reward; Llama-style models (RMSNorm, bias-free head) keep it in config.json.
-    folded = fold_offset(reward_model)
-    (reward_model if folded else reward_model.config).save_pretrained(stage_dir)
-    normalised = raw + offset
+    norm = normalise(reward_model, reward_tokenizer, data.reference, cfg.eval_batch_size, max_length, stage_dir)
 
     # 7. Evaluate on held-out comparisons, then write the manifest (last).
-    metrics = evaluate(reward_model, reward_tokenizer, val_groups, judge, cfg.eval_batch_size, max_length,
-                       group_loss) if val_groups else {}
-    metrics.update({
-        "train_loss": train_loss, "train_steps": result.global_step, "train_groups": len(train_groups),
-        "train_pairs": n_pairs, "train_seconds": round(result.metrics.get("train_runtime", 0.0), 1),
-        "reference_raw_mean": raw.mean().item(), "reference_mean": normalised.mean().item(),
-        "reference_std": normalised.std().item() if len(normalised) > 1 else 0.0, "reference_size": len(normalised),
-        "params": sum(p.numel() for p in reward_model.parameters()), "peak_memory_mb": round(peak_memory_mb()),
-    })
+    metrics = evaluate(reward_model, reward_tokenizer, data.val, judge, cfg.eval_batch_size, max_length,
+                       group_loss) if data.val else {}
+    metrics.update(training_metrics(result, train_loss, data, norm, reward_model))
     trainer.log({k: v for k, v in metrics.items() if k.startswith(("val_", "reference_"))})  # -> metrics.jsonl, wandb
-    run.finish(metrics, {"processes": state.num_processes, "threads": threads, BIAS_KEY: offset, "reward_bias_folded": folded,
-                         "truncated_sequences": truncated, "max_length": max_length,
+    run.finish(metrics, {"processes": state.num_processes, "threads": threads, BIAS_KEY: norm.offset,
+                         "reward_bias_folded": norm.folded, "truncated_sequences": truncated, "max_length": max_length,
                          "weights_checksum_per_rank": checksums})
-    summary = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("val_pair_accuracy", "val_top_vs_rest_accuracy",
-                                                           "val_gold_pair_accuracy", "val_gold_pearson", "val_label_ceiling_accuracy") if k in metrics)
-    print(f"[reward] done in {metrics['train_seconds']}s: {summary or 'no held-out set'}; reward bias "
-          f"{offset:+.3f}{' (in the weights)' if folded else ''} -> {stage_dir}", flush=True)
+    report(metrics, norm, stage_dir)
