@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import stages.ppo.run as ppo_run
-from data.loading import prompt_of
+from data.formats.prompts import prompt_of
 from data.tokenizer import chat_ids, train_tokenizer
 from pipeline.errors import PipelineError
 from evaluation.evaluate import EvalOptions, evaluate_run

@@ -46,7 +46,9 @@ from transformers import (
 )
 from transformers.cache_utils import DynamicCache
 
-from data.loading import load_records, load_texts, prompt_of
+from data.formats.prompts import prompt_of
+from data.formats.text import load_texts
+from data.loading import load_records
 from data.tokenizer import chat_ids, template_accepts
 from pipeline.config import config_dict, parse_config
 from pipeline.errors import PipelineError, cli_main
