@@ -15,10 +15,9 @@ import tempfile
 import time
 
 import torch
+import trl
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-import trl
 from trl.experimental.ppo import PPOConfig, PPOTrainer
 
 

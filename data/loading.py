@@ -141,16 +141,3 @@ def split_holdout(records: list, fraction: float, seed: int) -> tuple[list, list
     random.Random(seed).shuffle(order)
     n_val = min(len(records) - 1, max(1, round(len(records) * fraction)))
     return [records[i] for i in order[n_val:]], [records[i] for i in order[:n_val]]
-
-
-# Moved to data.formats; stages/ppo/run.py still imports these two from here until its imports change.
-# Looked up on first use (not imported at the top: data.formats.text imports this module).
-_MOVED = {"load_texts": "data.formats.text", "prompt_of": "data.formats.prompts"}
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

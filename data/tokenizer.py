@@ -180,10 +180,3 @@ def template_accepts(where: str):
         yield
     except jinja2.TemplateError as e:
         raise PipelineError(f"{where}: the tokenizer's chat template rejects this conversation: {e}") from None
-
-
-def chat_ids(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict]) -> list[int]:
-    """Token ids of a user prompt (or a conversation ending in a user turn) ready for the answer."""
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -21,10 +21,10 @@ import torch
 from transformers import AutoConfig, TextStreamer
 from transformers.utils import logging as hf_logging
 
-from data.tokenizer import chat_ids, template_accepts
+from data.tokenizer import template_accepts
 from evaluation.evaluate import finished_stages, load_causal_lm, pick_device
 from pipeline.errors import PipelineError, cli_main
-from pipeline.generation import answer, max_prompt_tokens
+from pipeline.generation import answer, chat_ids, max_prompt_tokens
 from pipeline.stage import read_manifest, resolve_init
 from reward.model import load_reward_model, score
 from world.judge import GoldJudge

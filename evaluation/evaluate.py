@@ -48,9 +48,9 @@ from transformers.utils import logging as hf_logging
 
 from data.formats.prompts import prompt_of
 from data.loading import load_records
-from data.tokenizer import chat_ids, template_accepts, use_turn_end_as_eos
+from data.tokenizer import template_accepts, use_turn_end_as_eos
 from pipeline.errors import PipelineError, cli_main
-from pipeline.generation import answer, left_pad, max_prompt_tokens
+from pipeline.generation import answer, chat_ids, left_pad, max_prompt_tokens
 from pipeline.stage import read_manifest, write_json_atomic, write_text_atomic
 from pipeline.stats import best_of_k, best_of_k_kl, bootstrap_ci, mean
 from reward.judging import Answers, Judged, RewardModelJudge, WorldJudge, compare, judge_answers, judge_policies

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from data.tokenizer import chat_ids
+
+def chat_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
+    """Token ids of a user prompt (or a conversation ending in a user turn) ready for the answer."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from data.tokenizer import chat_ids
 from evaluation.evaluate import (
     FLOOR_ANSWERS,
     EvalOptions,
@@ -34,7 +33,7 @@ from evaluation.evaluate import (
 )
 from evaluation.evaluate import main as evaluate_main
 from pipeline.errors import PipelineError
-from pipeline.generation import left_pad
+from pipeline.generation import chat_ids, left_pad
 from pipeline.stage import read_manifest, write_json_atomic
 from pipeline.stats import best_of_k, best_of_k_kl, bootstrap_ci, pairwise_outcomes, win_rate
 from reward.judging import Judged, compare

@@ -11,7 +11,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
-from data.tokenizer import chat_ids, train_tokenizer
+from data.tokenizer import train_tokenizer
+from pipeline.generation import chat_ids
 from reward.judging import (
     RATES,
     Answers,

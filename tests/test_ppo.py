@@ -16,13 +16,21 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import stages.ppo.run as ppo_run
 from data.formats.prompts import prompt_of
-from data.tokenizer import chat_ids, train_tokenizer
-from pipeline.errors import PipelineError
+from data.tokenizer import train_tokenizer
 from evaluation.evaluate import EvalOptions, evaluate_run
-from pipeline.generation import left_pad
+from pipeline.errors import PipelineError
+from pipeline.generation import chat_ids, left_pad
 from pipeline.packing import packs_sequences
-from tests.conftest import (NO_SYSTEM_TEMPLATE, assert_replicas_saved, kill_after_checkpoint, one_line_error, read_jsonl,
-                            run_module, torchrun, write_jsonl)
+from tests.conftest import (
+    NO_SYSTEM_TEMPLATE,
+    assert_replicas_saved,
+    kill_after_checkpoint,
+    one_line_error,
+    read_jsonl,
+    run_module,
+    torchrun,
+    write_jsonl,
+)
 
 PER_UPDATE_KEYS = [
     "objective/score", "objective/kl", "objective/kl_coef", "objective/total_reward", "policy/entropy", "loss/policy",

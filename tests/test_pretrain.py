@@ -12,9 +12,19 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from data.formats.text import load_texts
 from data.tokenizer import train_tokenizer
-from stages.pretrain.run import main as pretrain_main, sample_batch
-from tests.conftest import (assert_replicas_saved, kill_after_checkpoint, one_line_error, qwen_style_model, read_jsonl, run_module,
-                            small_bpe, torchrun, write_jsonl)
+from stages.pretrain.run import main as pretrain_main
+from stages.pretrain.run import sample_batch
+from tests.conftest import (
+    assert_replicas_saved,
+    kill_after_checkpoint,
+    one_line_error,
+    qwen_style_model,
+    read_jsonl,
+    run_module,
+    small_bpe,
+    torchrun,
+    write_jsonl,
+)
 
 CORPUS = [{"text": f"Ana Lint lives in Port {c}. She works as a baker and likes the colour {c.lower()}."}
           for c in ["Red", "Blue", "Green", "Amber", "Teal", "Gray", "Pink", "Gold"] * 20]
@@ -200,7 +210,8 @@ def test_a_pad_the_vocabulary_reserves_is_used_instead_of_a_new_one(tmp_path):
 def test_a_llama3_base_vocabulary_without_a_template_gets_llama3s_format_and_no_new_tokens(tmp_path):
     # Llama 3.0 base: no template, no pad, and the header / end-of-turn tokens of its chat format already
     # in the vocabulary among reserved ones. Before, it got our role tokens and a new pad: 4 rows more.
-    from data.tokenizer import chat_ids, ensure_chat_ready, use_turn_end_as_eos
+    from data.tokenizer import ensure_chat_ready, use_turn_end_as_eos
+    from pipeline.generation import chat_ids
 
     tok = llama3_style_tokenizer(tmp_path, ["<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
                                             "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])
@@ -223,7 +234,8 @@ def test_a_sentencepiece_vocabulary_gets_our_template_with_words_that_keep_their
     # turn: the generation prompt still ends at <|assistant|>, and the answer starts with "▁Sorry".
     from transformers import PreTrainedTokenizerFast
 
-    from data.tokenizer import CHAT_TEMPLATE, SPACED_CHAT_TEMPLATE, chat_ids, ensure_chat_ready
+    from data.tokenizer import CHAT_TEMPLATE, SPACED_CHAT_TEMPLATE, ensure_chat_ready
+    from pipeline.generation import chat_ids
     from reward.model import encode
 
     texts = load_texts(make_corpus(tmp_path)) + ["Sorry, I can't help with that."] * 20

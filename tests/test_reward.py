@@ -16,16 +16,26 @@ import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
 from data.formats.comparisons import Group, load_groups
+from data.tokenizer import ensure_chat_ready
 from pipeline.errors import PipelineError
+from pipeline.packing import common_prefix_length, use_varlen_attention
 from pipeline.stage import read_manifest, write_json_atomic
 from reward.losses import pair_accuracy, pair_mean_loss, pairwise_loss, ranking_loss
 from reward.model import encode, load_reward_model, score
-from data.tokenizer import ensure_chat_ready
-from pipeline.packing import common_prefix_length, use_varlen_attention
 from stages.reward.run import GroupCollator, HeadOutputs, tokenize_groups
 from stages.reward.run import main as reward_main
-from tests.conftest import (NO_SYSTEM_TEMPLATE, Interrupted, assert_replicas_saved, kill_after_checkpoint,
-                            one_line_error, read_jsonl, run_module, stop_after_checkpoint, torchrun, write_jsonl)
+from tests.conftest import (
+    NO_SYSTEM_TEMPLATE,
+    Interrupted,
+    assert_replicas_saved,
+    kill_after_checkpoint,
+    one_line_error,
+    read_jsonl,
+    run_module,
+    stop_after_checkpoint,
+    torchrun,
+    write_jsonl,
+)
 from world.judge import GoldJudge
 
 # ---- the loss -------------------------------------------------------------------------------------

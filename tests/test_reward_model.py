@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (AutoModelForSequenceClassification, GPT2Config, GPT2ForSequenceClassification, LlamaConfig,
-                          LlamaForSequenceClassification)
+from transformers import (
+    AutoModelForSequenceClassification,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    LlamaConfig,
+    LlamaForSequenceClassification,
+)
 
 from data.tokenizer import train_tokenizer
 from reward.model import encode, fold_offset, load_reward_model, right_pad, score

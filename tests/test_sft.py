@@ -9,12 +9,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForSequenceClassification,
+    PreTrainedTokenizerFast,
+)
 
 from data.formats.demonstrations import load_demonstrations, to_conversation
 from data.loading import split_holdout
-from data.tokenizer import chat_ids
 from pipeline.config import parse_config
+from pipeline.generation import chat_ids
 from pipeline.packing import keeps_packed_sequences_apart, use_varlen_attention
 from reward.judging import Evaluation, Judged, compare, summarize
 from stages.sft.config import SFTStageConfig
@@ -22,15 +29,27 @@ from stages.sft.run import (
     as_dataset,
     build_trainer,
     gold_metrics,
-    main as sft_main,
     mix_pretraining_text,
-    save_plain_checkpoint,
     sample_indices,
+    save_plain_checkpoint,
     training_args,
 )
-from tests.conftest import (Interrupted, assert_replicas_saved, kill_after_checkpoint, one_line_error,
-                            qwen_style_model, read_jsonl, refusing_system_turns, run_module, stop_after_checkpoint,
-                            torchrun, write_jsonl)
+from stages.sft.run import (
+    main as sft_main,
+)
+from tests.conftest import (
+    Interrupted,
+    assert_replicas_saved,
+    kill_after_checkpoint,
+    one_line_error,
+    qwen_style_model,
+    read_jsonl,
+    refusing_system_turns,
+    run_module,
+    stop_after_checkpoint,
+    torchrun,
+    write_jsonl,
+)
 from world.judge import TOP_SCORE
 
 
@@ -534,8 +553,8 @@ def test_split_holdout_is_disjoint_and_seeded():
 
 
 def test_the_token_that_closes_a_turn_becomes_eos(pretrained_run, demos, tmp_path):
-    from reward.model import encode
     from data.tokenizer import turn_end, use_turn_end_as_eos
+    from reward.model import encode
 
     ours = AutoTokenizer.from_pretrained(pretrained_run / "pretrain")
     assert turn_end(ours) == (ours.eos_token, "") and use_turn_end_as_eos(ours) is None  # our template ends turns with EOS

@@ -49,10 +49,10 @@ from transformers.cache_utils import DynamicCache
 from data.formats.prompts import prompt_of
 from data.formats.text import load_texts
 from data.loading import load_records
-from data.tokenizer import chat_ids, template_accepts
+from data.tokenizer import template_accepts
 from pipeline.config import config_dict, parse_config
 from pipeline.errors import PipelineError, cli_main
-from pipeline.generation import left_pad
+from pipeline.generation import chat_ids, left_pad
 from pipeline.packing import document_stream, packs_sequences
 from pipeline.runtime import (
     configure_deepspeed,

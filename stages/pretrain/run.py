@@ -26,8 +26,16 @@ from data.tokenizer import ensure_chat_ready, train_tokenizer
 from pipeline.config import config_dict, parse_config
 from pipeline.errors import PipelineError, cli_main
 from pipeline.packing import document_stream
-from pipeline.runtime import (configure_deepspeed, load_checkpoint, one_entry_per_parameter, peak_memory_mb, progress,
-                              rank_checksums, save_checkpoint, setup)
+from pipeline.runtime import (
+    configure_deepspeed,
+    load_checkpoint,
+    one_entry_per_parameter,
+    peak_memory_mb,
+    progress,
+    rank_checksums,
+    save_checkpoint,
+    setup,
+)
 from pipeline.stage import StageRun, resolve_init
 from pipeline.tracking import Tracker
 from stages.pretrain.config import PretrainConfig

@@ -30,17 +30,22 @@ from pipeline.config import config_dict, parse_config
 from pipeline.errors import PipelineError, cli_main
 from pipeline.lora import lora_config
 from pipeline.packing import common_prefix_length, pack_rows, packs_sequences
-from pipeline.runtime import (cpu_and_backend, load_models_whole, merged_from_state_dict, peak_memory_mb,
-                              rank_checksums, set_threads, stage_decides_training_settings)
+from pipeline.runtime import (
+    cpu_and_backend,
+    load_models_whole,
+    merged_from_state_dict,
+    peak_memory_mb,
+    rank_checksums,
+    set_threads,
+    stage_decides_training_settings,
+)
 from pipeline.stage import StageRun, last_complete_checkpoint, require_stage, resolve_init, trains_on_world
 from pipeline.tracking import truncate_metrics, wandb_enabled, wandb_env
-from pipeline.trainer_metrics import (JsonlMetricsCallback, quiet_console, replayable_train_sampler,
-                                      whole_run_loss)
+from pipeline.trainer_metrics import JsonlMetricsCallback, quiet_console, replayable_train_sampler, whole_run_loss
 from reward.losses import group_pairs, pair_accuracy, pair_mean_loss, ranking_loss
 from reward.model import BIAS_KEY, check_reward_tokenizer, encode, fold_offset, load_reward_model, right_pad, score
 from stages.reward.config import RewardStageConfig
 from world.judge import GoldJudge
-
 
 # ---- training on K-wise groups ------------------------------------------------------------------
 

@@ -32,15 +32,20 @@ from pipeline.config import config_dict, parse_config
 from pipeline.errors import PipelineError, cli_main
 from pipeline.generation import answer
 from pipeline.packing import packs_sequences
-from pipeline.runtime import (cpu_and_backend, load_models_whole, merged_from_state_dict, peak_memory_mb, rank_checksums,
-                              set_threads, stage_decides_training_settings)
+from pipeline.runtime import (
+    cpu_and_backend,
+    load_models_whole,
+    merged_from_state_dict,
+    peak_memory_mb,
+    rank_checksums,
+    set_threads,
+    stage_decides_training_settings,
+)
 from pipeline.stage import StageRun, last_complete_checkpoint, require_stage, resolve_init, trains_on_world
 from pipeline.tracking import truncate_metrics, wandb_enabled, wandb_env
-from pipeline.trainer_metrics import (JsonlMetricsCallback, replayable_train_sampler,
-                                      whole_run_loss)
+from pipeline.trainer_metrics import JsonlMetricsCallback, replayable_train_sampler, whole_run_loss
 from reward.judging import Evaluation, WorldJudge, judge_policies
 from stages.sft.config import SFTStageConfig
-
 
 # ---- demonstrations (their formats: data.formats.demonstrations) ---------------------------------
 
