@@ -65,7 +65,7 @@ def full_state_dict(model) -> dict:
 
 def check_lora_save(rank: int, tmp: str) -> None:
     """The stage's save of a LoRA policy: from the gathered state dict, merged into a fresh copy."""
-    lora = SimpleNamespace(lora_r=4, lora_alpha=8, lora_target_modules="q_proj,v_proj")
+    lora = SimpleNamespace(lora_r=4, lora_alpha=8, lora_target_modules=["q_proj", "v_proj"])
     if rank == 0:
         actor_critic().policy.save_pretrained(tmp)  # the SFT checkpoint the stage starts from (same seed)
     plain = actor_critic(lora)

@@ -49,7 +49,7 @@ class PPOConfig:
     ema_decay: float = field(default=0.0, metadata={"help": "EMA of the policy weights (InstructGPT); the EMA weights are saved. 0 disables."})
     lora_r: int = field(default=0, metadata={"help": "LoRA rank for the policy; the reference is the same backbone with adapters off. 0: full fine-tuning."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
-    lora_target_modules: str = field(default="all-linear", metadata={"help": "LoRA target modules: all-linear or comma-separated module names."})
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata={"help": "Modules that get adapters ('all-linear' or names such as q_proj v_proj)."})
     gold_every: int = field(default=10, metadata={"help": "Updates between gold-judge evaluations of greedy answers (embedded world only); 0 disables."})
     gold_eval_size: int = field(default=64, metadata={"help": "Held-out prompts in each periodic gold evaluation (a fixed subset)."})
     eval_size: int = field(default=0, metadata={"help": "Held-out prompts in the final evaluation; 0: all."})

@@ -53,6 +53,7 @@ from data.tokenizer import template_accepts
 from pipeline.config import config_dict, parse_config
 from pipeline.errors import PipelineError, cli_main
 from pipeline.generation import chat_ids, left_pad
+from pipeline.lora import lora_config
 from pipeline.packing import document_stream, packs_sequences
 from pipeline.runtime import (
     configure_deepspeed,
@@ -66,8 +67,9 @@ from pipeline.runtime import (
     setup,
 )
 from pipeline.stage import StageRun, require_stage, trains_on_world, write_text_atomic
-from pipeline.stats import win_rate, win_rate_ceiling
+from pipeline.stats import mean
 from pipeline.tracking import Tracker
+from reward.judging import Answers, RewardModelJudge, WorldJudge, judge_answers, judge_policies, summarize
 from reward.model import BIAS_KEY, load_reward_model
 from stages.ppo.config import PPOConfig
 from stages.ppo.math import (
@@ -87,7 +89,7 @@ from stages.ppo.math import (
     value_loss,
     whiten,
 )
-from world.judge import TOP_SCORE, GoldJudge
+from world.judge import GoldJudge
 
 # Prompts held out of training when PPO trains on a prompt set of your own; the manifest names the file.
 HELD_OUT_FILE = "heldout_prompts.jsonl"
@@ -402,13 +404,11 @@ def check_ema_supported(ema_decay: float, zero_stage: int | None) -> None:
 
 
 def with_lora(policy, cfg: PPOConfig):
-    """The policy with trainable LoRA adapters (peft); the base weights stay frozen."""
-    from peft import LoraConfig, get_peft_model
+    """The policy with trainable LoRA adapters (peft); the base weights stay frozen. No dropout on the
+    adapters either: rollout and update must compute alike (N+)."""
+    from peft import get_peft_model
 
-    targets = (cfg.lora_target_modules if cfg.lora_target_modules == "all-linear"
-               else cfg.lora_target_modules.split(","))
-    return get_peft_model(policy, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                                             target_modules=targets, task_type="CAUSAL_LM"))
+    return get_peft_model(policy, lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules, dropout=0.0))
 
 
 def check_same_tokenizer(policy_tok, reward_tok, sft_path: str, reward_path: str) -> None:
@@ -896,14 +896,13 @@ def gold_metrics(cfg: PPOConfig, learner: Learner, tokenizer, data: PromptSets) 
     """Greedy answers to a fixed subset of held-out prompts: gold score beside the proxy score.
     Evaluations run on every process (no extra wall time; sharded engines need all of them for the
     gather); the tracker logs on the main one only."""
+    prompts, ids = data.eval_prompts[:data.gold_n], data.eval_ids[:data.gold_n]
     with as_trained(learner.accelerator, learner.model):
-        result = evaluate(learner.policy, learner.reward_model, tokenizer, data.judge, data.eval_prompts[:data.gold_n],
-                          data.eval_ids[:data.gold_n], cfg.max_new_tokens, scoring_penalty(cfg))
-    return {"gold/score": result["gold"]["score"], "gold/hallucination_rate": result["gold"]["hallucination_rate"],
-            "gold/proxy_score": _mean(result["proxy"])}
-
-
-# ---- the end: evaluation, save, manifest ----------------------------------------------------------
+        greedy = greedy_answers(learner.policy, tokenizer, ids, cfg.max_new_tokens)
+    s = summarize(judge_answers(WorldJudge(data.judge), prompts, greedy, proxy=proxy_judge(cfg, learner, tokenizer),
+                                prompt_ids=ids))
+    return {"gold/score": s["gold_score"], "gold/hallucination_rate": s["hallucination_rate"],
+            "gold/proxy_score": s["proxy_score"]}
 
 
 def train_summary(cfg: PPOConfig, last: dict, trainable: int, start: int, loop_seconds: float) -> dict:
@@ -917,34 +916,49 @@ def train_summary(cfg: PPOConfig, last: dict, trainable: int, start: int, loop_s
 
 def final_evaluation(cfg: PPOConfig, learner: Learner, tokenizer, data: PromptSets) -> tuple[dict, list]:
     """7. Evaluation against the SFT policy on held-out prompts: the metrics and sample answers of the
-    manifest. On every process, like the gold metrics; the main one writes the manifest."""
+    manifest (reward.judging, as every stage and make eval judge). On every process, like the gold
+    metrics; the main one writes the manifest."""
     if not data.eval_ids:
         return {}, []
     with as_trained(learner.accelerator, learner.model):
-        ppo = evaluate(learner.policy, learner.reward_model, tokenizer, data.judge, data.eval_prompts, data.eval_ids,
-                       cfg.max_new_tokens, scoring_penalty(cfg))
+        ppo_answers = greedy_answers(learner.policy, tokenizer, data.eval_ids, cfg.max_new_tokens)
         with reference(learner.policy, learner.ref_model) as ref:
-            base = evaluate(ref, learner.reward_model, tokenizer, data.judge, data.eval_prompts, data.eval_ids,
-                            cfg.max_new_tokens, scoring_penalty(cfg))
+            sft_answers = greedy_answers(ref, tokenizer, data.eval_ids, cfg.max_new_tokens)
         kl_to_sft = kl_to_reference(learner.policy, learner.ref_model, tokenizer, data.eval_ids, cfg)
+    proxy = proxy_judge(cfg, learner, tokenizer)
+    gold = WorldJudge(data.judge) if data.judge is not None else None
+    evaluation = judge_policies(gold or proxy, data.eval_prompts, {"ppo": ppo_answers, "sft": sft_answers},
+                                pairs=[("ppo", "sft")], proxy=proxy, prompt_ids=data.eval_ids)
+    ppo, sft = evaluation.summaries["ppo"], evaluation.summaries["sft"]
     # reward_score is what training optimises (unfinished answers at no_eos_penalty); *_raw the reward
     # model's own score of the same answers. kl_to_sft is between the distributions at the sampling
     # temperature (logits / kl_temperature, N+), of answers sampled at it.
-    metrics = {"reward_score": _mean(ppo["proxy"]), "sft_reward_score": _mean(base["proxy"]),
-               "reward_score_raw": _mean(ppo["proxy_raw"]), "sft_reward_score_raw": _mean(base["proxy_raw"]),
-               "response_length": ppo["length"], "sft_response_length": base["length"],
+    metrics = {"reward_score": ppo["proxy_score"], "sft_reward_score": sft["proxy_score"],
+               "reward_score_raw": mean(evaluation.judged["ppo"].proxy_raw),
+               "sft_reward_score_raw": mean(evaluation.judged["sft"].proxy_raw),
+               "response_length": ppo["response_tokens"], "sft_response_length": sft["response_tokens"],
                "kl_to_sft": kl_to_sft, "kl_temperature": cfg.temperature, "eval_prompts": len(data.eval_ids)}
-    if data.judge is not None:
-        sft_scores = [v.score for v in base["verdicts"]]
-        metrics.update({"gold_score": ppo["gold"]["score"], "sft_gold_score": base["gold"]["score"],
-                        "gold_win_rate": win_rate([v.score for v in ppo["verdicts"]], sft_scores),
-                        # What the ideal answer (the judge's top score, 1) would win against SFT.
-                        "gold_win_rate_ceiling": win_rate_ceiling(sft_scores, TOP_SCORE),
-                        "hallucination_rate": ppo["gold"]["hallucination_rate"],
-                        "sft_hallucination_rate": base["gold"]["hallucination_rate"]})
+    if gold is not None:
+        win = evaluation.win_rates["ppo_vs_sft"]  # its ceiling: what the ideal answer would win against SFT
+        metrics.update({"gold_score": ppo["gold_score"], "sft_gold_score": sft["gold_score"],
+                        "gold_win_rate": win["win_rate"], "gold_win_rate_ceiling": win["ceiling"],
+                        "hallucination_rate": ppo["hallucination_rate"],
+                        "sft_hallucination_rate": sft["hallucination_rate"]})
     samples = [{"prompt": p, "ppo": a, "sft": b}
-               for p, a, b in zip(data.eval_prompts[:8], ppo["texts"], base["texts"])]
+               for p, a, b in zip(data.eval_prompts[:8], ppo_answers.texts, sft_answers.texts, strict=False)]
     return metrics, samples
+
+
+def proxy_judge(cfg: PPOConfig, learner: Learner, tokenizer) -> RewardModelJudge:
+    """The reward model scoring held-out answers as the rollout scores them (no-EOS penalty included)."""
+    return RewardModelJudge(learner.reward_model, tokenizer, no_eos_penalty=scoring_penalty(cfg))
+
+
+def greedy_answers(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int) -> Answers:
+    """Greedy answers: the token ids as generated (the reward model scores those, as in training) and
+    their text (the gold judge reads that)."""
+    responses = answers(model, tokenizer, prompt_ids, max_new_tokens)
+    return Answers([tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses], ids=responses)
 
 
 def save_policy(cfg: PPOConfig, policy: nn.Module, pair_state: dict, tokenizer, stage_dir: Path) -> None:
@@ -998,10 +1012,6 @@ def finish(cfg: PPOConfig, run: StageRun, learner: Learner, tokenizer, data: Pro
 
 _SUMMARY = ("reward_score", "sft_reward_score", "kl_to_sft", "gold_score", "sft_gold_score", "gold_win_rate",
             "gold_win_rate_ceiling", "hallucination_rate", "sft_hallucination_rate")
-
-
-def _mean(xs: list[float]) -> float:
-    return sum(xs) / max(len(xs), 1)
 
 
 # ---- the stage ----------------------------------------------------------------------------------
@@ -1086,51 +1096,6 @@ def answers(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, 
         tokens, resp_mask, _ = truncate_after_eos(tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
         out += [row[:n].tolist() for row, n in zip(tokens.cpu(), resp_mask.sum(1).tolist())]
     return out
-
-
-@torch.no_grad()
-def proxy_scores(reward_model, tokenizer, prompt_ids: list[list[int]], responses: list[list[int]],
-                 batch_size: int = 64) -> list[float]:
-    """Reward-model score of each prompt + response (left-padded, so every row ends in the last column)."""
-    device = next(reward_model.parameters()).device
-    out = []
-    for i in range(0, len(prompt_ids), batch_size):
-        seqs = [p + r for p, r in zip(prompt_ids[i:i + batch_size], responses[i:i + batch_size])]
-        ids, mask = left_pad(seqs, tokenizer.pad_token_id)
-        ids, mask = ids.to(device), mask.to(device)
-        # The last column as a one-token "response": its position is where the reward is read.
-        out += reward_scores(reward_model, episodes(ids, mask, mask[:, -1:], packed=False)).tolist()
-    return out
-
-
-def gold_report(judge: GoldJudge, prompts: list, texts: list[str]) -> tuple[list, dict]:
-    """Gold judge verdicts and their summary: mean score and the hallucination rate (share of
-    'hallucinated' among questions about people who do not exist)."""
-    verdicts = [judge.judge(p, t) for p, t in zip(prompts, texts)]
-    unknown = [v for v in verdicts if v.family == "unknown"]
-    return verdicts, {
-        "score": sum(v.score for v in verdicts) / max(len(verdicts), 1),
-        "hallucination_rate": sum(v.label == "hallucinated" for v in unknown) / max(len(unknown), 1),
-    }
-
-
-def evaluate(model, reward_model, tokenizer, judge: GoldJudge | None, prompts: list, prompt_ids: list[list[int]],
-             max_new_tokens: int, no_eos_penalty: float | None = None) -> dict:
-    """Greedy answers to held-out prompts, scored by the reward model (proxy) and the gold judge.
-    `proxy` is scored as training scores (answers without EOS get no_eos_penalty unless it is None),
-    `proxy_raw` is the reward model's score of the answers as they are."""
-    responses = answers(model, tokenizer, prompt_ids, max_new_tokens)
-    texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses]
-    raw = proxy_scores(reward_model, tokenizer, prompt_ids, responses)
-    scores = raw
-    if no_eos_penalty is not None:
-        has_eos = torch.tensor([bool(r) and r[-1] == tokenizer.eos_token_id for r in responses])
-        scores = apply_no_eos_penalty(torch.tensor(raw), has_eos, no_eos_penalty).tolist()
-    result = {"texts": texts, "proxy": scores, "proxy_raw": raw,
-              "length": sum(map(len, responses)) / max(len(responses), 1)}
-    if judge is not None:
-        result["verdicts"], result["gold"] = gold_report(judge, prompts, texts)
-    return result
 
 
 @torch.no_grad()
