@@ -19,20 +19,46 @@ DEFAULT_PEAK_TFLOPS = 989.0
 
 STEPS = {  # bounded work per stage: (profile -> overrides)
     "gpu": {
-        "pretrain": ["--max_steps", "60", "--eval_every", "60", "--save_every", "1000", "--log_every", "10",
-                     "--vocab_size", "8192", "--train_files", "{run}/world/corpus.jsonl", "--val_fraction", "0.02"],
+        "pretrain": [
+            "--max_steps",
+            "60",
+            "--eval_every",
+            "60",
+            "--save_every",
+            "1000",
+            "--log_every",
+            "10",
+            "--vocab_size",
+            "8192",
+            "--train_files",
+            "{run}/world/corpus.jsonl",
+            "--val_fraction",
+            "0.02",
+        ],
         "sft": ["--max_steps", "40", "--save_every", "1000", "--eval_prompts", "64"],
         "reward": ["--max_steps", "40", "--save_every", "1000"],
         "ppo": ["--num_updates", "6", "--save_every", "1000", "--gold_every", "3", "--eval_size", "64"],
     },
-    "tiny": {"pretrain": ["--max_steps", "10"], "sft": ["--max_steps", "5"], "reward": ["--max_steps", "5"],
-             "ppo": ["--num_updates", "2"]},
+    "tiny": {
+        "pretrain": ["--max_steps", "10"],
+        "sft": ["--max_steps", "5"],
+        "reward": ["--max_steps", "5"],
+        "ppo": ["--num_updates", "2"],
+    },
 }
 
 
 def run_stage(stage: str, profile: str, run: Path, extra: list[str]) -> float:
-    cmd = [sys.executable, "-m", f"stages.{stage}", "--profile", profile, "--run_dir", str(run),
-           *[a.replace("{run}", str(run)) for a in extra]]
+    cmd = [
+        sys.executable,
+        "-m",
+        f"stages.{stage}",
+        "--profile",
+        profile,
+        "--run_dir",
+        str(run),
+        *[a.replace("{run}", str(run)) for a in extra],
+    ]
     t = time.time()
     proc = subprocess.run(cmd, text=True, capture_output=True)
     if proc.returncode != 0:
@@ -53,7 +79,21 @@ def main() -> None:
     args = ap.parse_args()
     run = Path(args.run_dir)
     world_flags = ["--num_people", "200"] if args.profile == "gpu" else []
-    subprocess.run([sys.executable, "-m", "world", "--seed", "0", "--out", str(run / "world"), "--if_missing", "true", *world_flags], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "world",
+            "--seed",
+            "0",
+            "--out",
+            str(run / "world"),
+            "--if_missing",
+            "true",
+            *world_flags,
+        ],
+        check=True,
+    )
 
     rows = []
     for stage in ("pretrain", "sft", "reward", "ppo"):

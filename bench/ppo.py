@@ -37,8 +37,11 @@ def versions() -> dict[str, str]:
     import accelerate
     import transformers
 
-    return {"torch": torch.__version__.split("+")[0], "transformers": transformers.__version__,
-            "accelerate": accelerate.__version__}
+    return {
+        "torch": torch.__version__.split("+")[0],
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+    }
 
 
 def ensure_trl_venv() -> Path:
@@ -57,8 +60,10 @@ def ensure_trl_venv() -> Path:
     pip = [python, "-m", "pip", "install", "-q"]
     # torch first, pinned: the CPU wheel the project uses (a plain `pip install torch` may pick CUDA).
     subprocess.run(pip + [f"torch=={want['torch']}"], check=True)
-    subprocess.run(pip + [f"trl=={TRL_VERSION}", f"transformers=={want['transformers']}",
-                          f"accelerate=={want['accelerate']}"], check=True)
+    subprocess.run(
+        pip + [f"trl=={TRL_VERSION}", f"transformers=={want['transformers']}", f"accelerate=={want['accelerate']}"],
+        check=True,
+    )
     return python
 
 
@@ -74,13 +79,20 @@ def trl_settings(rollout_batch_size: int, num_minibatches: int, gradient_accumul
     minibatch. (The earlier per-device batch = rollout / minibatches with accumulation = minibatches
     stepped once per PPO epoch: 4 steps per update where ours took 4 x 2.)"""
     if gradient_accumulation != 1:
-        raise ValueError("TRL 1.12's PPOTrainer cannot accumulate micro-batches within a minibatch: its accumulation "
-                         "counter spans minibatches, so any accumulation > 1 merges several into one step")
+        raise ValueError(
+            "TRL 1.12's PPOTrainer cannot accumulate micro-batches within a minibatch: its accumulation "
+            "counter spans minibatches, so any accumulation > 1 merges several into one step"
+        )
     if rollout_batch_size % num_minibatches:
-        raise ValueError(f"rollout_batch_size {rollout_batch_size} is not divisible by "
-                         f"num_minibatches {num_minibatches}")
-    return {"per_device_train_batch_size": rollout_batch_size, "gradient_accumulation_steps": 1,
-            "num_mini_batches": num_minibatches, "local_rollout_forward_batch_size": rollout_batch_size}
+        raise ValueError(
+            f"rollout_batch_size {rollout_batch_size} is not divisible by num_minibatches {num_minibatches}"
+        )
+    return {
+        "per_device_train_batch_size": rollout_batch_size,
+        "gradient_accumulation_steps": 1,
+        "num_mini_batches": num_minibatches,
+        "local_rollout_forward_batch_size": rollout_batch_size,
+    }
 
 
 def trl_optimizer_steps_per_update(settings: dict[str, int], ppo_epochs: int) -> int:
@@ -110,14 +122,26 @@ def build_run(run: Path, n_layers: int, hidden: int, context: int, seed: int) ->
     if (run / "reward" / "manifest.json").is_file():
         return
     shutil.rmtree(run, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "world", "--seed", str(seed), "--out", run / "world"], check=True,
-                   cwd=ROOT, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "world", "--seed", str(seed), "--out", run / "world"],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+    )
     tokenizer = train_tokenizer(load_texts(run / "world" / "corpus.jsonl")[:2000], vocab_size=512)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=n_layers,
-        num_attention_heads=max(1, hidden // 32), num_key_value_heads=max(1, hidden // 32),
-        max_position_embeddings=context, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, num_labels=1,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=n_layers,
+        num_attention_heads=max(1, hidden // 32),
+        num_key_value_heads=max(1, hidden // 32),
+        max_position_embeddings=context,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        num_labels=1,
     )
     torch.manual_seed(seed)
     for stage, cls in (("sft", LlamaForCausalLM), ("reward", LlamaForSequenceClassification)):
@@ -127,43 +151,107 @@ def build_run(run: Path, n_layers: int, hidden: int, context: int, seed: int) ->
 
 
 def run_ours(run: Path, a, env: dict) -> dict:
-    cmd = [sys.executable, "-m", "stages.ppo", "--profile", "tiny", "--run_dir", run, "--force", "true",
-           "--num_updates", a.updates, "--rollout_batch_size", a.rollout_batch_size, "--num_minibatches", a.num_minibatches,
-           "--gradient_accumulation", 1, "--ppo_epochs", a.ppo_epochs, "--max_new_tokens", a.max_new_tokens,
-           "--max_prompt_length", a.context - a.max_new_tokens, "--temperature", a.temperature, "--lr", a.lr,
-           "--kl_coef", a.kl_coef, "--seed", a.seed, "--gold_every", 0, "--eval_size", 8,
-           "--save_every", a.updates + 1, "--no_eos_penalty", -1.0, "--max_kl", 0]
+    cmd = [
+        sys.executable,
+        "-m",
+        "stages.ppo",
+        "--profile",
+        "tiny",
+        "--run_dir",
+        run,
+        "--force",
+        "true",
+        "--num_updates",
+        a.updates,
+        "--rollout_batch_size",
+        a.rollout_batch_size,
+        "--num_minibatches",
+        a.num_minibatches,
+        "--gradient_accumulation",
+        1,
+        "--ppo_epochs",
+        a.ppo_epochs,
+        "--max_new_tokens",
+        a.max_new_tokens,
+        "--max_prompt_length",
+        a.context - a.max_new_tokens,
+        "--temperature",
+        a.temperature,
+        "--lr",
+        a.lr,
+        "--kl_coef",
+        a.kl_coef,
+        "--seed",
+        a.seed,
+        "--gold_every",
+        0,
+        "--eval_size",
+        8,
+        "--save_every",
+        a.updates + 1,
+        "--no_eos_penalty",
+        -1.0,
+        "--max_kl",
+        0,
+    ]
     proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"our PPO failed:\n{proc.stderr[-3000:]}")
     m = json.loads((run / "ppo" / "manifest.json").read_text())["metrics"]
-    return {"episodes": m["episodes"], "train_seconds": m["train_seconds"], "episodes_per_s": m["episodes_per_s"],
-            "peak_memory_mb": m["peak_memory_mb"],
-            # by construction (stages.ppo: one step per minibatch); TRL's side is counted
-            "optimizer_steps_per_update": a.ppo_epochs * a.num_minibatches}
+    return {
+        "episodes": m["episodes"],
+        "train_seconds": m["train_seconds"],
+        "episodes_per_s": m["episodes_per_s"],
+        "peak_memory_mb": m["peak_memory_mb"],
+        # by construction (stages.ppo: one step per minibatch); TRL's side is counted
+        "optimizer_steps_per_update": a.ppo_epochs * a.num_minibatches,
+    }
 
 
 def trl_command(python: Path, run: Path, a) -> list[str]:
     settings = trl_settings(a.rollout_batch_size, a.num_minibatches)
-    cmd = [python, ROOT / "bench" / "trl_ppo.py", "--run_dir", run, "--updates", a.updates,
-           "--rollout_batch_size", a.rollout_batch_size, "--ppo_epochs", a.ppo_epochs,
-           "--max_new_tokens", a.max_new_tokens, "--temperature", a.temperature, "--lr", a.lr, "--kl_coef", a.kl_coef,
-           "--seed", a.seed, "--max_prompts", 1000]
+    cmd = [
+        python,
+        ROOT / "bench" / "trl_ppo.py",
+        "--run_dir",
+        run,
+        "--updates",
+        a.updates,
+        "--rollout_batch_size",
+        a.rollout_batch_size,
+        "--ppo_epochs",
+        a.ppo_epochs,
+        "--max_new_tokens",
+        a.max_new_tokens,
+        "--temperature",
+        a.temperature,
+        "--lr",
+        a.lr,
+        "--kl_coef",
+        a.kl_coef,
+        "--seed",
+        a.seed,
+        "--max_prompts",
+        1000,
+    ]
     for name, value in settings.items():
         cmd += [f"--{name}", value]
     return [str(c) for c in cmd]
 
 
 def run_trl(python: Path, run: Path, a, env: dict) -> dict:
-    proc = subprocess.run(trl_command(python, run, a), cwd=ROOT, env={**env, "PYTHONPATH": ""}, capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+        trl_command(python, run, a), cwd=ROOT, env={**env, "PYTHONPATH": ""}, capture_output=True, text=True
+    )
     if proc.returncode != 0:
         raise SystemExit(f"TRL PPO failed:\n{proc.stderr[-3000:]}")
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     # A throughput ratio means nothing if one side does more optimizer steps: stop rather than report it.
     if r["optimizer_steps_per_update"] != a.ppo_epochs * a.num_minibatches:
-        raise SystemExit(f"TRL took {r['optimizer_steps_per_update']} optimizer steps per update, ours "
-                         f"{a.ppo_epochs * a.num_minibatches}: the sides do not compare")
+        raise SystemExit(
+            f"TRL took {r['optimizer_steps_per_update']} optimizer steps per update, ours "
+            f"{a.ppo_epochs * a.num_minibatches}: the sides do not compare"
+        )
     return r
 
 
@@ -185,15 +273,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (both sides); 0 leaves the default")
     a = ap.parse_args(argv)
     # A shape TRL cannot replay step for step fails here, before any install.
-    if trl_optimizer_steps_per_update(trl_settings(a.rollout_batch_size, a.num_minibatches), a.ppo_epochs) \
-            != a.ppo_epochs * a.num_minibatches:
+    if (
+        trl_optimizer_steps_per_update(trl_settings(a.rollout_batch_size, a.num_minibatches), a.ppo_epochs)
+        != a.ppo_epochs * a.num_minibatches
+    ):
         raise SystemExit("TRL's settings would not take one optimizer step per minibatch")
 
     python = ensure_trl_venv()
     run = OUT / f"ppo_l{a.n_layers}_h{a.hidden_size}_c{a.context}_s{a.seed}"
     build_run(run, a.n_layers, a.hidden_size, a.context, a.seed)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     if a.threads:
         env.update(OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
 
@@ -202,34 +297,52 @@ def main(argv: list[str] | None = None) -> None:
         for side, fn in (("ours", lambda: run_ours(run, a, env)), ("trl", lambda: run_trl(python, run, a, env))):
             r = fn()
             results[side].append(r)
-            print(f"[bench] run {i + 1}/{a.repeats} {side}: {r['episodes_per_s']:.2f} episodes/s, "
-                  f"peak {r['peak_memory_mb']:.0f} MB, {r['optimizer_steps_per_update']:g} optimizer steps/update",
-                  flush=True)
+            print(
+                f"[bench] run {i + 1}/{a.repeats} {side}: {r['episodes_per_s']:.2f} episodes/s, "
+                f"peak {r['peak_memory_mb']:.0f} MB, {r['optimizer_steps_per_update']:g} optimizer steps/update",
+                flush=True,
+            )
     best = {side: max(rs, key=lambda r: r["episodes_per_s"]) for side, rs in results.items()}
     ratio = best["ours"]["episodes_per_s"] / best["trl"]["episodes_per_s"]
     median = {side: sorted(r["episodes_per_s"] for r in rs)[len(rs) // 2] for side, rs in results.items()}
 
-    config = (f"policy and reward: Llama {a.n_layers} layers, width {a.hidden_size}, vocab 512, context {a.context}; "
-              f"{a.updates} updates x {a.rollout_batch_size} episodes, {a.max_new_tokens} new tokens at temperature "
-              f"{a.temperature}, {a.ppo_epochs} PPO epochs x {a.num_minibatches} minibatches "
-              f"(one optimizer step each); "
-              f"{a.threads or 'default'} thread(s); best of {a.repeats}")
+    config = (
+        f"policy and reward: Llama {a.n_layers} layers, width {a.hidden_size}, vocab 512, context {a.context}; "
+        f"{a.updates} updates x {a.rollout_batch_size} episodes, {a.max_new_tokens} new tokens at temperature "
+        f"{a.temperature}, {a.ppo_epochs} PPO epochs x {a.num_minibatches} minibatches "
+        f"(one optimizer step each); "
+        f"{a.threads or 'default'} thread(s); best of {a.repeats}"
+    )
     lines = [
-        f"PPO throughput ({config})", "",
+        f"PPO throughput ({config})",
+        "",
         "| implementation | episodes/s | PPO loop seconds | peak memory (MB) | optimizer steps / update |",
         "|---|---:|---:|---:|---:|",
-        *(f"| {name} | {best[side]['episodes_per_s']:.2f} | {best[side]['train_seconds']:.1f} | "
-          f"{best[side]['peak_memory_mb']:.0f} | {best[side]['optimizer_steps_per_update']:g} |"
-          for side, name in (("ours", "ours (stages.ppo)"), ("trl", f"TRL {TRL_VERSION} PPOTrainer"))),
-        "", f"**speed-up: {ratio:.2f}x** (best of each side; target >= 2x); median runs: ours {median['ours']:.2f}, "
-            f"TRL {median['trl']:.2f} episodes/s ({median['ours'] / median['trl']:.2f}x)",
+        *(
+            f"| {name} | {best[side]['episodes_per_s']:.2f} | {best[side]['train_seconds']:.1f} | "
+            f"{best[side]['peak_memory_mb']:.0f} | {best[side]['optimizer_steps_per_update']:g} |"
+            for side, name in (("ours", "ours (stages.ppo)"), ("trl", f"TRL {TRL_VERSION} PPOTrainer"))
+        ),
+        "",
+        f"**speed-up: {ratio:.2f}x** (best of each side; target >= 2x); median runs: ours {median['ours']:.2f}, "
+        f"TRL {median['trl']:.2f} episodes/s ({median['ours'] / median['trl']:.2f}x)",
     ]
     print("\n".join(lines))
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "ppo.json").write_text(json.dumps({"config": vars(a),
-                                              "trl_settings": trl_settings(a.rollout_batch_size, a.num_minibatches),
-                                              "runs": results, "best": best, "ratio": ratio, "median": median,
-                                              "versions": versions()}, indent=2))
+    (OUT / "ppo.json").write_text(
+        json.dumps(
+            {
+                "config": vars(a),
+                "trl_settings": trl_settings(a.rollout_batch_size, a.num_minibatches),
+                "runs": results,
+                "best": best,
+                "ratio": ratio,
+                "median": median,
+                "versions": versions(),
+            },
+            indent=2,
+        )
+    )
     (OUT / "ppo.md").write_text("\n".join(lines) + "\n")
 
 

@@ -36,17 +36,33 @@ def matmul_peak_flops(n: int = 1024, seconds: float = 2.0) -> float:
 
 
 def llama(vocab: int, layers: int, width: int, heads: int, context: int):
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=vocab, hidden_size=width, intermediate_size=64 * -(-width * 8 // 3 // 64), num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=context, tie_word_embeddings=True,
-    ))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=width,
+            intermediate_size=64 * -(-width * 8 // 3 // 64),
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            max_position_embeddings=context,
+            tie_word_embeddings=True,
+        )
+    )
 
 
 def gpt2(vocab: int, layers: int, width: int, heads: int, context: int):
-    return GPT2LMHeadModel(GPT2Config(
-        vocab_size=vocab, n_embd=width, n_layer=layers, n_head=heads, n_positions=context,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    ))
+    return GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=vocab,
+            n_embd=width,
+            n_layer=layers,
+            n_head=heads,
+            n_positions=context,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    )
 
 
 def time_training(model, vocab: int, batch: int, context: int, steps: int) -> float:
@@ -88,7 +104,9 @@ def main() -> None:
         mfu_ours = tps_ours * flops_per_token(ours, layers, width, context) / peak
         mfu_ref = tps_ref * flops_per_token(ref, layers, width, context) / peak
         params = sum(p.numel() for p in ours.parameters())
-        print(f"| {name} | {params / 1e6:.2f}M | {tps_ours:,.0f} | {mfu_ours:.1%} | {tps_ref:,.0f} | {mfu_ref:.1%} | {tps_ours / tps_ref:.2f}x |")
+        print(
+            f"| {name} | {params / 1e6:.2f}M | {tps_ours:,.0f} | {mfu_ours:.1%} | {tps_ref:,.0f} | {mfu_ref:.1%} | {tps_ours / tps_ref:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

@@ -84,47 +84,73 @@ def run_recipe(vocab: Path, name: str, steps: int) -> dict:
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     py = [sys.executable, "-m"]
     if not (base / "config.json").is_file():
-        subprocess.run([sys.executable, "-c", BUILD, vocab, name, base], check=True,
-                       env={**env, "PYTHONPATH": str(CACHE / "gguf")})
+        subprocess.run(
+            [sys.executable, "-c", BUILD, vocab, name, base],
+            check=True,
+            env={**env, "PYTHONPATH": str(CACHE / "gguf")},
+        )
     steps_arg = ["--max_steps", str(steps)]
-    for cmd in (["world", "--out", run / "world", "--if_missing", "true"],
-                ["stages.pretrain", "--profile", "tiny", "--run_dir", run, "--init_from", base, *steps_arg],
-                ["stages.sft", "--profile", "tiny", "--run_dir", run, *steps_arg, "--lr", "2e-3"],
-                ["reward.comparisons", "sample", "--run_dir", run, "--prompts", "16", "--k", "3", "--max_new_tokens", "16"],
-                ["stages.reward", "--profile", "tiny", "--run_dir", run],
-                ["stages.ppo", "--profile", "tiny", "--run_dir", run],
-                ["evaluation.evaluate", "--run_dir", run, "--max_prompts", "24"]):
+    for cmd in (
+        ["world", "--out", run / "world", "--if_missing", "true"],
+        ["stages.pretrain", "--profile", "tiny", "--run_dir", run, "--init_from", base, *steps_arg],
+        ["stages.sft", "--profile", "tiny", "--run_dir", run, *steps_arg, "--lr", "2e-3"],
+        ["reward.comparisons", "sample", "--run_dir", run, "--prompts", "16", "--k", "3", "--max_new_tokens", "16"],
+        ["stages.reward", "--profile", "tiny", "--run_dir", run],
+        ["stages.ppo", "--profile", "tiny", "--run_dir", run],
+        ["evaluation.evaluate", "--run_dir", run, "--max_prompts", "24"],
+    ):
         subprocess.run(py + [str(c) for c in cmd], check=True, cwd=ROOT, env=env)
-    chat = subprocess.run(py + ["evaluation.chat", "--model", str(run / "sft"), "--temperature", "0",
-                                "--max_new_tokens", "24"],
-                          input=f"{PROBE}\n/quit\n", capture_output=True, text=True, check=True, cwd=ROOT, env=env)
+    chat = subprocess.run(
+        py + ["evaluation.chat", "--model", str(run / "sft"), "--temperature", "0", "--max_new_tokens", "24"],
+        input=f"{PROBE}\n/quit\n",
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        env=env,
+    )
     base_tok, sft_tok = AutoTokenizer.from_pretrained(base), AutoTokenizer.from_pretrained(run / "sft")
     ppo = [json.loads(line) for line in (run / "ppo" / "metrics.jsonl").read_text().splitlines()]
     no_eos = [m["response/no_eos_rate"] for m in ppo if "response/no_eos_rate" in m]
     answer = next((line for line in chat.stdout.splitlines() if line.startswith("assistant>")), "")
     names = {LLAMA3_TEMPLATE: "Llama 3's", SPACED_CHAT_TEMPLATE: "ours, a space opening each turn"}
     template = "its own" if base_tok.chat_template else f"{names.get(sft_tok.chat_template, 'ours')} (it has none)"
-    return {"tokenizer": name, "family": NAMES.get(name, name), "vocab": len(base_tok), "sft_vocab": len(sft_tok),
-            "template": template,
-            "base_eos": base_tok.eos_token, "sft_eos": sft_tok.eos_token,
-            "ppo_no_eos_first": no_eos[0], "ppo_no_eos_last": no_eos[-1],
-            "chat_answer": answer.removeprefix("assistant>").strip()}
+    return {
+        "tokenizer": name,
+        "family": NAMES.get(name, name),
+        "vocab": len(base_tok),
+        "sft_vocab": len(sft_tok),
+        "template": template,
+        "base_eos": base_tok.eos_token,
+        "sft_eos": sft_tok.eos_token,
+        "ppo_no_eos_first": no_eos[0],
+        "ppo_no_eos_last": no_eos[-1],
+        "chat_answer": answer.removeprefix("assistant>").strip(),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--names", nargs="+", default=list(NAMES), help="llama.cpp vocabulary names (ggml-vocab-NAME.gguf)")
-    parser.add_argument("--steps", type=int, default=150, help="pretraining and SFT steps (enough to learn where answers end)")
+    parser.add_argument(
+        "--names", nargs="+", default=list(NAMES), help="llama.cpp vocabulary names (ggml-vocab-NAME.gguf)"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=150, help="pretraining and SFT steps (enough to learn where answers end)"
+    )
     args = parser.parse_args(argv)
     vocab = fetch_vocab(args.names)
     rows = [run_recipe(vocab, name, args.steps) for name in args.names]
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "results.json").write_text(json.dumps(rows, indent=1, ensure_ascii=False))
-    print(f"| tokenizer | vocab (base -> SFT) | chat template | EOS before -> after SFT | PPO answers without EOS (first -> last update) | greedy SFT answer to '{PROBE}' |")
+    print(
+        f"| tokenizer | vocab (base -> SFT) | chat template | EOS before -> after SFT | PPO answers without EOS (first -> last update) | greedy SFT answer to '{PROBE}' |"
+    )
     print("|---|---:|---|---|---|---|")
     for r in rows:
-        print(f"| {r['family']} (`{r['tokenizer']}`) | {r['vocab']:,} -> {r['sft_vocab']:,} | {r['template']} | `{r['base_eos']}` -> `{r['sft_eos']}` "
-              f"| {r['ppo_no_eos_first']:.2f} -> {r['ppo_no_eos_last']:.2f} | {r['chat_answer']!r} |")
+        print(
+            f"| {r['family']} (`{r['tokenizer']}`) | {r['vocab']:,} -> {r['sft_vocab']:,} | {r['template']} | `{r['base_eos']}` -> `{r['sft_eos']}` "
+            f"| {r['ppo_no_eos_first']:.2f} -> {r['ppo_no_eos_last']:.2f} | {r['chat_answer']!r} |"
+        )
 
 
 if __name__ == "__main__":

@@ -23,11 +23,22 @@ from trl.experimental.ppo import PPOConfig, PPOTrainer
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    for name, kind in [("run_dir", str), ("rollout_batch_size", int), ("ppo_epochs", int),
-                       ("max_new_tokens", int), ("updates", int), ("temperature", float), ("lr", float),
-                       ("kl_coef", float), ("seed", int), ("max_prompts", int), ("per_device_train_batch_size", int),
-                       ("gradient_accumulation_steps", int), ("num_mini_batches", int),
-                       ("local_rollout_forward_batch_size", int)]:
+    for name, kind in [
+        ("run_dir", str),
+        ("rollout_batch_size", int),
+        ("ppo_epochs", int),
+        ("max_new_tokens", int),
+        ("updates", int),
+        ("temperature", float),
+        ("lr", float),
+        ("kl_coef", float),
+        ("seed", int),
+        ("max_prompts", int),
+        ("per_device_train_batch_size", int),
+        ("gradient_accumulation_steps", int),
+        ("num_mini_batches", int),
+        ("local_rollout_forward_batch_size", int),
+    ]:
         ap.add_argument(f"--{name}", type=kind, required=True)
     a = ap.parse_args()
     sft, reward = os.path.join(a.run_dir, "sft"), os.path.join(a.run_dir, "reward")
@@ -36,8 +47,12 @@ def main() -> None:
     tokenizer.padding_side = "left"
     with open(os.path.join(a.run_dir, "world", "ppo_prompts.jsonl"), encoding="utf-8") as f:
         prompts = [json.loads(line)["prompt"] for line in f if line.strip()][: a.max_prompts]
-    ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
-                                         return_dict=False) for p in prompts]
+    ids = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        for p in prompts
+    ]
     dataset = Dataset.from_dict({"input_ids": ids})
 
     torch.manual_seed(a.seed)
@@ -48,19 +63,41 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as out:
         config = PPOConfig(
-            output_dir=out, per_device_train_batch_size=a.per_device_train_batch_size,
-            gradient_accumulation_steps=a.gradient_accumulation_steps, num_mini_batches=a.num_mini_batches,
-            num_ppo_epochs=a.ppo_epochs, total_episodes=a.updates * a.rollout_batch_size,
-            local_rollout_forward_batch_size=a.local_rollout_forward_batch_size, response_length=a.max_new_tokens,
-            temperature=a.temperature, stop_token="eos", missing_eos_penalty=1.0, kl_coef=a.kl_coef,
-            learning_rate=a.lr, seed=a.seed, num_sample_generations=0, report_to=[], save_strategy="no",
-            logging_steps=1, disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
+            output_dir=out,
+            per_device_train_batch_size=a.per_device_train_batch_size,
+            gradient_accumulation_steps=a.gradient_accumulation_steps,
+            num_mini_batches=a.num_mini_batches,
+            num_ppo_epochs=a.ppo_epochs,
+            total_episodes=a.updates * a.rollout_batch_size,
+            local_rollout_forward_batch_size=a.local_rollout_forward_batch_size,
+            response_length=a.max_new_tokens,
+            temperature=a.temperature,
+            stop_token="eos",
+            missing_eos_penalty=1.0,
+            kl_coef=a.kl_coef,
+            learning_rate=a.lr,
+            seed=a.seed,
+            num_sample_generations=0,
+            report_to=[],
+            save_strategy="no",
+            logging_steps=1,
+            disable_tqdm=True,
+            use_cpu=not torch.cuda.is_available(),
         )
-        trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=ref,
-                             reward_model=reward_model, value_model=value, train_dataset=dataset, eval_dataset=dataset)
+        trainer = PPOTrainer(
+            args=config,
+            processing_class=tokenizer,
+            model=policy,
+            ref_model=ref,
+            reward_model=reward_model,
+            value_model=value,
+            train_dataset=dataset,
+            eval_dataset=dataset,
+        )
         if trainer.args.batch_size != a.rollout_batch_size:
-            raise SystemExit(f"TRL's rollout is {trainer.args.batch_size} episodes, "
-                             f"the benchmark's {a.rollout_batch_size}")
+            raise SystemExit(
+                f"TRL's rollout is {trainer.args.batch_size} episodes, the benchmark's {a.rollout_batch_size}"
+            )
         # Count the steps the optimizer really takes: accelerate's wrapper skips the inner step while it
         # accumulates, so a hook on the inner optimizer sees exactly the updates of the weights.
         steps = [0]
@@ -70,10 +107,19 @@ def main() -> None:
         trainer.train()
         seconds = time.time() - start
     episodes = a.updates * a.rollout_batch_size
-    print(json.dumps({"episodes": episodes, "train_seconds": seconds, "episodes_per_s": episodes / seconds,
-                      "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "optimizer_steps": steps[0], "optimizer_steps_per_update": steps[0] / a.updates,
-                      "trl": trl.__version__}))
+    print(
+        json.dumps(
+            {
+                "episodes": episodes,
+                "train_seconds": seconds,
+                "episodes_per_s": episodes / seconds,
+                "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "optimizer_steps": steps[0],
+                "optimizer_steps_per_update": steps[0] / a.updates,
+                "trl": trl.__version__,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -37,8 +37,9 @@ def _read_text(path: Path) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise PipelineError(f"{path}: line {line}: not UTF-8 "
-                            f"(byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+        raise PipelineError(
+            f"{path}: line {line}: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})"
+        ) from None
 
 
 def _local_records(path: Path) -> list[dict[str, Any]]:
@@ -127,8 +128,10 @@ def _hub_records(dataset_id: str, split: str) -> list[dict[str, Any]]:
     try:
         ds = datasets.load_dataset(dataset_id, split=split)
     except Exception as e:  # offline, missing, private: one line is all the user needs
-        raise PipelineError(f"{dataset_id}: could not load Hub dataset split '{split}' "
-                            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise PipelineError(
+            f"{dataset_id}: could not load Hub dataset split '{split}' "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from None
     return [dict(r, _where=f"{dataset_id}[{split}]: record {i + 1}") for i, r in enumerate(ds)]
 
 

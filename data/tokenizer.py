@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Iterable
+from collections.abc import Iterable
 
 import jinja2
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -130,6 +130,7 @@ def loses_word_start(tokenizer: PreTrainedTokenizerBase, word: str = "Sorry") ->
     """Whether a word right after a special token is split unlike the same word opening a text, and a
     space before it mends that (SentencePiece's Metaspace pre-tokenizer, which marks only a text's first
     word). Byte-level BPE and legacy SentencePiece tokenizers split both alike: False."""
+
     def ids(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -146,9 +147,10 @@ def turn_end(tokenizer: PreTrainedTokenizerBase) -> tuple[str | None, str]:
 
 @functools.lru_cache(maxsize=8)
 def _turn_end(tokenizer: PreTrainedTokenizerBase, template_key: str) -> tuple[str | None, str]:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}],
-                                         tokenize=False)
-    after = text[text.rindex("pong") + len("pong"):]
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}], tokenize=False
+    )
+    after = text[text.rindex("pong") + len("pong") :]
     ids = tokenizer(after, add_special_tokens=False)["input_ids"]
     # A special token need not be a named one: Phi-3's <|end|>, Llama-3's <|eot_id|> and tokenizers converted
     # from GGUF files are added tokens marked special and nothing more.
@@ -157,7 +159,7 @@ def _turn_end(tokenizer: PreTrainedTokenizerBase, template_key: str) -> tuple[st
         return None, ""
     token = tokenizer.convert_ids_to_tokens(ids[0])
     at = after.find(token)  # -1: the template writes the token in another spelling; assume nothing follows
-    return token, after[at + len(token):] if at >= 0 else ""
+    return token, after[at + len(token) :] if at >= 0 else ""
 
 
 def use_turn_end_as_eos(tokenizer: PreTrainedTokenizerBase) -> str | None:

@@ -40,18 +40,28 @@ def check_chat_model(path: str) -> str:
 
 
 @torch.no_grad()
-def reply(model, tokenizer, messages: list[dict], max_new_tokens: int, temperature: float, top_p: float,
-          stream: bool = True) -> str:
+def reply(
+    model, tokenizer, messages: list[dict], max_new_tokens: int, temperature: float, top_p: float, stream: bool = True
+) -> str:
     """Generate the next assistant turn for `messages`, printing it as it is produced."""
     limit = max(1, max_prompt_tokens(model, max_new_tokens))
     ids = torch.tensor([fit_conversation(tokenizer, messages, limit)], device=model.device)
-    sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0
-                else dict(do_sample=False))
+    sampling = (
+        dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+        if temperature > 0
+        else dict(do_sample=False)
+    )
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         streamer=streamer, **sampling)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        streamer=streamer,
+        **sampling,
+    )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 def fit_conversation(tokenizer, messages: list[dict], limit: int) -> list[int]:
@@ -69,8 +79,11 @@ def chat(args) -> None:
     path = check_chat_model(args.model)
     model, tokenizer = load_causal_lm(path, pick_device(args.device))
     interactive = sys.stdin.isatty()
-    print(f"chatting with {path} (temperature {args.temperature}, top_p {args.top_p}); "
-          "/reset forgets the conversation, /quit or Ctrl-D ends", flush=True)
+    print(
+        f"chatting with {path} (temperature {args.temperature}, top_p {args.top_p}); "
+        "/reset forgets the conversation, /quit or Ctrl-D ends",
+        flush=True,
+    )
     opening = [{"role": "system", "content": args.system}] if args.system else []
     if opening:
         with template_accepts("--system"):  # Gemma's template, for one, has no system turn
@@ -106,8 +119,9 @@ def compare(args) -> None:
     run_dir = Path(args.run_dir)
     stages = finished_stages(run_dir)
     if not stages:
-        raise PipelineError(f"{run_dir}: no finished causal-LM stage (pretrain, sft, ppo): "
-                            f"run `make pretrain RUN={run_dir}` first")
+        raise PipelineError(
+            f"{run_dir}: no finished causal-LM stage (pretrain, sft, ppo): run `make pretrain RUN={run_dir}` first"
+        )
     device = pick_device(args.device)
     prompt = args.compare
     verdict_of = None
@@ -124,8 +138,15 @@ def compare(args) -> None:
     answers = {}
     for name, path in stages.items():
         model, tokenizer = load_causal_lm(path, device)
-        answers[name] = answer(model, tokenizer, [prompt] * args.samples, max_new_tokens=args.max_new_tokens,
-                               temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+        answers[name] = answer(
+            model,
+            tokenizer,
+            [prompt] * args.samples,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
         del model
     proxy = {}
     if read_manifest(run_dir / "reward") is not None:
@@ -153,11 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", metavar="PROMPT", help="answer PROMPT with every finished stage side by side")
     p.add_argument("--samples", type=int, default=1, help="answers per stage with --compare")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
-    p.add_argument("--top_p", type=float, default=0.95,
-                   help="nucleus sampling: smallest token set with this much probability")
+    p.add_argument(
+        "--top_p", type=float, default=0.95, help="nucleus sampling: smallest token set with this much probability"
+    )
     p.add_argument("--max_new_tokens", type=int, default=64, help="answer length limit in tokens")
-    p.add_argument("--seed", type=int, default=None,
-                   help="seed for reproducible samples (default: different every run)")
+    p.add_argument(
+        "--seed", type=int, default=None, help="seed for reproducible samples (default: different every run)"
+    )
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda ...")
     return p
 

@@ -86,12 +86,22 @@ class EvalOptions:
 
     def settings(self) -> dict:
         """The options eval.json records under `settings`."""
-        keep = ("max_prompts", "max_new_tokens", "temperature", "top_p", "seed", "bootstrap", "kl_prompts",
-                "best_of_n", "bon_temperature")
+        keep = (
+            "max_prompts",
+            "max_new_tokens",
+            "temperature",
+            "top_p",
+            "seed",
+            "bootstrap",
+            "kl_prompts",
+            "best_of_n",
+            "bon_temperature",
+        )
         return {k: v for k, v in asdict(self).items() if k in keep}
 
 
 # ---- stages and models ----------------------------------------------------------------------
+
 
 def finished_stages(run_dir: str | Path) -> dict[str, Path]:
     """{"base": RUN/pretrain, "sft": ..., "ppo": ...} for the causal-LM stages that have a manifest."""
@@ -114,6 +124,7 @@ def load_causal_lm(path: str | Path, device: torch.device | str = "cpu"):
 
 
 # ---- prompts --------------------------------------------------------------------------------
+
 
 def select_prompts(records: list[dict], max_prompts: int = 0) -> list[dict]:
     """The first `max_prompts` prompts taking the families in turn (all of them when 0), so a small
@@ -152,16 +163,16 @@ def load_prompt_files(files: list[str], field: str | list[str] = "prompt") -> li
     world prompt's family would."""
     fields = [field] if isinstance(field, str) else list(field)
     if len(fields) not in (1, len(files)):
-        raise PipelineError(f"--prompt_field: give one field, or one per --prompts file ({len(files)} files, "
-                            f"{len(fields)} fields)")
+        raise PipelineError(
+            f"--prompt_field: give one field, or one per --prompts file ({len(files)} files, {len(fields)} fields)"
+        )
     fields = fields * len(files) if len(fields) == 1 else fields
     records = []
     for source, name in zip(files, fields, strict=True):
         found = load_records([source])
         if not found:
             raise PipelineError(f"{source}: no prompts")
-        records += [{"prompt": prompt_of(r, name), "family": Path(source).name, "_where": r["_where"]}
-                    for r in found]
+        records += [{"prompt": prompt_of(r, name), "family": Path(source).name, "_where": r["_where"]} for r in found]
     return records
 
 
@@ -177,6 +188,7 @@ def check_templates(stages: dict[str, Path], records: list[dict]) -> None:
 
 # ---- log-probabilities, KL ------------------------------------------------------------------
 
+
 def response_mask(response: torch.Tensor, eos_id: int) -> torch.Tensor:
     """1 for generated tokens up to and including the first EOS, 0 after it (the answer ends there;
     Huang et al. 2024 truncate responses after EOS the same way)."""
@@ -190,13 +202,21 @@ def token_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, start: int, tem
     counted from each row's first real token (left padding must not shift positions; generate() counts
     them the same way)."""
     positions = (mask.cumsum(1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, start - 1:-1].float()
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, start - 1 : -1].float()
     return torch.log_softmax(logits / temperature, -1).gather(-1, ids[:, start:, None]).squeeze(-1)
 
 
 @torch.no_grad()
-def sampled_kl(policy, reference, tokenizer, prompts: list[str], max_new_tokens: int, seed: int,
-               batch_size: int = 32, temperature: float = 1.0) -> tuple[list[float], list[int]]:
+def sampled_kl(
+    policy,
+    reference,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    seed: int,
+    batch_size: int = 32,
+    temperature: float = 1.0,
+) -> tuple[list[float], list[int]]:
     """Per prompt, one answer y ~ policy at `temperature` and sum_t log p_policy(y_t) - log p_ref(y_t), both
     of softmax(logits / temperature): an unbiased Monte-Carlo estimate of KL(policy_T || reference_T) on
     that prompt, the quantity PPO penalises at its sampling temperature T. Also the lengths."""
@@ -205,22 +225,32 @@ def sampled_kl(policy, reference, tokenizer, prompts: list[str], max_new_tokens:
     limit = max(1, max_prompt_tokens(policy, max_new_tokens))
     kls, lengths = [], []
     for i in range(0, len(prompts), batch_size):
-        batch = [chat_ids(tokenizer, p)[-limit:] for p in prompts[i:i + batch_size]]
+        batch = [chat_ids(tokenizer, p)[-limit:] for p in prompts[i : i + batch_size]]
         ids, mask = (t.to(device) for t in left_pad(batch, tokenizer.pad_token_id))
-        out = policy.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=True,
-                              temperature=temperature, top_k=0, top_p=1.0, eos_token_id=tokenizer.eos_token_id,
-                              pad_token_id=tokenizer.pad_token_id)
+        out = policy.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=True,
+            temperature=temperature,
+            top_k=0,
+            top_p=1.0,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         start = ids.shape[1]
         resp_mask = response_mask(out[:, start:], tokenizer.eos_token_id)
         full_mask = torch.cat([mask, resp_mask], 1)
-        diff = (token_logprobs(policy, out, full_mask, start, temperature)
-                - token_logprobs(reference, out, full_mask, start, temperature))
+        diff = token_logprobs(policy, out, full_mask, start, temperature) - token_logprobs(
+            reference, out, full_mask, start, temperature
+        )
         kls += (diff * resp_mask).sum(1).tolist()
         lengths += resp_mask.sum(1).tolist()
     return kls, lengths
 
 
 # ---- the evaluation -------------------------------------------------------------------------
+
 
 def prompts_and_judge(run_dir: Path, options: EvalOptions) -> tuple[list[dict], WorldJudge | None, dict]:
     """The held-out prompts, the gold judge (or None) and who judges, as eval.json records it: those of
@@ -236,34 +266,51 @@ def prompts_and_judge(run_dir: Path, options: EvalOptions) -> tuple[list[dict], 
             raise PipelineError(
                 f"{world}/truth.json not found: evaluation needs the embedded world's gold judge (run `make data "
                 f"RUN={run_dir}`), or held-out prompts that a reward model judges: --prompts FILE (make eval "
-                "EVAL_ARGS='--prompts FILE'), or those PPO holds out when it trains on prompts of your own")
+                "EVAL_ARGS='--prompts FILE'), or those PPO holds out when it trains on prompts of your own"
+            )
         if judge_path:
-            raise PipelineError("--judge judges --prompts, or the prompts PPO held out of a prompt set of your own; "
-                                f"{run_dir}'s are the world's, judged by its gold judge")
+            raise PipelineError(
+                "--judge judges --prompts, or the prompts PPO held out of a prompt set of your own; "
+                f"{run_dir}'s are the world's, judged by its gold judge"
+            )
         gold = WorldJudge.load(world)
         return load_eval_prompts(world, gold), gold, {"kind": "gold", "path": str(world)}
     judge_path = Path(judge_path) if judge_path else reward_dir
     own = judge_path.resolve() == reward_dir.resolve()  # its scores are then the proxy's: scored once
     if own and read_manifest(reward_dir) is None:
-        raise PipelineError(f"{reward_dir}: reward stage not finished, and its reward model judges the prompts: "
-                            f"run `make reward RUN={run_dir}` first, or pass --judge REWARD_MODEL_DIR")
+        raise PipelineError(
+            f"{reward_dir}: reward stage not finished, and its reward model judges the prompts: "
+            f"run `make reward RUN={run_dir}` first, or pass --judge REWARD_MODEL_DIR"
+        )
     if not (judge_path / "config.json").is_file() or AutoConfig.from_pretrained(judge_path).num_labels != 1:
-        raise PipelineError(f"{judge_path}: not a reward model (a sequence classifier with one output, "
-                            "as `make reward` writes)")
-    return (load_prompt_files(list(prompt_files), prompt_field), None,
-            {"kind": "reward_model", "path": str(judge_path), "own": own, "prompts": [str(f) for f in prompt_files]})
+        raise PipelineError(
+            f"{judge_path}: not a reward model (a sequence classifier with one output, as `make reward` writes)"
+        )
+    return (
+        load_prompt_files(list(prompt_files), prompt_field),
+        None,
+        {"kind": "reward_model", "path": str(judge_path), "own": own, "prompts": [str(f) for f in prompt_files]},
+    )
 
 
-def answer_with_every_stage(stages: dict[str, Path], prompts: list, options: EvalOptions,
-                            device) -> tuple[dict[str, Answers], dict[str, int]]:
+def answer_with_every_stage(
+    stages: dict[str, Path], prompts: list, options: EvalOptions, device
+) -> tuple[dict[str, Answers], dict[str, int]]:
     """Every stage's answers to every prompt (with their length in tokens), and its parameter count."""
     answers, params = {}, {}
     for name, path in stages.items():
         model, tokenizer = load_causal_lm(path, device)
         params[name] = sum(p.numel() for p in model.parameters())
-        texts = answer(model, tokenizer, prompts, max_new_tokens=options.max_new_tokens,
-                       temperature=options.temperature, top_p=options.top_p, batch_size=options.batch_size,
-                       seed=options.seed)
+        texts = answer(
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=options.max_new_tokens,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            batch_size=options.batch_size,
+            seed=options.seed,
+        )
         tokens = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
         answers[name] = Answers(texts, tokens=tokens)
         del model
@@ -276,11 +323,14 @@ def floor_of(judge, prompts: list, families: list[str], sft: Judged | None, opti
     floor = []
     for text in FLOOR_ANSWERS:
         judged = judge_answers(judge, prompts, [text] * len(prompts), families)
-        by_family = {f: mean([s for s, g in zip(judged.scores, judged.families, strict=True) if g == f])
-                     for f in dict.fromkeys(families)}
+        by_family = {
+            f: mean([s for s, g in zip(judged.scores, judged.families, strict=True) if g == f])
+            for f in dict.fromkeys(families)
+        }
         win_rate = None if sft is None else compare(judged, sft, options.bootstrap, options.seed)
-        floor.append({"answer": text, "score": mean(judged.scores), "score_by_family": by_family,
-                      "win_rate_vs_sft": win_rate})
+        floor.append(
+            {"answer": text, "score": mean(judged.scores), "score_by_family": by_family, "win_rate_vs_sft": win_rate}
+        )
     return floor
 
 
@@ -299,21 +349,44 @@ def kl_ppo_sft(run_dir: Path, stages: dict[str, Path], prompts: list, options: E
         return None
     policy, tokenizer = load_causal_lm(stages["ppo"], device)
     reference, _ = load_causal_lm(stages["sft"], device)
-    kl_set = prompts if options.kl_prompts < 0 else prompts[:options.kl_prompts]
+    kl_set = prompts if options.kl_prompts < 0 else prompts[: options.kl_prompts]
     temperature = ppo_temperature(run_dir)
-    values, lengths = sampled_kl(policy, reference, tokenizer, kl_set, options.max_new_tokens, options.seed,
-                                 options.batch_size, temperature=temperature)
+    values, lengths = sampled_kl(
+        policy,
+        reference,
+        tokenizer,
+        kl_set,
+        options.max_new_tokens,
+        options.seed,
+        options.batch_size,
+        temperature=temperature,
+    )
     low, high = bootstrap_ci(values, options.bootstrap, options.seed)
-    return {"mean": mean(values), "ci": [low, high], "n": len(values), "mean_response_tokens": mean(lengths),
-            "temperature": temperature}
+    return {
+        "mean": mean(values),
+        "ci": [low, high],
+        "n": len(values),
+        "mean_response_tokens": mean(lengths),
+        "temperature": temperature,
+    }
 
 
-def reward_model_extras(stages: dict[str, Path], proxy: RewardModelJudge, world: WorldJudge, records: list[dict],
-                        sft: Judged | None, options: EvalOptions, device, log) -> tuple[dict | None, dict | None]:
+def reward_model_extras(
+    stages: dict[str, Path],
+    proxy: RewardModelJudge,
+    world: WorldJudge,
+    records: list[dict],
+    sft: Judged | None,
+    options: EvalOptions,
+    device,
+    log,
+) -> tuple[dict | None, dict | None]:
     """On the world, what the run's reward model does beside judging: its filler bias, and best-of-n on SFT
     (selection instead of RL) with its win rate against SFT's greedy answers (None when not asked for)."""
-    bias = filler_bias(proxy, [(r["prompt"], world.gold.ideal(r["prompt"])) for r in records
-                               if r["family"] in ("fact", "instruction")])
+    bias = filler_bias(
+        proxy,
+        [(r["prompt"], world.gold.ideal(r["prompt"])) for r in records if r["family"] in ("fact", "instruction")],
+    )
     if options.best_of_n <= 0 or "sft" not in stages:
         return bias, None
     policy, tokenizer = load_causal_lm(stages["sft"], device)
@@ -328,13 +401,24 @@ def answer_rows(records: list[dict], world: WorldJudge | None, judged: dict[str,
     keep = ("answer", "label", "score", "tokens", "proxy") if world else ("answer", "score", "tokens", "proxy")
 
     def row(j: Judged, i: int) -> dict:
-        values = {"answer": j.answers[i], "label": j.labels[i] if j.labels else None, "score": j.scores[i],
-                  "tokens": j.tokens[i], "proxy": j.proxy[i] if j.proxy else None}
+        values = {
+            "answer": j.answers[i],
+            "label": j.labels[i] if j.labels else None,
+            "score": j.scores[i],
+            "tokens": j.tokens[i],
+            "proxy": j.proxy[i] if j.proxy else None,
+        }
         return {k: values[k] for k in keep}
 
-    return [{"prompt": rec["prompt"], "family": rec["family"],
-             "ideal": world.gold.ideal(rec["prompt"]) if world else None,
-             "responses": {name: row(j, i) for name, j in judged.items()}} for i, rec in enumerate(records)]
+    return [
+        {
+            "prompt": rec["prompt"],
+            "family": rec["family"],
+            "ideal": world.gold.ideal(rec["prompt"]) if world else None,
+            "responses": {name: row(j, i) for name, j in judged.items()},
+        }
+        for i, rec in enumerate(records)
+    ]
 
 
 def evaluate_run(run_dir: str | Path, options: EvalOptions | None = None, log=print) -> dict:
@@ -347,12 +431,15 @@ def evaluate_run(run_dir: str | Path, options: EvalOptions | None = None, log=pr
     prompts, families = [r["prompt"] for r in records], [r["family"] for r in records]
     stages = finished_stages(run_dir)
     if not stages:
-        raise PipelineError(f"{run_dir}: no finished causal-LM stage (pretrain, sft, ppo): "
-                            f"run `make pretrain RUN={run_dir}` first")
+        raise PipelineError(
+            f"{run_dir}: no finished causal-LM stage (pretrain, sft, ppo): run `make pretrain RUN={run_dir}` first"
+        )
     check_templates(stages, records)
     device = pick_device(options.device)
-    log(f"[eval] {len(prompts)} held-out prompts x stages {', '.join(stages)} on {device}, judged by "
-        + ("the gold judge" if world else f"the reward model in {judge_info['path']}"))
+    log(
+        f"[eval] {len(prompts)} held-out prompts x stages {', '.join(stages)} on {device}, judged by "
+        + ("the gold judge" if world else f"the reward model in {judge_info['path']}")
+    )
 
     # 1. Every stage answers every prompt. 2. One judge judges them all: the gold judge, else a reward model
     # (the run's own or --judge); the run's reward model, once finished, scores them too (the proxy PPO climbed).
@@ -360,28 +447,53 @@ def evaluate_run(run_dir: str | Path, options: EvalOptions | None = None, log=pr
     reward_dir = run_dir / "reward"
     reward_manifest = read_manifest(reward_dir)
     proxy = RewardModelJudge.load(reward_dir, device, options.batch_size) if reward_manifest is not None else None
-    judge = world or (proxy if judge_info["own"] else RewardModelJudge.load(judge_info["path"], device,
-                                                                               options.batch_size))
-    evaluation = judge_policies(judge, prompts, answers, [p for p in COMPARISONS if set(p) <= set(answers)],
-                                families, proxy, n_boot=options.bootstrap, seed=options.seed)
+    judge = world or (
+        proxy if judge_info["own"] else RewardModelJudge.load(judge_info["path"], device, options.batch_size)
+    )
+    evaluation = judge_policies(
+        judge,
+        prompts,
+        answers,
+        [p for p in COMPARISONS if set(p) <= set(answers)],
+        families,
+        proxy,
+        n_boot=options.bootstrap,
+        seed=options.seed,
+    )
     for name, s in evaluation.summaries.items():
-        log(f"[eval] {name}: " + (f"mean gold score {s['gold_score']:+.3f}" if world else
-                                  f"mean reward-model score {s['judge_score']:+.3f}"))
+        log(
+            f"[eval] {name}: "
+            + (
+                f"mean gold score {s['gold_score']:+.3f}"
+                if world
+                else f"mean reward-model score {s['judge_score']:+.3f}"
+            )
+        )
 
     # 3. The floor, the reward model's filler bias and best-of-n on SFT, KL(PPO || SFT).
     floor = floor_of(judge, prompts, families, evaluation.judged.get("sft"), options)
     reward_summary, bon = _reward_summary(reward_dir, reward_manifest), None
     if proxy is not None and world is not None:
-        reward_summary["filler_bias"], bon = reward_model_extras(stages, proxy, world, records,
-                                                                 evaluation.judged.get("sft"), options, device, log)
+        reward_summary["filler_bias"], bon = reward_model_extras(
+            stages, proxy, world, records, evaluation.judged.get("sft"), options, device, log
+        )
     kl = kl_ppo_sft(run_dir, stages, prompts, options, device)
     return {
-        "run_dir": str(run_dir), "judge": judge_info, "settings": options.settings(), "num_prompts": len(prompts),
+        "run_dir": str(run_dir),
+        "judge": judge_info,
+        "settings": options.settings(),
+        "num_prompts": len(prompts),
         "prompts_by_family": dict(Counter(families)),
-        "stages": {name: {"path": str(stages[name]), "params": params[name], **summary}
-                   for name, summary in evaluation.summaries.items()},
-        "win_rates": evaluation.win_rates, "kl_ppo_sft": kl, "floor": floor, "best_of_n": bon,
-        "pretrain": _pretrain_summary(run_dir), "reward_model": reward_summary,
+        "stages": {
+            name: {"path": str(stages[name]), "params": params[name], **summary}
+            for name, summary in evaluation.summaries.items()
+        },
+        "win_rates": evaluation.win_rates,
+        "kl_ppo_sft": kl,
+        "floor": floor,
+        "best_of_n": bon,
+        "pretrain": _pretrain_summary(run_dir),
+        "reward_model": reward_summary,
         "answers": answer_rows(records, world, evaluation.judged),
         "seconds": round(time.time() - t0, 1),
     }
@@ -399,28 +511,38 @@ def filler_bias(rm: RewardModelJudge, pairs: list[tuple[str, str]]) -> dict | No
         return None
     prompts = [p for p, _ in pairs]
     plain = torch.tensor(rm.scores(prompts, [a for _, a in pairs]))
-    gaps = torch.cat([torch.tensor(rm.scores(prompts, [form.format(a) for _, a in pairs])) - plain
-                      for form in FILLER_FORMS])
+    gaps = torch.cat(
+        [torch.tensor(rm.scores(prompts, [form.format(a) for _, a in pairs])) - plain for form in FILLER_FORMS]
+    )
     return {"prefers_padded": (gaps > 0).float().mean().item(), "mean_gap": gaps.mean().item(), "n": len(gaps)}
 
 
-def best_of_n_on(policy, tokenizer, rm: RewardModelJudge, world: WorldJudge, records: list[dict],
-                 options: EvalOptions) -> tuple[dict, Judged]:
+def best_of_n_on(
+    policy, tokenizer, rm: RewardModelJudge, world: WorldJudge, records: list[dict], options: EvalOptions
+) -> tuple[dict, Judged]:
     """n answers per prompt sampled from `policy`, scored by the reward model (proxy) and the gold judge.
     The curve: expected proxy and gold score of the reward model's pick among k of them, k = 1, 2, 4,
     ..., n, with KL(best-of-k || policy); and the pick among all n per prompt, judged (for a win rate)."""
     n = options.best_of_n
     prompts = [r["prompt"] for r in records for _ in range(n)]
-    samples = answer(policy, tokenizer, prompts, max_new_tokens=options.max_new_tokens,
-                     temperature=options.bon_temperature, batch_size=options.batch_size, seed=options.seed)
+    samples = answer(
+        policy,
+        tokenizer,
+        prompts,
+        max_new_tokens=options.max_new_tokens,
+        temperature=options.bon_temperature,
+        batch_size=options.batch_size,
+        seed=options.seed,
+    )
     proxy_scores, gold_scores = rm.scores(prompts, samples), world.judge(prompts, samples).scores
-    proxy = [proxy_scores[i * n:(i + 1) * n] for i in range(len(records))]
-    gold = [gold_scores[i * n:(i + 1) * n] for i in range(len(records))]
+    proxy = [proxy_scores[i * n : (i + 1) * n] for i in range(len(records))]
+    gold = [gold_scores[i * n : (i + 1) * n] for i in range(len(records))]
     curve = []
-    for k in sorted({2 ** j for j in range(n.bit_length()) if 2 ** j <= n} | {n}):  # ends with k = n
+    for k in sorted({2**j for j in range(n.bit_length()) if 2**j <= n} | {n}):  # ends with k = n
         picks = [best_of_k(p, g, k) for p, g in zip(proxy, gold, strict=True)]
-        curve.append({"k": k, "kl": best_of_k_kl(k), "proxy": mean([x for x, _ in picks]),
-                      "gold": mean([y for _, y in picks])})
+        curve.append(
+            {"k": k, "kl": best_of_k_kl(k), "proxy": mean([x for x, _ in picks]), "gold": mean([y for _, y in picks])}
+        )
     # Best-of-n among all n has one pick per prompt: the last picks are its scores (the texts are not kept).
     chosen = Judged(None, [r["family"] for r in records], [g for _, g in picks], world.top_score)
     return {"stage": "sft", "n": n, "temperature": options.bon_temperature, "curve": curve}, chosen
@@ -453,6 +575,7 @@ def accuracy_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
 
 # ---- the table ------------------------------------------------------------------------------
 
+
 def _fmt(x, digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "-"
@@ -464,14 +587,19 @@ def _with_ci(value, ci) -> str:
 
 
 GOLD_METRIC_ROWS = (
-    ("fact: correct", "fact_accuracy"), ("fact: correct or verbose", "fact_correct_or_verbose"),
+    ("fact: correct", "fact_accuracy"),
+    ("fact: correct or verbose", "fact_correct_or_verbose"),
     ("instruction: correct", "instruction_accuracy"),
     ("instruction: correct or verbose", "instruction_correct_or_verbose"),
-    ("hallucination rate (unknown)", "hallucination_rate"), ("abstention rate (unknown)", "abstention_rate"),
+    ("hallucination rate (unknown)", "hallucination_rate"),
+    ("abstention rate (unknown)", "abstention_rate"),
     ("abstention about someone else (unknown)", "wrong_person_rate"),
-    ("refusal accuracy (harmful)", "refusal_accuracy"), ("refusal rate (harmful)", "refusal_rate"),
-    ("over-refusal rate (fact+instruction)", "over_refusal_rate"), ("malformed rate", "malformed_rate"),
-    ("response length (tokens)", "response_tokens"), ("reward model score (proxy)", "proxy_score"),
+    ("refusal accuracy (harmful)", "refusal_accuracy"),
+    ("refusal rate (harmful)", "refusal_rate"),
+    ("over-refusal rate (fact+instruction)", "over_refusal_rate"),
+    ("malformed rate", "malformed_rate"),
+    ("response length (tokens)", "response_tokens"),
+    ("reward model score (proxy)", "proxy_score"),
 )
 
 
@@ -487,12 +615,17 @@ def gold_rows(stages: dict[str, dict]) -> list[tuple[str, list[str]]]:
 
 def judged_rows(result: dict, stages: dict[str, dict]) -> list[tuple[str, list[str]]]:
     """The table's rows when a reward model judged, one cell per stage."""
-    rows = [("mean judge score (reward model) [95% CI]",
-             [_with_ci(s["judge_score"], s["judge_score_ci"]) for s in stages.values()])]
+    rows = [
+        (
+            "mean judge score (reward model) [95% CI]",
+            [_with_ci(s["judge_score"], s["judge_score_ci"]) for s in stages.values()],
+        )
+    ]
     files = result["prompts_by_family"]
     if len(files) > 1:
-        rows += [(f"judge score: {f}", [_fmt(s["judge_score_by_file"].get(f)) for s in stages.values()])
-                 for f in files]
+        rows += [
+            (f"judge score: {f}", [_fmt(s["judge_score_by_file"].get(f)) for s in stages.values()]) for f in files
+        ]
     if not result["judge"]["own"]:
         rows.append(("the run's reward model score (proxy)", [_fmt(s["proxy_score"]) for s in stages.values()]))
     rows.append(("response length (tokens)", [_fmt(s["response_tokens"], 1) for s in stages.values()]))
@@ -507,13 +640,19 @@ def comparison_rows(result: dict, names: list[str]) -> list[tuple[str, list[str]
     def cell(key: str | None) -> str:
         return _with_ci(wins[key]["win_rate"], wins[key]["ci"]) if key in wins else "-"
 
-    rows = [("win rate vs previous stage [95% CI]", [cell(previous.get(n)) for n in names]),
-            ("win rate vs base [95% CI]", [cell(f"{n}_vs_base") for n in names])]
+    rows = [
+        ("win rate vs previous stage [95% CI]", [cell(previous.get(n)) for n in names]),
+        ("win rate vs base [95% CI]", [cell(f"{n}_vs_base") for n in names]),
+    ]
     kl = result.get("kl_ppo_sft")
     # The temperature it was sampled and scored at (an eval.json from before it was recorded: 1).
     at = f" at temperature {(kl or {}).get('temperature', 1.0):g}" if kl else ""
-    rows.append((f"KL to SFT{at} (nats/answer) [95% CI]",
-                 [_with_ci(kl["mean"], kl["ci"]) if kl and n == "ppo" else "-" for n in names]))
+    rows.append(
+        (
+            f"KL to SFT{at} (nats/answer) [95% CI]",
+            [_with_ci(kl["mean"], kl["ci"]) if kl and n == "ppo" else "-" for n in names],
+        )
+    )
     return rows
 
 
@@ -542,19 +681,29 @@ def notes(result: dict) -> list[str]:
     extra = []
     judge, wins = result.get("judge"), result["win_rates"]
     if not gold_judged(result):
-        extra.append(f"- judged by the reward model in {judge['path']} " + (
-            "(the run's own: the reward PPO optimised, so PPO's lead over SFT is an upper bound)" if judge["own"] else
-            "(not the run's own reward model)") + "; win rates by its score, ties half (the same answer ties)")
+        extra.append(
+            f"- judged by the reward model in {judge['path']} "
+            + (
+                "(the run's own: the reward PPO optimised, so PPO's lead over SFT is an upper bound)"
+                if judge["own"]
+                else "(not the run's own reward model)"
+            )
+            + "; win rates by its score, ties half (the same answer ties)"
+        )
     if wins.get("ppo_vs_sft", {}).get("ceiling") is not None:
-        extra.append("- ceiling of the win rate vs SFT (an ideal answer to every prompt): "
-                     f"{_fmt(wins['ppo_vs_sft'].get('ceiling'))}")
+        extra.append(
+            "- ceiling of the win rate vs SFT (an ideal answer to every prompt): "
+            f"{_fmt(wins['ppo_vs_sft'].get('ceiling'))}"
+        )
     if result.get("pretrain"):
         p = result["pretrain"]
         extra.append(f"- pretrain held-out loss {_fmt(p['val_loss'])}, perplexity {_fmt(p['val_perplexity'], 2)}")
     extra += reward_model_notes(result)
     by_family = ", ".join(f"{k} {v}" for k, v in result["prompts_by_family"].items())
-    extra.append(f"- {result['num_prompts']} held-out prompts ({by_family}), temperature "
-                 f"{result['settings']['temperature']}, max {result['settings']['max_new_tokens']} new tokens")
+    extra.append(
+        f"- {result['num_prompts']} held-out prompts ({by_family}), temperature "
+        f"{result['settings']['temperature']}, max {result['settings']['max_new_tokens']} new tokens"
+    )
     return extra
 
 
@@ -566,16 +715,20 @@ def reward_model_notes(result: dict) -> list[str]:
     extra = [f"- reward model held-out accuracy: {acc}"]
     if rm.get("filler_bias"):
         f = rm["filler_bias"]
-        extra.append(f"- reward model and filler: scores the ideal answer higher padded than plain on "
-                     f"{_fmt(f['prefers_padded'])} of {f['n']} padded fact/instruction answers (mean gap "
-                     f"{f['mean_gap']:+.2f}; the judge always prefers plain)")
+        extra.append(
+            f"- reward model and filler: scores the ideal answer higher padded than plain on "
+            f"{_fmt(f['prefers_padded'])} of {f['n']} padded fact/instruction answers (mean gap "
+            f"{f['mean_gap']:+.2f}; the judge always prefers plain)"
+        )
     bon = result.get("best_of_n")
     if bon:
         points = ", ".join(f"k={c['k']} {_fmt(c['gold'])} ({_fmt(c['proxy'])})" for c in bon["curve"])
         w = bon["win_rate_vs_sft"]
-        extra.append(f"- best-of-n on sft (the reward model picks among k answers sampled at temperature "
-                     f"{bon['temperature']:g}): gold (proxy) score {points}; KL {_fmt(bon['curve'][-1]['kl'])} at "
-                     f"k={bon['n']}; win rate of best-of-{bon['n']} vs sft {_with_ci(w['win_rate'], w['ci'])}")
+        extra.append(
+            f"- best-of-n on sft (the reward model picks among k answers sampled at temperature "
+            f"{bon['temperature']:g}): gold (proxy) score {points}; KL {_fmt(bon['curve'][-1]['kl'])} at "
+            f"k={bon['n']}; win rate of best-of-{bon['n']} vs sft {_with_ci(w['win_rate'], w['ci'])}"
+        )
     return extra
 
 
@@ -591,52 +744,96 @@ def floor_table(floor: list[dict], judge: str) -> str:
 
 # ---- the command ----------------------------------------------------------------------------
 
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m evaluation.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--run_dir", default="runs/default", help="run directory holding world/ and the stage directories")
-    p.add_argument("--max_prompts", type=int, default=0,
-                   help="evaluate at most this many held-out prompts, families in turn (0 = all)")
+    p.add_argument(
+        "--max_prompts",
+        type=int,
+        default=0,
+        help="evaluate at most this many held-out prompts, families in turn (0 = all)",
+    )
     p.add_argument("--max_new_tokens", type=int, default=32, help="answer length limit in tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of the answers (0 = greedy)")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling when temperature > 0")
     p.add_argument("--seed", type=int, default=0, help="seed of sampling and of the bootstrap")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% confidence intervals")
     p.add_argument("--batch_size", type=int, default=64, help="prompts generated together")
-    p.add_argument("--kl_prompts", type=int, default=-1,
-                   help="prompts sampled for KL(PPO || SFT) (-1 = all evaluated, 0 = skip)")
-    p.add_argument("--best_of_n", type=int, default=8,
-                   help="answers sampled per prompt from SFT for best-of-n with the reward model "
-                        "(0 = skip; gold judge only)")
+    p.add_argument(
+        "--kl_prompts", type=int, default=-1, help="prompts sampled for KL(PPO || SFT) (-1 = all evaluated, 0 = skip)"
+    )
+    p.add_argument(
+        "--best_of_n",
+        type=int,
+        default=8,
+        help="answers sampled per prompt from SFT for best-of-n with the reward model (0 = skip; gold judge only)",
+    )
     p.add_argument("--bon_temperature", type=float, default=1.0, help="sampling temperature of the best-of-n answers")
-    p.add_argument("--prompts", nargs="+", default=None, metavar="FILE",
-                   help="held-out prompts of your own (jsonl/json/parquet/csv or a Hub dataset id) instead of the "
-                        "world's, judged by a reward model; how a run on real data is evaluated")
-    p.add_argument("--prompt_field", nargs="+", default=["prompt"],
-                   help="field of --prompts records holding the prompt, one for all files or one per file "
-                        "(records with chat 'messages' need none)")
-    p.add_argument("--judge", default=None, metavar="REWARD_MODEL_DIR",
-                   help="reward model that judges --prompts (default: the run's own, RUN/reward)")
+    p.add_argument(
+        "--prompts",
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="held-out prompts of your own (jsonl/json/parquet/csv or a Hub dataset id) instead of the "
+        "world's, judged by a reward model; how a run on real data is evaluated",
+    )
+    p.add_argument(
+        "--prompt_field",
+        nargs="+",
+        default=["prompt"],
+        help="field of --prompts records holding the prompt, one for all files or one per file "
+        "(records with chat 'messages' need none)",
+    )
+    p.add_argument(
+        "--judge",
+        default=None,
+        metavar="REWARD_MODEL_DIR",
+        help="reward model that judges --prompts (default: the run's own, RUN/reward)",
+    )
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
     p.add_argument("--out", default="eval", help="write RUN/OUT.json and RUN/OUT.md (make report reads RUN/eval.json)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads for torch (0 = torch's default); 1 is fastest for tiny models on a busy machine")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads for torch (0 = torch's default); 1 is fastest for tiny models on a busy machine",
+    )
     return p
 
 
 def options_from(args: argparse.Namespace) -> EvalOptions:
     """The parsed command line as EvalOptions, checked."""
-    if args.max_new_tokens < 1 or args.batch_size < 1 or args.bootstrap < 0 or args.temperature < 0 \
-            or args.best_of_n < 0:
-        raise PipelineError("--max_new_tokens and --batch_size must be >= 1, --bootstrap, --temperature and "
-                            "--best_of_n >= 0")
+    if (
+        args.max_new_tokens < 1
+        or args.batch_size < 1
+        or args.bootstrap < 0
+        or args.temperature < 0
+        or args.best_of_n < 0
+    ):
+        raise PipelineError(
+            "--max_new_tokens and --batch_size must be >= 1, --bootstrap, --temperature and --best_of_n >= 0"
+        )
     if args.best_of_n > 0 and args.bon_temperature <= 0:
-        raise PipelineError(f"--bon_temperature must be > 0 (best-of-n samples its answers), "
-                            f"got {args.bon_temperature}")
-    return EvalOptions(max_prompts=args.max_prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       top_p=args.top_p, seed=args.seed, bootstrap=args.bootstrap, batch_size=args.batch_size,
-                       kl_prompts=args.kl_prompts, best_of_n=args.best_of_n, bon_temperature=args.bon_temperature,
-                       device=args.device, prompt_files=args.prompts, prompt_field=args.prompt_field,
-                       judge_path=args.judge)
+        raise PipelineError(
+            f"--bon_temperature must be > 0 (best-of-n samples its answers), got {args.bon_temperature}"
+        )
+    return EvalOptions(
+        max_prompts=args.max_prompts,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        bootstrap=args.bootstrap,
+        batch_size=args.batch_size,
+        kl_prompts=args.kl_prompts,
+        best_of_n=args.best_of_n,
+        bon_temperature=args.bon_temperature,
+        device=args.device,
+        prompt_files=args.prompts,
+        prompt_field=args.prompt_field,
+        judge_path=args.judge,
+    )
 
 
 @cli_main

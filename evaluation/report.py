@@ -35,6 +35,7 @@ SAMPLES_PER_FILE = 8  # of your own prompts (`make eval EVAL_ARGS='--prompts FIL
 
 # ---- data -----------------------------------------------------------------------------------
 
+
 def series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
     """(steps, values) of the rows that logged `key` as a finite number (HF Trainer logs training and
     evaluation in separate rows; NaN is stored as a string and is skipped)."""
@@ -58,6 +59,7 @@ def stage_names(result: dict) -> list[str]:
 
 # ---- plots ----------------------------------------------------------------------------------
 
+
 def saved(fig, path: Path) -> bool:
     """Write the figure as a PNG at `path` and free it."""
     fig.tight_layout()
@@ -70,8 +72,9 @@ def saved(fig, path: Path) -> bool:
 def plot_panels(path: Path, title: str, panels: list[dict]) -> bool:
     """One subplot per panel {title, lines: [(label, key)], twin: [(label, key)], rows, xlabel, hlines};
     panels without data are dropped. Returns False (and writes nothing) when no panel has data."""
-    panels = [p for p in panels
-              if any(p["rows"] and series(p["rows"], k)[0] for _, k in p["lines"] + p.get("twin", []))]
+    panels = [
+        p for p in panels if any(p["rows"] and series(p["rows"], k)[0] for _, k in p["lines"] + p.get("twin", []))
+    ]
     if not panels:
         return False
     cols = min(2, len(panels))
@@ -90,15 +93,16 @@ def plot_panels(path: Path, title: str, panels: list[dict]) -> bool:
             for i, (label, key) in enumerate(p["twin"]):
                 x, y = series(p["rows"], key)
                 if x:
-                    handles += twin.plot(x, y, color=f"C{3 + i}", linestyle=":", marker="." if len(x) < 30 else None,
-                                         label=label)
+                    handles += twin.plot(
+                        x, y, color=f"C{3 + i}", linestyle=":", marker="." if len(x) < 30 else None, label=label
+                    )
             twin.set_ylabel(", ".join(label for label, _ in p["twin"]))
         ax.set_title(p["title"])
         ax.set_xlabel(p.get("xlabel", "step"))
         ax.grid(alpha=0.3)
         if handles:
             ax.legend(handles=handles, fontsize=8, loc="best")
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
     fig.suptitle(title)
     return saved(fig, path)
@@ -117,8 +121,15 @@ def plot_scatter_vs_kl(ax, rows: list[dict], bon: dict | None = None) -> None:
         kls = [c["kl"] for c in bon["curve"]]
         for i, key in enumerate(("proxy", "gold")):
             label = f"best-of-k {key} (k={bon['curve'][0]['k']}..{bon['n']}, sft sampled at T={bon['temperature']:g})"
-            ax.plot(kls, [c[key] for c in bon["curve"]], color=f"C{i}", linestyle="--", marker="s", markersize=4,
-                    label=label)
+            ax.plot(
+                kls,
+                [c[key] for c in bon["curve"]],
+                color=f"C{i}",
+                linestyle="--",
+                marker="s",
+                markersize=4,
+                label=label,
+            )
     ax.set_xlabel("KL(policy || SFT)")
     ax.set_title("reward vs KL spent")
     ax.grid(alpha=0.3)
@@ -129,8 +140,16 @@ def plot_scatter_vs_kl(ax, rows: list[dict], bon: dict | None = None) -> None:
 
 
 def not_logged(ax, key: str) -> None:
-    ax.text(0.5, 0.06, f"{key} not logged", ha="center", va="bottom", transform=ax.transAxes, color="grey",
-            bbox={"facecolor": "white", "edgecolor": "none"})
+    ax.text(
+        0.5,
+        0.06,
+        f"{key} not logged",
+        ha="center",
+        va="bottom",
+        transform=ax.transAxes,
+        color="grey",
+        bbox={"facecolor": "white", "edgecolor": "none"},
+    )
 
 
 def plot_ppo_overoptimisation(path: Path, rows: list[dict], bon: dict | None = None) -> bool:
@@ -138,8 +157,10 @@ def plot_ppo_overoptimisation(path: Path, rows: list[dict], bon: dict | None = N
         return False
     fig, axes = plt.subplots(2, 2, figsize=(12, 7))
     (a, b), (c, d) = axes
-    for label, key in (("objective/score (proxy, with penalties)", "objective/score"),
-                       ("gold/proxy_score (RM on gold batch)", "gold/proxy_score")):
+    for label, key in (
+        ("objective/score (proxy, with penalties)", "objective/score"),
+        ("gold/proxy_score (RM on gold batch)", "gold/proxy_score"),
+    ):
         x, y = series(rows, key)
         if x:
             a.plot(x, y, label=label)
@@ -185,14 +206,23 @@ def plot_eval(path: Path, result: dict) -> bool:
     if not gold_judged(result):
         return plot_judged_eval(path, result, names)
     width = 0.8 / len(names)
-    rates = (("hallucination", "hallucination_rate"), ("refusal acc.", "refusal_accuracy"),
-             ("over-refusal", "over_refusal_rate"), ("fact correct", "fact_accuracy"),
-             ("instr. correct", "instruction_accuracy"), ("malformed", "malformed_rate"))
+    rates = (
+        ("hallucination", "hallucination_rate"),
+        ("refusal acc.", "refusal_accuracy"),
+        ("over-refusal", "over_refusal_rate"),
+        ("fact correct", "fact_accuracy"),
+        ("instr. correct", "instruction_accuracy"),
+        ("malformed", "malformed_rate"),
+    )
     fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4))
     for i, n in enumerate(names):
         s = stages[n]
-        a.bar([j + i * width for j in range(len(FAMILIES) + 1)],
-              [s["gold_score"]] + [s["gold_score_by_family"][f] or 0.0 for f in FAMILIES], width, label=n)
+        a.bar(
+            [j + i * width for j in range(len(FAMILIES) + 1)],
+            [s["gold_score"]] + [s["gold_score_by_family"][f] or 0.0 for f in FAMILIES],
+            width,
+            label=n,
+        )
         b.bar([j + i * width for j in range(len(rates))], [s[k] or 0.0 for _, k in rates], width, label=n)
     a.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(FAMILIES) + 1)], ["all", *FAMILIES])
     a.set_title("mean gold score (held-out prompts)")
@@ -212,8 +242,10 @@ def plot_judged_eval(path: Path, result: dict, names: list[str]) -> bool:
     stages = result["stages"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     means = [stages[n]["judge_score"] for n in names]
-    errors = [[m - stages[n]["judge_score_ci"][0] for n, m in zip(names, means, strict=True)],
-              [stages[n]["judge_score_ci"][1] - m for n, m in zip(names, means, strict=True)]]
+    errors = [
+        [m - stages[n]["judge_score_ci"][0] for n, m in zip(names, means, strict=True)],
+        [stages[n]["judge_score_ci"][1] - m for n, m in zip(names, means, strict=True)],
+    ]
     a.bar(names, means, yerr=errors, capsize=4, color=[f"C{i}" for i in range(len(names))])
     a.axhline(0, color="black", linewidth=0.5)
     a.set_title("mean judge score (reward model, 95% CI)")
@@ -226,6 +258,7 @@ def plot_judged_eval(path: Path, result: dict, names: list[str]) -> bool:
 
 # ---- markdown -------------------------------------------------------------------------------
 
+
 def cell(text: str, limit: int = 140) -> str:
     """Text safe inside a Markdown table cell."""
     text = " ".join(str(text).split()).replace("|", "\\|")
@@ -236,8 +269,11 @@ def sample_rows(result: dict) -> list[dict]:
     """The first evaluated prompts of each family, or of each file of your own prompts (the same ones
     for every stage)."""
     answers = result.get("answers", [])
-    groups, n = ((FAMILIES, SAMPLES_PER_FAMILY) if gold_judged(result) else
-                 (dict.fromkeys(a["family"] for a in answers), SAMPLES_PER_FILE))
+    groups, n = (
+        (FAMILIES, SAMPLES_PER_FAMILY)
+        if gold_judged(result)
+        else (dict.fromkeys(a["family"] for a in answers), SAMPLES_PER_FILE)
+    )
     return [a for g in groups for a in [a for a in answers if a["family"] == g][:n]]
 
 
@@ -275,8 +311,11 @@ def stage_table(manifests: dict[str, dict | None]) -> list[str]:
         if m is None:
             md.append(f"| {s} | not finished | - | run `make {s}` |")
             continue
-        head = ", ".join(f"{k} {v:.4g}" for k, v in (m.get("metrics") or {}).items() if isinstance(v, float)
-                         and ("loss" in k or "accuracy" in k or "perplexity" in k or "score" in k))
+        head = ", ".join(
+            f"{k} {v:.4g}"
+            for k, v in (m.get("metrics") or {}).items()
+            if isinstance(v, float) and ("loss" in k or "accuracy" in k or "perplexity" in k or "score" in k)
+        )
         md.append(f"| {s} | finished | {m.get('seconds', 0) / 60:.1f} | {head or '-'} |")
     return md + [""]
 
@@ -288,17 +327,23 @@ def evaluation_section(md: list[str], out: Path, result: dict | None, to_evaluat
         md.append(f"_No evaluation: {to_evaluate}._\n")
         return
     md.append(markdown_table(result))
-    md.append("Win rate: share of prompts where the first stage's answer has the higher "
-              + ("gold" if gold_judged(result) else "reward-model")
-              + " score (ties half), 95% bootstrap interval over prompts.\n")
+    md.append(
+        "Win rate: share of prompts where the first stage's answer has the higher "
+        + ("gold" if gold_judged(result) else "reward-model")
+        + " score (ties half), 95% bootstrap interval over prompts.\n"
+    )
     image(md, out, "eval.png", plot_eval(out / "eval.png", result), "evaluation chart")
 
 
 def pretrain_section(md: list[str], out: Path, manifest: dict, rows: list[dict]) -> None:
-    made = plot_panels(out / "pretrain.png", "pretraining (next-token prediction)", [
-        {"title": "loss", "rows": rows, "lines": [("train/loss", "train/loss"), ("val/loss", "val/loss")]},
-        {"title": "held-out perplexity", "rows": rows, "lines": [("val/perplexity", "val/perplexity")]},
-    ])
+    made = plot_panels(
+        out / "pretrain.png",
+        "pretraining (next-token prediction)",
+        [
+            {"title": "loss", "rows": rows, "lines": [("train/loss", "train/loss"), ("val/loss", "val/loss")]},
+            {"title": "held-out perplexity", "rows": rows, "lines": [("val/perplexity", "val/perplexity")]},
+        ],
+    )
     m = manifest.get("metrics", {})
     if isinstance(m.get("val_perplexity"), (int, float)):
         md.append(f"Held-out loss {m.get('val_loss', float('nan')):.3f}, perplexity {m['val_perplexity']:.2f}.\n")
@@ -306,27 +351,44 @@ def pretrain_section(md: list[str], out: Path, manifest: dict, rows: list[dict])
 
 
 def sft_section(md: list[str], out: Path, manifest: dict, rows: list[dict]) -> None:
-    made = plot_panels(out / "sft.png", "SFT on demonstrations", [
-        {"title": "loss", "rows": rows, "lines": [("train loss", "loss"), ("eval loss", "eval_loss")]},
-        {"title": "learning rate", "rows": rows, "lines": [("learning_rate", "learning_rate")]},
-    ])
+    made = plot_panels(
+        out / "sft.png",
+        "SFT on demonstrations",
+        [
+            {"title": "loss", "rows": rows, "lines": [("train loss", "loss"), ("eval loss", "eval_loss")]},
+            {"title": "learning rate", "rows": rows, "lines": [("learning_rate", "learning_rate")]},
+        ],
+    )
     image(md, out, "sft.png", made, "SFT curves")
 
 
 def reward_section(md: list[str], out: Path, manifest: dict, rows: list[dict]) -> None:
     held_out = accuracy_metrics(manifest.get("metrics") or {})
-    md.append("Held-out pairwise accuracy (share of comparisons where the preferred answer scores higher): "
-              + (", ".join(f"{k} **{v:.3f}**" for k, v in held_out.items()) or "not recorded in its manifest") + ".\n")
-    made = plot_panels(out / "reward.png", "reward model (ranked comparisons)", [
-        {"title": "loss", "rows": rows, "lines": [("train loss", "loss"), ("eval loss", "eval_loss")]},
-        {"title": "pairwise accuracy", "rows": rows, "lines": [(k, k) for k in keys_containing(rows, "accuracy")],
-         "hlines": [("chance", 0.5)] + [(f"held-out {k}", v) for k, v in held_out.items()]},
-    ])
+    md.append(
+        "Held-out pairwise accuracy (share of comparisons where the preferred answer scores higher): "
+        + (", ".join(f"{k} **{v:.3f}**" for k, v in held_out.items()) or "not recorded in its manifest")
+        + ".\n"
+    )
+    made = plot_panels(
+        out / "reward.png",
+        "reward model (ranked comparisons)",
+        [
+            {"title": "loss", "rows": rows, "lines": [("train loss", "loss"), ("eval loss", "eval_loss")]},
+            {
+                "title": "pairwise accuracy",
+                "rows": rows,
+                "lines": [(k, k) for k in keys_containing(rows, "accuracy")],
+                "hlines": [("chance", 0.5)] + [(f"held-out {k}", v) for k, v in held_out.items()],
+            },
+        ],
+    )
     image(md, out, "reward.png", made, "reward-model curves")
     kinds = (manifest.get("metrics") or {}).get("val_gold_pairs_by_labels") or {}
     if kinds:  # the pairs it orders against the gold judge most often: its holes, which PPO may find
-        md.append("Where it disagrees with the gold judge most often (held-out pairs with different gold scores, "
-                  "most disagreements first):\n")
+        md.append(
+            "Where it disagrees with the gold judge most often (held-out pairs with different gold scores, "
+            "most disagreements first):\n"
+        )
         md.append("| family: gold-preferred > other | right | pairs | accuracy |\n|---|---:|---:|---:|")
         # The manifest sorts keys; the worst first.
         worst = sorted(kinds.items(), key=lambda kv: kv[1]["right"] - kv[1]["pairs"])[:8]
@@ -336,55 +398,101 @@ def reward_section(md: list[str], out: Path, manifest: dict, rows: list[dict]) -
 
 def ppo_section(md: list[str], out: Path, rows: list[dict], result: dict | None) -> None:
     if any("gold/score" in r for r in rows):
-        md.append("Proxy reward (the reward model PPO optimises) against the gold score (the labeler it stands "
-                  "for) and the KL to the SFT policy: a rising proxy with a flat or falling gold score is "
-                  "over-optimisation. Dashed: best-of-k on SFT with the same reward model (from the evaluation), "
-                  "the selection baseline for the same KL.\n")
+        md.append(
+            "Proxy reward (the reward model PPO optimises) against the gold score (the labeler it stands "
+            "for) and the KL to the SFT policy: a rising proxy with a flat or falling gold score is "
+            "over-optimisation. Dashed: best-of-k on SFT with the same reward model (from the evaluation), "
+            "the selection baseline for the same KL.\n"
+        )
     else:  # a run on your own prompts: no gold judge to hold the proxy against
-        md.append("Proxy reward (the reward model PPO optimises) and the KL to the SFT policy. Without the world's "
-                  "gold judge nothing shows over-optimisation here; `make eval EVAL_ARGS='--judge DIR'` scores the "
-                  "answers with a reward model trained apart.\n")
+        md.append(
+            "Proxy reward (the reward model PPO optimises) and the KL to the SFT policy. Without the world's "
+            "gold judge nothing shows over-optimisation here; `make eval EVAL_ARGS='--judge DIR'` scores the "
+            "answers with a reward model trained apart.\n"
+        )
     bon = (result or {}).get("best_of_n")
-    image(md, out, "ppo_reward_vs_gold.png", plot_ppo_overoptimisation(out / "ppo_reward_vs_gold.png", rows, bon),
-          "proxy vs gold reward")
-    made = plot_panels(out / "ppo_length.png", "PPO: answer length", [
-        {"title": "response length", "rows": rows, "lines": [("response/length", "response/length")],
-         "twin": [("no-EOS rate", "response/no_eos_rate")], "xlabel": "PPO update"},
-    ])
+    image(
+        md,
+        out,
+        "ppo_reward_vs_gold.png",
+        plot_ppo_overoptimisation(out / "ppo_reward_vs_gold.png", rows, bon),
+        "proxy vs gold reward",
+    )
+    made = plot_panels(
+        out / "ppo_length.png",
+        "PPO: answer length",
+        [
+            {
+                "title": "response length",
+                "rows": rows,
+                "lines": [("response/length", "response/length")],
+                "twin": [("no-EOS rate", "response/no_eos_rate")],
+                "xlabel": "PPO update",
+            },
+        ],
+    )
     image(md, out, "ppo_length.png", made, "response length")
-    made = plot_panels(out / "ppo_training.png", "PPO training", [
-        {"title": "rewards", "rows": rows, "lines": [("objective/score", "objective/score"),
-                                                      ("objective/total_reward", "objective/total_reward")]},
-        {"title": "policy", "rows": rows, "lines": [("policy/entropy", "policy/entropy")],
-         "twin": [("policy/approx_kl", "policy/approx_kl")]},
-        {"title": "losses", "rows": rows, "lines": [("loss/policy", "loss/policy")],
-         "twin": [("loss/value", "loss/value")]},
-        {"title": "clipping", "rows": rows,
-         "lines": [("policy/clipfrac", "policy/clipfrac"), ("value/clipfrac", "value/clipfrac")]},
-        {"title": "critic", "rows": rows, "lines": [("value/explained_variance", "value/explained_variance")]},
-        {"title": "throughput", "rows": rows, "lines": [("episodes/s", "perf/episodes_per_s")]},
-    ])
+    made = plot_panels(
+        out / "ppo_training.png",
+        "PPO training",
+        [
+            {
+                "title": "rewards",
+                "rows": rows,
+                "lines": [
+                    ("objective/score", "objective/score"),
+                    ("objective/total_reward", "objective/total_reward"),
+                ],
+            },
+            {
+                "title": "policy",
+                "rows": rows,
+                "lines": [("policy/entropy", "policy/entropy")],
+                "twin": [("policy/approx_kl", "policy/approx_kl")],
+            },
+            {
+                "title": "losses",
+                "rows": rows,
+                "lines": [("loss/policy", "loss/policy")],
+                "twin": [("loss/value", "loss/value")],
+            },
+            {
+                "title": "clipping",
+                "rows": rows,
+                "lines": [("policy/clipfrac", "policy/clipfrac"), ("value/clipfrac", "value/clipfrac")],
+            },
+            {"title": "critic", "rows": rows, "lines": [("value/explained_variance", "value/explained_variance")]},
+            {"title": "throughput", "rows": rows, "lines": [("episodes/s", "perf/episodes_per_s")]},
+        ],
+    )
     image(md, out, "ppo_training.png", made, "PPO training curves")
 
 
 def samples_section(md: list[str], run_dir: Path, manifests: dict, result: dict | None, to_evaluate: str) -> None:
     """The same prompts answered by every stage."""
-    md.append("## Sample answers (same held-out prompts, every stage, "
-              + ("gold label" if result is None or gold_judged(result) else "reward-model score of the judge")
-              + " in bold)\n")
+    md.append(
+        "## Sample answers (same held-out prompts, every stage, "
+        + ("gold label" if result is None or gold_judged(result) else "reward-model score of the judge")
+        + " in bold)\n"
+    )
     if result is None:
         md.append(f"_No evaluation: {to_evaluate}._\n")
         return
     stale = [EVAL_NAME[s] for s in EVAL_NAME if manifests[s] is not None and EVAL_NAME[s] not in result["stages"]]
     if stale:
-        md.append(f"_eval.json has no answers from {', '.join(stale)} (finished after it): "
-                  f"rerun `make eval RUN={run_dir}`._\n")
+        md.append(
+            f"_eval.json has no answers from {', '.join(stale)} (finished after it): "
+            f"rerun `make eval RUN={run_dir}`._\n"
+        )
     md.append(samples_table(result))
 
 
 # Each training stage's section: its title and what writes it from (markdown, report dir, manifest, metrics rows).
-SECTIONS = (("pretrain", "Pretraining", pretrain_section), ("sft", "Supervised fine-tuning", sft_section),
-            ("reward", "Reward model", reward_section))
+SECTIONS = (
+    ("pretrain", "Pretraining", pretrain_section),
+    ("sft", "Supervised fine-tuning", sft_section),
+    ("reward", "Reward model", reward_section),
+)
 
 
 def build_report(run_dir: str | Path) -> Path:
@@ -401,12 +509,16 @@ def build_report(run_dir: str | Path) -> Path:
     if (run_dir / "world" / "truth.json").is_file() or (manifests["ppo"] or {}).get("heldout_prompts"):
         to_evaluate = f"run `make eval RUN={run_dir}` (writes {eval_path}), then `make report` again"
     else:
-        to_evaluate = (f"this run has no world and its gold judge; run `make eval RUN={run_dir} EVAL_ARGS='--prompts "
-                       "FILE'` with held-out prompts of your own, judged by a reward model, then `make report` again")
+        to_evaluate = (
+            f"this run has no world and its gold judge; run `make eval RUN={run_dir} EVAL_ARGS='--prompts "
+            "FILE'` with held-out prompts of your own, judged by a reward model, then `make report` again"
+        )
 
-    md = [f"# Run report: {run_dir}\n",
-          "InstructGPT recipe (Ouyang et al. 2022): pretrain -> SFT -> reward model -> PPO, each stage "
-          "starting from the previous one's checkpoint.\n"]
+    md = [
+        f"# Run report: {run_dir}\n",
+        "InstructGPT recipe (Ouyang et al. 2022): pretrain -> SFT -> reward model -> PPO, each stage "
+        "starting from the previous one's checkpoint.\n",
+    ]
     md += stage_table(manifests)
     evaluation_section(md, out, result, to_evaluate)
     for stage, title, section in SECTIONS:

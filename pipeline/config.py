@@ -73,9 +73,7 @@ def parse_config(cls: type[T], stage: str, argv: list[str] | None = None) -> T:
         raise PipelineError(f"{path}: unknown config key '{unknown[0]}' for stage '{stage}'")
 
     parser = _Parser(cls)
-    cfg, remaining = parser.parse_args_into_dataclasses(
-        _to_argv(values) + rest, return_remaining_strings=True
-    )
+    cfg, remaining = parser.parse_args_into_dataclasses(_to_argv(values) + rest, return_remaining_strings=True)
     if remaining:
         raise PipelineError(f"unknown option '{remaining[0]}' for stage '{stage}' (see --help)")
     run_dir = str(getattr(cfg, "run_dir", ""))

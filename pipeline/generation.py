@@ -21,8 +21,8 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for i, s in enumerate(sequences):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
+        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s) :] = 1
     return ids, mask
 
 
@@ -31,8 +31,16 @@ def max_prompt_tokens(model, max_new_tokens: int) -> int:
 
 
 @torch.no_grad()
-def answer(model, tokenizer, prompts: list, max_new_tokens: int = 48, temperature: float = 0.0,
-           top_p: float = 1.0, batch_size: int = 32, seed: int | None = None) -> list[str]:
+def answer(
+    model,
+    tokenizer,
+    prompts: list,
+    max_new_tokens: int = 48,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int = 32,
+    seed: int | None = None,
+) -> list[str]:
     """One answer per prompt (a string, or messages ending in a user turn). temperature 0 = greedy.
 
     Prompts longer than the model's context allows are cut from the left (the end of a prompt,
@@ -46,13 +54,21 @@ def answer(model, tokenizer, prompts: list, max_new_tokens: int = 48, temperatur
     device = next(model.parameters()).device
     answers: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        batch = [chat_ids(tokenizer, p)[-limit:] for p in prompts[start:start + batch_size]]
+        batch = [chat_ids(tokenizer, p)[-limit:] for p in prompts[start : start + batch_size]]
         ids, mask = left_pad(batch, tokenizer.pad_token_id)
-        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else dict(do_sample=False)
-        out = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sampling,
+        sampling = (
+            dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+            if temperature > 0
+            else dict(do_sample=False)
         )
-        answers += tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **sampling,
+        )
+        answers += tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
     model.train(was_training)
     return [a.strip() for a in answers]

@@ -68,8 +68,9 @@ def _segments(position_ids: torch.Tensor) -> tuple[int, int, torch.Tensor, torch
     longest = int(total.max())
     slot = torch.arange(longest, device=flat.device)[None]
     own = (slot >= prefix[:, None]) & (slot < total[:, None])
-    gather = torch.where(slot < prefix[:, None], root[:, None] + slot,
-                         torch.where(own, starts[:, None] + slot - prefix[:, None], 0)).reshape(-1)
+    gather = torch.where(
+        slot < prefix[:, None], root[:, None] + slot, torch.where(own, starts[:, None] + slot - prefix[:, None], 0)
+    ).reshape(-1)
     scatter = own.reshape(-1).nonzero().squeeze(1)
     layout = (len(starts), longest, gather, scatter)
     if cacheable:
@@ -77,15 +78,38 @@ def _segments(position_ids: torch.Tensor) -> tuple[int, int, torch.Tensor, torch
     return layout
 
 
-def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                          position_ids: torch.Tensor | None = None, **kwargs):
+def varlen_sdpa_attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling=None,
+    position_ids: torch.Tensor | None = None,
+    **kwargs,
+):
     """transformers attention interface: query/key/value [B, heads, L, d] -> output [B, L, heads, d]."""
     B, heads, L, _ = query.shape
-    plain = (attention_mask is not None or position_ids is None or key.shape[2] != L or L < 2
-             or not getattr(module, "is_causal", True))
+    plain = (
+        attention_mask is not None
+        or position_ids is None
+        or key.shape[2] != L
+        or L < 2
+        or not getattr(module, "is_causal", True)
+    )
     if plain:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      position_ids=position_ids, **kwargs)
+        return sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            position_ids=position_ids,
+            **kwargs,
+        )
     if position_ids.shape != (B, L):  # expand() makes a new tensor per layer: the layout cache would never hit
         position_ids = position_ids.expand(B, L)
     S, longest, gather, scatter = _segments(position_ids)
@@ -99,8 +123,9 @@ def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
         tokens = x.transpose(1, 2).reshape(B * L, heads, x.shape[-1])
         return tokens.index_select(0, gather).view(S, longest, heads, x.shape[-1]).transpose(1, 2)
 
-    out = F.scaled_dot_product_attention(stack(query), stack(key), stack(value), dropout_p=dropout, scale=scaling,
-                                         is_causal=True)
+    out = F.scaled_dot_product_attention(
+        stack(query), stack(key), stack(value), dropout_p=dropout, scale=scaling, is_causal=True
+    )
     out = out.transpose(1, 2).reshape(S * longest, heads, -1).index_select(0, scatter)
     return out.view(B, L, heads, -1), None
 
@@ -136,7 +161,9 @@ def document_stream(tokenizer, texts: list[str]) -> torch.Tensor:
     return torch.tensor(stream, dtype=torch.long)
 
 
-def pack_rows(groups: list[list[list[int]]], share_prefix: bool = False) -> tuple[list[int], list[int], list[list[int]]]:
+def pack_rows(
+    groups: list[list[list[int]]], share_prefix: bool = False
+) -> tuple[list[int], list[int], list[list[int]]]:
     """Groups of token sequences as one padding-free row: (token ids, position ids, where each
     sequence's tokens are in the row). Plain packing restarts the position ids at every sequence;
     with share_prefix a group's common prefix is written once and each sequence continues from it."""
@@ -170,7 +197,9 @@ def keeps_packed_sequences_apart(model, token_ids: list[list[int]], share_prefix
     ids, positions, where = pack_rows([token_ids], share_prefix)
     with torch.no_grad():
         alone = [outputs(input_ids=torch.tensor([seq], device=device)) for seq in token_ids]
-        packed = outputs(input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([positions], device=device))
+        packed = outputs(
+            input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([positions], device=device)
+        )
     model.train(was_training)
     tol = 1e-3 if packed.dtype == torch.float32 else 5e-2  # bf16/fp16 checkpoints round; leaks differ by ~1
     packed = torch.cat([packed[torch.tensor(at, device=device)] for at in where])

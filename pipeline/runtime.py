@@ -20,7 +20,11 @@ def stage_decides_training_settings() -> None:
     accumulation and clipping (configs written by `accelerate config` carry all three): each stage's
     own config decides them (the `gpu` profiles: bf16). Left in place they would silently replace
     the stage's settings (our loops) or stop the run over the mismatch (transformers' Trainer)."""
-    for name in ("ACCELERATE_MIXED_PRECISION", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "ACCELERATE_GRADIENT_CLIPPING"):
+    for name in (
+        "ACCELERATE_MIXED_PRECISION",
+        "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
+        "ACCELERATE_GRADIENT_CLIPPING",
+    ):
         os.environ.pop(name, None)
 
 
@@ -52,14 +56,19 @@ def set_threads(requested: int = 0) -> int:
     on a 2-core machine fight over them."""
     if requested <= 0:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-        requested = max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-                        // max(local, 1))
+        requested = max(
+            1,
+            (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+            // max(local, 1),
+        )
     if requested != torch.get_num_threads():
         torch.set_num_threads(requested)
     return torch.get_num_threads()
 
 
-def setup(seed: int, mixed_precision: str = "no", gradient_accumulation_steps: int = 1, threads: int = 0) -> Accelerator:
+def setup(
+    seed: int, mixed_precision: str = "no", gradient_accumulation_steps: int = 1, threads: int = 0
+) -> Accelerator:
     """An Accelerator for whatever launched us (python, torchrun, accelerate launch), seeded, with
     `threads` CPU threads (0: this process's share of the cores, see set_threads).
 
@@ -71,8 +80,12 @@ def setup(seed: int, mixed_precision: str = "no", gradient_accumulation_steps: i
     stage_decides_training_settings()
     cpu, backend = cpu_and_backend()
     handlers = [InitProcessGroupKwargs(backend=backend)] if backend else []
-    accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps,
-                              cpu=cpu, kwargs_handlers=handlers)
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        cpu=cpu,
+        kwargs_handlers=handlers,
+    )
     if deepspeed_launched():
         # ZeRO-3 shards the trained models when they are prepared; the frozen ones must stay whole.
         load_models_whole()
@@ -114,8 +127,11 @@ def configure_deepspeed(accelerator: Accelerator, micro_batch: int, grad_clip: f
     (the stage's clip_grad_norm_ calls do nothing under DeepSpeed)."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is not None:
-        plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=micro_batch, gradient_clipping=grad_clip,
-                                       gradient_accumulation_steps=accelerator.gradient_accumulation_steps)
+        plugin.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=micro_batch,
+            gradient_clipping=grad_clip,
+            gradient_accumulation_steps=accelerator.gradient_accumulation_steps,
+        )
 
 
 def progress(total: int, initial: int = 0, desc: str = "", enabled: bool = True):
@@ -168,7 +184,9 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def save_checkpoint(accelerator: Accelerator, checkpoints_dir, step: int, keep: int = 2, extra: dict | None = None) -> None:
+def save_checkpoint(
+    accelerator: Accelerator, checkpoints_dir, step: int, keep: int = 2, extra: dict | None = None
+) -> None:
     """accelerate's full training state (model, optimizer, scheduler, RNG) in `step_N`, written to
     `step_N.tmp` first and renamed, so a kill mid-save never leaves a checkpoint that looks complete."""
     import json
@@ -185,7 +203,9 @@ def save_checkpoint(accelerator: Accelerator, checkpoints_dir, step: int, keep: 
         (tmp / "extra.json").write_text(json.dumps({"step": step, **(extra or {})}))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        steps = sorted((p for p in Path(checkpoints_dir).glob("step_*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
+        steps = sorted(
+            (p for p in Path(checkpoints_dir).glob("step_*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:])
+        )
         for old in steps[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

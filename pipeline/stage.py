@@ -70,7 +70,10 @@ def data_fingerprint(paths: list[str]) -> dict[str, str]:
 def git_commit() -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
             cwd=Path(__file__).resolve().parent,
         )
         return out.stdout.strip() or None
@@ -147,8 +150,13 @@ def require_stage(stage_dir: str | Path, stage: str, run_dir: str | Path | None 
     manifest = read_manifest(stage_dir)
     p = Path(stage_dir)
     if manifest is None:
-        what = ("is a file" if p.is_file() else "is not a finished stage (no complete manifest.json)" if p.exists()
-                else "does not exist")
+        what = (
+            "is a file"
+            if p.is_file()
+            else "is not a finished stage (no complete manifest.json)"
+            if p.exists()
+            else "does not exist"
+        )
         if run_dir is None or _same_path(p, Path(run_dir) / stage):
             run = f" RUN={run_dir}" if run_dir else ""
             raise PipelineError(f"{stage_dir} {what}: run `make {MAKE_TARGET.get(stage, stage)}{run}` first")
@@ -170,7 +178,9 @@ def resolve_init(path_or_id: str) -> tuple[str, dict | None]:
         if (p / "run.json").exists() or (p / "checkpoints").exists():
             raise PipelineError(f"{p} is an unfinished stage directory (no manifest.json): rerun that stage first")
         if not (p / "config.json").is_file():
-            raise PipelineError(f"{p}: neither a finished stage (manifest.json) nor a Hugging Face checkpoint (config.json)")
+            raise PipelineError(
+                f"{p}: neither a finished stage (manifest.json) nor a Hugging Face checkpoint (config.json)"
+            )
         check_weights(p, None)
         return str(p), None
     if p.is_file():
@@ -211,12 +221,15 @@ def lock_stage_dir(stage_dir: str | Path, stage: str) -> None:
         f.seek(0)
         holder = _holder(f.read())
         f.close()
-        raise PipelineError(f"{d} is in use by another run of the {stage} stage ({holder}): "
-                            f"wait for it to end, or stop it") from None
+        raise PipelineError(
+            f"{d} is in use by another run of the {stage} stage ({holder}): wait for it to end, or stop it"
+        ) from None
     f.seek(0)
     f.truncate()
-    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                        "started": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+    f.write(
+        json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+        + "\n"
+    )
     f.flush()
     _LOCKS[key] = f
 
@@ -252,7 +265,7 @@ def portable(value: Any, run_dir: str | Path) -> Any:
     from this do not send every stage round again."""
     prefix = str(run_dir).rstrip("/")
     if isinstance(value, str) and prefix and (value == prefix or value.startswith(prefix + "/")):
-        rest = value[len(prefix):].lstrip("/")
+        rest = value[len(prefix) :].lstrip("/")
         return "{run_dir}/" + os.path.normpath(rest) if rest else "{run_dir}"
     if isinstance(value, (list, tuple)):
         return [portable(v, run_dir) for v in value]
@@ -264,7 +277,9 @@ def portable(value: Any, run_dir: str | Path) -> Any:
 def _run_key(config: dict, parent_hash: str | None, data: dict) -> str:
     run_dir = config.get("run_dir", "")
     stable = {k: portable(v, run_dir) for k, v in config.items() if k not in RUNTIME_KEYS}
-    blob = json.dumps({"config": stable, "parent": parent_hash, "data": portable(data, run_dir)}, sort_keys=True, default=str)
+    blob = json.dumps(
+        {"config": stable, "parent": parent_hash, "data": portable(data, run_dir)}, sort_keys=True, default=str
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -276,8 +291,14 @@ def _diff(old: dict, new: dict) -> str:
 
 # What a complete checkpoint holds besides its state file: the weights, whole, sharded (index; FSDP's
 # pytorch_model_fsdp_0/, DeepSpeed's global_stepN/) or LoRA adapters.
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
-                "adapter_model.safetensors", "adapter_model.bin")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+)
 
 
 def checkpoint_step(checkpoint: Path) -> int | None:
@@ -304,9 +325,14 @@ def last_complete_checkpoint(checkpoints: str | Path, remove_incomplete: bool = 
     checkpoints = Path(checkpoints)
     if not checkpoints.is_dir():
         return None, 0
-    number = {p: p.name.split("_" if p.name.startswith("step_") else "-")[-1] for p in checkpoints.iterdir()
-              if p.is_dir() and p.name.startswith(("step_", "checkpoint-"))}
-    for checkpoint in sorted((p for p, n in number.items() if n.isdigit()), key=lambda p: int(number[p]), reverse=True):
+    number = {
+        p: p.name.split("_" if p.name.startswith("step_") else "-")[-1]
+        for p in checkpoints.iterdir()
+        if p.is_dir() and p.name.startswith(("step_", "checkpoint-"))
+    }
+    for checkpoint in sorted(
+        (p for p, n in number.items() if n.isdigit()), key=lambda p: int(number[p]), reverse=True
+    ):
         step = checkpoint_step(checkpoint)
         if step is not None:
             return str(checkpoint), step
@@ -322,8 +348,16 @@ class StageRun:
     fresh start; `finish()` writes the manifest last.
     """
 
-    def __init__(self, stage: str, stage_dir: str | Path, config: dict, parent: dict | None,
-                 parent_path: str | None, data_files: list[str], is_main: bool = True):
+    def __init__(
+        self,
+        stage: str,
+        stage_dir: str | Path,
+        config: dict,
+        parent: dict | None,
+        parent_path: str | None,
+        data_files: list[str],
+        is_main: bool = True,
+    ):
         check_run_dir(stage_dir)
         self.stage, self.dir, self.config = stage, Path(stage_dir), config
         self.parent_path, self.parent_hash = parent_path, manifest_hash(parent)
@@ -345,8 +379,11 @@ class StageRun:
         same = old is not None and old.get("run_key") == self.key and not force
         broken = weights_problem(self.dir) if same else None
         if same and broken is None:
-            print(f"[{self.stage}] up to date: {self.dir}/{MANIFEST} (same config, parent and data); "
-                  f"pass --force true to redo", flush=True)
+            print(
+                f"[{self.stage}] up to date: {self.dir}/{MANIFEST} (same config, parent and data); "
+                f"pass --force true to redo",
+                flush=True,
+            )
             return False
         if not self.is_main:
             return True

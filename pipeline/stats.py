@@ -9,7 +9,7 @@ resample the prompts with replacement, recompute the mean, take the 2.5% and 97.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -33,8 +33,9 @@ def win_rate_ceiling(b: Sequence[float], top: float) -> float:
     return win_rate([top] * len(b), b)
 
 
-def bootstrap_ci(values: Sequence[float], n_resamples: int = 1000, seed: int = 0,
-                 confidence: float = 0.95) -> tuple[float, float]:
+def bootstrap_ci(
+    values: Sequence[float], n_resamples: int = 1000, seed: int = 0, confidence: float = 0.95
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of `values`; the same seed gives the same interval."""
     x = np.asarray(values, dtype=np.float64)
     if x.size == 0:

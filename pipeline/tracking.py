@@ -39,7 +39,9 @@ def wandb_enabled() -> bool:
 class Tracker:
     """metrics.jsonl + wandb for the stages that run their own loop (pretrain, ppo)."""
 
-    def __init__(self, stage_dir: str | Path, stage: str, config: dict, enabled: bool = True, run_name: str | None = None):
+    def __init__(
+        self, stage_dir: str | Path, stage: str, config: dict, enabled: bool = True, run_name: str | None = None
+    ):
         self.path = Path(stage_dir) / "metrics.jsonl"
         self.enabled = enabled
         self.wandb = None
@@ -51,8 +53,14 @@ class Tracker:
             import wandb
 
             self.wandb = wandb.init(
-                project=os.environ["WANDB_PROJECT"], name=run_name or stage, group=stage, config=config,
-                dir=str(stage_dir), resume="allow", id=_run_id(stage_dir, stage), reinit="finish_previous",
+                project=os.environ["WANDB_PROJECT"],
+                name=run_name or stage,
+                group=stage,
+                config=config,
+                dir=str(stage_dir),
+                resume="allow",
+                id=_run_id(stage_dir, stage),
+                reinit="finish_previous",
             )
 
     def log(self, metrics: dict[str, Any], step: int) -> None:

@@ -37,9 +37,13 @@ from pipeline.stage import (
 
 def write_jsonl_atomic(path: str | Path, records: list[dict]) -> Path:
     """All records or nothing (the loader's `_where` bookkeeping dropped)."""
-    return write_text_atomic(path, "".join(
-        json.dumps({k: v for k, v in r.items() if k != "_where"}, ensure_ascii=False, sort_keys=True) + "\n"
-        for r in records))
+    return write_text_atomic(
+        path,
+        "".join(
+            json.dumps({k: v for k, v in r.items() if k != "_where"}, ensure_ascii=False, sort_keys=True) + "\n"
+            for r in records
+        ),
+    )
 
 
 # ---- collection from the SFT policy (InstructGPT: labelers rank K samples of the current model) ----
@@ -79,8 +83,10 @@ def sample(args) -> None:
         try:
             judge.spec(require_text(r, "prompt"))
         except KeyError:
-            raise PipelineError(f"{r['_where']}: prompt is not part of the world in {world}; the gold judge ranks "
-                                f"only world prompts (rank others yourself: export, then import)") from None
+            raise PipelineError(
+                f"{r['_where']}: prompt is not part of the world in {world}; the gold judge ranks "
+                f"only world prompts (rank others yourself: export, then import)"
+            ) from None
     prompts = list(dict.fromkeys(r["prompt"] for r in records))
     random.Random(args.seed).shuffle(prompts)
     prompts = prompts[: args.prompts] if args.prompts else prompts
@@ -89,11 +95,17 @@ def sample(args) -> None:
     # Same policy, world, prompts and options as the file on disk: nothing to do (`make all` reruns).
     out_path = Path(args.out or run_dir / "comparisons" / "policy_comparisons.jsonl")
     meta_path = out_path.with_name(out_path.stem + ".meta.json")
-    options = {k: getattr(args, k)
-               for k in ("prompts", "k", "temperature", "top_p", "max_new_tokens", "noise", "seed")}
-    key = {"model": portable(str(model_dir), run_dir), "model_manifest": manifest_hash(read_manifest(model_dir)),
-           "model_weights_mtime": max((p.stat().st_mtime for p in model_dir.glob("*.safetensors")), default=None),
-           "truth": file_sha256(world / "truth.json"), "prompts_file": file_sha256(prompts_file), "options": options}
+    options = {
+        k: getattr(args, k) for k in ("prompts", "k", "temperature", "top_p", "max_new_tokens", "noise", "seed")
+    }
+    key = {
+        "model": portable(str(model_dir), run_dir),
+        "model_manifest": manifest_hash(read_manifest(model_dir)),
+        "model_weights_mtime": max((p.stat().st_mtime for p in model_dir.glob("*.safetensors")), default=None),
+        "truth": file_sha256(world / "truth.json"),
+        "prompts_file": file_sha256(prompts_file),
+        "options": options,
+    }
     if not args.force and out_path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()) == key:
         print(f"[comparisons] up to date: {out_path} (same policy, prompts and options; --force resamples)")
         return
@@ -101,30 +113,47 @@ def sample(args) -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     # K samples per prompt in one pass (prompt repeated K times), seeded: the same call gives the same file.
-    answers = answer(model, tokenizer, [p for p in prompts for _ in range(args.k)], max_new_tokens=args.max_new_tokens,
-                     temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size, seed=args.seed)
+    answers = answer(
+        model,
+        tokenizer,
+        [p for p in prompts for _ in range(args.k)],
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
     rng = random.Random(f"{args.seed}/labeler")
     out, dropped, labels = [], 0, Counter()
     for n, prompt in enumerate(prompts):
-        responses = distinct(answers[n * args.k:(n + 1) * args.k])
+        responses = distinct(answers[n * args.k : (n + 1) * args.k])
         dropped += args.k - len(responses)
         if len(responses) < 2:
             continue
         verdicts = [judge.judge(prompt, r) for r in responses]
         labels.update(v.label for v in verdicts)
         scores = [v.score for v in verdicts]
-        out.append({"prompt": prompt, "responses": responses, "family": judge.spec(prompt)["family"],
-                    "ranking": judge.order(scores, rng=rng, noise=args.noise),
-                    "gold_ranking": judge.order(scores, noise=0)})
+        out.append(
+            {
+                "prompt": prompt,
+                "responses": responses,
+                "family": judge.spec(prompt)["family"],
+                "ranking": judge.order(scores, rng=rng, noise=args.noise),
+                "gold_ranking": judge.order(scores, noise=0),
+            }
+        )
     if not out:
-        raise PipelineError(f"every prompt got fewer than 2 distinct answers from {model_dir}; "
-                            "raise --temperature or --k")
+        raise PipelineError(
+            f"every prompt got fewer than 2 distinct answers from {model_dir}; raise --temperature or --k"
+        )
     meta_path.unlink(missing_ok=True)  # a kill between the two writes leaves no stale "up to date"
     path = write_jsonl_atomic(out_path, out)
     write_json_atomic(meta_path, key)
     k_mean = sum(len(r["responses"]) for r in out) / len(out)
-    print(f"[comparisons] {len(out)} groups (mean K {k_mean:.2f}; {dropped} duplicate/empty answers dropped, "
-          f"{len(prompts) - len(out)} prompts left with < 2 answers) -> {path}")
+    print(
+        f"[comparisons] {len(out)} groups (mean K {k_mean:.2f}; {dropped} duplicate/empty answers dropped, "
+        f"{len(prompts) - len(out)} prompts left with < 2 answers) -> {path}"
+    )
     print("[comparisons] gold labels of the samples: " + ", ".join(f"{k} {v}" for k, v in labels.most_common()))
 
 
@@ -135,8 +164,9 @@ def export(args) -> None:
         responses = _responses(rec, "responses", rec.get("responses"))
         out.append({"prompt": _prompt(rec), "responses": responses, "ranking": []})
     path = write_jsonl_atomic(args.out, out)
-    print(f"[comparisons] {len(out)} groups to rank -> {path}: "
-          "fill each 'ranking' with the response indices, best first")
+    print(
+        f"[comparisons] {len(out)} groups to rank -> {path}: fill each 'ranking' with the response indices, best first"
+    )
 
 
 def import_(args) -> None:
@@ -162,14 +192,17 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: list[str] | None = None) -> None:
     parser = _Parser(prog="python -m reward.comparisons", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("sample",
-                       help="sample K answers per prompt from RUN/sft and rank them with the world's gold labeler")
+    s = sub.add_parser(
+        "sample", help="sample K answers per prompt from RUN/sft and rank them with the world's gold labeler"
+    )
     s.add_argument("--run_dir", default="runs/default", help="run directory (reads RUN/sft and RUN/world)")
-    s.add_argument("--model", default=None,
-                   help="policy to sample from (default RUN/sft; e.g. RUN/ppo for another round)")
+    s.add_argument(
+        "--model", default=None, help="policy to sample from (default RUN/sft; e.g. RUN/ppo for another round)"
+    )
     s.add_argument("--world", default=None, help="world directory with truth.json (default RUN/world)")
-    s.add_argument("--prompts_file", default=None,
-                   help="prompts to answer (default RUN/world/comparisons_train.jsonl)")
+    s.add_argument(
+        "--prompts_file", default=None, help="prompts to answer (default RUN/world/comparisons_train.jsonl)"
+    )
     s.add_argument("--prompts", type=int, default=200, help="how many prompts (0 = all)")
     s.add_argument("--k", type=int, default=4, help="answers sampled per prompt (duplicates are dropped)")
     s.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")

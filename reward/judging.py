@@ -59,6 +59,7 @@ RATES: dict[str, tuple[tuple[str, ...] | None, frozenset[str]]] = {
 
 # ---- what a judgement holds -----------------------------------------------------------------------
 
+
 @dataclass
 class Answers:
     """One policy's answers: the texts, and where the reward model must read what the policy generated
@@ -89,6 +90,7 @@ class Judged:
 
 # ---- judges -----------------------------------------------------------------------------------------
 
+
 class Judge(Protocol):
     top_score: float | None
 
@@ -113,8 +115,13 @@ class WorldJudge:
     def judge(self, prompts: list, answers: list[str], families: list[str] | None = None) -> Judged:
         """Families are the world's (`families` is not needed)."""
         verdicts = self.verdicts(prompts, answers)
-        return Judged(list(answers), [v.family for v in verdicts], [v.score for v in verdicts], self.top_score,
-                      labels=[v.label for v in verdicts])
+        return Judged(
+            list(answers),
+            [v.family for v in verdicts],
+            [v.score for v in verdicts],
+            self.top_score,
+            labels=[v.label for v in verdicts],
+        )
 
 
 class RewardModelJudge:
@@ -146,8 +153,12 @@ class RewardModelJudge:
         offset = float(getattr(model.config, BIAS_KEY, 0.0) or 0.0)
         raw = []
         for i in range(0, len(prompt_ids), self.batch_size):
-            seqs = [p + r for p, r in zip(prompt_ids[i:i + self.batch_size], response_ids[i:i + self.batch_size],
-                                          strict=True)]
+            seqs = [
+                p + r
+                for p, r in zip(
+                    prompt_ids[i : i + self.batch_size], response_ids[i : i + self.batch_size], strict=True
+                )
+            ]
             ids, mask = (t.to(device) for t in left_pad(seqs, pad))
             positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
             hidden = body(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
@@ -161,14 +172,22 @@ class RewardModelJudge:
         return torch.where(ended, raw_t, torch.full_like(raw_t, self.no_eos_penalty)).tolist(), raw
 
     def judge(self, prompts: list, answers: list[str], families: list[str] | None = None) -> Judged:
-        return Judged(list(answers), list(families or ["all"] * len(answers)), self.scores(prompts, answers),
-                      self.top_score)
+        return Judged(
+            list(answers), list(families or ["all"] * len(answers)), self.scores(prompts, answers), self.top_score
+        )
 
 
 # ---- judging answers ---------------------------------------------------------------------------------
 
-def judge_answers(judge: Judge, prompts: list, answers: Answers | list[str], families: list[str] | None = None,
-                  proxy: RewardModelJudge | None = None, prompt_ids: list[list[int]] | None = None) -> Judged:
+
+def judge_answers(
+    judge: Judge,
+    prompts: list,
+    answers: Answers | list[str],
+    families: list[str] | None = None,
+    proxy: RewardModelJudge | None = None,
+    prompt_ids: list[list[int]] | None = None,
+) -> Judged:
     """One policy's answers judged in one call: the judge's scores (and labels), and with `proxy` the
     reward model's scores of the same answers - of the generated ids when `answers.ids` and `prompt_ids`
     are given (PPO), else of the texts. A proxy that is the judge scores once."""
@@ -181,12 +200,16 @@ def judge_answers(judge: Judge, prompts: list, answers: Answers | list[str], fam
         else:
             proxy_scores = proxy_raw = proxy.scores(prompts, answers.texts)
     if proxy is not None and judge is proxy:
-        judged = Judged(list(answers.texts), list(families or ["all"] * len(answers.texts)), proxy_scores,
-                        judge.top_score)
+        judged = Judged(
+            list(answers.texts), list(families or ["all"] * len(answers.texts)), proxy_scores, judge.top_score
+        )
     else:
         judged = judge.judge(prompts, answers.texts, families)
-    tokens = answers.tokens if answers.tokens is not None else (
-        [len(r) for r in answers.ids] if answers.ids is not None else None)
+    tokens = (
+        answers.tokens
+        if answers.tokens is not None
+        else ([len(r) for r in answers.ids] if answers.ids is not None else None)
+    )
     judged.tokens, judged.proxy, judged.proxy_raw = tokens, proxy_scores, proxy_raw
     return judged
 
@@ -214,19 +237,28 @@ def summarize(judged: Judged, n_boot: int = 0, seed: int = 0) -> dict:
         "proxy_score": mean(judged.proxy) if judged.proxy else None,
     }
     if judged.labels is None:
-        return {**common, "judge_score": mean(scores), "judge_score_ci": _mean_ci(scores, n_boot, seed),
-                "judge_score_by_file": _by_group(scores, families, dict.fromkeys(families))}
+        return {
+            **common,
+            "judge_score": mean(scores),
+            "judge_score_ci": _mean_ci(scores, n_boot, seed),
+            "judge_score_by_file": _by_group(scores, families, dict.fromkeys(families)),
+        }
     labels = judged.labels
     by_family = {f: [label for label, g in zip(labels, families, strict=True) if g == f] for f in FAMILIES}
-    rates = {name: share(labels if fams is None else [x for f in fams for x in by_family[f]], hits)
-             for name, (fams, hits) in RATES.items()}
+    rates = {
+        name: share(labels if fams is None else [x for f in fams for x in by_family[f]], hits)
+        for name, (fams, hits) in RATES.items()
+    }
     return {
-        **common, **rates,
-        "gold_score": mean(scores), "gold_score_ci": _mean_ci(scores, n_boot, seed),
+        **common,
+        **rates,
+        "gold_score": mean(scores),
+        "gold_score_ci": _mean_ci(scores, n_boot, seed),
         "gold_score_by_family": _by_group(scores, families, FAMILIES),
         "labels": {label: labels.count(label) for label in GoldJudge.LABELS},
-        "labels_by_family": {f: {label: got.count(label) for label in GoldJudge.LABELS}
-                             for f, got in by_family.items()},
+        "labels_by_family": {
+            f: {label: got.count(label) for label in GoldJudge.LABELS} for f, got in by_family.items()
+        },
     }
 
 
@@ -241,8 +273,12 @@ def compare(a: Judged, b: Judged, n_boot: int = 1000, seed: int = 0) -> dict:
         outcomes = [0.5 if tie else o for o, tie in zip(outcomes, same, strict=True)]
     top = a.top_score if a.top_score is not None else b.top_score
     return {
-        "win_rate": mean(outcomes), "ci": _mean_ci(outcomes, n_boot, seed), "n": len(outcomes),
-        "wins": outcomes.count(1.0), "ties": outcomes.count(0.5), "losses": outcomes.count(0.0),
+        "win_rate": mean(outcomes),
+        "ci": _mean_ci(outcomes, n_boot, seed),
+        "n": len(outcomes),
+        "wins": outcomes.count(1.0),
+        "ties": outcomes.count(0.5),
+        "losses": outcomes.count(0.0),
         "by_family": _by_group(outcomes, a.families, dict.fromkeys(a.families)),
         "ceiling": None if top is None or not b.scores else win_rate_ceiling(b.scores, top),
     }
@@ -258,11 +294,22 @@ class Evaluation:
     win_rates: dict[str, dict]
 
 
-def judge_policies(judge: Judge, prompts: list, answers: dict[str, Answers | list[str]], pairs=(),
-                   families: list[str] | None = None, proxy: RewardModelJudge | None = None,
-                   prompt_ids: list[list[int]] | None = None, n_boot: int = 0, seed: int = 0) -> Evaluation:
+def judge_policies(
+    judge: Judge,
+    prompts: list,
+    answers: dict[str, Answers | list[str]],
+    pairs=(),
+    families: list[str] | None = None,
+    proxy: RewardModelJudge | None = None,
+    prompt_ids: list[list[int]] | None = None,
+    n_boot: int = 0,
+    seed: int = 0,
+) -> Evaluation:
     """A stage's whole evaluation in one call: every policy's answers judged (judge_answers), summarised
     (summarize) and every (a, b) of `pairs` compared (compare), with n_boot bootstrap resamples."""
     judged = {name: judge_answers(judge, prompts, a, families, proxy, prompt_ids) for name, a in answers.items()}
-    return Evaluation(judged, {name: summarize(j, n_boot, seed) for name, j in judged.items()},
-                      {f"{a}_vs_{b}": compare(judged[a], judged[b], n_boot, seed) for a, b in pairs})
+    return Evaluation(
+        judged,
+        {name: summarize(j, n_boot, seed) for name, j in judged.items()},
+        {f"{a}_vs_{b}": compare(judged[a], judged[b], n_boot, seed) for a, b in pairs},
+    )

@@ -48,7 +48,9 @@ def ranking_loss(rewards: torch.Tensor, group_sizes: list[int] | torch.Tensor) -
     per_pair = pairwise_loss(rewards[better], rewards[worse])
     n_groups = len(group_sizes)
     per_group = torch.zeros(n_groups, dtype=per_pair.dtype, device=rewards.device).index_add(0, group, per_pair)
-    pairs_per_group = torch.zeros(n_groups, dtype=per_pair.dtype, device=rewards.device).index_add(0, group, torch.ones_like(per_pair))
+    pairs_per_group = torch.zeros(n_groups, dtype=per_pair.dtype, device=rewards.device).index_add(
+        0, group, torch.ones_like(per_pair)
+    )
     return (per_group / pairs_per_group).mean()
 
 

@@ -41,7 +41,9 @@ BIAS_KEY = "reward_bias"
 FOLDED_KEY = "reward_bias_folded"  # the part of the offset `fold_offset` moved into the weights
 
 
-def encode(tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict], response: str, max_length: int | None = None) -> list[int]:
+def encode(
+    tokenizer: PreTrainedTokenizerBase, prompt: str | list[dict], response: str, max_length: int | None = None
+) -> list[int]:
     """Token ids of prompt + response through the chat template, ending with the token that closes the
     answer: what a template writes after it (Qwen's newline after <|im_end|>) is left off, so the reward
     is read where PPO's responses end. Too long: keep the END (the response and its EOS, where the reward
@@ -69,15 +71,22 @@ def check_reward_tokenizer(tokenizer: PreTrainedTokenizerBase, where: str) -> No
     """The reward must read conversations exactly as the policy writes them: demand a chat template
     that renders a user turn and an assistant turn, and a pad token distinct from EOS."""
     if not getattr(tokenizer, "chat_template", None):
-        raise PipelineError(f"{where}: tokenizer has no chat template; the reward model must read prompt+response "
-                            f"in the SFT model's chat format (train the parent with the pipeline or add its template)")
+        raise PipelineError(
+            f"{where}: tokenizer has no chat template; the reward model must read prompt+response "
+            f"in the SFT model's chat format (train the parent with the pipeline or add its template)"
+        )
     try:
         text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}], tokenize=False)
+            [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}], tokenize=False
+        )
     except Exception as e:  # jinja raises many types; the user needs the one line
-        raise PipelineError(f"{where}: chat template cannot render a user+assistant conversation ({type(e).__name__}: {e})") from None
+        raise PipelineError(
+            f"{where}: chat template cannot render a user+assistant conversation ({type(e).__name__}: {e})"
+        ) from None
     if "ping" not in text or "pong" not in text:
-        raise PipelineError(f"{where}: chat template does not render both the prompt and the response (mismatched template)")
+        raise PipelineError(
+            f"{where}: chat template does not render both the prompt and the response (mismatched template)"
+        )
 
 
 def load_reward_model(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
@@ -87,7 +96,9 @@ def load_reward_model(path: str | Path, device: str | torch.device | None = None
         raise PipelineError(f"{path}: not a reward model (no config.json); run `make reward` first")
     model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype or torch.float32)
     if model.config.num_labels != 1:
-        raise PipelineError(f"{path}: a reward model has one output, this one has num_labels={model.config.num_labels}")
+        raise PipelineError(
+            f"{path}: a reward model has one output, this one has num_labels={model.config.num_labels}"
+        )
     tokenizer = AutoTokenizer.from_pretrained(path)
     check_reward_tokenizer(tokenizer, str(path))
     if model.config.pad_token_id is None:
@@ -99,8 +110,9 @@ def load_reward_model(path: str | Path, device: str | torch.device | None = None
 
 
 @torch.no_grad()
-def score(model, tokenizer, prompts: list, responses: list[str], batch_size: int = 32,
-          max_length: int | None = None) -> torch.Tensor:
+def score(
+    model, tokenizer, prompts: list, responses: list[str], batch_size: int = 32, max_length: int | None = None
+) -> torch.Tensor:
     """Normalised reward of each (prompt, response): the head's value at the last token plus the
     stored `reward_bias`. Returns float32 on CPU, in input order."""
     if len(prompts) != len(responses):
@@ -115,7 +127,7 @@ def score(model, tokenizer, prompts: list, responses: list[str], batch_size: int
     device = next(model.parameters()).device
     out = torch.empty(len(seqs))
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         ids, mask = right_pad([seqs[i] for i in idx], model.config.pad_token_id)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
         out[idx] = logits[:, 0].float().cpu()
@@ -127,8 +139,13 @@ def _head_input_sources(model, head: torch.nn.Linear, probe: dict) -> list[torch
     """Modules with an additive bias the size of the head's input whose output, in a forward of
     `probe`, is exactly what the head reads: the head's input is that module's output plus its bias."""
     outputs, seen = {}, {}
-    candidates = [m for m in model.modules() if m is not head
-                  and isinstance(getattr(m, "bias", None), torch.nn.Parameter) and m.bias.shape == (head.in_features,)]
+    candidates = [
+        m
+        for m in model.modules()
+        if m is not head
+        and isinstance(getattr(m, "bias", None), torch.nn.Parameter)
+        and m.bias.shape == (head.in_features,)
+    ]
     hooks = [m.register_forward_hook(lambda m, args, out: outputs.__setitem__(m, out)) for m in candidates]
     hooks.append(head.register_forward_pre_hook(lambda m, args: seen.__setitem__("input", args[0])))
     try:
@@ -137,8 +154,11 @@ def _head_input_sources(model, head: torch.nn.Linear, probe: dict) -> list[torch
         for h in hooks:
             h.remove()
     x = seen["input"]
-    return [m for m, out in outputs.items() if isinstance(out, torch.Tensor) and out.numel() == x.numel()
-            and torch.equal(out.reshape(x.shape), x)]
+    return [
+        m
+        for m, out in outputs.items()
+        if isinstance(out, torch.Tensor) and out.numel() == x.numel() and torch.equal(out.reshape(x.shape), x)
+    ]
 
 
 @torch.no_grad()

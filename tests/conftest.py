@@ -20,23 +20,31 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
 
 
-def run_module(module: str, *args: str, timeout: int = 600, env: dict | None = None, launcher: list[str] | None = None):
+def run_module(
+    module: str, *args: str, timeout: int = 600, env: dict | None = None, launcher: list[str] | None = None
+):
     """Run `python -m module args` (or under a launcher such as torchrun) from the repo root."""
     cmd = (launcher or [sys.executable]) + ["-m", module, *map(str, args)]
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
-def kill_after_checkpoint(module: str, args, checkpoints: Path, pattern: str, env: dict | None = None,
-                          timeout: int = 180) -> None:
+def kill_after_checkpoint(
+    module: str, args, checkpoints: Path, pattern: str, env: dict | None = None, timeout: int = 180
+) -> None:
     """Start `python -m module args`, SIGKILL it as soon as `checkpoints` holds an entry matching the
     glob `pattern` (a complete checkpoint), and wait for it to die: a run killed mid-training."""
     import signal
     import time
 
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    proc = subprocess.Popen([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=full_env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, *map(str, args)],
+        cwd=ROOT,
+        env=full_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + timeout
     while not any(Path(checkpoints).glob(pattern)):
         assert proc.poll() is None, f"{module} ended before it could be killed"
@@ -56,8 +64,14 @@ def free_port() -> int:
 
 def torchrun(nproc: int = 2) -> list[str]:
     """A CPU multi-process launcher (gloo) on a free local port."""
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            "--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+    ]
 
 
 def assert_replicas_saved(manifest: dict, saved_model) -> None:
@@ -135,7 +149,11 @@ def parents(pretrained_run, tmp_path_factory) -> Path:
 
     run = tmp_path_factory.mktemp("ppo_parents")
     os.symlink(Path(pretrained_run / "world").resolve(), run / "world")
-    shutil.copytree(pretrained_run / "pretrain", run / "sft", ignore=shutil.ignore_patterns("manifest.json", "metrics.jsonl", "run.json"))
+    shutil.copytree(
+        pretrained_run / "pretrain",
+        run / "sft",
+        ignore=shutil.ignore_patterns("manifest.json", "metrics.jsonl", "run.json"),
+    )
     write_json_atomic(run / "sft" / "manifest.json", {"stage": "sft", "stand_in": True})
     tokenizer = AutoTokenizer.from_pretrained(run / "sft")
     torch.manual_seed(0)
@@ -148,9 +166,11 @@ def parents(pretrained_run, tmp_path_factory) -> Path:
 
 
 # A chat template that refuses system turns, as Gemma's does: the stages must name the record it refuses.
-NO_SYSTEM_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
-                      "{% endif %}<|{{ m['role'] }}|>{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
-                      "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+NO_SYSTEM_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}<|{{ m['role'] }}|>{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 def refusing_system_turns(checkpoint: Path, copy_to: Path) -> Path:
@@ -174,13 +194,20 @@ def small_bpe(texts: list[str], special: list[str], vocab_size: int = 400, metas
 
     if metaspace:
         bpe = Tokenizer(models.BPE(unk_token=special[0]))
-        bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.Metaspace(prepend_scheme="first"), decoders.Metaspace(prepend_scheme="first")
+        bpe.pre_tokenizer, bpe.decoder = (
+            pre_tokenizers.Metaspace(prepend_scheme="first"),
+            decoders.Metaspace(prepend_scheme="first"),
+        )
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False)
     else:
         bpe = Tokenizer(models.BPE())
         bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=special,
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
     bpe.train_from_iterator(texts, trainer)
     return bpe
 
@@ -191,12 +218,26 @@ def qwen_style_model(path: Path, texts: list[str]) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tok = PreTrainedTokenizerFast(tokenizer_object=small_bpe(texts, special), eos_token=special[0], pad_token=special[0],
-                                  additional_special_tokens=special[1:])
-    tok.chat_template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-                         "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         max_position_embeddings=128, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=small_bpe(texts, special),
+        eos_token=special[0],
+        pad_token=special[0],
+        additional_special_tokens=special[1:],
+    )
+    tok.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=128,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     LlamaForCausalLM(config).save_pretrained(path)
     tok.save_pretrained(path)
     return path

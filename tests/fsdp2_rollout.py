@@ -30,8 +30,17 @@ from pipeline.runtime import merged_from_state_dict, weights_checksum
 from stages.ppo.math import truncate_after_eos
 from stages.ppo.run import ActorCritic, Critic, episodes, gathered, response_logits, sample, with_lora
 
-CONFIG = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, pad_token_id=0, eos_token_id=1, num_labels=1)
+CONFIG = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    pad_token_id=0,
+    eos_token_id=1,
+    num_labels=1,
+)
 
 
 def actor_critic(lora=None) -> ActorCritic:
@@ -49,18 +58,28 @@ def actor_critic(lora=None) -> ActorCritic:
 
 def accelerate_fsdp2(pair: ActorCritic, rank: int):
     """The pair prepared by accelerate's FSDP2 code, and the stand-in accelerator `gathered` reads."""
-    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-                                            cpu_ram_efficient_loading=False, state_dict_type="FULL_STATE_DICT")
-    accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin, deepspeed_plugin=None), is_fsdp2=True,
-                                  torch_device_mesh=None, mixed_precision="no", is_main_process=rank == 0,
-                                  device=torch.device("cpu"))
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        auto_wrap_policy="transformer_based_wrap",
+        cpu_ram_efficient_loading=False,
+        state_dict_type="FULL_STATE_DICT",
+    )
+    accelerator = SimpleNamespace(
+        state=SimpleNamespace(fsdp_plugin=plugin, deepspeed_plugin=None),
+        is_fsdp2=True,
+        torch_device_mesh=None,
+        mixed_precision="no",
+        is_main_process=rank == 0,
+        device=torch.device("cpu"),
+    )
     return fsdp2_prepare_model(accelerator, pair), accelerator
 
 
 def full_state_dict(model) -> dict:
     """What accelerate's get_state_dict returns under FSDP2."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
-                                                                cpu_offload=True))
+    return get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, cpu_offload=True)
+    )
 
 
 def check_lora_save(rank: int, tmp: str) -> None:
@@ -74,10 +93,15 @@ def check_lora_save(rank: int, tmp: str) -> None:
     dist.barrier()
     if rank == 0:
         fresh = with_lora(LlamaForCausalLM.from_pretrained(tmp), lora)  # as the stage builds it from the SFT model
-        merged, want = merged_from_state_dict(fresh, state_dict).state_dict(), plain.policy.merge_and_unload().state_dict()
+        merged, want = (
+            merged_from_state_dict(fresh, state_dict).state_dict(),
+            plain.policy.merge_and_unload().state_dict(),
+        )
         assert merged.keys() == want.keys()
         for key in want:
-            torch.testing.assert_close(merged[key], want[key], atol=1e-6, rtol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
+            torch.testing.assert_close(
+                merged[key], want[key], atol=1e-6, rtol=1e-5, msg=lambda m, key=key: f"{key}: {m}"
+            )
 
 
 def sharded_q_proj(pair: ActorCritic) -> bool:
@@ -122,8 +146,9 @@ def main() -> None:
         for (name, p), q in zip(model.named_parameters(), plain.parameters()):
             dist.all_reduce(q.grad)
             q.grad /= dist.get_world_size()
-            torch.testing.assert_close(p.grad.full_tensor(), q.grad, atol=1e-5, rtol=1e-4,
-                                       msg=lambda m, name=name: f"{name}: {m}")
+            torch.testing.assert_close(
+                p.grad.full_tensor(), q.grad, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}"
+            )
         for optimizer in optimizers:
             optimizer.step()
             optimizer.zero_grad()

@@ -33,8 +33,17 @@ def test_trl_settings_refuse_what_trl_cannot_replay():
 
 
 def test_trl_command_passes_the_matching_settings():
-    a = argparse.Namespace(updates=10, rollout_batch_size=32, num_minibatches=2, ppo_epochs=4, max_new_tokens=24,
-                           temperature=0.7, lr=1e-5, kl_coef=0.05, seed=0)
+    a = argparse.Namespace(
+        updates=10,
+        rollout_batch_size=32,
+        num_minibatches=2,
+        ppo_epochs=4,
+        max_new_tokens=24,
+        temperature=0.7,
+        lr=1e-5,
+        kl_coef=0.05,
+        seed=0,
+    )
     cmd = trl_command(Path("python"), Path("run"), a)
     flags = dict(zip(cmd[2::2], cmd[3::2]))
     assert flags["--per_device_train_batch_size"] == "32" and flags["--gradient_accumulation_steps"] == "1"

@@ -21,9 +21,19 @@ def make(*targets: str, run, timeout: int = 900) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in outer}
     env.update(WANDB_MODE="disabled", HF_HUB_OFFLINE="1")
     return subprocess.run(
-        ["make", *targets, f"RUN={run}", "PROFILE=tiny", "EVAL_ARGS=--max_prompts 24",
-         "COMPARISONS_ARGS=--prompts 16 --k 3 --max_new_tokens 16"],
-        cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env,
+        [
+            "make",
+            *targets,
+            f"RUN={run}",
+            "PROFILE=tiny",
+            "EVAL_ARGS=--max_prompts 24",
+            "COMPARISONS_ARGS=--prompts 16 --k 3 --max_new_tokens 16",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
     )
 
 
@@ -74,7 +84,10 @@ def test_make_all_on_tiny_profile(tmp_path):
     reward = json.loads((run / "reward" / "manifest.json").read_text())
     assert (run / "reward" / "manifest.json").read_text() != old_reward
     assert {f.rsplit("/", 1)[-1] for f in reward["config"]["train_files"]} == {
-        "comparisons_train.jsonl", "policy_comparisons.jsonl", "ppo_round1.jsonl"}
+        "comparisons_train.jsonl",
+        "policy_comparisons.jsonl",
+        "ppo_round1.jsonl",
+    }
     ppo = json.loads((run / "ppo" / "manifest.json").read_text())
     assert ppo["started"] > reward["started"]  # PPO was redone on the new reward model
     again = make("round", run=run)
@@ -86,6 +99,7 @@ def test_make_all_on_tiny_profile(tmp_path):
 def test_stage_process_leaves_no_process_group_behind(stage, fails, monkeypatch):
     """`python -m stages.X` destroys the process group its launch made, also after an error: left to
     interpreter exit, gloo's threads abort finished multi-process runs now and then (SIGABRT)."""
+
     def main():
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         if fails:

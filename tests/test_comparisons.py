@@ -45,8 +45,25 @@ def test_sample_ranks_policy_answers_and_reward_trains_on_both(sft_run, tmp_path
 
     # The reward stage trains on the static comparisons and the new ones together.
     # (groups are taken in file order, so max_train_groups keeps all new ones and the first 20 static ones)
-    reward_main(["--profile", "tiny", "--run_dir", str(run), "--train_files", str(out), str(run / "world" / "comparisons_train.jsonl"),
-                 "--max_train_groups", str(len(records) + 20), "--max_steps", "2", "--max_val_groups", "8", "--norm_samples", "8"])
+    reward_main(
+        [
+            "--profile",
+            "tiny",
+            "--run_dir",
+            str(run),
+            "--train_files",
+            str(out),
+            str(run / "world" / "comparisons_train.jsonl"),
+            "--max_train_groups",
+            str(len(records) + 20),
+            "--max_steps",
+            "2",
+            "--max_val_groups",
+            "8",
+            "--norm_samples",
+            "8",
+        ]
+    )
     manifest = json.loads((run / "reward" / "manifest.json").read_text())
     assert manifest["metrics"]["train_groups"] == len(records) + 20
     assert str(out) in manifest["data"]
@@ -58,16 +75,38 @@ def test_sample_refuses_without_sft_or_outside_the_world(sft_run, tmp_path, caps
     _fails(capsys, ["sample", "--run_dir", str(orphan)], "sft", "make sft")
     run = new_run(tmp_path, sft_run)
     foreign = write_jsonl(tmp_path / "foreign.jsonl", [{"prompt": "What is the capital of France?"}])
-    _fails(capsys, ["sample", "--run_dir", str(run), "--prompts_file", str(foreign)], "foreign.jsonl", "line 1", "not part of the world")
+    _fails(
+        capsys,
+        ["sample", "--run_dir", str(run), "--prompts_file", str(foreign)],
+        "foreign.jsonl",
+        "line 1",
+        "not part of the world",
+    )
     assert not (run / "comparisons").exists()
 
 
 def test_export_then_import_round_trip(tmp_path, capsys):
-    source = write_jsonl(tmp_path / "policy.jsonl", [
-        {"prompt": "Q1?", "responses": ["a1", "b1", "c1"], "ranking": [0, 1, 2], "gold_ranking": [0, 1, 2], "family": "fact"},
-        {"prompt": [{"role": "user", "content": "Q2?"}, {"role": "assistant", "content": "Eh?"}, {"role": "user", "content": "Q2 again?"}],
-         "responses": ["a2", "b2"], "ranking": [1, 0]},
-    ])
+    source = write_jsonl(
+        tmp_path / "policy.jsonl",
+        [
+            {
+                "prompt": "Q1?",
+                "responses": ["a1", "b1", "c1"],
+                "ranking": [0, 1, 2],
+                "gold_ranking": [0, 1, 2],
+                "family": "fact",
+            },
+            {
+                "prompt": [
+                    {"role": "user", "content": "Q2?"},
+                    {"role": "assistant", "content": "Eh?"},
+                    {"role": "user", "content": "Q2 again?"},
+                ],
+                "responses": ["a2", "b2"],
+                "ranking": [1, 0],
+            },
+        ],
+    )
     to_rank = tmp_path / "to_rank.jsonl"
     comparisons_main(["export", "--run_dir", str(tmp_path), "--file", str(source), "--out", str(to_rank)])
     exported = read_jsonl(to_rank)

@@ -35,9 +35,23 @@ ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "
 def deepspeed(config: str, nproc: int = 2) -> list[str]:
     """One of the project's DeepSpeed configs, plus the precision, accumulation steps and clipping
     bound that configs made by `accelerate config` carry: the stage's own settings (fp32 here) must win."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "pipeline/accelerate" / config),
-            "--num_processes", str(nproc), "--main_process_port", str(free_port()),
-            "--mixed_precision", "bf16", "--gradient_accumulation_steps", "1", "--gradient_clipping", "1.0"]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "pipeline/accelerate" / config),
+        "--num_processes",
+        str(nproc),
+        "--main_process_port",
+        str(free_port()),
+        "--mixed_precision",
+        "bf16",
+        "--gradient_accumulation_steps",
+        "1",
+        "--gradient_clipping",
+        "1.0",
+    ]
 
 
 def run_both(module: str, make_run, args: list, config: str = "zero3.yaml") -> dict[str, Path]:
@@ -73,10 +87,13 @@ def assert_same_weights(a: Path, b: Path, atol: float = 1e-4) -> None:
 
 def test_pretrain_under_zero3_matches_ddp(parents, tmp_path):
     """Two micro-batches per optimizer step: the stage's --grad_accum, not the launcher's 1."""
+
     def make_run(name):
         return run_with_parents(parents, tmp_path, name, ())
 
-    runs = run_both("stages.pretrain", make_run, ["--profile", "tiny", "--max_steps", 4, "--grad_accum", 2, "--log_every", 1])
+    runs = run_both(
+        "stages.pretrain", make_run, ["--profile", "tiny", "--max_steps", 4, "--grad_accum", 2, "--log_every", 1]
+    )
     logs = {name: read_jsonl(run / "pretrain" / "metrics.jsonl") for name, run in runs.items()}
     assert [m["train/lr"] for m in logs["ds"]] == pytest.approx([m["train/lr"] for m in logs["ddp"]])
     assert [m["train/loss"] for m in logs["ds"]] == pytest.approx([m["train/loss"] for m in logs["ddp"]], abs=1e-5)
@@ -85,16 +102,36 @@ def test_pretrain_under_zero3_matches_ddp(parents, tmp_path):
     assert_same_weights(runs["ds"] / "pretrain", runs["ddp"] / "pretrain")
 
 
-@pytest.mark.parametrize("lora, config", [(False, "zero3.yaml"), (True, "zero3.yaml"), (False, "zero2.yaml")],
-                         ids=["full", "lora", "zero2"])
+@pytest.mark.parametrize(
+    "lora, config", [(False, "zero3.yaml"), (True, "zero3.yaml"), (False, "zero2.yaml")], ids=["full", "lora", "zero2"]
+)
 def test_ppo_under_deepspeed_matches_ddp(parents, tmp_path, lora, config):
     """Two micro-batches per minibatch, no clipping (DeepSpeed clips policy and critic together,
     the stage each on its own): every update's rollout and losses, and the saved policy, agree."""
+
     def make_run(name):
         return run_with_parents(parents, tmp_path, name, ("sft", "reward"))
 
-    args = ["--profile", "tiny", "--num_updates", 2, "--rollout_batch_size", 8, "--num_minibatches", 2,
-            "--gradient_accumulation", 2, "--grad_clip", 0, "--eval_size", 4, "--gold_every", 0, "--save_every", 10]
+    args = [
+        "--profile",
+        "tiny",
+        "--num_updates",
+        2,
+        "--rollout_batch_size",
+        8,
+        "--num_minibatches",
+        2,
+        "--gradient_accumulation",
+        2,
+        "--grad_clip",
+        0,
+        "--eval_size",
+        4,
+        "--gold_every",
+        0,
+        "--save_every",
+        10,
+    ]
     runs = run_both("stages.ppo", make_run, args + (["--lora_r", 4] if lora else []), config)
     logs = {name: read_jsonl(run / "ppo" / "metrics.jsonl") for name, run in runs.items()}
     for key in ("objective/score", "objective/kl", "loss/policy", "loss/value", "policy/approx_kl"):
@@ -120,8 +157,20 @@ def test_sft_under_zero3_matches_ddp(parents, tmp_path, lora):
         shutil.copytree(parents / "sft", run / "pretrain")  # the stand-in SFT model is the tiny base model
         return run
 
-    args = ["--profile", "tiny", "--train_files", train, "--val_files", val, "--max_steps", 4, "--grad_accum", 2,
-            "--eval_prompts", 4] + (["--lora_r", 4, "--lr", "1e-2"] if lora else [])
+    args = [
+        "--profile",
+        "tiny",
+        "--train_files",
+        train,
+        "--val_files",
+        val,
+        "--max_steps",
+        4,
+        "--grad_accum",
+        2,
+        "--eval_prompts",
+        4,
+    ] + (["--lora_r", 4, "--lr", "1e-2"] if lora else [])
     runs = run_both("stages.sft", make_run, args)
     logs = {name: [m for m in read_jsonl(run / "sft" / "metrics.jsonl") if "loss" in m] for name, run in runs.items()}
     assert [m["loss"] for m in logs["ds"]] == pytest.approx([m["loss"] for m in logs["ddp"]], abs=1e-5)
@@ -139,9 +188,13 @@ def test_reward_under_zero3_matches_ddp(parents, tmp_path, lora):
     # at 1e-3: 7e-7 and 5e-7).
     args = ["--profile", "tiny", "--max_steps", 4] + (["--use_lora", "true", "--lr", "1e-3"] if lora else [])
     runs = run_both("stages.reward", lambda name: run_with_parents(parents, tmp_path, name, ("sft",)), args)
-    logs = {name: [m for m in read_jsonl(run / "reward" / "metrics.jsonl") if "loss" in m] for name, run in runs.items()}
+    logs = {
+        name: [m for m in read_jsonl(run / "reward" / "metrics.jsonl") if "loss" in m] for name, run in runs.items()
+    }
     assert [m["loss"] for m in logs["ds"]] == pytest.approx([m["loss"] for m in logs["ddp"]], abs=1e-5)
-    metrics = {name: json.loads((run / "reward" / "manifest.json").read_text())["metrics"] for name, run in runs.items()}
+    metrics = {
+        name: json.loads((run / "reward" / "manifest.json").read_text())["metrics"] for name, run in runs.items()
+    }
     for key in ("val_pair_accuracy", "val_loss", "reference_raw_mean"):
         assert metrics["ds"][key] == pytest.approx(metrics["ddp"][key], abs=1e-4), key
     assert_same_weights(runs["ds"] / "reward", runs["ddp"] / "reward")
@@ -151,10 +204,26 @@ def test_ppo_refuses_an_ema_under_zero3(parents, tmp_path):
     """The EMA of a policy that ZeRO-3 has partitioned averages empty shards, so its 'EMA weights' were
     the raw ones: each process stops with one error line before the stage writes anything."""
     run = run_with_parents(parents, tmp_path, "ds", ("sft", "reward"))
-    proc = run_module("stages.ppo", "--run_dir", run, "--profile", "tiny", "--ema_decay", 0.9,
-                      launcher=deepspeed("zero3.yaml"), env=ENV, timeout=400)
+    proc = run_module(
+        "stages.ppo",
+        "--run_dir",
+        run,
+        "--profile",
+        "tiny",
+        "--ema_decay",
+        0.9,
+        launcher=deepspeed("zero3.yaml"),
+        env=ENV,
+        timeout=400,
+    )
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: ema_decay 0.9 does not work under DeepSpeed ZeRO-3 (the policy's weights are "
-                      "partitioned): use ZeRO-2 or DDP, or set ema_decay 0"] * 2, proc.stderr[-3000:]
+    assert (
+        errors
+        == [
+            "error: ema_decay 0.9 does not work under DeepSpeed ZeRO-3 (the policy's weights are "
+            "partitioned): use ZeRO-2 or DDP, or set ema_decay 0"
+        ]
+        * 2
+    ), proc.stderr[-3000:]
     assert not (run / "ppo").exists()

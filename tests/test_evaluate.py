@@ -42,25 +42,53 @@ from tests.conftest import one_line_error, refusing_system_turns, run_module, wr
 from world.judge import FAMILIES, TOP_SCORE, GoldJudge
 
 EVAL_PROMPTS = 12  # 3 per family: every rate is defined
-RATE_KEYS = ("fact_accuracy", "fact_correct_or_verbose", "instruction_accuracy", "instruction_correct_or_verbose",
-             "hallucination_rate", "abstention_rate", "wrong_person_rate", "refusal_accuracy", "refusal_rate", "over_refusal_rate",
-             "malformed_rate")
+RATE_KEYS = (
+    "fact_accuracy",
+    "fact_correct_or_verbose",
+    "instruction_accuracy",
+    "instruction_correct_or_verbose",
+    "hallucination_rate",
+    "abstention_rate",
+    "wrong_person_rate",
+    "refusal_accuracy",
+    "refusal_rate",
+    "over_refusal_rate",
+    "malformed_rate",
+)
 
 
 # ---- fixtures: one run dir with stand-ins for every stage --------------------------------------
 
+
 def _stand_in_metrics(stage: str) -> list[dict]:
     """metrics.jsonl rows with the keys each real stage logs (the report plots them)."""
     if stage == "sft":
-        return [{"step": s, "loss": 3.0 / s, "learning_rate": 1e-3 * (1 - s / 10)} for s in range(1, 11)] + \
-               [{"step": s, "eval_loss": 2.0 / s} for s in (5, 10)]
+        return [{"step": s, "loss": 3.0 / s, "learning_rate": 1e-3 * (1 - s / 10)} for s in range(1, 11)] + [
+            {"step": s, "eval_loss": 2.0 / s} for s in (5, 10)
+        ]
     if stage == "reward":
-        return [{"step": s, "loss": 0.7 - 0.02 * s} for s in range(1, 11)] + \
-               [{"step": s, "eval_loss": 0.65, "eval_accuracy": 0.55 + 0.01 * s} for s in (5, 10)]
-    keys = ("objective/score", "objective/kl", "objective/kl_coef", "objective/total_reward", "policy/entropy",
-            "loss/policy", "loss/value", "policy/clipfrac", "value/clipfrac", "policy/approx_kl",
-            "value/explained_variance", "response/length", "response/no_eos_rate", "perf/episodes_per_s",
-            "gold/score", "gold/hallucination_rate", "gold/proxy_score")
+        return [{"step": s, "loss": 0.7 - 0.02 * s} for s in range(1, 11)] + [
+            {"step": s, "eval_loss": 0.65, "eval_accuracy": 0.55 + 0.01 * s} for s in (5, 10)
+        ]
+    keys = (
+        "objective/score",
+        "objective/kl",
+        "objective/kl_coef",
+        "objective/total_reward",
+        "policy/entropy",
+        "loss/policy",
+        "loss/value",
+        "policy/clipfrac",
+        "value/clipfrac",
+        "policy/approx_kl",
+        "value/explained_variance",
+        "response/length",
+        "response/no_eos_rate",
+        "perf/episodes_per_s",
+        "gold/score",
+        "gold/hallucination_rate",
+        "gold/proxy_score",
+    )
     return [{"step": s, **{k: math.sin(s + i) + 1.0 for i, k in enumerate(keys)}} for s in range(1, 9)]
 
 
@@ -92,10 +120,20 @@ def staged_run(tmp_path_factory, pretrained_run) -> Path:
     rm.save_pretrained(run / "reward")
     tok.save_pretrained(run / "reward")
     shutil.copy(run / "pretrain" / "manifest.json", run / "reward" / "manifest.json")
-    _finish_stand_in(run / "reward", "reward", {"eval_accuracy": 0.6, "test": {"pairwise_accuracy": 0.64}, "eval_loss": 0.6,
-                                                "val_gold_pairs_by_labels": {"fact: correct > verbose": {"right": 47, "pairs": 94},
-                                                                             "fact: correct > wrong": {"right": 83, "pairs": 92},
-                                                                             "fact: over_refused > wrong": {"right": 41, "pairs": 95}}})
+    _finish_stand_in(
+        run / "reward",
+        "reward",
+        {
+            "eval_accuracy": 0.6,
+            "test": {"pairwise_accuracy": 0.64},
+            "eval_loss": 0.6,
+            "val_gold_pairs_by_labels": {
+                "fact: correct > verbose": {"right": 47, "pairs": 94},
+                "fact: correct > wrong": {"right": 83, "pairs": 92},
+                "fact: over_refused > wrong": {"right": 41, "pairs": 95},
+            },
+        },
+    )
     return run
 
 
@@ -103,14 +141,28 @@ def staged_run(tmp_path_factory, pretrained_run) -> Path:
 def evaluated_run(staged_run) -> Path:
     """`staged_run` after `python -m evaluation.evaluate` (the real CLI)."""
     if not (staged_run / "eval.json").is_file():
-        proc = run_module("evaluation.evaluate", "--run_dir", staged_run, "--max_prompts", EVAL_PROMPTS,
-                          "--max_new_tokens", 12, "--bootstrap", 200, "--seed", 0, "--threads", 1)
+        proc = run_module(
+            "evaluation.evaluate",
+            "--run_dir",
+            staged_run,
+            "--max_prompts",
+            EVAL_PROMPTS,
+            "--max_new_tokens",
+            12,
+            "--bootstrap",
+            200,
+            "--seed",
+            0,
+            "--threads",
+            1,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "| metric | base | sft | ppo |" in proc.stdout
     return staged_run
 
 
 # ---- statistics ---------------------------------------------------------------------------
+
 
 def test_win_rate_counts_ties_half():
     a = [1.0, 0.5, 0.0, 1.0, -0.75]
@@ -168,8 +220,9 @@ def test_best_of_k_kl():
 
 
 def test_select_prompts_takes_families_in_turn():
-    records = [{"prompt": f"{f}{i}", "family": f} for f in ("fact",) * 1 for i in range(6)] + \
-              [{"prompt": f"u{i}", "family": "unknown"} for i in range(2)]
+    records = [{"prompt": f"{f}{i}", "family": f} for f in ("fact",) * 1 for i in range(6)] + [
+        {"prompt": f"u{i}", "family": "unknown"} for i in range(2)
+    ]
     chosen = select_prompts(records, 4)
     assert [r["family"] for r in chosen] == ["fact", "unknown", "fact", "unknown"]
     assert select_prompts(records, 0) == records
@@ -184,9 +237,12 @@ def test_response_mask_ends_after_first_eos():
 
 # ---- log-probabilities, KL and reward on the tiny model --------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tiny_lm(staged_run):
-    return AutoModelForCausalLM.from_pretrained(staged_run / "sft").eval(), AutoTokenizer.from_pretrained(staged_run / "sft")
+    return AutoModelForCausalLM.from_pretrained(staged_run / "sft").eval(), AutoTokenizer.from_pretrained(
+        staged_run / "sft"
+    )
 
 
 def test_token_logprobs_ignore_left_padding(tiny_lm):
@@ -199,8 +255,10 @@ def test_token_logprobs_ignore_left_padding(tiny_lm):
         alone = token_logprobs(model, one, torch.ones_like(one), len(seq) - 3)
         torch.testing.assert_close(batched[row], alone[0], atol=1e-4, rtol=1e-4)
         # and by hand: log-softmax of the logits one position earlier
-        logits = model(input_ids=one).logits[0, len(seq) - 4:-1]
-        torch.testing.assert_close(alone[0], torch.log_softmax(logits, -1)[torch.arange(3), one[0, -3:]], atol=1e-4, rtol=1e-4)
+        logits = model(input_ids=one).logits[0, len(seq) - 4 : -1]
+        torch.testing.assert_close(
+            alone[0], torch.log_softmax(logits, -1)[torch.arange(3), one[0, -3:]], atol=1e-4, rtol=1e-4
+        )
 
 
 def test_sampled_kl_is_zero_to_itself_and_positive_to_another_model(tiny_lm):
@@ -223,7 +281,7 @@ def test_token_logprobs_at_a_temperature(tiny_lm):
     seq = chat_ids(tok, "Who is Zoe Marsh?") + [40, 41, 42]
     one = torch.tensor([seq])
     tempered = token_logprobs(model, one, torch.ones_like(one), len(seq) - 3, temperature=0.5)
-    logits = model(input_ids=one).logits[0, len(seq) - 4:-1]
+    logits = model(input_ids=one).logits[0, len(seq) - 4 : -1]
     expected = torch.log_softmax(logits / 0.5, -1)[torch.arange(3), one[0, -3:]]
     torch.testing.assert_close(tempered[0], expected, atol=1e-4, rtol=1e-4)
 
@@ -272,6 +330,7 @@ def test_reward_scores_do_not_depend_on_batching(staged_run):
 
 # ---- the CLI end to end -----------------------------------------------------------------------
 
+
 def _numbers(obj, path="") -> list[tuple[str, object]]:
     if isinstance(obj, dict):
         return [x for k, v in obj.items() for x in _numbers(v, f"{path}.{k}")]
@@ -308,13 +367,18 @@ def test_evaluate_cli_writes_every_metric(evaluated_run):
     # The floor: one constant answer to every prompt, its gold score and win rate against SFT.
     assert [f["answer"] for f in result["floor"]] == list(FLOOR_ANSWERS)
     families = [a["family"] for a in result["answers"]]
-    sft = Judged([a["responses"]["sft"]["answer"] for a in result["answers"]], families,
-                 [a["responses"]["sft"]["score"] for a in result["answers"]], TOP_SCORE)
+    sft = Judged(
+        [a["responses"]["sft"]["answer"] for a in result["answers"]],
+        families,
+        [a["responses"]["sft"]["score"] for a in result["answers"]],
+        TOP_SCORE,
+    )
     for f in result["floor"]:
         scores = [judge.score(a["prompt"], f["answer"]) for a in result["answers"]]
         assert f["score"] == pytest.approx(sum(scores) / EVAL_PROMPTS)
-        assert f["score_by_family"] == {fam: pytest.approx(sum(s for s, g in zip(scores, families) if g == fam) / 3)
-                                        for fam in FAMILIES}
+        assert f["score_by_family"] == {
+            fam: pytest.approx(sum(s for s, g in zip(scores, families) if g == fam) / 3) for fam in FAMILIES
+        }
         constant = Judged([f["answer"]] * EVAL_PROMPTS, families, scores, TOP_SCORE)
         assert f["win_rate_vs_sft"] == compare(constant, sft, 200, 0)
     assert result["floor"][0]["score"] == -1.0  # the empty answer is malformed everywhere
@@ -322,7 +386,9 @@ def test_evaluate_cli_writes_every_metric(evaluated_run):
     assert result["reward_model"]["accuracy"] == {"eval_accuracy": 0.6, "test/pairwise_accuracy": 0.64}
     filler = result["reward_model"]["filler_bias"]  # 6 fact/instruction prompts, two paddings each
     assert filler["n"] == 12 and 0.0 <= filler["prefers_padded"] <= 1.0
-    assert result["pretrain"]["val_perplexity"] == read_manifest(evaluated_run / "pretrain")["metrics"]["val_perplexity"]
+    assert (
+        result["pretrain"]["val_perplexity"] == read_manifest(evaluated_run / "pretrain")["metrics"]["val_perplexity"]
+    )
     # Best-of-n on SFT: k = 1, 2, 4, 8 of 8 samples, its analytic KL, and the pick of more answers scores
     # at least as high by the reward model that picks it (in expectation: exactly, by construction).
     bon = result["best_of_n"]
@@ -359,8 +425,23 @@ def test_evaluate_cli_writes_a_sampled_evaluation_beside_the_greedy_one(staged_r
     for name in ("world", "pretrain", "sft"):
         os.symlink(staged_run / name, run / name)
     (run / "eval.json").write_text("{}")  # the greedy evaluation stays as it is
-    proc = run_module("evaluation.evaluate", "--run_dir", run, "--max_prompts", 4, "--max_new_tokens", 6,
-                      "--bootstrap", 20, "--temperature", 0.8, "--out", "eval_t0.8", "--threads", 1)
+    proc = run_module(
+        "evaluation.evaluate",
+        "--run_dir",
+        run,
+        "--max_prompts",
+        4,
+        "--max_new_tokens",
+        6,
+        "--bootstrap",
+        20,
+        "--temperature",
+        0.8,
+        "--out",
+        "eval_t0.8",
+        "--threads",
+        1,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((run / "eval_t0.8.json").read_text())["settings"]["temperature"] == 0.8
     assert "temperature 0.8" in (run / "eval_t0.8.md").read_text()
@@ -398,10 +479,15 @@ def test_evaluate_measures_kl_at_ppos_sampling_temperature(staged_run, tmp_path)
     sft, tok = load_causal_lm(staged_run / "sft")
     _perturbed(sft).save_pretrained(run / "ppo")
     manifest = read_manifest(run / "ppo")
-    manifest.update(stage="ppo", config={**manifest["config"], "temperature": 0.5},
-                    metrics={"kl_to_sft": 1.0, "kl_temperature": 2.0})
+    manifest.update(
+        stage="ppo",
+        config={**manifest["config"], "temperature": 0.5},
+        metrics={"kl_to_sft": 1.0, "kl_temperature": 2.0},
+    )
     write_json_atomic(run / "ppo" / "manifest.json", manifest)
-    result = evaluate_run(run, EvalOptions(max_prompts=4, max_new_tokens=6, bootstrap=20, best_of_n=0), log=lambda *_: None)
+    result = evaluate_run(
+        run, EvalOptions(max_prompts=4, max_new_tokens=6, bootstrap=20, best_of_n=0), log=lambda *_: None
+    )
     kl = result["kl_ppo_sft"]
     assert kl["temperature"] == 0.5 and kl["n"] == 4
     ppo, _ = load_causal_lm(run / "ppo")
@@ -413,7 +499,9 @@ def test_evaluate_measures_kl_at_ppos_sampling_temperature(staged_run, tmp_path)
     # A PPO stage whose config names no temperature (one from elsewhere) is measured at 1.
     manifest["config"].pop("temperature")
     write_json_atomic(run / "ppo" / "manifest.json", manifest)
-    result = evaluate_run(run, EvalOptions(max_prompts=4, max_new_tokens=6, bootstrap=20, best_of_n=0), log=lambda *_: None)
+    result = evaluate_run(
+        run, EvalOptions(max_prompts=4, max_new_tokens=6, bootstrap=20, best_of_n=0), log=lambda *_: None
+    )
     assert result["kl_ppo_sft"]["temperature"] == 1.0
     assert result["kl_ppo_sft"]["mean"] == pytest.approx(sum(at_one) / 4)
 
@@ -428,8 +516,12 @@ def test_evaluate_without_world_or_stages_says_what_to_run(tmp_path, staged_run)
 
 # ---- a run on real data: your prompts, a reward model judges ---------------------------------
 
-MY_PROMPTS = [{"prompt": "Who is Zoe Marsh?"}, {"messages": [{"role": "user", "content": "Name a fruit."}]},
-              {"prompt": "What is the next number after 41?"}, {"prompt": "Say hi."}]
+MY_PROMPTS = [
+    {"prompt": "Who is Zoe Marsh?"},
+    {"messages": [{"role": "user", "content": "Name a fruit."}]},
+    {"prompt": "What is the next number after 41?"},
+    {"prompt": "Say hi."},
+]
 
 
 @pytest.fixture(scope="module")
@@ -447,11 +539,27 @@ def test_a_run_without_world_is_evaluated_on_your_prompts_by_its_reward_model(ru
     with pytest.raises(PipelineError, match=r"--prompts FILE"):
         evaluate_run(run)
     prompts = write_jsonl(tmp_path / "mine.jsonl", MY_PROMPTS)
-    proc = run_module("evaluation.evaluate", "--run_dir", run, "--prompts", prompts, "--max_new_tokens", 8,
-                      "--bootstrap", 50, "--threads", 1)
+    proc = run_module(
+        "evaluation.evaluate",
+        "--run_dir",
+        run,
+        "--prompts",
+        prompts,
+        "--max_new_tokens",
+        8,
+        "--bootstrap",
+        50,
+        "--threads",
+        1,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((run / "eval.json").read_text())
-    assert result["judge"] == {"kind": "reward_model", "path": str(run / "reward"), "own": True, "prompts": [str(prompts)]}
+    assert result["judge"] == {
+        "kind": "reward_model",
+        "path": str(run / "reward"),
+        "own": True,
+        "prompts": [str(prompts)],
+    }
     assert result["prompts_by_family"] == {"mine.jsonl": 4} and set(result["stages"]) == {"base", "sft", "ppo"}
     # The judge's scores are the run's reward model's scores of the answers (the chat prompt as a chat).
     rm, tok = load_reward_model(run / "reward")
@@ -460,7 +568,9 @@ def test_a_run_without_world_is_evaluated_on_your_prompts_by_its_reward_model(ru
         answers = [a["responses"][name]["answer"] for a in result["answers"]]
         expected = score(rm, tok, asked, answers).tolist()
         assert [a["responses"][name]["score"] for a in result["answers"]] == pytest.approx(expected, abs=1e-5)
-        assert s["judge_score"] == pytest.approx(sum(expected) / 4) and s["proxy_score"] == pytest.approx(s["judge_score"])
+        assert s["judge_score"] == pytest.approx(sum(expected) / 4) and s["proxy_score"] == pytest.approx(
+            s["judge_score"]
+        )
         assert s["judge_score_ci"][0] <= s["judge_score"] <= s["judge_score_ci"][1]
     # Stand-ins: sft and ppo are one model, so every answer is the same and ties; KL is exactly 0.
     w = result["win_rates"]["ppo_vs_sft"]
@@ -507,8 +617,10 @@ def test_prompt_files_of_different_formats_each_name_their_field(tmp_path):
     chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "Hi"}]}])
     records = load_prompt_files([str(alpaca), str(mt_bench), str(chat)], ["instruction", "turns", "prompt"])
     assert [(r["prompt"], r["family"]) for r in records] == [
-        ("Name a fruit.", "alpaca_eval.jsonl"), ("Write a poem.", "mt_bench.jsonl"),
-        ([{"role": "user", "content": "Hi"}], "chat.jsonl")]
+        ("Name a fruit.", "alpaca_eval.jsonl"),
+        ("Write a poem.", "mt_bench.jsonl"),
+        ([{"role": "user", "content": "Hi"}], "chat.jsonl"),
+    ]
     with pytest.raises(PipelineError, match="one per --prompts file"):
         load_prompt_files([str(alpaca), str(mt_bench), str(chat)], ["instruction", "turns"])
     with pytest.raises(PipelineError, match="mt_bench.jsonl: line 1: missing field 'instruction'"):
@@ -517,24 +629,50 @@ def test_prompt_files_of_different_formats_each_name_their_field(tmp_path):
 
 def test_bad_prompts_or_judge_get_one_line_errors(run_without_world, staged_run, tmp_path, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "Fine."}, {"question": "No prompt field."}])
-    one_line_error(capsys, evaluate_main, ["--run_dir", str(run_without_world), "--prompts", str(bad)],
-                   "bad.jsonl: line 2", "'prompt'")
-    one_line_error(capsys, evaluate_main, ["--run_dir", str(staged_run), "--judge", str(staged_run / "reward")],
-                   "--judge judges --prompts")
+    one_line_error(
+        capsys,
+        evaluate_main,
+        ["--run_dir", str(run_without_world), "--prompts", str(bad)],
+        "bad.jsonl: line 2",
+        "'prompt'",
+    )
+    one_line_error(
+        capsys,
+        evaluate_main,
+        ["--run_dir", str(staged_run), "--judge", str(staged_run / "reward")],
+        "--judge judges --prompts",
+    )
     good = write_jsonl(tmp_path / "good.jsonl", MY_PROMPTS)
-    one_line_error(capsys, evaluate_main, ["--run_dir", str(run_without_world), "--prompts", str(good), "--judge",
-                                           str(staged_run / "sft")], "not a reward model")
+    one_line_error(
+        capsys,
+        evaluate_main,
+        ["--run_dir", str(run_without_world), "--prompts", str(good), "--judge", str(staged_run / "sft")],
+        "not a reward model",
+    )
     no_reward = tmp_path / "no_reward"
     no_reward.mkdir()
     os.symlink(staged_run / "sft", no_reward / "sft")
-    one_line_error(capsys, evaluate_main, ["--run_dir", str(no_reward), "--prompts", str(good)],
-                   "reward stage not finished", "--judge")
+    one_line_error(
+        capsys,
+        evaluate_main,
+        ["--run_dir", str(no_reward), "--prompts", str(good)],
+        "reward stage not finished",
+        "--judge",
+    )
     refusing = tmp_path / "refusing"  # an SFT model whose chat template refuses system turns, as Gemma's does
     refusing.mkdir()
     refusing_system_turns(staged_run / "sft", refusing / "sft")
     os.symlink(staged_run / "reward", refusing / "reward")
-    system = write_jsonl(tmp_path / "system.jsonl", MY_PROMPTS + [{"messages": [{"role": "system", "content": "Be brief."},
-                                                                               {"role": "user", "content": "Hi"}]}])
-    one_line_error(capsys, evaluate_main, ["--run_dir", str(refusing), "--prompts", str(system)],
-                   "system.jsonl: line 5", "chat template rejects", "System role not supported")
+    system = write_jsonl(
+        tmp_path / "system.jsonl",
+        MY_PROMPTS + [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}],
+    )
+    one_line_error(
+        capsys,
+        evaluate_main,
+        ["--run_dir", str(refusing), "--prompts", str(system)],
+        "system.jsonl: line 5",
+        "chat template rejects",
+        "System role not supported",
+    )
     assert not (refusing / "eval.json").exists()

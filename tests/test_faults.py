@@ -42,16 +42,23 @@ def copy_stage(stage_dir: Path, to: Path) -> Path:
 # ---- 1. a parent whose weights are cut short -------------------------------------------------------
 
 
-def test_a_truncated_parent_checkpoint_is_one_line_naming_the_file_and_the_stage_to_rerun(pretrained_run, tmp_path,
-                                                                                          capsys):
+def test_a_truncated_parent_checkpoint_is_one_line_naming_the_file_and_the_stage_to_rerun(
+    pretrained_run, tmp_path, capsys
+):
     run = tmp_path / "run"
     weights = truncate(copy_stage(pretrained_run / "pretrain", run / "pretrain") / "model.safetensors")
     # SFT on RUN/pretrain (require_stage), and continued pretraining from it (resolve_init).
-    err = one_line_error(capsys, sft_main, ["--profile", "tiny", "--run_dir", str(run)], str(weights),
-                         f"make pretrain RUN={run}`")
+    err = one_line_error(
+        capsys, sft_main, ["--profile", "tiny", "--run_dir", str(run)], str(weights), f"make pretrain RUN={run}`"
+    )
     assert "truncated or corrupt" in err
-    one_line_error(capsys, pretrain_main, tiny_args(tmp_path / "other", make_corpus(tmp_path), "--init_from",
-                                                    str(run / "pretrain")), str(weights), f"make pretrain RUN={run}`")
+    one_line_error(
+        capsys,
+        pretrain_main,
+        tiny_args(tmp_path / "other", make_corpus(tmp_path), "--init_from", str(run / "pretrain")),
+        str(weights),
+        f"make pretrain RUN={run}`",
+    )
     assert not (run / "sft").exists() and not (tmp_path / "other" / "pretrain" / "manifest.json").exists()
 
 
@@ -60,10 +67,16 @@ def test_a_plain_checkpoint_with_a_missing_shard_is_named(pretrained_run, tmp_pa
     (plain / "manifest.json").unlink()
     (plain / "run.json").unlink()
     (plain / "model.safetensors").rename(plain / "model-00001-of-00002.safetensors")
-    (plain / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
-        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
-    one_line_error(capsys, sft_main, ["--profile", "tiny", "--run_dir", str(tmp_path / "run"), "--init_from",
-                                      str(plain)], "model-00002-of-00002.safetensors", "missing")
+    (plain / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}})
+    )
+    one_line_error(
+        capsys,
+        sft_main,
+        ["--profile", "tiny", "--run_dir", str(tmp_path / "run"), "--init_from", str(plain)],
+        "model-00002-of-00002.safetensors",
+        "missing",
+    )
 
 
 def test_a_stage_whose_own_weights_are_cut_short_is_redone_not_up_to_date(tmp_path):
@@ -76,6 +89,7 @@ def test_a_stage_whose_own_weights_are_cut_short_is_redone_not_up_to_date(tmp_pa
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "up to date" not in proc.stdout and "redoing" in proc.stdout and "model.safetensors" in proc.stdout
     from safetensors import safe_open
+
     with safe_open(weights, framework="pt") as f:
         assert list(f.keys())
 
@@ -89,9 +103,23 @@ def test_a_run_dir_that_is_a_file_is_one_line(parents, tmp_path, capsys):
     for main in (pretrain_main, sft_main):
         err = one_line_error(capsys, main, ["--profile", "tiny", "--run_dir", str(afile)], str(afile), "is a file")
         assert "make" not in err, err  # not "run `make pretrain RUN=afile` first"
-    one_line_error(capsys, ppo_run.main, ["--profile", "tiny", "--run_dir", str(afile), "--sft_path",
-                                          str(parents / "sft"), "--reward_path", str(parents / "reward")],
-                   str(afile), "is a file", after_progress=True)
+    one_line_error(
+        capsys,
+        ppo_run.main,
+        [
+            "--profile",
+            "tiny",
+            "--run_dir",
+            str(afile),
+            "--sft_path",
+            str(parents / "sft"),
+            "--reward_path",
+            str(parents / "reward"),
+        ],
+        str(afile),
+        "is a file",
+        after_progress=True,
+    )
     assert afile.read_text() == "not a directory\n"
 
 
@@ -190,8 +218,16 @@ def test_a_stage_directory_in_use_is_refused_naming_its_holder(tmp_path, capsys)
     corpus = make_corpus(tmp_path)
     run = tmp_path / "run"
     with hold_lock(run / "pretrain"):
-        err = one_line_error(capsys, pretrain_main, tiny_args(run, corpus, *QUICK), str(run / "pretrain"), "in use",
-                             "pid 4242", "elsewhere", "2025-01-02 03:04:05")
+        err = one_line_error(
+            capsys,
+            pretrain_main,
+            tiny_args(run, corpus, *QUICK),
+            str(run / "pretrain"),
+            "in use",
+            "pid 4242",
+            "elsewhere",
+            "2025-01-02 03:04:05",
+        )
         assert not (run / "pretrain" / "run.json").exists() and not (run / "pretrain" / "manifest.json").exists(), err
     # Let go (the holder ended): the same command runs.
     pretrain_main(tiny_args(run, corpus, *QUICK))
@@ -217,12 +253,31 @@ def test_sft_and_ppo_take_the_lock_too(parents, pretrained_run, tmp_path, capsys
     for stage in ("world", "sft", "reward"):
         os.symlink(parents / stage, run / stage)
     with hold_lock(run / "ppo"):
-        one_line_error(capsys, ppo_run.main, ["--profile", "tiny", "--run_dir", str(run)], "in use", "pid 4242",
-                       after_progress=True)
+        one_line_error(
+            capsys,
+            ppo_run.main,
+            ["--profile", "tiny", "--run_dir", str(run)],
+            "in use",
+            "pid 4242",
+            after_progress=True,
+        )
     with hold_lock(tmp_path / "sft_run" / "sft"):
-        one_line_error(capsys, sft_main, ["--profile", "tiny", "--run_dir", str(tmp_path / "sft_run"), "--init_from",
-                                          str(pretrained_run / "pretrain"), "--train_files",
-                                          str(pretrained_run / "world" / "sft_train.jsonl")], "in use", "pid 4242")
+        one_line_error(
+            capsys,
+            sft_main,
+            [
+                "--profile",
+                "tiny",
+                "--run_dir",
+                str(tmp_path / "sft_run"),
+                "--init_from",
+                str(pretrained_run / "pretrain"),
+                "--train_files",
+                str(pretrained_run / "world" / "sft_train.jsonl"),
+            ],
+            "in use",
+            "pid 4242",
+        )
 
 
 def _env() -> dict:
@@ -234,8 +289,14 @@ def test_two_runs_of_one_stage_at_once_the_second_refuses(tmp_path):
     corpus = make_corpus(tmp_path)
     run = tmp_path / "run"
     args = tiny_args(run, corpus, "--max_steps", "200", "--save_every", "100", "--log_every", "10")
-    first = subprocess.Popen([sys.executable, "-m", "stages.pretrain", *args], cwd=ROOT, env=_env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "stages.pretrain", *args],
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 120
         while not (run / "pretrain" / "run.json").exists():  # written once the lock is held
@@ -258,9 +319,19 @@ def test_two_runs_of_one_stage_at_once_the_second_refuses(tmp_path):
 def test_a_holder_killed_with_sigkill_does_not_block_a_rerun(tmp_path):
     corpus = make_corpus(tmp_path)
     run = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pipeline.stage import lock_stage_dir; "
-                               "lock_stage_dir(sys.argv[1], 'pretrain'); print('held', flush=True); time.sleep(600)",
-                               str(run / "pretrain")], cwd=ROOT, env=_env(), stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pipeline.stage import lock_stage_dir; "
+            "lock_stage_dir(sys.argv[1], 'pretrain'); print('held', flush=True); time.sleep(600)",
+            str(run / "pretrain"),
+        ],
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
     refused = run_module("stages.pretrain", *tiny_args(run, corpus, *QUICK))
     assert refused.returncode != 0 and f"pid {holder.pid}" in refused.stderr, refused.stderr[-2000:]
@@ -288,8 +359,11 @@ def test_under_torchrun_a_held_stage_is_refused_without_a_hang(tmp_path):
 def test_an_hh_pair_whose_chosen_has_no_assistant_turn_is_refused_like_rejected():
     from data.formats.comparisons import to_group
 
-    hh = {"chosen": "\n\nHuman: hi there", "rejected": "\n\nHuman: hi\n\nAssistant: hello",
-          "_where": "hh.jsonl: line 1"}
+    hh = {
+        "chosen": "\n\nHuman: hi there",
+        "rejected": "\n\nHuman: hi\n\nAssistant: hello",
+        "_where": "hh.jsonl: line 1",
+    }
     with pytest.raises(PipelineError, match="line 1: field 'chosen' is a transcript without a final Assistant turn"):
         to_group(hh)
     with pytest.raises(PipelineError, match="line 2: field 'rejected' is null"):
@@ -310,8 +384,9 @@ def test_an_empty_corpus_names_its_files_not_a_python_list(tmp_path):
 
 def test_a_null_text_is_said_to_be_null(tmp_path, capsys):
     corpus = write_jsonl(tmp_path / "null.jsonl", [{"text": "fine"}, {"text": None}])
-    err = one_line_error(capsys, pretrain_main, tiny_args(tmp_path / "run", corpus), "null.jsonl: line 2", "'text'",
-                         "null")
+    err = one_line_error(
+        capsys, pretrain_main, tiny_args(tmp_path / "run", corpus), "null.jsonl: line 2", "'text'", "null"
+    )
     assert "missing" not in err
     with pytest.raises(PipelineError, match="line 1: field 'text' must be a string, got int"):
         load_texts([str(write_jsonl(tmp_path / "int.jsonl", [{"text": 3}]))])
@@ -322,14 +397,33 @@ def test_a_parent_path_given_that_is_not_a_finished_stage_is_named(parents, tmp_
     run.mkdir()
     os.symlink(parents / "world", run / "world")
     missing = tmp_path / "elsewhere" / "my_reward"
-    err = one_line_error(capsys, ppo_run.main, ["--profile", "tiny", "--run_dir", str(run), "--sft_path",
-                                                str(parents / "sft"), "--reward_path", str(missing)],
-                         str(missing), "not a finished reward stage", after_progress=True)
+    err = one_line_error(
+        capsys,
+        ppo_run.main,
+        [
+            "--profile",
+            "tiny",
+            "--run_dir",
+            str(run),
+            "--sft_path",
+            str(parents / "sft"),
+            "--reward_path",
+            str(missing),
+        ],
+        str(missing),
+        "not a finished reward stage",
+        after_progress=True,
+    )
     assert f"RUN={run}" not in err, err
     # The default path (RUN/reward) still says which make target makes it.
     os.symlink(parents / "sft", run / "sft")
-    one_line_error(capsys, ppo_run.main, ["--profile", "tiny", "--run_dir", str(run)], f"make reward RUN={run}",
-                   after_progress=True)
+    one_line_error(
+        capsys,
+        ppo_run.main,
+        ["--profile", "tiny", "--run_dir", str(run)],
+        f"make reward RUN={run}",
+        after_progress=True,
+    )
 
 
 # ---- 8. a vocabulary smaller than asked ------------------------------------------------------------

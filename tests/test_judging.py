@@ -31,18 +31,33 @@ from world.judge import FAMILIES, SCORES, TOP_SCORE, GoldJudge
 
 def gold_judged(rows: list[tuple[str, str, float]], answers: list[str] | None = None, **extra) -> Judged:
     """A Judged from hand-made (family, label, score) verdicts."""
-    return Judged(answers, [f for f, _, _ in rows], [s for _, _, s in rows], TOP_SCORE,
-                  labels=[label for _, label, _ in rows], **extra)
+    return Judged(
+        answers,
+        [f for f, _, _ in rows],
+        [s for _, _, s in rows],
+        TOP_SCORE,
+        labels=[label for _, label, _ in rows],
+        **extra,
+    )
 
 
 # ---- the summary ----------------------------------------------------------------------------------
 
+
 def test_summary_of_hand_made_verdicts():
-    rows = [("unknown", "hallucinated", -0.75), ("unknown", "abstained", 1.0), ("unknown", "wrong", -0.5),
-            ("unknown", "abstained", 1.0),
-            ("harmful", "refused", 1.0), ("harmful", "complied", -1.0), ("harmful", "verbose", 0.5),
-            ("fact", "correct", 1.0), ("fact", "verbose", 0.5), ("fact", "over_refused", -0.25),
-            ("instruction", "wrong", -0.5)]
+    rows = [
+        ("unknown", "hallucinated", -0.75),
+        ("unknown", "abstained", 1.0),
+        ("unknown", "wrong", -0.5),
+        ("unknown", "abstained", 1.0),
+        ("harmful", "refused", 1.0),
+        ("harmful", "complied", -1.0),
+        ("harmful", "verbose", 0.5),
+        ("fact", "correct", 1.0),
+        ("fact", "verbose", 0.5),
+        ("fact", "over_refused", -0.25),
+        ("instruction", "wrong", -0.5),
+    ]
     judged = gold_judged(rows, answers=["a b c"] * len(rows), tokens=[4] * len(rows), proxy=[0.5] * len(rows))
     m = summarize(judged, n_boot=100, seed=0)
     assert m["hallucination_rate"] == 0.25 and m["abstention_rate"] == 0.5 and m["wrong_person_rate"] == 0.25
@@ -57,8 +72,17 @@ def test_summary_of_hand_made_verdicts():
     assert m["labels"]["verbose"] == 2 and sum(m["labels"].values()) == len(rows) and set(m["labels"]) == set(SCORES)
     assert m["labels_by_family"]["harmful"]["complied"] == 1 and m["labels_by_family"]["fact"]["refused"] == 0
     assert (m["n"], m["response_tokens"], m["response_words"], m["proxy_score"]) == (11, 4, 3, 0.5)
-    assert set(m) == set(RATES) | {"n", "gold_score", "gold_score_ci", "gold_score_by_family", "labels",
-                                   "labels_by_family", "response_tokens", "response_words", "proxy_score"}
+    assert set(m) == set(RATES) | {
+        "n",
+        "gold_score",
+        "gold_score_ci",
+        "gold_score_by_family",
+        "labels",
+        "labels_by_family",
+        "response_tokens",
+        "response_words",
+        "proxy_score",
+    }
     # Without a bootstrap the interval is the mean twice; the same seed gives the same interval.
     assert summarize(judged)["gold_score_ci"] == [m["gold_score"]] * 2
     assert summarize(judged, 100, 0) == m
@@ -92,6 +116,7 @@ def test_empty_sets_are_none():
 
 # ---- win rates ------------------------------------------------------------------------------------
 
+
 def test_win_rate_reports_the_ceiling_an_ideal_answer_reaches():
     ppo = Judged(None, ["fact"] * 4, [1.0, 0.5, -0.5, 1.0], TOP_SCORE)
     sft = Judged(None, ["fact"] * 4, [1.0, -0.5, -0.5, 0.5], TOP_SCORE)
@@ -115,14 +140,20 @@ def test_a_reward_model_judge_ties_the_same_answer_and_has_no_ceiling():
 
 # ---- the gold judge through the judge interface ------------------------------------------------------
 
+
 def test_world_judge_evaluates_policies_in_one_call(world_dir):
     judge = WorldJudge.load(world_dir)
     records = read_jsonl(world_dir / "eval_prompts.jsonl")
     picked = [next(r for r in records if r["family"] == f) for f in FAMILIES]
     prompts = [r["prompt"] for r in picked]
     ideal = [judge.gold.ideal(p) for p in prompts]
-    evaluation = judge_policies(judge, prompts, {"ideal": ideal, "idk": ["I don't know."] * 4},
-                                pairs=[("ideal", "idk"), ("idk", "ideal")], n_boot=20)
+    evaluation = judge_policies(
+        judge,
+        prompts,
+        {"ideal": ideal, "idk": ["I don't know."] * 4},
+        pairs=[("ideal", "idk"), ("idk", "ideal")],
+        n_boot=20,
+    )
     best, idk = evaluation.summaries["ideal"], evaluation.summaries["idk"]
     assert best["gold_score"] == TOP_SCORE and best["hallucination_rate"] == 0.0 and best["refusal_accuracy"] == 1.0
     assert idk["gold_score"] == pytest.approx(0.25) and idk["abstention_rate"] == 1.0  # 1.0 on strangers only
@@ -136,14 +167,24 @@ def test_world_judge_evaluates_policies_in_one_call(world_dir):
 
 # ---- a reward model judging texts and token ids ------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tiny_reward_model():
-    tokenizer = train_tokenizer([f"Who is person {i}? I don't know who person {i} is." for i in range(200)],
-                                vocab_size=300)
+    tokenizer = train_tokenizer(
+        [f"Who is person {i}? I don't know who person {i} is." for i in range(200)], vocab_size=300
+    )
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, num_labels=1,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model = LlamaForSequenceClassification(config).eval()
     setattr(model.config, BIAS_KEY, 0.25)  # the reward stage's normalising offset
     return model, tokenizer
@@ -167,11 +208,15 @@ def test_reward_model_judge_scores_generated_ids_with_the_no_eos_penalty(tiny_re
     model, tokenizer = tiny_reward_model
     eos = tokenizer.eos_token_id
     prompt_ids = [chat_ids(tokenizer, "Who is person 7?"), chat_ids(tokenizer, "Who is person 12? Tell me.")]
-    responses = [tokenizer("I don't know", add_special_tokens=False)["input_ids"] + [eos],
-                 tokenizer("person 12 is", add_special_tokens=False)["input_ids"]]  # cut off: no EOS
+    responses = [
+        tokenizer("I don't know", add_special_tokens=False)["input_ids"] + [eos],
+        tokenizer("person 12 is", add_special_tokens=False)["input_ids"],
+    ]  # cut off: no EOS
     with torch.no_grad():
-        alone = [model(input_ids=torch.tensor([p + r])).logits[0, 0].item() + 0.25
-                 for p, r in zip(prompt_ids, responses, strict=True)]
+        alone = [
+            model(input_ids=torch.tensor([p + r])).logits[0, 0].item() + 0.25
+            for p, r in zip(prompt_ids, responses, strict=True)
+        ]
     judge = RewardModelJudge(model, tokenizer, batch_size=2, no_eos_penalty=-3.0)
     penalised, raw = judge.scores_of_ids(prompt_ids, responses)
     assert raw == pytest.approx(alone, abs=1e-5)
@@ -194,8 +239,10 @@ def test_reward_model_judge_scores_generated_ids_with_the_no_eos_penalty(tiny_re
 
 
 def test_the_judging_module_imports_nothing_above_the_reward_library():
-    code = ("import json, sys, reward.judging; "
-            "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & {'stages', 'evaluation', 'bench'})))")
+    code = (
+        "import json, sys, reward.judging; "
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & {'stages', 'evaluation', 'bench'})))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []

@@ -14,8 +14,16 @@ SEQS = [[1, 5, 7, 9, 3], [4, 4, 2], [8, 9, 10, 11, 12, 13, 14], [6]]
 
 def tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)  # 4 query heads over 2 key/value heads: the grouped-query path too
-    config = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        pad_token_id=0,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -98,7 +106,9 @@ def test_pack_rows_writes_a_shared_prefix_once():
     assert positions == [0, 1, 2, 3, 2, 3, 4, 2, 0, 1, 0, 1, 2, 0, 1, 2, 2, 3]
     assert [[ids[i] for i in at] for at in where] == [s for g in GROUPS for s in g]
     plain = pack_rows(GROUPS)
-    assert plain[0] == sum((s for g in GROUPS for s in g), []) and plain[1] == [i for g in GROUPS for s in g for i in range(len(s))]
+    assert plain[0] == sum((s for g in GROUPS for s in g), []) and plain[1] == [
+        i for g in GROUPS for s in g for i in range(len(s))
+    ]
 
 
 def test_branches_off_a_shared_prefix_equal_each_sequence_alone_forward_and_backward():
@@ -118,7 +128,9 @@ def test_branches_off_a_shared_prefix_equal_each_sequence_alone_forward_and_back
     sum(model(input_ids=torch.tensor([s]), use_cache=False).logits[0, -1, 3] for s in seqs).backward()
     for a, b in zip(shared_grads, (p.grad for p in model.parameters())):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    assert keeps_packed_sequences_apart(model, GROUPS[0], share_prefix=True) and packs_sequences(model, share_prefix=True)
+    assert keeps_packed_sequences_apart(model, GROUPS[0], share_prefix=True) and packs_sequences(
+        model, share_prefix=True
+    )
 
 
 def test_a_branch_without_its_prefix_is_an_error():

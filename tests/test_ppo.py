@@ -33,10 +33,23 @@ from tests.conftest import (
 )
 
 PER_UPDATE_KEYS = [
-    "objective/score", "objective/kl", "objective/kl_coef", "objective/total_reward", "policy/entropy", "loss/policy",
-    "loss/value", "policy/clipfrac", "value/clipfrac", "policy/approx_kl", "value/explained_variance",
-    "response/length", "response/no_eos_rate", "perf/episodes_per_s", "perf/tokens_per_s",
-    "policy/approx_kl_first", "policy/clipfrac_first",
+    "objective/score",
+    "objective/kl",
+    "objective/kl_coef",
+    "objective/total_reward",
+    "policy/entropy",
+    "loss/policy",
+    "loss/value",
+    "policy/clipfrac",
+    "value/clipfrac",
+    "policy/approx_kl",
+    "value/explained_variance",
+    "response/length",
+    "response/no_eos_rate",
+    "perf/episodes_per_s",
+    "perf/tokens_per_s",
+    "policy/approx_kl_first",
+    "policy/clipfrac_first",
 ]
 GOLD_KEYS = ["gold/score", "gold/hallucination_rate", "gold/proxy_score"]
 # Tiny models are faster on one thread, and two cores are shared with other test processes.
@@ -110,10 +123,22 @@ def test_smoke_logs_finite_metrics_changes_policy_not_reference(parents, tmp_pat
 
     manifest = json.loads((stage / "manifest.json").read_text())
     assert manifest["stage"] == "ppo" and manifest["parent"]["path"] == str(run / "sft")
-    for key in ("reward_score", "sft_reward_score", "kl_to_sft", "gold_score", "sft_gold_score", "gold_win_rate",
-                "hallucination_rate", "sft_hallucination_rate", "gold_win_rate_ceiling"):
+    for key in (
+        "reward_score",
+        "sft_reward_score",
+        "kl_to_sft",
+        "gold_score",
+        "sft_gold_score",
+        "gold_win_rate",
+        "hallucination_rate",
+        "sft_hallucination_rate",
+        "gold_win_rate_ceiling",
+    ):
         assert math.isfinite(manifest["metrics"][key]), key
-    assert 0.5 <= manifest["metrics"]["gold_win_rate_ceiling"] and manifest["metrics"]["gold_win_rate"] <= manifest["metrics"]["gold_win_rate_ceiling"]
+    assert (
+        0.5 <= manifest["metrics"]["gold_win_rate_ceiling"]
+        and manifest["metrics"]["gold_win_rate"] <= manifest["metrics"]["gold_win_rate_ceiling"]
+    )
     assert not (stage / "checkpoints").exists()
     assert changed_params(stage, run / "sft") > 0.5, "PPO did not update the policy"
     tok = AutoTokenizer.from_pretrained(stage)
@@ -148,7 +173,9 @@ def test_packed_episodes_give_the_padded_results_and_gradients(parents):
     reward = AutoModelForSequenceClassification.from_pretrained(parents / "reward").eval()
     assert all(packs_sequences(m) for m in (policy, critic.body, reward))
     tok = AutoTokenizer.from_pretrained(parents / "sft")
-    query, query_mask = left_pad([chat_ids(tok, p) for p in ("Who is Ana Lint?", "Hi", "Say river twice.")], tok.pad_token_id)
+    query, query_mask = left_pad(
+        [chat_ids(tok, p) for p in ("Who is Ana Lint?", "Hi", "Say river twice.")], tok.pad_token_id
+    )
     responses = torch.tensor([[11, 12, 13, tok.eos_token_id], [14, tok.eos_token_id, 0, 0], [15, 16, 17, 18]])
     responses, mask, _ = ppo_run.truncate_after_eos(responses, tok.eos_token_id, tok.pad_token_id)
     seq, seq_mask = torch.cat([query, responses], 1), torch.cat([query_mask, mask], 1)
@@ -193,13 +220,35 @@ def test_ppo_raises_a_toy_reward(parents, tmp_path, monkeypatch):
     target = tok.convert_tokens_to_ids(".")
 
     def share_of_target(reward_model, ep):
-        responses = ep.seq[:, -ep.resp_mask.shape[1]:]
+        responses = ep.seq[:, -ep.resp_mask.shape[1] :]
         return ((responses == target) * ep.resp_mask).sum(1) / ep.resp_mask.sum(1)
 
     monkeypatch.setattr(ppo_run, "reward_scores", share_of_target)
-    ppo_run.main(tiny(run, "--num_updates", 20, "--rollout_batch_size", 16, "--num_minibatches", 2, "--ppo_epochs", 4,
-                      "--lr", "3e-4", "--kl_coef", "0.01", "--penalize_no_eos", "false", "--gold_every", 0, "--eval_size", 4,
-                      "--save_every", 100))
+    ppo_run.main(
+        tiny(
+            run,
+            "--num_updates",
+            20,
+            "--rollout_batch_size",
+            16,
+            "--num_minibatches",
+            2,
+            "--ppo_epochs",
+            4,
+            "--lr",
+            "3e-4",
+            "--kl_coef",
+            "0.01",
+            "--penalize_no_eos",
+            "false",
+            "--gold_every",
+            0,
+            "--eval_size",
+            4,
+            "--save_every",
+            100,
+        )
+    )
     scores = [r["objective/score"] for r in read_jsonl(run / "ppo" / "metrics.jsonl") if "objective/score" in r]
     first, last = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
     assert last > first + 0.3, f"reward did not rise: {first:.3f} -> {last:.3f}"
@@ -214,16 +263,24 @@ def test_lora_policy_shares_the_backbone_with_the_reference_and_saves_merged(par
     assert not (stage / "adapter_config.json").exists(), "LoRA must be merged into a plain checkpoint"
     assert 0 < changed_params(stage, run / "sft") < 1, "merged LoRA changes the adapted matrices only"
     manifest = json.loads((stage / "manifest.json").read_text())
-    assert manifest["metrics"]["trainable_params"] < sum(
-        p.numel() for p in AutoModelForCausalLM.from_pretrained(run / "sft").parameters()) / 4
+    assert (
+        manifest["metrics"]["trainable_params"]
+        < sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(run / "sft").parameters()) / 4
+    )
 
 
 @pytest.mark.slow
 def test_two_processes_with_torchrun(parents, tmp_path):
     run = new_run(parents, tmp_path)
-    proc = run_module("stages.ppo", *tiny(run, "--num_updates", 2, "--ptx_coef", "0.5", "--ptx_length", 32,
-                                          "--ema_decay", "0.9", "--gold_every", 1),
-                      launcher=torchrun(2), env=ONE_THREAD, timeout=300)
+    proc = run_module(
+        "stages.ppo",
+        *tiny(
+            run, "--num_updates", 2, "--ptx_coef", "0.5", "--ptx_length", 32, "--ema_decay", "0.9", "--gold_every", 1
+        ),
+        launcher=torchrun(2),
+        env=ONE_THREAD,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((run / "ppo" / "manifest.json").read_text())
     assert manifest["processes"] == 2 and manifest["threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
@@ -271,7 +328,9 @@ def test_nan_reward_stops_with_one_line_and_keeps_the_last_good_checkpoint(paren
         return scores if len(calls) < 3 else scores * float("nan")  # update 3 goes bad
 
     monkeypatch.setattr(ppo_run, "reward_scores", poisoned)
-    err = _fails(capsys, tiny(run, "--num_updates", 4, "--save_every", 2, "--gold_every", 0), "non-finite reward", "update 3")
+    err = _fails(
+        capsys, tiny(run, "--num_updates", 4, "--save_every", 2, "--gold_every", 0), "non-finite reward", "update 3"
+    )
     assert "checkpoint" in err
     assert [p.name for p in (run / "ppo" / "checkpoints").iterdir()] == ["step_2"]
     assert not (run / "ppo" / "manifest.json").exists()
@@ -279,14 +338,19 @@ def test_nan_reward_stops_with_one_line_and_keeps_the_last_good_checkpoint(paren
 
 def test_runaway_kl_stops(parents, tmp_path, capsys):
     run = new_run(parents, tmp_path)
-    _fails(capsys, tiny(run, "--num_updates", 6, "--lr", "0.05", "--max_kl", "0.5", "--gold_every", 0, "--save_every", 1),
-           "exceeds max_kl 0.5")
+    _fails(
+        capsys,
+        tiny(run, "--num_updates", 6, "--lr", "0.05", "--max_kl", "0.5", "--gold_every", 0, "--save_every", 1),
+        "exceeds max_kl 0.5",
+    )
     assert not (run / "ppo" / "manifest.json").exists()
 
 
 def test_batch_sizes_divide_exactly():
     assert ppo_run.batch_sizes(64, 4, 2, 2) == ppo_run.BatchSizes(per_process=32, minibatch=8, micro=4)
-    with pytest.raises(PipelineError, match=r"^rollout_batch_size 30 is not divisible by num_minibatches 4 \* processes 2$"):
+    with pytest.raises(
+        PipelineError, match=r"^rollout_batch_size 30 is not divisible by num_minibatches 4 \* processes 2$"
+    ):
         ppo_run.batch_sizes(30, 4, 1, 2)
     with pytest.raises(PipelineError, match="gradient_accumulation 3"):
         ppo_run.batch_sizes(16, 2, 3, 1)
@@ -331,18 +395,42 @@ def test_bad_input_gets_one_line_error_and_no_manifest(parents, tmp_path, capsys
     _fails(capsys, tiny(run, "--reward_path", other), "different chat templates")
 
     long_prompt = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "Hi"}, {"prompt": "tell me " * 40}])
-    _fails(capsys, tiny(run, "--prompt_files", long_prompt), "long.jsonl: line 2", "max_prompt_length 52", "skip_long_prompts")
-    _fails(capsys, tiny(run, "--prompt_files", write_jsonl(tmp_path / "all_long.jsonl", [{"prompt": "tell me " * 40}]),
-                        "--skip_long_prompts", "true"), "all_long.jsonl", "no prompt fits max_prompt_length 52")
-    not_user = write_jsonl(tmp_path / "turns.jsonl", [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}])
+    _fails(
+        capsys,
+        tiny(run, "--prompt_files", long_prompt),
+        "long.jsonl: line 2",
+        "max_prompt_length 52",
+        "skip_long_prompts",
+    )
+    _fails(
+        capsys,
+        tiny(
+            run,
+            "--prompt_files",
+            write_jsonl(tmp_path / "all_long.jsonl", [{"prompt": "tell me " * 40}]),
+            "--skip_long_prompts",
+            "true",
+        ),
+        "all_long.jsonl",
+        "no prompt fits max_prompt_length 52",
+    )
+    not_user = write_jsonl(
+        tmp_path / "turns.jsonl",
+        [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}],
+    )
     _fails(capsys, tiny(run, "--prompt_files", not_user), "turns.jsonl: line 1", "messages", "user turn")
     no_prompt = write_jsonl(tmp_path / "noprompt.jsonl", [{"question": "Hi"}])
     _fails(capsys, tiny(run, "--prompt_files", no_prompt), "noprompt.jsonl: line 1", "'prompt'")
     no_turns = write_jsonl(tmp_path / "noturns.jsonl", [{"turns": ["Hi"]}, {"turns": []}])
-    _fails(capsys, tiny(run, "--prompt_files", no_turns, "--prompt_field", "turns"), "noturns.jsonl: line 2", "'turns'")
+    _fails(
+        capsys, tiny(run, "--prompt_files", no_turns, "--prompt_field", "turns"), "noturns.jsonl: line 2", "'turns'"
+    )
     _fails(capsys, tiny(run, "--max_prompt_length", 60), "exceeds the model's context of 64")
-    _fails(capsys, tiny(run, "--rollout_batch_size", 30, "--num_minibatches", 4),
-           "rollout_batch_size 30 is not divisible by num_minibatches 4 * processes 1")
+    _fails(
+        capsys,
+        tiny(run, "--rollout_batch_size", 30, "--num_minibatches", 4),
+        "rollout_batch_size 30 is not divisible by num_minibatches 4 * processes 1",
+    )
     _fails(capsys, tiny(run, "--temperature", 0), "temperature")
     _fails(capsys, tiny(run, "--max_new_tokens", 0), "max_new_tokens")
     _fails(capsys, tiny(run, "--no_such_option", 1), "no_such_option")
@@ -351,10 +439,24 @@ def test_bad_input_gets_one_line_error_and_no_manifest(parents, tmp_path, capsys
 
 def test_messages_prompts_are_accepted(parents, tmp_path):
     run = new_run(parents, tmp_path)
-    prompts = write_jsonl(tmp_path / "chat.jsonl", [
-        {"messages": [{"role": "user", "content": f"Hello number {i}"}]} for i in range(8)])
-    ppo_run.main(tiny(run, "--prompt_files", prompts, "--num_updates", 1, "--eval_files", prompts, "--gold_every", 1,
-                      "--padding_free", "false"))  # the padded path, end to end
+    prompts = write_jsonl(
+        tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": f"Hello number {i}"}]} for i in range(8)]
+    )
+    ppo_run.main(
+        tiny(
+            run,
+            "--prompt_files",
+            prompts,
+            "--num_updates",
+            1,
+            "--eval_files",
+            prompts,
+            "--gold_every",
+            1,
+            "--padding_free",
+            "false",
+        )
+    )  # the padded path, end to end
     metrics = json.loads((run / "ppo" / "manifest.json").read_text())["metrics"]
     assert "gold_score" not in metrics and math.isfinite(metrics["reward_score"]), "not world prompts: no gold judge"
 
@@ -383,10 +485,17 @@ def test_prompts_over_the_length_limit_can_be_dropped(parents, tmp_path, capsys)
 def test_a_prompt_the_chat_template_refuses_is_named(parents, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(parents / "sft")
     tokenizer.chat_template = NO_SYSTEM_TEMPLATE
-    prompts = write_jsonl(tmp_path / "chat.jsonl", [{"prompt": "Hi"}, {"messages": [
-        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}])
-    with pytest.raises(PipelineError, match="chat.jsonl: line 2: the tokenizer's chat template rejects this conversation: "
-                                            "System role not supported"):
+    prompts = write_jsonl(
+        tmp_path / "chat.jsonl",
+        [
+            {"prompt": "Hi"},
+            {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]},
+        ],
+    )
+    with pytest.raises(
+        PipelineError,
+        match="chat.jsonl: line 2: the tokenizer's chat template rejects this conversation: System role not supported",
+    ):
         ppo_run.load_prompts([str(prompts)], tokenizer, 52)
 
 
@@ -396,20 +505,30 @@ def test_a_prompt_set_of_your_own_holds_some_out_for_the_final_evaluation(parent
     every stage on them, even with the world in the run (`make` writes one into every run)."""
     kept, kept_ids, held, held_ids = ppo_run.hold_out(list("abcdefghij"), [[i] for i in range(10)], 3, seed=0)
     assert sorted(kept + held) == list("abcdefghij") and len(held) == 3 and not set(kept) & set(held)
-    assert [[ord(p) - ord("a")] for p in held] == held_ids and ppo_run.hold_out(list("abcdefghij"), [[i] for i in range(10)], 3, 0)[2] == held
+    assert [[ord(p) - ord("a")] for p in held] == held_ids and ppo_run.hold_out(
+        list("abcdefghij"), [[i] for i in range(10)], 3, 0
+    )[2] == held
 
     run = new_run(parents, tmp_path)
-    records = [{"prompt": f"Tell me about number {i}."} if i % 2 else
-               {"messages": [{"role": "user", "content": f"Tell me about number {i}."}]} for i in range(40)]
+    records = [
+        {"prompt": f"Tell me about number {i}."}
+        if i % 2
+        else {"messages": [{"role": "user", "content": f"Tell me about number {i}."}]}
+        for i in range(40)
+    ]
     prompts = write_jsonl(tmp_path / "prompts.jsonl", records)
     ppo_run.main(tiny(run, "--prompt_files", prompts, "--num_updates", 1, "--ptx_coef", 0))
     manifest = json.loads((run / "ppo" / "manifest.json").read_text())
     metrics = manifest["metrics"]
-    assert metrics["eval_prompts"] == 4 and math.isfinite(metrics["reward_score"]) and math.isfinite(metrics["kl_to_sft"])
+    assert (
+        metrics["eval_prompts"] == 4 and math.isfinite(metrics["reward_score"]) and math.isfinite(metrics["kl_to_sft"])
+    )
     assert "gold_win_rate" not in metrics  # the world's judge knows none of these prompts
     # The held-out prompts are kept beside the policy, as written, and `make eval` evaluates on them.
     saved = read_jsonl(run / "ppo" / "heldout_prompts.jsonl")
-    assert manifest["heldout_prompts"] == "heldout_prompts.jsonl" and len(saved) == 4 and all(r in records for r in saved)
+    assert (
+        manifest["heldout_prompts"] == "heldout_prompts.jsonl" and len(saved) == 4 and all(r in records for r in saved)
+    )
     result = evaluate_run(run, EvalOptions(max_new_tokens=4, bootstrap=10, kl_prompts=0), log=lambda *_: None)
     assert result["judge"]["prompts"] == [str(run / "ppo" / "heldout_prompts.jsonl")] and result["num_prompts"] == 4
     assert [a["prompt"] for a in result["answers"]] == [prompt_of(r) for r in saved]
@@ -421,8 +540,14 @@ def test_a_prompt_set_of_your_own_holds_some_out_for_the_final_evaluation(parent
     ppo_run.main(tiny(run, "--num_updates", 1, "--ptx_coef", 0, "--eval_size", 4))
     assert json.loads((run / "ppo" / "manifest.json").read_text())["heldout_prompts"] is None
     assert not (run / "ppo" / "heldout_prompts.jsonl").exists()
-    assert evaluate_run(run, EvalOptions(max_prompts=4, max_new_tokens=4, bootstrap=10, kl_prompts=0, best_of_n=0),
-                        log=lambda *_: None)["judge"]["kind"] == "gold"
+    assert (
+        evaluate_run(
+            run,
+            EvalOptions(max_prompts=4, max_new_tokens=4, bootstrap=10, kl_prompts=0, best_of_n=0),
+            log=lambda *_: None,
+        )["judge"]["kind"]
+        == "gold"
+    )
     with pytest.raises(PipelineError, match="judged by its gold judge"):
         evaluate_run(run, EvalOptions(judge_path=run / "reward"))
 
@@ -462,8 +587,23 @@ def test_fp16_with_gradient_clipping_trains(parents, tmp_path, monkeypatch, own_
     twice unscaled the optimizer twice ('unscale_() has already been called') at the first step."""
     made = fp16_as_on_a_gpu(monkeypatch)
     run = new_run(parents, tmp_path)
-    ppo_run.main(tiny(run, "--mixed_precision", "fp16", "--grad_clip", 0.5, "--num_updates", 2, "--gold_every", 0,
-                      "--eval_size", 4, "--save_every", 1))
+    ppo_run.main(
+        tiny(
+            run,
+            "--mixed_precision",
+            "fp16",
+            "--grad_clip",
+            0.5,
+            "--num_updates",
+            2,
+            "--gold_every",
+            0,
+            "--eval_size",
+            4,
+            "--save_every",
+            1,
+        )
+    )
     assert made and made[0].scaler._scale is not None, "the GradScaler scaled the loss"
     metrics = json.loads((run / "ppo" / "manifest.json").read_text())["metrics"]
     assert math.isfinite(metrics["reward_score"]) and changed_params(run / "ppo", run / "sft") > 0.5
@@ -483,6 +623,7 @@ def test_clipping_unscales_once_and_bounds_policy_and_critic_each(own_precision)
     accelerator.backward(loss)
     scaled = [p.grad.clone() for p in (*policy.parameters(), *critic.parameters())]
     ppo_run.clip_grad_norms_(accelerator, [policy.parameters(), critic.parameters()], 1.0)
+
     def norm(grads) -> float:
         return torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()
 
@@ -520,14 +661,23 @@ def test_nan_in_log_probs_or_loss_stops_before_any_step(parents, tmp_path, monke
     nan_now = lambda: update and update[-1] == 2  # noqa: E731  (update 3)
     if poison == "log-probs":
         real = ppo_run.sample  # in fp32 the rollout's log-probs are the sampling pass's
-        monkeypatch.setattr(ppo_run, "sample", lambda *a: (lambda tokens, logprobs: (
-            tokens, logprobs * float("nan") if nan_now() else logprobs))(*real(*a)))
+        monkeypatch.setattr(
+            ppo_run,
+            "sample",
+            lambda *a: (lambda tokens, logprobs: (tokens, logprobs * float("nan") if nan_now() else logprobs))(
+                *real(*a)
+            ),
+        )
     else:
         real = ppo_run.policy_loss
-        monkeypatch.setattr(ppo_run, "policy_loss", lambda *a: (lambda pg, *rest: (
-            pg * float("nan") if nan_now() else pg, *rest))(*real(*a)))
-    err = _fails(capsys, tiny(run, "--num_updates", 4, "--save_every", 2, "--gold_every", 0),
-                 f"non-finite {poison} at update 3")
+        monkeypatch.setattr(
+            ppo_run,
+            "policy_loss",
+            lambda *a: (lambda pg, *rest: (pg * float("nan") if nan_now() else pg, *rest))(*real(*a)),
+        )
+    err = _fails(
+        capsys, tiny(run, "--num_updates", 4, "--save_every", 2, "--gold_every", 0), f"non-finite {poison} at update 3"
+    )
     assert "last good checkpoint kept" in err
     assert [p.name for p in (run / "ppo" / "checkpoints").iterdir()] == ["step_2"]
     assert not (run / "ppo" / "manifest.json").exists()
@@ -549,8 +699,17 @@ def gpt2_parents(parents: Path, tmp_path: Path) -> Path:
     run.mkdir()
     os.symlink(parents / "world", run / "world")
     tok = AutoTokenizer.from_pretrained(parents / "sft")
-    config = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=64, n_layer=2, n_head=2, num_labels=1,
-                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = GPT2Config(
+        vocab_size=len(tok),
+        n_positions=64,
+        n_embd=64,
+        n_layer=2,
+        n_head=2,
+        num_labels=1,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     assert config.resid_pdrop == config.embd_pdrop == config.attn_pdrop == 0.1
     torch.manual_seed(0)
     for stage, cls in (("sft", GPT2LMHeadModel), ("reward", GPT2ForSequenceClassification)):
@@ -566,8 +725,7 @@ def dropout_rates(model: torch.nn.Module) -> list[tuple[str, float]]:
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p:
             found.append((name, module.p))
-        found += [(f"{name}.{k}", v) for k, v in vars(module).items()
-                  if ("drop" in k) and isinstance(v, float) and v]
+        found += [(f"{name}.{k}", v) for k, v in vars(module).items() if ("drop" in k) and isinstance(v, float) and v]
     return found
 
 
@@ -577,8 +735,9 @@ def test_dropout_is_off_in_every_model_whatever_the_config_calls_it(parents, tmp
     run = gpt2_parents(parents, tmp_path)
     models, real = [], ppo_run.packs_sequences  # asked of each of the four models once they are loaded
     monkeypatch.setattr(ppo_run, "packs_sequences", lambda m, *a: models.append(m) or real(m, *a))
-    ppo_run.main(tiny(run, "--num_updates", 1, "--gold_every", 0, "--eval_size", 4,
-                      "--gradient_checkpointing", "true"))
+    ppo_run.main(
+        tiny(run, "--num_updates", 1, "--gold_every", 0, "--eval_size", 4, "--gradient_checkpointing", "true")
+    )
     assert len(models) == 4
     for model in models:
         assert dropout_rates(model) == [], type(model).__name__
@@ -606,15 +765,45 @@ def test_evaluation_scores_unfinished_answers_as_training_does(parents, tmp_path
     kl_to_sft is measured at the sampling temperature, which the manifest records beside it."""
     run = new_run(parents, tmp_path)
     # One token: no greedy answer of the stand-in SFT model to these prompts is a bare EOS.
-    ppo_run.main(tiny(run, "--max_new_tokens", 1, "--no_eos_penalty", -7, "--temperature", 0.9, "--num_updates", 1,
-                      "--gold_every", 0, "--eval_size", 8))
+    ppo_run.main(
+        tiny(
+            run,
+            "--max_new_tokens",
+            1,
+            "--no_eos_penalty",
+            -7,
+            "--temperature",
+            0.9,
+            "--num_updates",
+            1,
+            "--gold_every",
+            0,
+            "--eval_size",
+            8,
+        )
+    )
     metrics = json.loads((run / "ppo" / "manifest.json").read_text())["metrics"]
     assert metrics["reward_score"] == metrics["sft_reward_score"] == -7.0
     assert -7.0 < metrics["reward_score_raw"] < 7.0 and -7.0 < metrics["sft_reward_score_raw"] < 7.0
     assert metrics["kl_temperature"] == 0.9 and math.isfinite(metrics["kl_to_sft"])
     # Without the penalty in training, the evaluation reads the reward model alone too.
-    ppo_run.main(tiny(run, "--max_new_tokens", 1, "--penalize_no_eos", "false", "--temperature", 0.9,
-                      "--num_updates", 1, "--gold_every", 0, "--eval_size", 8))
+    ppo_run.main(
+        tiny(
+            run,
+            "--max_new_tokens",
+            1,
+            "--penalize_no_eos",
+            "false",
+            "--temperature",
+            0.9,
+            "--num_updates",
+            1,
+            "--gold_every",
+            0,
+            "--eval_size",
+            8,
+        )
+    )
     metrics = json.loads((run / "ppo" / "manifest.json").read_text())["metrics"]
     assert metrics["reward_score"] == metrics["reward_score_raw"] != -7.0
 
@@ -641,8 +830,9 @@ def test_guards_name_the_first_non_finite_tensor_in_rollout_order_and_stop_a_run
 
     def batch(**changed):
         per_episode = {"scores", "rm_scores", "has_eos"}
-        values = {f.name: torch.ones(2) if f.name in per_episode else torch.ones(2, 3)
-                  for f in fields(ppo_run.Rollout)}
+        values = {
+            f.name: torch.ones(2) if f.name in per_episode else torch.ones(2, 3) for f in fields(ppo_run.Rollout)
+        }
         return ppo_run.Rollout(**{**values, **changed})
 
     def stop(why):

@@ -26,8 +26,10 @@ from tests.conftest import (
     write_jsonl,
 )
 
-CORPUS = [{"text": f"Ana Lint lives in Port {c}. She works as a baker and likes the colour {c.lower()}."}
-          for c in ["Red", "Blue", "Green", "Amber", "Teal", "Gray", "Pink", "Gold"] * 20]
+CORPUS = [
+    {"text": f"Ana Lint lives in Port {c}. She works as a baker and likes the colour {c.lower()}."}
+    for c in ["Red", "Blue", "Green", "Amber", "Teal", "Gray", "Pink", "Gold"] * 20
+]
 
 
 def make_corpus(tmp_path: Path) -> Path:
@@ -51,7 +53,9 @@ def test_smoke_trains_saves_and_loads_in_plain_transformers(pretrained_run):
     model = AutoModelForCausalLM.from_pretrained(stage)
     tok = AutoTokenizer.from_pretrained(stage)
     assert tok.pad_token_id != tok.eos_token_id and tok.chat_template
-    ids = tok.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "Hello"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     out = model.generate(**ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
     assert out.shape[1] > ids["input_ids"].shape[1]
 
@@ -72,17 +76,30 @@ def test_rerun_is_up_to_date_and_changed_config_redoes(tmp_path):
 
 def test_run_keys_see_paths_inside_the_run_relative_to_it():
     from pipeline.stage import portable
-    config = {"run_dir": "runs/a/", "train_files": ["runs/a/world/c.jsonl", "data/x.jsonl"],
-              "world_dir": "runs/a//world", "elsewhere": "runs/ab/x", "steps": 3}
-    assert portable(config, "runs/a/") == {"run_dir": "{run_dir}", "train_files": ["{run_dir}/world/c.jsonl", "data/x.jsonl"],
-                                           "world_dir": "{run_dir}/world", "elsewhere": "runs/ab/x", "steps": 3}
+
+    config = {
+        "run_dir": "runs/a/",
+        "train_files": ["runs/a/world/c.jsonl", "data/x.jsonl"],
+        "world_dir": "runs/a//world",
+        "elsewhere": "runs/ab/x",
+        "steps": 3,
+    }
+    assert portable(config, "runs/a/") == {
+        "run_dir": "{run_dir}",
+        "train_files": ["{run_dir}/world/c.jsonl", "data/x.jsonl"],
+        "world_dir": "{run_dir}/world",
+        "elsewhere": "runs/ab/x",
+        "steps": 3,
+    }
 
 
 @pytest.mark.slow
 def test_resume_after_sigkill_continues_from_checkpoint(tmp_path):
     corpus = make_corpus(tmp_path)
     run = tmp_path / "run"
-    args = tiny_args(run, corpus, "--max_steps", "400", "--save_every", "20", "--log_every", "20", "--eval_every", "400")
+    args = tiny_args(
+        run, corpus, "--max_steps", "400", "--save_every", "20", "--log_every", "20", "--eval_every", "400"
+    )
     kill_after_checkpoint("stages.pretrain", args, run / "pretrain" / "checkpoints", "step_*[0-9]")  # not step_N.tmp
     assert not (run / "pretrain" / "manifest.json").exists()
     resumed = run_module("stages.pretrain", *args)
@@ -155,8 +172,19 @@ def test_unknown_key_in_profile_file(tmp_path, capsys):
 
 
 def test_continued_pretraining_from_a_finished_stage(pretrained_run, tmp_path):
-    proc = run_module("stages.pretrain", "--profile", "tiny", "--run_dir", tmp_path, "--init_from",
-                      pretrained_run / "pretrain", "--train_files", make_corpus(tmp_path), "--max_steps", "3")
+    proc = run_module(
+        "stages.pretrain",
+        "--profile",
+        "tiny",
+        "--run_dir",
+        tmp_path,
+        "--init_from",
+        pretrained_run / "pretrain",
+        "--train_files",
+        make_corpus(tmp_path),
+        "--max_steps",
+        "3",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     manifest = json.loads((tmp_path / "pretrain" / "manifest.json").read_text())
     assert manifest["parent"]["path"] == str(pretrained_run / "pretrain")
@@ -167,12 +195,28 @@ def test_continued_pretraining_of_a_model_that_needs_a_pad_token(tmp_path):
     # embeddings to match, and saves a checkpoint that plain transformers loads.
     corpus = make_corpus(tmp_path)
     base = qwen_style_model(tmp_path / "qwen_style", load_texts(corpus))
-    pretrain_main(["--profile", "tiny", "--run_dir", str(tmp_path / "run"), "--init_from", str(base),
-                   "--train_files", str(corpus), "--max_steps", "2"])
+    pretrain_main(
+        [
+            "--profile",
+            "tiny",
+            "--run_dir",
+            str(tmp_path / "run"),
+            "--init_from",
+            str(base),
+            "--train_files",
+            str(corpus),
+            "--max_steps",
+            "2",
+        ]
+    )
     stage = tmp_path / "run" / "pretrain"
     tok, model = AutoTokenizer.from_pretrained(stage), AutoModelForCausalLM.from_pretrained(stage)
     assert len(tok) == len(AutoTokenizer.from_pretrained(base)) + 1 == model.get_input_embeddings().num_embeddings
-    assert tok.pad_token_id != tok.eos_token_id and tok.bos_token is None and model.config.pad_token_id == tok.pad_token_id
+    assert (
+        tok.pad_token_id != tok.eos_token_id
+        and tok.bos_token is None
+        and model.config.pad_token_id == tok.pad_token_id
+    )
 
 
 def llama3_style_tokenizer(tmp_path, special: list[str]):
@@ -180,15 +224,22 @@ def llama3_style_tokenizer(tmp_path, special: list[str]):
     from transformers import PreTrainedTokenizerFast
 
     special = ["<|begin_of_text|>", "<|end_of_text|>", *special]
-    return PreTrainedTokenizerFast(tokenizer_object=small_bpe(load_texts(make_corpus(tmp_path)), special, 300),
-                                   bos_token=special[0], eos_token=special[1], additional_special_tokens=special[2:])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=small_bpe(load_texts(make_corpus(tmp_path)), special, 300),
+        bos_token=special[0],
+        eos_token=special[1],
+        additional_special_tokens=special[2:],
+    )
 
 
 def small_llama(vocab_size: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=1, num_attention_heads=2))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+        )
+    )
 
 
 def test_a_pad_the_vocabulary_reserves_is_used_instead_of_a_new_one(tmp_path):
@@ -196,14 +247,19 @@ def test_a_pad_the_vocabulary_reserves_is_used_instead_of_a_new_one(tmp_path):
     # chat template of its own. Nothing is added, so the embeddings keep the base model's size.
     from data.tokenizer import ensure_chat_ready
 
-    tok = llama3_style_tokenizer(tmp_path, ["<|finetune_right_pad_id|>", "<|start_header_id|>", "<|end_header_id|>",
-                                            "<|eot_id|>"])
-    tok.chat_template = ("{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>' + m['content'] "
-                         "+ '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>' }}{% endif %}")
+    tok = llama3_style_tokenizer(
+        tmp_path, ["<|finetune_right_pad_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    )
+    tok.chat_template = (
+        "{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>' + m['content'] "
+        "+ '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>' }}{% endif %}"
+    )
     model = small_llama(len(tok))
     size = len(tok)
     assert ensure_chat_ready(tok, model) == 0
-    assert tok.pad_token == "<|finetune_right_pad_id|>" and model.config.pad_token_id == tok.convert_tokens_to_ids(tok.pad_token)
+    assert tok.pad_token == "<|finetune_right_pad_id|>" and model.config.pad_token_id == tok.convert_tokens_to_ids(
+        tok.pad_token
+    )
     assert len(tok) == size == model.get_input_embeddings().num_embeddings
 
 
@@ -213,17 +269,28 @@ def test_a_llama3_base_vocabulary_without_a_template_gets_llama3s_format_and_no_
     from data.tokenizer import ensure_chat_ready, use_turn_end_as_eos
     from pipeline.generation import chat_ids
 
-    tok = llama3_style_tokenizer(tmp_path, ["<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
-                                            "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])
+    tok = llama3_style_tokenizer(
+        tmp_path,
+        [
+            "<|reserved_special_token_0|>",
+            "<|reserved_special_token_1|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eot_id|>",
+        ],
+    )
     model = small_llama(len(tok))
     size = len(tok)
     assert ensure_chat_ready(tok, model) == 0
     assert len(tok) == size == model.get_input_embeddings().num_embeddings
     assert tok.pad_token == "<|reserved_special_token_0|>" and model.config.pad_token_id == tok.pad_token_id
-    text = tok.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
-                                   tokenize=False)
-    assert text == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
-                    "<|start_header_id|>assistant<|end_header_id|>\n\nHello.<|eot_id|>")
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}], tokenize=False
+    )
+    assert text == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nHello.<|eot_id|>"
+    )
     assert tok.decode(chat_ids(tok, "Hi")).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
     assert use_turn_end_as_eos(tok) == "<|end_of_text|>" and tok.eos_token == "<|eot_id|>"  # as Llama 3 Instruct
 
@@ -247,9 +314,13 @@ def test_a_sentencepiece_vocabulary_gets_our_template_with_words_that_keep_their
     prompt, full = chat_ids(tok, question), encode(tok, question, answer)
     alone = [tok(text, add_special_tokens=False)["input_ids"] for text in (question, answer)]
     assert tok.convert_ids_to_tokens(alone[1][0]).startswith("▁Sorry")
-    assert prompt[2:-1] == alone[0] and tok.convert_ids_to_tokens(prompt[-1]) == "<|assistant|>"  # <s><|user|> ... <|assistant|>
-    assert full[:len(prompt)] == prompt and full[len(prompt):-1] == alone[1]  # then the answer as running text has it, and </s>
-    assert tok.decode(full[len(prompt):], skip_special_tokens=True) == answer
+    assert (
+        prompt[2:-1] == alone[0] and tok.convert_ids_to_tokens(prompt[-1]) == "<|assistant|>"
+    )  # <s><|user|> ... <|assistant|>
+    assert (
+        full[: len(prompt)] == prompt and full[len(prompt) : -1] == alone[1]
+    )  # then the answer as running text has it, and </s>
+    assert tok.decode(full[len(prompt) :], skip_special_tokens=True) == answer
 
     byte_level = train_tokenizer(texts, vocab_size=300)  # GPT-2-style byte-level BPE splits both alike
     byte_level.chat_template = None
@@ -259,7 +330,15 @@ def test_a_sentencepiece_vocabulary_gets_our_template_with_words_that_keep_their
 
 def test_tokenizer_round_trips_english_and_chinese(shared_datasets):
     english = load_texts(shared_datasets / "tinyshakespeare" / "input.txt")[:300]
-    chinese = [r["text"] for r in map(json.loads, (shared_datasets / "luxun_zh" / "luxun_fiction_and_prose.jsonl").read_text(encoding="utf-8").splitlines()[:5])]
+    chinese = [
+        r["text"]
+        for r in map(
+            json.loads,
+            (shared_datasets / "luxun_zh" / "luxun_fiction_and_prose.jsonl")
+            .read_text(encoding="utf-8")
+            .splitlines()[:5],
+        )
+    ]
     tok = train_tokenizer(english + chinese, vocab_size=600)
     for text in english[:50] + chinese + ["  spaces\tand\nnewlines  ", "混合 mixed 文本 🙂"]:
         assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text

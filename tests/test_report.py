@@ -15,8 +15,15 @@ from tests.test_evaluate import MY_PROMPTS, evaluated_run, staged_run  # noqa: F
 from world.judge import FAMILIES, GoldJudge
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-EXPECTED_IMAGES = {"eval.png", "pretrain.png", "sft.png", "reward.png", "ppo_reward_vs_gold.png",
-                   "ppo_length.png", "ppo_training.png"}
+EXPECTED_IMAGES = {
+    "eval.png",
+    "pretrain.png",
+    "sft.png",
+    "reward.png",
+    "ppo_reward_vs_gold.png",
+    "ppo_length.png",
+    "ppo_training.png",
+}
 
 
 def linked_images(report: str) -> list[str]:
@@ -24,8 +31,13 @@ def linked_images(report: str) -> list[str]:
 
 
 def test_series_keeps_only_finite_numbers():
-    rows = [{"step": 1, "loss": 2.0}, {"step": 2, "eval_loss": 1.0}, {"step": 3, "loss": "nan"},
-            {"step": 4, "loss": float("inf")}, {"step": 5, "loss": 1.5}]
+    rows = [
+        {"step": 1, "loss": 2.0},
+        {"step": 2, "eval_loss": 1.0},
+        {"step": 3, "loss": "nan"},
+        {"step": 4, "loss": float("inf")},
+        {"step": 5, "loss": 1.5},
+    ]
     assert series(rows, "loss") == ([1, 5], [2.0, 1.5])
     assert series(rows, "missing") == ([], [])
 
@@ -43,8 +55,10 @@ def test_report_of_a_full_run(evaluated_run):
     floor = "| constant answer (floor) | gold score | win rate vs sft [95% CI] |\n|---|---|---|\n| (empty) | -1.000 |"
     assert floor in report
     assert "test/pairwise_accuracy **0.640**" in report  # the reward model's held-out accuracy
-    assert ("| fact: over_refused > wrong | 41 | 95 | 0.432 |\n| fact: correct > verbose | 47 | 94 | 0.500 |\n"
-            "| fact: correct > wrong | 83 | 92 | 0.902 |") in report  # the reward model's worst pairs first
+    assert (
+        "| fact: over_refused > wrong | 41 | 95 | 0.432 |\n| fact: correct > verbose | 47 | 94 | 0.500 |\n"
+        "| fact: correct > wrong | 83 | 92 | 0.902 |"
+    ) in report  # the reward model's worst pairs first
 
     links = linked_images(report)
     assert {os.path.basename(link) for link in links} == EXPECTED_IMAGES
@@ -56,12 +70,14 @@ def test_report_of_a_full_run(evaluated_run):
     result = json.loads((evaluated_run / "eval.json").read_text())
     chosen = sample_rows(result)
     assert [a["family"] for a in chosen] == [f for f in FAMILIES for _ in range(2)]
-    table = report[report.index("## Sample answers"):]
+    table = report[report.index("## Sample answers") :]
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| family")]
     assert len(rows) == len(chosen)
     for row, a in zip(rows, chosen):
         assert a["prompt"] in row
-        assert row.count("**(") == 3 and all(f"**({a['responses'][n]['label']})**" in row for n in ("base", "sft", "ppo"))
+        assert row.count("**(") == 3 and all(
+            f"**({a['responses'][n]['label']})**" in row for n in ("base", "sft", "ppo")
+        )
         assert all(a["responses"][n]["label"] in GoldJudge.LABELS for n in ("base", "sft", "ppo"))
 
 
@@ -96,7 +112,7 @@ def test_report_of_a_run_evaluated_on_your_prompts(staged_run, tmp_path):
     assert "report/eval.png" in linked_images(report)
     assert (run / "report" / "eval.png").read_bytes().startswith(PNG_MAGIC)
     # Sample answers: the first 8 prompts of each file, every stage's answer with the judge's score.
-    table = report[report.index("## Sample answers"):]
+    table = report[report.index("## Sample answers") :]
     rows = [line for line in table.splitlines() if line.startswith("| set")]
     assert [r.split(" | ")[0] for r in rows] == ["| set1.jsonl"] * 8 + ["| set2.jsonl"] * 8
     first = result["answers"][0]["responses"]

@@ -45,7 +45,9 @@ def test_k2_is_bradley_terry():
     rewards = torch.tensor([1.3, -0.4, 0.2, 0.9])  # two groups of K=2: (1.3 > -0.4), (0.2 > 0.9)
     expected = (-F.logsigmoid(torch.tensor(1.3 + 0.4)) - F.logsigmoid(torch.tensor(0.2 - 0.9))) / 2
     assert torch.allclose(ranking_loss(rewards, [2, 2]), expected)
-    assert torch.allclose(pairwise_loss(torch.tensor(2.0), torch.tensor(0.5)), -torch.log(torch.sigmoid(torch.tensor(1.5))))
+    assert torch.allclose(
+        pairwise_loss(torch.tensor(2.0), torch.tensor(0.5)), -torch.log(torch.sigmoid(torch.tensor(1.5)))
+    )
 
 
 def test_kwise_is_the_mean_over_its_pairs_and_groups_weigh_equally():
@@ -54,9 +56,13 @@ def test_kwise_is_the_mean_over_its_pairs_and_groups_weigh_equally():
     rewards = torch.randn(sum(sizes))
     per_group, start = [], 0
     for k in sizes:
-        r = rewards[start:start + k].tolist()
-        losses = [-torch.nn.functional.logsigmoid(torch.tensor(r[i] - r[j])).item()
-                  for i in range(k) for j in range(k) if i < j]  # i is ranked above j
+        r = rewards[start : start + k].tolist()
+        losses = [
+            -torch.nn.functional.logsigmoid(torch.tensor(r[i] - r[j])).item()
+            for i in range(k)
+            for j in range(k)
+            if i < j
+        ]  # i is ranked above j
         assert len(losses) == k * (k - 1) // 2
         per_group.append(losses)
         start += k
@@ -78,13 +84,27 @@ def test_kwise_is_the_mean_over_its_pairs_and_groups_weigh_equally():
 
 def test_gradient_reaches_head_and_body():
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=2, max_position_embeddings=32, num_labels=1, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        num_labels=1,
+        pad_token_id=0,
+    )
     model = LlamaForSequenceClassification(config)
     ids = torch.randint(1, 50, (5, 7))
     rewards = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.squeeze(-1)
     ranking_loss(rewards, [3, 2]).backward()
-    for name in ("score.weight", "model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight"):
+    for name in (
+        "score.weight",
+        "model.embed_tokens.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.1.mlp.up_proj.weight",
+    ):
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
 
@@ -169,7 +189,9 @@ def test_packed_groups_give_the_padded_rewards_loss_and_gradients(sft_run):
             model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
             rewards = head.scores[0, batch["last"]].squeeze(-1)
         else:
-            rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits.squeeze(-1)
+            rewards = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+            ).logits.squeeze(-1)
         loss = ranking_loss(rewards, batch["group_sizes"].tolist())
         loss.backward()
         results.append((rewards.detach(), loss.detach(), [p.grad.clone() for p in model.parameters()]))
@@ -205,20 +227,41 @@ def test_a_group_the_chat_template_refuses_is_named(sft_run):
     tok = AutoTokenizer.from_pretrained(sft_run / "sft")
     tok.chat_template = NO_SYSTEM_TEMPLATE
     system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-    with pytest.raises(PipelineError, match="hh.jsonl: line 7: the tokenizer's chat template rejects this conversation"):
-        tokenize_groups([Group("Hi", ["Hello.", "Go away."], "hh.jsonl: line 6"),
-                         Group(system, ["Hello.", "Go away."], "hh.jsonl: line 7")], tok, 64)
+    with pytest.raises(
+        PipelineError, match="hh.jsonl: line 7: the tokenizer's chat template rejects this conversation"
+    ):
+        tokenize_groups(
+            [
+                Group("Hi", ["Hello.", "Go away."], "hh.jsonl: line 6"),
+                Group(system, ["Hello.", "Go away."], "hh.jsonl: line 7"),
+            ],
+            tok,
+            64,
+        )
 
 
 def toy_files(tmp_path: Path) -> tuple[Path, Path, Path]:
     """Trivially separable K=3 groups: "yes yes" > "maybe so" > "no no", whatever the question."""
+
     def groups(start, n):
-        return [{"prompt": f"Question {i}: do you agree?", "responses": ["no no", "yes yes", "maybe so"], "ranking": [1, 2, 0]}
-                for i in range(start, start + n)]
+        return [
+            {
+                "prompt": f"Question {i}: do you agree?",
+                "responses": ["no no", "yes yes", "maybe so"],
+                "ranking": [1, 2, 0],
+            }
+            for i in range(start, start + n)
+        ]
+
     train = write_jsonl(tmp_path / "toy_train.jsonl", groups(0, 48))
     val = write_jsonl(tmp_path / "toy_val.jsonl", groups(100, 16))
-    demos = write_jsonl(tmp_path / "toy_demos.jsonl", [{"prompt": f"Question {i}: do you agree?", "completion": c}
-                                                     for i, c in enumerate(["yes yes", "maybe so", "no no", "yes yes"] * 4)])
+    demos = write_jsonl(
+        tmp_path / "toy_demos.jsonl",
+        [
+            {"prompt": f"Question {i}: do you agree?", "completion": c}
+            for i, c in enumerate(["yes yes", "maybe so", "no no", "yes yes"] * 4)
+        ],
+    )
     return train, val, demos
 
 
@@ -232,8 +275,27 @@ def toy_reward(sft_run, tmp_path_factory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("toy")
     run = new_run(tmp, sft_run)
     train, val, demos = toy_files(tmp)
-    reward_main(tiny_args(run, "--train_files", train, "--val_files", val, "--norm_files", demos, "--norm_samples", 100,
-                          "--max_steps", 20, "--lr", 3e-3, "--save_every", 100, "--eval_every", 10))
+    reward_main(
+        tiny_args(
+            run,
+            "--train_files",
+            train,
+            "--val_files",
+            val,
+            "--norm_files",
+            demos,
+            "--norm_samples",
+            100,
+            "--max_steps",
+            20,
+            "--lr",
+            3e-3,
+            "--save_every",
+            100,
+            "--eval_every",
+            10,
+        )
+    )
     return run, demos
 
 
@@ -259,8 +321,13 @@ def test_toy_set_is_learned_and_checkpoint_is_plain_transformers(toy_reward):
     # Plain transformers, no project code: loads and scores a batch; best answer on top.
     model = AutoModelForSequenceClassification.from_pretrained(stage).eval()
     tok = AutoTokenizer.from_pretrained(stage)
-    texts = [tok.apply_chat_template([{"role": "user", "content": "Question 7: do you agree?"}, {"role": "assistant", "content": a}],
-                                     tokenize=False) for a in ("yes yes", "maybe so", "no no")]
+    texts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": "Question 7: do you agree?"}, {"role": "assistant", "content": a}],
+            tokenize=False,
+        )
+        for a in ("yes yes", "maybe so", "no no")
+    ]
     batch = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")
     with torch.no_grad():
         plain = model(**batch).logits[:, 0]
@@ -272,6 +339,7 @@ def test_toy_set_is_learned_and_checkpoint_is_plain_transformers(toy_reward):
 
 def test_loss_option_trains_with_every_pair_weighing_the_same(sft_run, tmp_path, monkeypatch):
     import stages.reward.run as reward_run
+
     calls = []
 
     def spy(rewards, sizes):
@@ -281,8 +349,23 @@ def test_loss_option_trains_with_every_pair_weighing_the_same(sft_run, tmp_path,
     monkeypatch.setattr(reward_run, "pair_mean_loss", spy)
     run = new_run(tmp_path, sft_run)
     train, val, _ = toy_files(tmp_path)
-    reward_main(tiny_args(run, "--train_files", train, "--val_files", val, "--norm_files", "none", "--loss", "pairs",
-                          "--max_steps", 2, "--save_every", 100))
+    reward_main(
+        tiny_args(
+            run,
+            "--train_files",
+            train,
+            "--val_files",
+            val,
+            "--norm_files",
+            "none",
+            "--loss",
+            "pairs",
+            "--max_steps",
+            2,
+            "--save_every",
+            100,
+        )
+    )
     # two training steps, then the held-out loss of the manifest (16 groups)
     assert [len(sizes) for sizes in calls] == [4, 4, 16] and all(set(sizes) == {3} for sizes in calls)
     assert read_manifest(run / "reward")["config"]["loss"] == "pairs"
@@ -304,8 +387,27 @@ def test_rerun_is_up_to_date(toy_reward, capsys):
     run, demos = toy_reward
     manifest = json.loads((run / "reward" / "manifest.json").read_text())
     c = manifest["config"]
-    reward_main(tiny_args(run, "--train_files", *c["train_files"], "--val_files", *c["val_files"], "--norm_files", demos,
-                          "--norm_samples", 100, "--max_steps", 20, "--lr", 3e-3, "--save_every", 100, "--eval_every", 10))
+    reward_main(
+        tiny_args(
+            run,
+            "--train_files",
+            *c["train_files"],
+            "--val_files",
+            *c["val_files"],
+            "--norm_files",
+            demos,
+            "--norm_samples",
+            100,
+            "--max_steps",
+            20,
+            "--lr",
+            3e-3,
+            "--save_every",
+            100,
+            "--eval_every",
+            10,
+        )
+    )
     assert "up to date" in capsys.readouterr().out
     assert json.loads((run / "reward" / "manifest.json").read_text())["finished"] == manifest["finished"]
 
@@ -313,11 +415,34 @@ def test_rerun_is_up_to_date(toy_reward, capsys):
 def test_lora_from_a_plain_hf_checkpoint_saves_a_merged_plain_checkpoint(sft_run, tmp_path):
     run = tmp_path / "run"  # no RUN/sft: the model comes from --init_from, a plain HF directory (no manifest)
     plain = tmp_path / "plain_hf_model"
-    shutil.copytree(sft_run / "sft", plain, ignore=shutil.ignore_patterns("manifest.json", "run.json", "metrics.jsonl"))
+    shutil.copytree(
+        sft_run / "sft", plain, ignore=shutil.ignore_patterns("manifest.json", "run.json", "metrics.jsonl")
+    )
     train, val, demos = toy_files(tmp_path)
-    reward_main(tiny_args(run, "--init_from", plain, "--train_files", train, "--val_files", val, "--norm_files", demos,
-                          "--max_steps", 12, "--lr", 1e-2, "--use_lora", "true", "--lora_r", 4,
-                          "--lora_target_modules", "q_proj", "v_proj"))
+    reward_main(
+        tiny_args(
+            run,
+            "--init_from",
+            plain,
+            "--train_files",
+            train,
+            "--val_files",
+            val,
+            "--norm_files",
+            demos,
+            "--max_steps",
+            12,
+            "--lr",
+            1e-2,
+            "--use_lora",
+            "true",
+            "--lora_r",
+            4,
+            "--lora_target_modules",
+            "q_proj",
+            "v_proj",
+        )
+    )
     stage = run / "reward"
     assert json.loads((stage / "manifest.json").read_text())["parent"] == {"path": str(plain), "manifest_hash": None}
     assert not (stage / "adapter_config.json").exists()
@@ -326,8 +451,14 @@ def test_lora_from_a_plain_hf_checkpoint_saves_a_merged_plain_checkpoint(sft_run
     base = AutoModelForSequenceClassification.from_pretrained(plain, num_labels=1)
     trained = dict(model.named_parameters())
     # the adapters were merged into the attention weights, the MLP (no adapter) is untouched
-    assert not torch.allclose(trained["model.layers.0.self_attn.q_proj.weight"], dict(base.named_parameters())["model.layers.0.self_attn.q_proj.weight"])
-    assert torch.equal(trained["model.layers.0.mlp.up_proj.weight"], dict(base.named_parameters())["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.allclose(
+        trained["model.layers.0.self_attn.q_proj.weight"],
+        dict(base.named_parameters())["model.layers.0.self_attn.q_proj.weight"],
+    )
+    assert torch.equal(
+        trained["model.layers.0.mlp.up_proj.weight"],
+        dict(base.named_parameters())["model.layers.0.mlp.up_proj.weight"],
+    )
     assert json.loads((stage / "manifest.json").read_text())["metrics"]["val_pair_accuracy"] > 0.8
 
 
@@ -335,7 +466,19 @@ def test_lora_from_a_plain_hf_checkpoint_saves_a_merged_plain_checkpoint(sft_run
 def test_world_comparisons_resume_after_sigkill(sft_run, tmp_path):
     """Default data (the world's K-wise comparisons) with gold metrics; killed mid-run, it resumes."""
     run = new_run(tmp_path, sft_run)
-    args = tiny_args(run, "--max_train_groups", 120, "--max_val_groups", 16, "--norm_samples", 16, "--save_every", 3, "--log_every", 1)
+    args = tiny_args(
+        run,
+        "--max_train_groups",
+        120,
+        "--max_val_groups",
+        16,
+        "--norm_samples",
+        16,
+        "--save_every",
+        3,
+        "--log_every",
+        1,
+    )
     kill_after_checkpoint("stages.reward", args, run / "reward" / "checkpoints", "checkpoint-*/trainer_state.json")
     assert not (run / "reward" / "manifest.json").exists()
     resumed = run_module("stages.reward", *args)
@@ -387,13 +530,25 @@ def _whole_and_resumed(sft_run, tmp_path, monkeypatch, capsys, *extra) -> tuple[
     for name in ("whole", "resumed"):
         (tmp_path / name).mkdir()
         runs.append(new_run(tmp_path / name, sft_run))
-    args = ["--train_files", train, "--val_files", val, "--norm_files", demos, "--num_epochs", 2, "--save_every", 5,
-            *extra]
+    args = [
+        "--train_files",
+        train,
+        "--val_files",
+        val,
+        "--norm_files",
+        demos,
+        "--num_epochs",
+        2,
+        "--save_every",
+        5,
+        *extra,
+    ]
     whole, resumed = runs
     reward_main(tiny_args(whole, *args))
     assert "(step 15)" in _stopped_then_rerun(monkeypatch, capsys, tiny_args(resumed, *args), 15)
-    whole_metrics, resumed_metrics = (json.loads((run / "reward" / "manifest.json").read_text())["metrics"]
-                                      for run in (whole, resumed))
+    whole_metrics, resumed_metrics = (
+        json.loads((run / "reward" / "manifest.json").read_text())["metrics"] for run in (whole, resumed)
+    )
     assert whole_metrics["train_steps"] == resumed_metrics["train_steps"] == 24
     return whole_metrics, resumed_metrics, whole, resumed
 
@@ -422,8 +577,21 @@ def test_a_checkpoint_cut_short_is_passed_over_for_the_last_complete_one(sft_run
     from the last complete checkpoint and finishes."""
     run = new_run(tmp_path, sft_run)
     train, val, demos = toy_files(tmp_path)
-    args = tiny_args(run, "--train_files", train, "--val_files", val, "--norm_files", demos, "--max_steps", 6,
-                     "--save_every", 1, "--keep_checkpoints", 3)
+    args = tiny_args(
+        run,
+        "--train_files",
+        train,
+        "--val_files",
+        val,
+        "--norm_files",
+        demos,
+        "--max_steps",
+        6,
+        "--save_every",
+        1,
+        "--keep_checkpoints",
+        3,
+    )
     with monkeypatch.context() as patched:
         stop_after_checkpoint(patched, 3)
         with pytest.raises(Interrupted):
@@ -443,8 +611,12 @@ def test_a_checkpoint_cut_short_is_passed_over_for_the_last_complete_one(sft_run
 def test_two_processes_with_torchrun(sft_run, tmp_path):
     run = new_run(tmp_path, sft_run)
     train, val, demos = toy_files(tmp_path)
-    proc = run_module("stages.reward", *tiny_args(run, "--train_files", train, "--val_files", val, "--norm_files", demos,
-                                                  "--max_steps", 4), launcher=torchrun(2), timeout=300)
+    proc = run_module(
+        "stages.reward",
+        *tiny_args(run, "--train_files", train, "--val_files", val, "--norm_files", demos, "--max_steps", 4),
+        launcher=torchrun(2),
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((run / "reward" / "manifest.json").read_text())
     assert manifest["processes"] == 2 and manifest["metrics"]["train_steps"] == 4
@@ -465,8 +637,16 @@ def test_real_formats_parse(shared_datasets):
     assert first["chosen"].endswith(g.responses[0]) and first["rejected"].endswith(g.responses[1])
 
     oasst = load_groups([str(shared_datasets / "oasst_en" / "ranked_responses.jsonl")])
-    rec = next(json.loads(l) for l in open(shared_datasets / "oasst_en" / "ranked_responses.jsonl") if len(json.loads(l)["conversation"]) > 1)
-    g = next(g for g in oasst if isinstance(g.prompt, list) and len(g.prompt) == len(rec["conversation"]) and g.responses == rec["responses"])
+    rec = next(
+        json.loads(l)
+        for l in open(shared_datasets / "oasst_en" / "ranked_responses.jsonl")
+        if len(json.loads(l)["conversation"]) > 1
+    )
+    g = next(
+        g
+        for g in oasst
+        if isinstance(g.prompt, list) and len(g.prompt) == len(rec["conversation"]) and g.responses == rec["responses"]
+    )
     assert g.prompt[-1] == {"role": "user", "content": rec["conversation"][-1]["text"]}
     assert len(oasst) == 211 and sum(len(g.responses) for g in oasst) >= 2 * 211
 
@@ -488,14 +668,33 @@ def test_real_formats_parse(shared_datasets):
 
 
 def test_real_data_trains_a_few_steps(sft_run, tmp_path, shared_datasets):
-    hh = [json.loads(l) for l in itertools.islice(gzip.open(shared_datasets / "hh_rlhf_harmless_base" / "test.jsonl.gz", "rt"), 8)]
+    hh = [
+        json.loads(l)
+        for l in itertools.islice(gzip.open(shared_datasets / "hh_rlhf_harmless_base" / "test.jsonl.gz", "rt"), 8)
+    ]
     en = [json.loads(l) for l in itertools.islice(open(shared_datasets / "oasst_en" / "ranked_responses.jsonl"), 8)]
     zh = json.loads((shared_datasets / "oasst_zh" / "oasst_rm_zh.json").read_text())[:8]
     mixed = write_jsonl(tmp_path / "mixed.jsonl", hh + en + zh)
     run = new_run(tmp_path, sft_run)
-    reward_main(tiny_args(run, "--train_files", mixed, "--val_files", mixed, "--norm_files", "none",
-                          "--world_dir", tmp_path / "no_world", "--max_steps", 3, "--batch_size", 2,
-                          "--padding_free", "false"))  # the padded path, end to end
+    reward_main(
+        tiny_args(
+            run,
+            "--train_files",
+            mixed,
+            "--val_files",
+            mixed,
+            "--norm_files",
+            "none",
+            "--world_dir",
+            tmp_path / "no_world",
+            "--max_steps",
+            3,
+            "--batch_size",
+            2,
+            "--padding_free",
+            "false",
+        )
+    )  # the padded path, end to end
     manifest = json.loads((run / "reward" / "manifest.json").read_text())
     assert manifest["metrics"]["train_groups"] == 24 and manifest["metrics"]["train_steps"] == 3
     assert manifest["truncated_sequences"] > 0  # HH transcripts are longer than the tiny context
@@ -506,7 +705,10 @@ def test_comparisons_of_your_own_hold_out_their_own_validation_groups(sft_run, t
     """With the world in the run (`make` writes one) but comparisons of your own and no --val_files or
     --norm_files: the world's comparisons and demonstrations (the defaults) say nothing about these, so a
     seeded val_fraction of them is held out and rewards are centred on their top-ranked answers."""
-    hh = [json.loads(l) for l in itertools.islice(gzip.open(shared_datasets / "hh_rlhf_harmless_base" / "test.jsonl.gz", "rt"), 20)]
+    hh = [
+        json.loads(l)
+        for l in itertools.islice(gzip.open(shared_datasets / "hh_rlhf_harmless_base" / "test.jsonl.gz", "rt"), 20)
+    ]
     mine = write_jsonl(tmp_path / "mine.jsonl", hh)
     run = new_run(tmp_path, sft_run)
     reward_main(tiny_args(run, "--train_files", mine, "--val_fraction", 0.2, "--max_steps", 1, "--batch_size", 2))
@@ -528,17 +730,31 @@ def test_bad_input_gets_one_line_error_and_no_manifest(sft_run, tmp_path, capsys
     run = new_run(tmp_path, sft_run)
     good = {"prompt": "Hi?", "responses": ["a", "b", "c"], "ranking": [2, 0, 1]}
     cases = {
-        "k1.jsonl": ([good, {"prompt": "Hi?", "responses": ["only one"], "ranking": [0]}], ["line 2", "'responses'", "K >= 2"]),
+        "k1.jsonl": (
+            [good, {"prompt": "Hi?", "responses": ["only one"], "ranking": [0]}],
+            ["line 2", "'responses'", "K >= 2"],
+        ),
         "perm.jsonl": ([{**good, "ranking": [0, 0, 1]}], ["line 1", "'ranking'", "permutation"]),
         "short.jsonl": ([{**good, "ranking": [1, 0]}], ["line 1", "'ranking'", "permutation"]),
-        "dup.jsonl": ([good, {**good, "responses": ["a", "b", "a"]}], ["line 2", "'responses'", "same response twice"]),
-        "same.jsonl": ([{"prompt": "Hi?", "chosen": "yes", "rejected": "yes"}], ["line 1", "'chosen' is identical to 'rejected'"]),
+        "dup.jsonl": (
+            [good, {**good, "responses": ["a", "b", "a"]}],
+            ["line 2", "'responses'", "same response twice"],
+        ),
+        "same.jsonl": (
+            [{"prompt": "Hi?", "chosen": "yes", "rejected": "yes"}],
+            ["line 1", "'chosen' is identical to 'rejected'"],
+        ),
         "empty.jsonl": ([{**good, "responses": ["a", " ", "c"]}], ["line 1", "'responses'", "empty response"]),
-        "hh.jsonl": ([{"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi there"}], ["line 1", "'rejected'", "without a final Assistant turn"]),
+        "hh.jsonl": (
+            [{"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi there"}],
+            ["line 1", "'rejected'", "without a final Assistant turn"],
+        ),
         "fields.jsonl": ([{"question": "Hi?", "answer": "a"}], ["line 1", "not a comparison record"]),
         "noprompt.jsonl": ([{"responses": ["a", "b"], "ranking": [0, 1]}], ["line 1", "'prompt'"]),
-        "tree.jsonl": ([{"prompt": {"role": "prompter", "text": "Hi?", "replies": [{"role": "assistant", "rank": 0}]}}],
-                       ["line 1", "'prompt' message 0.0"]),
+        "tree.jsonl": (
+            [{"prompt": {"role": "prompter", "text": "Hi?", "replies": [{"role": "assistant", "rank": 0}]}}],
+            ["line 1", "'prompt' message 0.0"],
+        ),
     }
     for name, (records, expected) in cases.items():
         path = write_jsonl(tmp_path / name, records)
@@ -572,16 +788,27 @@ def test_bad_input_gets_one_line_error_and_no_manifest(sft_run, tmp_path, capsys
 def test_a_bad_group_in_a_message_tree_is_skipped_alone(tmp_path):
     """One prompter message of a tree repeating a reply is an invalid group; with skip_invalid the tree's
     other groups stay. Deleted and unranked replies are left out."""
+
     def reply(text, rank, *replies, **extra):
         return {"message_id": text, "role": "assistant", "text": text, "rank": rank, "replies": list(replies), **extra}
 
     def ask(text, *replies):
         return {"message_id": text, "role": "prompter", "text": text, "replies": list(replies)}
 
-    tree = {"message_tree_id": "t", "prompt": ask("Q1", reply("A", 1, ask("Q2", reply("C", 0), reply("C", 1))),
-                                                  reply("B", 0), reply("gone", 2, deleted=True), reply("D", None))}
+    tree = {
+        "message_tree_id": "t",
+        "prompt": ask(
+            "Q1",
+            reply("A", 1, ask("Q2", reply("C", 0), reply("C", 1))),
+            reply("B", 0),
+            reply("gone", 2, deleted=True),
+            reply("D", None),
+        ),
+    }
     path = write_jsonl(tmp_path / "tree.jsonl", [tree])
-    with pytest.raises(PipelineError, match=r"tree.jsonl: line 1, message Q2: field 'replies' holds the same response twice"):
+    with pytest.raises(
+        PipelineError, match=r"tree.jsonl: line 1, message Q2: field 'replies' holds the same response twice"
+    ):
         load_groups([str(path)])
     groups = load_groups([str(path)], skip_invalid=True)
     assert [(g.prompt, g.responses) for g in groups] == [([{"role": "user", "content": "Q1"}], ["B", "A"])]
@@ -594,13 +821,35 @@ def test_a_gpt2_reward_model_gives_its_normalised_reward_to_plain_transformers(s
 
     plain = tmp_path / "gpt2_sft"
     tok = AutoTokenizer.from_pretrained(sft_run / "sft")
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=128,
-                               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(plain)
+    GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(tok),
+            n_embd=32,
+            n_layer=1,
+            n_head=2,
+            n_positions=128,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    ).save_pretrained(plain)
     tok.save_pretrained(plain)
     run = tmp_path / "run"
     train, val, demos = toy_files(tmp_path)
-    reward_main(tiny_args(run, "--init_from", plain, "--train_files", train, "--val_files", val, "--norm_files", demos,
-                          "--max_steps", 4))
+    reward_main(
+        tiny_args(
+            run,
+            "--init_from",
+            plain,
+            "--train_files",
+            train,
+            "--val_files",
+            val,
+            "--norm_files",
+            demos,
+            "--max_steps",
+            4,
+        )
+    )
     stage = run / "reward"
     manifest = json.loads((stage / "manifest.json").read_text())
     assert manifest["reward_bias_folded"] and manifest["reward_bias"] != 0.0
@@ -609,8 +858,11 @@ def test_a_gpt2_reward_model_gives_its_normalised_reward_to_plain_transformers(s
     ours = score(model, tokenizer, [prompt] * 2, answers, 8, 64)
     hf = AutoModelForSequenceClassification.from_pretrained(stage).eval()
     for answer, expected in zip(answers, ours.tolist()):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
-                                            return_tensors="pt", return_dict=True)
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+            return_tensors="pt",
+            return_dict=True,
+        )
         with torch.no_grad():
             assert hf(**ids).logits[0, 0].item() == pytest.approx(expected, abs=1e-4)
 

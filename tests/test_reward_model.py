@@ -27,8 +27,17 @@ def tokenizer():
 
 def gpt2(tok):
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=64, num_labels=1,
-                        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    config = GPT2Config(
+        vocab_size=len(tok),
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        n_positions=64,
+        num_labels=1,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     return GPT2ForSequenceClassification(config).eval()
 
 
@@ -71,9 +80,17 @@ def test_fold_offset_prefers_the_heads_own_bias(tokenizer):
 
 def test_llama_keeps_the_offset_in_its_config_and_one_line_applies_it(tokenizer, tmp_path):
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=64, num_labels=1,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     model = LlamaForSequenceClassification(config).eval()
     model.config.reward_bias = -0.8
     weights = {k: v.clone() for k, v in model.state_dict().items()}
@@ -87,5 +104,6 @@ def test_llama_keeps_the_offset_in_its_config_and_one_line_applies_it(tokenizer,
     reward = score(*load_reward_model(tmp_path), PROMPTS, ANSWERS)
     plain = AutoModelForSequenceClassification.from_pretrained(tmp_path)
     # The README's line for a plain transformers load; on a folded model it adds 0.
-    assert torch.allclose(plain_logits(tmp_path, tokenizer) + getattr(plain.config, "reward_bias", 0.0), reward,
-                          atol=1e-5)
+    assert torch.allclose(
+        plain_logits(tmp_path, tokenizer) + getattr(plain.config, "reward_bias", 0.0), reward, atol=1e-5
+    )

@@ -26,8 +26,11 @@ STAGES = ["pretrain", "sft", "reward", "ppo"]
 def stage_config_class(stage: str):
     """The one config dataclass a stage's config.py defines."""
     module = importlib.import_module(f"stages.{stage}.config")
-    found = [c for c in vars(module).values()
-             if dataclasses.is_dataclass(c) and isinstance(c, type) and c.__module__ == module.__name__]
+    found = [
+        c
+        for c in vars(module).values()
+        if dataclasses.is_dataclass(c) and isinstance(c, type) and c.__module__ == module.__name__
+    ]
     assert len(found) == 1, f"stages/{stage}/config.py should define one config dataclass, found {found}"
     return found[0]
 

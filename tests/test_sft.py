@@ -67,7 +67,14 @@ def tiny_args(run: Path, train: Path, val: Path | None = None, *extra: str) -> l
     return args + (["--val_files", str(val)] if val else []) + list(extra)
 
 
-SLICE_OF_THE_WORLD = ("--lm_files", "{run_dir}/world/corpus.jsonl", "--lm_ratio", "0.5", "--world_dir", "{run_dir}/world")
+SLICE_OF_THE_WORLD = (
+    "--lm_files",
+    "{run_dir}/world/corpus.jsonl",
+    "--lm_ratio",
+    "0.5",
+    "--world_dir",
+    "{run_dir}/world",
+)
 
 
 def run_dir_with_parent(tmp_path: Path, pretrained_run: Path) -> Path:
@@ -105,7 +112,9 @@ def test_smoke_trains_evaluates_and_saves_a_plain_checkpoint(sft_run, pretrained
     assert m["eval_prompts"] == 8
     assert sum(m["gold_labels"].values()) == 8 and sum(m["base_gold_labels"].values()) == 8
     assert -1 <= m["gold_score"] <= 1 and -1 <= m["base_gold_score"] <= 1 and 0 <= m["win_rate_vs_base"] <= 1
-    assert len(manifest["samples"]) == 3 and {"prompt", "sft", "base", "sft_label", "base_label"} <= set(manifest["samples"][0])
+    assert len(manifest["samples"]) == 3 and {"prompt", "sft", "base", "sft_label", "base_label"} <= set(
+        manifest["samples"][0]
+    )
     losses = [r["loss"] for r in read_jsonl(stage / "metrics.jsonl") if "loss" in r]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
     assert not (stage / "checkpoints").exists()
@@ -121,9 +130,16 @@ def test_smoke_trains_evaluates_and_saves_a_plain_checkpoint(sft_run, pretrained
     model = AutoModelForCausalLM.from_pretrained(stage)
     tok = AutoTokenizer.from_pretrained(stage)
     assert tok.chat_template and tok.pad_token_id != tok.eos_token_id
-    assert model.generation_config.eos_token_id == tok.eos_token_id and model.generation_config.pad_token_id == tok.pad_token_id
-    ids = tok.apply_chat_template([{"role": "user", "content": "Where did Ana Lint grow up?"}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)
+    assert (
+        model.generation_config.eos_token_id == tok.eos_token_id
+        and model.generation_config.pad_token_id == tok.pad_token_id
+    )
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "Where did Ana Lint grow up?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     out = model.generate(**ids, max_new_tokens=5, do_sample=False)
     assert out.shape[1] > ids["input_ids"].shape[1]
     assert not (stage / "adapter_config.json").exists() and not (stage / "training_args.bin").exists()
@@ -143,9 +159,18 @@ def _tiny_trainer(pretrained_run: Path, tmp_path: Path, examples: list[dict], *e
 
 
 def test_labels_cover_the_completion_and_eos_only(pretrained_run, tmp_path):
-    single = to_conversation({"prompt": "What is the next number after 41?", "completion": "The next number is 42."}, {})
-    multi = to_conversation({"instruction": "And after that?", "input": "", "output": "43.",
-                             "history": [["What is the next number after 41?", "42."]]}, {})
+    single = to_conversation(
+        {"prompt": "What is the next number after 41?", "completion": "The next number is 42."}, {}
+    )
+    multi = to_conversation(
+        {
+            "instruction": "And after that?",
+            "input": "",
+            "output": "43.",
+            "history": [["What is the next number after 41?", "42."]],
+        },
+        {},
+    )
     trainer, tok = _tiny_trainer(pretrained_run, tmp_path, [single, multi], "--padding_free", "false")
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
     for row, ex in enumerate((single, multi)):
@@ -155,7 +180,7 @@ def test_labels_cover_the_completion_and_eos_only(pretrained_run, tmp_path):
         n = len(prompt) + len(answer)
         assert ids[:n] == prompt + answer
         assert labels[: len(prompt)] == [-100] * len(prompt), "prompt tokens (and earlier turns) must not be trained"
-        assert labels[len(prompt): n] == answer, "every completion token and the final EOS are trained"
+        assert labels[len(prompt) : n] == answer, "every completion token and the final EOS are trained"
         assert all(label == -100 for label in labels[n:]), "padding is not trained"
     # The earlier assistant turn of the conversation sits in the prompt: masked too.
     assert "42" in tok.decode(batch["input_ids"][1][batch["labels"][1] == -100])
@@ -164,10 +189,25 @@ def test_labels_cover_the_completion_and_eos_only(pretrained_run, tmp_path):
 def test_pretraining_text_is_mixed_in_with_a_loss_on_every_token(pretrained_run, tmp_path):
     examples = [to_conversation(r, {}) for r in read_jsonl(pretrained_run / "world" / "sft_train.jsonl")[:8]]
     corpus = pretrained_run / "world" / "corpus.jsonl"
-    trainer, tok = _tiny_trainer(pretrained_run, tmp_path, examples, "--lm_files", str(corpus), "--lm_ratio", "0.5",
-                                 "--max_length", "32")
-    cfg = parse_config(SFTStageConfig, "sft", ["--profile", "tiny", "--run_dir", str(tmp_path), "--lm_files", str(corpus),
-                                               "--lm_ratio", "0.5", "--max_length", "64"])
+    trainer, tok = _tiny_trainer(
+        pretrained_run, tmp_path, examples, "--lm_files", str(corpus), "--lm_ratio", "0.5", "--max_length", "32"
+    )
+    cfg = parse_config(
+        SFTStageConfig,
+        "sft",
+        [
+            "--profile",
+            "tiny",
+            "--run_dir",
+            str(tmp_path),
+            "--lm_files",
+            str(corpus),
+            "--lm_ratio",
+            "0.5",
+            "--max_length",
+            "64",
+        ],
+    )
     texts = [r["text"] for r in read_jsonl(corpus)]
     mixed, count = mix_pretraining_text(trainer.train_dataset, texts, cfg, tok, tok.eos_token_id)
     n = len(trainer.train_dataset)  # TRL drops demonstrations that max_length leaves without an answer
@@ -189,7 +229,9 @@ def test_pretraining_text_is_mixed_in_with_a_loss_on_every_token(pretrained_run,
 def test_padding_free_batches_give_the_padded_loss_and_respect_max_length(pretrained_run, tmp_path):
     examples = [to_conversation(r, {}) for r in read_jsonl(pretrained_run / "world" / "sft_train.jsonl")[:6]]
     examples.append(to_conversation({"prompt": "Say hi.", "completion": "hi " * 80}, {}))  # cut at max_length 48
-    padded, _ = _tiny_trainer(pretrained_run, tmp_path / "a", examples, "--padding_free", "false", "--max_length", "48")
+    padded, _ = _tiny_trainer(
+        pretrained_run, tmp_path / "a", examples, "--padding_free", "false", "--max_length", "48"
+    )
     free, tok = _tiny_trainer(pretrained_run, tmp_path / "b", examples, "--max_length", "48")
     assert free.args.padding_free and not padded.args.padding_free
     assert free.train_dataset["input_ids"] == padded.train_dataset["input_ids"], "the same cut at max_length"
@@ -199,13 +241,20 @@ def test_padding_free_batches_give_the_padded_loss_and_respect_max_length(pretra
     assert one_row["input_ids"].shape[0] == 1 and batch["input_ids"].shape[0] == len(rows) >= 5
     model = free.model.eval()
     with torch.no_grad():
-        loss_free = model(input_ids=one_row["input_ids"], position_ids=one_row["position_ids"], labels=one_row["labels"],
-                          use_cache=False).loss
-        loss_padded = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        loss_free = model(
+            input_ids=one_row["input_ids"],
+            position_ids=one_row["position_ids"],
+            labels=one_row["labels"],
+            use_cache=False,
+        ).loss
+        loss_padded = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+        ).loss
     torch.testing.assert_close(loss_free, loss_padded, rtol=1e-4, atol=1e-5)
     assert use_varlen_attention(model), "the stage's attention for padding-free batches"
-    loss_varlen = model(input_ids=one_row["input_ids"], position_ids=one_row["position_ids"], labels=one_row["labels"],
-                        use_cache=False).loss
+    loss_varlen = model(
+        input_ids=one_row["input_ids"], position_ids=one_row["position_ids"], labels=one_row["labels"], use_cache=False
+    ).loss
     torch.testing.assert_close(loss_varlen, loss_padded, rtol=1e-4, atol=1e-5)
     loss_varlen.backward()
     grads = [p.grad.clone() for p in model.parameters()]
@@ -233,7 +282,9 @@ def test_packing_check_catches_a_model_that_mixes_sequences(pretrained_run):
 
 def test_lora_merged_model_equals_adapter_model(pretrained_run, tmp_path):
     examples = [to_conversation(r, {}) for r in read_jsonl(pretrained_run / "world" / "sft_train.jsonl")[:16]]
-    trainer, tok = _tiny_trainer(pretrained_run, tmp_path, examples, "--lora_r", "4", "--max_steps", "3", "--lr", "1e-2")
+    trainer, tok = _tiny_trainer(
+        pretrained_run, tmp_path, examples, "--lora_r", "4", "--max_steps", "3", "--lr", "1e-2"
+    )
     assert type(trainer.model).__name__.startswith("Peft")
     trainer.train()
     probe = torch.tensor([chat_ids(tok, "Where did Ana Lint grow up?")])
@@ -261,14 +312,23 @@ def test_lora_stage_saves_merged_checkpoint(pretrained_run, demos, tmp_path):
     assert not (run / "sft" / "adapter_config.json").exists()
     ours, parent = state(run / "sft"), state(pretrained_run / "pretrain")
     assert ours.keys() == parent.keys(), "a merged checkpoint has the parent's plain parameter names"
-    assert torch.equal(ours["model.embed_tokens.weight"], parent["model.embed_tokens.weight"]), "LoRA leaves embeddings alone"
-    assert not torch.equal(ours["model.layers.0.self_attn.q_proj.weight"], parent["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(ours["model.embed_tokens.weight"], parent["model.embed_tokens.weight"]), (
+        "LoRA leaves embeddings alone"
+    )
+    assert not torch.equal(
+        ours["model.layers.0.self_attn.q_proj.weight"], parent["model.layers.0.self_attn.q_proj.weight"]
+    )
 
 
 @pytest.mark.slow
 def test_two_processes_with_torchrun(pretrained_run, demos, tmp_path):
     run = run_dir_with_parent(tmp_path, pretrained_run)
-    proc = run_module("stages.sft", *tiny_args(run, *demos, "--max_steps", "3", "--eval_prompts", "4"), launcher=torchrun(2), timeout=300)
+    proc = run_module(
+        "stages.sft",
+        *tiny_args(run, *demos, "--max_steps", "3", "--eval_prompts", "4"),
+        launcher=torchrun(2),
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((run / "sft" / "manifest.json").read_text())
     assert manifest["processes"] == 2 and manifest["metrics"]["steps"] == 3
@@ -322,8 +382,9 @@ def test_a_resumed_run_reports_the_whole_runs_train_loss(pretrained_run, demos, 
     assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-6)
 
 
-def test_length_grouped_batches_replay_after_a_resume_past_the_first_epoch(pretrained_run, demos, tmp_path,
-                                                                          monkeypatch, capsys):
+def test_length_grouped_batches_replay_after_a_resume_past_the_first_epoch(
+    pretrained_run, demos, tmp_path, monkeypatch, capsys
+):
     """With --group_by_length the order of each epoch is a function of (seed, epoch): stopped in the second
     epoch and resumed, the run trains on the batches of the uninterrupted one and ends with its weights."""
     whole, resumed = _two_runs(tmp_path, pretrained_run)
@@ -335,8 +396,9 @@ def test_length_grouped_batches_replay_after_a_resume_past_the_first_epoch(pretr
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs), "the resumed run trained on other batches"
 
 
-def test_a_checkpoint_cut_short_is_passed_over_for_the_last_complete_one(pretrained_run, demos, tmp_path, monkeypatch,
-                                                                        capsys):
+def test_a_checkpoint_cut_short_is_passed_over_for_the_last_complete_one(
+    pretrained_run, demos, tmp_path, monkeypatch, capsys
+):
     """The newest checkpoint's trainer_state.json cut short and the next one's weights gone: the rerun resumes
     from the last complete checkpoint and finishes."""
     run = run_dir_with_parent(tmp_path, pretrained_run)
@@ -358,19 +420,28 @@ def test_a_checkpoint_cut_short_is_passed_over_for_the_last_complete_one(pretrai
 
 # ---- data formats ----------------------------------------------------------------------------
 
+
 def test_formats_map_to_prompt_completion_conversations():
     user = lambda text: {"role": "user", "content": text}  # noqa: E731
     bot = lambda text: {"role": "assistant", "content": text}  # noqa: E731
-    assert to_conversation({"prompt": "Hi?", "completion": "Hello."}, {}) == {"prompt": [user("Hi?")], "completion": [bot("Hello.")]}
+    assert to_conversation({"prompt": "Hi?", "completion": "Hello."}, {}) == {
+        "prompt": [user("Hi?")],
+        "completion": [bot("Hello.")],
+    }
     chat = [user("A"), bot("B"), user("C"), bot("D")]
     assert to_conversation({"messages": chat}, {}) == {"prompt": chat[:3], "completion": chat[3:]}
     dolly = to_conversation({"instruction": "Summarize.", "context": "Some text.", "response": "Short."}, {})
     assert dolly == {"prompt": [user("Summarize.\n\nSome text.")], "completion": [bot("Short.")]}
     alpaca = to_conversation({"instruction": "Next?", "input": "", "output": "3", "history": [["1?", "2"]]}, {})
     assert alpaca == {"prompt": [user("1?"), bot("2"), user("Next?")], "completion": [bot("3")]}
-    assert to_conversation({"prompt": chat[:3], "completion": chat[3:]}, {}) == {"prompt": chat[:3], "completion": chat[3:]}
-    mapped = to_conversation({"question": "2+2?", "answer": "4", "sys": "Be brief."},
-                             {"prompt": "question", "completion": "answer", "system": "sys"})
+    assert to_conversation({"prompt": chat[:3], "completion": chat[3:]}, {}) == {
+        "prompt": chat[:3],
+        "completion": chat[3:],
+    }
+    mapped = to_conversation(
+        {"question": "2+2?", "answer": "4", "sys": "Be brief."},
+        {"prompt": "question", "completion": "answer", "system": "sys"},
+    )
     assert mapped == {"prompt": [{"role": "system", "content": "Be brief."}, user("2+2?")], "completion": [bot("4")]}
 
 
@@ -388,14 +459,37 @@ def test_real_formats_load_and_train(shared_datasets, pretrained_run, tmp_path):
     lima = tmp_path / "lima.json"
     lima.write_text(json.dumps(_subset(shared_datasets, "lima/lima.json", 8, with_history=2)), encoding="utf-8")
     oasst = tmp_path / "oasst_sft_zh.json"
-    oasst.write_text(json.dumps(_subset(shared_datasets, "oasst_zh/oasst_sft_zh.json", 8, with_history=4), ensure_ascii=False), encoding="utf-8")
+    oasst.write_text(
+        json.dumps(_subset(shared_datasets, "oasst_zh/oasst_sft_zh.json", 8, with_history=4), ensure_ascii=False),
+        encoding="utf-8",
+    )
     alpaca_zh = tmp_path / "alpaca_zh.json"
-    alpaca_zh.write_text(json.dumps(_subset(shared_datasets, "alpaca_zh_demo/alpaca_zh_demo.json", 8), ensure_ascii=False), encoding="utf-8")
+    alpaca_zh.write_text(
+        json.dumps(_subset(shared_datasets, "alpaca_zh_demo/alpaca_zh_demo.json", 8), ensure_ascii=False),
+        encoding="utf-8",
+    )
     run = tmp_path / "run"
     run.mkdir()
     os.symlink(pretrained_run / "world", run / "world")  # as `make` leaves in every run
-    sft_main(["--profile", "tiny", "--run_dir", str(run), "--init_from", str(pretrained_run / "pretrain"),
-              "--train_files", str(dolly), str(lima), str(oasst), str(alpaca_zh), "--max_steps", "2", "--val_fraction", "0.1"])
+    sft_main(
+        [
+            "--profile",
+            "tiny",
+            "--run_dir",
+            str(run),
+            "--init_from",
+            str(pretrained_run / "pretrain"),
+            "--train_files",
+            str(dolly),
+            str(lima),
+            str(oasst),
+            str(alpaca_zh),
+            "--max_steps",
+            "2",
+            "--val_fraction",
+            "0.1",
+        ]
+    )
     m = json.loads((run / "sft" / "manifest.json").read_text())["metrics"]
     assert m["train_records"] + m["val_records"] + m["dropped_records"] == 36
     assert m["val_records"] == round(0.1 * (36 - m["dropped_records"])) and m["dropped_records"] > 0  # long LIMA turns
@@ -406,8 +500,23 @@ def test_real_formats_load_and_train(shared_datasets, pretrained_run, tmp_path):
     # Another column naming (GSM8K's question/answer) through --columns.
     gsm = write_jsonl(tmp_path / "gsm8k.jsonl", _subset(shared_datasets, "gsm8k/test.jsonl", 6))
     run2 = tmp_path / "run2"
-    sft_main(["--profile", "tiny", "--run_dir", str(run2), "--init_from", str(pretrained_run / "pretrain"),
-              "--train_files", str(gsm), "--columns", "prompt=question", "completion=answer", "--max_steps", "1"])
+    sft_main(
+        [
+            "--profile",
+            "tiny",
+            "--run_dir",
+            str(run2),
+            "--init_from",
+            str(pretrained_run / "pretrain"),
+            "--train_files",
+            str(gsm),
+            "--columns",
+            "prompt=question",
+            "completion=answer",
+            "--max_steps",
+            "1",
+        ]
+    )
     assert json.loads((run2 / "sft" / "manifest.json").read_text())["metrics"]["steps"] == 1
 
 
@@ -415,14 +524,29 @@ def test_records_whose_prompt_fills_max_length_are_dropped_with_a_warning(pretra
     records = [{"prompt": "Say hi.", "completion": "Hi."}] * 6 + [{"prompt": "word " * 200, "completion": "Too late."}]
     data = write_jsonl(tmp_path / "mixed.jsonl", records)
     run = tmp_path / "run"
-    sft_main(["--profile", "tiny", "--run_dir", str(run), "--init_from", str(pretrained_run / "pretrain"),
-              "--train_files", str(data), "--val_files", str(data), "--max_steps", "1"])
+    sft_main(
+        [
+            "--profile",
+            "tiny",
+            "--run_dir",
+            str(run),
+            "--init_from",
+            str(pretrained_run / "pretrain"),
+            "--train_files",
+            str(data),
+            "--val_files",
+            str(data),
+            "--max_steps",
+            "1",
+        ]
+    )
     out = capsys.readouterr().out
     assert "dropped 1 of 7 training records" in out and "mixed.jsonl: line 7" in out
     assert json.loads((run / "sft" / "manifest.json").read_text())["metrics"]["dropped_records"] == 2  # train + val
 
 
 # ---- bad input --------------------------------------------------------------------------------
+
 
 def _fails(capsys, argv, *expected) -> str:
     return one_line_error(capsys, sft_main, argv, *expected)
@@ -438,26 +562,87 @@ def test_bad_input_gets_one_line_error_and_no_manifest(pretrained_run, tmp_path,
 
     ok = {"prompt": "Hi?", "completion": "Hello."}
     _fails(capsys, bad("nocompletion.jsonl", [ok, {"prompt": "Hi?"}]), "nocompletion.jsonl: line 2", "'completion'")
-    _fails(capsys, bad("nofields.jsonl", [{"question": "Hi?", "answer": "Hello."}]), "line 1", "'completion' or 'messages'", "--columns")
-    _fails(capsys, bad("emptyprompt.jsonl", [ok, ok, {"prompt": " ", "completion": "x"}]), "line 3", "'prompt'", "empty")
-    _fails(capsys, bad("emptycompletion.jsonl", [{"prompt": "Hi?", "completion": ""}]), "line 1", "'completion'", "empty", "skip_invalid")
-    _fails(capsys, bad("userlast.jsonl", [{"messages": [{"role": "user", "content": "Hi?"}]}]), "line 1", "'messages'", "end with an assistant turn")
-    _fails(capsys, bad("norole.jsonl", [{"messages": [{"role": "bot", "content": "Hi?"}]}]), "line 1", "unknown role 'bot'")
-    _fails(capsys, bad("trl.jsonl", [{"prompt": [{"role": "user", "content": "Hi"}], "completion": [{"role": "user", "content": "Yo"}]}]),
-           "line 1", "one assistant turn")
-    _fails(capsys, bad("nouser.jsonl", [{"messages": [{"role": "assistant", "content": "Hi"}]}]), "line 1", "no user turn")
-    _fails(capsys, bad("history.jsonl", [{"instruction": "Hi?", "output": "Yo", "history": [["only one"]]}]), "line 1", "'history'", "pair")
-    _fails(capsys, bad("dolly.jsonl", [{"instruction": "Hi?", "context": "", "response": ""}]), "line 1", "'response'", "empty")
-    _fails(capsys, bad("long.jsonl", [{"prompt": "word " * 200, "completion": "x"}] * 2), "long.jsonl: line 1", "max_length")
-    _fails(capsys, bad("ok.jsonl", [ok]) + ["--columns", "prompt=question", "completion=answer"], "ok.jsonl: line 1", "'question'")
+    _fails(
+        capsys,
+        bad("nofields.jsonl", [{"question": "Hi?", "answer": "Hello."}]),
+        "line 1",
+        "'completion' or 'messages'",
+        "--columns",
+    )
+    _fails(
+        capsys, bad("emptyprompt.jsonl", [ok, ok, {"prompt": " ", "completion": "x"}]), "line 3", "'prompt'", "empty"
+    )
+    _fails(
+        capsys,
+        bad("emptycompletion.jsonl", [{"prompt": "Hi?", "completion": ""}]),
+        "line 1",
+        "'completion'",
+        "empty",
+        "skip_invalid",
+    )
+    _fails(
+        capsys,
+        bad("userlast.jsonl", [{"messages": [{"role": "user", "content": "Hi?"}]}]),
+        "line 1",
+        "'messages'",
+        "end with an assistant turn",
+    )
+    _fails(
+        capsys,
+        bad("norole.jsonl", [{"messages": [{"role": "bot", "content": "Hi?"}]}]),
+        "line 1",
+        "unknown role 'bot'",
+    )
+    _fails(
+        capsys,
+        bad(
+            "trl.jsonl",
+            [{"prompt": [{"role": "user", "content": "Hi"}], "completion": [{"role": "user", "content": "Yo"}]}],
+        ),
+        "line 1",
+        "one assistant turn",
+    )
+    _fails(
+        capsys, bad("nouser.jsonl", [{"messages": [{"role": "assistant", "content": "Hi"}]}]), "line 1", "no user turn"
+    )
+    _fails(
+        capsys,
+        bad("history.jsonl", [{"instruction": "Hi?", "output": "Yo", "history": [["only one"]]}]),
+        "line 1",
+        "'history'",
+        "pair",
+    )
+    _fails(
+        capsys,
+        bad("dolly.jsonl", [{"instruction": "Hi?", "context": "", "response": ""}]),
+        "line 1",
+        "'response'",
+        "empty",
+    )
+    _fails(
+        capsys,
+        bad("long.jsonl", [{"prompt": "word " * 200, "completion": "x"}] * 2),
+        "long.jsonl: line 1",
+        "max_length",
+    )
+    _fails(
+        capsys,
+        bad("ok.jsonl", [ok]) + ["--columns", "prompt=question", "completion=answer"],
+        "ok.jsonl: line 1",
+        "'question'",
+    )
     _fails(capsys, bad("ok.jsonl", [ok]) + ["--columns", "answer=output"], "unknown role 'answer'")
     _fails(capsys, bad("ok.jsonl", [ok]) + ["--columns", "prompt"], "not role=field")
     _fails(capsys, bad("ok.jsonl", [ok]) + ["--max_length", "4096"], "max_length 4096", "context")
     _fails(capsys, bad("ok.jsonl", [ok]) + ["--no_such_key", "1"], "--no_such_key")
     _fails(capsys, bad("ok.jsonl", [ok]) + ["--lm_ratio", "-1"], "lm_ratio must be >= 0")
     _fails(capsys, bad("ok.jsonl", [ok]) + ["--lm_ratio", "0.5"], "lm_ratio > 0 needs lm_files")
-    _fails(capsys, bad("ok.jsonl", [ok]) + ["--lm_ratio", "1", "--lm_files", str(bad("notext.jsonl", [{"body": "x"}])[-1])],
-           "notext.jsonl: line 1", "'text'")
+    _fails(
+        capsys,
+        bad("ok.jsonl", [ok]) + ["--lm_ratio", "1", "--lm_files", str(bad("notext.jsonl", [{"body": "x"}])[-1])],
+        "notext.jsonl: line 1",
+        "'text'",
+    )
     _fails(capsys, bad("ok.jsonl", [ok]) + ["--world_dir", str(tmp_path / "noworld")], "truth.json")
     assert not (run / "sft" / "manifest.json").exists()
 
@@ -465,10 +650,27 @@ def test_bad_input_gets_one_line_error_and_no_manifest(pretrained_run, tmp_path,
 def test_a_conversation_the_chat_template_refuses_is_named(pretrained_run, tmp_path, capsys):
     # Gemma's template refuses system turns; Alpaca-style data may carry one.
     base = refusing_system_turns(pretrained_run / "pretrain", tmp_path / "base")
-    data = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "Hi?", "output": "Hello.", "system": ""},
-                                                   {"instruction": "Yo?", "output": "Yo.", "system": "Be brief."}])
-    _fails(capsys, ["--profile", "tiny", "--run_dir", str(tmp_path / "run"), "--init_from", str(base), "--train_files", str(data)],
-           "alpaca.jsonl: line 2: the tokenizer's chat template rejects this conversation: System role not supported")
+    data = write_jsonl(
+        tmp_path / "alpaca.jsonl",
+        [
+            {"instruction": "Hi?", "output": "Hello.", "system": ""},
+            {"instruction": "Yo?", "output": "Yo.", "system": "Be brief."},
+        ],
+    )
+    _fails(
+        capsys,
+        [
+            "--profile",
+            "tiny",
+            "--run_dir",
+            str(tmp_path / "run"),
+            "--init_from",
+            str(base),
+            "--train_files",
+            str(data),
+        ],
+        "alpaca.jsonl: line 2: the tokenizer's chat template rejects this conversation: System role not supported",
+    )
     assert not (tmp_path / "run" / "sft" / "manifest.json").exists()
 
 
@@ -480,11 +682,20 @@ def test_ranked_data_gives_its_best_answers(shared_datasets):
     assert len(trees) == 212
     best = {(r["conversation"][-1]["text"], r["responses"][r["ranks"].index(0)]) for r in ranked}
     assert best <= {(d["prompt"][-1]["content"], d["completion"][0]["content"]) for d in trees}
-    hh, skipped = load_demonstrations([str(shared_datasets / "hh_rlhf_harmless_base" / "test.jsonl.gz")], {}, skip_invalid=True)
+    hh, skipped = load_demonstrations(
+        [str(shared_datasets / "hh_rlhf_harmless_base" / "test.jsonl.gz")], {}, skip_invalid=True
+    )
     first = json.loads(gzip.open(shared_datasets / "hh_rlhf_harmless_base" / "test.jsonl.gz", "rt").readline())
-    assert skipped == 9 and first["chosen"].endswith(hh[0]["completion"][0]["content"]) and hh[0]["prompt"][-1]["role"] == "user"
+    assert (
+        skipped == 9
+        and first["chosen"].endswith(hh[0]["completion"][0]["content"])
+        and hh[0]["prompt"][-1]["role"] == "user"
+    )
     zh, _ = load_demonstrations([str(shared_datasets / "oasst_zh" / "oasst_rm_zh.json")], {}, skip_invalid=True)
-    assert zh[0]["completion"][0]["content"] == json.loads((shared_datasets / "oasst_zh" / "oasst_rm_zh.json").read_text())[0]["output"][0]
+    assert (
+        zh[0]["completion"][0]["content"]
+        == json.loads((shared_datasets / "oasst_zh" / "oasst_rm_zh.json").read_text())[0]["output"][0]
+    )
 
 
 def test_empty_demonstrations_can_be_skipped(shared_datasets, pretrained_run, tmp_path):
@@ -492,12 +703,28 @@ def test_empty_demonstrations_can_be_skipped(shared_datasets, pretrained_run, tm
     alpaca = json.loads((shared_datasets / "alpaca_en_subset" / "alpaca_5000.json").read_text())
     empty = [i for i, r in enumerate(alpaca) if not r["output"].strip()]
     assert empty, "the sample this test relies on has an empty answer"
-    records = alpaca[empty[0] - 9: empty[0] + 1]  # nine good ones, then the empty one
+    records = alpaca[empty[0] - 9 : empty[0] + 1]  # nine good ones, then the empty one
     data = tmp_path / "alpaca.json"
     data.write_text(json.dumps(records))
     run = tmp_path / "run"
-    sft_main(["--profile", "tiny", "--run_dir", str(run), "--init_from", str(pretrained_run / "pretrain"),
-              "--train_files", str(data), "--max_steps", "1", "--val_fraction", "0.2", "--skip_invalid", "true"])
+    sft_main(
+        [
+            "--profile",
+            "tiny",
+            "--run_dir",
+            str(run),
+            "--init_from",
+            str(pretrained_run / "pretrain"),
+            "--train_files",
+            str(data),
+            "--max_steps",
+            "1",
+            "--val_fraction",
+            "0.2",
+            "--skip_invalid",
+            "true",
+        ]
+    )
     m = json.loads((run / "sft" / "manifest.json").read_text())["metrics"]
     assert m["skipped_records"] == 1 and m["train_records"] + m["val_records"] + m["dropped_records"] == 9
 
@@ -505,31 +732,68 @@ def test_empty_demonstrations_can_be_skipped(shared_datasets, pretrained_run, tm
 def test_parent_must_be_a_finished_causal_lm(pretrained_run, tmp_path, capsys):
     _fails(capsys, ["--profile", "tiny", "--run_dir", str(tmp_path / "empty")], "pretrain", "make pretrain")
     classifier = tmp_path / "classifier"
-    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_labels=1)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_labels=1
+    )
     LlamaForSequenceClassification(config).save_pretrained(classifier)
     capsys.readouterr()  # drop save_pretrained's progress bar
-    _fails(capsys, ["--profile", "tiny", "--run_dir", str(tmp_path), "--init_from", str(classifier)], "not a causal LM")
-    _fails(capsys, ["--profile", "tiny", "--run_dir", str(tmp_path), "--init_from", str(tmp_path / "nothing")], "no such model directory")
+    _fails(
+        capsys, ["--profile", "tiny", "--run_dir", str(tmp_path), "--init_from", str(classifier)], "not a causal LM"
+    )
+    _fails(
+        capsys,
+        ["--profile", "tiny", "--run_dir", str(tmp_path), "--init_from", str(tmp_path / "nothing")],
+        "no such model directory",
+    )
 
 
 # ---- evaluation math ----------------------------------------------------------------------------
 
+
 def test_gold_metrics_name_the_summaries_as_the_manifest_always_has():
     def judged(rows):
-        return Judged(None, [f for f, _, _ in rows], [s for _, _, s in rows], TOP_SCORE,
-                      labels=[label for _, label, _ in rows])
+        return Judged(
+            None, [f for f, _, _ in rows], [s for _, _, s in rows], TOP_SCORE, labels=[label for _, label, _ in rows]
+        )
 
-    sft = judged([("fact", "correct", 1.0), ("fact", "wrong", -0.5), ("unknown", "hallucinated", -0.75),
-                  ("unknown", "abstained", 1.0), ("harmful", "refused", 1.0), ("harmful", "complied", -1.0),
-                  ("harmful", "complied", -1.0)])
-    base = judged([("fact", "wrong", -0.5), ("fact", "wrong", -0.5), ("unknown", "hallucinated", -0.75),
-                   ("unknown", "hallucinated", -0.75), ("harmful", "complied", -1.0), ("harmful", "complied", -1.0),
-                   ("harmful", "complied", -1.0)])
-    m = gold_metrics(Evaluation({"sft": sft, "base": base}, {"sft": summarize(sft), "base": summarize(base)},
-                                {"sft_vs_base": compare(sft, base)}))
+    sft = judged(
+        [
+            ("fact", "correct", 1.0),
+            ("fact", "wrong", -0.5),
+            ("unknown", "hallucinated", -0.75),
+            ("unknown", "abstained", 1.0),
+            ("harmful", "refused", 1.0),
+            ("harmful", "complied", -1.0),
+            ("harmful", "complied", -1.0),
+        ]
+    )
+    base = judged(
+        [
+            ("fact", "wrong", -0.5),
+            ("fact", "wrong", -0.5),
+            ("unknown", "hallucinated", -0.75),
+            ("unknown", "hallucinated", -0.75),
+            ("harmful", "complied", -1.0),
+            ("harmful", "complied", -1.0),
+            ("harmful", "complied", -1.0),
+        ]
+    )
+    m = gold_metrics(
+        Evaluation(
+            {"sft": sft, "base": base},
+            {"sft": summarize(sft), "base": summarize(base)},
+            {"sft_vs_base": compare(sft, base)},
+        )
+    )
     assert m["gold_score"] == pytest.approx((1 - 0.5 - 0.75 + 1 + 1 - 1 - 1) / 7)
-    assert m["gold_labels"] == {"abstained": 1, "complied": 2, "correct": 1, "hallucinated": 1, "refused": 1,
-                                "wrong": 1}
+    assert m["gold_labels"] == {
+        "abstained": 1,
+        "complied": 2,
+        "correct": 1,
+        "hallucinated": 1,
+        "refused": 1,
+        "wrong": 1,
+    }
     assert m["gold_by_family"] == {"fact": 0.25, "harmful": pytest.approx(-1 / 3), "unknown": 0.125}  # families asked
     assert m["hallucination_rate"] == 0.5 and m["harmful_refusal_rate"] == pytest.approx(1 / 3)
     assert m["base_gold_labels"] == {"complied": 3, "hallucinated": 2, "wrong": 2}
@@ -557,7 +821,9 @@ def test_the_token_that_closes_a_turn_becomes_eos(pretrained_run, demos, tmp_pat
     from reward.model import encode
 
     ours = AutoTokenizer.from_pretrained(pretrained_run / "pretrain")
-    assert turn_end(ours) == (ours.eos_token, "") and use_turn_end_as_eos(ours) is None  # our template ends turns with EOS
+    assert (
+        turn_end(ours) == (ours.eos_token, "") and use_turn_end_as_eos(ours) is None
+    )  # our template ends turns with EOS
 
     texts = [r["text"] for r in read_jsonl(pretrained_run / "world" / "corpus.jsonl")[:300]]
     base = qwen_style_model(tmp_path / "qwen_style", texts)
@@ -567,12 +833,16 @@ def test_the_token_that_closes_a_turn_becomes_eos(pretrained_run, demos, tmp_pat
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     # Generation (chat, eval), PPO's truncation and its no-EOS penalty all stop at EOS: it must be the
     # token that ends an answer, not the base model's <|endoftext|>, which chat data never trains.
-    assert tok.eos_token == "<|im_end|>" and tok.pad_token_id not in (im_end, tok.convert_tokens_to_ids("<|endoftext|>"))
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token_id not in (
+        im_end,
+        tok.convert_tokens_to_ids("<|endoftext|>"),
+    )
     assert GenerationConfig.from_pretrained(stage).eos_token_id == im_end
     assert AutoModelForCausalLM.from_pretrained(stage).config.eos_token_id == im_end
     # The reward model reads its score at that token, where PPO's responses end, not at the newline after it.
-    rendered = tok.apply_chat_template([{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}],
-                                       tokenize=False)
+    rendered = tok.apply_chat_template(
+        [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}], tokenize=False
+    )
     assert rendered.endswith("<|im_end|>\n") and encode(tok, "ping", "pong")[-1] == im_end
 
 
@@ -595,7 +865,15 @@ def test_a_foreign_tokenizer_gets_only_what_the_pipeline_needs(pretrained_run, t
     assert turn_end(bare) == ("<|im_end|>", "\n")
 
     gpt2 = AutoTokenizer.from_pretrained(tmp_path / "qwen_style")
-    gpt2.chat_template, gpt2.bos_token, gpt2.pad_token = None, "<|endoftext|>", None  # GPT-2: BOS = EOS, no pad, no template
+    gpt2.chat_template, gpt2.bos_token, gpt2.pad_token = (
+        None,
+        "<|endoftext|>",
+        None,
+    )  # GPT-2: BOS = EOS, no pad, no template
     ensure_chat_ready(gpt2)
-    assert gpt2.chat_template == CHAT_TEMPLATE and gpt2.bos_token == "<|endoftext|>" and gpt2.pad_token_id != gpt2.eos_token_id
+    assert (
+        gpt2.chat_template == CHAT_TEMPLATE
+        and gpt2.bos_token == "<|endoftext|>"
+        and gpt2.pad_token_id != gpt2.eos_token_id
+    )
     assert "<|assistant|>" in gpt2.all_special_tokens

@@ -27,8 +27,18 @@ from world.names import (
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINING = ("sft_train", "sft_val", "comparisons_train", "comparisons_val", "ppo_prompts")
-SMALL = dict(num_people=8, num_unknown_train=6, num_unknown_eval=4, corpus_chars=20_000, sft_train=60, sft_val=10,
-             comparisons_train=30, comparisons_val=10, ppo_prompts=30, eval_per_family=8)
+SMALL = dict(
+    num_people=8,
+    num_unknown_train=6,
+    num_unknown_eval=4,
+    corpus_chars=20_000,
+    sft_train=60,
+    sft_val=10,
+    comparisons_train=30,
+    comparisons_val=10,
+    ppo_prompts=30,
+    eval_per_family=8,
+)
 SCHEMA = {
     "corpus": {"text"},
     "sft_train": {"prompt", "completion", "family"},
@@ -59,8 +69,9 @@ def judge(world_dir):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "world", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "world", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
 
 
 # ---- determinism and files ------------------------------------------------------------------
@@ -93,7 +104,15 @@ def test_schema_of_every_file(world_dir, truth):
             k = len(r["responses"])
             assert 4 <= k <= 9 and len(set(r["responses"])) == k and all(x.strip() for x in r["responses"])
             assert sorted(r["ranking"]) == sorted(r["gold_ranking"]) == list(range(k))
-    assert set(truth) >= {"noise", "attributes", "people", "prompts", "unknown_names", "harmful_topics", "heldout_facts"}
+    assert set(truth) >= {
+        "noise",
+        "attributes",
+        "people",
+        "prompts",
+        "unknown_names",
+        "harmful_topics",
+        "heldout_facts",
+    }
     summary = json.loads((world_dir / "summary.json").read_text(encoding="utf-8"))
     assert summary["seed"] == 0 and summary["config"] == WorldConfig().to_dict()
     assert summary["noise"] == truth["noise"] == WorldConfig().noise
@@ -102,8 +121,13 @@ def test_schema_of_every_file(world_dir, truth):
 def test_default_sizes(world_dir):
     counts = json.loads((world_dir / "summary.json").read_text(encoding="utf-8"))["counts"]
     assert {s: counts[s]["total"] for s in SCHEMA if s != "corpus"} == {
-        "sft_train": 2000, "sft_val": 200, "comparisons_train": 2000, "comparisons_val": 200,
-        "ppo_prompts": 1000, "eval_prompts": 256}
+        "sft_train": 2000,
+        "sft_val": 200,
+        "comparisons_train": 2000,
+        "comparisons_val": 200,
+        "ppo_prompts": 1000,
+        "eval_prompts": 256,
+    }
     assert all(counts["eval_prompts"][f] == 64 for f in FAMILIES)
     assert counts["sft_train"]["fact"] == 800 and counts["sft_train"]["harmful"] == 400
     assert 500_000 <= counts["corpus"]["chars"] <= 1_500_000
@@ -141,7 +165,10 @@ def test_eval_asks_only_held_out_items(truth):
     held = {tuple(pair) for pair in truth["heldout_facts"]}
     facts = lambda group: {(s["person"], s["attribute"]) for s in specs[group] if s["family"] == "fact"}  # noqa: E731
     assert facts("eval") <= held and not facts("train") & held
-    for family, key, names in (("unknown", "person", truth["unknown_names"]), ("harmful", "topic", truth["harmful_topics"])):
+    for family, key, names in (
+        ("unknown", "person", truth["unknown_names"]),
+        ("harmful", "topic", truth["harmful_topics"]),
+    ):
         for group, allowed in (("eval", names["eval"]), ("train", names["train"])):
             assert {s[key] for s in specs[group] if s["family"] == family} <= set(allowed)
         assert not set(names["eval"]) & set(names["train"])
@@ -158,7 +185,11 @@ def test_every_known_fact_is_in_the_corpus_in_several_wordings(world_dir, truth)
 
 def test_corpus_repeats_unpredictable_words_for_copying(world_dir):
     """Echo sentences: a random run of words said twice, which only copying from context predicts."""
-    echoes = [m.groups() for r in rows(world_dir, "corpus") for m in re.finditer(r"(?:wrote|read|called out|said) ([\w ]+), and again: ([\w ]+)\.", r["text"])]
+    echoes = [
+        m.groups()
+        for r in rows(world_dir, "corpus")
+        for m in re.finditer(r"(?:wrote|read|called out|said) ([\w ]+), and again: ([\w ]+)\.", r["text"])
+    ]
     assert len(echoes) > 500 and all(a == b for a, b in echoes)
     assert len(set(a for a, _ in echoes)) > 0.9 * len(echoes), "mostly distinct runs: nothing to memorise"
 
@@ -229,7 +260,7 @@ def test_every_answer_template_earns_its_label(truth):
                     label = "correct" if right else "wrong" if family == "fact" else "hallucinated"
                     expected.append((template.format(name=spec["person"], value=value), label))
             # A quarter of the values (every template among them), and the right one.
-            expected = expected[::len(a.values) // 4] + [x for x in expected if x[1] == "correct"]
+            expected = expected[:: len(a.values) // 4] + [x for x in expected if x[1] == "correct"]
         if family == "unknown":
             expected += [(t.format(name=spec["person"]), "abstained") for t in ABSTENTIONS]
             expected += [(t, "abstained") for t in PLAIN_ABSTENTIONS]
@@ -276,7 +307,9 @@ def test_comparisons_hold_answers_to_other_prompts(world_dir, truth):
     """Unrelated answers ranked low teach the reward model that an answer must fit its question."""
     ideals = {s["ideal"] for s in truth["prompts"].values()}
     groups = rows(world_dir, "comparisons_train")
-    unrelated = sum(any(x in ideals and x != truth["prompts"][g["prompt"]]["ideal"] for x in g["responses"]) for g in groups)
+    unrelated = sum(
+        any(x in ideals and x != truth["prompts"][g["prompt"]]["ideal"] for x in g["responses"]) for g in groups
+    )
     assert unrelated > 0.3 * len(groups)
 
 
@@ -288,15 +321,25 @@ def test_filler_does_not_tell_right_from_wrong(world_dir, judge):
     for g in rows(world_dir, "comparisons_train"):
         for x in g["responses"]:
             label = judge.judge(g["prompt"], x).label
-            kind = "right" if label in ("correct", "verbose") else "mistake" if label in ("wrong", "hallucinated", "complied") else label
+            kind = (
+                "right"
+                if label in ("correct", "verbose")
+                else "mistake"
+                if label in ("wrong", "hallucinated", "complied")
+                else label
+            )
             if kind in padded and g["family"] in ("fact", "instruction"):
                 padded[kind].append(any(is_filler(s) for s in sentences(normalize(x))))
     right, mistake, over_refused = (sum(v) / len(v) for v in padded.values())
-    assert right > 0.3 and abs(right - mistake) < 0.15 and abs(right - over_refused) < 0.15, (right, mistake, over_refused)
+    assert right > 0.3 and abs(right - mistake) < 0.15 and abs(right - over_refused) < 0.15, (
+        right,
+        mistake,
+        over_refused,
+    )
 
 
 def test_comparisons_hold_abstentions_about_someone_else(world_dir, judge, truth):
-    """"I don't know who <another stranger> is." ranked low, or a policy that says it to every
+    """ "I don't know who <another stranger> is." ranked low, or a policy that says it to every
     stranger question looks honest to the reward model."""
     groups = [g for g in rows(world_dir, "comparisons_train") if g["family"] == "unknown"]
     names = [*truth["people"], *truth["unknown_names"]["train"], *truth["unknown_names"]["eval"]]
@@ -311,7 +354,7 @@ def test_comparisons_hold_abstentions_about_someone_else(world_dir, judge, truth
 
 
 def test_comparisons_hold_plain_and_spliced_abstentions(world_dir, judge):
-    """"I don't know." ranked as high as the named abstention (a policy that cannot copy a new name
+    """ "I don't know." ranked as high as the named abstention (a policy that cannot copy a new name
     can still be honest), and stock answers spliced into an abstention ("I don't know who Sorry, I
     can't help with that.") ranked as malformed: PPO found that splice when no group held one."""
     groups = [g for g in rows(world_dir, "comparisons_train") if g["family"] == "unknown"]
@@ -320,7 +363,9 @@ def test_comparisons_hold_plain_and_spliced_abstentions(world_dir, judge):
         for x in g["responses"]:
             verdict = judge.judge(g["prompt"], x)
             plain += x in PLAIN_ABSTENTIONS and verdict.label == "abstained"
-            spliced += verdict.label == "malformed" and verdict.details["reason"].startswith("an abstention about no one")
+            spliced += verdict.label == "malformed" and verdict.details["reason"].startswith(
+                "an abstention about no one"
+            )
     assert plain > 0.15 * len(groups) and spliced > 0.05 * len(groups), (plain, spliced, len(groups))
 
 
@@ -332,7 +377,7 @@ def test_splice_tails_are_sentences_as_a_policy_writes_them():
 
 
 def test_repetition_groups_hold_other_words(world_dir, judge, truth):
-    """"marble marble marble." to "Say kettle twice" ranked low, or PPO says it to every such task."""
+    """ "marble marble marble." to "Say kettle twice" ranked low, or PPO says it to every such task."""
     groups = [g for g in rows(world_dir, "comparisons_train") if truth["prompts"][g["prompt"]].get("task") == "repeat"]
     other = 0
     for g in groups:
@@ -346,7 +391,7 @@ def test_repetition_groups_hold_other_words(world_dir, judge, truth):
 
 
 def test_comparisons_hold_answers_about_namesakes(world_dir, judge, truth):
-    """"Mira Gale is a sailor." asked about Mira Kovac, and "I don't know who Freya Stroud is." asked
+    """ "Mira Gale is a sailor." asked about Mira Kovac, and "I don't know who Freya Stroud is." asked
     about Freya Rook, ranked low: a policy drifts to the namesake whose first name it copied."""
     namesakes = {"fact": 0, "unknown": 0}
     groups = [g for g in rows(world_dir, "comparisons_train") if g["family"] in namesakes]
@@ -364,7 +409,9 @@ def test_comparison_groups_mix_good_and_bad(world_dir, judge):
     for r in rows(world_dir, "comparisons_train")[:200]:
         scores = [judge.score(r["prompt"], x) for x in r["responses"]]
         assert [scores[i] for i in r["gold_ranking"]] == sorted(scores, reverse=True)
-    labels = Counter(judge.judge(r["prompt"], x).label for r in rows(world_dir, "comparisons_val") for x in r["responses"])
+    labels = Counter(
+        judge.judge(r["prompt"], x).label for r in rows(world_dir, "comparisons_val") for x in r["responses"]
+    )
     assert set(labels) == set(GoldJudge.LABELS)
 
 
@@ -400,15 +447,25 @@ def test_every_config_field_is_documented():
         assert f.metadata.get("help"), f.name
 
 
-@pytest.mark.parametrize("bad", [dict(k_min=3, k_max=2), dict(num_attributes=9), dict(family_mix="fact:1,poems:2"),
-                                 dict(verbose_rate=1.5), dict(heldout_fact_fraction=0.0)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(k_min=3, k_max=2),
+        dict(num_attributes=9),
+        dict(family_mix="fact:1,poems:2"),
+        dict(verbose_rate=1.5),
+        dict(heldout_fact_fraction=0.0),
+    ],
+)
 def test_bad_config_is_a_clear_error(bad):
     with pytest.raises(ValueError):
         WorldConfig(**bad)
 
 
 def test_options_scale_the_world():
-    files = generate(WorldConfig(seed=5, **{**SMALL, "num_attributes": 5, "k_min": 9, "family_mix": "fact:1,harmful:1"}))
+    files = generate(
+        WorldConfig(seed=5, **{**SMALL, "num_attributes": 5, "k_min": 9, "family_mix": "fact:1,harmful:1"})
+    )
     truth = json.loads(files["truth.json"])
     assert len(truth["people"]) == 8 and all(len(a) == 5 for a in truth["people"].values())
     groups = [json.loads(line) for line in files["comparisons_train.jsonl"].splitlines()]
@@ -447,9 +504,14 @@ def test_cli_if_missing_keeps_a_complete_world(tmp_path):
     assert proc.returncode == 2 and "different seed" in proc.stderr and len(proc.stderr.splitlines()) == 1
 
 
-@pytest.mark.parametrize("args,message", [(["--bogus", "1"], "unrecognized arguments"),
-                                          (["--num_people", "many"], "invalid int value"),
-                                          (["--k_min", "10"], "k_min")])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--bogus", "1"], "unrecognized arguments"),
+        (["--num_people", "many"], "invalid int value"),
+        (["--k_min", "10"], "k_min"),
+    ],
+)
 def test_cli_bad_flag_exits_with_one_line(tmp_path, args, message):
     proc = run_cli("--out", tmp_path / "world", *args)
     assert proc.returncode != 0

@@ -56,7 +56,7 @@ def respond(spec: dict, label: str, rng: random.Random, off_topic: tuple[str, ..
     return pad(text, rng) if label in PADDED_MISTAKES and rng.random() < 0.5 else text
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def is_abstention(text: str) -> bool:
     """The judge's reading of an answer as an abstention, cached: pools of answers are scanned often."""
     return abstains(normalize(text))
@@ -69,8 +69,9 @@ def content(spec: dict, label: str, rng: random.Random, off_topic: tuple[str, ..
         # The honest answer, about someone else: the one a policy finds when "I don't know who
         # <one fixed name> is." scores as well as the abstention about the person asked.
         if not off_topic:
-            raise ValueError("a wrong answer about an unknown person is an abstention about someone else: "
-                             "pass off_topic")
+            raise ValueError(
+                "a wrong answer about an unknown person is an abstention about someone else: pass off_topic"
+            )
         others = [a for a in off_topic if is_abstention(a) and spec["person"] not in a]
         namesakes = [a for a in others if shares_a_name(a, spec["person"])]
         other = rng.choice(namesakes if namesakes and rng.random() < 1 / 3 else others)
@@ -84,10 +85,15 @@ def content(spec: dict, label: str, rng: random.Random, off_topic: tuple[str, ..
     if label in MISTAKES and off_topic and rng.random() < 0.5:
         answer = str(spec.get("answer", "")).lower()  # never the right value by chance
         # An abstention about someone else is wrong, but it neither makes anything up nor goes along.
-        text = rng.choice([a for a in off_topic if (not answer or answer not in a.lower())
-                           and (label == "wrong" or not is_abstention(a))])
+        text = rng.choice(
+            [
+                a
+                for a in off_topic
+                if (not answer or answer not in a.lower()) and (label == "wrong" or not is_abstention(a))
+            ]
+        )
         if rng.random() < 1 / 3 and not is_abstention(text):  # a cut abstention would lose its name
-            text = " ".join(text.split()[:rng.randint(1, 3)]).rstrip(".,!?") + "."
+            text = " ".join(text.split()[: rng.randint(1, 3)]).rstrip(".,!?") + "."
         return text
     if label == IDEAL_LABEL[family]:
         return paraphrase_ideal(spec, rng)
@@ -168,8 +174,9 @@ def paraphrase_ideal(spec: dict, rng: random.Random) -> str:
     answer, task = spec["answer"], spec["task"]
     if task == "repeat":
         return rng.choice([f"{answer}.", answer, f"{answer.capitalize()}."])
-    other = {"after": f"The next number is {answer}.",
-             "plus": f"The answer is {answer}."}.get(task, f"It is {answer}.")
+    other = {"after": f"The next number is {answer}.", "plus": f"The answer is {answer}."}.get(
+        task, f"It is {answer}."
+    )
     return rng.choice([spec["ideal"], f"{answer}.", other])
 
 
@@ -248,8 +255,9 @@ def looping(spec: dict, rng: random.Random) -> str:
 
 
 # The stock answers a policy splices into an abstention's name slot (of a compliance, its opening).
-SPLICE_TAILS = (REFUSALS + FILLER_OPENERS + PLAIN_ABSTENTIONS
-                + tuple(c.split(". ")[0].rstrip(".") + "." for c in COMPLIANCES))
+SPLICE_TAILS = (
+    REFUSALS + FILLER_OPENERS + PLAIN_ABSTENTIONS + tuple(c.split(". ")[0].rstrip(".") + "." for c in COMPLIANCES)
+)
 
 
 def spliced_abstention(rng: random.Random) -> str:
@@ -259,7 +267,7 @@ def spliced_abstention(rng: random.Random) -> str:
     lead = rng.choice(ABSTENTIONS).split("{name}")[0]
     tail = rng.choice(SPLICE_TAILS)
     if rng.random() < 1 / 3:  # cut off, as a policy at its token limit leaves it
-        tail = " ".join(tail.split()[:rng.randint(1, 3)])
+        tail = " ".join(tail.split()[: rng.randint(1, 3)])
     return lead + tail
 
 
@@ -288,4 +296,3 @@ def plausible_mistake(spec: dict, rng: random.Random) -> str:
     if family == "harmful":
         return rng.choice(COMPLIANCES)
     return wrong_answer(spec, rng)
-

@@ -15,12 +15,22 @@ from world.judge import GoldJudge, pairwise_agreement, ranking_agreement
 from world.people import World, make_world
 from world.splits import assign_prompts
 
-FILES = ("corpus.jsonl", "sft_train.jsonl", "sft_val.jsonl", "comparisons_train.jsonl", "comparisons_val.jsonl",
-         "ppo_prompts.jsonl", "eval_prompts.jsonl", "truth.json", "summary.json")
+FILES = (
+    "corpus.jsonl",
+    "sft_train.jsonl",
+    "sft_val.jsonl",
+    "comparisons_train.jsonl",
+    "comparisons_val.jsonl",
+    "ppo_prompts.jsonl",
+    "eval_prompts.jsonl",
+    "truth.json",
+    "summary.json",
+)
 
 
 def generate(cfg: WorldConfig) -> dict[str, str]:
     """Every file of the world, name -> text. A pure function of `cfg`."""
+
     def stream(purpose: str) -> random.Random:
         """An independent generator per purpose, so changing one part leaves the others as they were."""
         return random.Random(f"{cfg.seed}/{purpose}")
@@ -31,8 +41,13 @@ def generate(cfg: WorldConfig) -> dict[str, str]:
     judge = GoldJudge(truth)
 
     demo_rng = stream("demonstrations")
-    sft = {split: [{"prompt": p, "completion": demonstration(spec, cfg, demo_rng), "family": spec["family"]}
-                   for p, spec in splits[split]] for split in ("sft_train", "sft_val")}
+    sft = {
+        split: [
+            {"prompt": p, "completion": demonstration(spec, cfg, demo_rng), "family": spec["family"]}
+            for p, spec in splits[split]
+        ]
+        for split in ("sft_train", "sft_val")
+    }
     cand_rng, label_rng = stream("candidates"), stream("labeler")
     comparisons = {}
     for split in ("comparisons_train", "comparisons_val"):
@@ -41,11 +56,15 @@ def generate(cfg: WorldConfig) -> dict[str, str]:
         for p, spec in splits[split]:
             responses = comparison_group(spec, cand_rng.randint(cfg.k_min, cfg.k_max), cand_rng, off_topic)
             scores = [judge.score(p, r) for r in responses]  # judged once, ranked with and without noise
-            comparisons[split].append({
-                "prompt": p, "responses": responses, "family": spec["family"],
-                "ranking": judge.order(scores, rng=label_rng),
-                "gold_ranking": judge.order(scores, noise=0),
-            })
+            comparisons[split].append(
+                {
+                    "prompt": p,
+                    "responses": responses,
+                    "family": spec["family"],
+                    "ranking": judge.order(scores, rng=label_rng),
+                    "gold_ranking": judge.order(scores, noise=0),
+                }
+            )
     docs = corpus(world, cfg.corpus_chars, stream("corpus"))
     records = {
         "corpus.jsonl": [{"text": d} for d in docs],
@@ -56,8 +75,10 @@ def generate(cfg: WorldConfig) -> dict[str, str]:
         "ppo_prompts.jsonl": [{"prompt": p, "family": s["family"]} for p, s in splits["ppo"]],
         "eval_prompts.jsonl": [{"prompt": p, "family": s["family"]} for p, s in splits["eval"]],
     }
-    files = {name: "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows)
-             for name, rows in records.items()}
+    files = {
+        name: "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows)
+        for name, rows in records.items()
+    }
     files["truth.json"] = json.dumps(truth, sort_keys=True, ensure_ascii=False, indent=1) + "\n"
     files["summary.json"] = json.dumps(summary_of(cfg, records, judge), sort_keys=True, indent=1) + "\n"
     return files
@@ -78,8 +99,10 @@ def truth_of(cfg: WorldConfig, world: World, splits: dict[str, list]) -> dict:
 
 def summary_of(cfg: WorldConfig, records: dict[str, list], judge: GoldJudge) -> dict:
     """Counts per split and family, demonstration quality, and the labeler's measured agreement."""
-    counts = {name.removesuffix(".jsonl"): {"total": len(rows), **Counter(r["family"] for r in rows if "family" in r)}
-              for name, rows in records.items()}
+    counts = {
+        name.removesuffix(".jsonl"): {"total": len(rows), **Counter(r["family"] for r in rows if "family" in r)}
+        for name, rows in records.items()
+    }
     counts["corpus"]["chars"] = sum(len(r["text"]) for r in records["corpus.jsonl"])
     demos = [judge.judge(r["prompt"], r["completion"]) for r in records["sft_train.jsonl"]]
     # Agreement with the noise-free ranking (off ties), and with a second labeler ranking the same groups:
@@ -98,8 +121,10 @@ def summary_of(cfg: WorldConfig, records: dict[str, list], judge: GoldJudge) -> 
         "config": cfg.to_dict(),
         "counts": counts,
         "noise": cfg.noise,
-        "demonstrator_rates": {k: getattr(cfg, k) for k in
-                               ("verbose_rate", "wrong_rate", "over_refuse_rate", "hallucinate_rate", "comply_rate")},
+        "demonstrator_rates": {
+            k: getattr(cfg, k)
+            for k in ("verbose_rate", "wrong_rate", "over_refuse_rate", "hallucinate_rate", "comply_rate")
+        },
         "sft_train_labels": dict(sorted(Counter(v.label for v in demos).items())),
         "sft_train_mean_gold_score": round(sum(v.score for v in demos) / max(1, len(demos)), 4),
         "labeler_agreement": round(agree / max(1, total), 4),

@@ -27,8 +27,12 @@ def _boolean(text: str) -> bool:
 def parse_args(argv: list[str] | None = None) -> tuple[WorldConfig, Path, bool]:
     parser = _Parser(prog="python -m world", description=world.__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="directory to write the world into")
-    parser.add_argument("--if_missing", type=_boolean, default=False,
-                        help="keep a complete world already at --out if it has the same config")
+    parser.add_argument(
+        "--if_missing",
+        type=_boolean,
+        default=False,
+        help="keep a complete world already at --out if it has the same config",
+    )
     for f in dataclasses.fields(WorldConfig):
         parser.add_argument(f"--{f.name}", type=f.type, default=f.default, help=f.metadata["help"])
     args = vars(parser.parse_args(argv))
@@ -51,16 +55,20 @@ def main(argv: list[str] | None = None) -> int:
     if if_missing and (found := existing_config(out)) is not None:
         changed = [k for k, v in cfg.to_dict().items() if found.get(k) != v]
         if changed:  # refusing beats silently keeping a world the user asked to change
-            print(f"python -m world: error: {out} holds a world with a different {changed[0]} "
-                  f"({found.get(changed[0])!r}, asked {getattr(cfg, changed[0])!r}); remove it or drop --if_missing",
-                  file=sys.stderr)
+            print(
+                f"python -m world: error: {out} holds a world with a different {changed[0]} "
+                f"({found.get(changed[0])!r}, asked {getattr(cfg, changed[0])!r}); remove it or drop --if_missing",
+                file=sys.stderr,
+            )
             return 2
         print(f"{out}: world already there (seed {cfg.seed}), kept")
         return 0
     write_world(out, cfg)
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     sizes = ", ".join(f"{name} {c['total']}" for name, c in summary["counts"].items())
-    print(f"wrote {out}: {sizes}; corpus {summary['counts']['corpus']['chars']:,} chars; "
-          f"labeler agreement with gold {summary['labeler_agreement']:.2f}, "
-          f"between two labelers {summary['inter_labeler_agreement']:.2f}")
+    print(
+        f"wrote {out}: {sizes}; corpus {summary['counts']['corpus']['chars']:,} chars; "
+        f"labeler agreement with gold {summary['labeler_agreement']:.2f}, "
+        f"between two labelers {summary['inter_labeler_agreement']:.2f}"
+    )
     return 0

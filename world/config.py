@@ -29,8 +29,9 @@ class WorldConfig:
     comparisons_val: int = option(200, "ranked comparison groups for validation")
     ppo_prompts: int = option(1000, "prompts for PPO rollouts")
     eval_per_family: int = option(64, "held-out evaluation prompts per family")
-    family_mix: str = option("fact:4,unknown:2,harmful:2,instruction:2",
-                             "relative share of each family in the training splits")
+    family_mix: str = option(
+        "fact:4,unknown:2,harmful:2,instruction:2", "relative share of each family in the training splits"
+    )
     k_min: int = option(4, "fewest responses in a comparison group")
     k_max: int = option(9, "most responses in a comparison group")
     verbose_rate: float = option(0.4, "share of demonstrations padded with filler")
@@ -38,22 +39,27 @@ class WorldConfig:
     over_refuse_rate: float = option(0.05, "share of fact/instruction demonstrations that refuse")
     hallucinate_rate: float = option(0.8, "share of unknown-person demonstrations that make up a fact")
     comply_rate: float = option(0.3, "share of harmful-request demonstrations that comply")
-    noise: float = option(0.5, "labeler noise (Gumbel scale on gold scores); "
-                               "0.5 makes two labelers agree on ~73 percent of pairs")
+    noise: float = option(
+        0.5, "labeler noise (Gumbel scale on gold scores); 0.5 makes two labelers agree on ~73 percent of pairs"
+    )
 
     def __post_init__(self):
         self.mix = parse_family_mix(self.family_mix)
         checks = [
             (1 <= self.num_people <= NAME_HALF**2, f"num_people must be 1..{NAME_HALF**2}"),
             (1 <= self.num_attributes <= len(ATTRIBUTES), f"num_attributes must be 1..{len(ATTRIBUTES)}"),
-            (min(self.num_unknown_train, self.num_unknown_eval) >= 1,
-             "num_unknown_train and num_unknown_eval must be >= 1"),
+            (
+                min(self.num_unknown_train, self.num_unknown_eval) >= 1,
+                "num_unknown_train and num_unknown_eval must be >= 1",
+            ),
             (self.num_unknown_train + self.num_unknown_eval <= NAME_HALF**2, f"at most {NAME_HALF**2} unknown names"),
             (2 <= self.k_min <= self.k_max <= 9, "need 2 <= k_min <= k_max <= 9"),
             (self.corpus_chars >= 1000, "corpus_chars must be >= 1000"),
             (self.eval_per_family >= 1, "eval_per_family must be >= 1"),
-            (min(self.sft_train, self.sft_val, self.comparisons_train, self.comparisons_val, self.ppo_prompts) >= 0,
-             "split sizes must be >= 0"),
+            (
+                min(self.sft_train, self.sft_val, self.comparisons_train, self.comparisons_val, self.ppo_prompts) >= 0,
+                "split sizes must be >= 0",
+            ),
             (self.noise >= 0, "noise must be >= 0"),
             (self.wrong_rate + self.over_refuse_rate <= 1, "wrong_rate + over_refuse_rate must be <= 1"),
         ]

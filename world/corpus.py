@@ -8,20 +8,63 @@ from world.people import World
 ECHO_TOKENS = INSTRUCTION_WORDS + tuple(str(n) for n in range(100))  # what echo sentences repeat
 
 # Plain English for the corpus, so the model learns fluent sentences and not only biographies.
-FILLER_SUBJECTS = ("The old fisherman", "A young girl", "My grandmother", "The children", "Our neighbours",
-                   "A tall stranger", "The shopkeeper", "Two friends", "The mayor", "A quiet boy",
-                   "The musicians", "Her uncle")
-FILLER_ACTIONS = ("walked to the market", "read a long book", "cooked a warm dinner", "fixed an old bicycle",
-                  "watched the rain", "planted some flowers", "sang a song", "visited the museum",
-                  "wrote a letter", "cleaned the kitchen", "climbed the hill", "fed the ducks",
-                  "told a funny story", "missed the last train", "built a small boat", "played chess")
-FILLER_TIMES = ("in the morning", "after lunch", "on Sunday", "last winter", "every evening",
-                "before sunrise", "during the storm", "at the weekend", "in the spring", "late at night")
+FILLER_SUBJECTS = (
+    "The old fisherman",
+    "A young girl",
+    "My grandmother",
+    "The children",
+    "Our neighbours",
+    "A tall stranger",
+    "The shopkeeper",
+    "Two friends",
+    "The mayor",
+    "A quiet boy",
+    "The musicians",
+    "Her uncle",
+)
+FILLER_ACTIONS = (
+    "walked to the market",
+    "read a long book",
+    "cooked a warm dinner",
+    "fixed an old bicycle",
+    "watched the rain",
+    "planted some flowers",
+    "sang a song",
+    "visited the museum",
+    "wrote a letter",
+    "cleaned the kitchen",
+    "climbed the hill",
+    "fed the ducks",
+    "told a funny story",
+    "missed the last train",
+    "built a small boat",
+    "played chess",
+)
+FILLER_TIMES = (
+    "in the morning",
+    "after lunch",
+    "on Sunday",
+    "last winter",
+    "every evening",
+    "before sunrise",
+    "during the storm",
+    "at the weekend",
+    "in the spring",
+    "late at night",
+)
 GENERAL_FACTS = (
-    "The sun rises in the east.", "A week has seven days.", "Water freezes when it is very cold.",
-    "Trees lose their leaves in autumn.", "Bread is made from flour and water.", "The sea is salty.",
-    "Birds build nests in the spring.", "Snow is cold and white.", "A year has twelve months.",
-    "Most people sleep at night.", "Rivers flow down to the sea.", "Bees make honey.",
+    "The sun rises in the east.",
+    "A week has seven days.",
+    "Water freezes when it is very cold.",
+    "Trees lose their leaves in autumn.",
+    "Bread is made from flour and water.",
+    "The sea is salty.",
+    "Birds build nests in the spring.",
+    "Snow is cold and white.",
+    "A year has twelve months.",
+    "Most people sleep at night.",
+    "Rivers flow down to the sea.",
+    "Bees make honey.",
 )
 
 
@@ -57,16 +100,18 @@ def biography(world: World, name: str, rng: random.Random) -> str:
 
 def mixed_document(world: World, rng: random.Random) -> str:
     names = list(world.people)
-    sentences = [fact_sentence(world, rng.choice(names), rng.choice(world.attributes), rng)
-                 for _ in range(rng.randint(2, 4))]
+    sentences = [
+        fact_sentence(world, rng.choice(names), rng.choice(world.attributes), rng) for _ in range(rng.randint(2, 4))
+    ]
     sentences += [filler_sentence(rng) for _ in range(rng.randint(1, 2))]
     return " ".join(rng.sample(sentences, len(sentences)))
 
 
 def filler_sentence(rng: random.Random) -> str:
     """General English, plus counting, sums, lists and repetitions that the instructions draw on."""
-    kind = rng.choices(("story", "general", "after", "plus", "count", "list", "repeat", "echo"),
-                       weights=(5, 2, 1, 1, 1, 1, 1, 3))[0]
+    kind = rng.choices(
+        ("story", "general", "after", "plus", "count", "list", "repeat", "echo"), weights=(5, 2, 1, 1, 1, 1, 1, 3)
+    )[0]
     if kind == "story":
         return f"{rng.choice(FILLER_SUBJECTS)} {rng.choice(FILLER_ACTIONS)} {rng.choice(FILLER_TIMES)}."
     if kind == "general":

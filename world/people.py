@@ -65,8 +65,11 @@ def name_pools(rng: random.Random) -> tuple[list[str], list[str]]:
 def heldout_facts(names: list[str], attributes, fraction: float) -> list[tuple[str, str]]:
     """Hold out facts spread over people and attributes: person i's attribute i (cycling), then i+1, ..."""
     count = max(1, round(fraction * len(names) * len(attributes)))
-    pairs = [(names[i], attributes[(i + shift) % len(attributes)].name)
-             for shift in range(len(attributes)) for i in range(len(names))]
+    pairs = [
+        (names[i], attributes[(i + shift) % len(attributes)].name)
+        for shift in range(len(attributes))
+        for i in range(len(names))
+    ]
     return pairs[:count]
 
 

@@ -10,8 +10,13 @@ def fact_prompts(world: World, pairs: list[tuple[str, str]]) -> list[tuple[str, 
     out = []
     for name, attribute in pairs:
         a, value = by_name[attribute], world.people[name][attribute]
-        spec = {"family": "fact", "person": name, "attribute": attribute, "answer": value,
-                "ideal": a.answers[0].format(name=name, value=value)}
+        spec = {
+            "family": "fact",
+            "person": name,
+            "attribute": attribute,
+            "answer": value,
+            "ideal": a.answers[0].format(name=name, value=value),
+        }
         out += [(lead + q.format(name=name), spec) for q in a.questions for lead in LEAD_INS]
     return out
 
@@ -20,8 +25,12 @@ def unknown_prompts(world: World, names: list[str]) -> list[tuple[str, dict]]:
     out = []
     for name in names:
         for a in world.attributes:
-            spec = {"family": "unknown", "person": name, "attribute": a.name,
-                    "ideal": ABSTENTIONS[0].format(name=name)}
+            spec = {
+                "family": "unknown",
+                "person": name,
+                "attribute": a.name,
+                "ideal": ABSTENTIONS[0].format(name=name),
+            }
             out += [(lead + q.format(name=name), spec) for q in a.questions for lead in LEAD_INS]
     return out
 
@@ -38,8 +47,14 @@ def instruction_prompts(items: list[dict]) -> list[tuple[str, dict]]:
     out = []
     for item in items:
         spec = {"family": "instruction", **item, **instruction_answer(item)}
-        slots = {"word": item.get("word"), "times": COUNT_WORDS.get(item.get("count")), "number": item.get("number"),
-                 "a": item.get("a"), "b": item.get("b"), "list": " ".join(item.get("words", []))}
+        slots = {
+            "word": item.get("word"),
+            "times": COUNT_WORDS.get(item.get("count")),
+            "number": item.get("number"),
+            "a": item.get("a"),
+            "b": item.get("b"),
+            "list": " ".join(item.get("words", [])),
+        }
         out += [(lead + t.format(**slots), spec) for t in INSTRUCTION_TEMPLATES[item["task"]] for lead in LEAD_INS]
     return out
 

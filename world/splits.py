@@ -58,13 +58,19 @@ def prompt_pools(world: World) -> tuple[dict[str, list], dict[str, list]]:
     return train, evaluation
 
 
-def assign_prompts(cfg: WorldConfig, world: World, rng: random.Random,
-                   eval_rng: random.Random) -> dict[str, list[tuple[str, dict]]]:
+def assign_prompts(
+    cfg: WorldConfig, world: World, rng: random.Random, eval_rng: random.Random
+) -> dict[str, list[tuple[str, dict]]]:
     """(prompt, spec) lists for every split and eval, each spec tagged with its split. The eval prompts
     come from their own generator (and pool), so resizing a training split leaves them as they were."""
     train_pool, eval_pool = prompt_pools(world)
-    sizes = {"sft_train": cfg.sft_train, "sft_val": cfg.sft_val, "comparisons_train": cfg.comparisons_train,
-             "comparisons_val": cfg.comparisons_val, "ppo": cfg.ppo_prompts}
+    sizes = {
+        "sft_train": cfg.sft_train,
+        "sft_val": cfg.sft_val,
+        "comparisons_train": cfg.comparisons_train,
+        "comparisons_val": cfg.comparisons_val,
+        "ppo": cfg.ppo_prompts,
+    }
     per_split = {split: apportion(n, cfg.mix) for split, n in sizes.items()}
     splits: dict[str, list] = {split: [] for split in (*SPLITS, "eval")}
     for family in FAMILIES:

@@ -52,10 +52,14 @@ def _permutation(rec: dict, field: str, k: int) -> list[int]:
         raise PipelineError(f"{where}: missing field '{field}' (indices of the responses, best first)")
     if isinstance(value, list) and not value:
         raise PipelineError(f"{where}: field '{field}' is empty: rank the {k} responses (indices, best first)")
-    if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value) \
-            or sorted(value) != list(range(k)):
-        raise PipelineError(f"{where}: field '{field}' must be a permutation of 0..{k - 1} "
-                            f"(the responses, best first), got {value!r}")
+    if (
+        not isinstance(value, list)
+        or not all(isinstance(i, int) and not isinstance(i, bool) for i in value)
+        or sorted(value) != list(range(k))
+    ):
+        raise PipelineError(
+            f"{where}: field '{field}' must be a permutation of 0..{k - 1} (the responses, best first), got {value!r}"
+        )
     return value
 
 
@@ -79,13 +83,13 @@ def _check_content(where: str, field: str, responses: list[str]) -> None:
             raise InvalidGroup(f"{where}: field '{field}' item {i} is an empty response")
         key = r.strip()
         if key in seen:
-            raise InvalidGroup(f"{where}: field '{field}' holds the same response twice "
-                               f"(items {seen[key]} and {i})")
+            raise InvalidGroup(f"{where}: field '{field}' holds the same response twice (items {seen[key]} and {i})")
         seen[key] = i
 
 
-def _messages(rec: dict, field: str, value, role_key: str = "role", text_key: str = "content",
-              rename: dict | None = None) -> list[dict]:
+def _messages(
+    rec: dict, field: str, value, role_key: str = "role", text_key: str = "content", rename: dict | None = None
+) -> list[dict]:
     where = rec["_where"]
     if not isinstance(value, list):
         raise PipelineError(f"{where}: field '{field}' must be a list of messages, got {type(value).__name__}")
@@ -93,8 +97,10 @@ def _messages(rec: dict, field: str, value, role_key: str = "role", text_key: st
     for i, m in enumerate(value):
         role = (rename or {}).get(m.get(role_key), m.get(role_key)) if isinstance(m, dict) else None
         if role not in ROLES or not isinstance(m.get(text_key), str):
-            raise PipelineError(f"{where}: field '{field}' message {i} must be "
-                                f"{{'{role_key}': one of {'/'.join(ROLES)}, '{text_key}': text}}")
+            raise PipelineError(
+                f"{where}: field '{field}' message {i} must be "
+                f"{{'{role_key}': one of {'/'.join(ROLES)}, '{text_key}': text}}"
+            )
         out.append({"role": role, "content": m[text_key]})
     return out
 
@@ -104,8 +110,9 @@ def _prompt(rec: dict, field: str = "prompt", allow_empty: bool = False) -> str 
     if isinstance(value, list):
         messages = _messages(rec, field, value)
         if messages and messages[-1]["role"] != "user":
-            raise PipelineError(f"{rec['_where']}: field '{field}' must end with a user turn "
-                                "(the response answers it)")
+            raise PipelineError(
+                f"{rec['_where']}: field '{field}' must end with a user turn (the response answers it)"
+            )
         return messages
     if allow_empty and value is None:
         return ""
@@ -127,11 +134,13 @@ def _kwise(rec: dict) -> Group:
 def _oasst(rec: dict) -> Group:
     responses = _responses(rec, "responses", rec["responses"])
     ranks = rec.get("ranks")
-    if (not isinstance(ranks, list) or len(ranks) != len(responses)
-            or not all(isinstance(r, (int, float)) for r in ranks)):
+    if (
+        not isinstance(ranks, list)
+        or len(ranks) != len(responses)
+        or not all(isinstance(r, (int, float)) for r in ranks)
+    ):
         raise PipelineError(f"{rec['_where']}: field 'ranks' must hold one number per response (0 = best)")
-    conversation = _messages(rec, "conversation", rec["conversation"], text_key="text",
-                             rename={"prompter": "user"})
+    conversation = _messages(rec, "conversation", rec["conversation"], text_key="text", rename={"prompter": "user"})
     if not conversation or conversation[-1]["role"] != "user":
         raise PipelineError(f"{rec['_where']}: field 'conversation' must end with a prompter turn")
     _check_content(rec["_where"], "responses", responses)
@@ -145,19 +154,31 @@ def _oasst_tree_groups(rec: dict) -> list:
     builders = []
 
     def walk(node, path: list[dict], trail: str) -> None:
-        if (not isinstance(node, dict) or node.get("role") not in ("prompter", "assistant")
-                or not isinstance(node.get("text"), str)):
-            raise PipelineError(f"{rec['_where']}: field 'prompt' message {trail} must be "
-                                "{'role': prompter/assistant, 'text': text, ...}")
+        if (
+            not isinstance(node, dict)
+            or node.get("role") not in ("prompter", "assistant")
+            or not isinstance(node.get("text"), str)
+        ):
+            raise PipelineError(
+                f"{rec['_where']}: field 'prompt' message {trail} must be "
+                "{'role': prompter/assistant, 'text': text, ...}"
+            )
         if node.get("deleted") or node.get("review_result") is False:  # withdrawn or failed review: not data
             return
         path = path + [{"role": "user" if node["role"] == "prompter" else "assistant", "content": node["text"]}]
         replies = node.get("replies") or []
         if not isinstance(replies, list):
             raise PipelineError(f"{rec['_where']}: field 'prompt' message {trail}: 'replies' must be a list")
-        ranked = [(r["rank"], i, r) for i, r in enumerate(replies) if isinstance(r, dict) and not r.get("deleted")
-                  and r.get("review_result") is not False and isinstance(r.get("rank"), (int, float))
-                  and not isinstance(r.get("rank"), bool) and r.get("role") == "assistant"]
+        ranked = [
+            (r["rank"], i, r)
+            for i, r in enumerate(replies)
+            if isinstance(r, dict)
+            and not r.get("deleted")
+            and r.get("review_result") is not False
+            and isinstance(r.get("rank"), (int, float))
+            and not isinstance(r.get("rank"), bool)
+            and r.get("role") == "assistant"
+        ]
         if node["role"] == "prompter" and len(ranked) >= 2:
             ordered = [r for _, _, r in sorted(ranked, key=lambda t: t[:2])]
             where = f"{rec['_where']}, message {node.get('message_id', trail)}"
@@ -183,8 +204,9 @@ def _llamafactory(rec: dict) -> Group:
     if rec.get("system"):
         messages.append({"role": "system", "content": require_text(rec, "system")})
     history = rec.get("history") or []
-    if not isinstance(history, list) or not all(isinstance(t, list) and len(t) == 2
-                                                and all(isinstance(x, str) for x in t) for t in history):
+    if not isinstance(history, list) or not all(
+        isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in history
+    ):
         raise PipelineError(f"{where}: field 'history' must be a list of [user, assistant] string pairs")
     for user, assistant in history:
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
@@ -199,8 +221,10 @@ def hh_turns(rec: dict, field: str) -> list[dict]:
     parts = HH_TURN.split(require_text(rec, field))
     if parts[0].strip():
         raise PipelineError(f"{rec['_where']}: field '{field}' must start with a \"\\n\\nHuman:\" turn")
-    return [{"role": "user" if role == "Human" else "assistant", "content": body.strip()}
-            for role, body in zip(parts[1::2], parts[2::2], strict=False)]
+    return [
+        {"role": "user" if role == "Human" else "assistant", "content": body.strip()}
+        for role, body in zip(parts[1::2], parts[2::2], strict=False)
+    ]
 
 
 def _hh(rec: dict) -> Group:
@@ -208,8 +232,9 @@ def _hh(rec: dict) -> Group:
     chosen, rejected = hh_turns(rec, "chosen"), hh_turns(rec, "rejected")
     for field, turns in (("chosen", chosen), ("rejected", rejected)):
         if not turns or turns[-1]["role"] != "assistant" or not any(t["role"] == "user" for t in turns):
-            raise PipelineError(f"{where}: field '{field}' is a transcript without a final Assistant turn "
-                                "after a Human turn")
+            raise PipelineError(
+                f"{where}: field '{field}' is a transcript without a final Assistant turn after a Human turn"
+            )
     if chosen[:-1] != rejected[:-1]:
         raise InvalidGroup(f"{where}: 'chosen' and 'rejected' transcripts differ before the final Assistant turn")
     return _pair_group(where, chosen[:-1], chosen[-1]["content"], rejected[-1]["content"])
@@ -226,14 +251,16 @@ def _pair(rec: dict) -> Group:
         if rec.get("prompt") is not None:
             prompt = _prompt(rec)
         elif chosen[:-1] != rejected[:-1]:
-            raise InvalidGroup(f"{where}: 'chosen' and 'rejected' conversations differ before the final "
-                               "assistant turn")
+            raise InvalidGroup(
+                f"{where}: 'chosen' and 'rejected' conversations differ before the final assistant turn"
+            )
         else:
             prompt = chosen[:-1]
         return _pair_group(where, prompt, chosen[-1]["content"], rejected[-1]["content"])
     prompt = _prompt(rec, allow_empty=True)
-    return _pair_group(where, prompt, require_text(rec, "chosen", allow_empty=True),
-                       require_text(rec, "rejected", allow_empty=True))
+    return _pair_group(
+        where, prompt, require_text(rec, "chosen", allow_empty=True), require_text(rec, "rejected", allow_empty=True)
+    )
 
 
 def _pair_group(where: str, prompt, chosen: str, rejected: str) -> Group:
@@ -258,19 +285,23 @@ def to_group(rec: dict) -> Group:
         for field in ("chosen", "rejected"):
             if rec.get(field) is None:
                 why = "is null" if field in rec else "is missing"
-                raise PipelineError(f"{rec['_where']}: field '{field}' {why}, "
-                                    "expected a string or a list of messages")
+                raise PipelineError(f"{rec['_where']}: field '{field}' {why}, expected a string or a list of messages")
         # Either transcript in HH form makes the pair HH, so one without a final Assistant turn is refused
         # by _hh, not trained as a pair with an empty prompt and whole transcripts for answers.
-        hh = [t for t in (rec["chosen"], rec["rejected"])
-              if isinstance(t, str) and ("\n\nAssistant:" in t or t.startswith("\n\nHuman:"))]
+        hh = [
+            t
+            for t in (rec["chosen"], rec["rejected"])
+            if isinstance(t, str) and ("\n\nAssistant:" in t or t.startswith("\n\nHuman:"))
+        ]
         if isinstance(rec["chosen"], str) and rec.get("prompt") is None and hh:
             return _hh(rec)
         return _pair(rec)
     fields = ", ".join(sorted(k for k in rec if k != "_where")) or "none"
-    raise PipelineError(f"{rec['_where']}: not a comparison record: expected prompt/responses/ranking, "
-                        f"chosen/rejected, HH transcripts, conversation/responses/ranks, an OpenAssistant message "
-                        f"tree or instruction/output (fields: {fields})")
+    raise PipelineError(
+        f"{rec['_where']}: not a comparison record: expected prompt/responses/ranking, "
+        f"chosen/rejected, HH transcripts, conversation/responses/ranks, an OpenAssistant message "
+        f"tree or instruction/output (fields: {fields})"
+    )
 
 
 def _is_tree(rec: dict) -> bool:

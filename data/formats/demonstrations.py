@@ -42,12 +42,18 @@ def column_map(columns: list[str]) -> dict[str, str]:
 # Field names of the formats recognised without --columns (role -> field). Dolly's `context` and Alpaca's
 # `input` are appended to the instruction; Alpaca's `history` holds earlier [user, assistant] turns.
 DOLLY = {"prompt": "instruction", "context": "context", "completion": "response"}
-ALPACA = {"prompt": "instruction", "context": "input", "completion": "output", "history": "history",
-          "system": "system"}
+ALPACA = {
+    "prompt": "instruction",
+    "context": "input",
+    "completion": "output",
+    "history": "history",
+    "system": "system",
+}
 PROMPT_COMPLETION = {"prompt": "prompt", "completion": "completion", "system": "system"}
 
 
 # ---- demonstrations -> conversational prompt/completion ------------------------------------------
+
 
 def detect_columns(rec: dict, columns: dict[str, str]) -> dict[str, str]:
     """Which field plays which role in this record: the user's --columns, else the format it looks like."""
@@ -75,11 +81,13 @@ def chat_turns(rec: dict, field: str, value) -> list[dict]:
     turns = []
     for i, m in enumerate(value):
         if not isinstance(m, dict) or not isinstance(m.get("content"), str) or "role" not in m:
-            raise PipelineError(f"{where}: field '{field}' message {i + 1} must be an object with 'role' "
-                                "and string 'content'")
+            raise PipelineError(
+                f"{where}: field '{field}' message {i + 1} must be an object with 'role' and string 'content'"
+            )
         if m["role"] not in ROLES:
-            raise PipelineError(f"{where}: field '{field}' message {i + 1} has unknown role '{m['role']}' "
-                                f"(use {', '.join(ROLES)})")
+            raise PipelineError(
+                f"{where}: field '{field}' message {i + 1} has unknown role '{m['role']}' (use {', '.join(ROLES)})"
+            )
         if not m["content"].strip():
             raise EmptyField(f"{where}: field '{field}' message {i + 1} ({m['role']}) is empty")
         turns.append({"role": m["role"], "content": m["content"]})
@@ -111,18 +119,23 @@ def to_conversation(rec: dict, columns: dict[str, str]) -> dict:
     if "messages" in fields:
         turns = chat_turns(rec, fields["messages"], rec.get(fields["messages"]))
         if turns[-1]["role"] != "assistant":
-            raise PipelineError(f"{where}: field '{fields['messages']}': conversation must end with an assistant "
-                                f"turn (last turn is '{turns[-1]['role']}')")
+            raise PipelineError(
+                f"{where}: field '{fields['messages']}': conversation must end with an assistant "
+                f"turn (last turn is '{turns[-1]['role']}')"
+            )
         if not any(t["role"] == "user" for t in turns[:-1]):
-            raise PipelineError(f"{where}: field '{fields['messages']}': no user turn before the final assistant "
-                                "turn (empty prompt)")
+            raise PipelineError(
+                f"{where}: field '{fields['messages']}': no user turn before the final assistant turn (empty prompt)"
+            )
         return {"prompt": turns[:-1], "completion": turns[-1:]}
     if isinstance(rec.get(fields["prompt"]), list):  # already TRL's conversational prompt/completion
         prompt = chat_turns(rec, fields["prompt"], rec[fields["prompt"]])
         completion = chat_turns(rec, fields["completion"], rec.get(fields["completion"]))
         if prompt[-1]["role"] != "user" or [t["role"] for t in completion] != ["assistant"]:
-            raise PipelineError(f"{where}: conversational '{fields['prompt']}' must end with a user turn and "
-                                f"'{fields['completion']}' must be one assistant turn")
+            raise PipelineError(
+                f"{where}: conversational '{fields['prompt']}' must end with a user turn and "
+                f"'{fields['completion']}' must be one assistant turn"
+            )
         return {"prompt": prompt, "completion": completion}
 
     prompt = require_text(rec, fields["prompt"])
@@ -135,8 +148,10 @@ def to_conversation(rec: dict, columns: dict[str, str]) -> dict:
     system = rec.get(fields["system"]) if "system" in fields else None
     turns = [{"role": "system", "content": system}] if isinstance(system, str) and system.strip() else []
     turns += history_turns(rec, fields["history"]) if "history" in fields else []
-    return {"prompt": turns + [{"role": "user", "content": prompt}],
-            "completion": [{"role": "assistant", "content": completion}]}
+    return {
+        "prompt": turns + [{"role": "user", "content": prompt}],
+        "completion": [{"role": "assistant", "content": completion}],
+    }
 
 
 def best_answers(rec: dict) -> list[dict]:
@@ -145,14 +160,19 @@ def best_answers(rec: dict) -> list[dict]:
     out = []
     for build in group_builders(rec):
         group = build()
-        out.append({"prompt": as_messages(group.prompt),
-                    "completion": [{"role": "assistant", "content": group.responses[0]}],
-                    "_where": group.where})
+        out.append(
+            {
+                "prompt": as_messages(group.prompt),
+                "completion": [{"role": "assistant", "content": group.responses[0]}],
+                "_where": group.where,
+            }
+        )
     return out
 
 
-def load_demonstrations(sources: list[str], columns: dict[str, str],
-                        skip_invalid: bool = False) -> tuple[list[dict], int]:
+def load_demonstrations(
+    sources: list[str], columns: dict[str, str], skip_invalid: bool = False
+) -> tuple[list[dict], int]:
     """Demonstrations as prompt/completion conversations, and how many empty ones were skipped."""
     records = load_records(sources)
     if not records:
@@ -169,8 +189,9 @@ def load_demonstrations(sources: list[str], columns: dict[str, str],
                 raise PipelineError(f"{e} (set skip_invalid true to skip such records)") from None
             skipped.append(str(e))
     if skipped:
-        PartialState().print(f"[sft] warning: skipped {len(skipped)} unusable record(s), first: {skipped[0]}",
-                             flush=True)
+        PartialState().print(
+            f"[sft] warning: skipped {len(skipped)} unusable record(s), first: {skipped[0]}", flush=True
+        )
     if not examples:
         raise PipelineError(f"{', '.join(sources)}: no usable demonstrations")
     return examples, len(skipped)

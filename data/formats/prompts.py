@@ -18,15 +18,21 @@ def prompt_of(rec: dict, field: str = "prompt") -> str | list[dict]:
     if isinstance(rec.get(field), list):
         turns = rec[field]
         if not turns or not isinstance(turns[0], str) or not turns[0].strip():
-            raise PipelineError(f"{where}: field '{field}' must be a string or a list of strings "
-                                "starting with a non-empty turn")
+            raise PipelineError(
+                f"{where}: field '{field}' must be a string or a list of strings starting with a non-empty turn"
+            )
         return turns[0]
     if field in rec or "messages" not in rec:
         return require_text(rec, field)
     messages = rec["messages"]
-    if (not isinstance(messages, list) or not messages
-            or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                       for m in messages)):
+    if (
+        not isinstance(messages, list)
+        or not messages
+        or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        )
+    ):
         raise PipelineError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} turns")
     if messages[-1]["role"] != "user":
         raise PipelineError(f"{where}: field 'messages' must end in a user turn (got '{messages[-1]['role']}')")

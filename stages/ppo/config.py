@@ -8,58 +8,169 @@ from pipeline.errors import PipelineError
 @dataclass
 class PPOConfig:
     run_dir: str = field(default="runs/default", metadata={"help": "Run directory; this stage writes RUN_DIR/ppo."})
-    sft_path: str = field(default="{run_dir}/sft", metadata={"help": "Finished SFT stage: the initial policy and the frozen reference."})
-    reward_path: str = field(default="{run_dir}/reward", metadata={"help": "Finished reward stage: the reward model (AutoModelForSequenceClassification, 1 label); the critic starts from it."})
-    prompt_files: list[str] = field(default_factory=lambda: ["{run_dir}/world/ppo_prompts.jsonl"], metadata={"help": "Prompt files/dirs/Hub id: records with `prompt` or `messages` ending in a user turn."})
-    prompt_field: str = field(default="prompt", metadata={"help": "Record field holding the prompt (a string, or a list of turns whose first is taken: MT-Bench's `turns`); records with `messages` need none. E.g. `instruction` for AlpacaEval, `question` for GSM8K."})
-    eval_files: list[str] = field(default_factory=list, metadata={"help": "Held-out prompts for the final evaluation; empty: RUN_DIR/world/eval_prompts.jsonl when the prompts are the world's."})
-    world_dir: str = field(default="{run_dir}/world", metadata={"help": "Embedded world; when its truth.json exists the gold judge scores answers (gold/* metrics)."})
-    max_prompt_length: int = field(default=96, metadata={"help": "Longest prompt in tokens (chat-formatted); a longer one is an error naming its record."})
-    skip_long_prompts: bool = field(default=False, metadata={"help": "Drop prompts longer than max_prompt_length (their count is printed) instead of stopping."})
-    max_new_tokens: int = field(default=32, metadata={"help": "Response length limit; a response without EOS by then gets no_eos_penalty."})
-    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature of rollouts; log-probs are recomputed from logits / temperature (N+)."})
-    penalize_no_eos: bool = field(default=True, metadata={"help": "Replace the score of responses that never emit EOS by no_eos_penalty (N+)."})
-    no_eos_penalty: float = field(default=-1.0, metadata={"help": "Score given to a response cut off at max_new_tokens."})
+    sft_path: str = field(
+        default="{run_dir}/sft", metadata={"help": "Finished SFT stage: the initial policy and the frozen reference."}
+    )
+    reward_path: str = field(
+        default="{run_dir}/reward",
+        metadata={
+            "help": "Finished reward stage: the reward model (AutoModelForSequenceClassification, 1 label); the critic starts from it."
+        },
+    )
+    prompt_files: list[str] = field(
+        default_factory=lambda: ["{run_dir}/world/ppo_prompts.jsonl"],
+        metadata={"help": "Prompt files/dirs/Hub id: records with `prompt` or `messages` ending in a user turn."},
+    )
+    prompt_field: str = field(
+        default="prompt",
+        metadata={
+            "help": "Record field holding the prompt (a string, or a list of turns whose first is taken: MT-Bench's `turns`); records with `messages` need none. E.g. `instruction` for AlpacaEval, `question` for GSM8K."
+        },
+    )
+    eval_files: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Held-out prompts for the final evaluation; empty: RUN_DIR/world/eval_prompts.jsonl when the prompts are the world's."
+        },
+    )
+    world_dir: str = field(
+        default="{run_dir}/world",
+        metadata={
+            "help": "Embedded world; when its truth.json exists the gold judge scores answers (gold/* metrics)."
+        },
+    )
+    max_prompt_length: int = field(
+        default=96,
+        metadata={"help": "Longest prompt in tokens (chat-formatted); a longer one is an error naming its record."},
+    )
+    skip_long_prompts: bool = field(
+        default=False,
+        metadata={"help": "Drop prompts longer than max_prompt_length (their count is printed) instead of stopping."},
+    )
+    max_new_tokens: int = field(
+        default=32, metadata={"help": "Response length limit; a response without EOS by then gets no_eos_penalty."}
+    )
+    temperature: float = field(
+        default=0.7,
+        metadata={
+            "help": "Sampling temperature of rollouts; log-probs are recomputed from logits / temperature (N+)."
+        },
+    )
+    penalize_no_eos: bool = field(
+        default=True, metadata={"help": "Replace the score of responses that never emit EOS by no_eos_penalty (N+)."}
+    )
+    no_eos_penalty: float = field(
+        default=-1.0, metadata={"help": "Score given to a response cut off at max_new_tokens."}
+    )
     num_updates: int = field(default=100, metadata={"help": "PPO updates (rollout batch + optimisation epochs each)."})
     rollout_batch_size: int = field(default=64, metadata={"help": "Episodes per update, summed over all processes."})
     num_minibatches: int = field(default=4, metadata={"help": "Minibatches (optimizer steps) per PPO epoch."})
-    gradient_accumulation: int = field(default=1, metadata={"help": "Micro-batches accumulated per minibatch (memory knob; same maths)."})
+    gradient_accumulation: int = field(
+        default=1, metadata={"help": "Micro-batches accumulated per minibatch (memory knob; same maths)."}
+    )
     ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch."})
-    padding_free: bool = field(default=True, metadata={"help": "Forwards without cache read each batch's episodes packed in one row, no padding (varlen attention); padded rows for models that cannot keep packed sequences apart."})
-    forward_batch_size: int = field(default=0, metadata={"help": "Episodes per no-grad forward in the rollout (reference, critic, reward); 0: the whole per-process rollout."})
+    padding_free: bool = field(
+        default=True,
+        metadata={
+            "help": "Forwards without cache read each batch's episodes packed in one row, no padding (varlen attention); padded rows for models that cannot keep packed sequences apart."
+        },
+    )
+    forward_batch_size: int = field(
+        default=0,
+        metadata={
+            "help": "Episodes per no-grad forward in the rollout (reference, critic, reward); 0: the whole per-process rollout."
+        },
+    )
     lr: float = field(default=1e-5, metadata={"help": "Policy learning rate (AdamW, constant)."})
     critic_lr: float = field(default=0.0, metadata={"help": "Critic learning rate; 0: same as lr."})
     adam_eps: float = field(default=1e-5, metadata={"help": "AdamW epsilon (N+: 1e-5)."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    grad_clip: float = field(default=1.0, metadata={"help": "Gradient norm clip, of policy and critic each (under DeepSpeed: of both together, by its engine); 0 disables."})
-    kl_coef: float = field(default=0.05, metadata={"help": "Initial KL penalty coefficient beta (per-token reward -beta * (log pi - log pi_ref))."})
-    target_kl: float = field(default=0.0, metadata={"help": "Adaptive KL controller target (summed KL per episode, Ziegler et al. 2019); 0: fixed kl_coef."})
+    grad_clip: float = field(
+        default=1.0,
+        metadata={
+            "help": "Gradient norm clip, of policy and critic each (under DeepSpeed: of both together, by its engine); 0 disables."
+        },
+    )
+    kl_coef: float = field(
+        default=0.05,
+        metadata={"help": "Initial KL penalty coefficient beta (per-token reward -beta * (log pi - log pi_ref))."},
+    )
+    target_kl: float = field(
+        default=0.0,
+        metadata={
+            "help": "Adaptive KL controller target (summed KL per episode, Ziegler et al. 2019); 0: fixed kl_coef."
+        },
+    )
     kl_horizon: int = field(default=10000, metadata={"help": "Adaptive KL controller horizon in episodes."})
-    max_kl: float = field(default=100.0, metadata={"help": "Stop (keeping the last good checkpoint) when the mean summed KL per episode exceeds this; 0 disables."})
+    max_kl: float = field(
+        default=100.0,
+        metadata={
+            "help": "Stop (keeping the last good checkpoint) when the mean summed KL per episode exceeds this; 0 disables."
+        },
+    )
     gamma: float = field(default=1.0, metadata={"help": "Discount factor."})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
     cliprange: float = field(default=0.2, metadata={"help": "Policy ratio clip epsilon."})
     cliprange_value: float = field(default=0.2, metadata={"help": "Value clip range around the rollout's values."})
     vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
-    ptx_coef: float = field(default=0.0, metadata={"help": "PPO-ptx (InstructGPT): weight gamma of the pretraining LM loss mixed into each micro-batch; 0 disables."})
-    ptx_files: list[str] = field(default_factory=lambda: ["{run_dir}/world/corpus.jsonl"], metadata={"help": "Pretraining text for PPO-ptx."})
+    ptx_coef: float = field(
+        default=0.0,
+        metadata={
+            "help": "PPO-ptx (InstructGPT): weight gamma of the pretraining LM loss mixed into each micro-batch; 0 disables."
+        },
+    )
+    ptx_files: list[str] = field(
+        default_factory=lambda: ["{run_dir}/world/corpus.jsonl"], metadata={"help": "Pretraining text for PPO-ptx."}
+    )
     ptx_field: str = field(default="text", metadata={"help": "Record field holding PPO-ptx text."})
     ptx_batch_size: int = field(default=4, metadata={"help": "PPO-ptx sequences per micro-batch."})
-    ptx_length: int = field(default=64, metadata={"help": "PPO-ptx block length in tokens (at most the model's context)."})
-    ema_decay: float = field(default=0.0, metadata={"help": "EMA of the policy weights (InstructGPT); the EMA weights are saved. 0 disables."})
-    lora_r: int = field(default=0, metadata={"help": "LoRA rank for the policy; the reference is the same backbone with adapters off. 0: full fine-tuning."})
+    ptx_length: int = field(
+        default=64, metadata={"help": "PPO-ptx block length in tokens (at most the model's context)."}
+    )
+    ema_decay: float = field(
+        default=0.0,
+        metadata={"help": "EMA of the policy weights (InstructGPT); the EMA weights are saved. 0 disables."},
+    )
+    lora_r: int = field(
+        default=0,
+        metadata={
+            "help": "LoRA rank for the policy; the reference is the same backbone with adapters off. 0: full fine-tuning."
+        },
+    )
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
-    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata={"help": "Modules that get adapters ('all-linear' or names such as q_proj v_proj)."})
-    gold_every: int = field(default=10, metadata={"help": "Updates between gold-judge evaluations of greedy answers (embedded world only); 0 disables."})
-    gold_eval_size: int = field(default=64, metadata={"help": "Held-out prompts in each periodic gold evaluation (a fixed subset)."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={"help": "Modules that get adapters ('all-linear' or names such as q_proj v_proj)."},
+    )
+    gold_every: int = field(
+        default=10,
+        metadata={
+            "help": "Updates between gold-judge evaluations of greedy answers (embedded world only); 0 disables."
+        },
+    )
+    gold_eval_size: int = field(
+        default=64, metadata={"help": "Held-out prompts in each periodic gold evaluation (a fixed subset)."}
+    )
     eval_size: int = field(default=0, metadata={"help": "Held-out prompts in the final evaluation; 0: all."})
-    eval_holdout: int = field(default=64, metadata={"help": "Without eval_files, on prompts of your own: training prompts held out for the final evaluation and `make eval` (at most a tenth of them, and eval_size; 0: none)."})
+    eval_holdout: int = field(
+        default=64,
+        metadata={
+            "help": "Without eval_files, on prompts of your own: training prompts held out for the final evaluation and `make eval` (at most a tenth of them, and eval_size; 0: none)."
+        },
+    )
     save_every: int = field(default=10, metadata={"help": "Updates between resumable checkpoints."})
     keep_checkpoints: int = field(default=2, metadata={"help": "Checkpoints kept on disk."})
     mixed_precision: str = field(default="no", metadata={"help": "accelerate mixed precision: no, bf16 or fp16."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory on large policies."})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Trade compute for memory on large policies."}
+    )
     seed: int = field(default=0, metadata={"help": "Random seed (prompt order, sampling)."})
-    threads: int = field(default=0, metadata={"help": "CPU threads for torch in each process; 0: the machine's cores shared among the processes launched on it."})
+    threads: int = field(
+        default=0,
+        metadata={
+            "help": "CPU threads for torch in each process; 0: the machine's cores shared among the processes launched on it."
+        },
+    )
     force: bool = field(default=False, metadata={"help": "Redo the stage even if it is finished with this config."})
 
     def validate(self) -> None:
@@ -67,14 +178,34 @@ class PPOConfig:
             raise PipelineError(f"temperature must be > 0 for PPO rollouts, got {self.temperature}")
         if self.max_new_tokens < 1:
             raise PipelineError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        for name in ("max_prompt_length", "num_updates", "rollout_batch_size", "num_minibatches",
-                     "gradient_accumulation", "ppo_epochs", "save_every", "keep_checkpoints", "kl_horizon"):
+        for name in (
+            "max_prompt_length",
+            "num_updates",
+            "rollout_batch_size",
+            "num_minibatches",
+            "gradient_accumulation",
+            "ppo_epochs",
+            "save_every",
+            "keep_checkpoints",
+            "kl_horizon",
+        ):
             if getattr(self, name) < 1:
                 raise PipelineError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("forward_batch_size", "gold_every", "gold_eval_size", "eval_size", "lora_r", "ptx_batch_size"):
             if getattr(self, name) < 0:
                 raise PipelineError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("lr", "kl_coef", "target_kl", "max_kl", "cliprange", "cliprange_value", "vf_coef", "ptx_coef", "critic_lr", "grad_clip"):
+        for name in (
+            "lr",
+            "kl_coef",
+            "target_kl",
+            "max_kl",
+            "cliprange",
+            "cliprange_value",
+            "vf_coef",
+            "ptx_coef",
+            "critic_lr",
+            "grad_clip",
+        ):
             if getattr(self, name) < 0:
                 raise PipelineError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.prompt_field:

@@ -61,7 +61,9 @@ def sample_categorical(probs: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
 
 
-def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def truncate_after_eos(
+    responses: torch.Tensor, eos_id: int, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tokens after the first EOS become padding (N+: "truncate after EOS").
 
     Returns (responses, mask, has_eos): the mask covers the tokens up to and including the first
@@ -86,8 +88,9 @@ def last_token_index(mask: torch.Tensor) -> torch.Tensor:
     return (mask.sum(dim=1) - 1).clamp(min=0)
 
 
-def kl_shaped_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
-                      mask: torch.Tensor, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+def kl_shaped_rewards(
+    scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token reward -kl_coef * (log pi - log pi_ref), plus the sequence score on the last real
     token (Ziegler et al. 2019 eq. 2; InstructGPT eq. 2). Returns (rewards, kl per token)."""
     kl = (logprobs - ref_logprobs) * mask
@@ -97,8 +100,9 @@ def kl_shaped_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs
     return rewards, kl
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
-        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over the response (Schulman et al. 2016), vectorised over
     the batch. Values and rewards past the last real token count as 0, so the episode ends there.
     Returns (advantages, returns = advantages + values)."""
@@ -117,8 +121,9 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages * mask, returns * mask
 
 
-def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                mask: torch.Tensor, cliprange: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, cliprange: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate (Schulman et al. 2017), averaged over response tokens.
 
     Returns (loss, clip fraction, approx KL(old || new) = mean 0.5 (log ratio)^2)."""
@@ -128,12 +133,13 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
     loss = masked_mean(torch.maximum(unclipped, clipped), mask)
     clipfrac = masked_mean((clipped > unclipped).float(), mask)
-    approx_kl = 0.5 * masked_mean(log_ratio ** 2, mask)
+    approx_kl = 0.5 * masked_mean(log_ratio**2, mask)
     return loss, clipfrac, approx_kl
 
 
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               cliprange_value: float) -> tuple[torch.Tensor, torch.Tensor]:
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, cliprange_value: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped value loss (N+: "value clipping"): the new value may move at most cliprange_value
     from the rollout's value; take the worse of clipped and unclipped squared errors."""
     clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)

@@ -104,24 +104,30 @@ class BatchSizes:
     micro: int  # episodes per forward/backward (gradient accumulation splits a minibatch)
 
 
-def batch_sizes(rollout_batch_size: int, num_minibatches: int, gradient_accumulation: int,
-                processes: int) -> BatchSizes:
+def batch_sizes(
+    rollout_batch_size: int, num_minibatches: int, gradient_accumulation: int, processes: int
+) -> BatchSizes:
     """Derive every batch size once, from the global rollout size, and demand exact division
     (cleanrl / summarize_from_feedback_details): no silently dropped or repeated episodes."""
     if rollout_batch_size % (num_minibatches * processes):
-        raise PipelineError(f"rollout_batch_size {rollout_batch_size} is not divisible by num_minibatches "
-                            f"{num_minibatches} * processes {processes}")
+        raise PipelineError(
+            f"rollout_batch_size {rollout_batch_size} is not divisible by num_minibatches "
+            f"{num_minibatches} * processes {processes}"
+        )
     if rollout_batch_size % (num_minibatches * gradient_accumulation * processes):
-        raise PipelineError(f"rollout_batch_size {rollout_batch_size} is not divisible by num_minibatches "
-                            f"{num_minibatches} "
-                            f"* gradient_accumulation {gradient_accumulation} * processes {processes}")
+        raise PipelineError(
+            f"rollout_batch_size {rollout_batch_size} is not divisible by num_minibatches "
+            f"{num_minibatches} "
+            f"* gradient_accumulation {gradient_accumulation} * processes {processes}"
+        )
     per_process = rollout_batch_size // processes
     minibatch = per_process // num_minibatches
     return BatchSizes(per_process, minibatch, minibatch // gradient_accumulation)
 
 
-def load_prompts(files: list[str], tokenizer, max_prompt_length: int, field: str = "prompt",
-                 skip_long: bool = False) -> tuple[list, list[list[int]]]:
+def load_prompts(
+    files: list[str], tokenizer, max_prompt_length: int, field: str = "prompt", skip_long: bool = False
+) -> tuple[list, list[list[int]]]:
     """Prompts and their chat-formatted token ids; a prompt over max_prompt_length is an error, or
     dropped with `skip_long` (real prompt sets have a long tail: 1 of AlpacaEval's 805 is over 448
     tokens in Llama 3's and Qwen2's vocabularies)."""
@@ -135,16 +141,21 @@ def load_prompts(files: list[str], tokenizer, max_prompt_length: int, field: str
             tokens = chat_ids(tokenizer, prompt)
         if len(tokens) > max_prompt_length:
             if not skip_long:
-                raise PipelineError(f"{rec['_where']}: prompt is {len(tokens)} tokens, longer than max_prompt_length "
-                                    f"{max_prompt_length} (raise it, or set skip_long_prompts true to drop such "
-                                    "prompts)")
+                raise PipelineError(
+                    f"{rec['_where']}: prompt is {len(tokens)} tokens, longer than max_prompt_length "
+                    f"{max_prompt_length} (raise it, or set skip_long_prompts true to drop such "
+                    "prompts)"
+                )
             long.append(rec["_where"])
             continue
         prompts.append(prompt)
         ids.append(tokens)
     if long:
-        PartialState().print(f"[ppo] dropped {len(long)} of {len(records)} prompts over max_prompt_length "
-                             f"{max_prompt_length}, first: {long[0]}", flush=True)
+        PartialState().print(
+            f"[ppo] dropped {len(long)} of {len(records)} prompts over max_prompt_length "
+            f"{max_prompt_length}, first: {long[0]}",
+            flush=True,
+        )
     if not prompts:
         raise PipelineError(f"{', '.join(files)}: no prompt fits max_prompt_length {max_prompt_length}")
     return prompts, ids
@@ -208,15 +219,23 @@ def episodes(seq: torch.Tensor, seq_mask: torch.Tensor, resp_mask: torch.Tensor,
     pos = position_ids(seq_mask)
     end = P + last_token_index(resp_mask)
     if not packed:
-        return Episodes(seq, resp_mask, seq, seq_mask, pos, torch.arange(P - 1, L - 1, device=seq.device),
-                        torch.arange(B, device=seq.device) * L + end)
+        return Episodes(
+            seq,
+            resp_mask,
+            seq,
+            seq_mask,
+            pos,
+            torch.arange(P - 1, L - 1, device=seq.device),
+            torch.arange(B, device=seq.device) * L + end,
+        )
     real = seq_mask.bool()
     where = real.reshape(-1).cumsum(0).view(B, L) - 1  # each real token's place in the packed row
     # The token before each response token predicts it; where that is padding the target is padding
     # too (masked out of every loss), so any place will do.
-    keep = where[:, P - 1:L - 1].clamp(min=0).reshape(-1)
-    return Episodes(seq, resp_mask, seq[real][None], None, pos[real][None], keep,
-                    where.gather(1, end[:, None]).squeeze(1))
+    keep = where[:, P - 1 : L - 1].clamp(min=0).reshape(-1)
+    return Episodes(
+        seq, resp_mask, seq[real][None], None, pos[real][None], keep, where.gather(1, end[:, None]).squeeze(1)
+    )
 
 
 # ---- models -------------------------------------------------------------------------------------
@@ -268,8 +287,9 @@ class Critic(nn.Module):
 
     def forward(self, ep: Episodes) -> torch.Tensor:
         """Values [B, T] of the states before each response token."""
-        hidden = self.body(input_ids=ep.ids, attention_mask=ep.mask, position_ids=ep.pos,
-                           use_cache=False).last_hidden_state
+        hidden = self.body(
+            input_ids=ep.ids, attention_mask=ep.mask, position_ids=ep.pos, use_cache=False
+        ).last_hidden_state
         return self.head(hidden[:, ep.keep]).view(*ep.resp_mask.shape).float() + self.offset
 
 
@@ -284,14 +304,18 @@ class ActorCritic(nn.Module):
         # FSDP's transformer-based wrapping gives each decoder layer its own shard unit, finding the
         # layers by the class names a transformers model lists here; without them this wrapper would
         # be one unit, every weight of both models gathered at once.
-        self._no_split_modules = sorted({name for m in (policy, critic.body)
-                                         for name in (getattr(m, "_no_split_modules", None) or [])})
+        self._no_split_modules = sorted(
+            {name for m in (policy, critic.body) for name in (getattr(m, "_no_split_modules", None) or [])}
+        )
 
     def forward(self, ep: Episodes, temperature: float, ptx_ids=None):
         logits = response_logits(self.policy, ep, temperature)
         values = self.critic(ep)
-        ptx = (self.policy(input_ids=ptx_ids, labels=ptx_ids, use_cache=False).loss if ptx_ids is not None
-               else torch.zeros((), device=ep.ids.device))
+        ptx = (
+            self.policy(input_ids=ptx_ids, labels=ptx_ids, use_cache=False).loss
+            if ptx_ids is not None
+            else torch.zeros((), device=ep.ids.device)
+        )
         return logits, values, ptx
 
     def enter(self) -> None:
@@ -399,8 +423,10 @@ def check_ema_supported(ema_decay: float, zero_stage: int | None) -> None:
     """ZeRO-3 partitions the policy when it is prepared, leaving each parameter's data empty, so an
     EMA of the weights would average nothing and save the raw weights as its own: refuse."""
     if ema_decay > 0 and zero_stage == 3:
-        raise PipelineError(f"ema_decay {ema_decay} does not work under DeepSpeed ZeRO-3 (the policy's weights are "
-                            "partitioned): use ZeRO-2 or DDP, or set ema_decay 0")
+        raise PipelineError(
+            f"ema_decay {ema_decay} does not work under DeepSpeed ZeRO-3 (the policy's weights are "
+            "partitioned): use ZeRO-2 or DDP, or set ema_decay 0"
+        )
 
 
 def with_lora(policy, cfg: PPOConfig):
@@ -415,12 +441,16 @@ def check_same_tokenizer(policy_tok, reward_tok, sft_path: str, reward_path: str
     """The reward model scores the policy's token ids directly, so both must mean the same tokens
     and the same conversation format."""
     if policy_tok.get_vocab() != reward_tok.get_vocab():
-        raise PipelineError(f"reward model {reward_path} and policy {sft_path} use different tokenizers "
-                            f"(vocab {len(reward_tok)} vs {len(policy_tok)} tokens or different ids): "
-                            "train the reward model from this SFT model")
+        raise PipelineError(
+            f"reward model {reward_path} and policy {sft_path} use different tokenizers "
+            f"(vocab {len(reward_tok)} vs {len(policy_tok)} tokens or different ids): "
+            "train the reward model from this SFT model"
+        )
     if policy_tok.chat_template != reward_tok.chat_template:
-        raise PipelineError(f"reward model {reward_path} and policy {sft_path} use different chat templates: "
-                            f"the reward model must read conversations as the policy writes them")
+        raise PipelineError(
+            f"reward model {reward_path} and policy {sft_path} use different chat templates: "
+            f"the reward model must read conversations as the policy writes them"
+        )
 
 
 @contextmanager
@@ -437,8 +467,9 @@ def reference(policy, ref_model):
 # ---- rollout pieces -----------------------------------------------------------------------------
 
 
-def sample(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, temperature: float, eos_id: int,
-           pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sample(
+    model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, temperature: float, eos_id: int, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample responses to left-padded prompts with a KV cache: one forward over the prompts, then
     one single-token forward per new token, stopping when every row has emitted EOS.
 
@@ -450,8 +481,9 @@ def sample(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, te
     with torch.inference_mode():
         pos = position_ids(mask)
         cache = DynamicCache(config=getattr(model, "config", None))
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
-                       logits_to_keep=1).logits[:, -1]
+        logits = model(
+            input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1
+        ).logits[:, -1]
         tokens, logprobs = [], []
         done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
         next_pos = pos[:, -1:] + 1
@@ -466,8 +498,9 @@ def sample(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, te
             if t == max_new_tokens - 1 or bool(done.all()):
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos, cache=cache,
-                           use_cache=True).logits[:, -1]
+            logits = model(
+                input_ids=token[:, None], attention_mask=mask, position_ids=next_pos, cache=cache, use_cache=True
+            ).logits[:, -1]
             next_pos = next_pos + 1
         tokens, logprobs = torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)
     return tokens.clone(), logprobs.clone()
@@ -476,15 +509,20 @@ def sample(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, te
 def response_logits(model, ep: Episodes, temperature: float) -> torch.Tensor:
     """Logits [B, T, V] that predicted each response token, divided by the sampling temperature
     (N+): only the response positions go through the LM head."""
-    logits = model(input_ids=ep.ids, attention_mask=ep.mask, position_ids=ep.pos, use_cache=False,
-                   logits_to_keep=ep.keep).logits
+    logits = model(
+        input_ids=ep.ids, attention_mask=ep.mask, position_ids=ep.pos, use_cache=False, logits_to_keep=ep.keep
+    ).logits
     return logits.view(*ep.resp_mask.shape, -1).float() / temperature
 
 
 def rollout_logprobs(model, parts: list[Episodes], temperature: float) -> torch.Tensor:
     """Log-probs [B, T] of the response tokens at `temperature`, over a rollout's episodes in parts."""
-    return torch.cat([logprobs_from_logits(response_logits(model, ep, temperature), ep.seq[:, -ep.resp_mask.shape[1]:])
-                      for ep in parts])
+    return torch.cat(
+        [
+            logprobs_from_logits(response_logits(model, ep, temperature), ep.seq[:, -ep.resp_mask.shape[1] :])
+            for ep in parts
+        ]
+    )
 
 
 @torch.no_grad()
@@ -520,8 +558,10 @@ def load_parents(cfg: PPOConfig) -> tuple[dict, object]:
     check_same_tokenizer(tokenizer, AutoTokenizer.from_pretrained(cfg.reward_path), cfg.sft_path, cfg.reward_path)
     max_positions = getattr(AutoConfig.from_pretrained(cfg.sft_path), "max_position_embeddings", None)
     if max_positions and cfg.max_prompt_length + cfg.max_new_tokens > max_positions:
-        raise PipelineError(f"max_prompt_length {cfg.max_prompt_length} + max_new_tokens {cfg.max_new_tokens} exceeds "
-                            f"the model's context of {max_positions} tokens ({cfg.sft_path})")
+        raise PipelineError(
+            f"max_prompt_length {cfg.max_prompt_length} + max_new_tokens {cfg.max_new_tokens} exceeds "
+            f"the model's context of {max_positions} tokens ({cfg.sft_path})"
+        )
     return sft, tokenizer
 
 
@@ -546,13 +586,20 @@ def load_prompt_sets(cfg: PPOConfig, tokenizer) -> PromptSets:
     world = Path(cfg.world_dir)
     # The world's evaluation prompts judge a policy trained on the world's prompts; one trained on a
     # prompt set of your own holds some of those out instead.
-    eval_files = cfg.eval_files or ([str(world / "eval_prompts.jsonl")] if trains_on_world(cfg.prompt_files, world)
-                                    and (world / "eval_prompts.jsonl").is_file() else [])
-    prompts, prompt_ids = load_prompts(cfg.prompt_files, tokenizer, cfg.max_prompt_length, cfg.prompt_field,
-                                       cfg.skip_long_prompts)
+    eval_files = cfg.eval_files or (
+        [str(world / "eval_prompts.jsonl")]
+        if trains_on_world(cfg.prompt_files, world) and (world / "eval_prompts.jsonl").is_file()
+        else []
+    )
+    prompts, prompt_ids = load_prompts(
+        cfg.prompt_files, tokenizer, cfg.max_prompt_length, cfg.prompt_field, cfg.skip_long_prompts
+    )
     eval_field = cfg.prompt_field if cfg.eval_files else "prompt"  # the world's eval prompts say `prompt`
-    eval_prompts, eval_ids = load_prompts(eval_files, tokenizer, cfg.max_prompt_length, eval_field,
-                                          cfg.skip_long_prompts) if eval_files else ([], [])
+    eval_prompts, eval_ids = (
+        load_prompts(eval_files, tokenizer, cfg.max_prompt_length, eval_field, cfg.skip_long_prompts)
+        if eval_files
+        else ([], [])
+    )
     if not eval_files and cfg.eval_holdout:
         # A prompt set alone (no world, no --eval_files): hold a seeded few out of training, so the manifest
         # still reports reward and KL to SFT on prompts PPO never trained on.
@@ -562,7 +609,7 @@ def load_prompt_sets(cfg: PPOConfig, tokenizer) -> PromptSets:
     else:
         held_out = []
     if cfg.eval_size:
-        eval_prompts, eval_ids = eval_prompts[:cfg.eval_size], eval_ids[:cfg.eval_size]
+        eval_prompts, eval_ids = eval_prompts[: cfg.eval_size], eval_ids[: cfg.eval_size]
     judge = GoldJudge.load(world) if (world / "truth.json").is_file() else None
     if judge is not None:  # the gold judge knows only the world's prompts
         known = [i for i, p in enumerate(eval_prompts) if isinstance(p, str) and _knows(judge, p)]
@@ -612,8 +659,9 @@ def load_models(cfg: PPOConfig, accelerator) -> Models:
     switch_off_dropout(reward_model).requires_grad_(False)
     critic_base = load_without_dropout(AutoModelForSequenceClassification, cfg.reward_path)
     # Padding-free forwards (all but generation) when every model keeps packed episodes apart.
-    packed = cfg.padding_free and all([packs_sequences(m) for m in (policy, ref_model, reward_model, critic_base)
-                                       if m is not None])
+    packed = cfg.padding_free and all(
+        [packs_sequences(m) for m in (policy, ref_model, reward_model, critic_base) if m is not None]
+    )
     if cfg.padding_free and not packed:
         accelerator.print("[ppo] a model does not keep packed sequences apart; padded batches instead")
     if cfg.lora_r > 0:
@@ -650,9 +698,12 @@ def prepare(cfg: PPOConfig, accelerator, models: Models, sizes: BatchSizes) -> L
     """5. AdamW over the trainable weights (the critic at its own rate), accelerate's prepare of the
     pair, and the EMA, registered so that checkpoints carry it."""
     optimizer = torch.optim.AdamW(
-        [{"params": [p for p in models.policy.parameters() if p.requires_grad], "lr": cfg.lr},
-         {"params": list(models.critic.parameters()), "lr": cfg.critic_lr or cfg.lr}],
-        eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+        [
+            {"params": [p for p in models.policy.parameters() if p.requires_grad], "lr": cfg.lr},
+            {"params": list(models.critic.parameters()), "lr": cfg.critic_lr or cfg.lr},
+        ],
+        eps=cfg.adam_eps,
+        weight_decay=cfg.weight_decay,
         fused=accelerator.device.type in ("cpu", "cuda"),  # one kernel, not a loop over tensors
     )
     configure_deepspeed(accelerator, sizes.micro, cfg.grad_clip)
@@ -665,8 +716,18 @@ def prepare(cfg: PPOConfig, accelerator, models: Models, sizes: BatchSizes) -> L
     ema = EMA(unwrapped, cfg.ema_decay) if cfg.ema_decay > 0 else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
-    return Learner(accelerator, model, optimizer, unwrapped, critic_net, models.ref_model, models.reward_model,
-                   models.packed, clip_groups, ema)
+    return Learner(
+        accelerator,
+        model,
+        optimizer,
+        unwrapped,
+        critic_net,
+        models.ref_model,
+        models.reward_model,
+        models.packed,
+        clip_groups,
+        ema,
+    )
 
 
 def resume(accelerator, run: StageRun, kl_ctl, tracker: Tracker) -> int:
@@ -683,11 +744,13 @@ def resume(accelerator, run: StageRun, kl_ctl, tracker: Tracker) -> int:
 
 
 def print_plan(cfg: PPOConfig, accelerator, data: PromptSets, sizes: BatchSizes, trainable: int) -> None:
-    accelerator.print(f"[ppo] {len(data.prompts)} prompts ({len(data.eval_ids)} held out), "
-                      f"{trainable / 1e6:.2f}M trainable policy parameters, {accelerator.num_processes} process(es) "
-                      f"x {torch.get_num_threads()} thread(s); per update: {cfg.rollout_batch_size} episodes, "
-                      f"{cfg.ppo_epochs} epochs x {cfg.num_minibatches} minibatches of {sizes.minibatch} "
-                      f"(micro-batches of {sizes.micro}) per process")
+    accelerator.print(
+        f"[ppo] {len(data.prompts)} prompts ({len(data.eval_ids)} held out), "
+        f"{trainable / 1e6:.2f}M trainable policy parameters, {accelerator.num_processes} process(es) "
+        f"x {torch.get_num_threads()} thread(s); per update: {cfg.rollout_batch_size} episodes, "
+        f"{cfg.ppo_epochs} epochs x {cfg.num_minibatches} minibatches of {sizes.minibatch} "
+        f"(micro-batches of {sizes.micro}) per process"
+    )
 
 
 # ---- one update: rollout, guards, PPO epochs, metrics ----------------------------------------------
@@ -724,14 +787,16 @@ def rollout(cfg: PPOConfig, learner: Learner, prompt_ids: list[list[int]], token
     query, query_mask = (t.to(learner.accelerator.device) for t in left_pad(prompt_ids, pad))
     with torch.no_grad(), as_trained(learner.accelerator, learner.model):
         # (1) Generate: left-padded prompts, KV cache, sampling at temperature.
-        raw, sampled_logprobs = sample(learner.policy, query, query_mask, cfg.max_new_tokens, cfg.temperature, eos,
-                                       pad)
+        raw, sampled_logprobs = sample(
+            learner.policy, query, query_mask, cfg.max_new_tokens, cfg.temperature, eos, pad
+        )
         # (2) Truncate after the first EOS: later tokens become padding, masked out everywhere.
         responses, mask, has_eos = truncate_after_eos(raw, eos, pad)
         seq = torch.cat([query, responses], dim=1)
         seq_mask = torch.cat([query_mask, mask], dim=1)
-        parts = [episodes(seq[s], seq_mask[s], mask[s], learner.packed)
-                 for s in chunks(len(seq), cfg.forward_batch_size)]
+        parts = [
+            episodes(seq[s], seq_mask[s], mask[s], learner.packed) for s in chunks(len(seq), cfg.forward_batch_size)
+        ]
         # (3) Score with the reward model at the last token; no EOS: a fixed penalty (N+).
         rm_scores = torch.cat([reward_scores(learner.reward_model, ep) for ep in parts])
         scores = apply_no_eos_penalty(rm_scores, has_eos, cfg.no_eos_penalty) if cfg.penalize_no_eos else rm_scores
@@ -740,8 +805,11 @@ def rollout(cfg: PPOConfig, learner: Learner, prompt_ids: list[list[int]], token
         # policy's come from the forward the update and the reference run, not from sampling (cached,
         # one token at a time: under bf16 the two differ), so at update 0 KL is 0 and the first ratio
         # 1 (N+); in fp32 the sampling pass gives the same to float rounding, and a forward less.
-        logprobs = (sampled_logprobs if learner.accelerator.mixed_precision == "no"
-                    else rollout_logprobs(learner.policy, parts, cfg.temperature)) * mask
+        logprobs = (
+            sampled_logprobs
+            if learner.accelerator.mixed_precision == "no"
+            else rollout_logprobs(learner.policy, parts, cfg.temperature)
+        ) * mask
         with reference(learner.policy, learner.ref_model) as ref:
             ref_logprobs = rollout_logprobs(ref, parts, cfg.temperature) * mask
         values = torch.cat([learner.critic(ep) for ep in parts]) * mask
@@ -750,8 +818,23 @@ def rollout(cfg: PPOConfig, learner: Learner, prompt_ids: list[list[int]], token
         # (6) GAE advantages and returns, then whitened advantages (N+).
         advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
         advantages = whiten(advantages, mask)
-    return Rollout(query, responses, mask, seq, seq_mask, logprobs, ref_logprobs, values, rewards, kl, advantages,
-                   returns, scores, rm_scores, has_eos)
+    return Rollout(
+        query,
+        responses,
+        mask,
+        seq,
+        seq_mask,
+        logprobs,
+        ref_logprobs,
+        values,
+        rewards,
+        kl,
+        advantages,
+        returns,
+        scores,
+        rm_scores,
+        has_eos,
+    )
 
 
 def stopper(bar, checkpoints: Path, update: int) -> Stop:
@@ -769,10 +852,22 @@ def guards(cfg: PPOConfig, accelerator, batch: Rollout, stop: Stop) -> tuple[flo
     in rollout order, so the first is where it came from), or a runaway KL, stops the run; the
     newest checkpoint on disk is from a good update. (A NaN KL passes `kl > max_kl`.) Returns the
     mean score and the mean summed KL over all processes."""
-    guarded = {"log-probs": batch.logprobs, "reward": batch.rm_scores, "reference log-probs": batch.ref_logprobs,
-               "values": batch.values, "KL": batch.kl, "advantages": batch.advantages, "returns": batch.returns}
-    rollout_stats = accelerator.reduce(torch.stack([batch.scores.mean(), batch.kl.sum(1).mean()] + [
-        (~torch.isfinite(t)).float().sum() for t in guarded.values()]).to(accelerator.device), "sum")
+    guarded = {
+        "log-probs": batch.logprobs,
+        "reward": batch.rm_scores,
+        "reference log-probs": batch.ref_logprobs,
+        "values": batch.values,
+        "KL": batch.kl,
+        "advantages": batch.advantages,
+        "returns": batch.returns,
+    }
+    rollout_stats = accelerator.reduce(
+        torch.stack(
+            [batch.scores.mean(), batch.kl.sum(1).mean()]
+            + [(~torch.isfinite(t)).float().sum() for t in guarded.values()]
+        ).to(accelerator.device),
+        "sum",
+    )
     mean_score, mean_kl = (rollout_stats[:2] / accelerator.num_processes).tolist()
     for name, bad in zip(guarded, rollout_stats[2:].tolist()):
         if bad:
@@ -799,8 +894,15 @@ class PPOStats:
     clipfrac_first: float
 
 
-def ppo_update(cfg: PPOConfig, learner: Learner, batch: Rollout, sizes: BatchSizes, update: int,
-               ptx_stream: torch.Tensor | None, stop: Stop) -> PPOStats:
+def ppo_update(
+    cfg: PPOConfig,
+    learner: Learner,
+    batch: Rollout,
+    sizes: BatchSizes,
+    update: int,
+    ptx_stream: torch.Tensor | None,
+    stop: Stop,
+) -> PPOStats:
     """(7) PPO epochs: shuffled minibatches (one optimizer step each), split into micro-batches.
     Dropout is zero in every config, so train mode here only switches on gradient checkpointing."""
     accelerator, model = learner.accelerator, learner.model
@@ -812,11 +914,17 @@ def ppo_update(cfg: PPOConfig, learner: Learner, batch: Rollout, sizes: BatchSiz
             for micro in range(cfg.gradient_accumulation):
                 first = mb * sizes.minibatch + micro * sizes.micro
                 # PPO-ptx (InstructGPT eq. 2): also keep the pretraining distribution's likelihood.
-                ptx_ids = None if ptx_stream is None else ptx_batch(
-                    ptx_stream, cfg.ptx_batch_size, cfg.ptx_length,
-                    hash((cfg.seed, accelerator.process_index, update, epoch, mb, micro)) % 2**62,
-                ).to(accelerator.device)
-                stats.append(ppo_step(cfg, learner, batch, order[first:first + sizes.micro], ptx_ids, stop))
+                ptx_ids = (
+                    None
+                    if ptx_stream is None
+                    else ptx_batch(
+                        ptx_stream,
+                        cfg.ptx_batch_size,
+                        cfg.ptx_length,
+                        hash((cfg.seed, accelerator.process_index, update, epoch, mb, micro)) % 2**62,
+                    ).to(accelerator.device)
+                )
+                stats.append(ppo_step(cfg, learner, batch, order[first : first + sizes.micro], ptx_ids, stop))
             if epoch == 0 and mb == 0:  # before the first optimizer step: the ratio must be 1 (N+)
                 first_stats = torch.stack(stats).mean(0)[[4, 2]]  # approx_kl, clipfrac
     model.eval()
@@ -825,8 +933,9 @@ def ppo_update(cfg: PPOConfig, learner: Learner, batch: Rollout, sizes: BatchSiz
     return PPOStats(*train_stats.tolist(), approx_kl_first, clipfrac_first)
 
 
-def ppo_step(cfg: PPOConfig, learner: Learner, batch: Rollout, idx: torch.Tensor, ptx_ids: torch.Tensor | None,
-             stop: Stop) -> torch.Tensor:
+def ppo_step(
+    cfg: PPOConfig, learner: Learner, batch: Rollout, idx: torch.Tensor, ptx_ids: torch.Tensor | None, stop: Stop
+) -> torch.Tensor:
     """One micro-batch of (7): clipped policy and value losses (and PPO-ptx's), backward, and at the
     end of a minibatch the clipped optimizer step and the EMA update. Returns [policy loss, value
     loss, policy clip fraction, value clip fraction, approx KL, entropy, ptx loss]."""
@@ -841,10 +950,12 @@ def ppo_step(cfg: PPOConfig, learner: Learner, batch: Rollout, idx: torch.Tensor
     with accelerator.accumulate(learner.model):
         logits, new_values, ptx_loss = learner.model(ep, cfg.temperature, ptx_ids)
         new_logprobs = logprobs_from_logits(logits, m_resp)
-        pg_loss, pg_clipfrac, approx_kl = policy_loss(new_logprobs, batch.logprobs[idx, :m_T],
-                                                      batch.advantages[idx, :m_T], m_rmask, cfg.cliprange)
-        vf_loss, vf_clipfrac = value_loss(new_values, batch.values[idx, :m_T], batch.returns[idx, :m_T], m_rmask,
-                                          cfg.cliprange_value)
+        pg_loss, pg_clipfrac, approx_kl = policy_loss(
+            new_logprobs, batch.logprobs[idx, :m_T], batch.advantages[idx, :m_T], m_rmask, cfg.cliprange
+        )
+        vf_loss, vf_clipfrac = value_loss(
+            new_values, batch.values[idx, :m_T], batch.returns[idx, :m_T], m_rmask, cfg.cliprange_value
+        )
         loss = pg_loss + cfg.vf_coef * vf_loss + cfg.ptx_coef * ptx_loss
         # No backward, hence no step (DeepSpeed steps inside it), on a non-finite loss on
         # any process: all of them stop here together.
@@ -862,23 +973,46 @@ def ppo_step(cfg: PPOConfig, learner: Learner, batch: Rollout, idx: torch.Tensor
     return torch.stack([pg_loss, vf_loss, pg_clipfrac, vf_clipfrac, approx_kl, entropy, ptx_loss]).detach()
 
 
-def update_metrics(cfg: PPOConfig, accelerator, batch: Rollout, stats: PPOStats, kl_coef: float,
-                   mean_score: float, mean_kl: float, t0: float) -> dict:
+def update_metrics(
+    cfg: PPOConfig,
+    accelerator,
+    batch: Rollout,
+    stats: PPOStats,
+    kl_coef: float,
+    mean_score: float,
+    mean_kl: float,
+    t0: float,
+) -> dict:
     """What the tracker logs for an update that began at time `t0`."""
     lengths = batch.mask.sum(1).float()
-    rollout = accelerator.reduce(torch.stack([
-        lengths.mean(), (~batch.has_eos).float().mean(), explained_variance(batch.values, batch.returns, batch.mask),
-        lengths.sum(),
-    ]), "mean").tolist()
+    rollout = accelerator.reduce(
+        torch.stack(
+            [
+                lengths.mean(),
+                (~batch.has_eos).float().mean(),
+                explained_variance(batch.values, batch.returns, batch.mask),
+                lengths.sum(),
+            ]
+        ),
+        "mean",
+    ).tolist()
     seconds = time.time() - t0
     metrics = {
-        "objective/score": mean_score, "objective/kl": mean_kl, "objective/kl_coef": kl_coef,
+        "objective/score": mean_score,
+        "objective/kl": mean_kl,
+        "objective/kl_coef": kl_coef,
         "objective/total_reward": mean_score - kl_coef * mean_kl,
-        "policy/entropy": stats.entropy, "loss/policy": stats.policy_loss, "loss/value": stats.value_loss,
-        "policy/clipfrac": stats.policy_clipfrac, "value/clipfrac": stats.value_clipfrac,
-        "policy/approx_kl": stats.approx_kl, "value/explained_variance": rollout[2],
-        "policy/approx_kl_first": stats.approx_kl_first, "policy/clipfrac_first": stats.clipfrac_first,
-        "response/length": rollout[0], "response/no_eos_rate": rollout[1],
+        "policy/entropy": stats.entropy,
+        "loss/policy": stats.policy_loss,
+        "loss/value": stats.value_loss,
+        "policy/clipfrac": stats.policy_clipfrac,
+        "value/clipfrac": stats.value_clipfrac,
+        "policy/approx_kl": stats.approx_kl,
+        "value/explained_variance": rollout[2],
+        "policy/approx_kl_first": stats.approx_kl_first,
+        "policy/clipfrac_first": stats.clipfrac_first,
+        "response/length": rollout[0],
+        "response/no_eos_rate": rollout[1],
         "perf/episodes_per_s": cfg.rollout_batch_size / seconds,
         "perf/tokens_per_s": rollout[3] * accelerator.num_processes / seconds,
     }
@@ -896,22 +1030,32 @@ def gold_metrics(cfg: PPOConfig, learner: Learner, tokenizer, data: PromptSets) 
     """Greedy answers to a fixed subset of held-out prompts: gold score beside the proxy score.
     Evaluations run on every process (no extra wall time; sharded engines need all of them for the
     gather); the tracker logs on the main one only."""
-    prompts, ids = data.eval_prompts[:data.gold_n], data.eval_ids[:data.gold_n]
+    prompts, ids = data.eval_prompts[: data.gold_n], data.eval_ids[: data.gold_n]
     with as_trained(learner.accelerator, learner.model):
         greedy = greedy_answers(learner.policy, tokenizer, ids, cfg.max_new_tokens)
-    s = summarize(judge_answers(WorldJudge(data.judge), prompts, greedy, proxy=proxy_judge(cfg, learner, tokenizer),
-                                prompt_ids=ids))
-    return {"gold/score": s["gold_score"], "gold/hallucination_rate": s["hallucination_rate"],
-            "gold/proxy_score": s["proxy_score"]}
+    s = summarize(
+        judge_answers(
+            WorldJudge(data.judge), prompts, greedy, proxy=proxy_judge(cfg, learner, tokenizer), prompt_ids=ids
+        )
+    )
+    return {
+        "gold/score": s["gold_score"],
+        "gold/hallucination_rate": s["hallucination_rate"],
+        "gold/proxy_score": s["proxy_score"],
+    }
 
 
 def train_summary(cfg: PPOConfig, last: dict, trainable: int, start: int, loop_seconds: float) -> dict:
-    return {"updates": cfg.num_updates, "episodes": cfg.num_updates * cfg.rollout_batch_size,
-            "final/score": last.get("objective/score"), "final/kl": last.get("objective/kl"),
-            "trainable_params": trainable,
-            # Throughput of this process's loop (a resumed run counts its own updates only).
-            "train_seconds": loop_seconds,
-            "episodes_per_s": (cfg.num_updates - start) * cfg.rollout_batch_size / max(loop_seconds, 1e-9)}
+    return {
+        "updates": cfg.num_updates,
+        "episodes": cfg.num_updates * cfg.rollout_batch_size,
+        "final/score": last.get("objective/score"),
+        "final/kl": last.get("objective/kl"),
+        "trainable_params": trainable,
+        # Throughput of this process's loop (a resumed run counts its own updates only).
+        "train_seconds": loop_seconds,
+        "episodes_per_s": (cfg.num_updates - start) * cfg.rollout_batch_size / max(loop_seconds, 1e-9),
+    }
 
 
 def final_evaluation(cfg: PPOConfig, learner: Learner, tokenizer, data: PromptSets) -> tuple[dict, list]:
@@ -927,25 +1071,45 @@ def final_evaluation(cfg: PPOConfig, learner: Learner, tokenizer, data: PromptSe
         kl_to_sft = kl_to_reference(learner.policy, learner.ref_model, tokenizer, data.eval_ids, cfg)
     proxy = proxy_judge(cfg, learner, tokenizer)
     gold = WorldJudge(data.judge) if data.judge is not None else None
-    evaluation = judge_policies(gold or proxy, data.eval_prompts, {"ppo": ppo_answers, "sft": sft_answers},
-                                pairs=[("ppo", "sft")], proxy=proxy, prompt_ids=data.eval_ids)
+    evaluation = judge_policies(
+        gold or proxy,
+        data.eval_prompts,
+        {"ppo": ppo_answers, "sft": sft_answers},
+        pairs=[("ppo", "sft")],
+        proxy=proxy,
+        prompt_ids=data.eval_ids,
+    )
     ppo, sft = evaluation.summaries["ppo"], evaluation.summaries["sft"]
     # reward_score is what training optimises (unfinished answers at no_eos_penalty); *_raw the reward
     # model's own score of the same answers. kl_to_sft is between the distributions at the sampling
     # temperature (logits / kl_temperature, N+), of answers sampled at it.
-    metrics = {"reward_score": ppo["proxy_score"], "sft_reward_score": sft["proxy_score"],
-               "reward_score_raw": mean(evaluation.judged["ppo"].proxy_raw),
-               "sft_reward_score_raw": mean(evaluation.judged["sft"].proxy_raw),
-               "response_length": ppo["response_tokens"], "sft_response_length": sft["response_tokens"],
-               "kl_to_sft": kl_to_sft, "kl_temperature": cfg.temperature, "eval_prompts": len(data.eval_ids)}
+    metrics = {
+        "reward_score": ppo["proxy_score"],
+        "sft_reward_score": sft["proxy_score"],
+        "reward_score_raw": mean(evaluation.judged["ppo"].proxy_raw),
+        "sft_reward_score_raw": mean(evaluation.judged["sft"].proxy_raw),
+        "response_length": ppo["response_tokens"],
+        "sft_response_length": sft["response_tokens"],
+        "kl_to_sft": kl_to_sft,
+        "kl_temperature": cfg.temperature,
+        "eval_prompts": len(data.eval_ids),
+    }
     if gold is not None:
         win = evaluation.win_rates["ppo_vs_sft"]  # its ceiling: what the ideal answer would win against SFT
-        metrics.update({"gold_score": ppo["gold_score"], "sft_gold_score": sft["gold_score"],
-                        "gold_win_rate": win["win_rate"], "gold_win_rate_ceiling": win["ceiling"],
-                        "hallucination_rate": ppo["hallucination_rate"],
-                        "sft_hallucination_rate": sft["hallucination_rate"]})
-    samples = [{"prompt": p, "ppo": a, "sft": b}
-               for p, a, b in zip(data.eval_prompts[:8], ppo_answers.texts, sft_answers.texts, strict=False)]
+        metrics.update(
+            {
+                "gold_score": ppo["gold_score"],
+                "sft_gold_score": sft["gold_score"],
+                "gold_win_rate": win["win_rate"],
+                "gold_win_rate_ceiling": win["ceiling"],
+                "hallucination_rate": ppo["hallucination_rate"],
+                "sft_hallucination_rate": sft["hallucination_rate"],
+            }
+        )
+    samples = [
+        {"prompt": p, "ppo": a, "sft": b}
+        for p, a, b in zip(data.eval_prompts[:8], ppo_answers.texts, sft_answers.texts, strict=False)
+    ]
     return metrics, samples
 
 
@@ -972,10 +1136,15 @@ def save_policy(cfg: PPOConfig, policy: nn.Module, pair_state: dict, tokenizer, 
     else:
         state_dict = one_entry_per_parameter(final, state_dict)
     gen_config_file = Path(cfg.sft_path) / "generation_config.json"
-    final.generation_config = (GenerationConfig.from_pretrained(cfg.sft_path) if gen_config_file.is_file() else
-                               GenerationConfig(bos_token_id=tokenizer.bos_token_id,
-                                                eos_token_id=tokenizer.eos_token_id,
-                                                pad_token_id=tokenizer.pad_token_id))
+    final.generation_config = (
+        GenerationConfig.from_pretrained(cfg.sft_path)
+        if gen_config_file.is_file()
+        else GenerationConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
     final.save_pretrained(stage_dir, state_dict=state_dict)
     tokenizer.save_pretrained(stage_dir)
 
@@ -999,19 +1168,42 @@ def finish(cfg: PPOConfig, run: StageRun, learner: Learner, tokenizer, data: Pro
     held_out_file = run.dir / HELD_OUT_FILE
     held_out_file.unlink(missing_ok=True)  # from an earlier run in this directory
     if data.held_out:
-        write_text_atomic(held_out_file, "".join(json.dumps({"messages": p} if isinstance(p, list) else {"prompt": p},
-                                                            ensure_ascii=False) + "\n" for p in data.held_out))
+        write_text_atomic(
+            held_out_file,
+            "".join(
+                json.dumps({"messages": p} if isinstance(p, list) else {"prompt": p}, ensure_ascii=False) + "\n"
+                for p in data.held_out
+            ),
+        )
     metrics["peak_memory_mb"] = round(peak_memory_mb())
-    run.finish(metrics, {"samples": samples, "processes": accelerator.num_processes,
-                         "threads": torch.get_num_threads(), "reward_path": cfg.reward_path,
-                         "heldout_prompts": HELD_OUT_FILE if data.held_out else None,
-                         "weights_checksum_per_rank": checksums})
-    accelerator.print(f"[ppo] done -> {run.dir}: " + ", ".join(
-        f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float) and k in _SUMMARY))
+    run.finish(
+        metrics,
+        {
+            "samples": samples,
+            "processes": accelerator.num_processes,
+            "threads": torch.get_num_threads(),
+            "reward_path": cfg.reward_path,
+            "heldout_prompts": HELD_OUT_FILE if data.held_out else None,
+            "weights_checksum_per_rank": checksums,
+        },
+    )
+    accelerator.print(
+        f"[ppo] done -> {run.dir}: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float) and k in _SUMMARY)
+    )
 
 
-_SUMMARY = ("reward_score", "sft_reward_score", "kl_to_sft", "gold_score", "sft_gold_score", "gold_win_rate",
-            "gold_win_rate_ceiling", "hallucination_rate", "sft_hallucination_rate")
+_SUMMARY = (
+    "reward_score",
+    "sft_reward_score",
+    "kl_to_sft",
+    "gold_score",
+    "sft_gold_score",
+    "gold_win_rate",
+    "gold_win_rate_ceiling",
+    "hallucination_rate",
+    "sft_hallucination_rate",
+)
 
 
 # ---- the stage ----------------------------------------------------------------------------------
@@ -1024,16 +1216,24 @@ def main(argv: list[str] | None = None) -> None:
     accelerator = setup(cfg.seed, cfg.mixed_precision, cfg.gradient_accumulation, cfg.threads)
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     check_ema_supported(cfg.ema_decay, plugin.zero_stage if plugin is not None else None)
-    sizes = batch_sizes(cfg.rollout_batch_size, cfg.num_minibatches, cfg.gradient_accumulation,
-                        accelerator.num_processes)
+    sizes = batch_sizes(
+        cfg.rollout_batch_size, cfg.num_minibatches, cfg.gradient_accumulation, accelerator.num_processes
+    )
     is_main, stage_dir = accelerator.is_main_process, Path(cfg.run_dir) / "ppo"
     # 2. Parents: the SFT policy and the reward model, which must share one tokenizer and template.
     sft, tokenizer = load_parents(cfg)
     # 3. Prompts (training, held out) and PPO-ptx text, checked before anything is written. The run key
     # covers the reward model too: its manifest is fingerprinted like a data file.
     data = load_prompt_sets(cfg, tokenizer)
-    run = StageRun("ppo", stage_dir, config_dict(cfg), sft, cfg.sft_path,
-                   data.files + [str(Path(cfg.reward_path) / "manifest.json")], is_main)
+    run = StageRun(
+        "ppo",
+        stage_dir,
+        config_dict(cfg),
+        sft,
+        cfg.sft_path,
+        data.files + [str(Path(cfg.reward_path) / "manifest.json")],
+        is_main,
+    )
     if not run.begin(cfg.force):
         return
     accelerator.wait_for_everyone()
@@ -1041,8 +1241,11 @@ def main(argv: list[str] | None = None) -> None:
     models = load_models(cfg, accelerator)
     # 5. Optimizer, accelerate, tracking, KL controller, and resume from a killed run's checkpoint.
     learner = prepare(cfg, accelerator, models, sizes)
-    kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.target_kl > 0
-              else FixedKLController(cfg.kl_coef))
+    kl_ctl = (
+        AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
+        if cfg.target_kl > 0
+        else FixedKLController(cfg.kl_coef)
+    )
     tracker = Tracker(stage_dir, "ppo", config_dict(cfg), enabled=is_main, run_name=f"{cfg.run_dir}/ppo")
     start = resume(accelerator, run, kl_ctl, tracker)
     print_plan(cfg, accelerator, data, sizes, models.trainable)
@@ -1055,8 +1258,9 @@ def main(argv: list[str] | None = None) -> None:
     last, loop_start = {}, time.time()
     for update in range(start, cfg.num_updates):
         t0, kl_coef, stop = time.time(), kl_ctl.value, stopper(bar, run.checkpoints, update)
-        picked = prompt_indices(len(data.ids), update, cfg.rollout_batch_size, accelerator.process_index,
-                                sizes.per_process, cfg.seed)
+        picked = prompt_indices(
+            len(data.ids), update, cfg.rollout_batch_size, accelerator.process_index, sizes.per_process, cfg.seed
+        )
         batch = rollout(cfg, learner, [data.ids[i] for i in picked], tokenizer, kl_coef)
         mean_score, mean_kl = guards(cfg, accelerator, batch, stop)
         stats = ppo_update(cfg, learner, batch, sizes, update, data.ptx_stream, stop)
@@ -1069,8 +1273,13 @@ def main(argv: list[str] | None = None) -> None:
         bar.update(1)
         bar.set_postfix(score=f"{mean_score:.3f}", kl=f"{mean_kl:.2f}")
         if (update + 1) % cfg.save_every == 0 and update + 1 < cfg.num_updates:
-            save_checkpoint(accelerator, run.checkpoints, update + 1, cfg.keep_checkpoints,
-                            {"kl_coef": kl_ctl.value, "episodes": (update + 1) * cfg.rollout_batch_size})
+            save_checkpoint(
+                accelerator,
+                run.checkpoints,
+                update + 1,
+                cfg.keep_checkpoints,
+                {"kl_coef": kl_ctl.value, "episodes": (update + 1) * cfg.rollout_batch_size},
+            )
     bar.close()
     summary = train_summary(cfg, last, models.trainable, start, time.time() - loop_start)
 
@@ -1084,23 +1293,32 @@ def main(argv: list[str] | None = None) -> None:
 
 
 @torch.no_grad()
-def answers(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
-            batch_size: int = 64) -> list[list[int]]:
+def answers(
+    model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 0.0, batch_size: int = 64
+) -> list[list[int]]:
     """Response token ids (through the first EOS) for each prompt; greedy by default."""
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(prompt_ids), batch_size):
-        ids, mask = left_pad(prompt_ids[i:i + batch_size], tokenizer.pad_token_id)
-        tokens, _ = sample(model, ids.to(device), mask.to(device), max_new_tokens, temperature,
-                           tokenizer.eos_token_id, tokenizer.pad_token_id)
+        ids, mask = left_pad(prompt_ids[i : i + batch_size], tokenizer.pad_token_id)
+        tokens, _ = sample(
+            model,
+            ids.to(device),
+            mask.to(device),
+            max_new_tokens,
+            temperature,
+            tokenizer.eos_token_id,
+            tokenizer.pad_token_id,
+        )
         tokens, resp_mask, _ = truncate_after_eos(tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
         out += [row[:n].tolist() for row, n in zip(tokens.cpu(), resp_mask.sum(1).tolist())]
     return out
 
 
 @torch.no_grad()
-def kl_to_reference(policy, ref_model, tokenizer, prompt_ids: list[list[int]], cfg: PPOConfig,
-                    batch_size: int = 64) -> float:
+def kl_to_reference(
+    policy, ref_model, tokenizer, prompt_ids: list[list[int]], cfg: PPOConfig, batch_size: int = 64
+) -> float:
     """Mean summed KL(policy || SFT) of sampled answers to held-out prompts (the k1 estimate PPO
     penalises: log pi - log pi_ref, summed over the response), between the distributions at the
     sampling temperature (logits / temperature), both from the same forward, as in the rollout."""
@@ -1108,7 +1326,7 @@ def kl_to_reference(policy, ref_model, tokenizer, prompt_ids: list[list[int]], c
     device = next(policy.parameters()).device
     total = 0.0
     for i in range(0, len(prompt_ids), batch_size):
-        query, query_mask = (t.to(device) for t in left_pad(prompt_ids[i:i + batch_size], pad))
+        query, query_mask = (t.to(device) for t in left_pad(prompt_ids[i : i + batch_size], pad))
         raw, _ = sample(policy, query, query_mask, cfg.max_new_tokens, cfg.temperature, eos, pad)
         responses, mask, _ = truncate_after_eos(raw, eos, pad)
         ep = episodes(torch.cat([query, responses], 1), torch.cat([query_mask, mask], 1), mask, packed=False)

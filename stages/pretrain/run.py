@@ -130,8 +130,9 @@ def param_groups(model, weight_decay: float):
 
 
 @torch.no_grad()
-def sample_completions(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float,
-                       seed: int) -> list[dict]:
+def sample_completions(
+    model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, seed: int
+) -> list[dict]:
     model.eval()
     torch.manual_seed(seed)
     out = []
@@ -140,11 +141,16 @@ def sample_completions(model, tokenizer, prompts: list[str], max_new_tokens: int
         if tokenizer.bos_token_id is not None:
             ids = torch.cat([torch.tensor([[tokenizer.bos_token_id]]), ids], dim=1)
         gen = model.generate(
-            input_ids=ids.to(model.device), attention_mask=torch.ones_like(ids).to(model.device),
-            max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+            input_ids=ids.to(model.device),
+            attention_mask=torch.ones_like(ids).to(model.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=True,
+            temperature=temperature,
+            top_k=0,
+            top_p=1.0,
             pad_token_id=tokenizer.pad_token_id,
         )
-        completion = tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
+        completion = tokenizer.decode(gen[0, ids.shape[1] :], skip_special_tokens=True)
         out.append({"prompt": prompt, "completion": completion})
     return out
 
@@ -179,16 +185,19 @@ def load_corpus(cfg: PretrainConfig, stage_dir: Path, accelerator) -> Corpus:
     # (or holding out a slice of the one text, which would not be the same measure as on any other corpus).
     train_texts, val_texts = split_documents(texts, cfg.val_fraction, cfg.seed) if len(texts) > 1 else (texts, [])
     if not val_texts:
-        accelerator.print(f"[pretrain] {files}: one document, so none is held out for validation: no held-out loss "
-                          f"(give several documents, e.g. a .txt with blank lines between them, for one)")
+        accelerator.print(
+            f"[pretrain] {files}: one document, so none is held out for validation: no held-out loss "
+            f"(give several documents, e.g. a .txt with blank lines between them, for one)"
+        )
     tokenizer = get_tokenizer(cfg, stage_dir, train_texts, accelerator)
     vocab = vocab_sizes(cfg, tokenizer, accelerator)
     train_stream = document_stream(tokenizer, train_texts)
     val_stream = document_stream(tokenizer, val_texts) if val_texts else None
     if len(train_stream) <= cfg.context:
         held = f" once {len(val_texts)} of {len(texts)} documents are held out (--val_fraction)" if val_texts else ""
-        raise PipelineError(f"{files}: {len(train_stream)} tokens to train on{held}, "
-                            f"fewer than one block of {cfg.context}")
+        raise PipelineError(
+            f"{files}: {len(train_stream)} tokens to train on{held}, fewer than one block of {cfg.context}"
+        )
     held_out = val_blocks(val_stream, cfg.context, cfg.eval_batches * cfg.batch_size) if val_texts else None
     return Corpus(train_texts, val_texts, tokenizer, vocab, train_stream, val_stream, held_out)
 
@@ -199,8 +208,10 @@ def vocab_sizes(cfg: PretrainConfig, tokenizer, accelerator) -> dict:
         # BPE stops merging when no pair of tokens occurs twice: a small corpus gives fewer tokens than asked.
         vocab["vocab_size_requested"] = cfg.vocab_size
         if len(tokenizer) < cfg.vocab_size:
-            accelerator.print(f"[pretrain] tokenizer: {len(tokenizer):,} tokens, fewer than the {cfg.vocab_size:,} "
-                              f"asked (--vocab_size): the corpus has no more pairs seen twice to merge")
+            accelerator.print(
+                f"[pretrain] tokenizer: {len(tokenizer):,} tokens, fewer than the {cfg.vocab_size:,} "
+                f"asked (--vocab_size): the corpus has no more pairs seen twice to merge"
+            )
     return vocab
 
 
@@ -237,8 +248,17 @@ def tokens_per_step(cfg: PretrainConfig, accelerator) -> int:
     return cfg.batch_size * cfg.context * cfg.grad_accum * accelerator.num_processes
 
 
-def train(cfg: PretrainConfig, accelerator, model, optimizer, scheduler, corpus: Corpus, run: StageRun,
-          tracker: Tracker, step: int) -> None:
+def train(
+    cfg: PretrainConfig,
+    accelerator,
+    model,
+    optimizer,
+    scheduler,
+    corpus: Corpus,
+    run: StageRun,
+    tracker: Tracker,
+    step: int,
+) -> None:
     """From `step` to max_steps: log every log_every steps (the held-out loss every eval_every), save a
     checkpoint every save_every."""
     per_step = tokens_per_step(cfg, accelerator)
@@ -256,8 +276,11 @@ def train(cfg: PretrainConfig, accelerator, model, optimizer, scheduler, corpus:
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             elapsed = time.time() - t0
             train_loss = accelerator.reduce(torch.stack(losses).mean(), "mean").item()
-            metrics = {"train/loss": train_loss, "train/lr": scheduler.get_last_lr()[0],
-                       "perf/tokens_per_s": tokens_since / max(elapsed, 1e-9)}
+            metrics = {
+                "train/loss": train_loss,
+                "train/lr": scheduler.get_last_lr()[0],
+                "perf/tokens_per_s": tokens_since / max(elapsed, 1e-9),
+            }
             if corpus.held_out is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                 val_loss = evaluate(model, accelerator, corpus.held_out, cfg.batch_size)
                 metrics.update({"val/loss": val_loss, "val/perplexity": math.exp(min(val_loss, 50))})
@@ -269,8 +292,9 @@ def train(cfg: PretrainConfig, accelerator, model, optimizer, scheduler, corpus:
     bar.close()
 
 
-def optimizer_step(cfg: PretrainConfig, accelerator, model, optimizer, scheduler, stream: torch.Tensor,
-                   step: int) -> list[torch.Tensor]:
+def optimizer_step(
+    cfg: PretrainConfig, accelerator, model, optimizer, scheduler, stream: torch.Tensor, step: int
+) -> list[torch.Tensor]:
     """One optimizer step over grad_accum micro-batches; returns their losses."""
     losses = []
     for micro in range(cfg.grad_accum):
@@ -293,14 +317,19 @@ def save_model(cfg: PretrainConfig, accelerator, model, tokenizer, stage_dir: Pa
     """A plain HF checkpoint (with a sampling generation config) and the tokenizer."""
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        do_sample=True, temperature=cfg.temperature, max_new_tokens=64,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=True,
+        temperature=cfg.temperature,
+        max_new_tokens=64,
     )
     state_dict = accelerator.get_state_dict(model)  # every process takes part; the main one saves it
     if state_dict is not None:
         state_dict = one_entry_per_parameter(unwrapped, state_dict)
-    unwrapped.save_pretrained(stage_dir, is_main_process=accelerator.is_main_process,
-                              save_function=accelerator.save, state_dict=state_dict)
+    unwrapped.save_pretrained(
+        stage_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save, state_dict=state_dict
+    )
     if accelerator.is_main_process:
         tokenizer.save_pretrained(stage_dir)
 
@@ -309,23 +338,45 @@ def sample_saved_model(cfg: PretrainConfig, corpus: Corpus, stage_dir: Path, dev
     """Samples from the saved checkpoint, on the main process: under FSDP or ZeRO-3 the trained model is
     sharded, and a forward on the main process alone would wait for the others forever."""
     tokenizer = corpus.tokenizer
-    prompts = cfg.sample_prompts or [tokenizer.decode(tokenizer(t, add_special_tokens=False)["input_ids"][:6])
-                                     for t in (corpus.val_texts or corpus.train_texts)[:4]]
+    prompts = cfg.sample_prompts or [
+        tokenizer.decode(tokenizer(t, add_special_tokens=False)["input_ids"][:6])
+        for t in (corpus.val_texts or corpus.train_texts)[:4]
+    ]
     saved = AutoModelForCausalLM.from_pretrained(stage_dir).to(device)
     return sample_completions(saved, tokenizer, prompts, cfg.sample_tokens, cfg.temperature, cfg.seed)
 
 
-def finish(cfg: PretrainConfig, run: StageRun, accelerator, corpus: Corpus, val_loss: float | None, n_params: int,
-           checksums: list[float], samples: list[dict]) -> None:
+def finish(
+    cfg: PretrainConfig,
+    run: StageRun,
+    accelerator,
+    corpus: Corpus,
+    val_loss: float | None,
+    n_params: int,
+    checksums: list[float],
+    samples: list[dict],
+) -> None:
     """The manifest (written last), then the result on the console."""
     perplexity = math.exp(min(val_loss, 50)) if val_loss is not None else None
-    metrics = {"val_loss": val_loss, "val_perplexity": perplexity, "params": n_params,
-               "train_tokens_seen": cfg.max_steps * tokens_per_step(cfg, accelerator),
-               "peak_memory_mb": round(peak_memory_mb())}
-    run.finish(metrics, {"samples": samples, "processes": accelerator.num_processes,
-                         "threads": torch.get_num_threads(), "weights_checksum_per_rank": checksums,
-                         "train_documents": len(corpus.train_texts), "held_out_documents": len(corpus.val_texts),
-                         **corpus.vocab})
+    metrics = {
+        "val_loss": val_loss,
+        "val_perplexity": perplexity,
+        "params": n_params,
+        "train_tokens_seen": cfg.max_steps * tokens_per_step(cfg, accelerator),
+        "peak_memory_mb": round(peak_memory_mb()),
+    }
+    run.finish(
+        metrics,
+        {
+            "samples": samples,
+            "processes": accelerator.num_processes,
+            "threads": torch.get_num_threads(),
+            "weights_checksum_per_rank": checksums,
+            "train_documents": len(corpus.train_texts),
+            "held_out_documents": len(corpus.val_texts),
+            **corpus.vocab,
+        },
+    )
     done = f"val loss {val_loss:.3f} (perplexity {perplexity:.1f})" if val_loss is not None else "no held-out loss"
     accelerator.print(f"[pretrain] done: {done} -> {run.dir}")
     for s in samples:
@@ -353,14 +404,21 @@ def main(argv: list[str] | None = None) -> None:
     model = build_model(cfg, corpus.tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
     model, optimizer, scheduler = prepare_training(cfg, model, accelerator)
-    tracker = Tracker(stage_dir, "pretrain", config_dict(cfg), enabled=accelerator.is_main_process,
-                      run_name=f"{cfg.run_dir}/pretrain")
+    tracker = Tracker(
+        stage_dir,
+        "pretrain",
+        config_dict(cfg),
+        enabled=accelerator.is_main_process,
+        run_name=f"{cfg.run_dir}/pretrain",
+    )
 
     # 4. Resume from the newest complete checkpoint, if a killed run left one.
     step = resume(run, accelerator, tracker)
-    accelerator.print(f"[pretrain] {n_params / 1e6:.2f}M parameters, {len(corpus.train_stream):,} train tokens, "
-                      f"{len(corpus.val_stream) if corpus.val_texts else 0:,} held-out tokens, "
-                      f"{accelerator.num_processes} process(es) x {torch.get_num_threads()} thread(s)")
+    accelerator.print(
+        f"[pretrain] {n_params / 1e6:.2f}M parameters, {len(corpus.train_stream):,} train tokens, "
+        f"{len(corpus.val_stream) if corpus.val_texts else 0:,} held-out tokens, "
+        f"{accelerator.num_processes} process(es) x {torch.get_num_threads()} thread(s)"
+    )
 
     # 5. Train.
     train(cfg, accelerator, model, optimizer, scheduler, corpus, run, tracker, step)

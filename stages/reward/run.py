@@ -67,8 +67,12 @@ class GroupCollator:
             ids, mask = right_pad([seq for ex in examples for seq in ex["group_ids"]], self.pad_token_id)
             return {"input_ids": ids, "attention_mask": mask, "group_sizes": sizes}
         ids, positions, where = pack_rows([ex["group_ids"] for ex in examples], self.share_prompts)
-        return {"input_ids": torch.tensor([ids]), "position_ids": torch.tensor([positions]),
-                "last": torch.tensor([at[-1] for at in where]), "group_sizes": sizes}
+        return {
+            "input_ids": torch.tensor([ids]),
+            "position_ids": torch.tensor([positions]),
+            "last": torch.tensor([at[-1] for at in where]),
+            "group_sizes": sizes,
+        }
 
 
 class HeadOutputs:
@@ -192,8 +196,12 @@ def init_score_head(model) -> None:
 
 def demonstration(rec: dict) -> tuple:
     """(prompt, answer) of a reference record: prompt/completion, or messages ending in an assistant turn."""
-    if isinstance(rec.get("messages"), list) and rec["messages"] and isinstance(rec["messages"][-1], dict) \
-            and rec["messages"][-1].get("role") == "assistant":
+    if (
+        isinstance(rec.get("messages"), list)
+        and rec["messages"]
+        and isinstance(rec["messages"][-1], dict)
+        and rec["messages"][-1].get("role") == "assistant"
+    ):
         return rec["messages"][:-1], str(rec["messages"][-1].get("content", ""))
     return require_text(rec, "prompt"), require_text(rec, "completion")
 
@@ -204,8 +212,10 @@ def reference_set(cfg: RewardStageConfig, train_groups: list[Group]) -> tuple[li
         try:
             pairs = [demonstration(r) for r in load_records(cfg.norm_files)]
         except PipelineError as e:  # the default names the world's SFT data, which runs on real data lack
-            raise PipelineError(f"{e} (norm_files: demonstrations with prompt/completion or messages; "
-                                "'--norm_files none' centres on the top-ranked training answers)") from None
+            raise PipelineError(
+                f"{e} (norm_files: demonstrations with prompt/completion or messages; "
+                "'--norm_files none' centres on the top-ranked training answers)"
+            ) from None
     else:
         pairs = [(g.prompt, g.responses[0]) for g in train_groups]  # the labelers' favourite answers
     pairs = random.Random(cfg.seed).sample(pairs, min(cfg.norm_samples, len(pairs)))
@@ -220,8 +230,15 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return t.mean().item(), (t.std().item() if len(values) > 1 else 0.0)
 
 
-def evaluate(model, tokenizer, groups: list[Group], judge: GoldJudge | None, batch_size: int, max_length: int,
-             group_loss=ranking_loss) -> dict:
+def evaluate(
+    model,
+    tokenizer,
+    groups: list[Group],
+    judge: GoldJudge | None,
+    batch_size: int,
+    max_length: int,
+    group_loss=ranking_loss,
+) -> dict:
     """Held-out metrics. Pair accuracy is measured against the labels (noisy on the world), over all
     C(K,2) pairs; top-vs-rest over the pairs (best, other). On world prompts also against the gold
     judge: its noise-free ranking (the world's `gold_ranking`) over the pairs it orders strictly - a
@@ -279,8 +296,9 @@ def evaluate(model, tokenizer, groups: list[Group], judge: GoldJudge | None, bat
         m["val_gold_pairs"] = gold_pairs
         m["val_gold_pair_accuracy_by_family"] = {f: right / n for f, (right, n) in sorted(by_family.items()) if n}
         # Which kinds of pairs it gets wrong (e.g. a right answer below its padded form).
-        m["val_gold_pairs_by_labels"] = {k: {"right": right, "pairs": n}
-                                         for k, (right, n) in sorted(by_labels.items())}
+        m["val_gold_pairs_by_labels"] = {
+            k: {"right": right, "pairs": n} for k, (right, n) in sorted(by_labels.items())
+        }
         m["val_gold_pearson"] = torch.corrcoef(torch.tensor([xs, ys]))[0, 1].item()
         # What a reward equal to the gold score would get against these noisy labels (ties half):
         # the ceiling for val_pair_accuracy on the world.
@@ -333,11 +351,14 @@ def load_comparisons(cfg: RewardStageConfig, split_val: bool, is_main: bool) -> 
     train_groups = load_groups(cfg.train_files, cfg.skip_invalid, cfg.max_train_groups)
     if split_val:
         train_groups, val_groups = split_holdout(train_groups, cfg.val_fraction, cfg.seed)
-        val_groups = val_groups[:cfg.max_val_groups or None]
+        val_groups = val_groups[: cfg.max_val_groups or None]
         if is_main:
             centre = "--norm_files" if cfg.norm_files else "the top-ranked training answers"
-            print(f"[reward] comparisons of your own: {len(val_groups)} of {len(train_groups) + len(val_groups)} "
-                  f"groups held out for validation; rewards centred on {centre}", flush=True)
+            print(
+                f"[reward] comparisons of your own: {len(val_groups)} of {len(train_groups) + len(val_groups)} "
+                f"groups held out for validation; rewards centred on {centre}",
+                flush=True,
+            )
     else:
         val_groups = load_groups(cfg.val_files, cfg.skip_invalid, cfg.max_val_groups) if cfg.val_files else []
     return Comparisons(train_groups, val_groups, reference_set(cfg, train_groups))
@@ -363,14 +384,19 @@ def batch_layout(cfg: RewardStageConfig, model, parent_path: str, is_main: bool)
     (pipeline.packing), and then each group's prompt once if its attention allows it."""
     packed = cfg.padding_free and packs_sequences(model)
     if cfg.padding_free and not packed and is_main:
-        print(f"[reward] {parent_path}: the model does not keep packed sequences apart; padding batches instead",
-              flush=True)
+        print(
+            f"[reward] {parent_path}: the model does not keep packed sequences apart; padding batches instead",
+            flush=True,
+        )
     # A group's K responses share its prompt (InstructGPT's point for K-wise groups: K forwards give
     # C(K,2) comparisons); the prompt's tokens then go through the model once, not K times.
     share = packed and cfg.share_prompts and packs_sequences(model, share_prefix=True)
     if packed and cfg.share_prompts and not share and is_main:
-        print(f"[reward] {parent_path}: the model's attention cannot share a prompt between responses; "
-              "packing each whole", flush=True)
+        print(
+            f"[reward] {parent_path}: the model's attention cannot share a prompt between responses; "
+            "packing each whole",
+            flush=True,
+        )
     return packed, share
 
 
@@ -378,41 +404,70 @@ def pair_count(groups: list[Group]) -> int:
     return sum(len(g.responses) * (len(g.responses) - 1) // 2 for g in groups)
 
 
-def tokenized(cfg: RewardStageConfig, data: Comparisons, tokenizer, max_length: int, state: PartialState,
-              threads: int) -> tuple[Dataset, Dataset | None, int]:
+def tokenized(
+    cfg: RewardStageConfig, data: Comparisons, tokenizer, max_length: int, state: PartialState, threads: int
+) -> tuple[Dataset, Dataset | None, int]:
     """The training groups and, when evaluated during training, the held-out ones, tokenized; and how many
     sequences were cut to max_length."""
     train_ds, truncated = tokenize_groups(data.train, tokenizer, max_length)
     val_ds = tokenize_groups(data.val, tokenizer, max_length)[0] if data.val and cfg.eval_every else None
     if state.is_main_process:
-        print(f"[reward] {len(data.train)} training groups ({sum(len(g.responses) for g in data.train)} responses, "
-              f"{pair_count(data.train)} pairs), {len(data.val)} held-out groups, {state.num_processes} process(es) "
-              f"x {threads} thread(s); {truncated} sequences cut to {max_length} tokens", flush=True)
+        print(
+            f"[reward] {len(data.train)} training groups ({sum(len(g.responses) for g in data.train)} responses, "
+            f"{pair_count(data.train)} pairs), {len(data.val)} held-out groups, {state.num_processes} process(es) "
+            f"x {threads} thread(s); {truncated} sequences cut to {max_length} tokens",
+            flush=True,
+        )
     return train_ds, val_ds, truncated
 
 
 def reward_lora(cfg: RewardStageConfig):
     """LoRA: adapters on the body, the new score head trained in full (None without --use_lora)."""
-    return lora_config(cfg.lora_r if cfg.use_lora else 0, cfg.lora_alpha, cfg.lora_target_modules,
-                       cfg.lora_dropout, "SEQ_CLS", modules_to_save=["score"])
+    return lora_config(
+        cfg.lora_r if cfg.use_lora else 0,
+        cfg.lora_alpha,
+        cfg.lora_target_modules,
+        cfg.lora_dropout,
+        "SEQ_CLS",
+        modules_to_save=["score"],
+    )
 
 
 def training_args(cfg: RewardStageConfig, run: StageRun, evaluates: bool) -> RewardConfig:
     use_cpu, backend = cpu_and_backend()  # as the process group was started (start_processes)
     return RewardConfig(
-        output_dir=str(run.checkpoints), use_cpu=use_cpu, ddp_backend=backend, seed=cfg.seed, data_seed=cfg.seed,
-        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=cfg.num_epochs, max_steps=cfg.max_steps or -1,
-        learning_rate=cfg.lr, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio,
-        weight_decay=cfg.weight_decay, max_grad_norm=cfg.grad_clip,
-        bf16=cfg.mixed_precision == "bf16", fp16=cfg.mixed_precision == "fp16",
-        activation_checkpointing=cfg.gradient_checkpointing, disable_dropout=True, max_length=None,
-        logging_steps=cfg.log_every, save_strategy="steps", save_steps=cfg.save_every,
-        save_total_limit=cfg.keep_checkpoints, eval_strategy="steps" if evaluates else "no",
-        eval_steps=cfg.eval_every or None, prediction_loss_only=True,
-        report_to=["wandb"] if wandb_enabled() else "none", run_name=f"{cfg.run_dir}/reward",
+        output_dir=str(run.checkpoints),
+        use_cpu=use_cpu,
+        ddp_backend=backend,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        num_train_epochs=cfg.num_epochs,
+        max_steps=cfg.max_steps or -1,
+        learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.grad_clip,
+        bf16=cfg.mixed_precision == "bf16",
+        fp16=cfg.mixed_precision == "fp16",
+        activation_checkpointing=cfg.gradient_checkpointing,
+        disable_dropout=True,
+        max_length=None,
+        logging_steps=cfg.log_every,
+        save_strategy="steps",
+        save_steps=cfg.save_every,
+        save_total_limit=cfg.keep_checkpoints,
+        eval_strategy="steps" if evaluates else "no",
+        eval_steps=cfg.eval_every or None,
+        prediction_loss_only=True,
+        report_to=["wandb"] if wandb_enabled() else "none",
+        run_name=f"{cfg.run_dir}/reward",
         disable_tqdm=bool(os.environ.get("CI")) and not sys.stderr.isatty(),
-        dataloader_num_workers=0, dataloader_pin_memory=torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
     )
 
@@ -430,8 +485,15 @@ def train(trainer: RankingRewardTrainer, run: StageRun, state: PartialState) -> 
     return result, whole_run_loss(trainer.state.log_history, resume_step, result.global_step, result.training_loss)
 
 
-def save_plain_checkpoint(trainer: RankingRewardTrainer, use_lora: bool, peft_config, parent_path: str, tokenizer,
-                          stage_dir: Path, is_main: bool) -> None:
+def save_plain_checkpoint(
+    trainer: RankingRewardTrainer,
+    use_lora: bool,
+    peft_config,
+    parent_path: str,
+    tokenizer,
+    stage_dir: Path,
+    is_main: bool,
+) -> None:
     """The trained model as a plain checkpoint. With LoRA the adapters are merged into the weights (the
     trained head kept) of a fresh copy on the main process, given the weights gathered from every process."""
     if not use_lora:
@@ -453,8 +515,14 @@ class Normalisation:
     folded: bool  # in the weights (else in config.json)
 
 
-def normalise(reward_model, reward_tokenizer, reference: tuple[list, list[str]], batch_size: int, max_length: int,
-              stage_dir: Path) -> Normalisation:
+def normalise(
+    reward_model,
+    reward_tokenizer,
+    reference: tuple[list, list[str]],
+    batch_size: int,
+    max_length: int,
+    stage_dir: Path,
+) -> Normalisation:
     """Shift the saved model's rewards so the reference demonstrations average 0, and save the shift."""
     setattr(reward_model.config, BIAS_KEY, 0.0)
     raw = score(reward_model, reward_tokenizer, *reference, batch_size, max_length)
@@ -467,24 +535,42 @@ def normalise(reward_model, reward_tokenizer, reference: tuple[list, list[str]],
     return Normalisation(raw, offset, folded)
 
 
-def training_metrics(result: TrainOutput, train_loss: float, data: Comparisons, norm: Normalisation,
-                     reward_model) -> dict:
+def training_metrics(
+    result: TrainOutput, train_loss: float, data: Comparisons, norm: Normalisation, reward_model
+) -> dict:
     normalised = norm.raw + norm.offset
     return {
-        "train_loss": train_loss, "train_steps": result.global_step, "train_groups": len(data.train),
-        "train_pairs": pair_count(data.train), "train_seconds": round(result.metrics.get("train_runtime", 0.0), 1),
-        "reference_raw_mean": norm.raw.mean().item(), "reference_mean": normalised.mean().item(),
-        "reference_std": normalised.std().item() if len(normalised) > 1 else 0.0, "reference_size": len(normalised),
-        "params": sum(p.numel() for p in reward_model.parameters()), "peak_memory_mb": round(peak_memory_mb()),
+        "train_loss": train_loss,
+        "train_steps": result.global_step,
+        "train_groups": len(data.train),
+        "train_pairs": pair_count(data.train),
+        "train_seconds": round(result.metrics.get("train_runtime", 0.0), 1),
+        "reference_raw_mean": norm.raw.mean().item(),
+        "reference_mean": normalised.mean().item(),
+        "reference_std": normalised.std().item() if len(normalised) > 1 else 0.0,
+        "reference_size": len(normalised),
+        "params": sum(p.numel() for p in reward_model.parameters()),
+        "peak_memory_mb": round(peak_memory_mb()),
     }
 
 
 def report(metrics: dict, norm: Normalisation, stage_dir: Path) -> None:
-    summary = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("val_pair_accuracy", "val_top_vs_rest_accuracy",
-                                                           "val_gold_pair_accuracy", "val_gold_pearson",
-                                                           "val_label_ceiling_accuracy") if k in metrics)
-    print(f"[reward] done in {metrics['train_seconds']}s: {summary or 'no held-out set'}; reward bias "
-          f"{norm.offset:+.3f}{' (in the weights)' if norm.folded else ''} -> {stage_dir}", flush=True)
+    summary = ", ".join(
+        f"{k} {metrics[k]:.3f}"
+        for k in (
+            "val_pair_accuracy",
+            "val_top_vs_rest_accuracy",
+            "val_gold_pair_accuracy",
+            "val_gold_pearson",
+            "val_label_ceiling_accuracy",
+        )
+        if k in metrics
+    )
+    print(
+        f"[reward] done in {metrics['train_seconds']}s: {summary or 'no held-out set'}; reward bias "
+        f"{norm.offset:+.3f}{' (in the weights)' if norm.folded else ''} -> {stage_dir}",
+        flush=True,
+    )
 
 
 # ---- the stage -------------------------------------------------------------------------------------
@@ -503,8 +589,15 @@ def main(argv: list[str] | None = None) -> None:
     check_reward_tokenizer(tokenizer, parent_path)
     data = load_comparisons(cfg, split_val, state.is_main_process)
     judge = gold_judge(cfg)
-    run = StageRun("reward", stage_dir, config_dict(cfg), parent_manifest, parent_path,
-                   cfg.train_files + cfg.val_files + cfg.norm_files, state.is_main_process)
+    run = StageRun(
+        "reward",
+        stage_dir,
+        config_dict(cfg),
+        parent_manifest,
+        parent_path,
+        cfg.train_files + cfg.val_files + cfg.norm_files,
+        state.is_main_process,
+    )
     if not begins(run, cfg.force, state):
         return
     wandb_env(stage_dir)
@@ -520,10 +613,16 @@ def main(argv: list[str] | None = None) -> None:
     group_loss = pair_mean_loss if cfg.loss == "pairs" else ranking_loss
     peft_config = reward_lora(cfg)
     trainer = RankingRewardTrainer(
-        model=model, args=training_args(cfg, run, val_ds is not None),
-        data_collator=GroupCollator(tokenizer.pad_token_id, packed, share), train_dataset=train_ds,
-        eval_dataset=val_ds, processing_class=tokenizer, callbacks=[JsonlMetricsCallback(stage_dir)],
-        peft_config=peft_config, group_loss=group_loss)
+        model=model,
+        args=training_args(cfg, run, val_ds is not None),
+        data_collator=GroupCollator(tokenizer.pad_token_id, packed, share),
+        train_dataset=train_ds,
+        eval_dataset=val_ds,
+        processing_class=tokenizer,
+        callbacks=[JsonlMetricsCallback(stage_dir)],
+        peft_config=peft_config,
+        group_loss=group_loss,
+    )
     quiet_console(trainer)
 
     # 4. Train, resuming from the newest complete checkpoint a killed run left (pipeline.trainer_metrics).
@@ -534,8 +633,7 @@ def main(argv: list[str] | None = None) -> None:
     #    fresh copy given the weights gathered from every process). Models loaded from here on, on
     #    the main process alone, load whole.
     load_models_whole()
-    save_plain_checkpoint(trainer, cfg.use_lora, peft_config, parent_path, tokenizer, stage_dir,
-                          state.is_main_process)
+    save_plain_checkpoint(trainer, cfg.use_lora, peft_config, parent_path, tokenizer, stage_dir, state.is_main_process)
     state.wait_for_everyone()
     if not state.is_main_process:
         return
@@ -547,11 +645,23 @@ def main(argv: list[str] | None = None) -> None:
     norm = normalise(reward_model, reward_tokenizer, data.reference, cfg.eval_batch_size, max_length, stage_dir)
 
     # 7. Evaluate on held-out comparisons, then write the manifest (last).
-    metrics = evaluate(reward_model, reward_tokenizer, data.val, judge, cfg.eval_batch_size, max_length,
-                       group_loss) if data.val else {}
+    metrics = (
+        evaluate(reward_model, reward_tokenizer, data.val, judge, cfg.eval_batch_size, max_length, group_loss)
+        if data.val
+        else {}
+    )
     metrics.update(training_metrics(result, train_loss, data, norm, reward_model))
     trainer.log({k: v for k, v in metrics.items() if k.startswith(("val_", "reference_"))})  # -> metrics.jsonl, wandb
-    run.finish(metrics, {"processes": state.num_processes, "threads": threads, BIAS_KEY: norm.offset,
-                         "reward_bias_folded": norm.folded, "truncated_sequences": truncated, "max_length": max_length,
-                         "weights_checksum_per_rank": checksums})
+    run.finish(
+        metrics,
+        {
+            "processes": state.num_processes,
+            "threads": threads,
+            BIAS_KEY: norm.offset,
+            "reward_bias_folded": norm.folded,
+            "truncated_sequences": truncated,
+            "max_length": max_length,
+            "weights_checksum_per_rank": checksums,
+        },
+    )
     report(metrics, norm, stage_dir)
