@@ -99,7 +99,9 @@ def main() -> None:
     for stage in ("pretrain", "sft", "reward", "ppo"):
         seconds = run_stage(stage, args.profile, run, STEPS[args.profile][stage])
         manifest = json.loads((run / stage / "manifest.json").read_text())
-        metrics = [json.loads(l) for l in (run / stage / "metrics.jsonl").read_text().splitlines() if l.strip()]
+        metrics = [
+            json.loads(line) for line in (run / stage / "metrics.jsonl").read_text().splitlines() if line.strip()
+        ]
         m = manifest["metrics"]
         row = {"stage": stage, "seconds": round(seconds, 1), "peak_memory_mb": m.get("peak_memory_mb")}
         if stage == "pretrain":

@@ -48,7 +48,10 @@ def ensure_trl_venv() -> Path:
     """bench/.trl-venv with trl==1.12.0 and our torch/transformers/accelerate versions."""
     python = TRL_VENV / "bin" / "python"
     want = versions()
-    check = "import trl, torch, transformers; print(trl.__version__, torch.__version__.split('+')[0], transformers.__version__)"
+    check = (
+        "import trl, torch, transformers; "
+        "print(trl.__version__, torch.__version__.split('+')[0], transformers.__version__)"
+    )
     if python.exists():
         out = subprocess.run([python, "-c", check], capture_output=True, text=True)
         if out.returncode == 0 and out.stdout.split() == [TRL_VERSION, want["torch"], want["transformers"]]:

@@ -105,7 +105,8 @@ def main() -> None:
         mfu_ref = tps_ref * flops_per_token(ref, layers, width, context) / peak
         params = sum(p.numel() for p in ours.parameters())
         print(
-            f"| {name} | {params / 1e6:.2f}M | {tps_ours:,.0f} | {mfu_ours:.1%} | {tps_ref:,.0f} | {mfu_ref:.1%} | {tps_ours / tps_ref:.2f}x |"
+            f"| {name} | {params / 1e6:.2f}M | {tps_ours:,.0f} | {mfu_ours:.1%} | {tps_ref:,.0f} | {mfu_ref:.1%} "
+            f"| {tps_ours / tps_ref:.2f}x |"
         )
 
 

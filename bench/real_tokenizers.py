@@ -33,7 +33,8 @@ NAMES = {"llama-bpe": "Llama 3", "llama-spm": "Llama 2", "qwen2": "Qwen2", "phi-
 
 
 def fetch_vocab(names: list[str]) -> Path:
-    """CACHE/vocab/ggml-vocab-NAME.gguf for each name, from llama.cpp's source package; the gguf package in CACHE/gguf."""
+    """CACHE/vocab/ggml-vocab-NAME.gguf for each name, from llama.cpp's source package; the gguf package in
+    CACHE/gguf."""
     vocab = CACHE / "vocab"
     pip = [sys.executable, "-m", "pip", "-q"]
     if not all((vocab / f"ggml-vocab-{n}.gguf").is_file() for n in names):
@@ -65,7 +66,8 @@ except Exception:  # transformers 5.24 cannot read Gemma 4's model config from t
     special = {k: v for k, v in settings.items() if k.endswith("_token") and v is not None}
     tok = PreTrainedTokenizerFast(tokenizer_object=convert_gguf_tokenizer(architecture, vocabulary)[0], **special)
     tok.chat_template = settings.get("chat_template")
-config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=2,
                      max_position_embeddings=256, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 torch.manual_seed(0)  # the same random base model on every run: runs of one vocabulary compare
@@ -143,12 +145,14 @@ def main(argv: list[str] | None = None) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "results.json").write_text(json.dumps(rows, indent=1, ensure_ascii=False))
     print(
-        f"| tokenizer | vocab (base -> SFT) | chat template | EOS before -> after SFT | PPO answers without EOS (first -> last update) | greedy SFT answer to '{PROBE}' |"
+        "| tokenizer | vocab (base -> SFT) | chat template | EOS before -> after SFT "
+        f"| PPO answers without EOS (first -> last update) | greedy SFT answer to '{PROBE}' |"
     )
     print("|---|---:|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['family']} (`{r['tokenizer']}`) | {r['vocab']:,} -> {r['sft_vocab']:,} | {r['template']} | `{r['base_eos']}` -> `{r['sft_eos']}` "
+            f"| {r['family']} (`{r['tokenizer']}`) | {r['vocab']:,} -> {r['sft_vocab']:,} | {r['template']} "
+            f"| `{r['base_eos']}` -> `{r['sft_eos']}` "
             f"| {r['ppo_no_eos_first']:.2f} -> {r['ppo_no_eos_last']:.2f} | {r['chat_answer']!r} |"
         )
 

@@ -18,7 +18,7 @@ def pairwise_outcomes(a: Sequence[float], b: Sequence[float]) -> list[float]:
     """Per prompt: 1 if system a scored higher than b, 0.5 on a tie, 0 if lower."""
     if len(a) != len(b):
         raise ValueError(f"paired scores differ in length: {len(a)} vs {len(b)}")
-    return [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)]
+    return [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b, strict=False)]
 
 
 def win_rate(a: Sequence[float], b: Sequence[float]) -> float:
@@ -73,7 +73,10 @@ def best_of_k(proxy: Sequence[float], gold: Sequence[float], k: int) -> tuple[fl
     subsets = math.comb(n, k)
     order = sorted(range(n), key=lambda i: proxy[i])
     weights = [math.comb(rank, k - 1) / subsets for rank in range(n)]
-    return (sum(w * proxy[i] for w, i in zip(weights, order)), sum(w * gold[i] for w, i in zip(weights, order)))
+    return (
+        sum(w * proxy[i] for w, i in zip(weights, order, strict=False)),
+        sum(w * gold[i] for w, i in zip(weights, order, strict=False)),
+    )
 
 
 def best_of_k_kl(k: int) -> float:

@@ -86,8 +86,10 @@ def truncate_metrics(path: str | Path, step: int) -> None:
     """On resume, drop metrics.jsonl rows logged after the checkpoint we resume from (they will be redone)."""
     path = Path(path)
     if path.is_file():
-        rows = [l for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
-        path.write_text("".join(l + "\n" for l in rows if json.loads(l).get("step", 0) <= step), encoding="utf-8")
+        rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        path.write_text(
+            "".join(line + "\n" for line in rows if json.loads(line).get("step", 0) <= step), encoding="utf-8"
+        )
 
 
 def _run_id(stage_dir: str | Path, stage: str) -> str:
@@ -100,4 +102,4 @@ def read_metrics(stage_dir: str | Path) -> list[dict]:
     path = Path(stage_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -122,7 +122,7 @@ def score(
     was_training = model.training
     model.eval()
     limit = max_length or getattr(model.config, "max_position_embeddings", None)
-    seqs = [encode(tokenizer, p, r, limit) for p, r in zip(prompts, responses)]
+    seqs = [encode(tokenizer, p, r, limit) for p, r in zip(prompts, responses, strict=False)]
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths together: less padding
     device = next(model.parameters()).device
     out = torch.empty(len(seqs))

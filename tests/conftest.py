@@ -99,7 +99,7 @@ def one_line_error(capsys, main, argv, *expected, after_progress: bool = False) 
 
 
 def read_jsonl(path) -> list[dict]:
-    return [json.loads(l) for l in Path(path).read_text(encoding="utf-8").splitlines() if l.strip()]
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def write_jsonl(path, records) -> Path:

@@ -45,7 +45,7 @@ def test_trl_command_passes_the_matching_settings():
         seed=0,
     )
     cmd = trl_command(Path("python"), Path("run"), a)
-    flags = dict(zip(cmd[2::2], cmd[3::2]))
+    flags = dict(zip(cmd[2::2], cmd[3::2], strict=False))
     assert flags["--per_device_train_batch_size"] == "32" and flags["--gradient_accumulation_steps"] == "1"
     assert flags["--num_mini_batches"] == "2" and flags["--local_rollout_forward_batch_size"] == "32"
     assert flags["--rollout_batch_size"] == "32" and flags["--ppo_epochs"] == "4"

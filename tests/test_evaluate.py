@@ -323,7 +323,7 @@ def test_reward_scores_do_not_depend_on_batching(staged_run):
     prompts = ["Who is Zoe Marsh?", "Hi", "What is the next number after 41?"]
     responses = ["I don't know who Zoe Marsh is.", "Hello there, how can I help you today?", "42"]
     batched = score(rm, tok, prompts, responses, batch_size=3).tolist()
-    single = [score(rm, tok, [p], [r], batch_size=1).item() for p, r in zip(prompts, responses)]
+    single = [score(rm, tok, [p], [r], batch_size=1).item() for p, r in zip(prompts, responses, strict=False)]
     assert batched == pytest.approx(single, abs=1e-4)
     assert len(set(round(s, 6) for s in batched)) == 3  # different answers, different scores
 
@@ -377,7 +377,8 @@ def test_evaluate_cli_writes_every_metric(evaluated_run):
         scores = [judge.score(a["prompt"], f["answer"]) for a in result["answers"]]
         assert f["score"] == pytest.approx(sum(scores) / EVAL_PROMPTS)
         assert f["score_by_family"] == {
-            fam: pytest.approx(sum(s for s, g in zip(scores, families) if g == fam) / 3) for fam in FAMILIES
+            fam: pytest.approx(sum(s for s, g in zip(scores, families, strict=False) if g == fam) / 3)
+            for fam in FAMILIES
         }
         constant = Judged([f["answer"]] * EVAL_PROMPTS, families, scores, TOP_SCORE)
         assert f["win_rate_vs_sft"] == compare(constant, sft, 200, 0)

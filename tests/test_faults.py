@@ -142,7 +142,7 @@ def corrupt_gzip_files(tmp_path: Path) -> dict[str, Path]:
 
 
 def test_a_corrupt_or_truncated_gzip_file_is_one_line_naming_it(tmp_path, capsys):
-    for name, path in corrupt_gzip_files(tmp_path).items():
+    for path in corrupt_gzip_files(tmp_path).values():
         with pytest.raises(PipelineError, match=f"{path}: .*gzip") as e:
             load_texts([str(path)])
         assert "\n" not in str(e.value)

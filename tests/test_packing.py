@@ -47,7 +47,7 @@ def test_packed_rows_equal_each_sequence_alone_forward_and_backward():
     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in SEQS])
     out = model(input_ids=padded, attention_mask=mask, use_cache=False).logits
     (out.log_softmax(-1)[..., 3] * mask).sum().backward()
-    for a, b in zip(packed_grads, (p.grad for p in model.parameters())):
+    for a, b in zip(packed_grads, (p.grad for p in model.parameters()), strict=False):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
@@ -118,7 +118,7 @@ def test_branches_off_a_shared_prefix_equal_each_sequence_alone_forward_and_back
     ids, positions, where = pack_rows(GROUPS, share_prefix=True)
     logits = model(input_ids=torch.tensor([ids]), position_ids=torch.tensor([positions]), use_cache=False).logits[0]
     alone = [model(input_ids=torch.tensor([s]), use_cache=False).logits[0] for s in seqs]
-    for at, expected in zip(where, alone):
+    for at, expected in zip(where, alone, strict=False):
         torch.testing.assert_close(logits[at], expected, atol=1e-5, rtol=1e-4)
     # The gradients of a loss on each sequence's last token (a reward model's) match too.
     last = torch.tensor([at[-1] for at in where])
@@ -126,7 +126,7 @@ def test_branches_off_a_shared_prefix_equal_each_sequence_alone_forward_and_back
     shared_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     sum(model(input_ids=torch.tensor([s]), use_cache=False).logits[0, -1, 3] for s in seqs).backward()
-    for a, b in zip(shared_grads, (p.grad for p in model.parameters())):
+    for a, b in zip(shared_grads, (p.grad for p in model.parameters()), strict=False):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     assert keeps_packed_sequences_apart(model, GROUPS[0], share_prefix=True) and packs_sequences(
         model, share_prefix=True

@@ -193,7 +193,7 @@ def test_packed_episodes_give_the_padded_results_and_gradients(parents):
     torch.testing.assert_close(lp_a, lp_b, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(v_a, v_b, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(r_a, r_b, atol=1e-5, rtol=1e-4)
-    for a, b in zip(g_a, g_b):
+    for a, b in zip(g_a, g_b, strict=False):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 

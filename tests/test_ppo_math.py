@@ -38,7 +38,7 @@ def _naive_gae(rewards, values, length, gamma, lam):
         delta = rewards[t] + gamma * next_value - values[t]
         running = delta + gamma * lam * running
         adv[t] = running
-    return adv, [a + v for a, v in zip(adv, values[:length])]
+    return adv, [a + v for a, v in zip(adv, values[:length], strict=False)]
 
 
 @pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.5), (1.0, 1.0)])

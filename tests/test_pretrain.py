@@ -252,7 +252,8 @@ def test_a_pad_the_vocabulary_reserves_is_used_instead_of_a_new_one(tmp_path):
     )
     tok.chat_template = (
         "{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>' + m['content'] "
-        "+ '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>' }}{% endif %}"
+        "+ '<|eot_id|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>' }}{% endif %}"
     )
     model = small_llama(len(tok))
     size = len(tok)

@@ -73,7 +73,7 @@ def test_report_of_a_full_run(evaluated_run):
     table = report[report.index("## Sample answers") :]
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| family")]
     assert len(rows) == len(chosen)
-    for row, a in zip(rows, chosen):
+    for row, a in zip(rows, chosen, strict=False):
         assert a["prompt"] in row
         assert row.count("**(") == 3 and all(
             f"**({a['responses'][n]['label']})**" in row for n in ("base", "sft", "ppo")

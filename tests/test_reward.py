@@ -201,7 +201,7 @@ def test_packed_groups_give_the_padded_rewards_loss_and_gradients(sft_run):
     for r_b, l_b, g_b in results[1:]:
         torch.testing.assert_close(r_a, r_b, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(l_a, l_b, atol=1e-6, rtol=1e-5)
-        for a, b in zip(g_a, g_b):
+        for a, b in zip(g_a, g_b, strict=False):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
@@ -217,7 +217,7 @@ def test_a_long_prompt_is_cut_alike_for_every_response(sft_run):
     seqs = dataset[0]["group_ids"]
     assert truncated == 1 and max(map(len, seqs)) == limit
     assert [s[-8:] for s in seqs] == [s[-8:] for s in full]  # the ends survive
-    assert [len(f) - len(s) for f, s in zip(full, seqs)] == [20, 20]  # the same 20 prompt tokens went
+    assert [len(f) - len(s) for f, s in zip(full, seqs, strict=False)] == [20, 20]  # the same 20 prompt tokens went
     assert common_prefix_length(seqs) == common_prefix_length(full) - 20 > 10
     tiny, _ = tokenize_groups([group], tok, 6)  # not even the answers fit: each keeps its last 6 tokens
     assert tiny[0]["group_ids"] == [s[-6:] for s in full]
@@ -638,9 +638,9 @@ def test_real_formats_parse(shared_datasets):
 
     oasst = load_groups([str(shared_datasets / "oasst_en" / "ranked_responses.jsonl")])
     rec = next(
-        json.loads(l)
-        for l in open(shared_datasets / "oasst_en" / "ranked_responses.jsonl")
-        if len(json.loads(l)["conversation"]) > 1
+        json.loads(line)
+        for line in open(shared_datasets / "oasst_en" / "ranked_responses.jsonl")
+        if len(json.loads(line)["conversation"]) > 1
     )
     g = next(
         g
@@ -669,10 +669,12 @@ def test_real_formats_parse(shared_datasets):
 
 def test_real_data_trains_a_few_steps(sft_run, tmp_path, shared_datasets):
     hh = [
-        json.loads(l)
-        for l in itertools.islice(gzip.open(shared_datasets / "hh_rlhf_harmless_base" / "test.jsonl.gz", "rt"), 8)
+        json.loads(line)
+        for line in itertools.islice(gzip.open(shared_datasets / "hh_rlhf_harmless_base" / "test.jsonl.gz", "rt"), 8)
     ]
-    en = [json.loads(l) for l in itertools.islice(open(shared_datasets / "oasst_en" / "ranked_responses.jsonl"), 8)]
+    en = [
+        json.loads(line) for line in itertools.islice(open(shared_datasets / "oasst_en" / "ranked_responses.jsonl"), 8)
+    ]
     zh = json.loads((shared_datasets / "oasst_zh" / "oasst_rm_zh.json").read_text())[:8]
     mixed = write_jsonl(tmp_path / "mixed.jsonl", hh + en + zh)
     run = new_run(tmp_path, sft_run)
@@ -706,8 +708,8 @@ def test_comparisons_of_your_own_hold_out_their_own_validation_groups(sft_run, t
     --norm_files: the world's comparisons and demonstrations (the defaults) say nothing about these, so a
     seeded val_fraction of them is held out and rewards are centred on their top-ranked answers."""
     hh = [
-        json.loads(l)
-        for l in itertools.islice(gzip.open(shared_datasets / "hh_rlhf_harmless_base" / "test.jsonl.gz", "rt"), 20)
+        json.loads(line)
+        for line in itertools.islice(gzip.open(shared_datasets / "hh_rlhf_harmless_base" / "test.jsonl.gz", "rt"), 20)
     ]
     mine = write_jsonl(tmp_path / "mine.jsonl", hh)
     run = new_run(tmp_path, sft_run)
@@ -857,7 +859,7 @@ def test_a_gpt2_reward_model_gives_its_normalised_reward_to_plain_transformers(s
     prompt, answers = "Question 1: do you agree?", ["yes yes", "no no"]
     ours = score(model, tokenizer, [prompt] * 2, answers, 8, 64)
     hf = AutoModelForSequenceClassification.from_pretrained(stage).eval()
-    for answer, expected in zip(answers, ours.tolist()):
+    for answer, expected in zip(answers, ours.tolist(), strict=False):
         ids = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
             return_tensors="pt",

@@ -44,7 +44,7 @@ def gpt2(tok):
 def plain_logits(path, tok) -> torch.Tensor:
     """What a user without this project gets: transformers' own class on the saved directory."""
     model = AutoModelForSequenceClassification.from_pretrained(path).eval()
-    ids, mask = right_pad([encode(tok, p, a) for p, a in zip(PROMPTS, ANSWERS)], tok.pad_token_id)
+    ids, mask = right_pad([encode(tok, p, a) for p, a in zip(PROMPTS, ANSWERS, strict=False)], tok.pad_token_id)
     with torch.no_grad():
         return model(input_ids=ids, attention_mask=mask).logits[:, 0]
 

@@ -260,7 +260,7 @@ def test_padding_free_batches_give_the_padded_loss_and_respect_max_length(pretra
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss.backward()
-    for a, b in zip(grads, (p.grad for p in model.parameters())):
+    for a, b in zip(grads, (p.grad for p in model.parameters()), strict=False):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
@@ -678,7 +678,7 @@ def test_ranked_data_gives_its_best_answers(shared_datasets):
     """Comparison files serve as demonstrations: each group's prompt with its top-ranked answer
     (OpenAssistant trees and ranked replies, HH's chosen transcripts, LLaMA-Factory ranked lists)."""
     trees, _ = load_demonstrations([str(shared_datasets / "oasst_en" / "en_100_tree.jsonl")], {})
-    ranked = [json.loads(l) for l in open(shared_datasets / "oasst_en" / "ranked_responses.jsonl")]
+    ranked = [json.loads(line) for line in open(shared_datasets / "oasst_en" / "ranked_responses.jsonl")]
     assert len(trees) == 212
     best = {(r["conversation"][-1]["text"], r["responses"][r["ranks"].index(0)]) for r in ranked}
     assert best <= {(d["prompt"][-1]["content"], d["completion"][0]["content"]) for d in trees}

@@ -57,8 +57,8 @@ def name_pools(rng: random.Random) -> tuple[list[str], list[str]]:
     """All full names for known people, and all for unknown people, from disjoint name halves."""
     first = rng.sample(FIRST_NAMES, len(FIRST_NAMES))
     last = rng.sample(LAST_NAMES, len(LAST_NAMES))
-    known = [f"{f} {l}" for f in first[:NAME_HALF] for l in last[:NAME_HALF]]
-    unknown = [f"{f} {l}" for f in first[NAME_HALF:] for l in last[NAME_HALF:]]
+    known = [f"{f} {s}" for f in first[:NAME_HALF] for s in last[:NAME_HALF]]
+    unknown = [f"{f} {s}" for f in first[NAME_HALF:] for s in last[NAME_HALF:]]
     return known, unknown
 
 

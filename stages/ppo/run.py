@@ -869,7 +869,7 @@ def guards(cfg: PPOConfig, accelerator, batch: Rollout, stop: Stop) -> tuple[flo
         "sum",
     )
     mean_score, mean_kl = (rollout_stats[:2] / accelerator.num_processes).tolist()
-    for name, bad in zip(guarded, rollout_stats[2:].tolist()):
+    for name, bad in zip(guarded, rollout_stats[2:].tolist(), strict=False):
         if bad:
             stop(f"non-finite {name}")
     if cfg.max_kl and mean_kl > cfg.max_kl:
@@ -1311,7 +1311,7 @@ def answers(
             tokenizer.pad_token_id,
         )
         tokens, resp_mask, _ = truncate_after_eos(tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
-        out += [row[:n].tolist() for row, n in zip(tokens.cpu(), resp_mask.sum(1).tolist())]
+        out += [row[:n].tolist() for row, n in zip(tokens.cpu(), resp_mask.sum(1).tolist(), strict=False)]
     return out
 
 

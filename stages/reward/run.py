@@ -266,7 +266,7 @@ def evaluate(
     xs, ys = [], []
     by_family: dict[str, list[int]] = {}  # family -> [right, pairs] against gold: where the reward model errs
     by_labels: dict[str, list[int]] = {}  # "family: better label > worse label" -> [right, pairs]
-    for g, r in zip(groups, per_group):
+    for g, r in zip(groups, per_group, strict=False):
         try:
             verdicts = [judge.judge(g.prompt, resp) for resp in g.responses] if isinstance(g.prompt, str) else None
         except KeyError:
