@@ -24,7 +24,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 STAGE_CMD = $(LAUNCH) -m stages.$(1) --profile $(PROFILE) --run_dir $(RUN) $(ARGS)
 
-.PHONY: setup all data pretrain sft comparisons reward round ppo eval report chat compare test test-fast bench bench-pretrain bench-ppo check-tokenizers clean
+.PHONY: setup all data pretrain sft comparisons reward round ppo eval report chat compare lint test test-fast bench bench-pretrain bench-ppo check-tokenizers clean
 
 setup: $(VENV)/.installed
 
@@ -89,6 +89,12 @@ compare: setup
 test: setup
 	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -q -p no:cacheprovider $(ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "no tests were collected"; exit 1; fi; exit $$rc
+
+# Style and layering: ruff (pyproject's rules) and import-linter's layers contract.
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(VENV)/bin/lint-imports
 
 # Everything but the multi-process, DeepSpeed, SIGKILL and whole-chain tests: the edit loop.
 test-fast: setup
