@@ -14,13 +14,16 @@ from __future__ import annotations
 import os
 import random
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jinja2
 import torch
 from accelerate import PartialState
 from datasets import Dataset, concatenate_datasets
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers.trainer_utils import TrainOutput
 from trl import SFTConfig, SFTTrainer
 
 from data.formats.demonstrations import column_map, load_demonstrations
@@ -86,8 +89,8 @@ def fit_to_length(examples: list[dict], tokenizer, max_length: int, what: str) -
         raise PipelineError(f"{dropped[0]}: every {what} record's prompt fills max_length {max_length} tokens, so no "
                             f"completion token is left to train on; raise --max_length")
     if dropped:
-        PartialState().print(f"[sft] warning: dropped {len(dropped)} of {len(examples)} {what} records whose prompt fills max_length "
-              f"{max_length} (first: {dropped[0]})", flush=True)
+        PartialState().print(f"[sft] warning: dropped {len(dropped)} of {len(examples)} {what} records whose prompt "
+                             f"fills max_length {max_length} (first: {dropped[0]})", flush=True)
     return kept, {"dropped": len(dropped), "truncated": cut}
 
 
@@ -135,14 +138,17 @@ def parent_model(cfg: SFTStageConfig):
         path = str(Path(cfg.run_dir) / "pretrain")
         manifest = require_stage(path, "pretrain", cfg.run_dir)
     if manifest is not None and manifest.get("stage") == "reward":
-        raise PipelineError(f"{path}: parent is not a causal LM (it is a reward model); start from a pretrain or sft stage")
+        raise PipelineError(f"{path}: parent is not a causal LM (it is a reward model); "
+                            "start from a pretrain or sft stage")
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise PipelineError(f"{path}: could not read a model config ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise PipelineError(f"{path}: could not read a model config "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     heads = config.architectures or []
     if heads and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in heads):
-        raise PipelineError(f"{path}: parent is not a causal LM (architecture {heads[0]}); SFT needs a language-model head")
+        raise PipelineError(f"{path}: parent is not a causal LM (architecture {heads[0]}); "
+                            "SFT needs a language-model head")
     return path, manifest, config
 
 
@@ -150,7 +156,8 @@ def load_tokenizer(path: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise PipelineError(f"{path}: no usable tokenizer ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise PipelineError(f"{path}: no usable tokenizer "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     ensure_chat_ready(tokenizer)  # a foreign base model gets our pad token and chat template
     return tokenizer
 
@@ -159,7 +166,8 @@ def load_causal_lm(path: str, tokenizer):
     try:
         model = AutoModelForCausalLM.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise PipelineError(f"{path}: parent is not a causal LM that transformers can load ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise PipelineError(f"{path}: parent is not a causal LM that transformers can load "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     ensure_chat_ready(tokenizer, model)  # room for the tokens it added; the config learns the pad/eos/bos ids
     return model
 
@@ -339,7 +347,8 @@ def world_for_eval(cfg: SFTStageConfig) -> Path | None:
         world = Path(cfg.world_dir)
         for name in ("truth.json", "eval_prompts.jsonl"):
             if not (world / name).is_file():
-                raise PipelineError(f"{world / name}: no such file; generate the world with `python -m world --out {world}`")
+                raise PipelineError(f"{world / name}: no such file; "
+                                    f"generate the world with `python -m world --out {world}`")
         return world
     world = Path(cfg.run_dir) / "world"
     judged = trains_on_world(cfg.train_files, world) and (world / "truth.json").is_file()
@@ -348,6 +357,141 @@ def world_for_eval(cfg: SFTStageConfig) -> Path | None:
 
 def _fmt(x: float | None, digits: int) -> str:
     return "-" if x is None else f"{x:.{digits}f}"  # None: nothing to average (reward.judging)
+
+
+# ---- the recipe's steps, in order ---------------------------------------------------------------
+
+def check_context(cfg: SFTStageConfig, parent_path: str, parent_config) -> None:
+    context = getattr(parent_config, "max_position_embeddings", None)
+    if context is not None and cfg.max_length > context:
+        raise PipelineError(f"max_length {cfg.max_length} exceeds the parent's context of {context} tokens "
+                            f"({parent_path}); lower --max_length")
+
+
+def chat_tokenizer(parent_path: str, is_main: bool) -> tuple[Any, int]:
+    """The parent's tokenizer with the chat template's turn end as EOS, and the EOS pretraining documents
+    end with (mixed-in documents keep theirs)."""
+    tokenizer = load_tokenizer(parent_path)
+    document_end = tokenizer.eos_token_id
+    replaced = use_turn_end_as_eos(tokenizer)
+    if replaced and is_main:
+        print(f"[sft] {parent_path}: the chat template closes answers with {tokenizer.eos_token}, which becomes EOS "
+              f"(was {replaced}): generation and PPO stop there", flush=True)
+    return tokenizer, document_end
+
+
+@dataclass
+class Demonstrations:
+    train: list[dict]
+    val: list[dict]
+    skipped: int  # unusable records passed over (skip_invalid)
+    dropped: int  # records whose prompt alone fills max_length
+    truncated: int  # records cut to max_length
+    lm_texts: list[str]  # pretraining documents to mix in (lm_ratio > 0)
+
+
+def load_data(cfg: SFTStageConfig, val_files: list[str], tokenizer) -> Demonstrations:
+    """Training and validation demonstrations as prompt/completion conversations (held out of the training
+    records without val_files), fitted to max_length; and the pretraining text to mix in at step 4."""
+    columns = column_map(cfg.columns)
+    demonstrations, skipped = load_demonstrations(cfg.train_files, columns, cfg.skip_invalid)
+    train, train_fit = fit_to_length(demonstrations, tokenizer, cfg.max_length, "training")
+    if val_files:
+        held_out, skipped_val = load_demonstrations(val_files, columns, cfg.skip_invalid)
+        val, val_fit = fit_to_length(held_out, tokenizer, cfg.max_length, "validation")
+        skipped += skipped_val
+    else:
+        train, val = split_holdout(train, cfg.val_fraction, cfg.seed)
+        val_fit = {"dropped": 0, "truncated": 0}
+    lm_texts = load_texts(cfg.lm_files, cfg.lm_field) if cfg.lm_ratio > 0 else []
+    return Demonstrations(train, val, skipped, train_fit["dropped"] + val_fit["dropped"],
+                          train_fit["truncated"] + val_fit["truncated"], lm_texts)
+
+
+def check_padding_free(cfg: SFTStageConfig, args: SFTConfig, model, parent_path: str) -> None:
+    """Padded batches (cut at max_length) instead, if the model does not keep packed sequences apart."""
+    if cfg.padding_free and not packs_sequences(model):
+        PartialState().print(f"[sft] {parent_path}: the model does not keep packed sequences apart; "
+                             "padding batches instead", flush=True)
+        args.padding_free, args.max_length = False, cfg.max_length
+
+
+def make_trainer(cfg: SFTStageConfig, args: SFTConfig, model, tokenizer, data: Demonstrations, document_end: int,
+                 stage_dir: Path) -> tuple[SFTTrainer, int]:
+    """The trainer on the demonstrations, plus the pretraining documents mixed in; and how many those are."""
+    if not data.val:
+        args.eval_strategy = "no"  # a single demonstration leaves nothing to validate on
+    trainer = build_trainer(cfg, args, model, tokenizer, as_dataset(data.train),
+                            as_dataset(data.val) if data.val else None, stage_dir)
+    trainer.train_dataset, lm_documents = mix_pretraining_text(trainer.train_dataset, data.lm_texts, cfg, tokenizer,
+                                                               document_end)
+    return trainer, lm_documents
+
+
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total). ZeRO-3 holds partitions; ds_numel is a parameter's whole size."""
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+    return trainable, sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+def resume_point(run: StageRun, is_main: bool) -> tuple[str | None, int]:
+    """The newest complete checkpoint a killed run left and its step, or (None, 0); the metrics logged after
+    it are dropped."""
+    resume, resume_step = last_complete_checkpoint(run.checkpoints, remove_incomplete=is_main)
+    PartialState().wait_for_everyone()
+    if is_main:
+        truncate_metrics(run.dir / "metrics.jsonl", resume_step)
+        if resume:
+            print(f"[sft] resumed from {resume} (step {resume_step})", flush=True)
+    return resume, resume_step
+
+
+def describe(cfg: SFTStageConfig, data: Demonstrations, lm_documents: int, trainable: int, total: int,
+             processes: int, threads: int) -> None:
+    mixed = f" + {lm_documents} pretraining documents" if lm_documents else ""
+    print(f"[sft] {len(data.train)} demonstrations{mixed} ({len(data.val)} held out), {trainable / 1e6:.2f}M of "
+          f"{total / 1e6:.2f}M parameters trained{' (LoRA)' if cfg.lora_r else ''}, {processes} process(es) x "
+          f"{threads} thread(s)", flush=True)
+
+
+def whole_train_loss(trainer: SFTTrainer, result: TrainOutput, resume_step: int, lr: float) -> float:
+    # Trainer's training_loss covers the steps since the resume only; the manifest reports the whole run's.
+    train_loss = whole_run_loss(trainer.state.log_history, resume_step, trainer.state.global_step,
+                                result.training_loss)
+    if not torch.isfinite(torch.tensor(train_loss)):
+        raise PipelineError(f"sft: training loss became {train_loss}; lower lr (now {lr})")
+    return train_loss
+
+
+def greedy_generation_config(cfg: SFTStageConfig, tokenizer) -> GenerationConfig:
+    """Greedy answers ending at the turn end (EOS), as the gold evaluation asks them."""
+    return GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        do_sample=False, max_new_tokens=cfg.eval_max_new_tokens,
+    )
+
+
+def training_metrics(trainer: SFTTrainer, result: TrainOutput, data: Demonstrations, lm_documents: int,
+                     val_loss: float | None, train_loss: float, trainable: int, total: int) -> dict:
+    return {
+        "val_loss": val_loss, "train_loss": train_loss, "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch, "train_records": len(data.train), "val_records": len(data.val),
+        "lm_documents": lm_documents, "dropped_records": data.dropped, "skipped_records": data.skipped,
+        "truncated_records": data.truncated, "params": total, "trainable_params": trainable,
+        "train_seconds": result.metrics.get("train_runtime"),
+    }
+
+
+def report(metrics: dict, samples: list[dict], world: Path | None, stage_dir: Path) -> None:
+    val_loss = metrics["val_loss"]
+    line = f"[sft] done: val loss {val_loss:.3f}" if val_loss is not None else "[sft] done"
+    if world is not None:
+        line += (f", gold score {_fmt(metrics['gold_score'], 3)} vs parent {_fmt(metrics['base_gold_score'], 3)}, "
+                 f"win rate {_fmt(metrics['win_rate_vs_base'], 2)} on {metrics['eval_prompts']} held-out prompts")
+    print(f"{line} -> {stage_dir}", flush=True)
+    for s in samples:
+        print(f"  {s['prompt']!r}\n    sft  [{s['sft_label']}] {s['sft']!r}\n"
+              f"    base [{s['base_label']}] {s['base']!r}", flush=True)
 
 
 # ---- the recipe ---------------------------------------------------------------------------------
@@ -364,9 +508,7 @@ def main(argv: list[str] | None = None) -> None:
     args.device  # noqa: B018 - sets up the process group (torchrun / accelerate launch) before we ask who is main
     is_main = args.process_index == 0
     parent_path, parent_manifest, parent_config = parent_model(cfg)
-    context = getattr(parent_config, "max_position_embeddings", None)
-    if context is not None and cfg.max_length > context:
-        raise PipelineError(f"max_length {cfg.max_length} exceeds the parent's context of {context} tokens ({parent_path}); lower --max_length")
+    check_context(cfg, parent_path, parent_config)
     world = world_for_eval(cfg)
     val_files = validation_files(cfg)
     run = StageRun("sft", stage_dir, config_dict(cfg), parent_manifest, parent_path,
@@ -377,95 +519,44 @@ def main(argv: list[str] | None = None) -> None:
 
     # 2. Demonstrations, validated and mapped to prompt/completion conversations; the parent's tokenizer
     #    (its chat template decides every token) finds the ones max_length would leave without an answer.
-    tokenizer = load_tokenizer(parent_path)
-    document_end = tokenizer.eos_token_id  # pretraining documents keep theirs
-    replaced = use_turn_end_as_eos(tokenizer)
-    if replaced and is_main:
-        print(f"[sft] {parent_path}: the chat template closes answers with {tokenizer.eos_token}, which becomes EOS "
-              f"(was {replaced}): generation and PPO stop there", flush=True)
-    columns = column_map(cfg.columns)
-    demonstrations, skipped = load_demonstrations(cfg.train_files, columns, cfg.skip_invalid)
-    train, train_fit = fit_to_length(demonstrations, tokenizer, cfg.max_length, "training")
-    if val_files:
-        held_out, skipped_val = load_demonstrations(val_files, columns, cfg.skip_invalid)
-        val, val_fit = fit_to_length(held_out, tokenizer, cfg.max_length, "validation")
-        skipped += skipped_val
-    else:
-        train, val = split_holdout(train, cfg.val_fraction, cfg.seed)
-        val_fit = {"dropped": 0, "truncated": 0}
-    lm_texts = load_texts(cfg.lm_files, cfg.lm_field) if cfg.lm_ratio > 0 else []  # mixed in at step 4
+    tokenizer, document_end = chat_tokenizer(parent_path, is_main)
+    data = load_data(cfg, val_files, tokenizer)
 
     # 3. Parent model; padding-free batches only if it keeps packed sequences apart.
     model = load_causal_lm(parent_path, tokenizer)
-    if cfg.padding_free and not packs_sequences(model):
-        PartialState().print(f"[sft] {parent_path}: the model does not keep packed sequences apart; "
-                             "padding batches instead", flush=True)
-        args.padding_free, args.max_length = False, cfg.max_length
+    check_padding_free(cfg, args, model, parent_path)
 
     # 4. Trainer (TRL's SFTTrainer; LoRA adapters through peft when lora_r > 0).
-    if not val:
-        args.eval_strategy = "no"  # a single demonstration leaves nothing to validate on
-    trainer = build_trainer(cfg, args, model, tokenizer, as_dataset(train), as_dataset(val) if val else None, stage_dir)
-    trainer.train_dataset, lm_documents = mix_pretraining_text(trainer.train_dataset, lm_texts, cfg, tokenizer,
-                                                                      document_end)
-    # (ZeRO-3 holds partitions; ds_numel is a parameter's whole size.)
-    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters() if p.requires_grad)
-    total = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.model.parameters())
+    trainer, lm_documents = make_trainer(cfg, args, model, tokenizer, data, document_end, stage_dir)
+    trainable, total = parameter_counts(trainer.model)
 
     # 5. Train, resuming from the newest complete checkpoint a killed run left (pipeline.trainer_metrics:
     #    its trainer_state.json parses and its weights are there; newer half-written ones are removed).
-    resume, resume_step = last_complete_checkpoint(run.checkpoints, remove_incomplete=is_main)
-    PartialState().wait_for_everyone()
+    resume, resume_step = resume_point(run, is_main)
     if is_main:
-        truncate_metrics(stage_dir / "metrics.jsonl", resume_step)
-        if resume:
-            print(f"[sft] resumed from {resume} (step {resume_step})", flush=True)
-        mixed = f" + {lm_documents} pretraining documents" if lm_documents else ""
-        print(f"[sft] {len(train)} demonstrations{mixed} ({len(val)} held out), {trainable / 1e6:.2f}M of {total / 1e6:.2f}M "
-              f"parameters trained{' (LoRA)' if cfg.lora_r else ''}, {args.world_size} process(es) x {threads} thread(s)",
-              flush=True)
+        describe(cfg, data, lm_documents, trainable, total, args.world_size, threads)
     result = trainer.train(resume_from_checkpoint=resume)
     checksums = rank_checksums(trainer.accelerator, trainer.model)  # replicas in sync (2-process tests)
-    # Trainer's training_loss covers the steps since the resume only; the manifest reports the whole run's.
-    train_loss = whole_run_loss(trainer.state.log_history, resume_step, trainer.state.global_step,
-                                result.training_loss)
-    if not torch.isfinite(torch.tensor(train_loss)):
-        raise PipelineError(f"sft: training loss became {train_loss}; lower lr (now {cfg.lr})")
+    train_loss = whole_train_loss(trainer, result, resume_step, cfg.lr)
 
     # 6. Validation loss (completion tokens only, like the training loss).
-    val_loss = trainer.evaluate()["eval_loss"] if val else None
+    val_loss = trainer.evaluate()["eval_loss"] if data.val else None
 
     # 7. Save a plain checkpoint: merged weights, tokenizer with chat template, generation config.
     #    Models loaded after training (a LoRA merge, the gold evaluation) load whole on one process.
     load_models_whole()
-    save_plain_checkpoint(trainer, cfg, parent_path, tokenizer, stage_dir, GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        do_sample=False, max_new_tokens=cfg.eval_max_new_tokens,
-    ))
+    save_plain_checkpoint(trainer, cfg, parent_path, tokenizer, stage_dir, greedy_generation_config(cfg, tokenizer))
 
     # 8. Gold evaluation against the parent (main process), then the manifest, written last.
     if is_main:
-        metrics = {
-            "val_loss": val_loss, "train_loss": train_loss, "steps": trainer.state.global_step,
-            "epochs": trainer.state.epoch, "train_records": len(train), "val_records": len(val),
-            "lm_documents": lm_documents,
-            "dropped_records": train_fit["dropped"] + val_fit["dropped"], "skipped_records": skipped,
-            "truncated_records": train_fit["truncated"] + val_fit["truncated"],
-            "params": total, "trainable_params": trainable, "train_seconds": result.metrics.get("train_runtime"),
-        }
+        metrics = training_metrics(trainer, result, data, lm_documents, val_loss, train_loss, trainable, total)
         samples = []
         if world is not None:
             gold, samples = gold_evaluation(cfg, world, stage_dir, tokenizer, parent_path, args.device)
             metrics.update(gold)
         metrics["peak_memory_mb"] = round(peak_memory_mb())
         (stage_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; the manifest holds the config
-        run.finish(metrics, {"samples": samples, "processes": args.world_size, "threads": threads, "lora": bool(cfg.lora_r),
-                             "weights_checksum_per_rank": checksums})
-        line = f"[sft] done: val loss {val_loss:.3f}" if val_loss is not None else "[sft] done"
-        if world is not None:
-            line += (f", gold score {_fmt(metrics['gold_score'], 3)} vs parent {_fmt(metrics['base_gold_score'], 3)}, "
-                     f"win rate {_fmt(metrics['win_rate_vs_base'], 2)} on {metrics['eval_prompts']} held-out prompts")
-        print(f"{line} -> {stage_dir}", flush=True)
-        for s in samples:
-            print(f"  {s['prompt']!r}\n    sft  [{s['sft_label']}] {s['sft']!r}\n    base [{s['base_label']}] {s['base']!r}", flush=True)
+        run.finish(metrics, {"samples": samples, "processes": args.world_size, "threads": threads,
+                             "lora": bool(cfg.lora_r), "weights_checksum_per_rank": checksums})
+        report(metrics, samples, world, stage_dir)
     PartialState().wait_for_everyone()
