@@ -109,6 +109,23 @@ def write_jsonl(path, records) -> Path:
     return path
 
 
+# ---- a tiny pretraining corpus (tests/test_pretrain.py, tests/test_faults.py) ---------------------
+
+CORPUS = [
+    {"text": f"Ana Lint lives in Port {c}. She works as a baker and likes the colour {c.lower()}."}
+    for c in ["Red", "Blue", "Green", "Amber", "Teal", "Gray", "Pink", "Gold"] * 20
+]
+
+
+def make_corpus(tmp_path: Path) -> Path:
+    return write_jsonl(tmp_path / "corpus.jsonl", CORPUS)
+
+
+def tiny_args(run: Path, corpus: Path, *extra: str) -> list[str]:
+    """The pretrain stage's arguments: the tiny profile on `corpus`, written to `run`."""
+    return ["--profile", "tiny", "--run_dir", str(run), "--train_files", str(corpus), *extra]
+
+
 @pytest.fixture(scope="session")
 def shared_datasets() -> Path:
     assert SHARED_DATASETS.is_dir(), f"real data samples are expected at {SHARED_DATASETS}"
@@ -163,6 +180,162 @@ def parents(pretrained_run, tmp_path_factory) -> Path:
     tokenizer.save_pretrained(run / "reward")
     write_json_atomic(run / "reward" / "manifest.json", {"stage": "reward", "stand_in": True})
     return run
+
+
+# ---- a run with a finished SFT stage (tests/test_reward.py, tests/test_comparisons.py) -------------
+
+
+@pytest.fixture(scope="session")
+def sft_run(pretrained_run, tmp_path_factory) -> Path:
+    """A run directory with a finished SFT stage.
+
+    STAND-IN until stages/sft lands: the tiny pretrained model copied to RUN/sft with a manifest that
+    says stage "sft". To use the real stage, replace the body with
+    `run_module("stages.sft", "--profile", "tiny", "--run_dir", run)` on a copy of pretrained_run.
+    """
+    import shutil
+
+    from pipeline.stage import read_manifest, write_json_atomic
+
+    run = tmp_path_factory.mktemp("sft_run")
+    os.symlink(Path(pretrained_run / "world").resolve(), run / "world")
+    shutil.copytree(pretrained_run / "pretrain", run / "sft")
+    manifest = read_manifest(run / "sft")
+    manifest["stage"] = "sft"
+    write_json_atomic(run / "sft" / "manifest.json", manifest)
+    return run
+
+
+def new_run(tmp_path: Path, sft_run: Path) -> Path:
+    """A fresh run directory sharing the world and the SFT stage (each test writes its own RUN/reward)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    os.symlink(sft_run / "world", run / "world")
+    os.symlink(sft_run / "sft", run / "sft")
+    return run
+
+
+# ---- one run dir with stand-ins for every stage (tests/test_evaluate.py, test_report.py, test_chat.py)
+
+EVAL_PROMPTS = 12  # 3 per family: every rate is defined
+
+# Prompts of your own, for a run evaluated without its world (tests/test_evaluate.py, tests/test_report.py).
+MY_PROMPTS = [
+    {"prompt": "Who is Zoe Marsh?"},
+    {"messages": [{"role": "user", "content": "Name a fruit."}]},
+    {"prompt": "What is the next number after 41?"},
+    {"prompt": "Say hi."},
+]
+
+
+def _stand_in_metrics(stage: str) -> list[dict]:
+    """metrics.jsonl rows with the keys each real stage logs (the report plots them)."""
+    import math
+
+    if stage == "sft":
+        return [{"step": s, "loss": 3.0 / s, "learning_rate": 1e-3 * (1 - s / 10)} for s in range(1, 11)] + [
+            {"step": s, "eval_loss": 2.0 / s} for s in (5, 10)
+        ]
+    if stage == "reward":
+        return [{"step": s, "loss": 0.7 - 0.02 * s} for s in range(1, 11)] + [
+            {"step": s, "eval_loss": 0.65, "eval_accuracy": 0.55 + 0.01 * s} for s in (5, 10)
+        ]
+    keys = (
+        "objective/score",
+        "objective/kl",
+        "objective/kl_coef",
+        "objective/total_reward",
+        "policy/entropy",
+        "loss/policy",
+        "loss/value",
+        "policy/clipfrac",
+        "value/clipfrac",
+        "policy/approx_kl",
+        "value/explained_variance",
+        "response/length",
+        "response/no_eos_rate",
+        "perf/episodes_per_s",
+        "gold/score",
+        "gold/hallucination_rate",
+        "gold/proxy_score",
+    )
+    return [{"step": s, **{k: math.sin(s + i) + 1.0 for i, k in enumerate(keys)}} for s in range(1, 9)]
+
+
+def _finish_stand_in(stage_dir: Path, stage: str, metrics: dict) -> None:
+    from pipeline.stage import read_manifest, write_json_atomic
+
+    write_jsonl(stage_dir / "metrics.jsonl", _stand_in_metrics(stage))
+    manifest = read_manifest(stage_dir)
+    manifest.update(stage=stage, metrics=metrics)
+    write_json_atomic(stage_dir / "manifest.json", manifest)  # last, as a real stage does
+
+
+@pytest.fixture(scope="session")
+def staged_run(tmp_path_factory, pretrained_run) -> Path:
+    """RUN/world + RUN/pretrain (real, tiny) and stand-ins: RUN/sft and RUN/ppo are copies of the pretrained
+    model, RUN/reward a sequence classifier on top of it (random scalar head). Identical policies make the
+    expected win rates (0.5, all ties) and KL (0) known exactly."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    run = tmp_path_factory.getbasetemp() / "staged_run"
+    if (run / "reward" / "manifest.json").is_file():  # built already in this session's base temp dir
+        return run
+    run.mkdir()
+    os.symlink((pretrained_run / "world").resolve(), run / "world")
+    shutil.copytree(pretrained_run / "pretrain", run / "pretrain")
+    for stage in ("sft", "ppo"):
+        shutil.copytree(run / "pretrain", run / stage)
+        _finish_stand_in(run / stage, stage, {"eval_loss": 1.5} if stage == "sft" else {"gold_score": 0.1})
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_pretrained(run / "pretrain", num_labels=1)
+    tok = AutoTokenizer.from_pretrained(run / "pretrain")
+    rm.config.pad_token_id = tok.pad_token_id
+    rm.save_pretrained(run / "reward")
+    tok.save_pretrained(run / "reward")
+    shutil.copy(run / "pretrain" / "manifest.json", run / "reward" / "manifest.json")
+    _finish_stand_in(
+        run / "reward",
+        "reward",
+        {
+            "eval_accuracy": 0.6,
+            "test": {"pairwise_accuracy": 0.64},
+            "eval_loss": 0.6,
+            "val_gold_pairs_by_labels": {
+                "fact: correct > verbose": {"right": 47, "pairs": 94},
+                "fact: correct > wrong": {"right": 83, "pairs": 92},
+                "fact: over_refused > wrong": {"right": 41, "pairs": 95},
+            },
+        },
+    )
+    return run
+
+
+@pytest.fixture(scope="session")
+def evaluated_run(staged_run) -> Path:
+    """`staged_run` after `python -m evaluation.evaluate` (the real CLI)."""
+    if not (staged_run / "eval.json").is_file():
+        proc = run_module(
+            "evaluation.evaluate",
+            "--run_dir",
+            staged_run,
+            "--max_prompts",
+            EVAL_PROMPTS,
+            "--max_new_tokens",
+            12,
+            "--bootstrap",
+            200,
+            "--seed",
+            0,
+            "--threads",
+            1,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "| metric | base | sft | ppo |" in proc.stdout
+    return staged_run
 
 
 # A chat template that refuses system turns, as Gemma's does: the stages must name the record it refuses.

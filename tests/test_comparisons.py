@@ -8,8 +8,7 @@ import json
 from data.formats.comparisons import load_groups
 from reward.comparisons import main as comparisons_main
 from stages.reward.run import main as reward_main
-from tests.conftest import one_line_error, read_jsonl, write_jsonl
-from tests.test_reward import new_run, sft_run  # noqa: F401  (sft_run is a fixture: the SFT stand-in)
+from tests.conftest import new_run, one_line_error, read_jsonl, write_jsonl
 from world.judge import GoldJudge
 
 

@@ -1,8 +1,8 @@
 """Evaluation: the statistics by hand, the log-prob/KL/reward helpers, and `python -m evaluation.evaluate`
 end to end on a run whose sft/ppo/reward stages are stand-ins built from the tiny pretrained model.
 
-The `staged_run` and `evaluated_run` fixtures are shared with tests/test_report.py and tests/test_chat.py
-(imported there); they build their directory once per session, whichever test file asks first.
+The `staged_run` and `evaluated_run` fixtures live in tests/conftest.py, shared with tests/test_report.py and
+tests/test_chat.py; they build their directory once per session, whichever test file asks first.
 """
 
 from __future__ import annotations
@@ -38,10 +38,9 @@ from pipeline.stage import read_manifest, write_json_atomic
 from pipeline.stats import best_of_k, best_of_k_kl, bootstrap_ci, pairwise_outcomes, win_rate
 from reward.judging import Judged, compare
 from reward.model import load_reward_model, score
-from tests.conftest import one_line_error, refusing_system_turns, run_module, write_jsonl
+from tests.conftest import EVAL_PROMPTS, MY_PROMPTS, one_line_error, refusing_system_turns, run_module, write_jsonl
 from world.judge import FAMILIES, TOP_SCORE, GoldJudge
 
-EVAL_PROMPTS = 12  # 3 per family: every rate is defined
 RATE_KEYS = (
     "fact_accuracy",
     "fact_correct_or_verbose",
@@ -55,110 +54,6 @@ RATE_KEYS = (
     "over_refusal_rate",
     "malformed_rate",
 )
-
-
-# ---- fixtures: one run dir with stand-ins for every stage --------------------------------------
-
-
-def _stand_in_metrics(stage: str) -> list[dict]:
-    """metrics.jsonl rows with the keys each real stage logs (the report plots them)."""
-    if stage == "sft":
-        return [{"step": s, "loss": 3.0 / s, "learning_rate": 1e-3 * (1 - s / 10)} for s in range(1, 11)] + [
-            {"step": s, "eval_loss": 2.0 / s} for s in (5, 10)
-        ]
-    if stage == "reward":
-        return [{"step": s, "loss": 0.7 - 0.02 * s} for s in range(1, 11)] + [
-            {"step": s, "eval_loss": 0.65, "eval_accuracy": 0.55 + 0.01 * s} for s in (5, 10)
-        ]
-    keys = (
-        "objective/score",
-        "objective/kl",
-        "objective/kl_coef",
-        "objective/total_reward",
-        "policy/entropy",
-        "loss/policy",
-        "loss/value",
-        "policy/clipfrac",
-        "value/clipfrac",
-        "policy/approx_kl",
-        "value/explained_variance",
-        "response/length",
-        "response/no_eos_rate",
-        "perf/episodes_per_s",
-        "gold/score",
-        "gold/hallucination_rate",
-        "gold/proxy_score",
-    )
-    return [{"step": s, **{k: math.sin(s + i) + 1.0 for i, k in enumerate(keys)}} for s in range(1, 9)]
-
-
-def _finish_stand_in(stage_dir: Path, stage: str, metrics: dict) -> None:
-    write_jsonl(stage_dir / "metrics.jsonl", _stand_in_metrics(stage))
-    manifest = read_manifest(stage_dir)
-    manifest.update(stage=stage, metrics=metrics)
-    write_json_atomic(stage_dir / "manifest.json", manifest)  # last, as a real stage does
-
-
-@pytest.fixture(scope="session")
-def staged_run(tmp_path_factory, pretrained_run) -> Path:
-    """RUN/world + RUN/pretrain (real, tiny) and stand-ins: RUN/sft and RUN/ppo are copies of the pretrained
-    model, RUN/reward a sequence classifier on top of it (random scalar head). Identical policies make the
-    expected win rates (0.5, all ties) and KL (0) known exactly."""
-    run = tmp_path_factory.getbasetemp() / "staged_run"
-    if (run / "reward" / "manifest.json").is_file():  # built already by another test file importing this fixture
-        return run
-    run.mkdir()
-    os.symlink((pretrained_run / "world").resolve(), run / "world")
-    shutil.copytree(pretrained_run / "pretrain", run / "pretrain")
-    for stage in ("sft", "ppo"):
-        shutil.copytree(run / "pretrain", run / stage)
-        _finish_stand_in(run / stage, stage, {"eval_loss": 1.5} if stage == "sft" else {"gold_score": 0.1})
-    torch.manual_seed(0)
-    rm = AutoModelForSequenceClassification.from_pretrained(run / "pretrain", num_labels=1)
-    tok = AutoTokenizer.from_pretrained(run / "pretrain")
-    rm.config.pad_token_id = tok.pad_token_id
-    rm.save_pretrained(run / "reward")
-    tok.save_pretrained(run / "reward")
-    shutil.copy(run / "pretrain" / "manifest.json", run / "reward" / "manifest.json")
-    _finish_stand_in(
-        run / "reward",
-        "reward",
-        {
-            "eval_accuracy": 0.6,
-            "test": {"pairwise_accuracy": 0.64},
-            "eval_loss": 0.6,
-            "val_gold_pairs_by_labels": {
-                "fact: correct > verbose": {"right": 47, "pairs": 94},
-                "fact: correct > wrong": {"right": 83, "pairs": 92},
-                "fact: over_refused > wrong": {"right": 41, "pairs": 95},
-            },
-        },
-    )
-    return run
-
-
-@pytest.fixture(scope="session")
-def evaluated_run(staged_run) -> Path:
-    """`staged_run` after `python -m evaluation.evaluate` (the real CLI)."""
-    if not (staged_run / "eval.json").is_file():
-        proc = run_module(
-            "evaluation.evaluate",
-            "--run_dir",
-            staged_run,
-            "--max_prompts",
-            EVAL_PROMPTS,
-            "--max_new_tokens",
-            12,
-            "--bootstrap",
-            200,
-            "--seed",
-            0,
-            "--threads",
-            1,
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert "| metric | base | sft | ppo |" in proc.stdout
-    return staged_run
 
 
 # ---- statistics ---------------------------------------------------------------------------
@@ -516,13 +411,6 @@ def test_evaluate_without_world_or_stages_says_what_to_run(tmp_path, staged_run)
 
 
 # ---- a run on real data: your prompts, a reward model judges ---------------------------------
-
-MY_PROMPTS = [
-    {"prompt": "Who is Zoe Marsh?"},
-    {"messages": [{"role": "user", "content": "Name a fruit."}]},
-    {"prompt": "What is the next number after 41?"},
-    {"prompt": "Say hi."},
-]
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,17 @@ from pipeline.errors import PipelineError
 from pipeline.stage import read_manifest
 from stages.pretrain.run import main as pretrain_main
 from stages.sft.run import main as sft_main
-from tests.conftest import ROOT, one_line_error, read_jsonl, run_module, torchrun, write_jsonl
-from tests.test_pretrain import CORPUS, make_corpus, tiny_args
+from tests.conftest import (
+    CORPUS,
+    ROOT,
+    make_corpus,
+    one_line_error,
+    read_jsonl,
+    run_module,
+    tiny_args,
+    torchrun,
+    write_jsonl,
+)
 
 QUICK = ("--max_steps", "2", "--save_every", "100")
 

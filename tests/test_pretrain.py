@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,27 +16,16 @@ from stages.pretrain.run import sample_batch
 from tests.conftest import (
     assert_replicas_saved,
     kill_after_checkpoint,
+    make_corpus,
     one_line_error,
     qwen_style_model,
     read_jsonl,
     run_module,
     small_bpe,
+    tiny_args,
     torchrun,
     write_jsonl,
 )
-
-CORPUS = [
-    {"text": f"Ana Lint lives in Port {c}. She works as a baker and likes the colour {c.lower()}."}
-    for c in ["Red", "Blue", "Green", "Amber", "Teal", "Gray", "Pink", "Gold"] * 20
-]
-
-
-def make_corpus(tmp_path: Path) -> Path:
-    return write_jsonl(tmp_path / "corpus.jsonl", CORPUS)
-
-
-def tiny_args(run: Path, corpus: Path, *extra: str) -> list[str]:
-    return ["--profile", "tiny", "--run_dir", str(run), "--train_files", str(corpus), *extra]
 
 
 def test_smoke_trains_saves_and_loads_in_plain_transformers(pretrained_run):

@@ -10,8 +10,7 @@ from evaluation.evaluate import EvalOptions, evaluate_run, markdown_table
 from evaluation.report import build_report, sample_rows, series
 from evaluation.report import main as report_main
 from pipeline.stage import write_json_atomic
-from tests.conftest import write_jsonl
-from tests.test_evaluate import MY_PROMPTS, evaluated_run, staged_run  # noqa: F401 (shared session fixtures)
+from tests.conftest import MY_PROMPTS, write_jsonl
 from world.judge import FAMILIES, GoldJudge
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -19,7 +19,7 @@ from data.formats.comparisons import Group, load_groups
 from data.tokenizer import ensure_chat_ready
 from pipeline.errors import PipelineError
 from pipeline.packing import common_prefix_length, use_varlen_attention
-from pipeline.stage import read_manifest, write_json_atomic
+from pipeline.stage import read_manifest
 from reward.losses import pair_accuracy, pair_mean_loss, pairwise_loss, ranking_loss
 from reward.model import encode, load_reward_model, score
 from stages.reward.run import GroupCollator, HeadOutputs, tokenize_groups
@@ -29,6 +29,7 @@ from tests.conftest import (
     Interrupted,
     assert_replicas_saved,
     kill_after_checkpoint,
+    new_run,
     one_line_error,
     read_jsonl,
     run_module,
@@ -137,33 +138,7 @@ def test_evaluation_against_labels_and_gold(world_dir, monkeypatch):
     assert 0.55 < m["val_label_ceiling_accuracy"] < 0.85  # the world's labeler noise: ~75% agreement off ties
 
 
-# ---- fixtures -------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def sft_run(pretrained_run, tmp_path_factory) -> Path:
-    """A run directory with a finished SFT stage.
-
-    STAND-IN until stages/sft lands: the tiny pretrained model copied to RUN/sft with a manifest that
-    says stage "sft". To use the real stage, replace the body with
-    `run_module("stages.sft", "--profile", "tiny", "--run_dir", run)` on a copy of pretrained_run.
-    """
-    run = tmp_path_factory.mktemp("sft_run")
-    os.symlink(Path(pretrained_run / "world").resolve(), run / "world")
-    shutil.copytree(pretrained_run / "pretrain", run / "sft")
-    manifest = read_manifest(run / "sft")
-    manifest["stage"] = "sft"
-    write_json_atomic(run / "sft" / "manifest.json", manifest)
-    return run
-
-
-def new_run(tmp_path: Path, sft_run: Path) -> Path:
-    """A fresh run directory sharing the world and the SFT stage (each test writes its own RUN/reward)."""
-    run = tmp_path / "run"
-    run.mkdir()
-    os.symlink(sft_run / "world", run / "world")
-    os.symlink(sft_run / "sft", run / "sft")
-    return run
+# ---- on the SFT stand-in (sft_run, in tests/conftest.py) ------------------------------------------
 
 
 def test_packed_groups_give_the_padded_rewards_loss_and_gradients(sft_run):
