@@ -370,6 +370,14 @@ def gold_judge(cfg: RewardStageConfig) -> GoldJudge | None:
     return GoldJudge.load(world) if (world / "truth.json").is_file() else None
 
 
+def stage_run(
+    cfg: RewardStageConfig, stage_dir: Path, parent_path: str, parent_manifest: dict | None, is_main: bool
+) -> StageRun:
+    """The stage directory's bookkeeping: its config, parent and data files."""
+    data_files = cfg.train_files + cfg.val_files + cfg.norm_files
+    return StageRun("reward", stage_dir, config_dict(cfg), parent_manifest, parent_path, data_files, is_main)
+
+
 def begins(run: StageRun, force: bool, state: PartialState) -> bool:
     """Whether the stage runs (not finished already). The main process decides (only it fingerprints the
     data); the others follow."""
@@ -472,6 +480,33 @@ def training_args(cfg: RewardStageConfig, run: StageRun, evaluates: bool) -> Rew
     )
 
 
+def make_trainer(
+    cfg: RewardStageConfig,
+    run: StageRun,
+    model,
+    tokenizer,
+    collator: GroupCollator,
+    train_ds: Dataset,
+    val_ds: Dataset | None,
+    peft_config,
+    group_loss,
+) -> RankingRewardTrainer:
+    """TRL's RewardTrainer with the K-wise loss, quiet on the console; checkpoints inside the stage directory."""
+    trainer = RankingRewardTrainer(
+        model=model,
+        args=training_args(cfg, run, val_ds is not None),
+        data_collator=collator,
+        train_dataset=train_ds,
+        eval_dataset=val_ds,
+        processing_class=tokenizer,
+        callbacks=[JsonlMetricsCallback(run.dir)],
+        peft_config=peft_config,
+        group_loss=group_loss,
+    )
+    quiet_console(trainer)
+    return trainer
+
+
 def train(trainer: RankingRewardTrainer, run: StageRun, state: PartialState) -> tuple[TrainOutput, float]:
     """Train, resuming from the newest complete checkpoint a killed run left (pipeline.trainer_metrics).
     Returns Trainer's result and the whole run's training loss."""
@@ -554,6 +589,21 @@ def training_metrics(
     }
 
 
+def manifest_facts(
+    state: PartialState, threads: int, norm: Normalisation, truncated: int, max_length: int, checksums: list[float]
+) -> dict:
+    """What the manifest records beside the metrics: how the run ran, and where the reward's offset lives."""
+    return {
+        "processes": state.num_processes,
+        "threads": threads,
+        BIAS_KEY: norm.offset,
+        "reward_bias_folded": norm.folded,
+        "truncated_sequences": truncated,
+        "max_length": max_length,
+        "weights_checksum_per_rank": checksums,
+    }
+
+
 def report(metrics: dict, norm: Normalisation, stage_dir: Path) -> None:
     summary = ", ".join(
         f"{k} {metrics[k]:.3f}"
@@ -589,15 +639,7 @@ def main(argv: list[str] | None = None) -> None:
     check_reward_tokenizer(tokenizer, parent_path)
     data = load_comparisons(cfg, split_val, state.is_main_process)
     judge = gold_judge(cfg)
-    run = StageRun(
-        "reward",
-        stage_dir,
-        config_dict(cfg),
-        parent_manifest,
-        parent_path,
-        cfg.train_files + cfg.val_files + cfg.norm_files,
-        state.is_main_process,
-    )
+    run = stage_run(cfg, stage_dir, parent_path, parent_manifest, state.is_main_process)
     if not begins(run, cfg.force, state):
         return
     wandb_env(stage_dir)
@@ -612,18 +654,8 @@ def main(argv: list[str] | None = None) -> None:
     # 3. Trainer: TRL's RewardTrainer with the K-wise loss; checkpoints inside the stage directory.
     group_loss = pair_mean_loss if cfg.loss == "pairs" else ranking_loss
     peft_config = reward_lora(cfg)
-    trainer = RankingRewardTrainer(
-        model=model,
-        args=training_args(cfg, run, val_ds is not None),
-        data_collator=GroupCollator(tokenizer.pad_token_id, packed, share),
-        train_dataset=train_ds,
-        eval_dataset=val_ds,
-        processing_class=tokenizer,
-        callbacks=[JsonlMetricsCallback(stage_dir)],
-        peft_config=peft_config,
-        group_loss=group_loss,
-    )
-    quiet_console(trainer)
+    collator = GroupCollator(tokenizer.pad_token_id, packed, share)
+    trainer = make_trainer(cfg, run, model, tokenizer, collator, train_ds, val_ds, peft_config, group_loss)
 
     # 4. Train, resuming from the newest complete checkpoint a killed run left (pipeline.trainer_metrics).
     result, train_loss = train(trainer, run, state)
@@ -645,23 +677,12 @@ def main(argv: list[str] | None = None) -> None:
     norm = normalise(reward_model, reward_tokenizer, data.reference, cfg.eval_batch_size, max_length, stage_dir)
 
     # 7. Evaluate on held-out comparisons, then write the manifest (last).
-    metrics = (
-        evaluate(reward_model, reward_tokenizer, data.val, judge, cfg.eval_batch_size, max_length, group_loss)
-        if data.val
-        else {}
-    )
+    metrics = {}
+    if data.val:
+        metrics = evaluate(
+            reward_model, reward_tokenizer, data.val, judge, cfg.eval_batch_size, max_length, group_loss
+        )
     metrics.update(training_metrics(result, train_loss, data, norm, reward_model))
     trainer.log({k: v for k, v in metrics.items() if k.startswith(("val_", "reference_"))})  # -> metrics.jsonl, wandb
-    run.finish(
-        metrics,
-        {
-            "processes": state.num_processes,
-            "threads": threads,
-            BIAS_KEY: norm.offset,
-            "reward_bias_folded": norm.folded,
-            "truncated_sequences": truncated,
-            "max_length": max_length,
-            "weights_checksum_per_rank": checksums,
-        },
-    )
+    run.finish(metrics, manifest_facts(state, threads, norm, truncated, max_length, checksums))
     report(metrics, norm, stage_dir)
