@@ -52,6 +52,7 @@ from stages.sft.config import SFTStageConfig
 
 # ---- demonstrations (their formats: data.formats.demonstrations) ---------------------------------
 
+
 def validation_files(cfg: SFTStageConfig) -> list[str]:
     """--val_files, else the world's validation split when training on the world's demonstrations;
     an empty list means: hold out val_fraction of the training records."""
@@ -66,11 +67,12 @@ def validation_files(cfg: SFTStageConfig) -> list[str]:
 def fit_to_length(examples: list[dict], tokenizer, max_length: int, what: str) -> tuple[list[dict], dict]:
     """Drop demonstrations whose prompt alone fills max_length: truncation (which keeps the start) would
     leave no completion token to learn from. Longer completions are only cut; both are counted."""
+
     def lengths(conversations, **kwargs) -> list[int]:  # rendered and tokenized in one batch: fast
         try:
             texts = tokenizer.apply_chat_template(conversations, tokenize=False, **kwargs)
         except jinja2.TemplateError:  # find the record the template refuses, and say which
-            for ex, conversation in zip(examples, conversations):
+            for ex, conversation in zip(examples, conversations, strict=False):
                 with template_accepts(ex["_where"]):
                     tokenizer.apply_chat_template(conversation, tokenize=False, **kwargs)
             raise
@@ -79,18 +81,23 @@ def fit_to_length(examples: list[dict], tokenizer, max_length: int, what: str) -
     prompt_len = lengths([ex["prompt"] for ex in examples], add_generation_prompt=True)
     full_len = lengths([ex["prompt"] + ex["completion"] for ex in examples])
     kept, dropped, cut = [], [], 0
-    for ex, n_prompt, n_full in zip(examples, prompt_len, full_len):
+    for ex, n_prompt, n_full in zip(examples, prompt_len, full_len, strict=False):
         if n_prompt >= max_length:
             dropped.append(ex["_where"])
             continue
         cut += n_full > max_length
         kept.append(ex)
     if dropped and not kept:
-        raise PipelineError(f"{dropped[0]}: every {what} record's prompt fills max_length {max_length} tokens, so no "
-                            f"completion token is left to train on; raise --max_length")
+        raise PipelineError(
+            f"{dropped[0]}: every {what} record's prompt fills max_length {max_length} tokens, so no "
+            f"completion token is left to train on; raise --max_length"
+        )
     if dropped:
-        PartialState().print(f"[sft] warning: dropped {len(dropped)} of {len(examples)} {what} records whose prompt "
-                             f"fills max_length {max_length} (first: {dropped[0]})", flush=True)
+        PartialState().print(
+            f"[sft] warning: dropped {len(dropped)} of {len(examples)} {what} records whose prompt "
+            f"fills max_length {max_length} (first: {dropped[0]})",
+            flush=True,
+        )
     return kept, {"dropped": len(dropped), "truncated": cut}
 
 
@@ -107,8 +114,9 @@ def as_dataset(examples: list[dict]) -> Dataset:
     return Dataset.from_list([{"prompt": ex["prompt"], "completion": ex["completion"]} for ex in examples])
 
 
-def mix_pretraining_text(train: Dataset, texts: list[str], cfg: SFTStageConfig, tokenizer,
-                         document_end: int) -> tuple[Dataset, int]:
+def mix_pretraining_text(
+    train: Dataset, texts: list[str], cfg: SFTStageConfig, tokenizer, document_end: int
+) -> tuple[Dataset, int]:
     """The trainer's tokenized demonstrations plus round(lm_ratio x demonstrations) pretraining documents,
     each [bos] text [document_end] as pretraining saw it, cut to max_length, with a loss on every token.
 
@@ -120,14 +128,17 @@ def mix_pretraining_text(train: Dataset, texts: list[str], cfg: SFTStageConfig, 
         return train, 0
     texts = random.Random(cfg.seed).sample(texts, min(count, len(texts)))
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    ids = [(bos + doc + [document_end])[: cfg.max_length]
-           for doc in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    ids = [
+        (bos + doc + [document_end])[: cfg.max_length]
+        for doc in tokenizer(texts, add_special_tokens=False)["input_ids"]
+    ]
     train = train.select_columns(["input_ids", "labels"])  # what the collator uses of SFTTrainer's preparation
     documents = Dataset.from_dict({"input_ids": ids, "labels": ids}).cast(train.features)
     return concatenate_datasets([train, documents]), len(ids)
 
 
 # ---- parent model ------------------------------------------------------------------------------
+
 
 def parent_model(cfg: SFTStageConfig):
     """RUN/pretrain by default (it must be finished), or any finished stage / HF checkpoint / Hub id.
@@ -138,17 +149,20 @@ def parent_model(cfg: SFTStageConfig):
         path = str(Path(cfg.run_dir) / "pretrain")
         manifest = require_stage(path, "pretrain", cfg.run_dir)
     if manifest is not None and manifest.get("stage") == "reward":
-        raise PipelineError(f"{path}: parent is not a causal LM (it is a reward model); "
-                            "start from a pretrain or sft stage")
+        raise PipelineError(
+            f"{path}: parent is not a causal LM (it is a reward model); start from a pretrain or sft stage"
+        )
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise PipelineError(f"{path}: could not read a model config "
-                            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise PipelineError(
+            f"{path}: could not read a model config ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from None
     heads = config.architectures or []
     if heads and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in heads):
-        raise PipelineError(f"{path}: parent is not a causal LM (architecture {heads[0]}); "
-                            "SFT needs a language-model head")
+        raise PipelineError(
+            f"{path}: parent is not a causal LM (architecture {heads[0]}); SFT needs a language-model head"
+        )
     return path, manifest, config
 
 
@@ -156,8 +170,9 @@ def load_tokenizer(path: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise PipelineError(f"{path}: no usable tokenizer "
-                            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise PipelineError(
+            f"{path}: no usable tokenizer ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from None
     ensure_chat_ready(tokenizer)  # a foreign base model gets our pad token and chat template
     return tokenizer
 
@@ -166,13 +181,16 @@ def load_causal_lm(path: str, tokenizer):
     try:
         model = AutoModelForCausalLM.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise PipelineError(f"{path}: parent is not a causal LM that transformers can load "
-                            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise PipelineError(
+            f"{path}: parent is not a causal LM that transformers can load "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from None
     ensure_chat_ready(tokenizer, model)  # room for the tokens it added; the config learns the pad/eos/bos ids
     return model
 
 
 # ---- trainer -----------------------------------------------------------------------------------
+
 
 def quiet() -> bool:
     """No progress bars in CI logs (as pipeline.runtime.progress): Trainer's, datasets' and loading bars."""
@@ -222,7 +240,8 @@ def training_args(cfg: SFTStageConfig, stage_dir: Path) -> SFTConfig:
         dataloader_pin_memory=torch.cuda.is_available(),
         ddp_find_unused_parameters=False,
         # Without use_cpu, accelerate treats torchrun's CPU workers as unrelated single processes.
-        use_cpu=cpu, ddp_backend=backend,
+        use_cpu=cpu,
+        ddp_backend=backend,
     )
 
 
@@ -233,7 +252,10 @@ def lora_config(cfg: SFTStageConfig):
 
     targets = cfg.lora_target_modules
     return LoraConfig(
-        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        task_type="CAUSAL_LM",
         target_modules="all-linear" if targets == ["all-linear"] else targets,
     )
 
@@ -247,11 +269,17 @@ class StageSFTTrainer(SFTTrainer):
         return replayable_train_sampler(self, dataset) or super()._get_train_sampler(train_dataset)
 
 
-def build_trainer(cfg: SFTStageConfig, args: SFTConfig, model, tokenizer, train: Dataset, val: Dataset | None,
-                  stage_dir: Path) -> SFTTrainer:
+def build_trainer(
+    cfg: SFTStageConfig, args: SFTConfig, model, tokenizer, train: Dataset, val: Dataset | None, stage_dir: Path
+) -> SFTTrainer:
     trainer = StageSFTTrainer(
-        model=model, args=args, train_dataset=train, eval_dataset=val,
-        processing_class=tokenizer, peft_config=lora_config(cfg), callbacks=[JsonlMetricsCallback(stage_dir)],
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=val,
+        processing_class=tokenizer,
+        peft_config=lora_config(cfg),
+        callbacks=[JsonlMetricsCallback(stage_dir)],
     )
     if args.padding_free:
         trainer.train_dataset = cut_to_max_length(trainer.train_dataset, cfg.max_length)
@@ -260,8 +288,14 @@ def build_trainer(cfg: SFTStageConfig, args: SFTConfig, model, tokenizer, train:
     return trainer
 
 
-def save_plain_checkpoint(trainer: SFTTrainer, cfg: SFTStageConfig, parent_path: str, tokenizer, stage_dir: Path,
-                          generation_config: GenerationConfig) -> None:
+def save_plain_checkpoint(
+    trainer: SFTTrainer,
+    cfg: SFTStageConfig,
+    parent_path: str,
+    tokenizer,
+    stage_dir: Path,
+    generation_config: GenerationConfig,
+) -> None:
     """The trained model as a plain checkpoint later stages load without peft. With LoRA the adapters
     are folded into a fresh copy on the main process, given the weights gathered from every process
     (never the live model, which FSDP or ZeRO-3 may hold sharded: pipeline.runtime.merged_from_state_dict)."""
@@ -283,6 +317,7 @@ def save_plain_checkpoint(trainer: SFTTrainer, cfg: SFTStageConfig, parent_path:
 
 # ---- gold evaluation on the embedded world -----------------------------------------------------
 
+
 def gold_metrics(evaluation: Evaluation) -> dict:
     """The manifest's gold metrics of this model ("sft") and of its parent ("base_..."), from reward.judging's
     summaries: mean score, hallucination rate, refusal accuracy on harmful requests, the labels given and
@@ -290,12 +325,15 @@ def gold_metrics(evaluation: Evaluation) -> dict:
     metrics = {"win_rate_vs_base": evaluation.win_rates["sft_vs_base"]["win_rate"]}
     for prefix, name in (("", "sft"), ("base_", "base")):
         s = evaluation.summaries[name]
-        metrics.update({
-            f"{prefix}gold_score": s["gold_score"], f"{prefix}hallucination_rate": s["hallucination_rate"],
-            f"{prefix}harmful_refusal_rate": s["refusal_accuracy"],
-            f"{prefix}gold_labels": {label: n for label, n in s["labels"].items() if n},
-            f"{prefix}gold_by_family": {f: m for f, m in s["gold_score_by_family"].items() if m is not None},
-        })
+        metrics.update(
+            {
+                f"{prefix}gold_score": s["gold_score"],
+                f"{prefix}hallucination_rate": s["hallucination_rate"],
+                f"{prefix}harmful_refusal_rate": s["refusal_accuracy"],
+                f"{prefix}gold_labels": {label: n for label, n in s["labels"].items() if n},
+                f"{prefix}gold_by_family": {f: m for f, m in s["gold_score_by_family"].items() if m is not None},
+            }
+        )
     return metrics
 
 
@@ -309,8 +347,9 @@ def sample_indices(families: list[str], k: int) -> list[int]:
     return sorted(picked)
 
 
-def gold_evaluation(cfg: SFTStageConfig, world: Path, stage_dir: Path, tokenizer, parent_path: str,
-                    device) -> tuple[dict, list[dict]]:
+def gold_evaluation(
+    cfg: SFTStageConfig, world: Path, stage_dir: Path, tokenizer, parent_path: str, device
+) -> tuple[dict, list[dict]]:
     """Greedy answers to held-out world prompts from the saved model and from its parent, judged by
     the gold labeler. The saved checkpoint, not the trainer's model: under FSDP or ZeRO-3 that one is
     sharded, and a forward on the main process alone would wait for the others forever."""
@@ -331,8 +370,14 @@ def gold_evaluation(cfg: SFTStageConfig, world: Path, stage_dir: Path, tokenizer
     sft, parent = evaluation.judged["sft"], evaluation.judged["base"]
     metrics = {**gold_metrics(evaluation), "eval_prompts": len(prompts)}
     samples = [
-        {"prompt": prompts[i], "family": sft.families[i],
-         "sft": ours[i], "sft_label": sft.labels[i], "base": theirs[i], "base_label": parent.labels[i]}
+        {
+            "prompt": prompts[i],
+            "family": sft.families[i],
+            "sft": ours[i],
+            "sft_label": sft.labels[i],
+            "base": theirs[i],
+            "base_label": parent.labels[i],
+        }
         for i in sample_indices(sft.families, cfg.num_samples)
     ]
     return metrics, samples
@@ -347,8 +392,9 @@ def world_for_eval(cfg: SFTStageConfig) -> Path | None:
         world = Path(cfg.world_dir)
         for name in ("truth.json", "eval_prompts.jsonl"):
             if not (world / name).is_file():
-                raise PipelineError(f"{world / name}: no such file; "
-                                    f"generate the world with `python -m world --out {world}`")
+                raise PipelineError(
+                    f"{world / name}: no such file; generate the world with `python -m world --out {world}`"
+                )
         return world
     world = Path(cfg.run_dir) / "world"
     judged = trains_on_world(cfg.train_files, world) and (world / "truth.json").is_file()
@@ -361,11 +407,14 @@ def _fmt(x: float | None, digits: int) -> str:
 
 # ---- the recipe's steps, in order ---------------------------------------------------------------
 
+
 def check_context(cfg: SFTStageConfig, parent_path: str, parent_config) -> None:
     context = getattr(parent_config, "max_position_embeddings", None)
     if context is not None and cfg.max_length > context:
-        raise PipelineError(f"max_length {cfg.max_length} exceeds the parent's context of {context} tokens "
-                            f"({parent_path}); lower --max_length")
+        raise PipelineError(
+            f"max_length {cfg.max_length} exceeds the parent's context of {context} tokens "
+            f"({parent_path}); lower --max_length"
+        )
 
 
 def chat_tokenizer(parent_path: str, is_main: bool) -> tuple[Any, int]:
@@ -375,9 +424,25 @@ def chat_tokenizer(parent_path: str, is_main: bool) -> tuple[Any, int]:
     document_end = tokenizer.eos_token_id
     replaced = use_turn_end_as_eos(tokenizer)
     if replaced and is_main:
-        print(f"[sft] {parent_path}: the chat template closes answers with {tokenizer.eos_token}, which becomes EOS "
-              f"(was {replaced}): generation and PPO stop there", flush=True)
+        print(
+            f"[sft] {parent_path}: the chat template closes answers with {tokenizer.eos_token}, which becomes EOS "
+            f"(was {replaced}): generation and PPO stop there",
+            flush=True,
+        )
     return tokenizer, document_end
+
+
+def stage_run(
+    cfg: SFTStageConfig,
+    stage_dir: Path,
+    parent_path: str,
+    parent_manifest: dict | None,
+    val_files: list[str],
+    is_main: bool,
+) -> StageRun:
+    """The stage directory's bookkeeping: its config, parent and data files (pretraining text when mixed in)."""
+    data_files = list(cfg.train_files) + val_files + (list(cfg.lm_files) if cfg.lm_ratio > 0 else [])
+    return StageRun("sft", stage_dir, config_dict(cfg), parent_manifest, parent_path, data_files, is_main)
 
 
 @dataclass
@@ -404,27 +469,37 @@ def load_data(cfg: SFTStageConfig, val_files: list[str], tokenizer) -> Demonstra
         train, val = split_holdout(train, cfg.val_fraction, cfg.seed)
         val_fit = {"dropped": 0, "truncated": 0}
     lm_texts = load_texts(cfg.lm_files, cfg.lm_field) if cfg.lm_ratio > 0 else []
-    return Demonstrations(train, val, skipped, train_fit["dropped"] + val_fit["dropped"],
-                          train_fit["truncated"] + val_fit["truncated"], lm_texts)
+    return Demonstrations(
+        train,
+        val,
+        skipped,
+        train_fit["dropped"] + val_fit["dropped"],
+        train_fit["truncated"] + val_fit["truncated"],
+        lm_texts,
+    )
 
 
 def check_padding_free(cfg: SFTStageConfig, args: SFTConfig, model, parent_path: str) -> None:
     """Padded batches (cut at max_length) instead, if the model does not keep packed sequences apart."""
     if cfg.padding_free and not packs_sequences(model):
-        PartialState().print(f"[sft] {parent_path}: the model does not keep packed sequences apart; "
-                             "padding batches instead", flush=True)
+        PartialState().print(
+            f"[sft] {parent_path}: the model does not keep packed sequences apart; padding batches instead", flush=True
+        )
         args.padding_free, args.max_length = False, cfg.max_length
 
 
-def make_trainer(cfg: SFTStageConfig, args: SFTConfig, model, tokenizer, data: Demonstrations, document_end: int,
-                 stage_dir: Path) -> tuple[SFTTrainer, int]:
+def make_trainer(
+    cfg: SFTStageConfig, args: SFTConfig, model, tokenizer, data: Demonstrations, document_end: int, stage_dir: Path
+) -> tuple[SFTTrainer, int]:
     """The trainer on the demonstrations, plus the pretraining documents mixed in; and how many those are."""
     if not data.val:
         args.eval_strategy = "no"  # a single demonstration leaves nothing to validate on
-    trainer = build_trainer(cfg, args, model, tokenizer, as_dataset(data.train),
-                            as_dataset(data.val) if data.val else None, stage_dir)
-    trainer.train_dataset, lm_documents = mix_pretraining_text(trainer.train_dataset, data.lm_texts, cfg, tokenizer,
-                                                               document_end)
+    trainer = build_trainer(
+        cfg, args, model, tokenizer, as_dataset(data.train), as_dataset(data.val) if data.val else None, stage_dir
+    )
+    trainer.train_dataset, lm_documents = mix_pretraining_text(
+        trainer.train_dataset, data.lm_texts, cfg, tokenizer, document_end
+    )
     return trainer, lm_documents
 
 
@@ -446,18 +521,29 @@ def resume_point(run: StageRun, is_main: bool) -> tuple[str | None, int]:
     return resume, resume_step
 
 
-def describe(cfg: SFTStageConfig, data: Demonstrations, lm_documents: int, trainable: int, total: int,
-             processes: int, threads: int) -> None:
+def describe(
+    cfg: SFTStageConfig,
+    data: Demonstrations,
+    lm_documents: int,
+    trainable: int,
+    total: int,
+    processes: int,
+    threads: int,
+) -> None:
     mixed = f" + {lm_documents} pretraining documents" if lm_documents else ""
-    print(f"[sft] {len(data.train)} demonstrations{mixed} ({len(data.val)} held out), {trainable / 1e6:.2f}M of "
-          f"{total / 1e6:.2f}M parameters trained{' (LoRA)' if cfg.lora_r else ''}, {processes} process(es) x "
-          f"{threads} thread(s)", flush=True)
+    print(
+        f"[sft] {len(data.train)} demonstrations{mixed} ({len(data.val)} held out), {trainable / 1e6:.2f}M of "
+        f"{total / 1e6:.2f}M parameters trained{' (LoRA)' if cfg.lora_r else ''}, {processes} process(es) x "
+        f"{threads} thread(s)",
+        flush=True,
+    )
 
 
 def whole_train_loss(trainer: SFTTrainer, result: TrainOutput, resume_step: int, lr: float) -> float:
     # Trainer's training_loss covers the steps since the resume only; the manifest reports the whole run's.
-    train_loss = whole_run_loss(trainer.state.log_history, resume_step, trainer.state.global_step,
-                                result.training_loss)
+    train_loss = whole_run_loss(
+        trainer.state.log_history, resume_step, trainer.state.global_step, result.training_loss
+    )
     if not torch.isfinite(torch.tensor(train_loss)):
         raise PipelineError(f"sft: training loss became {train_loss}; lower lr (now {lr})")
     return train_loss
@@ -466,19 +552,51 @@ def whole_train_loss(trainer: SFTTrainer, result: TrainOutput, resume_step: int,
 def greedy_generation_config(cfg: SFTStageConfig, tokenizer) -> GenerationConfig:
     """Greedy answers ending at the turn end (EOS), as the gold evaluation asks them."""
     return GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        do_sample=False, max_new_tokens=cfg.eval_max_new_tokens,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+        max_new_tokens=cfg.eval_max_new_tokens,
     )
 
 
-def training_metrics(trainer: SFTTrainer, result: TrainOutput, data: Demonstrations, lm_documents: int,
-                     val_loss: float | None, train_loss: float, trainable: int, total: int) -> dict:
+def training_metrics(
+    trainer: SFTTrainer,
+    result: TrainOutput,
+    data: Demonstrations,
+    lm_documents: int,
+    val_loss: float | None,
+    train_loss: float,
+    trainable: int,
+    total: int,
+) -> dict:
     return {
-        "val_loss": val_loss, "train_loss": train_loss, "steps": trainer.state.global_step,
-        "epochs": trainer.state.epoch, "train_records": len(data.train), "val_records": len(data.val),
-        "lm_documents": lm_documents, "dropped_records": data.dropped, "skipped_records": data.skipped,
-        "truncated_records": data.truncated, "params": total, "trainable_params": trainable,
+        "val_loss": val_loss,
+        "train_loss": train_loss,
+        "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "train_records": len(data.train),
+        "val_records": len(data.val),
+        "lm_documents": lm_documents,
+        "dropped_records": data.dropped,
+        "skipped_records": data.skipped,
+        "truncated_records": data.truncated,
+        "params": total,
+        "trainable_params": trainable,
         "train_seconds": result.metrics.get("train_runtime"),
+    }
+
+
+def manifest_facts(
+    cfg: SFTStageConfig, samples: list[dict], processes: int, threads: int, checksums: list[float]
+) -> dict:
+    """What the manifest records beside the metrics: sample answers and how the run ran."""
+    return {
+        "samples": samples,
+        "processes": processes,
+        "threads": threads,
+        "lora": bool(cfg.lora_r),
+        "weights_checksum_per_rank": checksums,
     }
 
 
@@ -486,15 +604,20 @@ def report(metrics: dict, samples: list[dict], world: Path | None, stage_dir: Pa
     val_loss = metrics["val_loss"]
     line = f"[sft] done: val loss {val_loss:.3f}" if val_loss is not None else "[sft] done"
     if world is not None:
-        line += (f", gold score {_fmt(metrics['gold_score'], 3)} vs parent {_fmt(metrics['base_gold_score'], 3)}, "
-                 f"win rate {_fmt(metrics['win_rate_vs_base'], 2)} on {metrics['eval_prompts']} held-out prompts")
+        line += (
+            f", gold score {_fmt(metrics['gold_score'], 3)} vs parent {_fmt(metrics['base_gold_score'], 3)}, "
+            f"win rate {_fmt(metrics['win_rate_vs_base'], 2)} on {metrics['eval_prompts']} held-out prompts"
+        )
     print(f"{line} -> {stage_dir}", flush=True)
     for s in samples:
-        print(f"  {s['prompt']!r}\n    sft  [{s['sft_label']}] {s['sft']!r}\n"
-              f"    base [{s['base_label']}] {s['base']!r}", flush=True)
+        print(
+            f"  {s['prompt']!r}\n    sft  [{s['sft_label']}] {s['sft']!r}\n    base [{s['base_label']}] {s['base']!r}",
+            flush=True,
+        )
 
 
 # ---- the recipe ---------------------------------------------------------------------------------
+
 
 @cli_main
 def main(argv: list[str] | None = None) -> None:
@@ -511,8 +634,7 @@ def main(argv: list[str] | None = None) -> None:
     check_context(cfg, parent_path, parent_config)
     world = world_for_eval(cfg)
     val_files = validation_files(cfg)
-    run = StageRun("sft", stage_dir, config_dict(cfg), parent_manifest, parent_path,
-                   list(cfg.train_files) + val_files + (list(cfg.lm_files) if cfg.lm_ratio > 0 else []), is_main)
+    run = stage_run(cfg, stage_dir, parent_path, parent_manifest, val_files, is_main)
     if not run.begin(cfg.force):
         return
     PartialState().wait_for_everyone()
@@ -556,7 +678,6 @@ def main(argv: list[str] | None = None) -> None:
             metrics.update(gold)
         metrics["peak_memory_mb"] = round(peak_memory_mb())
         (stage_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; the manifest holds the config
-        run.finish(metrics, {"samples": samples, "processes": args.world_size, "threads": threads,
-                             "lora": bool(cfg.lora_r), "weights_checksum_per_rank": checksums})
+        run.finish(metrics, manifest_facts(cfg, samples, args.world_size, threads, checksums))
         report(metrics, samples, world, stage_dir)
     PartialState().wait_for_everyone()
