@@ -34,6 +34,7 @@ from data.tokenizer import ensure_chat_ready, template_accepts, use_turn_end_as_
 from pipeline.config import config_dict, parse_config
 from pipeline.errors import PipelineError, cli_main
 from pipeline.generation import answer
+from pipeline.lora import lora_config
 from pipeline.packing import packs_sequences
 from pipeline.runtime import (
     cpu_and_backend,
@@ -46,7 +47,7 @@ from pipeline.runtime import (
 )
 from pipeline.stage import StageRun, last_complete_checkpoint, require_stage, resolve_init, trains_on_world
 from pipeline.tracking import truncate_metrics, wandb_enabled, wandb_env
-from pipeline.trainer_metrics import JsonlMetricsCallback, replayable_train_sampler, whole_run_loss
+from pipeline.trainer_metrics import JsonlMetricsCallback, quiet_console, replayable_train_sampler, whole_run_loss
 from reward.judging import Evaluation, WorldJudge, judge_policies
 from stages.sft.config import SFTStageConfig
 
@@ -245,19 +246,9 @@ def training_args(cfg: SFTStageConfig, stage_dir: Path) -> SFTConfig:
     )
 
 
-def lora_config(cfg: SFTStageConfig):
-    if cfg.lora_r == 0:
-        return None
-    from peft import LoraConfig
-
-    targets = cfg.lora_target_modules
-    return LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        task_type="CAUSAL_LM",
-        target_modules="all-linear" if targets == ["all-linear"] else targets,
-    )
+def adapters(cfg: SFTStageConfig):
+    """This stage's LoRA adapters (pipeline.lora), None at lora_r 0."""
+    return lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules, cfg.lora_dropout)
 
 
 class StageSFTTrainer(SFTTrainer):
@@ -278,9 +269,10 @@ def build_trainer(
         train_dataset=train,
         eval_dataset=val,
         processing_class=tokenizer,
-        peft_config=lora_config(cfg),
+        peft_config=adapters(cfg),
         callbacks=[JsonlMetricsCallback(stage_dir)],
     )
+    quiet_console(trainer)
     if args.padding_free:
         trainer.train_dataset = cut_to_max_length(trainer.train_dataset, cfg.max_length)
         if trainer.eval_dataset is not None:
@@ -307,7 +299,7 @@ def save_plain_checkpoint(
     if trainer.accelerator.is_main_process:
         from peft import get_peft_model
 
-        fresh = get_peft_model(load_causal_lm(parent_path, tokenizer), lora_config(cfg))
+        fresh = get_peft_model(load_causal_lm(parent_path, tokenizer), adapters(cfg))
         model = merged_from_state_dict(fresh, state_dict)
         model.generation_config = generation_config
         model.save_pretrained(stage_dir)
