@@ -259,6 +259,7 @@ def run_trl(python: Path, run: Path, a, env: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Over 80 lines: its options and the alternating rounds, each a few lines read once, top to bottom.
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--updates", type=int, default=10)
     ap.add_argument("--rollout_batch_size", type=int, default=32)

@@ -22,6 +22,7 @@ from trl.experimental.ppo import PPOConfig, PPOTrainer
 
 
 def main() -> None:
+    # Over 80 lines: the options it takes from bench/ppo.py and one TRL run set up from them, top to bottom.
     ap = argparse.ArgumentParser()
     for name, kind in [
         ("run_dir", str),

@@ -61,6 +61,7 @@ def distinct(texts: list[str]) -> list[str]:
 
 
 def sample(args) -> None:
+    # Over 80 lines as formatted: one pass (load, sample, rank, write) read top to bottom, each step a few lines.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.generation import answer
