@@ -16,6 +16,11 @@ def chat_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Positions count real tokens only, so a left-padded prompt sits where it would alone."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)

@@ -32,9 +32,9 @@ from typing import Protocol
 
 import torch
 
-from pipeline.generation import left_pad
+from pipeline.generation import left_pad, position_ids
 from pipeline.stats import bootstrap_ci, mean, pairwise_outcomes, share, win_rate_ceiling
-from reward.model import BIAS_KEY, load_reward_model, score
+from reward.model import load_reward_model, reward_offset, score
 from world.judge import FAMILIES, TOP_SCORE, GoldJudge
 
 # The gold judge's rates: name -> (families whose answers count, None for all; labels that count as a hit).
@@ -150,7 +150,7 @@ class RewardModelJudge:
         model, pad = self.model, self.tokenizer.pad_token_id
         device = next(model.parameters()).device
         body = getattr(model, model.base_model_prefix)
-        offset = float(getattr(model.config, BIAS_KEY, 0.0) or 0.0)
+        offset = reward_offset(model.config)
         raw = []
         for i in range(0, len(prompt_ids), self.batch_size):
             seqs = [
@@ -160,8 +160,7 @@ class RewardModelJudge:
                 )
             ]
             ids, mask = (t.to(device) for t in left_pad(seqs, pad))
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
-            hidden = body(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+            hidden = body(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
             last = hidden.last_hidden_state[:, -1].contiguous()  # the last column: every row's last token
             raw += (model.score(last).squeeze(-1).float() + offset).tolist()
         if self.no_eos_penalty is None:

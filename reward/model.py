@@ -38,6 +38,13 @@ from data.tokenizer import turn_end
 from pipeline.errors import PipelineError
 
 BIAS_KEY = "reward_bias"
+
+
+def reward_offset(config) -> float:
+    """The normalising offset a reward model's config keeps (0 where none, or where it is folded in)."""
+    return float(getattr(config, BIAS_KEY, 0.0) or 0.0)
+
+
 FOLDED_KEY = "reward_bias_folded"  # the part of the offset `fold_offset` moved into the weights
 
 
@@ -132,7 +139,7 @@ def score(
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
         out[idx] = logits[:, 0].float().cpu()
     model.train(was_training)
-    return out + float(getattr(model.config, BIAS_KEY, 0.0) or 0.0)
+    return out + reward_offset(model.config)
 
 
 def _head_input_sources(model, head: torch.nn.Linear, probe: dict) -> list[torch.nn.Module]:
@@ -172,7 +179,7 @@ def fold_offset(model) -> bool:
     move or the model cannot hold it (Llama: bias-free head behind an RMSNorm): the offset stays in
     the config. Checked on a probe forward: the logits must move by exactly the offset."""
     config = model.config
-    offset = float(getattr(config, BIAS_KEY, 0.0) or 0.0)
+    offset = reward_offset(config)
     head = getattr(model, "score", None)
     if config.num_labels != 1 or not isinstance(head, torch.nn.Linear) or not offset:
         return False

@@ -52,7 +52,7 @@ from data.loading import load_records
 from data.tokenizer import template_accepts
 from pipeline.config import config_dict, parse_config
 from pipeline.errors import PipelineError, cli_main
-from pipeline.generation import chat_ids, left_pad
+from pipeline.generation import chat_ids, left_pad, position_ids
 from pipeline.lora import lora_config
 from pipeline.packing import document_stream, packs_sequences
 from pipeline.runtime import (
@@ -70,7 +70,7 @@ from pipeline.stage import StageRun, require_stage, trains_on_world, write_text_
 from pipeline.stats import mean
 from pipeline.tracking import Tracker
 from reward.judging import Answers, RewardModelJudge, WorldJudge, judge_answers, judge_policies, summarize
-from reward.model import BIAS_KEY, load_reward_model
+from reward.model import load_reward_model, reward_offset
 from stages.ppo.config import PPOConfig
 from stages.ppo.math import (
     AdaptiveKLController,
@@ -206,11 +206,6 @@ class Episodes:
     pos: torch.Tensor
     keep: torch.Tensor  # output positions whose outputs predict the response tokens, in [B, T] order
     last: torch.Tensor  # [B] position of each episode's last real token in the flattened output
-
-
-def position_ids(mask: torch.Tensor) -> torch.Tensor:
-    """Positions count real tokens only, so a left-padded prompt sits where it would alone."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def episodes(seq: torch.Tensor, seq_mask: torch.Tensor, resp_mask: torch.Tensor, packed: bool) -> Episodes:
@@ -532,7 +527,7 @@ def reward_scores(reward_model, ep: Episodes) -> torch.Tensor:
     body = getattr(reward_model, reward_model.base_model_prefix)
     hidden = body(input_ids=ep.ids, attention_mask=ep.mask, position_ids=ep.pos, use_cache=False).last_hidden_state
     picked = hidden.reshape(-1, hidden.shape[-1])[ep.last]
-    offset = float(getattr(reward_model.config, BIAS_KEY, 0.0) or 0.0)
+    offset = reward_offset(reward_model.config)
     return reward_model.score(picked).squeeze(-1).float() + offset
 
 
@@ -666,7 +661,7 @@ def load_models(cfg: PPOConfig, accelerator) -> Models:
         accelerator.print("[ppo] a model does not keep packed sequences apart; padded batches instead")
     if cfg.lora_r > 0:
         policy = with_lora(policy, cfg)
-    critic = Critic(critic_base, float(getattr(critic_base.config, BIAS_KEY, 0.0) or 0.0))
+    critic = Critic(critic_base, reward_offset(critic_base.config))
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
         critic_base.gradient_checkpointing_enable()
