@@ -477,7 +477,8 @@ def test_prompts_over_the_length_limit_can_be_dropped(parents, tmp_path, capsys)
     prompts = write_jsonl(tmp_path / "mixed.jsonl", [{"prompt": "Hi"}, {"prompt": "tell me " * 40}, {"prompt": "Yo"}])
     with pytest.raises(PipelineError, match="mixed.jsonl: line 2: prompt is"):
         ppo_run.load_prompts([str(prompts)], tokenizer, 52)
-    kept, ids = ppo_run.load_prompts([str(prompts)], tokenizer, 52, skip_long=True)
+    kept, ids, records = ppo_run.load_prompts([str(prompts)], tokenizer, 52, skip_long=True)
+    assert [r["prompt"] for r in records] == kept
     assert kept == ["Hi", "Yo"] and all(len(i) <= 52 for i in ids)
     assert "dropped 1 of 3 prompts over max_prompt_length 52, first: " in capsys.readouterr().out
 
@@ -503,11 +504,11 @@ def test_a_prompt_set_of_your_own_holds_some_out_for_the_final_evaluation(parent
     """Training on prompts of your own, with no --eval_files: a seeded tenth (at most eval_holdout) of them
     is kept out of training, the manifest reports reward and KL to SFT on them, and `make eval` evaluates
     every stage on them, even with the world in the run (`make` writes one into every run)."""
-    kept, kept_ids, held, held_ids = ppo_run.hold_out(list("abcdefghij"), [[i] for i in range(10)], 3, seed=0)
+    (kept, kept_ids), (held, held_ids) = ppo_run.hold_out([list("abcdefghij"), [[i] for i in range(10)]], 3, seed=0)
     assert sorted(kept + held) == list("abcdefghij") and len(held) == 3 and not set(kept) & set(held)
     assert [[ord(p) - ord("a")] for p in held] == held_ids and ppo_run.hold_out(
-        list("abcdefghij"), [[i] for i in range(10)], 3, 0
-    )[2] == held
+        [list("abcdefghij"), [[i] for i in range(10)]], 3, 0
+    )[1][0] == held
 
     run = new_run(parents, tmp_path)
     records = [
@@ -829,7 +830,7 @@ def test_guards_name_the_first_non_finite_tensor_in_rollout_order_and_stop_a_run
     accelerator = Accelerator(cpu=True)
 
     def batch(**changed):
-        per_episode = {"scores", "rm_scores", "has_eos"}
+        per_episode = {"scores", "reward", "rule_scores", "has_eos"}
         values = {
             f.name: torch.ones(2) if f.name in per_episode else torch.ones(2, 3) for f in fields(ppo_run.Rollout)
         }
@@ -843,7 +844,7 @@ def test_guards_name_the_first_non_finite_tensor_in_rollout_order_and_stop_a_run
     with pytest.raises(RuntimeError, match="^non-finite values$"):
         ppo_run.guards(PPOConfig(), accelerator, batch(values=nan, advantages=nan), stop)
     with pytest.raises(RuntimeError, match="^non-finite reward$"):
-        ppo_run.guards(PPOConfig(), accelerator, batch(rm_scores=torch.tensor([1.0, float("inf")])), stop)
+        ppo_run.guards(PPOConfig(), accelerator, batch(reward=torch.tensor([1.0, float("inf")])), stop)
     with pytest.raises(RuntimeError, match="^KL to the SFT policy 3.00 exceeds max_kl 2.5"):
         ppo_run.guards(PPOConfig(max_kl=2.5), accelerator, batch(), stop)
     assert ppo_run.guards(PPOConfig(max_kl=0.0), accelerator, batch(kl=torch.full((2, 3), 9.0)), stop)[1] == 27.0

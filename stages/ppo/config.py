@@ -1,8 +1,12 @@
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from pipeline.errors import PipelineError
+from stages.ppo.advantages import ADVANTAGES, CRITIC_FREE, GROUPED, LOSS_AGGREGATION
+
+# What only a critic reads: given to a critic-free method, such an option would be silently ignored.
+CRITIC_OPTIONS = ("critic_lr", "vf_coef", "cliprange_value", "lam")
 
 
 @dataclass
@@ -17,6 +21,19 @@ class PPOConfig:
             "help": "Finished reward stage: the reward model (AutoModelForSequenceClassification, 1 label); the critic starts from it."
         },
     )
+    reward_model_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "Weight of the reward model's score in the reward; 0 with a reward_fn: no reward model is loaded (a critic still starts from reward_path)."
+        },
+    )
+    reward_fn: str = field(
+        default="",
+        metadata={
+            "help": "A rule reward `package.module:function` called as f(prompt, answer) -> float (it may also take record=, the prompt's record, and world_dir=), added to the reward model's score; e.g. world.rewards:instruction_correct, reward.rules:gsm8k_final_answer."
+        },
+    )
+    reward_fn_weight: float = field(default=1.0, metadata={"help": "Weight of reward_fn's value in the reward."})
     prompt_files: list[str] = field(
         default_factory=lambda: ["{run_dir}/world/ppo_prompts.jsonl"],
         metadata={"help": "Prompt files/dirs/Hub id: records with `prompt` or `messages` ending in a user turn."},
@@ -61,6 +78,30 @@ class PPOConfig:
     )
     no_eos_penalty: float = field(
         default=-1.0, metadata={"help": "Score given to a response cut off at max_new_tokens."}
+    )
+    advantage: str = field(
+        default="gae",
+        metadata={
+            "help": "Advantage estimator: gae (PPO, a critic), grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline (no critic; stages/ppo/advantages.py)."
+        },
+    )
+    samples_per_prompt: int = field(
+        default=1,
+        metadata={
+            "help": "Answers sampled per prompt (G); grpo, dr_grpo, rloo and reinforce_pp_baseline compare each with the other answers to its prompt (G >= 2)."
+        },
+    )
+    kl_penalty: str = field(
+        default="reward",
+        metadata={
+            "help": "Where kl_coef applies: reward (per-token k1 in the reward, Ziegler et al. 2019) or loss (k3 term added to the loss, GRPO)."
+        },
+    )
+    loss_aggregation: str = field(
+        default="",
+        metadata={
+            "help": "Per-token loss to a number: token (mean over the batch's tokens), sequence (per answer, then over answers), constant (sum / max_new_tokens); empty: the method's own (grpo sequence, dr_grpo constant, else token)."
+        },
     )
     num_updates: int = field(default=100, metadata={"help": "PPO updates (rollout batch + optimisation epochs each)."})
     rollout_batch_size: int = field(default=64, metadata={"help": "Episodes per update, summed over all processes."})
@@ -111,6 +152,10 @@ class PPOConfig:
     gamma: float = field(default=1.0, metadata={"help": "Discount factor."})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
     cliprange: float = field(default=0.2, metadata={"help": "Policy ratio clip epsilon."})
+    cliprange_high: float = field(
+        default=0.0,
+        metadata={"help": "Upper ratio clip 1 + cliprange_high (DAPO's clip-higher); 0: cliprange."},
+    )
     cliprange_value: float = field(default=0.2, metadata={"help": "Value clip range around the rollout's values."})
     vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
     ptx_coef: float = field(
@@ -217,5 +262,48 @@ class PPOConfig:
             raise PipelineError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.ptx_coef > 0 and (self.ptx_batch_size < 1 or self.ptx_length < 2):
             raise PipelineError("ptx_coef > 0 needs ptx_batch_size >= 1 and ptx_length >= 2")
+        self._validate_method()
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise PipelineError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+
+    def _validate_method(self) -> None:
+        """The estimator and its companions: groups where a method compares answers, no critic option
+        given to a method without a critic, a reward to maximise."""
+        if self.advantage not in ADVANTAGES:
+            raise PipelineError(f"advantage must be one of {', '.join(ADVANTAGES)}, got {self.advantage!r}")
+        if self.samples_per_prompt < 1:
+            raise PipelineError(f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
+        if self.advantage in GROUPED and self.samples_per_prompt < 2:
+            raise PipelineError(
+                f"advantage {self.advantage} compares the answers to one prompt: samples_per_prompt must be >= 2, "
+                f"got {self.samples_per_prompt}"
+            )
+        if self.advantage in CRITIC_FREE:
+            defaults = {f.name: f.default for f in fields(self)}
+            given = [name for name in CRITIC_OPTIONS if getattr(self, name) != defaults[name]]
+            if given:
+                raise PipelineError(
+                    f"{given[0]} is a critic option, and advantage {self.advantage} trains no critic: leave it out"
+                )
+        if self.kl_penalty not in ("reward", "loss"):
+            raise PipelineError(f"kl_penalty must be reward or loss, got {self.kl_penalty!r}")
+        if self.loss_aggregation not in ("", "token", "sequence", "constant"):
+            raise PipelineError(f"loss_aggregation must be token, sequence or constant, got {self.loss_aggregation!r}")
+        if self.cliprange_high < 0 or self.reward_model_weight < 0 or self.reward_fn_weight < 0:
+            raise PipelineError("cliprange_high, reward_model_weight and reward_fn_weight must be >= 0")
+        if self.reward_model_weight == 0 and not (self.reward_fn and self.reward_fn_weight > 0):
+            raise PipelineError(
+                "reward_model_weight 0 needs a reward_fn with reward_fn_weight > 0: nothing to maximise"
+            )
+
+    @property
+    def has_critic(self) -> bool:
+        return self.advantage == "gae"
+
+    @property
+    def uses_reward_model(self) -> bool:
+        return self.reward_model_weight > 0
+
+    @property
+    def aggregation(self) -> str:
+        return self.loss_aggregation or LOSS_AGGREGATION.get(self.advantage, "token")

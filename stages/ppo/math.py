@@ -121,17 +121,40 @@ def gae(
     return advantages * mask, returns * mask
 
 
+def aggregate(x: torch.Tensor, mask: torch.Tensor, how: str = "token", max_tokens: int = 0) -> torch.Tensor:
+    """A per-token loss [B, T] to one number. "token": the mean over every response token of the batch
+    (N+); "sequence": each answer's token mean, then the mean over answers (GRPO, DeepSeekMath eq. 3: a
+    long answer's tokens weigh less); "constant": the sum over tokens divided by B * max_tokens, the same
+    for every batch (Dr. GRPO, Liu et al. 2025: no bias towards long wrong answers or short right ones)."""
+    if how == "token":
+        return masked_mean(x, mask)
+    if how == "sequence":
+        return masked_mean(x, mask, dim=1).mean()
+    if how == "constant":
+        return (x * mask).sum() / (x.shape[0] * max_tokens)
+    raise ValueError(f"no loss aggregation called {how!r}")
+
+
 def policy_loss(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, cliprange: float
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange: float,
+    cliprange_high: float = 0.0,
+    aggregation: str = "token",
+    max_tokens: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PPO's clipped surrogate (Schulman et al. 2017), averaged over response tokens.
+    """PPO's clipped surrogate (Schulman et al. 2017), aggregated over response tokens (`aggregate`).
+    The ratio is clipped to [1 - cliprange, 1 + cliprange_high] (0: cliprange; a higher upper bound
+    leaves rare tokens room to grow, DAPO's clip-higher, Yu et al. 2025).
 
     Returns (loss, clip fraction, approx KL(old || new) = mean 0.5 (log ratio)^2)."""
     log_ratio = (logprobs - old_logprobs) * mask
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + (cliprange_high or cliprange))
+    loss = aggregate(torch.maximum(unclipped, clipped), mask, aggregation, max_tokens)
     clipfrac = masked_mean((clipped > unclipped).float(), mask)
     approx_kl = 0.5 * masked_mean(log_ratio**2, mask)
     return loss, clipfrac, approx_kl

@@ -23,6 +23,7 @@ initialised from the reward model, GAE, whitened advantages, clipped policy and 
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import random
 import time
@@ -71,10 +72,13 @@ from pipeline.stats import mean
 from pipeline.tracking import Tracker
 from reward.judging import Answers, RewardModelJudge, WorldJudge, judge_answers, judge_policies, summarize
 from reward.model import load_reward_model, reward_offset
+from reward.rules import RewardFunction
+from stages.ppo.advantages import group_advantages, k3_kl, minus_group_mean, reinforce_pp_advantages
 from stages.ppo.config import PPOConfig
 from stages.ppo.math import (
     AdaptiveKLController,
     FixedKLController,
+    aggregate,
     apply_no_eos_penalty,
     entropy_from_logits,
     explained_variance,
@@ -102,13 +106,20 @@ class BatchSizes:
     per_process: int  # episodes each process generates per update
     minibatch: int  # episodes per optimizer step, per process
     micro: int  # episodes per forward/backward (gradient accumulation splits a minibatch)
+    group: int = 1  # answers sampled per prompt, next to each other on one process
 
 
 def batch_sizes(
-    rollout_batch_size: int, num_minibatches: int, gradient_accumulation: int, processes: int
+    rollout_batch_size: int, num_minibatches: int, gradient_accumulation: int, processes: int, group: int = 1
 ) -> BatchSizes:
     """Derive every batch size once, from the global rollout size, and demand exact division
-    (cleanrl / summarize_from_feedback_details): no silently dropped or repeated episodes."""
+    (cleanrl / summarize_from_feedback_details): no silently dropped or repeated episodes. A prompt's
+    group of answers stays on one process, so its baseline needs no communication."""
+    if rollout_batch_size % (group * processes):
+        raise PipelineError(
+            f"rollout_batch_size {rollout_batch_size} is not divisible by samples_per_prompt {group} "
+            f"* processes {processes}"
+        )
     if rollout_batch_size % (num_minibatches * processes):
         raise PipelineError(
             f"rollout_batch_size {rollout_batch_size} is not divisible by num_minibatches "
@@ -122,19 +133,20 @@ def batch_sizes(
         )
     per_process = rollout_batch_size // processes
     minibatch = per_process // num_minibatches
-    return BatchSizes(per_process, minibatch, minibatch // gradient_accumulation)
+    return BatchSizes(per_process, minibatch, minibatch // gradient_accumulation, group)
 
 
 def load_prompts(
     files: list[str], tokenizer, max_prompt_length: int, field: str = "prompt", skip_long: bool = False
-) -> tuple[list, list[list[int]]]:
-    """Prompts and their chat-formatted token ids; a prompt over max_prompt_length is an error, or
+) -> tuple[list, list[list[int]], list[dict]]:
+    """Prompts, their chat-formatted token ids and their records (a rule reward may read a record's other
+    fields: GSM8K's answer); a prompt over max_prompt_length is an error, or
     dropped with `skip_long` (real prompt sets have a long tail: 1 of AlpacaEval's 805 is over 448
     tokens in Llama 3's and Qwen2's vocabularies)."""
     records = load_records(files)
     if not records:
         raise PipelineError(f"{', '.join(files)}: no prompts")
-    prompts, ids, long = [], [], []
+    prompts, ids, kept, long = [], [], [], []
     for rec in records:
         prompt = prompt_of(rec, field)
         with template_accepts(rec["_where"]):
@@ -150,6 +162,7 @@ def load_prompts(
             continue
         prompts.append(prompt)
         ids.append(tokens)
+        kept.append(rec)
     if long:
         PartialState().print(
             f"[ppo] dropped {len(long)} of {len(records)} prompts over max_prompt_length "
@@ -158,15 +171,16 @@ def load_prompts(
         )
     if not prompts:
         raise PipelineError(f"{', '.join(files)}: no prompt fits max_prompt_length {max_prompt_length}")
-    return prompts, ids
+    return prompts, ids, kept
 
 
-def hold_out(prompts: list, ids: list[list[int]], n: int, seed: int) -> tuple[list, list, list, list]:
-    """(training prompts, their ids, held-out prompts, their ids): n prompts drawn with `seed`, the rest in order."""
-    held = set(random.Random(seed).sample(range(len(prompts)), n))
-    keep = [i for i in range(len(prompts)) if i not in held]
+def hold_out(columns: list[list], n: int, seed: int) -> tuple[list[list], list[list]]:
+    """(training rows, held-out rows) of parallel columns (prompts, ids, records): n rows drawn with
+    `seed`, the rest in order."""
+    held = set(random.Random(seed).sample(range(len(columns[0])), n))
+    keep = [i for i in range(len(columns[0])) if i not in held]
     out = sorted(held)
-    return [prompts[i] for i in keep], [ids[i] for i in keep], [prompts[i] for i in out], [ids[i] for i in out]
+    return [[c[i] for i in keep] for c in columns], [[c[i] for i in out] for c in columns]
 
 
 @functools.lru_cache(maxsize=4)
@@ -174,12 +188,15 @@ def _shuffle(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
 
 
-def prompt_indices(n: int, update: int, rollout_batch_size: int, rank: int, per_process: int, seed: int) -> list[int]:
-    """Episode e of the run takes prompt e of an endless stream of shuffled passes over the prompts;
-    each process takes its slice of the update's episodes. A function of the update number, so a
-    resumed run sees exactly the prompts the uninterrupted run would have seen."""
-    first = update * rollout_batch_size + rank * per_process
-    return [_shuffle(n, seed, e // n)[e % n] for e in range(first, first + per_process)]
+def prompt_indices(
+    n: int, update: int, rollout_batch_size: int, rank: int, per_process: int, seed: int, group: int = 1
+) -> list[int]:
+    """Prompt p of the run is prompt p of an endless stream of shuffled passes over the prompts; an
+    update takes rollout_batch_size / group of them, each process its slice, and each prompt is
+    answered `group` times, the copies side by side. A function of the update number, so a resumed
+    run sees exactly the prompts the uninterrupted run would have seen."""
+    first = (update * rollout_batch_size + rank * per_process) // group
+    return [_shuffle(n, seed, p // n)[p % n] for p in range(first, first + per_process // group) for _ in range(group)]
 
 
 def ptx_batch(stream: torch.Tensor, batch_size: int, length: int, seed: int) -> torch.Tensor:
@@ -293,19 +310,21 @@ class ActorCritic(nn.Module):
     model) and one DDP forward/backward syncs both gradients. The training forward of a micro-batch:
     response logits / temperature, values, and the optional PPO-ptx language-modelling loss."""
 
-    def __init__(self, policy: nn.Module, critic: Critic):
+    def __init__(self, policy: nn.Module, critic: Critic | None):
         super().__init__()
         self.policy, self.critic = policy, critic
         # FSDP's transformer-based wrapping gives each decoder layer its own shard unit, finding the
         # layers by the class names a transformers model lists here; without them this wrapper would
         # be one unit, every weight of both models gathered at once.
+        bodies = (policy,) if critic is None else (policy, critic.body)
         self._no_split_modules = sorted(
-            {name for m in (policy, critic.body) for name in (getattr(m, "_no_split_modules", None) or [])}
+            {name for m in bodies for name in (getattr(m, "_no_split_modules", None) or [])}
         )
 
     def forward(self, ep: Episodes, temperature: float, ptx_ids=None):
+        """Response logits, values (None without a critic) and the PPO-ptx loss of a micro-batch."""
         logits = response_logits(self.policy, ep, temperature)
-        values = self.critic(ep)
+        values = self.critic(ep) if self.critic is not None else None
         ptx = (
             self.policy(input_ids=ptx_ids, labels=ptx_ids, use_cache=False).loss
             if ptx_ids is not None
@@ -546,11 +565,12 @@ def load_parents(cfg: PPOConfig) -> tuple[dict, object]:
     template (it scores the policy's token ids), the pad token must differ from EOS (N+), and a
     prompt and its response must fit the model's context."""
     sft = require_stage(cfg.sft_path, "sft", cfg.run_dir)
-    require_stage(cfg.reward_path, "reward", cfg.run_dir)
     tokenizer = AutoTokenizer.from_pretrained(cfg.sft_path)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise PipelineError(f"{cfg.sft_path}: tokenizer needs a pad token distinct from EOS (N+: separate pad token)")
-    check_same_tokenizer(tokenizer, AutoTokenizer.from_pretrained(cfg.reward_path), cfg.sft_path, cfg.reward_path)
+    if cfg.uses_reward_model or cfg.has_critic:  # a rule reward alone, without a critic, needs no reward stage
+        require_stage(cfg.reward_path, "reward", cfg.run_dir)
+        check_same_tokenizer(tokenizer, AutoTokenizer.from_pretrained(cfg.reward_path), cfg.sft_path, cfg.reward_path)
     max_positions = getattr(AutoConfig.from_pretrained(cfg.sft_path), "max_position_embeddings", None)
     if max_positions and cfg.max_prompt_length + cfg.max_new_tokens > max_positions:
         raise PipelineError(
@@ -567,8 +587,10 @@ class PromptSets:
 
     prompts: list
     ids: list[list[int]]
+    records: list[dict]  # each training prompt's record, for a rule reward
     eval_prompts: list
     eval_ids: list[list[int]]
+    eval_records: list[dict]
     held_out: list  # training prompts held out for evaluation, saved beside the weights
     judge: GoldJudge | None
     gold_n: int  # held-out prompts in each periodic gold evaluation
@@ -586,25 +608,25 @@ def load_prompt_sets(cfg: PPOConfig, tokenizer) -> PromptSets:
         if trains_on_world(cfg.prompt_files, world) and (world / "eval_prompts.jsonl").is_file()
         else []
     )
-    prompts, prompt_ids = load_prompts(
-        cfg.prompt_files, tokenizer, cfg.max_prompt_length, cfg.prompt_field, cfg.skip_long_prompts
+    train = list(
+        load_prompts(cfg.prompt_files, tokenizer, cfg.max_prompt_length, cfg.prompt_field, cfg.skip_long_prompts)
     )
     eval_field = cfg.prompt_field if cfg.eval_files else "prompt"  # the world's eval prompts say `prompt`
-    eval_prompts, eval_ids = (
-        load_prompts(eval_files, tokenizer, cfg.max_prompt_length, eval_field, cfg.skip_long_prompts)
+    held = (
+        list(load_prompts(eval_files, tokenizer, cfg.max_prompt_length, eval_field, cfg.skip_long_prompts))
         if eval_files
-        else ([], [])
+        else [[], [], []]
     )
+    held_out = []
     if not eval_files and cfg.eval_holdout:
         # A prompt set alone (no world, no --eval_files): hold a seeded few out of training, so the manifest
         # still reports reward and KL to SFT on prompts PPO never trained on.
-        n = min(cfg.eval_holdout, len(prompts) // 10, cfg.eval_size or len(prompts))
-        prompts, prompt_ids, eval_prompts, eval_ids = hold_out(prompts, prompt_ids, n, cfg.seed)
-        held_out = eval_prompts
-    else:
-        held_out = []
+        n = min(cfg.eval_holdout, len(train[0]) // 10, cfg.eval_size or len(train[0]))
+        train, held = hold_out(train, n, cfg.seed)
+        held_out = held[0]
     if cfg.eval_size:
-        eval_prompts, eval_ids = eval_prompts[: cfg.eval_size], eval_ids[: cfg.eval_size]
+        held = [column[: cfg.eval_size] for column in held]
+    (prompts, prompt_ids, records), (eval_prompts, eval_ids, eval_records) = train, held
     judge = GoldJudge.load(world) if (world / "truth.json").is_file() else None
     if judge is not None:  # the gold judge knows only the world's prompts
         known = [i for i, p in enumerate(eval_prompts) if isinstance(p, str) and _knows(judge, p)]
@@ -614,7 +636,9 @@ def load_prompt_sets(cfg: PPOConfig, tokenizer) -> PromptSets:
     if ptx_stream is not None and len(ptx_stream) <= cfg.ptx_length:
         raise PipelineError(f"{cfg.ptx_files}: {len(ptx_stream)} tokens, fewer than one ptx block of {cfg.ptx_length}")
     files = list(cfg.prompt_files) + eval_files + (list(cfg.ptx_files) if cfg.ptx_coef > 0 else [])
-    return PromptSets(prompts, prompt_ids, eval_prompts, eval_ids, held_out, judge, gold_n, ptx_stream, files)
+    return PromptSets(
+        prompts, prompt_ids, records, eval_prompts, eval_ids, eval_records, held_out, judge, gold_n, ptx_stream, files
+    )
 
 
 def _knows(judge: GoldJudge, prompt: str) -> bool:
@@ -627,22 +651,23 @@ def _knows(judge: GoldJudge, prompt: str) -> bool:
 
 @dataclass
 class Models:
-    """The four models as loaded: the policy (optionally LoRA) and the critic, which PPO trains, and the
-    frozen reference (None under LoRA: the policy with its adapters off) and reward model."""
+    """The four models as loaded: the policy (optionally LoRA) and the critic (None for a critic-free
+    estimator), which the stage trains, the frozen reference (None under LoRA: the policy with its
+    adapters off) and reward model (None when a rule alone gives the reward)."""
 
     policy: nn.Module
-    critic: Critic
+    critic: Critic | None
     ref_model: nn.Module | None
-    reward_model: nn.Module
+    reward_model: nn.Module | None
     packed: bool  # padding-free forwards (all but generation): every model keeps packed episodes apart
     trainable: int  # trainable policy parameters
 
 
-def load_models(cfg: PPOConfig, accelerator) -> Models:
-    """4. Models: policy (optionally LoRA), frozen reference, critic and reward model. Everything
-    stays in eval mode: dropout off (N+); the training forward needs gradients, not train mode.
-    The reference loads as the policy does (fp32; cast to the policy's dtype once prepared), so at
-    update 0 it computes the policy's log-probs bit for bit (KL 0); the reward model only scores."""
+def load_models(cfg: PPOConfig, accelerator, stage: str) -> Models:
+    """4. Models: policy (optionally LoRA), frozen reference, critic and reward model (those the method
+    uses). Everything stays in eval mode: dropout off (N+); the training forward needs gradients, not
+    train mode. The reference loads as the policy does (fp32; cast to the policy's dtype once prepared),
+    so at update 0 it computes the policy's log-probs bit for bit (KL 0); the reward model only scores."""
     device = accelerator.device
     frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
     policy = load_without_dropout(AutoModelForCausalLM, cfg.sft_path)
@@ -650,23 +675,28 @@ def load_models(cfg: PPOConfig, accelerator) -> Models:
     if cfg.lora_r == 0:
         ref_model = load_without_dropout(AutoModelForCausalLM, cfg.sft_path)
         ref_model.requires_grad_(False).eval().to(device)
-    reward_model, _ = load_reward_model(cfg.reward_path, device=device, dtype=frozen_dtype)
-    switch_off_dropout(reward_model).requires_grad_(False)
-    critic_base = load_without_dropout(AutoModelForSequenceClassification, cfg.reward_path)
+    reward_model = critic_base = None
+    if cfg.uses_reward_model:
+        reward_model, _ = load_reward_model(cfg.reward_path, device=device, dtype=frozen_dtype)
+        switch_off_dropout(reward_model).requires_grad_(False)
+    if cfg.has_critic:
+        critic_base = load_without_dropout(AutoModelForSequenceClassification, cfg.reward_path)
     # Padding-free forwards (all but generation) when every model keeps packed episodes apart.
     packed = cfg.padding_free and all(
         [packs_sequences(m) for m in (policy, ref_model, reward_model, critic_base) if m is not None]
     )
     if cfg.padding_free and not packed:
-        accelerator.print("[ppo] a model does not keep packed sequences apart; padded batches instead")
+        accelerator.print(f"[{stage}] a model does not keep packed sequences apart; padded batches instead")
     if cfg.lora_r > 0:
         policy = with_lora(policy, cfg)
-    critic = Critic(critic_base, reward_offset(critic_base.config))
+    critic = Critic(critic_base, reward_offset(critic_base.config)) if critic_base is not None else None
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
-        critic_base.gradient_checkpointing_enable()
+        if critic_base is not None:
+            critic_base.gradient_checkpointing_enable()
     policy.eval()
-    critic.eval()
+    if critic is not None:
+        critic.eval()
     trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     return Models(policy, critic, ref_model, reward_model, packed, trainable)
 
@@ -681,22 +711,25 @@ class Learner:
     model: nn.Module  # the prepared ActorCritic
     optimizer: torch.optim.Optimizer
     policy: nn.Module
-    critic: Critic
+    critic: Critic | None
     ref_model: nn.Module | None
-    reward_model: nn.Module
+    reward_model: nn.Module | None
+    reward_fn: RewardFunction | None
     packed: bool
     clip_groups: list  # policy and critic parameters, each clipped to grad_clip on its own
     ema: EMA | None
 
 
-def prepare(cfg: PPOConfig, accelerator, models: Models, sizes: BatchSizes) -> Learner:
+def prepare(
+    cfg: PPOConfig, accelerator, models: Models, sizes: BatchSizes, reward_fn: RewardFunction | None
+) -> Learner:
     """5. AdamW over the trainable weights (the critic at its own rate), accelerate's prepare of the
     pair, and the EMA, registered so that checkpoints carry it."""
+    groups = [{"params": [p for p in models.policy.parameters() if p.requires_grad], "lr": cfg.lr}]
+    if models.critic is not None:
+        groups.append({"params": list(models.critic.parameters()), "lr": cfg.critic_lr or cfg.lr})
     optimizer = torch.optim.AdamW(
-        [
-            {"params": [p for p in models.policy.parameters() if p.requires_grad], "lr": cfg.lr},
-            {"params": list(models.critic.parameters()), "lr": cfg.critic_lr or cfg.lr},
-        ],
+        groups,
         eps=cfg.adam_eps,
         weight_decay=cfg.weight_decay,
         fused=accelerator.device.type in ("cpu", "cuda"),  # one kernel, not a loop over tensors
@@ -707,7 +740,7 @@ def prepare(cfg: PPOConfig, accelerator, models: Models, sizes: BatchSizes) -> L
     unwrapped, critic_net = accelerator.unwrap_model(model).policy, accelerator.unwrap_model(model).critic
     if models.ref_model is not None:  # DeepSpeed's bf16 casts the policy it prepares: the reference follows
         models.ref_model.to(next(unwrapped.parameters()).dtype)
-    clip_groups = [list(unwrapped.parameters()), list(critic_net.parameters())]
+    clip_groups = [list(unwrapped.parameters())] + ([list(critic_net.parameters())] if critic_net is not None else [])
     ema = EMA(unwrapped, cfg.ema_decay) if cfg.ema_decay > 0 else None
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
@@ -719,13 +752,14 @@ def prepare(cfg: PPOConfig, accelerator, models: Models, sizes: BatchSizes) -> L
         critic_net,
         models.ref_model,
         models.reward_model,
+        reward_fn,
         models.packed,
         clip_groups,
         ema,
     )
 
 
-def resume(accelerator, run: StageRun, kl_ctl, tracker: Tracker) -> int:
+def resume(accelerator, run: StageRun, kl_ctl, tracker: Tracker, stage: str) -> int:
     """The update to start from: 0, or the step of a killed run's newest checkpoint, whose state and KL
     coefficient come back. The tracker drops the rows the resumed (or an abandoned) run logged later."""
     start = 0
@@ -733,14 +767,21 @@ def resume(accelerator, run: StageRun, kl_ctl, tracker: Tracker) -> int:
     if latest is not None:
         extra = load_checkpoint(accelerator, latest)
         start, kl_ctl.value = extra["step"], extra["kl_coef"]
-        accelerator.print(f"[ppo] resumed from {latest} (step {start})")
+        accelerator.print(f"[{stage}] resumed from {latest} (step {start})")
     tracker.truncate_after(start if latest is not None else -1)
     return start
 
 
-def print_plan(cfg: PPOConfig, accelerator, data: PromptSets, sizes: BatchSizes, trainable: int) -> None:
+def print_plan(cfg: PPOConfig, accelerator, data: PromptSets, sizes: BatchSizes, trainable: int, stage: str) -> None:
+    reward = " + ".join(
+        ([f"{cfg.reward_model_weight:g} x reward model"] if cfg.uses_reward_model else [])
+        + ([f"{cfg.reward_fn_weight:g} x {cfg.reward_fn}"] if cfg.reward_fn else [])
+    )
     accelerator.print(
-        f"[ppo] {len(data.prompts)} prompts ({len(data.eval_ids)} held out), "
+        f"[{stage}] {cfg.advantage} advantages"
+        + (f" over groups of {cfg.samples_per_prompt}" if cfg.samples_per_prompt > 1 else "")
+        + f", reward {reward}, KL in the {cfg.kl_penalty}; "
+        f"{len(data.prompts)} prompts ({len(data.eval_ids)} held out), "
         f"{trainable / 1e6:.2f}M trainable policy parameters, {accelerator.num_processes} process(es) "
         f"x {torch.get_num_threads()} thread(s); per update: {cfg.rollout_batch_size} episodes, "
         f"{cfg.ppo_epochs} epochs x {cfg.num_minibatches} minibatches of {sizes.minibatch} "
@@ -756,7 +797,8 @@ Stop = Callable[[str], NoReturn]  # stops the run in one line (`stopper`)
 @dataclass
 class Rollout:
     """One update's episodes on this process, as steps (1)-(6) made them and the PPO epochs (7) read
-    them: B episodes of P prompt and T response tokens; response tensors are [B, T], 0 after the EOS."""
+    them: B episodes of P prompt and T response tokens; response tensors are [B, T], 0 after the EOS.
+    With samples_per_prompt G the G answers to a prompt lie next to each other."""
 
     query: torch.Tensor  # [B, P] left-padded prompts
     responses: torch.Tensor  # [B, T] truncated after the first EOS, then padding
@@ -765,19 +807,28 @@ class Rollout:
     seq_mask: torch.Tensor
     logprobs: torch.Tensor  # the policy's ("old") log-probs
     ref_logprobs: torch.Tensor  # the frozen SFT policy's
-    values: torch.Tensor  # the critic's, of the state before each response token
-    rewards: torch.Tensor  # KL-shaped, the score on the last token
+    values: torch.Tensor  # the critic's, of the state before each response token (0 without a critic)
+    rewards: torch.Tensor  # KL-shaped (with kl_penalty reward), the score on the last token
     kl: torch.Tensor  # per token, log pi - log pi_ref
-    advantages: torch.Tensor  # GAE, whitened
-    returns: torch.Tensor
-    scores: torch.Tensor  # [B] what PPO maximises: rm_scores, or no_eos_penalty for a response without EOS
-    rm_scores: torch.Tensor  # [B] the reward model's scores
+    advantages: torch.Tensor  # the estimator's, per token
+    returns: torch.Tensor  # the critic's targets (the advantages without a critic)
+    scores: torch.Tensor  # [B] what the policy maximises: `reward`, or no_eos_penalty for a response without EOS
+    reward: torch.Tensor  # [B] the weighted reward model score and rule reward
+    rule_scores: torch.Tensor | None  # [B] reward_fn's values, when there is one
     has_eos: torch.Tensor  # [B]
 
 
-def rollout(cfg: PPOConfig, learner: Learner, prompt_ids: list[list[int]], tokenizer, kl_coef: float) -> Rollout:
-    """Steps (1)-(6) on this process's prompts of the update: no-grad passes on full weights at the
-    training forward's precision (`as_trained`)."""
+def rollout(
+    cfg: PPOConfig,
+    learner: Learner,
+    prompts: list,
+    prompt_ids: list[list[int]],
+    records: list[dict],
+    tokenizer,
+    kl_coef: float,
+) -> Rollout:
+    """Steps (1)-(6) on this process's prompts of the update (each already repeated samples_per_prompt
+    times): no-grad passes on full weights at the training forward's precision (`as_trained`)."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     query, query_mask = (t.to(learner.accelerator.device) for t in left_pad(prompt_ids, pad))
     with torch.no_grad(), as_trained(learner.accelerator, learner.model):
@@ -792,9 +843,10 @@ def rollout(cfg: PPOConfig, learner: Learner, prompt_ids: list[list[int]], token
         parts = [
             episodes(seq[s], seq_mask[s], mask[s], learner.packed) for s in chunks(len(seq), cfg.forward_batch_size)
         ]
-        # (3) Score with the reward model at the last token; no EOS: a fixed penalty (N+).
-        rm_scores = torch.cat([reward_scores(learner.reward_model, ep) for ep in parts])
-        scores = apply_no_eos_penalty(rm_scores, has_eos, cfg.no_eos_penalty) if cfg.penalize_no_eos else rm_scores
+        # (3) Score: the reward model at the last token and/or the rule on the answer's text; no EOS: a
+        # fixed penalty (N+).
+        reward, rule_scores = score_episodes(cfg, learner, parts, prompts, responses, records, tokenizer)
+        scores = apply_no_eos_penalty(reward, has_eos, cfg.no_eos_penalty) if cfg.penalize_no_eos else reward
         # (4) Old log-probs of the policy and the reference (logits / temperature, N+), and the
         # critic's values of the states before each response token. Under mixed precision the
         # policy's come from the forward the update and the reference run, not from sampling (cached,
@@ -807,12 +859,13 @@ def rollout(cfg: PPOConfig, learner: Learner, prompt_ids: list[list[int]], token
         ) * mask
         with reference(learner.policy, learner.ref_model) as ref:
             ref_logprobs = rollout_logprobs(ref, parts, cfg.temperature) * mask
-        values = torch.cat([learner.critic(ep) for ep in parts]) * mask
-        # (5) Per-token KL penalty, the score added on the last response token.
-        rewards, kl = kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)
-        # (6) GAE advantages and returns, then whitened advantages (N+).
-        advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
-        advantages = whiten(advantages, mask)
+        values = (
+            torch.cat([learner.critic(ep) for ep in parts]) * mask
+            if learner.critic is not None
+            else torch.zeros_like(logprobs)
+        )
+        # (5)-(6) KL-shaped rewards and the estimator's advantages.
+        rewards, kl, advantages, returns = estimate(cfg, scores, logprobs, ref_logprobs, values, mask, kl_coef)
     return Rollout(
         query,
         responses,
@@ -827,17 +880,68 @@ def rollout(cfg: PPOConfig, learner: Learner, prompt_ids: list[list[int]], token
         advantages,
         returns,
         scores,
-        rm_scores,
+        reward,
+        rule_scores,
         has_eos,
     )
 
 
-def stopper(bar, checkpoints: Path, update: int) -> Stop:
+def score_episodes(
+    cfg: PPOConfig, learner: Learner, parts: list[Episodes], prompts: list, responses, records: list[dict], tokenizer
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(3) The reward of each episode, before the no-EOS penalty: reward_model_weight x the reward model's
+    score + reward_fn_weight x the rule's value of the answer's text. Returns (reward, rule values)."""
+    device = responses.device
+    reward = torch.zeros(len(responses), device=device)
+    if learner.reward_model is not None:
+        reward += cfg.reward_model_weight * torch.cat([reward_scores(learner.reward_model, ep) for ep in parts])
+    rule = None
+    if learner.reward_fn is not None:
+        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        rule = torch.tensor(
+            [learner.reward_fn(p, t.strip(), r) for p, t, r in zip(prompts, texts, records, strict=True)],
+            device=device,
+        )
+        reward += cfg.reward_fn_weight * rule
+    return reward, rule
+
+
+def estimate(
+    cfg: PPOConfig,
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(5) Per-token rewards: -kl_coef x KL (kl_penalty reward; with kl_penalty loss the KL is a loss
+    term instead) and the score on the last response token. (6) Advantages by the estimator: GAE over
+    the critic's values, whitened (PPO, N+); one number per answer from its group (grpo, dr_grpo, rloo:
+    the answer's reward is its score less the KL summed over its tokens); or REINFORCE++'s whitened
+    returns. Returns (rewards, kl, advantages, returns)."""
+    beta = kl_coef if cfg.kl_penalty == "reward" else 0.0
+    group = cfg.samples_per_prompt
+    base = minus_group_mean(scores, group) if cfg.advantage == "reinforce_pp_baseline" else scores
+    rewards, kl = kl_shaped_rewards(base, logprobs, ref_logprobs, mask, beta)
+    if cfg.advantage == "gae":
+        advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        return rewards, kl, whiten(advantages, mask), returns
+    if cfg.advantage in ("reinforce_pp", "reinforce_pp_baseline"):
+        advantages = reinforce_pp_advantages(rewards, mask, cfg.gamma)
+    else:
+        advantages = group_advantages(rewards.sum(1), group, cfg.advantage)[:, None] * mask
+    return rewards, kl, advantages, advantages
+
+
+def stopper(bar, checkpoints: Path, update: int, stage: str) -> Stop:
     """How a guard stops the run at `update`: in one line that names the kept checkpoint."""
 
     def stop(why: str) -> NoReturn:
         bar.close()  # the error goes on its own line
-        raise PipelineError(f"ppo: {why} at update {update + 1}; stopped, last good checkpoint kept in {checkpoints}")
+        raise PipelineError(
+            f"{stage}: {why} at update {update + 1}; stopped, last good checkpoint kept in {checkpoints}"
+        )
 
     return stop
 
@@ -849,7 +953,7 @@ def guards(cfg: PPOConfig, accelerator, batch: Rollout, stop: Stop) -> tuple[flo
     mean score and the mean summed KL over all processes."""
     guarded = {
         "log-probs": batch.logprobs,
-        "reward": batch.rm_scores,
+        "reward": batch.reward,
         "reference log-probs": batch.ref_logprobs,
         "values": batch.values,
         "KL": batch.kl,
@@ -883,6 +987,7 @@ class PPOStats:
     approx_kl: float
     entropy: float
     ptx_loss: float
+    kl_loss: float  # the k3 KL term (kl_penalty loss; 0 otherwise)
     # The first minibatch of the first epoch, before any step: ~0 and 0 unless the rollout and the
     # update compute the policy differently (precision, dropout, padding; N+).
     approx_kl_first: float
@@ -896,6 +1001,7 @@ def ppo_update(
     sizes: BatchSizes,
     update: int,
     ptx_stream: torch.Tensor | None,
+    kl_coef: float,
     stop: Stop,
 ) -> PPOStats:
     """(7) PPO epochs: shuffled minibatches (one optimizer step each), split into micro-batches.
@@ -919,7 +1025,8 @@ def ppo_update(
                         hash((cfg.seed, accelerator.process_index, update, epoch, mb, micro)) % 2**62,
                     ).to(accelerator.device)
                 )
-                stats.append(ppo_step(cfg, learner, batch, order[first : first + sizes.micro], ptx_ids, stop))
+                idx = order[first : first + sizes.micro]
+                stats.append(ppo_step(cfg, learner, batch, idx, ptx_ids, kl_coef, stop))
             if epoch == 0 and mb == 0:  # before the first optimizer step: the ratio must be 1 (N+)
                 first_stats = torch.stack(stats).mean(0)[[4, 2]]  # approx_kl, clipfrac
     model.eval()
@@ -929,11 +1036,18 @@ def ppo_update(
 
 
 def ppo_step(
-    cfg: PPOConfig, learner: Learner, batch: Rollout, idx: torch.Tensor, ptx_ids: torch.Tensor | None, stop: Stop
+    cfg: PPOConfig,
+    learner: Learner,
+    batch: Rollout,
+    idx: torch.Tensor,
+    ptx_ids: torch.Tensor | None,
+    kl_coef: float,
+    stop: Stop,
 ) -> torch.Tensor:
-    """One micro-batch of (7): clipped policy and value losses (and PPO-ptx's), backward, and at the
-    end of a minibatch the clipped optimizer step and the EMA update. Returns [policy loss, value
-    loss, policy clip fraction, value clip fraction, approx KL, entropy, ptx loss]."""
+    """One micro-batch of (7): the clipped policy loss, the value loss (with a critic), PPO-ptx's and the
+    KL term (kl_penalty loss), backward, and at the end of a minibatch the clipped optimizer step and the
+    EMA update. Returns [policy loss, value loss, policy clip fraction, value clip fraction, approx KL,
+    entropy, ptx loss, KL loss]."""
     accelerator = learner.accelerator
     # Drop the padding columns this micro-batch does not need.
     P = batch.query.shape[1]
@@ -945,13 +1059,26 @@ def ppo_step(
     with accelerator.accumulate(learner.model):
         logits, new_values, ptx_loss = learner.model(ep, cfg.temperature, ptx_ids)
         new_logprobs = logprobs_from_logits(logits, m_resp)
+        how = (cfg.aggregation, cfg.max_new_tokens)
         pg_loss, pg_clipfrac, approx_kl = policy_loss(
-            new_logprobs, batch.logprobs[idx, :m_T], batch.advantages[idx, :m_T], m_rmask, cfg.cliprange
+            new_logprobs,
+            batch.logprobs[idx, :m_T],
+            batch.advantages[idx, :m_T],
+            m_rmask,
+            cfg.cliprange,
+            cfg.cliprange_high,
+            *how,
         )
-        vf_loss, vf_clipfrac = value_loss(
-            new_values, batch.values[idx, :m_T], batch.returns[idx, :m_T], m_rmask, cfg.cliprange_value
-        )
-        loss = pg_loss + cfg.vf_coef * vf_loss + cfg.ptx_coef * ptx_loss
+        loss = pg_loss + cfg.ptx_coef * ptx_loss
+        vf_loss = vf_clipfrac = kl_loss = torch.zeros((), device=loss.device)
+        if new_values is not None:
+            vf_loss, vf_clipfrac = value_loss(
+                new_values, batch.values[idx, :m_T], batch.returns[idx, :m_T], m_rmask, cfg.cliprange_value
+            )
+            loss = loss + cfg.vf_coef * vf_loss
+        if cfg.kl_penalty == "loss":  # GRPO: beta x KL(pi || pi_ref) in the loss, not in the reward
+            kl_loss = aggregate(k3_kl(new_logprobs, batch.ref_logprobs[idx, :m_T]), m_rmask, *how)
+            loss = loss + kl_coef * kl_loss
         # No backward, hence no step (DeepSpeed steps inside it), on a non-finite loss on
         # any process: all of them stop here together.
         if accelerator.reduce((~torch.isfinite(loss.detach())).float()[None], "sum").item():
@@ -965,7 +1092,7 @@ def ppo_step(
         learner.ema.update(learner.policy)
     with torch.no_grad():
         entropy = masked_mean(entropy_from_logits(logits), m_rmask)
-    return torch.stack([pg_loss, vf_loss, pg_clipfrac, vf_clipfrac, approx_kl, entropy, ptx_loss]).detach()
+    return torch.stack([pg_loss, vf_loss, pg_clipfrac, vf_clipfrac, approx_kl, entropy, ptx_loss, kl_loss]).detach()
 
 
 def update_metrics(
@@ -980,6 +1107,10 @@ def update_metrics(
 ) -> dict:
     """What the tracker logs for an update that began at time `t0`."""
     lengths = batch.mask.sum(1).float()
+    group = cfg.samples_per_prompt
+    # Groups whose answers all score alike: a group estimator learns nothing from them.
+    flat = (batch.scores.view(-1, group).std(1) == 0).float().mean() if group > 1 else lengths.new_zeros(())
+    rule = batch.rule_scores.float().mean() if batch.rule_scores is not None else lengths.new_zeros(())
     rollout = accelerator.reduce(
         torch.stack(
             [
@@ -987,6 +1118,8 @@ def update_metrics(
                 (~batch.has_eos).float().mean(),
                 explained_variance(batch.values, batch.returns, batch.mask),
                 lengths.sum(),
+                flat,
+                rule,
             ]
         ),
         "mean",
@@ -1011,6 +1144,15 @@ def update_metrics(
         "perf/episodes_per_s": cfg.rollout_batch_size / seconds,
         "perf/tokens_per_s": rollout[3] * accelerator.num_processes / seconds,
     }
+    if not cfg.has_critic:
+        for key in ("loss/value", "value/clipfrac", "value/explained_variance"):
+            del metrics[key]
+    if group > 1:
+        metrics["objective/flat_groups"] = rollout[4]
+    if cfg.reward_fn:
+        metrics["objective/rule_score"] = rollout[5]
+    if cfg.kl_penalty == "loss":
+        metrics["loss/kl"] = stats.kl_loss
     if cfg.ptx_coef > 0:
         metrics["loss/ptx"] = stats.ptx_loss
     return metrics
@@ -1036,6 +1178,7 @@ def gold_metrics(cfg: PPOConfig, learner: Learner, tokenizer, data: PromptSets) 
     return {
         "gold/score": s["gold_score"],
         "gold/hallucination_rate": s["hallucination_rate"],
+        "gold/instruction_accuracy": s["instruction_accuracy"],
         "gold/proxy_score": s["proxy_score"],
     }
 
@@ -1053,63 +1196,85 @@ def train_summary(cfg: PPOConfig, last: dict, trainable: int, start: int, loop_s
     }
 
 
-def final_evaluation(cfg: PPOConfig, learner: Learner, tokenizer, data: PromptSets) -> tuple[dict, list]:
+def final_evaluation(cfg: PPOConfig, learner: Learner, tokenizer, data: PromptSets, stage: str) -> tuple[dict, list]:
     """7. Evaluation against the SFT policy on held-out prompts: the metrics and sample answers of the
     manifest (reward.judging, as every stage and make eval judge). On every process, like the gold
     metrics; the main one writes the manifest."""
     if not data.eval_ids:
         return {}, []
     with as_trained(learner.accelerator, learner.model):
-        ppo_answers = greedy_answers(learner.policy, tokenizer, data.eval_ids, cfg.max_new_tokens)
+        policy_answers = greedy_answers(learner.policy, tokenizer, data.eval_ids, cfg.max_new_tokens)
         with reference(learner.policy, learner.ref_model) as ref:
             sft_answers = greedy_answers(ref, tokenizer, data.eval_ids, cfg.max_new_tokens)
         kl_to_sft = kl_to_reference(learner.policy, learner.ref_model, tokenizer, data.eval_ids, cfg)
-    proxy = proxy_judge(cfg, learner, tokenizer)
-    gold = WorldJudge(data.judge) if data.judge is not None else None
-    evaluation = judge_policies(
-        gold or proxy,
-        data.eval_prompts,
-        {"ppo": ppo_answers, "sft": sft_answers},
-        pairs=[("ppo", "sft")],
-        proxy=proxy,
-        prompt_ids=data.eval_ids,
-    )
-    ppo, sft = evaluation.summaries["ppo"], evaluation.summaries["sft"]
-    # reward_score is what training optimises (unfinished answers at no_eos_penalty); *_raw the reward
-    # model's own score of the same answers. kl_to_sft is between the distributions at the sampling
-    # temperature (logits / kl_temperature, N+), of answers sampled at it.
+    # kl_to_sft is between the distributions at the sampling temperature (logits / kl_temperature, N+),
+    # of answers sampled at it.
     metrics = {
-        "reward_score": ppo["proxy_score"],
-        "sft_reward_score": sft["proxy_score"],
-        "reward_score_raw": mean(evaluation.judged["ppo"].proxy_raw),
-        "sft_reward_score_raw": mean(evaluation.judged["sft"].proxy_raw),
-        "response_length": ppo["response_tokens"],
-        "sft_response_length": sft["response_tokens"],
+        "response_length": mean([len(a) for a in policy_answers.ids]),
+        "sft_response_length": mean([len(a) for a in sft_answers.ids]),
         "kl_to_sft": kl_to_sft,
         "kl_temperature": cfg.temperature,
         "eval_prompts": len(data.eval_ids),
     }
-    if gold is not None:
-        win = evaluation.win_rates["ppo_vs_sft"]  # its ceiling: what the ideal answer would win against SFT
+    samples = [
+        {"prompt": p, stage: a, "sft": b}
+        for p, a, b in zip(data.eval_prompts[:8], policy_answers.texts, sft_answers.texts, strict=False)
+    ]
+    proxy = proxy_judge(cfg, learner, tokenizer)
+    gold = WorldJudge(data.judge) if data.judge is not None else None
+    if learner.reward_fn is not None and gold is None:  # e.g. GSM8K: the rule is the accuracy
+        for name, got in (("reward_fn_score", policy_answers), ("sft_reward_fn_score", sft_answers)):
+            metrics[name] = mean(
+                [
+                    learner.reward_fn(p, a, r)
+                    for p, a, r in zip(data.eval_prompts, got.texts, data.eval_records, strict=True)
+                ]
+            )
+    if gold is None and proxy is None:
+        return metrics, samples
+    evaluation = judge_policies(
+        gold or proxy,
+        data.eval_prompts,
+        {stage: policy_answers, "sft": sft_answers},
+        pairs=[(stage, "sft")],
+        proxy=proxy,
+        prompt_ids=data.eval_ids,
+    )
+    trained, sft = evaluation.summaries[stage], evaluation.summaries["sft"]
+    if proxy is not None:
+        # reward_score is what training optimises (unfinished answers at no_eos_penalty); *_raw the
+        # reward model's own score of the same answers.
         metrics.update(
             {
-                "gold_score": ppo["gold_score"],
-                "sft_gold_score": sft["gold_score"],
-                "gold_win_rate": win["win_rate"],
-                "gold_win_rate_ceiling": win["ceiling"],
-                "hallucination_rate": ppo["hallucination_rate"],
-                "sft_hallucination_rate": sft["hallucination_rate"],
+                "reward_score": trained["proxy_score"],
+                "sft_reward_score": sft["proxy_score"],
+                "reward_score_raw": mean(evaluation.judged[stage].proxy_raw),
+                "sft_reward_score_raw": mean(evaluation.judged["sft"].proxy_raw),
             }
         )
-    samples = [
-        {"prompt": p, "ppo": a, "sft": b}
-        for p, a, b in zip(data.eval_prompts[:8], ppo_answers.texts, sft_answers.texts, strict=False)
-    ]
+    if gold is not None:
+        win = evaluation.win_rates[f"{stage}_vs_sft"]  # its ceiling: what the ideal answer would win against SFT
+        metrics.update(
+            {
+                "gold_score": trained["gold_score"],
+                "sft_gold_score": sft["gold_score"],
+                "gold_win_rate": win["win_rate"],
+                "gold_win_rate_ci": win.get("ci"),
+                "gold_win_rate_ceiling": win["ceiling"],
+                "hallucination_rate": trained["hallucination_rate"],
+                "sft_hallucination_rate": sft["hallucination_rate"],
+                "instruction_accuracy": trained["instruction_accuracy"],
+                "sft_instruction_accuracy": sft["instruction_accuracy"],
+            }
+        )
     return metrics, samples
 
 
-def proxy_judge(cfg: PPOConfig, learner: Learner, tokenizer) -> RewardModelJudge:
-    """The reward model scoring held-out answers as the rollout scores them (no-EOS penalty included)."""
+def proxy_judge(cfg: PPOConfig, learner: Learner, tokenizer) -> RewardModelJudge | None:
+    """The reward model scoring held-out answers as the rollout scores them (no-EOS penalty included);
+    None when a rule alone gives the reward."""
+    if learner.reward_model is None:
+        return None
     return RewardModelJudge(learner.reward_model, tokenizer, no_eos_penalty=scoring_penalty(cfg))
 
 
@@ -1144,13 +1309,15 @@ def save_policy(cfg: PPOConfig, policy: nn.Module, pair_state: dict, tokenizer, 
     tokenizer.save_pretrained(stage_dir)
 
 
-def finish(cfg: PPOConfig, run: StageRun, learner: Learner, tokenizer, data: PromptSets, metrics: dict) -> None:
+def finish(
+    cfg: PPOConfig, run: StageRun, learner: Learner, tokenizer, data: PromptSets, metrics: dict, stage: str
+) -> None:
     """7. Final weights (the EMA when enabled), evaluation against the SFT policy on held-out prompts.
     8. Save a plain HF checkpoint, the held-out prompts, then the manifest (last)."""
     accelerator = learner.accelerator
     if learner.ema is not None:
         learner.ema.copy_to(learner.policy)
-    evaluation, samples = final_evaluation(cfg, learner, tokenizer, data)
+    evaluation, samples = final_evaluation(cfg, learner, tokenizer, data, stage)
     metrics.update(evaluation)
     # The pair's state dict is gathered from every shard under FSDP / ZeRO-3 (every process takes part;
     # under ZeRO-3 only the main one receives it).
@@ -1177,13 +1344,13 @@ def finish(cfg: PPOConfig, run: StageRun, learner: Learner, tokenizer, data: Pro
             "samples": samples,
             "processes": accelerator.num_processes,
             "threads": torch.get_num_threads(),
-            "reward_path": cfg.reward_path,
+            "reward_path": cfg.reward_path if cfg.uses_reward_model or cfg.has_critic else None,
             "heldout_prompts": HELD_OUT_FILE if data.held_out else None,
             "weights_checksum_per_rank": checksums,
         },
     )
     accelerator.print(
-        f"[ppo] done -> {run.dir}: "
+        f"[{stage}] done -> {run.dir}: "
         + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float) and k in _SUMMARY)
     )
 
@@ -1191,6 +1358,8 @@ def finish(cfg: PPOConfig, run: StageRun, learner: Learner, tokenizer, data: Pro
 _SUMMARY = (
     "reward_score",
     "sft_reward_score",
+    "reward_fn_score",
+    "sft_reward_fn_score",
     "kl_to_sft",
     "gold_score",
     "sft_gold_score",
@@ -1204,82 +1373,86 @@ _SUMMARY = (
 # ---- the stage ----------------------------------------------------------------------------------
 
 
+def update_prompts(cfg: PPOConfig, data: PromptSets, update: int, rank: int, sizes: BatchSizes) -> tuple:
+    """This process's prompts of an update (`prompt_indices`): (prompts, their ids, their records)."""
+    n = len(data.ids)
+    picked = prompt_indices(n, update, cfg.rollout_batch_size, rank, sizes.per_process, cfg.seed, sizes.group)
+    return tuple([column[i] for i in picked] for column in (data.prompts, data.ids, data.records))
+
+
+def run_inputs(cfg: PPOConfig, data: PromptSets, reward_fn: RewardFunction | None) -> list[str]:
+    """What the run key fingerprints besides the config and the SFT parent: the prompt and ptx files,
+    the reward model's manifest (when one is used) and the rule reward's source file."""
+    files = list(data.files)
+    if cfg.uses_reward_model or cfg.has_critic:
+        files.append(str(Path(cfg.reward_path) / "manifest.json"))
+    if reward_fn is not None:
+        files.append(inspect.getsourcefile(reward_fn.fn))
+    return files
+
+
 @cli_main
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, stage: str = "ppo") -> None:
+    """The RL stage: PPO by default; `stage` names the directory, profiles and logs of another method's
+    run of it (stages/grpo, stages/rloo, ...: advantage, groups and rewards come from their profiles)."""
     # 1. Config, processes and batch sizes (derived once, checked to divide exactly).
-    cfg = parse_config(PPOConfig, "ppo", argv)
+    cfg = parse_config(PPOConfig, stage, argv)
     accelerator = setup(cfg.seed, cfg.mixed_precision, cfg.gradient_accumulation, cfg.threads)
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     check_ema_supported(cfg.ema_decay, plugin.zero_stage if plugin is not None else None)
-    sizes = batch_sizes(
-        cfg.rollout_batch_size, cfg.num_minibatches, cfg.gradient_accumulation, accelerator.num_processes
-    )
-    is_main, stage_dir = accelerator.is_main_process, Path(cfg.run_dir) / "ppo"
-    # 2. Parents: the SFT policy and the reward model, which must share one tokenizer and template.
+    n, G = accelerator.num_processes, cfg.samples_per_prompt
+    sizes = batch_sizes(cfg.rollout_batch_size, cfg.num_minibatches, cfg.gradient_accumulation, n, G)
+    is_main, stage_dir = accelerator.is_main_process, Path(cfg.run_dir) / stage
+    # 2. Parents: the SFT policy and the reward model (which must share its tokenizer), the rule reward.
     sft, tokenizer = load_parents(cfg)
-    # 3. Prompts (training, held out) and PPO-ptx text, checked before anything is written. The run key
-    # covers the reward model too: its manifest is fingerprinted like a data file.
+    reward_fn = RewardFunction.load(cfg.reward_fn, cfg.world_dir) if cfg.reward_fn else None
+    # 3. Prompts (training, held out) and PPO-ptx text, checked before anything is written.
     data = load_prompt_sets(cfg, tokenizer)
-    run = StageRun(
-        "ppo",
-        stage_dir,
-        config_dict(cfg),
-        sft,
-        cfg.sft_path,
-        data.files + [str(Path(cfg.reward_path) / "manifest.json")],
-        is_main,
-    )
+    run = StageRun(stage, stage_dir, config_dict(cfg), sft, cfg.sft_path, run_inputs(cfg, data, reward_fn), is_main)
     if not run.begin(cfg.force):
         return
     accelerator.wait_for_everyone()
     # 4. Models: policy (optionally LoRA), frozen reference, critic and reward model, dropout off (N+).
-    models = load_models(cfg, accelerator)
+    models = load_models(cfg, accelerator, stage)
     # 5. Optimizer, accelerate, tracking, KL controller, and resume from a killed run's checkpoint.
-    learner = prepare(cfg, accelerator, models, sizes)
+    learner = prepare(cfg, accelerator, models, sizes, reward_fn)
     kl_ctl = (
         AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
         if cfg.target_kl > 0
         else FixedKLController(cfg.kl_coef)
     )
-    tracker = Tracker(stage_dir, "ppo", config_dict(cfg), enabled=is_main, run_name=f"{cfg.run_dir}/ppo")
-    start = resume(accelerator, run, kl_ctl, tracker)
-    print_plan(cfg, accelerator, data, sizes, models.trainable)
+    tracker = Tracker(stage_dir, stage, config_dict(cfg), enabled=is_main, run_name=f"{cfg.run_dir}/{stage}")
+    start = resume(accelerator, run, kl_ctl, tracker, stage)
+    print_plan(cfg, accelerator, data, sizes, models.trainable, stage)
     watch_gold = data.judge is not None and cfg.gold_every > 0 and data.gold_n > 0
     if watch_gold and start == 0:
         tracker.log(gold_metrics(cfg, learner, tokenizer, data), 0)  # the SFT policy's starting point
 
-    # 6. PPO updates: a rollout (1)-(6), the guards, the PPO epochs (7), then log and checkpoint.
-    bar = progress(cfg.num_updates, start, "ppo", is_main)
+    # 6. Updates: a rollout (1)-(6), the guards, the PPO epochs (7), then log and checkpoint.
+    # The bar closes before any error is printed (a rule reward's, say), so the error is the last line.
     last, loop_start = {}, time.time()
-    for update in range(start, cfg.num_updates):
-        t0, kl_coef, stop = time.time(), kl_ctl.value, stopper(bar, run.checkpoints, update)
-        picked = prompt_indices(
-            len(data.ids), update, cfg.rollout_batch_size, accelerator.process_index, sizes.per_process, cfg.seed
-        )
-        batch = rollout(cfg, learner, [data.ids[i] for i in picked], tokenizer, kl_coef)
-        mean_score, mean_kl = guards(cfg, accelerator, batch, stop)
-        stats = ppo_update(cfg, learner, batch, sizes, update, data.ptx_stream, stop)
-        kl_ctl.update(mean_kl, cfg.rollout_batch_size)
-        # Log, checkpoint, and now and then ask the gold judge.
-        last = update_metrics(cfg, accelerator, batch, stats, kl_coef, mean_score, mean_kl, t0)
-        if watch_gold and (update + 1) % cfg.gold_every == 0:
-            last.update(gold_metrics(cfg, learner, tokenizer, data))
-        tracker.log(last, update + 1)
-        bar.update(1)
-        bar.set_postfix(score=f"{mean_score:.3f}", kl=f"{mean_kl:.2f}")
-        if (update + 1) % cfg.save_every == 0 and update + 1 < cfg.num_updates:
-            save_checkpoint(
-                accelerator,
-                run.checkpoints,
-                update + 1,
-                cfg.keep_checkpoints,
-                {"kl_coef": kl_ctl.value, "episodes": (update + 1) * cfg.rollout_batch_size},
-            )
-    bar.close()
+    with progress(cfg.num_updates, start, stage, is_main) as bar:
+        for update in range(start, cfg.num_updates):
+            t0, kl_coef, stop = time.time(), kl_ctl.value, stopper(bar, run.checkpoints, update, stage)
+            prompts, ids, records = update_prompts(cfg, data, update, accelerator.process_index, sizes)
+            batch = rollout(cfg, learner, prompts, ids, records, tokenizer, kl_coef)
+            mean_score, mean_kl = guards(cfg, accelerator, batch, stop)
+            stats = ppo_update(cfg, learner, batch, sizes, update, data.ptx_stream, kl_coef, stop)
+            kl_ctl.update(mean_kl, cfg.rollout_batch_size)
+            # Log, checkpoint, and now and then ask the gold judge.
+            last = update_metrics(cfg, accelerator, batch, stats, kl_coef, mean_score, mean_kl, t0)
+            if watch_gold and (update + 1) % cfg.gold_every == 0:
+                last.update(gold_metrics(cfg, learner, tokenizer, data))
+            tracker.log(last, update + 1)
+            bar.update(1)
+            bar.set_postfix(score=f"{mean_score:.3f}", kl=f"{mean_kl:.2f}")
+            if (update + 1) % cfg.save_every == 0 and update + 1 < cfg.num_updates:
+                extra = {"kl_coef": kl_ctl.value, "episodes": (update + 1) * cfg.rollout_batch_size}
+                save_checkpoint(accelerator, run.checkpoints, update + 1, cfg.keep_checkpoints, extra)
     summary = train_summary(cfg, last, models.trainable, start, time.time() - loop_start)
 
     # 7-8. Final weights, evaluation against the SFT policy, save, manifest.
-    finish(cfg, run, learner, tokenizer, data, summary)
+    finish(cfg, run, learner, tokenizer, data, summary, stage)
     tracker.close()
     accelerator.wait_for_everyone()
 
