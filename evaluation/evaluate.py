@@ -56,10 +56,14 @@ from pipeline.stats import best_of_k, best_of_k_kl, bootstrap_ci, mean
 from reward.judging import Answers, Judged, RewardModelJudge, WorldJudge, compare, judge_answers, judge_policies
 from world.judge import FAMILIES
 
+# The stages that start from SFT and optimise it further: the RL stage's methods (stages/ppo and the
+# packages that run it with another advantage estimator) and DPO.
+AFTER_SFT = ("ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp", "dpo")
 # Causal-LM stages in pipeline order: (name in the evaluation, stage directory).
-CAUSAL_STAGES = (("base", "pretrain"), ("sft", "sft"), ("ppo", "ppo"))
-# Win rates reported: each stage against the one before it, and PPO against the base model.
-COMPARISONS = (("sft", "base"), ("ppo", "sft"), ("ppo", "base"))
+CAUSAL_STAGES = (("base", "pretrain"), ("sft", "sft"), *((m, m) for m in AFTER_SFT))
+# Win rates reported: each stage against the one before it (SFT for every method after it), and against base.
+PREVIOUS = {"sft": "base", **dict.fromkeys(AFTER_SFT, "sft")}
+COMPARISONS = (("sft", "base"), *((m, "sft") for m in AFTER_SFT), *((m, "base") for m in AFTER_SFT))
 # Constant policies: one answer to every prompt. Their scores and win rates are the floor a stage must clear,
 # so a reader sees what a degenerate policy (what reward hacking collapses to) would get.
 FLOOR_ANSWERS = ("", "I don't know.", "Sorry, I can't help with that.")
@@ -258,9 +262,12 @@ def prompts_and_judge(run_dir: Path, options: EvalOptions) -> tuple[list[dict], 
     world's and its gold judge."""
     world, reward_dir = run_dir / "world", run_dir / "reward"
     prompt_files, prompt_field, judge_path = options.prompt_files, options.prompt_field, options.judge_path
-    held_out = (read_manifest(run_dir / "ppo") or {}).get("heldout_prompts")  # PPO trained on prompts of your own
+    # An RL stage trained on prompts of your own held some out: the first such stage's.
+    held_out = next(
+        (run_dir / m / f for m in AFTER_SFT if (f := (read_manifest(run_dir / m) or {}).get("heldout_prompts"))), None
+    )
     if not prompt_files and held_out:
-        prompt_files, prompt_field = [str(run_dir / "ppo" / held_out)], "prompt"
+        prompt_files, prompt_field = [str(held_out)], "prompt"
     if not prompt_files:
         if not (world / "truth.json").is_file():
             raise PipelineError(
@@ -334,41 +341,46 @@ def floor_of(judge, prompts: list, families: list[str], sft: Judged | None, opti
     return floor
 
 
-def ppo_temperature(run_dir: Path) -> float:
-    """The temperature PPO sampled and scored its rollouts at, from its manifest's config (its kl_to_sft is
-    measured there); 1 for a PPO stage whose config has none. The config, not a metric: it is what ran."""
-    config = (read_manifest(run_dir / "ppo") or {}).get("config") or {}
+def sampling_temperature(stage_dir: Path) -> float:
+    """The temperature an RL stage sampled and scored its rollouts at, from its manifest's config (its
+    kl_to_sft is measured there); 1 for a stage that samples nothing (DPO) or whose config has none. The
+    config, not a metric: it is what ran."""
+    config = (read_manifest(stage_dir) or {}).get("config") or {}
     t = config.get("temperature")
     return float(t) if isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0 else 1.0
 
 
-def kl_ppo_sft(run_dir: Path, stages: dict[str, Path], prompts: list, options: EvalOptions, device) -> dict | None:
-    """KL(PPO || SFT) at PPO's sampling temperature, the quantity its manifest's kl_to_sft measures: at
-    another temperature the two distributions, and so their KL, differ. None without both stages."""
-    if "ppo" not in stages or "sft" not in stages or options.kl_prompts == 0:
-        return None
-    policy, tokenizer = load_causal_lm(stages["ppo"], device)
-    reference, _ = load_causal_lm(stages["sft"], device)
+def kl_to_sft(stages: dict[str, Path], prompts: list, options: EvalOptions, device) -> dict[str, dict]:
+    """KL(stage || SFT) of every stage after SFT, at the stage's own sampling temperature, the quantity an RL
+    manifest's kl_to_sft measures: at another temperature the two distributions, and so their KL, differ."""
+    after = [m for m in AFTER_SFT if m in stages]
+    if not after or "sft" not in stages or options.kl_prompts == 0:
+        return {}
+    reference, tokenizer = load_causal_lm(stages["sft"], device)
     kl_set = prompts if options.kl_prompts < 0 else prompts[: options.kl_prompts]
-    temperature = ppo_temperature(run_dir)
-    values, lengths = sampled_kl(
-        policy,
-        reference,
-        tokenizer,
-        kl_set,
-        options.max_new_tokens,
-        options.seed,
-        options.batch_size,
-        temperature=temperature,
-    )
-    low, high = bootstrap_ci(values, options.bootstrap, options.seed)
-    return {
-        "mean": mean(values),
-        "ci": [low, high],
-        "n": len(values),
-        "mean_response_tokens": mean(lengths),
-        "temperature": temperature,
-    }
+    out = {}
+    for name in after:
+        policy, _ = load_causal_lm(stages[name], device)
+        temperature = sampling_temperature(stages[name])
+        values, lengths = sampled_kl(
+            policy,
+            reference,
+            tokenizer,
+            kl_set,
+            options.max_new_tokens,
+            options.seed,
+            options.batch_size,
+            temperature=temperature,
+        )
+        low, high = bootstrap_ci(values, options.bootstrap, options.seed)
+        out[name] = {
+            "mean": mean(values),
+            "ci": [low, high],
+            "n": len(values),
+            "mean_response_tokens": mean(lengths),
+            "temperature": temperature,
+        }
+    return out
 
 
 def reward_model_extras(
@@ -477,7 +489,7 @@ def evaluate_run(run_dir: str | Path, options: EvalOptions | None = None, log=pr
         reward_summary["filler_bias"], bon = reward_model_extras(
             stages, proxy, world, records, evaluation.judged.get("sft"), options, device, log
         )
-    kl = kl_ppo_sft(run_dir, stages, prompts, options, device)
+    kl = kl_to_sft(stages, prompts, options, device)
     return {
         "run_dir": str(run_dir),
         "judge": judge_info,
@@ -489,7 +501,7 @@ def evaluate_run(run_dir: str | Path, options: EvalOptions | None = None, log=pr
             for name, summary in evaluation.summaries.items()
         },
         "win_rates": evaluation.win_rates,
-        "kl_ppo_sft": kl,
+        "kl_to_sft": kl,
         "floor": floor,
         "best_of_n": bon,
         "pretrain": _pretrain_summary(run_dir),
@@ -635,25 +647,33 @@ def judged_rows(result: dict, stages: dict[str, dict]) -> list[tuple[str, list[s
 def comparison_rows(result: dict, names: list[str]) -> list[tuple[str, list[str]]]:
     """Win rates against the previous stage and the base model, and KL(PPO || SFT)."""
     wins = result["win_rates"]
-    previous = {"sft": "sft_vs_base", "ppo": "ppo_vs_sft"}
 
     def cell(key: str | None) -> str:
         return _with_ci(wins[key]["win_rate"], wins[key]["ci"]) if key in wins else "-"
 
-    rows = [
-        ("win rate vs previous stage [95% CI]", [cell(previous.get(n)) for n in names]),
+    kl = kl_of(result)
+    temperatures = sorted({k["temperature"] for k in kl.values()})
+    at = f" at temperature {'/'.join(f'{t:g}' for t in temperatures)}" if temperatures else ""
+    return [
+        (
+            "win rate vs previous stage [95% CI]",
+            [cell(f"{n}_vs_{PREVIOUS[n]}" if n in PREVIOUS else None) for n in names],
+        ),
         ("win rate vs base [95% CI]", [cell(f"{n}_vs_base") for n in names]),
-    ]
-    kl = result.get("kl_ppo_sft")
-    # The temperature it was sampled and scored at (an eval.json from before it was recorded: 1).
-    at = f" at temperature {(kl or {}).get('temperature', 1.0):g}" if kl else ""
-    rows.append(
         (
             f"KL to SFT{at} (nats/answer) [95% CI]",
-            [_with_ci(kl["mean"], kl["ci"]) if kl and n == "ppo" else "-" for n in names],
-        )
-    )
-    return rows
+            [_with_ci(kl[n]["mean"], kl[n]["ci"]) if n in kl else "-" for n in names],
+        ),
+    ]
+
+
+def kl_of(result: dict) -> dict[str, dict]:
+    """eval.json's KL to SFT per stage; one written before every method had its own holds PPO's alone
+    (`kl_ppo_sft`, whose temperature, before it was recorded, was 1)."""
+    if "kl_to_sft" in result:
+        return result["kl_to_sft"] or {}
+    old = result.get("kl_ppo_sft")
+    return {"ppo": {"temperature": 1.0, **old}} if old else {}
 
 
 def gold_judged(result: dict) -> bool:
@@ -690,11 +710,11 @@ def notes(result: dict) -> list[str]:
             )
             + "; win rates by its score, ties half (the same answer ties)"
         )
-    if wins.get("ppo_vs_sft", {}).get("ceiling") is not None:
-        extra.append(
-            "- ceiling of the win rate vs SFT (an ideal answer to every prompt): "
-            f"{_fmt(wins['ppo_vs_sft'].get('ceiling'))}"
-        )
+    ceiling = next(
+        (w["ceiling"] for k, w in wins.items() if k.endswith("_vs_sft") and w.get("ceiling") is not None), None
+    )
+    if ceiling is not None:
+        extra.append(f"- ceiling of the win rate vs SFT (an ideal answer to every prompt): {_fmt(ceiling)}")
     if result.get("pretrain"):
         p = result["pretrain"]
         extra.append(f"- pretrain held-out loss {_fmt(p['val_loss'])}, perplexity {_fmt(p['val_perplexity'], 2)}")

@@ -21,13 +21,22 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display (servers, CI)
 import matplotlib.pyplot as plt  # noqa: E402
 
-from evaluation.evaluate import CAUSAL_STAGES, accuracy_metrics, gold_judged, markdown_table  # noqa: E402
+from evaluation.evaluate import AFTER_SFT, CAUSAL_STAGES, accuracy_metrics, gold_judged, markdown_table  # noqa: E402
 from pipeline.errors import PipelineError, cli_main  # noqa: E402
 from pipeline.stage import read_manifest  # noqa: E402
 from pipeline.tracking import read_metrics  # noqa: E402
 from world.judge import FAMILIES  # noqa: E402
 
-STAGES = ("pretrain", "sft", "reward", "ppo")
+STAGES = ("pretrain", "sft", "reward", *AFTER_SFT)
+# Stages the report lists only once they ran (`make all` runs PPO; the other methods are optional).
+OPTIONAL = tuple(m for m in AFTER_SFT if m != "ppo")
+RL_TITLES = {
+    "ppo": "PPO (RLHF)",
+    "grpo": "GRPO (RL without a critic)",
+    "dr_grpo": "Dr. GRPO (RL without a critic)",
+    "rloo": "RLOO (RL without a critic)",
+    "reinforce_pp": "REINFORCE++ (RL without a critic)",
+}
 EVAL_NAME = dict((d, name) for name, d in CAUSAL_STAGES)  # stage dir -> name in eval.json ("pretrain" -> "base")
 SAMPLES_PER_FAMILY = 2
 SAMPLES_PER_FILE = 8  # of your own prompts (`make eval EVAL_ARGS='--prompts FILE'`)
@@ -308,6 +317,8 @@ def stage_table(manifests: dict[str, dict | None]) -> list[str]:
     md = ["| stage | status | minutes | headline |", "|---|---|---|---|"]
     for s in STAGES:
         m = manifests[s]
+        if m is None and s in OPTIONAL:
+            continue
         if m is None:
             md.append(f"| {s} | not finished | - | run `make {s}` |")
             continue
@@ -396,7 +407,10 @@ def reward_section(md: list[str], out: Path, manifest: dict, rows: list[dict]) -
         md.append("")
 
 
-def ppo_section(md: list[str], out: Path, rows: list[dict], result: dict | None) -> None:
+def rl_section(md: list[str], out: Path, rows: list[dict], result: dict | None, stage: str = "ppo") -> None:
+    """An RL stage's curves (PPO's, or another method's run of the RL stage): proxy against gold reward
+    and KL, answer length, the training statistics it logged (no critic panels without a critic)."""
+    label = stage.upper().replace("_PP", "++").replace("_", " ")
     if any("gold/score" in r for r in rows):
         md.append(
             "Proxy reward (the reward model PPO optimises) against the gold score (the labeler it stands "
@@ -414,27 +428,27 @@ def ppo_section(md: list[str], out: Path, rows: list[dict], result: dict | None)
     image(
         md,
         out,
-        "ppo_reward_vs_gold.png",
-        plot_ppo_overoptimisation(out / "ppo_reward_vs_gold.png", rows, bon),
+        f"{stage}_reward_vs_gold.png",
+        plot_ppo_overoptimisation(out / f"{stage}_reward_vs_gold.png", rows, bon),
         "proxy vs gold reward",
     )
     made = plot_panels(
-        out / "ppo_length.png",
-        "PPO: answer length",
+        out / f"{stage}_length.png",
+        f"{label}: answer length",
         [
             {
                 "title": "response length",
                 "rows": rows,
                 "lines": [("response/length", "response/length")],
                 "twin": [("no-EOS rate", "response/no_eos_rate")],
-                "xlabel": "PPO update",
+                "xlabel": f"{label} update",
             },
         ],
     )
-    image(md, out, "ppo_length.png", made, "response length")
+    image(md, out, f"{stage}_length.png", made, "response length")
     made = plot_panels(
-        out / "ppo_training.png",
-        "PPO training",
+        out / f"{stage}_training.png",
+        f"{label} training",
         [
             {
                 "title": "rewards",
@@ -454,7 +468,7 @@ def ppo_section(md: list[str], out: Path, rows: list[dict], result: dict | None)
                 "title": "losses",
                 "rows": rows,
                 "lines": [("loss/policy", "loss/policy")],
-                "twin": [("loss/value", "loss/value")],
+                "twin": [("loss/value", "loss/value"), ("loss/kl", "loss/kl")],
             },
             {
                 "title": "clipping",
@@ -462,10 +476,28 @@ def ppo_section(md: list[str], out: Path, rows: list[dict], result: dict | None)
                 "lines": [("policy/clipfrac", "policy/clipfrac"), ("value/clipfrac", "value/clipfrac")],
             },
             {"title": "critic", "rows": rows, "lines": [("value/explained_variance", "value/explained_variance")]},
+            {
+                "title": "groups and rules",
+                "rows": rows,
+                "lines": [("groups all alike", "objective/flat_groups"), ("rule reward", "objective/rule_score")],
+            },
             {"title": "throughput", "rows": rows, "lines": [("episodes/s", "perf/episodes_per_s")]},
         ],
     )
-    image(md, out, "ppo_training.png", made, "PPO training curves")
+    image(md, out, f"{stage}_training.png", made, f"{label} training curves")
+
+
+def dpo_section(md: list[str], out: Path, manifest: dict, rows: list[dict]) -> None:
+    """DPO: its held-out preference accuracy and KL (the manifest's), and the curves TRL logged."""
+    metrics = manifest.get("metrics") or {}
+    head = [(k, v) for k, v in metrics.items() if isinstance(v, float) and ("accuracy" in k or "kl" in k)]
+    if head:
+        md += ["| metric | value |", "|---|---|"] + [f"| {k} | {v:.4g} |" for k, v in head] + [""]
+    panels = [
+        {"title": "loss", "rows": rows, "lines": [(k, k) for k in keys_containing(rows, "loss")]},
+        {"title": "implicit reward", "rows": rows, "lines": [(k, k) for k in keys_containing(rows, "rewards/")]},
+    ]
+    image(md, out, "dpo_training.png", plot_panels(out / "dpo_training.png", "DPO training", panels), "DPO curves")
 
 
 def samples_section(md: list[str], run_dir: Path, manifests: dict, result: dict | None, to_evaluate: str) -> None:
@@ -506,7 +538,8 @@ def build_report(run_dir: str | Path) -> Path:
     eval_path = run_dir / "eval.json"
     result = json.loads(eval_path.read_text(encoding="utf-8")) if eval_path.is_file() else None
     # Without a world, `make eval` takes the prompts PPO held out of a prompt set of your own, or --prompts.
-    if (run_dir / "world" / "truth.json").is_file() or (manifests["ppo"] or {}).get("heldout_prompts"):
+    held_out = any((manifests[m] or {}).get("heldout_prompts") for m in AFTER_SFT)
+    if (run_dir / "world" / "truth.json").is_file() or held_out:
         to_evaluate = f"run `make eval RUN={run_dir}` (writes {eval_path}), then `make report` again"
     else:
         to_evaluate = (
@@ -527,11 +560,17 @@ def build_report(run_dir: str | Path) -> Path:
             md.append(missing(stage, run_dir))
         else:
             section(md, out, manifests[stage], metrics[stage])
-    md.append("## PPO (RLHF)\n")
-    if manifests["ppo"] is None:
-        md.append(missing("ppo", run_dir))
-    else:
-        ppo_section(md, out, metrics["ppo"], result)
+    for stage, title in RL_TITLES.items():
+        if manifests[stage] is None and stage in OPTIONAL:
+            continue
+        md.append(f"## {title}\n")
+        if manifests[stage] is None:
+            md.append(missing(stage, run_dir))
+        else:
+            rl_section(md, out, metrics[stage], result, stage)
+    if manifests["dpo"] is not None:
+        md.append("## DPO (preferences without a reward model)\n")
+        dpo_section(md, out, manifests["dpo"], metrics["dpo"])
     samples_section(md, run_dir, manifests, result, to_evaluate)
     path = run_dir / "report.md"
     path.write_text("\n".join(md), encoding="utf-8")

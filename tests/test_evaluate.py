@@ -255,10 +255,10 @@ def test_evaluate_cli_writes_every_metric(evaluated_run):
     assert set(result["win_rates"]) == {"sft_vs_base", "ppo_vs_sft", "ppo_vs_base"}
     for w in result["win_rates"].values():
         assert w["win_rate"] == 0.5 and w["ci"] == [0.5, 0.5] and w["ties"] == w["n"] == EVAL_PROMPTS
-    assert result["kl_ppo_sft"]["mean"] == 0.0 and result["kl_ppo_sft"]["n"] == EVAL_PROMPTS
+    assert result["kl_to_sft"]["ppo"]["mean"] == 0.0 and result["kl_to_sft"]["ppo"]["n"] == EVAL_PROMPTS
     # The stand-in PPO's manifest is pretrain's, whose config has a temperature (of its samples): read as PPO's.
     ppo_temperature = read_manifest(evaluated_run / "ppo")["config"]["temperature"]
-    assert result["kl_ppo_sft"]["temperature"] == ppo_temperature == 0.8
+    assert result["kl_to_sft"]["ppo"]["temperature"] == ppo_temperature == 0.8
     # The floor: one constant answer to every prompt, its gold score and win rate against SFT.
     assert [f["answer"] for f in result["floor"]] == list(FLOOR_ANSWERS)
     families = [a["family"] for a in result["answers"]]
@@ -357,7 +357,7 @@ def test_evaluate_with_only_pretrain_and_sft(staged_run, tmp_path):
     result = evaluate_run(run, EvalOptions(max_prompts=4, max_new_tokens=6, bootstrap=50), log=lambda *_: None)
     assert set(result["stages"]) == {"base", "sft"}
     assert set(result["win_rates"]) == {"sft_vs_base"}
-    assert result["kl_ppo_sft"] is None and result["reward_model"] == {"finished": False}
+    assert result["kl_to_sft"] == {} and result["reward_model"] == {"finished": False}
     assert result["best_of_n"] is None  # no reward model to pick with
     assert result["stages"]["sft"]["proxy_score"] is None
     table = markdown_table(result)
@@ -384,7 +384,7 @@ def test_evaluate_measures_kl_at_ppos_sampling_temperature(staged_run, tmp_path)
     result = evaluate_run(
         run, EvalOptions(max_prompts=4, max_new_tokens=6, bootstrap=20, best_of_n=0), log=lambda *_: None
     )
-    kl = result["kl_ppo_sft"]
+    kl = result["kl_to_sft"]["ppo"]
     assert kl["temperature"] == 0.5 and kl["n"] == 4
     ppo, _ = load_causal_lm(run / "ppo")
     prompts = [a["prompt"] for a in result["answers"]]
@@ -398,8 +398,8 @@ def test_evaluate_measures_kl_at_ppos_sampling_temperature(staged_run, tmp_path)
     result = evaluate_run(
         run, EvalOptions(max_prompts=4, max_new_tokens=6, bootstrap=20, best_of_n=0), log=lambda *_: None
     )
-    assert result["kl_ppo_sft"]["temperature"] == 1.0
-    assert result["kl_ppo_sft"]["mean"] == pytest.approx(sum(at_one) / 4)
+    assert result["kl_to_sft"]["ppo"]["temperature"] == 1.0
+    assert result["kl_to_sft"]["ppo"]["mean"] == pytest.approx(sum(at_one) / 4)
 
 
 def test_evaluate_without_world_or_stages_says_what_to_run(tmp_path, staged_run):
@@ -464,7 +464,7 @@ def test_a_run_without_world_is_evaluated_on_your_prompts_by_its_reward_model(ru
     # Stand-ins: sft and ppo are one model, so every answer is the same and ties; KL is exactly 0.
     w = result["win_rates"]["ppo_vs_sft"]
     assert (w["win_rate"], w["ties"], w["n"], w["ceiling"]) == (0.5, 4, 4, None)
-    assert result["kl_ppo_sft"]["mean"] == 0.0 and result["best_of_n"] is None
+    assert result["kl_to_sft"]["ppo"]["mean"] == 0.0 and result["best_of_n"] is None
     assert all("label" not in r for a in result["answers"] for r in a["responses"].values())
     # The floor, judged by the same reward model.
     for f in result["floor"]:
@@ -493,7 +493,7 @@ def test_another_reward_model_can_judge_your_prompts(run_without_world, tmp_path
     own = score(*load_reward_model(run_without_world / "reward"), asked, [a["answer"] for a in answers]).tolist()
     assert [a["score"] for a in answers] == pytest.approx(judged, abs=1e-5)
     assert [a["proxy"] for a in answers] == pytest.approx(own, abs=1e-5) and judged != pytest.approx(own, abs=1e-3)
-    assert result["judge"]["path"] == str(judge) and not result["judge"]["own"] and result["kl_ppo_sft"] is None
+    assert result["judge"]["path"] == str(judge) and not result["judge"]["own"] and result["kl_to_sft"] == {}
     floor = score(*load_reward_model(judge), asked, ["I don't know."] * 4).tolist()  # judged by --judge too
     assert result["floor"][1]["score"] == pytest.approx(sum(floor) / 4, abs=1e-5)
     table = markdown_table(result)
