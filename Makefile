@@ -24,7 +24,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 STAGE_CMD = $(LAUNCH) -m stages.$(1) --profile $(PROFILE) --run_dir $(RUN) $(ARGS)
 
-.PHONY: setup all data pretrain sft comparisons reward round ppo eval report chat compare lint test test-fast bench bench-pretrain bench-ppo check-tokenizers clean
+.PHONY: setup all data pretrain sft comparisons reward round ppo grpo dr_grpo rloo reinforce_pp eval report chat compare lint test test-fast bench bench-pretrain bench-ppo bench-grpo check-tokenizers clean
 
 setup: $(VENV)/.installed
 
@@ -73,6 +73,11 @@ round: setup data
 ppo: setup data
 	$(call STAGE_CMD,ppo)
 
+# The RL stage with another advantage estimator and no critic, from the same SFT and reward models:
+# RUN/grpo, RUN/rloo, ... (stages/<method>/profiles). `make eval` and `make report` take each one present.
+grpo dr_grpo rloo reinforce_pp: setup data
+	$(call STAGE_CMD,$@)
+
 eval: setup
 	$(PY) -m evaluation.evaluate --run_dir $(RUN) $(EVAL_ARGS)
 
@@ -107,6 +112,9 @@ bench-pretrain: setup
 
 bench-ppo: setup
 	$(PY) -m bench.ppo
+
+bench-grpo: setup
+	$(PY) -m bench.grpo
 
 # The recipe on real Llama 3, Llama 2, Qwen2, Phi-3 and Gemma 4 tokenizers (downloads llama.cpp's vocabularies once).
 check-tokenizers: setup
