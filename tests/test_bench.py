@@ -1,12 +1,15 @@
-"""bench/ppo.py's TRL side: the same optimizer steps per update as our stage (pure functions, no TRL here)."""
+"""bench/ppo.py's and bench/grpo.py's TRL sides: the same optimizer steps per update as our stage (pure functions,
+no TRL here), and bench-grpo run end to end at its smallest size (slow: it launches our stage and TRL)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import pytest
 
+from bench import grpo
 from bench.ppo import trl_command, trl_optimizer_steps_per_update, trl_settings
 
 
@@ -49,3 +52,67 @@ def test_trl_command_passes_the_matching_settings():
     assert flags["--per_device_train_batch_size"] == "32" and flags["--gradient_accumulation_steps"] == "1"
     assert flags["--num_mini_batches"] == "2" and flags["--local_rollout_forward_batch_size"] == "32"
     assert flags["--rollout_batch_size"] == "32" and flags["--ppo_epochs"] == "4"
+
+
+# ---- bench/grpo.py: our GRPO against TRL's GRPOTrainer ------------------------------------------
+
+
+@pytest.mark.parametrize("rollout, minibatches, epochs, group", [(32, 2, 4, 4), (64, 4, 2, 8), (8, 1, 1, 2)])
+def test_grpo_trl_settings_replay_our_update(rollout, minibatches, epochs, group):
+    s = grpo.trl_settings(rollout, minibatches, epochs, group)
+    # one generation of `rollout` episodes, epochs x minibatches optimizer steps on it (stages.ppo: one per minibatch)
+    assert grpo.trl_shape(s) == (rollout, epochs * minibatches)
+    assert s["per_device_train_batch_size"] == rollout // minibatches and s["gradient_accumulation_steps"] == 1
+
+
+def test_grpo_trl_settings_refuse_what_does_not_divide():
+    with pytest.raises(ValueError, match="num_generations"):
+        grpo.trl_settings(30, 2, 4, 4)
+    with pytest.raises(ValueError, match="num_minibatches"):
+        grpo.trl_settings(32, 3, 4, 4)
+
+
+def test_grpo_commands_give_both_sides_the_same_shape():
+    a = argparse.Namespace(
+        updates=10,
+        rollout_batch_size=32,
+        num_generations=4,
+        num_minibatches=2,
+        ppo_epochs=4,
+        max_new_tokens=24,
+        temperature=0.7,
+        lr=1e-5,
+        kl_coef=0.05,
+        seed=0,
+        threads=1,
+        context=128,
+    )
+    ours = grpo.our_command("grpo", Path("run"), a)
+    flags = dict(zip(ours[3::2], ours[4::2], strict=True))
+    assert flags["--advantage"] == "grpo" and flags["--kl_penalty"] == "loss" and flags["--samples_per_prompt"] == "4"
+    assert flags["--loss_aggregation"] == "sequence" and flags["--threads"] == "1"
+    trl = grpo.trl_command(Path("run"), a)
+    tflags = dict(zip(trl[2::2], trl[3::2], strict=True))
+    assert tflags["--num_generations"] == "4" and tflags["--beta"] == flags["--kl_coef"] == "0.05"
+    assert tflags["--per_device_train_batch_size"] == "16" and tflags["--steps_per_generation"] == "2"
+    assert tflags["--num_iterations"] == flags["--ppo_epochs"] == "4" and tflags["--threads"] == "1"
+    assert tflags["--max_new_tokens"] == flags["--max_new_tokens"] and tflags["--lr"] == flags["--lr"]
+    ppo = dict(zip(*[iter(grpo.our_command("ppo", Path("run"), a)[3:])] * 2, strict=True))
+    assert ppo["--advantage"] == "gae" and ppo["--rollout_batch_size"] == "32" and ppo["--threads"] == "1"
+
+
+@pytest.mark.slow
+def test_bench_grpo_smoke(tmp_path):
+    """`make bench-grpo` at the smallest size: one round of ours, TRL and our PPO, the table and the JSON."""
+    grpo.main(
+        [
+            *("--updates 1 --rollout_batch_size 8 --num_generations 4 --num_minibatches 2 --ppo_epochs 1").split(),
+            *("--max_new_tokens 4 --n_layers 1 --hidden_size 32 --repeats 1 --out").split(),
+            str(tmp_path),
+        ]
+    )
+    result = json.loads((tmp_path / "grpo.json").read_text())
+    for side in ("ours", "trl", "ours_ppo"):
+        assert result["best"][side]["episodes"] == 8 and result["best"][side]["optimizer_steps_per_update"] == 2
+        assert result["best"][side]["threads"] == 1
+    assert result["ratio"]["best"] > 0 and (tmp_path / "grpo.md").is_file()
