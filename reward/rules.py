@@ -61,6 +61,14 @@ class RewardFunction:
         extras = {"world_dir": world_dir} if "world_dir" in params or takes_kwargs else {}
         return cls(spec, fn, extras, "record" in params or takes_kwargs)
 
+    @property
+    def source(self) -> str | None:
+        """The file the function is defined in (the run key fingerprints it), None for a builtin."""
+        try:
+            return inspect.getsourcefile(self.fn)
+        except TypeError:
+            return None
+
     def __call__(self, prompt, answer: str, record: dict | None = None) -> float:
         kwargs = dict(self.extras)
         if self.wants_record:

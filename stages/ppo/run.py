@@ -23,7 +23,6 @@ initialised from the reward model, GAE, whitened advantages, clipped policy and 
 from __future__ import annotations
 
 import functools
-import inspect
 import json
 import random
 import time
@@ -1239,6 +1238,7 @@ def final_evaluation(cfg: PPOConfig, learner: Learner, tokenizer, data: PromptSe
         pairs=[(stage, "sft")],
         proxy=proxy,
         prompt_ids=data.eval_ids,
+        n_boot=1000,  # the win rate's 95% interval, as make eval draws it
     )
     trained, sft = evaluation.summaries[stage], evaluation.summaries["sft"]
     if proxy is not None:
@@ -1386,8 +1386,9 @@ def run_inputs(cfg: PPOConfig, data: PromptSets, reward_fn: RewardFunction | Non
     files = list(data.files)
     if cfg.uses_reward_model or cfg.has_critic:
         files.append(str(Path(cfg.reward_path) / "manifest.json"))
-    if reward_fn is not None:
-        files.append(inspect.getsourcefile(reward_fn.fn))
+    source = reward_fn.source if reward_fn is not None else None
+    if source:  # a rule edited since is a new reward: the run is redone
+        files.append(source)
     return files
 
 
