@@ -109,6 +109,8 @@ def run_ours(stage: str, run: Path, a, env: dict) -> dict:
         raise SystemExit(f"our {stage} failed:\n{proc.stderr[-3000:]}")
     manifest = json.loads((run / stage / "manifest.json").read_text())
     m = manifest["metrics"]
+    logged = [json.loads(line) for line in (run / stage / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    lengths = [row["response/length"] for row in logged if "response/length" in row]
     return {
         "episodes": m["episodes"],
         "train_seconds": m["train_seconds"],
@@ -117,6 +119,7 @@ def run_ours(stage: str, run: Path, a, env: dict) -> dict:
         # by construction (stages.ppo: one step per minibatch); TRL's side is counted
         "optimizer_steps_per_update": a.ppo_epochs * a.num_minibatches,
         "threads": manifest["threads"],
+        "mean_answer_tokens": sum(lengths) / max(len(lengths), 1),
     }
 
 
@@ -214,7 +217,8 @@ def main(argv: list[str] | None = None) -> None:
             print(
                 f"[bench] run {i + 1}/{a.repeats} {side}: {r['episodes_per_s']:.2f} episodes/s, "
                 f"peak {r['peak_memory_mb']:.0f} MB, {r['optimizer_steps_per_update']:g} optimizer steps/update, "
-                f"{r['threads']} thread(s), load {before:.2f} -> {r['loadavg_1min_after']:.2f}",
+                f"{r['mean_answer_tokens']:.1f} tokens/answer, {r['threads']} thread(s), "
+                f"load {before:.2f} -> {r['loadavg_1min_after']:.2f}",
                 flush=True,
             )
     stats = {side: summary(rs) for side, rs in results.items()}
@@ -251,11 +255,12 @@ def main(argv: list[str] | None = None) -> None:
         f"GRPO throughput ({config})",
         "",
         "| implementation | episodes/s (best) | episodes/s (median) | loop seconds (best) | peak memory (MB, max) "
-        "| optimizer steps / update |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| optimizer steps / update | tokens / answer |",
+        "|---|---:|---:|---:|---:|---:|---:|",
         *(
             f"| {names[side]} | {best[side]:.2f} | {median[side]:.2f} | {s['best']['train_seconds']:.1f} | "
-            f"{memory[side]:.0f} | {s['best']['optimizer_steps_per_update']:g} |"
+            f"{memory[side]:.0f} | {s['best']['optimizer_steps_per_update']:g} | "
+            f"{s['best']['mean_answer_tokens']:.1f} |"
             for side, s in stats.items()
         ),
         "",

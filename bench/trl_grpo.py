@@ -3,8 +3,9 @@
 
 Self-contained on purpose (torch, transformers, datasets, trl only), like bench/trl_ppo.py.
 Prints one JSON line: {"episodes", "train_seconds", "episodes_per_s", "peak_memory_mb", "optimizer_steps",
-"optimizer_steps_per_update", "episodes_per_generation", "generations", "threads", "trl"}. The batch settings
-come from bench/grpo.py's `trl_settings`; the counts are measured here so the caller can check them.
+"optimizer_steps_per_update", "episodes_per_generation", "generations", "mean_answer_tokens", "threads", "trl"}.
+The batch settings come from bench/grpo.py's `trl_settings`; the counts are measured here so the caller can check
+them.
 """
 
 from __future__ import annotations
@@ -119,6 +120,7 @@ def main() -> None:
         trainer.train()
         seconds = time.time() - start
     episodes = sum(generated)
+    lengths = [row["completions/mean_length"] for row in trainer.state.log_history if "completions/mean_length" in row]
     print(
         json.dumps(
             {
@@ -130,6 +132,7 @@ def main() -> None:
                 "optimizer_steps_per_update": steps[0] / a.updates,
                 "episodes_per_generation": sorted(set(generated)),
                 "generations": len(generated),
+                "mean_answer_tokens": sum(lengths) / max(len(lengths), 1),
                 "threads": torch.get_num_threads(),
                 "trl": trl.__version__,
             }
