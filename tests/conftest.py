@@ -126,6 +126,16 @@ def tiny_args(run: Path, corpus: Path, *extra: str) -> list[str]:
     return ["--profile", "tiny", "--run_dir", str(run), "--train_files", str(corpus), *extra]
 
 
+@pytest.fixture(autouse=True)
+def session_threads():
+    """Every test starts on the session's torch thread count (OMP_NUM_THREADS above), whatever an earlier
+    test's stage set: a stage called in-process keeps its threads (--threads 0: every core) for the rest of
+    the session otherwise, and on a busy 2-core machine two threads spin away several times a tiny model's work."""
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
 @pytest.fixture(scope="session")
 def shared_datasets() -> Path:
     assert SHARED_DATASETS.is_dir(), f"real data samples are expected at {SHARED_DATASETS}"
@@ -144,10 +154,13 @@ def world_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def pretrained_run(tmp_path_factory, world_dir) -> Path:
     """A run directory holding the world and a finished tiny pretrain stage (for later stages' tests)."""
+    from stages.pretrain.run import main as pretrain_main
+
     run = tmp_path_factory.mktemp("run")
     os.symlink(world_dir, run / "world")
-    proc = run_module("stages.pretrain", "--profile", "tiny", "--run_dir", run)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # In-process: a subprocess would add python and torch start-up; `python -m stages.pretrain` is run by
+    # tests/test_pretrain.py and tests/test_faults.py, and its __main__ by tests/test_chain.py.
+    pretrain_main(["--profile", "tiny", "--run_dir", str(run), "--threads", "1"])
     return run
 
 
@@ -316,25 +329,18 @@ def staged_run(tmp_path_factory, pretrained_run) -> Path:
 
 @pytest.fixture(scope="session")
 def evaluated_run(staged_run) -> Path:
-    """`staged_run` after `python -m evaluation.evaluate` (the real CLI)."""
+    """`staged_run` after the evaluation CLI's main (in-process: tests/test_evaluate.py runs
+    `python -m evaluation.evaluate` itself)."""
+    import contextlib
+    import io
+
+    from evaluation.evaluate import main as evaluate_main
+
     if not (staged_run / "eval.json").is_file():
-        proc = run_module(
-            "evaluation.evaluate",
-            "--run_dir",
-            staged_run,
-            "--max_prompts",
-            EVAL_PROMPTS,
-            "--max_new_tokens",
-            12,
-            "--bootstrap",
-            200,
-            "--seed",
-            0,
-            "--threads",
-            1,
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert "| metric | base | sft | ppo |" in proc.stdout
+        argv = ["--run_dir", str(staged_run), "--max_prompts", str(EVAL_PROMPTS), "--max_new_tokens", "12"]
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            evaluate_main([*argv, "--bootstrap", "200", "--seed", "0", "--threads", "1"])
+        assert "| metric | base | sft | ppo |" in out.getvalue()
     return staged_run
 
 
