@@ -113,12 +113,12 @@ def test_chat_refuses_a_reward_model_and_unfinished_stages(staged_run, tmp_path,
     )
 
 
-def test_compare_answers_with_every_finished_stage(staged_run):
-    proc = run_chat(
-        "--run_dir", staged_run, "--compare", WORLD_PROMPT, "--samples", 2, "--seed", 0, "--max_new_tokens", 8
+def test_compare_answers_with_every_finished_stage(staged_run, capsys):
+    chat_main(
+        ["--run_dir", str(staged_run), "--compare", WORLD_PROMPT, "--samples", "2", "--seed", "0"]
+        + ["--max_new_tokens", "8"]
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = proc.stdout
+    out = capsys.readouterr().out
     assert "world prompt: family harmful" in out
     for name in ("base", "sft", "ppo"):
         assert out.count(f"== {name} (") == 1

@@ -315,37 +315,23 @@ def test_evaluate_cli_writes_every_metric(evaluated_run):
     assert "| (empty) | -1.000 |" in table and "| I don't know. | 0.250 |" in table
 
 
-def test_evaluate_cli_writes_a_sampled_evaluation_beside_the_greedy_one(staged_run, tmp_path):
+def test_evaluate_cli_writes_a_sampled_evaluation_beside_the_greedy_one(staged_run, tmp_path, capsys):
+    # The CLI's main in-process: tests/test_evaluate.py runs `python -m evaluation.evaluate` itself on your prompts.
     run = tmp_path / "sampled"
     run.mkdir()
     for name in ("world", "pretrain", "sft"):
         os.symlink(staged_run / name, run / name)
     (run / "eval.json").write_text("{}")  # the greedy evaluation stays as it is
-    proc = run_module(
-        "evaluation.evaluate",
-        "--run_dir",
-        run,
-        "--max_prompts",
-        4,
-        "--max_new_tokens",
-        6,
-        "--bootstrap",
-        20,
-        "--temperature",
-        0.8,
-        "--out",
-        "eval_t0.8",
-        "--threads",
-        1,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    argv = ["--max_prompts", "4", "--max_new_tokens", "6", "--bootstrap", "20", "--temperature", "0.8"]
+    evaluate_main(["--run_dir", str(run), *argv, "--out", "eval_t0.8", "--threads", "1"])
     assert json.loads((run / "eval_t0.8.json").read_text())["settings"]["temperature"] == 0.8
     assert "temperature 0.8" in (run / "eval_t0.8.md").read_text()
     assert (run / "eval.json").read_text() == "{}"
-    proc = run_module("evaluation.evaluate", "--run_dir", run, "--out", "../elsewhere")
-    assert proc.returncode != 0 and "--out takes a file name" in proc.stderr
-    proc = run_module("evaluation.evaluate", "--run_dir", run, "--bon_temperature", 0)
-    assert proc.returncode != 0 and "--bon_temperature must be > 0" in proc.stderr
+    capsys.readouterr()
+    one_line_error(capsys, evaluate_main, ["--run_dir", str(run), "--out", "../elsewhere"], "--out takes a file name")
+    one_line_error(
+        capsys, evaluate_main, ["--run_dir", str(run), "--bon_temperature", "0"], "--bon_temperature must be > 0"
+    )
 
 
 def test_evaluate_with_only_pretrain_and_sft(staged_run, tmp_path):
