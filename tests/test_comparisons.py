@@ -61,6 +61,8 @@ def test_sample_ranks_policy_answers_and_reward_trains_on_both(sft_run, tmp_path
             "8",
             "--norm_samples",
             "8",
+            "--threads",
+            "1",
         ]
     )
     manifest = json.loads((run / "reward" / "manifest.json").read_text())

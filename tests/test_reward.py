@@ -240,8 +240,11 @@ def toy_files(tmp_path: Path) -> tuple[Path, Path, Path]:
     return train, val, demos
 
 
-def tiny_args(run: Path, *extra) -> list[str]:
-    return ["--profile", "tiny", "--run_dir", str(run), *map(str, extra)]
+def tiny_args(run: Path, *extra, threads: int | None = 1) -> list[str]:
+    """The tiny profile, on one thread unless `threads` is None (the stage's default: every core). A tiny
+    model gains nothing from two threads, and loses a lot to a busy machine."""
+    one = [] if threads is None else ["--threads", str(threads)]
+    return ["--profile", "tiny", "--run_dir", str(run), *one, *map(str, extra)]
 
 
 @pytest.fixture(scope="module")
@@ -844,7 +847,10 @@ def test_a_gpt2_reward_model_gives_its_normalised_reward_to_plain_transformers(s
             assert hf(**ids).logits[0, 0].item() == pytest.approx(expected, abs=1e-4)
 
 
-def test_the_manifest_records_the_threads_each_process_used(toy_reward):
-    run, _ = toy_reward
+def test_the_manifest_records_the_threads_each_process_used(sft_run, tmp_path):
+    run = new_run(tmp_path, sft_run)  # a run of its own at the default thread count (the other tests take one)
+    train, val, _ = toy_files(tmp_path)
+    args = ["--train_files", train, "--val_files", val, "--norm_files", "none", "--max_steps", 1, "--save_every", 100]
+    reward_main(tiny_args(run, *args, threads=None))
     manifest = json.loads((run / "reward" / "manifest.json").read_text())
     assert manifest["threads"] == max(1, len(os.sched_getaffinity(0)))  # --threads 0: all cores, one process

@@ -63,7 +63,8 @@ def demos(tmp_path_factory, world_dir) -> tuple[Path, Path]:
 
 
 def tiny_args(run: Path, train: Path, val: Path | None = None, *extra: str) -> list[str]:
-    args = ["--profile", "tiny", "--run_dir", str(run), "--train_files", str(train)]
+    """The tiny profile on one thread (a tiny model gains nothing from two, and loses a lot to a busy machine)."""
+    args = ["--profile", "tiny", "--run_dir", str(run), "--threads", "1", "--train_files", str(train)]
     return args + (["--val_files", str(val)] if val else []) + list(extra)
 
 
@@ -94,9 +95,9 @@ def state(path) -> dict[str, torch.Tensor]:
 def sft_run(tmp_path_factory, pretrained_run, demos) -> Path:
     run = run_dir_with_parent(tmp_path_factory.mktemp("sft"), pretrained_run)
     # With pretraining documents mixed in, as the default profile does; a slice of the world's
-    # demonstrations, so its judge applies (named: only the world's own files imply it).
-    proc = run_module("stages.sft", *tiny_args(run, *demos, *SLICE_OF_THE_WORLD))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # demonstrations, so its judge applies (named: only the world's own files imply it). In-process:
+    # `python -m stages.sft` runs in the slow tests below, its __main__ in tests/test_chain.py.
+    sft_main(tiny_args(run, *demos, *SLICE_OF_THE_WORLD))
     return run
 
 
@@ -488,6 +489,8 @@ def test_real_formats_load_and_train(shared_datasets, pretrained_run, tmp_path):
             "2",
             "--val_fraction",
             "0.1",
+            "--threads",
+            "1",
         ]
     )
     m = json.loads((run / "sft" / "manifest.json").read_text())["metrics"]
@@ -515,6 +518,8 @@ def test_real_formats_load_and_train(shared_datasets, pretrained_run, tmp_path):
             "completion=answer",
             "--max_steps",
             "1",
+            "--threads",
+            "1",
         ]
     )
     assert json.loads((run2 / "sft" / "manifest.json").read_text())["metrics"]["steps"] == 1
@@ -537,6 +542,8 @@ def test_records_whose_prompt_fills_max_length_are_dropped_with_a_warning(pretra
             "--val_files",
             str(data),
             "--max_steps",
+            "1",
+            "--threads",
             "1",
         ]
     )
@@ -723,6 +730,8 @@ def test_empty_demonstrations_can_be_skipped(shared_datasets, pretrained_run, tm
             "0.2",
             "--skip_invalid",
             "true",
+            "--threads",
+            "1",
         ]
     )
     m = json.loads((run / "sft" / "manifest.json").read_text())["metrics"]
