@@ -18,7 +18,8 @@ ppo       prompt (--prompt_field        messages ending in a user turn; a bare J
 
     text.py            pretraining text: load_texts
     demonstrations.py  SFT demonstrations: load_demonstrations, to_conversation, column_map, best_answers
-    comparisons.py     reward comparisons: Group, to_group, group_builders, is_comparison, load_groups
+    comparisons.py     reward comparisons: Group, to_group, group_builders, is_comparison, load_groups;
+                       as DPO's preference pairs: pair_indices, preference_pairs (PAIR_MODES)
     prompts.py         prompts (PPO, `make eval`): prompt_of, as_messages
     fields.py          what they share: require_text, EmptyField, ROLES
 

@@ -337,3 +337,25 @@ def load_groups(sources: list[str], skip_invalid: bool = False, limit: int = 0) 
     if not groups:
         raise PipelineError(f"{', '.join(map(str, sources))}: no comparison groups")
     return groups
+
+
+# ---- K-wise rankings as preference pairs (DPO) ------------------------------------------------
+
+# How a ranking of K answers becomes (chosen, rejected) pairs: "all" C(K,2) pairs, as InstructGPT's
+# reward loss compares them; "top", the labeler's favourite against each of the K - 1 others.
+PAIR_MODES = ("top", "all")
+
+
+def pair_indices(k: int, mode: str) -> list[tuple[int, int]]:
+    """(better, worse) indices into a group's responses, ordered best first: every pair (i, j) with
+    i < j for "all", (0, j) for "top". K = 2 gives [(0, 1)] either way."""
+    if mode not in PAIR_MODES:
+        raise PipelineError(f"pair mode must be one of {', '.join(PAIR_MODES)}, got {mode!r}")
+    if mode == "top":
+        return [(0, j) for j in range(1, k)]
+    return [(i, j) for i in range(k) for j in range(i + 1, k)]
+
+
+def preference_pairs(group: Group, mode: str) -> list[tuple[str, str]]:
+    """A group's (chosen, rejected) answers under `mode` (pair_indices)."""
+    return [(group.responses[i], group.responses[j]) for i, j in pair_indices(len(group.responses), mode)]
