@@ -58,6 +58,10 @@ comparisons: setup data
 reward: setup data
 	$(call STAGE_CMD,reward)
 
+# DPO (Rafailov et al. 2023): RUN/sft tuned on the reward stage's comparisons directly, no reward model.
+dpo: setup data
+	$(call STAGE_CMD,dpo)
+
 # Another round of the loop on a finished run (InstructGPT collected comparisons on its current
 # policies): RUN/ppo's answers ranked by the labeler into comparisons/ppo_round$(ROUND).jsonl, the
 # reward model retrained on every comparison file so far, PPO again from the SFT model. Count ROUND
