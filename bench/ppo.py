@@ -196,12 +196,17 @@ def run_ours(run: Path, a, env: dict) -> dict:
         -1.0,
         "--max_kl",
         0,
+        # The stage takes every core unless told (set_threads ignores OMP_NUM_THREADS): one count for both sides.
+        "--threads",
+        a.threads,
     ]
     proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"our PPO failed:\n{proc.stderr[-3000:]}")
-    m = json.loads((run / "ppo" / "manifest.json").read_text())["metrics"]
+    manifest = json.loads((run / "ppo" / "manifest.json").read_text())
+    m = manifest["metrics"]
     return {
+        "threads": manifest["threads"],
         "episodes": m["episodes"],
         "train_seconds": m["train_seconds"],
         "episodes_per_s": m["episodes_per_s"],
