@@ -74,7 +74,10 @@ def new_run(parents: Path, tmp_path: Path, name: str = "run") -> Path:
 
 
 def tiny(run: Path, *extra) -> list[str]:
-    return ["--profile", "tiny", "--run_dir", str(run), *map(str, extra)]
+    """The tiny profile on one torch thread (a stage takes every core by default: on 2 shared cores tiny
+    models run several times slower on two), unless a test names its own --threads."""
+    threads = [] if "--threads" in extra else ["--threads", "1"]
+    return ["--profile", "tiny", "--run_dir", str(run), *map(str, extra), *threads]
 
 
 @contextmanager
@@ -275,7 +278,19 @@ def test_two_processes_with_torchrun(parents, tmp_path):
     proc = run_module(
         "stages.ppo",
         *tiny(
-            run, "--num_updates", 2, "--ptx_coef", "0.5", "--ptx_length", 32, "--ema_decay", "0.9", "--gold_every", 1
+            run,
+            "--num_updates",
+            2,
+            "--ptx_coef",
+            "0.5",
+            "--ptx_length",
+            32,
+            "--ema_decay",
+            "0.9",
+            "--gold_every",
+            1,
+            "--threads",
+            0,  # the default: the cores shared among the processes (checked below)
         ),
         launcher=torchrun(2),
         env=ONE_THREAD,

@@ -52,7 +52,10 @@ def new_run(parents: Path, tmp_path: Path, name: str = "run") -> Path:
 
 
 def tiny(run: Path, *extra) -> list[str]:
-    return ["--profile", "tiny", "--run_dir", str(run), *map(str, extra)]
+    """The tiny profile on one torch thread (a stage takes every core by default: on 2 shared cores tiny
+    models run several times slower on two), unless a test names its own --threads."""
+    threads = [] if "--threads" in extra else ["--threads", "1"]
+    return ["--profile", "tiny", "--run_dir", str(run), *map(str, extra), *threads]
 
 
 # ---- reward functions the tests name by `tests.test_rl:...` -----------------------------------------
