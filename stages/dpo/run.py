@@ -39,7 +39,7 @@ from data.tokenizer import template_accepts, use_turn_end_as_eos
 from pipeline.config import config_dict, parse_config
 from pipeline.divergence import sampled_kl
 from pipeline.errors import PipelineError, cli_main
-from pipeline.generation import answer
+from pipeline.generation import answer, left_pad, position_ids
 from pipeline.lora import lora_config
 from pipeline.runtime import (
     cpu_and_backend,
@@ -148,7 +148,8 @@ class StageDPOTrainer(DPOTrainer):
 @torch.no_grad()
 def answer_logps(model, tokenized: list[TokenizedGroup], pad_id: int, batch_size: int, max_length: int) -> list:
     """Summed log-prob of every response of every group given its prompt, as TRL's loss sums it (sequences
-    cut to max_length at the end, as its collator cuts them); groups one after another, best first."""
+    cut to max_length at the end, as its collator cuts them); groups one after another, best first. Rows are
+    left-padded so every answer ends in the last column: the LM head runs on the answers' positions only."""
     seqs = [(t.prompt_ids, r) for t in tokenized for r in t.response_ids]
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))  # less padding
     device = next(model.parameters()).device
@@ -156,18 +157,28 @@ def answer_logps(model, tokenized: list[TokenizedGroup], pad_id: int, batch_size
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         rows = [(seqs[i][0] + seqs[i][1])[:max_length] for i in idx]
-        width = max(map(len, rows))
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        answer = torch.zeros((len(rows), width), dtype=torch.bool)
-        for n, (i, row) in enumerate(zip(idx, rows, strict=True)):
-            ids[n, : len(row)] = torch.tensor(row)
-            answer[n, len(seqs[i][0]) : len(row)] = True
-        mask = (torch.arange(width)[None] < torch.tensor([len(r) for r in rows])[:, None]).long()
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
-        next_ids = ids[:, 1:].to(device)
-        logp = logits[:, :-1].gather(-1, next_ids[..., None]).squeeze(-1) - logits[:, :-1].logsumexp(-1)
-        out[idx] = (logp * answer[:, 1:].to(device)).sum(1).double().cpu()
+        kept = torch.tensor([len(row) - len(seqs[i][0]) for i, row in zip(idx, rows, strict=True)], device=device)
+        width = int(kept.max())  # >= 1: tokenize_groups dropped the prompts that fill max_length
+        ids, mask = (t.to(device) for t in left_pad(rows, pad_id))
+        logits = (
+            model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=width + 1)
+            .logits[:, :-1]
+            .float()
+        )  # the positions that predict the last `width` tokens
+        logp = logits.gather(-1, ids[:, -width:, None]).squeeze(-1) - logits.logsumexp(-1)
+        in_answer = torch.arange(width, device=device)[None] >= (width - kept)[:, None]
+        out[idx] = (logp * in_answer).sum(1).double().cpu()
     return out.tolist()
+
+
+def gold_scores(judge: WorldJudge, group: Group) -> list[float] | None:
+    """The gold judge's score of each response, None for a prompt that is not the world's."""
+    if not isinstance(group.prompt, str):
+        return None
+    try:
+        return [judge.gold.judge(group.prompt, r).score for r in group.responses]
+    except KeyError:
+        return None
 
 
 def preference_accuracy(rewards: torch.Tensor, groups: list[Group], judge: WorldJudge | None) -> dict:
@@ -189,12 +200,7 @@ def preference_accuracy(rewards: torch.Tensor, groups: list[Group], judge: World
     right = pairs = 0
     ceiling = []  # a reward equal to the gold score, against these noisy labels (ties half)
     for g, r in zip(groups, per_group, strict=True):
-        try:
-            gold = (
-                [judge.gold.judge(g.prompt, resp).score for resp in g.responses] if isinstance(g.prompt, str) else None
-            )
-        except KeyError:  # not a world prompt
-            gold = None
+        gold = gold_scores(judge, g)
         if gold is None:
             continue
         for i, j in pair_indices(len(gold), "all"):
@@ -211,12 +217,11 @@ def preference_accuracy(rewards: torch.Tensor, groups: list[Group], judge: World
 # ---- gold evaluation and KL against the reference -------------------------------------------------------
 
 
-def gold_evaluation(cfg: DPOStageConfig, world: Path, policy, reference, tokenizer) -> tuple[dict, list[dict]]:
+def gold_evaluation(cfg: DPOStageConfig, world: Path, prompts: list, policy, reference, tokenizer) -> tuple:
     """Greedy answers of this model and of the reference (SFT) to the world's held-out prompts, judged by
     the gold judge (reward.judging, as the SFT and PPO stages and `make eval` judge): gold scores, the win
     rate over SFT with its bootstrap 95% interval and ceiling, hallucination and refusal rates."""
-    records = load_records([str(world / "eval_prompts.jsonl")])
-    prompts = [require_text(r, "prompt") for r in records[: cfg.eval_prompts if cfg.eval_prompts > 0 else None]]
+    prompts = prompts[: cfg.eval_prompts if cfg.eval_prompts > 0 else None]
     ours = answer(policy, tokenizer, prompts, max_new_tokens=cfg.eval_max_new_tokens)
     theirs = answer(reference, tokenizer, prompts, max_new_tokens=cfg.eval_max_new_tokens)
     evaluation = judge_policies(
@@ -517,14 +522,15 @@ def evaluate(cfg, stage_dir: Path, parent_path: str, tokenizer, data: Data, worl
         ]
         judge = WorldJudge.load(world) if world is not None else None
         metrics.update(preference_accuracy(cfg.beta * (logps[0] - logps[1]), data.val_groups, judge))
-    if world is not None and cfg.eval_prompts != 0 and (world / "eval_prompts.jsonl").is_file():
-        gold, samples = gold_evaluation(cfg, world, policy, reference, tokenizer)
-        metrics.update(gold)
-        if cfg.kl_prompts != 0:
-            prompts = [require_text(r, "prompt") for r in load_records([str(world / "eval_prompts.jsonl")])]
-            metrics.update(kl_to_reference(cfg, prompts, policy, reference, tokenizer))
-    elif cfg.kl_prompts != 0 and data.val_groups:  # your own comparisons: their held-out prompts
+    eval_file = world / "eval_prompts.jsonl" if world is not None else None
+    if eval_file is not None and eval_file.is_file():
+        prompts = [require_text(r, "prompt") for r in load_records([str(eval_file)])]
+        if cfg.eval_prompts != 0:
+            gold, samples = gold_evaluation(cfg, world, prompts, policy, reference, tokenizer)
+            metrics.update(gold)
+    else:  # comparisons of your own: their held-out prompts, each once
         prompts = list({repr(g.prompt): g.prompt for g in data.val_groups}.values())
+    if cfg.kl_prompts != 0 and prompts:
         metrics.update(kl_to_reference(cfg, prompts, policy, reference, tokenizer))
     return metrics, samples
 
