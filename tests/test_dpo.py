@@ -197,18 +197,22 @@ def test_dpo_raises_the_chosen_minus_rejected_margin_on_a_toy_set(sft_run, tmp_p
     assert metrics["kl_to_sft"] > 0  # the held-out toy prompts' sampled answers
 
 
-@pytest.mark.parametrize("loss", [("ipo",), ("robust", "--label_smoothing", 0.2), ("hinge",)])
-def test_every_loss_type_trains(sft_run, tmp_path, loss):
+@pytest.mark.parametrize(
+    "options, trl_losses, weights, smoothing",
+    [
+        (("--loss_type", "ipo"), ["ipo"], [1.0], 0.0),
+        (("--loss_type", "robust", "--label_smoothing", 0.2), ["robust"], [1.0], 0.2),
+        (("--loss_type", "hinge"), ["hinge"], [1.0], 0.0),
+        (("--sft_weight", 0.5), ["sigmoid", "sft"], [1.0, 0.5], 0.0),  # RPO: DPO + NLL of the chosen
+    ],
+)
+def test_every_loss_type_trains(sft_run, tmp_path, trainers, options, trl_losses, weights, smoothing):
     run = new_run(tmp_path, sft_run)
     train, val = toy_files(tmp_path)
-    dpo_main(
-        tiny_args(
-            run, "--train_files", train, "--val_files", val, "--max_steps", 8, "--lr", 3e-3, "--loss_type", *loss
-        )
-    )
-    manifest = json.loads((run / "dpo" / "manifest.json").read_text())
-    assert manifest["config"]["loss_type"] == loss[0]
-    assert manifest["metrics"]["val_margin_mean"] > 0
+    dpo_main(tiny_args(run, "--train_files", train, "--val_files", val, "--max_steps", 8, "--lr", 3e-3, *options))
+    assert trainers[0].loss_types == trl_losses and trainers[0].loss_weights == weights
+    assert trainers[0].label_smoothing == smoothing
+    assert json.loads((run / "dpo" / "manifest.json").read_text())["metrics"]["val_margin_mean"] > 0
 
 
 def test_precomputed_reference_keeps_one_model_in_memory(sft_run, tmp_path, trainers):
@@ -242,20 +246,36 @@ def test_lora_uses_the_adapters_off_as_reference_and_saves_a_merged_plain_checkp
     assert json.loads((stage / "manifest.json").read_text())["metrics"]["val_margin_mean"] > 0
 
 
-def test_rerun_is_up_to_date_and_a_stop_resumes(sft_run, tmp_path, monkeypatch, capsys):
-    run = new_run(tmp_path, sft_run)
-    train, val = toy_files(tmp_path)
-    args = tiny_args(run, "--train_files", train, "--val_files", val, "--log_every", 1)
+@pytest.mark.parametrize("order", ["random", "by_length"])
+def test_a_stopped_run_resumes_on_the_batches_of_an_uninterrupted_one(sft_run, tmp_path, monkeypatch, capsys, order):
+    """Stopped right after checkpoint-9 (in the second epoch: 32 pairs, 8 steps of 4) and rerun, it resumes
+    there and ends with the weights and the train loss of a run never stopped; a third run is up to date."""
+    from safetensors.torch import load_file
+
+    train, val = (
+        write_jsonl(tmp_path / "train.jsonl", _toy_groups(0, 16)),
+        write_jsonl(tmp_path / "val.jsonl", _toy_groups(100, 4)),
+    )
+    extra = ("--train_files", train, "--val_files", val, "--max_steps", 12, "--log_every", 1)
+    extra += ("--group_by_length", str(order == "by_length"))
+    whole, stopped = new_run(tmp_path, sft_run), tmp_path / "stopped"
+    dpo_main(tiny_args(whole, *extra))
+    stopped.mkdir()
+    stopped = new_run(stopped, sft_run)
+    args = tiny_args(stopped, *extra)
     with monkeypatch.context() as m:
-        stop_after_checkpoint(m, 3)
+        stop_after_checkpoint(m, 9)
         with pytest.raises(Interrupted):
             dpo_main(args)
-    assert not (run / "dpo" / "manifest.json").exists()
+    assert not (stopped / "dpo" / "manifest.json").exists()
+    capsys.readouterr()
     dpo_main(args)
-    assert "resumed from" in capsys.readouterr().out
-    manifest = json.loads((run / "dpo" / "manifest.json").read_text())
-    assert manifest["metrics"]["train_steps"] == 6
-    assert [r["step"] for r in read_jsonl(run / "dpo" / "metrics.jsonl") if "loss" in r] == list(range(1, 7))
+    assert "(step 9)" in capsys.readouterr().out
+    ours, theirs = (load_file(r / "dpo" / "model.safetensors") for r in (stopped, whole))
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs), "the resumed run trained on other batches"
+    metrics = [json.loads((r / "dpo" / "manifest.json").read_text())["metrics"] for r in (stopped, whole)]
+    assert metrics[0]["train_steps"] == 12 and metrics[0]["train_loss"] == pytest.approx(metrics[1]["train_loss"])
+    assert [r["step"] for r in read_jsonl(stopped / "dpo" / "metrics.jsonl") if "loss" in r] == list(range(1, 13))
     dpo_main(args)
     assert "up to date" in capsys.readouterr().out
 
