@@ -20,7 +20,7 @@ CONFIGS = {
     "zero3.yaml": ("DEEPSPEED", 3),
     "zero3_offload.yaml": ("DEEPSPEED", 3),
 }
-STAGES = ["pretrain", "sft", "reward", "ppo"]
+STAGES = ["pretrain", "sft", "reward", "ppo", "dpo"]
 
 
 def stage_config_class(stage: str):

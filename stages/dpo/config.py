@@ -147,7 +147,7 @@ class DPOStageConfig:
             "help": "Temperature of the answers sampled for KL and of both distributions (PPO measures its kl_to_sft at its sampling temperature)."
         },
     )
-    bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples for the 95% intervals."})
+    bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples for the 95 percent intervals."})
     eval_every: int = field(
         default=0,
         metadata={"help": "Steps between held-out DPO loss/accuracy logs during training; 0 = only at the end."},
