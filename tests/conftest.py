@@ -126,6 +126,22 @@ def tiny_args(run: Path, corpus: Path, *extra: str) -> list[str]:
     return ["--profile", "tiny", "--run_dir", str(run), "--train_files", str(corpus), *extra]
 
 
+def rl_run(parents: Path, tmp_path: Path, name: str = "run") -> Path:
+    """A fresh run directory sharing the world and the `parents` stand-ins (an RL stage writes only its own)."""
+    run = tmp_path / name
+    run.mkdir()
+    for stage in ("world", "sft", "reward"):
+        os.symlink(parents / stage, run / stage)
+    return run
+
+
+def tiny_rl(run: Path, *extra) -> list[str]:
+    """An RL stage's tiny profile on one torch thread (a stage takes every core by default: on 2 shared cores
+    tiny models run several times slower on two), unless a test names its own --threads."""
+    threads = [] if "--threads" in extra else ["--threads", "1"]
+    return ["--profile", "tiny", "--run_dir", str(run), *map(str, extra), *threads]
+
+
 @pytest.fixture(autouse=True)
 def session_threads():
     """Every test starts on the session's torch thread count (OMP_NUM_THREADS above), whatever an earlier

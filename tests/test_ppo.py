@@ -27,7 +27,9 @@ from tests.conftest import (
     kill_after_checkpoint,
     one_line_error,
     read_jsonl,
+    rl_run,
     run_module,
+    tiny_rl,
     torchrun,
     write_jsonl,
 )
@@ -54,30 +56,6 @@ PER_UPDATE_KEYS = [
 GOLD_KEYS = ["gold/score", "gold/hallucination_rate", "gold/proxy_score"]
 # Tiny models are faster on one thread, and two cores are shared with other test processes.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def new_run(parents: Path, tmp_path: Path, name: str = "run") -> Path:
-    """A fresh run directory sharing the world and parent stages (PPO writes only RUN/ppo)."""
-    run = tmp_path / name
-    run.mkdir()
-    for stage in ("world", "sft", "reward"):
-        os.symlink(parents / stage, run / stage)
-    return run
-
-
-def tiny(run: Path, *extra) -> list[str]:
-    """The tiny profile on one torch thread (a stage takes every core by default: on 2 shared cores tiny
-    models run several times slower on two), unless a test names its own --threads."""
-    threads = [] if "--threads" in extra else ["--threads", "1"]
-    return ["--profile", "tiny", "--run_dir", str(run), *map(str, extra), *threads]
 
 
 @contextmanager
@@ -109,9 +87,9 @@ def changed_params(stage_dir: Path, sft_dir: Path) -> float:
 
 
 def test_smoke_logs_finite_metrics_changes_policy_not_reference(parents, tmp_path, monkeypatch):
-    run = new_run(parents, tmp_path)
+    run = rl_run(parents, tmp_path)
     with watching_the_reference(monkeypatch, run / "sft") as diffs:
-        ppo_run.main(tiny(run))
+        ppo_run.main(tiny_rl(run))
     assert diffs and max(diffs) < 1e-5, f"reference drifted from the SFT model: {max(diffs)}"
     stage = run / "ppo"
     rows = read_jsonl(stage / "metrics.jsonl")
@@ -218,7 +196,7 @@ def test_actor_critic_forward_is_the_policy_and_critic_passes(parents):
 
 def test_ppo_raises_a_toy_reward(parents, tmp_path, monkeypatch):
     """Reward = share of '.' tokens in the response: PPO must make the policy say it more often."""
-    run = new_run(parents, tmp_path)
+    run = rl_run(parents, tmp_path)
     tok = AutoTokenizer.from_pretrained(run / "sft")
     target = tok.convert_tokens_to_ids(".")
 
@@ -228,7 +206,7 @@ def test_ppo_raises_a_toy_reward(parents, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ppo_run, "reward_scores", share_of_target)
     ppo_run.main(
-        tiny(
+        tiny_rl(
             run,
             "--num_updates",
             20,
@@ -258,9 +236,9 @@ def test_ppo_raises_a_toy_reward(parents, tmp_path, monkeypatch):
 
 
 def test_lora_policy_shares_the_backbone_with_the_reference_and_saves_merged(parents, tmp_path, monkeypatch):
-    run = new_run(parents, tmp_path)
+    run = rl_run(parents, tmp_path)
     with watching_the_reference(monkeypatch, run / "sft") as diffs:
-        ppo_run.main(tiny(run, "--lora_r", 4, "--lora_alpha", 32, "--lr", "3e-3", "--ema_decay", "0.5"))
+        ppo_run.main(tiny_rl(run, "--lora_r", 4, "--lora_alpha", 32, "--lr", "3e-3", "--ema_decay", "0.5"))
     assert diffs and max(diffs) < 1e-5, "adapters must be off for the reference"
     stage = run / "ppo"
     assert not (stage / "adapter_config.json").exists(), "LoRA must be merged into a plain checkpoint"
@@ -274,10 +252,10 @@ def test_lora_policy_shares_the_backbone_with_the_reference_and_saves_merged(par
 
 @pytest.mark.slow
 def test_two_processes_with_torchrun(parents, tmp_path):
-    run = new_run(parents, tmp_path)
+    run = rl_run(parents, tmp_path)
     proc = run_module(
         "stages.ppo",
-        *tiny(
+        *tiny_rl(
             run,
             "--num_updates",
             2,
@@ -320,8 +298,8 @@ def test_ppo_under_fsdp2():
 
 @pytest.mark.slow
 def test_resume_after_sigkill_reaches_the_same_step_count(parents, tmp_path):
-    run = new_run(parents, tmp_path)
-    args = tiny(run, "--num_updates", 10, "--save_every", 2, "--gold_every", 5, "--eval_size", 4)
+    run = rl_run(parents, tmp_path)
+    args = tiny_rl(run, "--num_updates", 10, "--save_every", 2, "--gold_every", 5, "--eval_size", 4)
     kill_after_checkpoint("stages.ppo", args, run / "ppo" / "checkpoints", "step_[46]", env=ONE_THREAD)
     assert not (run / "ppo" / "manifest.json").exists(), "killed before the end: no manifest"
     resumed = run_module("stages.ppo", *args, env=ONE_THREAD)
@@ -334,7 +312,7 @@ def test_resume_after_sigkill_reaches_the_same_step_count(parents, tmp_path):
 
 
 def test_nan_reward_stops_with_one_line_and_keeps_the_last_good_checkpoint(parents, tmp_path, monkeypatch, capsys):
-    run = new_run(parents, tmp_path)
+    run = rl_run(parents, tmp_path)
     real, calls = ppo_run.reward_scores, []
 
     def poisoned(*args):
@@ -344,7 +322,7 @@ def test_nan_reward_stops_with_one_line_and_keeps_the_last_good_checkpoint(paren
 
     monkeypatch.setattr(ppo_run, "reward_scores", poisoned)
     err = _fails(
-        capsys, tiny(run, "--num_updates", 4, "--save_every", 2, "--gold_every", 0), "non-finite reward", "update 3"
+        capsys, tiny_rl(run, "--num_updates", 4, "--save_every", 2, "--gold_every", 0), "non-finite reward", "update 3"
     )
     assert "checkpoint" in err
     assert [p.name for p in (run / "ppo" / "checkpoints").iterdir()] == ["step_2"]
@@ -352,10 +330,10 @@ def test_nan_reward_stops_with_one_line_and_keeps_the_last_good_checkpoint(paren
 
 
 def test_runaway_kl_stops(parents, tmp_path, capsys):
-    run = new_run(parents, tmp_path)
+    run = rl_run(parents, tmp_path)
     _fails(
         capsys,
-        tiny(run, "--num_updates", 6, "--lr", "0.05", "--max_kl", "0.5", "--gold_every", 0, "--save_every", 1),
+        tiny_rl(run, "--num_updates", 6, "--lr", "0.05", "--max_kl", "0.5", "--gold_every", 0, "--save_every", 1),
         "exceeds max_kl 0.5",
     )
     assert not (run / "ppo" / "manifest.json").exists()
@@ -385,13 +363,13 @@ def _fails(capsys, argv, *expected) -> str:
 
 
 def test_bad_input_gets_one_line_error_and_no_manifest(parents, tmp_path, capsys):
-    run = new_run(parents, tmp_path)
+    run = rl_run(parents, tmp_path)
     empty = tmp_path / "empty_run"
     empty.mkdir()
     os.symlink(parents / "world", empty / "world")
-    _fails(capsys, tiny(empty), "make sft")
+    _fails(capsys, tiny_rl(empty), "make sft")
     os.symlink(parents / "sft", empty / "sft")
-    _fails(capsys, tiny(empty), "make reward")
+    _fails(capsys, tiny_rl(empty), "make reward")
 
     # A reward model with another tokenizer, then one with another chat template.
     other = tmp_path / "other_reward"
@@ -400,26 +378,26 @@ def test_bad_input_gets_one_line_error_and_no_manifest(parents, tmp_path, capsys
     for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         (other / f).unlink(missing_ok=True)
     foreign.save_pretrained(other)
-    _fails(capsys, tiny(run, "--reward_path", other), "different tokenizers")
+    _fails(capsys, tiny_rl(run, "--reward_path", other), "different tokenizers")
     shutil.rmtree(other)
     shutil.copytree(parents / "reward", other)
     tok = AutoTokenizer.from_pretrained(other)
     tok.chat_template = tok.chat_template.replace("<|assistant|>", "<|assistant|> ")
     (other / "chat_template.jinja").unlink(missing_ok=True)
     tok.save_pretrained(other)
-    _fails(capsys, tiny(run, "--reward_path", other), "different chat templates")
+    _fails(capsys, tiny_rl(run, "--reward_path", other), "different chat templates")
 
     long_prompt = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "Hi"}, {"prompt": "tell me " * 40}])
     _fails(
         capsys,
-        tiny(run, "--prompt_files", long_prompt),
+        tiny_rl(run, "--prompt_files", long_prompt),
         "long.jsonl: line 2",
         "max_prompt_length 52",
         "skip_long_prompts",
     )
     _fails(
         capsys,
-        tiny(
+        tiny_rl(
             run,
             "--prompt_files",
             write_jsonl(tmp_path / "all_long.jsonl", [{"prompt": "tell me " * 40}]),
@@ -433,32 +411,32 @@ def test_bad_input_gets_one_line_error_and_no_manifest(parents, tmp_path, capsys
         tmp_path / "turns.jsonl",
         [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}],
     )
-    _fails(capsys, tiny(run, "--prompt_files", not_user), "turns.jsonl: line 1", "messages", "user turn")
+    _fails(capsys, tiny_rl(run, "--prompt_files", not_user), "turns.jsonl: line 1", "messages", "user turn")
     no_prompt = write_jsonl(tmp_path / "noprompt.jsonl", [{"question": "Hi"}])
-    _fails(capsys, tiny(run, "--prompt_files", no_prompt), "noprompt.jsonl: line 1", "'prompt'")
+    _fails(capsys, tiny_rl(run, "--prompt_files", no_prompt), "noprompt.jsonl: line 1", "'prompt'")
     no_turns = write_jsonl(tmp_path / "noturns.jsonl", [{"turns": ["Hi"]}, {"turns": []}])
     _fails(
-        capsys, tiny(run, "--prompt_files", no_turns, "--prompt_field", "turns"), "noturns.jsonl: line 2", "'turns'"
+        capsys, tiny_rl(run, "--prompt_files", no_turns, "--prompt_field", "turns"), "noturns.jsonl: line 2", "'turns'"
     )
-    _fails(capsys, tiny(run, "--max_prompt_length", 60), "exceeds the model's context of 64")
+    _fails(capsys, tiny_rl(run, "--max_prompt_length", 60), "exceeds the model's context of 64")
     _fails(
         capsys,
-        tiny(run, "--rollout_batch_size", 30, "--num_minibatches", 4),
+        tiny_rl(run, "--rollout_batch_size", 30, "--num_minibatches", 4),
         "rollout_batch_size 30 is not divisible by num_minibatches 4 * processes 1",
     )
-    _fails(capsys, tiny(run, "--temperature", 0), "temperature")
-    _fails(capsys, tiny(run, "--max_new_tokens", 0), "max_new_tokens")
-    _fails(capsys, tiny(run, "--no_such_option", 1), "no_such_option")
+    _fails(capsys, tiny_rl(run, "--temperature", 0), "temperature")
+    _fails(capsys, tiny_rl(run, "--max_new_tokens", 0), "max_new_tokens")
+    _fails(capsys, tiny_rl(run, "--no_such_option", 1), "no_such_option")
     assert not (run / "ppo" / "manifest.json").exists()
 
 
 def test_messages_prompts_are_accepted(parents, tmp_path):
-    run = new_run(parents, tmp_path)
+    run = rl_run(parents, tmp_path)
     prompts = write_jsonl(
         tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": f"Hello number {i}"}]} for i in range(8)]
     )
     ppo_run.main(
-        tiny(
+        tiny_rl(
             run,
             "--prompt_files",
             prompts,
@@ -525,7 +503,7 @@ def test_a_prompt_set_of_your_own_holds_some_out_for_the_final_evaluation(parent
         [list("abcdefghij"), [[i] for i in range(10)]], 3, 0
     )[1][0] == held
 
-    run = new_run(parents, tmp_path)
+    run = rl_run(parents, tmp_path)
     records = [
         {"prompt": f"Tell me about number {i}."}
         if i % 2
@@ -533,7 +511,7 @@ def test_a_prompt_set_of_your_own_holds_some_out_for_the_final_evaluation(parent
         for i in range(40)
     ]
     prompts = write_jsonl(tmp_path / "prompts.jsonl", records)
-    ppo_run.main(tiny(run, "--prompt_files", prompts, "--num_updates", 1, "--ptx_coef", 0))
+    ppo_run.main(tiny_rl(run, "--prompt_files", prompts, "--num_updates", 1, "--ptx_coef", 0))
     manifest = json.loads((run / "ppo" / "manifest.json").read_text())
     metrics = manifest["metrics"]
     assert (
@@ -553,7 +531,7 @@ def test_a_prompt_set_of_your_own_holds_some_out_for_the_final_evaluation(parent
     judged = evaluate_run(run, options, log=lambda *_: None)
     assert judged["judge"]["own"] and judged["num_prompts"] == 4
     # PPO redone on the world's prompts: evaluated on the world's, by its gold judge; no stale file left.
-    ppo_run.main(tiny(run, "--num_updates", 1, "--ptx_coef", 0, "--eval_size", 4))
+    ppo_run.main(tiny_rl(run, "--num_updates", 1, "--ptx_coef", 0, "--eval_size", 4))
     assert json.loads((run / "ppo" / "manifest.json").read_text())["heldout_prompts"] is None
     assert not (run / "ppo" / "heldout_prompts.jsonl").exists()
     assert (
@@ -602,9 +580,9 @@ def test_fp16_with_gradient_clipping_trains(parents, tmp_path, monkeypatch, own_
     """Policy and critic clipped each to the bound under one optimizer: accelerate's clip_grad_norm_
     twice unscaled the optimizer twice ('unscale_() has already been called') at the first step."""
     made = fp16_as_on_a_gpu(monkeypatch)
-    run = new_run(parents, tmp_path)
+    run = rl_run(parents, tmp_path)
     ppo_run.main(
-        tiny(
+        tiny_rl(
             run,
             "--mixed_precision",
             "fp16",
@@ -655,8 +633,8 @@ def test_bf16_rollout_and_update_compute_alike(parents, tmp_path, own_precision)
     while the update ran under autocast: the first ratio was not 1 and KL at update 0 not 0. Now the
     first minibatch of the first epoch finds the rollout's log-probs (ratio 1, N+), and the reference
     is the policy bit for bit at update 0."""
-    run = new_run(parents, tmp_path)
-    ppo_run.main(tiny(run, "--mixed_precision", "bf16", "--num_updates", 2, "--gold_every", 0, "--eval_size", 4))
+    run = rl_run(parents, tmp_path)
+    ppo_run.main(tiny_rl(run, "--mixed_precision", "bf16", "--num_updates", 2, "--gold_every", 0, "--eval_size", 4))
     updates = [r for r in read_jsonl(run / "ppo" / "metrics.jsonl") if "objective/score" in r]
     assert updates[0]["objective/kl"] == 0.0, "policy and reference compute alike at update 0"
     for r in updates:
@@ -669,7 +647,7 @@ def test_nan_in_log_probs_or_loss_stops_before_any_step(parents, tmp_path, monke
     """A NaN in the rollout's log-probs passed the guards (`nan > max_kl` is false) and the optimizer
     stepped on a NaN loss; so did a NaN loss. Now either stops the run before a step: the live weights
     are still those of the last good checkpoint (update 2)."""
-    run = new_run(parents, tmp_path)
+    run = rl_run(parents, tmp_path)
     pairs, update, pair_class = [], [], ppo_run.ActorCritic
     monkeypatch.setattr(ppo_run, "ActorCritic", lambda *a: pairs.append(pair_class(*a)) or pairs[-1])
     real_indices = ppo_run.prompt_indices
@@ -692,7 +670,9 @@ def test_nan_in_log_probs_or_loss_stops_before_any_step(parents, tmp_path, monke
             lambda *a: (lambda pg, *rest: (pg * float("nan") if nan_now() else pg, *rest))(*real(*a)),
         )
     err = _fails(
-        capsys, tiny(run, "--num_updates", 4, "--save_every", 2, "--gold_every", 0), f"non-finite {poison} at update 3"
+        capsys,
+        tiny_rl(run, "--num_updates", 4, "--save_every", 2, "--gold_every", 0),
+        f"non-finite {poison} at update 3",
     )
     assert "last good checkpoint kept" in err
     assert [p.name for p in (run / "ppo" / "checkpoints").iterdir()] == ["step_2"]
@@ -752,7 +732,7 @@ def test_dropout_is_off_in_every_model_whatever_the_config_calls_it(parents, tmp
     models, real = [], ppo_run.packs_sequences  # asked of each of the four models once they are loaded
     monkeypatch.setattr(ppo_run, "packs_sequences", lambda m, *a: models.append(m) or real(m, *a))
     ppo_run.main(
-        tiny(run, "--num_updates", 1, "--gold_every", 0, "--eval_size", 4, "--gradient_checkpointing", "true")
+        tiny_rl(run, "--num_updates", 1, "--gold_every", 0, "--eval_size", 4, "--gradient_checkpointing", "true")
     )
     assert len(models) == 4
     for model in models:
@@ -768,9 +748,9 @@ def test_dropout_is_off_in_every_model_whatever_the_config_calls_it(parents, tmp
 def test_a_rollout_of_prompts_of_one_length(parents, tmp_path):
     """Identical prompts (or one prompt): no padding, so generation's first forward took the packed
     path in inference mode and crashed ('Inference tensors do not track version counter')."""
-    run = new_run(parents, tmp_path)
+    run = rl_run(parents, tmp_path)
     prompts = write_jsonl(tmp_path / "same.jsonl", [{"prompt": "Who is Ana Lint?"}] * 8)
-    ppo_run.main(tiny(run, "--prompt_files", prompts, "--num_updates", 2, "--gold_every", 0))
+    ppo_run.main(tiny_rl(run, "--prompt_files", prompts, "--num_updates", 2, "--gold_every", 0))
     rows = [r for r in read_jsonl(run / "ppo" / "metrics.jsonl") if "objective/score" in r]
     assert [r["step"] for r in rows] == [1, 2] and (run / "ppo" / "manifest.json").is_file()
 
@@ -779,10 +759,10 @@ def test_evaluation_scores_unfinished_answers_as_training_does(parents, tmp_path
     """The manifest's reward scores read answers cut at max_new_tokens without the no-EOS penalty
     training applies; now reward_score is what training optimises, *_raw the reward model's own score.
     kl_to_sft is measured at the sampling temperature, which the manifest records beside it."""
-    run = new_run(parents, tmp_path)
+    run = rl_run(parents, tmp_path)
     # One token: no greedy answer of the stand-in SFT model to these prompts is a bare EOS.
     ppo_run.main(
-        tiny(
+        tiny_rl(
             run,
             "--max_new_tokens",
             1,
@@ -804,7 +784,7 @@ def test_evaluation_scores_unfinished_answers_as_training_does(parents, tmp_path
     assert metrics["kl_temperature"] == 0.9 and math.isfinite(metrics["kl_to_sft"])
     # Without the penalty in training, the evaluation reads the reward model alone too.
     ppo_run.main(
-        tiny(
+        tiny_rl(
             run,
             "--max_new_tokens",
             1,

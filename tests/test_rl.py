@@ -11,10 +11,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from pathlib import Path
 
 import pytest
-import torch
 from transformers import AutoModelForSequenceClassification
 
 import stages.ppo.run as ppo_run
@@ -25,7 +23,9 @@ from tests.conftest import (
     kill_after_checkpoint,
     one_line_error,
     read_jsonl,
+    rl_run,
     run_module,
+    tiny_rl,
     torchrun,
     write_jsonl,
 )
@@ -33,29 +33,6 @@ from world.judge import GoldJudge
 from world.rewards import instruction_correct
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def new_run(parents: Path, tmp_path: Path, name: str = "run") -> Path:
-    run = tmp_path / name
-    run.mkdir()
-    for stage in ("world", "sft", "reward"):
-        os.symlink(parents / stage, run / stage)
-    return run
-
-
-def tiny(run: Path, *extra) -> list[str]:
-    """The tiny profile on one torch thread (a stage takes every core by default: on 2 shared cores tiny
-    models run several times slower on two), unless a test names its own --threads."""
-    threads = [] if "--threads" in extra else ["--threads", "1"]
-    return ["--profile", "tiny", "--run_dir", str(run), *map(str, extra), *threads]
 
 
 # ---- reward functions the tests name by `tests.test_rl:...` -----------------------------------------
@@ -96,9 +73,9 @@ def test_each_estimator_raises_a_rule_reward(parents, tmp_path, advantage):
     """Reward = the share of full stops in the answer, by rule alone (no reward model): each method
     must make the policy write more of them within 16 updates."""
     stage, extra = TOY[advantage]
-    run = new_run(parents, tmp_path)
+    run = rl_run(parents, tmp_path)
     ppo_run.main(
-        tiny(
+        tiny_rl(
             run,
             "--advantage",
             advantage,
@@ -144,8 +121,8 @@ def test_a_method_without_a_critic_loads_no_critic_and_no_unused_reward_model(pa
         return real(cls, path, **kwargs)
 
     monkeypatch.setattr(ppo_run, "load_without_dropout", spy)
-    run = new_run(parents, tmp_path)
-    ppo_run.main(tiny(run, "--num_updates", 2, "--gold_every", 0, "--eval_size", 4), stage="grpo")
+    run = rl_run(parents, tmp_path)
+    ppo_run.main(tiny_rl(run, "--num_updates", 2, "--gold_every", 0, "--eval_size", 4), stage="grpo")
     assert AutoModelForSequenceClassification not in loaded, "GRPO built a critic"
     manifest = json.loads((run / "grpo" / "manifest.json").read_text())
     assert manifest["stage"] == "grpo" and manifest["config"]["advantage"] == "grpo"
@@ -161,7 +138,7 @@ def test_a_method_without_a_critic_loads_no_critic_and_no_unused_reward_model(pa
     for stage in ("world", "sft"):
         os.symlink(parents / stage, bare / stage)
     ppo_run.main(
-        tiny(bare, "--num_updates", 1, "--gold_every", 0, "--eval_size", 4)
+        tiny_rl(bare, "--num_updates", 1, "--gold_every", 0, "--eval_size", 4)
         + ["--reward_fn", "tests.test_rl:dot_share", "--reward_model_weight", "0"],
         stage="rloo",
     )
@@ -228,7 +205,7 @@ def test_gsm8k_format_prompts_train_against_the_numeric_checker(parents, tmp_pat
     run = tmp_path / "run"
     run.mkdir()
     os.symlink(parents / "sft", run / "sft")
-    args = tiny(run, "--prompt_files", prompts, "--prompt_field", "question", "--num_updates", 2)
+    args = tiny_rl(run, "--prompt_files", prompts, "--prompt_field", "question", "--num_updates", 2)
     args += ["--reward_fn", "reward.rules:gsm8k_final_answer", "--reward_model_weight", "0", "--eval_holdout", "4"]
     ppo_run.main(args, stage="grpo")
     manifest = json.loads((run / "grpo" / "manifest.json").read_text())
@@ -256,8 +233,8 @@ def test_gsm8k_format_prompts_train_against_the_numeric_checker(parents, tmp_pat
     ],
 )
 def test_bad_options_stop_in_one_line_before_anything_is_written(parents, tmp_path, capsys, stage, extra, expected):
-    run = new_run(parents, tmp_path)
-    one_line_error(capsys, lambda a: ppo_run.main(a, stage=stage), tiny(run, *extra), expected)
+    run = rl_run(parents, tmp_path)
+    one_line_error(capsys, lambda a: ppo_run.main(a, stage=stage), tiny_rl(run, *extra), expected)
     assert not (run / stage).exists()
 
 
@@ -271,11 +248,11 @@ def test_bad_options_stop_in_one_line_before_anything_is_written(parents, tmp_pa
 def test_a_reward_function_that_fails_stops_the_run_naming_prompt_and_function(
     parents, tmp_path, capsys, fn, expected
 ):
-    run = new_run(parents, tmp_path)
+    run = rl_run(parents, tmp_path)
     err = one_line_error(
         capsys,
         lambda a: ppo_run.main(a, stage="grpo"),
-        tiny(run, "--reward_fn", fn, "--gold_every", 0),
+        tiny_rl(run, "--reward_fn", fn, "--gold_every", 0),
         f"reward_fn {fn}",
         expected,
         "ppo_prompts.jsonl: line ",
@@ -287,10 +264,10 @@ def test_a_reward_function_that_fails_stops_the_run_naming_prompt_and_function(
 
 @pytest.mark.slow
 def test_grpo_with_two_processes(parents, tmp_path):
-    run = new_run(parents, tmp_path)
+    run = rl_run(parents, tmp_path)
     proc = run_module(
         "stages.grpo",
-        *tiny(run, "--num_updates", 2, "--gold_every", 1),
+        *tiny_rl(run, "--num_updates", 2, "--gold_every", 1),
         launcher=torchrun(2),
         env=ONE_THREAD,
         timeout=300,
@@ -306,8 +283,8 @@ def test_grpo_with_two_processes(parents, tmp_path):
 
 @pytest.mark.slow
 def test_grpo_resumes_after_sigkill(parents, tmp_path):
-    run = new_run(parents, tmp_path)
-    args = tiny(run, "--num_updates", 8, "--save_every", 2, "--gold_every", 0, "--eval_size", 4)
+    run = rl_run(parents, tmp_path)
+    args = tiny_rl(run, "--num_updates", 8, "--save_every", 2, "--gold_every", 0, "--eval_size", 4)
     kill_after_checkpoint("stages.grpo", args, run / "grpo" / "checkpoints", "step_[46]", env=ONE_THREAD)
     assert not (run / "grpo" / "manifest.json").exists()
     resumed = run_module("stages.grpo", *args, env=ONE_THREAD)
