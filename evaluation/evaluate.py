@@ -49,8 +49,9 @@ from transformers.utils import logging as hf_logging
 from data.formats.prompts import prompt_of
 from data.loading import load_records
 from data.tokenizer import template_accepts, use_turn_end_as_eos
+from pipeline.divergence import sampled_kl
 from pipeline.errors import PipelineError, cli_main
-from pipeline.generation import answer, chat_ids, left_pad, max_prompt_tokens
+from pipeline.generation import answer, chat_ids
 from pipeline.stage import read_manifest, write_json_atomic, write_text_atomic
 from pipeline.stats import best_of_k, best_of_k_kl, bootstrap_ci, mean
 from reward.judging import Answers, Judged, RewardModelJudge, WorldJudge, compare, judge_answers, judge_policies
@@ -190,69 +191,6 @@ def check_templates(stages: dict[str, Path], records: list[dict]) -> None:
                 chat_ids(tokenizer, rec["prompt"])
 
 
-# ---- log-probabilities, KL ------------------------------------------------------------------
-
-
-def response_mask(response: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """1 for generated tokens up to and including the first EOS, 0 after it (the answer ends there;
-    Huang et al. 2024 truncate responses after EOS the same way)."""
-    is_eos = (response == eos_id).long()
-    return ((is_eos.cumsum(1) - is_eos) == 0).long()
-
-
-@torch.no_grad()
-def token_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, start: int, temperature: float = 1.0) -> torch.Tensor:
-    """log p(ids[:, t] | ids[:, :t]) for t >= start under softmax(logits / temperature), with positions
-    counted from each row's first real token (left padding must not shift positions; generate() counts
-    them the same way)."""
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, start - 1 : -1].float()
-    return torch.log_softmax(logits / temperature, -1).gather(-1, ids[:, start:, None]).squeeze(-1)
-
-
-@torch.no_grad()
-def sampled_kl(
-    policy,
-    reference,
-    tokenizer,
-    prompts: list[str],
-    max_new_tokens: int,
-    seed: int,
-    batch_size: int = 32,
-    temperature: float = 1.0,
-) -> tuple[list[float], list[int]]:
-    """Per prompt, one answer y ~ policy at `temperature` and sum_t log p_policy(y_t) - log p_ref(y_t), both
-    of softmax(logits / temperature): an unbiased Monte-Carlo estimate of KL(policy_T || reference_T) on
-    that prompt, the quantity PPO penalises at its sampling temperature T. Also the lengths."""
-    torch.manual_seed(seed)
-    device = next(policy.parameters()).device
-    limit = max(1, max_prompt_tokens(policy, max_new_tokens))
-    kls, lengths = [], []
-    for i in range(0, len(prompts), batch_size):
-        batch = [chat_ids(tokenizer, p)[-limit:] for p in prompts[i : i + batch_size]]
-        ids, mask = (t.to(device) for t in left_pad(batch, tokenizer.pad_token_id))
-        out = policy.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=True,
-            temperature=temperature,
-            top_k=0,
-            top_p=1.0,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        start = ids.shape[1]
-        resp_mask = response_mask(out[:, start:], tokenizer.eos_token_id)
-        full_mask = torch.cat([mask, resp_mask], 1)
-        diff = token_logprobs(policy, out, full_mask, start, temperature) - token_logprobs(
-            reference, out, full_mask, start, temperature
-        )
-        kls += (diff * resp_mask).sum(1).tolist()
-        lengths += resp_mask.sum(1).tolist()
-    return kls, lengths
-
-
 # ---- the evaluation -------------------------------------------------------------------------
 
 
@@ -368,9 +306,9 @@ def kl_to_sft(stages: dict[str, Path], prompts: list, options: EvalOptions, devi
             tokenizer,
             kl_set,
             options.max_new_tokens,
-            options.seed,
-            options.batch_size,
             temperature=temperature,
+            seed=options.seed,
+            batch_size=options.batch_size,
         )
         low, high = bootstrap_ci(values, options.bootstrap, options.seed)
         out[name] = {

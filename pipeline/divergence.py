@@ -22,7 +22,9 @@ def response_mask(response: torch.Tensor, eos_id: int) -> torch.Tensor:
     return ((is_eos.cumsum(1) - is_eos) == 0).long()
 
 
-def answer_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, start: int, temperature: float) -> torch.Tensor:
+def answer_logprobs(
+    model, ids: torch.Tensor, mask: torch.Tensor, start: int, temperature: float = 1.0
+) -> torch.Tensor:
     """log p(ids[:, t] | ids[:, :t]) under softmax(logits / temperature) for t >= start, positions counted from
     each row's first real token (left padding must not shift them; generate() counts them the same way)."""
     logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False).logits

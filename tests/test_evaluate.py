@@ -26,12 +26,11 @@ from evaluation.evaluate import (
     load_causal_lm,
     load_prompt_files,
     markdown_table,
-    response_mask,
-    sampled_kl,
     select_prompts,
-    token_logprobs,
 )
 from evaluation.evaluate import main as evaluate_main
+from pipeline.divergence import answer_logprobs as token_logprobs
+from pipeline.divergence import response_mask, sampled_kl
 from pipeline.errors import PipelineError
 from pipeline.generation import chat_ids, left_pad
 from pipeline.stage import read_manifest, write_json_atomic
