@@ -105,9 +105,10 @@ lint: setup
 	$(PY) -m ruff format --check .
 	$(VENV)/bin/lint-imports
 
-# Everything but the multi-process, DeepSpeed, SIGKILL and whole-chain tests: the edit loop.
+# Everything but the multi-process, DeepSpeed, SIGKILL and whole-chain tests: the edit loop. These are
+# single-process tests on one torch thread each, so pytest-xdist spreads them over every core.
 test-fast: setup
-	$(MAKE) --no-print-directory test ARGS="-m 'not slow' $(ARGS)"
+	$(MAKE) --no-print-directory test ARGS="-m 'not slow' -n auto $(ARGS)"
 
 bench: bench-pretrain bench-ppo
 
