@@ -24,7 +24,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 STAGE_CMD = $(LAUNCH) -m stages.$(1) --profile $(PROFILE) --run_dir $(RUN) $(ARGS)
 
-.PHONY: setup all data pretrain sft comparisons reward round ppo grpo dr_grpo rloo reinforce_pp eval report chat compare lint test test-fast bench bench-pretrain bench-ppo bench-grpo check-tokenizers clean
+.PHONY: setup all data pretrain sft comparisons reward round ppo grpo dr_grpo rloo reinforce_pp eval report methods methods-quick chat compare lint test test-fast bench bench-pretrain bench-ppo bench-grpo check-tokenizers clean
 
 setup: $(VENV)/.installed
 
@@ -81,6 +81,16 @@ ppo: setup data
 # RUN/grpo, RUN/rloo, ... (stages/<method>/profiles). `make eval` and `make report` take each one present.
 grpo dr_grpo rloo reinforce_pp: setup data
 	$(call STAGE_CMD,$@)
+
+# Which method wins: every method after SFT (and best-of-n) from one SFT and reward model per world, at
+# three KL settings, on worlds --seed 0/1/2; RUN/methods/methods.md. METHODS_ARGS: `python -m evaluation.methods --help`.
+METHODS_ARGS ?=
+methods: setup data
+	$(PY) -m evaluation.methods --run_dir $(RUN) --profile $(PROFILE) $(METHODS_ARGS)
+
+# The first look: one world (RUN's), each method's default only.
+methods-quick: setup data
+	$(PY) -m evaluation.methods --run_dir $(RUN) --profile $(PROFILE) --quick true $(METHODS_ARGS)
 
 eval: setup
 	$(PY) -m evaluation.evaluate --run_dir $(RUN) $(EVAL_ARGS)

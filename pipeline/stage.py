@@ -29,8 +29,9 @@ LOCK = ".lock"
 # The make target that produces each stage, named in errors about a missing parent.
 MAKE_TARGET = {"pretrain": "pretrain", "sft": "sft", "reward": "reward", "ppo": "ppo"}
 # Config keys that do not change what a stage produces: changing them neither redoes a finished
-# stage nor discards checkpoints.
-RUNTIME_KEYS = {"save_every", "log_every", "keep_checkpoints", "report_to", "progress"}
+# stage nor discards checkpoints. A thread count changes only the order of float sums, so a stage made
+# on two threads is up to date for a rerun on one (`make methods` runs its jobs side by side on one each).
+RUNTIME_KEYS = {"save_every", "log_every", "keep_checkpoints", "report_to", "progress", "threads"}
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
@@ -277,6 +278,8 @@ def portable(value: Any, run_dir: str | Path) -> Any:
 def _run_key(config: dict, parent_hash: str | None, data: dict) -> str:
     run_dir = config.get("run_dir", "")
     stable = {k: portable(v, run_dir) for k, v in config.items() if k not in RUNTIME_KEYS}
+    if "threads" in config:  # hashed at its default, so stages finished before it was a runtime key stay up to date
+        stable["threads"] = 0
     blob = json.dumps(
         {"config": stable, "parent": parent_hash, "data": portable(data, run_dir)}, sort_keys=True, default=str
     )

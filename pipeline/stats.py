@@ -83,3 +83,34 @@ def best_of_k_kl(k: int) -> float:
     """KL(best-of-k || sampling policy) = log k - (k - 1) / k nats per answer (Stiennon et al. 2020;
     Gao et al. 2022): exact when no two answers are alike, an upper bound otherwise."""
     return math.log(k) - (k - 1) / k
+
+
+# Student's t 97.5% quantiles by degrees of freedom: a 95% interval of a mean over a handful of worlds.
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def t_interval(values: Sequence[float]) -> tuple[float | None, float | None, float | None]:
+    """(mean, low, high): the mean of a few independent runs (one per world) with its 95% t interval,
+    mean -+ t(n-1) s / sqrt(n). With one value the interval is unknown (None); beyond 10 runs the normal
+    quantile stands in for t (within 4% of it)."""
+    x = [float(v) for v in values if v is not None]
+    if not x:
+        return None, None, None
+    m = sum(x) / len(x)
+    if len(x) == 1:
+        return m, None, None
+    sd = math.sqrt(sum((v - m) ** 2 for v in x) / (len(x) - 1))
+    half = T_975.get(len(x) - 1, 1.96) * sd / math.sqrt(len(x))
+    return m, m - half, m + half
+
+
+def interpolate(points: Sequence[tuple[float, float]], x: float) -> float | None:
+    """y at x on the broken line through `points` (x, y) sorted by x; None outside their x range. A
+    frontier read at a matched KL: between two settings of a method, the straight line between them."""
+    pts = sorted(points)
+    if not pts or x < pts[0][0] or x > pts[-1][0]:
+        return None
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return pts[0][1]  # a single point, at its own x

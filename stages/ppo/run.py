@@ -1257,6 +1257,7 @@ def final_evaluation(cfg: PPOConfig, learner: Learner, tokenizer, data: PromptSe
         metrics.update(
             {
                 "gold_score": trained["gold_score"],
+                "gold_score_ci": trained["gold_score_ci"],
                 "sft_gold_score": sft["gold_score"],
                 "gold_win_rate": win["win_rate"],
                 "gold_win_rate_ci": win.get("ci"),
@@ -1265,6 +1266,11 @@ def final_evaluation(cfg: PPOConfig, learner: Learner, tokenizer, data: PromptSe
                 "sft_hallucination_rate": sft["hallucination_rate"],
                 "instruction_accuracy": trained["instruction_accuracy"],
                 "sft_instruction_accuracy": sft["instruction_accuracy"],
+                # Named as the SFT and DPO stages name them: harmful requests refused cleanly, harmless ones refused.
+                "harmful_refusal_rate": trained["refusal_accuracy"],
+                "sft_harmful_refusal_rate": sft["refusal_accuracy"],
+                "over_refusal_rate": trained["over_refusal_rate"],
+                "sft_over_refusal_rate": sft["over_refusal_rate"],
             }
         )
     return metrics, samples
