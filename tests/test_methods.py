@@ -1,0 +1,108 @@
+"""`make methods`: the plan it runs, the statistics of its tables, and the bench end to end on tiny."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from evaluation.methods import METHODS, MethodsOptions, plan
+from pipeline.stats import interpolate, t_interval
+from tests.conftest import ROOT
+
+
+def test_t_interval_by_hand():
+    mean, low, high = t_interval([1.0, 2.0, 3.0])
+    # s = 1, t(2) = 4.303: 2 -+ 4.303 / sqrt(3)
+    assert mean == 2.0 and math.isclose(high - mean, 4.303 / math.sqrt(3)) and math.isclose(mean - low, high - mean)
+    assert t_interval([0.5]) == (0.5, None, None)
+    assert t_interval([]) == (None, None, None)
+    assert t_interval([0.2, None, 0.4])[0] == pytest.approx(0.3)
+
+
+def test_interpolate_reads_a_frontier_between_its_points_only():
+    points = [(2.0, 0.6), (0.5, 0.3), (1.0, 0.5)]
+    assert interpolate(points, 0.75) == pytest.approx(0.4)
+    assert interpolate(points, 1.5) == pytest.approx(0.55)
+    assert interpolate(points, 2.0) == pytest.approx(0.6)
+    assert interpolate(points, 0.4) is None and interpolate(points, 2.1) is None
+    assert interpolate([(1.0, 0.7)], 1.0) == 0.7 and interpolate([(1.0, 0.7)], 0.9) is None
+
+
+def test_the_full_plan_runs_every_method_at_three_kl_settings_on_three_worlds(tmp_path):
+    jobs = plan(MethodsOptions(run_dir=str(tmp_path / "run")), threads=1)
+    chains = [j for j in jobs if j.kind == "chain"]
+    # With no world yet, RUN becomes the first seed's chain; the others live under RUN/methods.
+    assert [(j.seed, j.chain) for j in chains] == [
+        (0, tmp_path / "run"),
+        (1, tmp_path / "run" / "methods" / "seed1"),
+        (2, tmp_path / "run" / "methods" / "seed2"),
+    ]
+    assert jobs[:3] == chains  # a job never waits on a chain queued after it
+    stages = [j for j in jobs if j.kind == "stage"]
+    assert len(stages) == 3 * 5 * 3 and len([j for j in jobs if j.kind == "best_of_n"]) == 3
+    grpo = sorted(j.value for j in stages if j.method == "grpo" and j.seed == 1)
+    assert grpo == [0.0667, 0.2, 0.6]  # the default profile's kl_coef 0.2 times 1/3, 1, 3
+    dpo = sorted(j.value for j in stages if j.method == "dpo" and j.seed == 0)
+    assert dpo == [0.0333, 0.1, 0.3]  # beta
+    job = next(j for j in stages if j.method == "rloo" and j.seed == 2 and j.factor == 3.0)
+    assert job.out == tmp_path / "run" / "methods" / "seed2" / "rloo-kl_coef-0.6" / "rloo"
+    assert job.argv[2:] == [
+        "stages.rloo",
+        *("--profile", "default", "--run_dir", str(job.run_dir), "--kl_coef", "0.6", "--threads", "1"),
+    ]
+    quick = plan(MethodsOptions(run_dir=str(tmp_path / "run"), quick=True), threads=2)
+    assert {j.seed for j in quick} == {0} and {j.factor for j in quick if j.kind == "stage"} == {1.0}
+    assert {j.method for j in quick if j.kind != "chain"} == set(METHODS)
+
+
+def bench(run, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    # Not the variables of a `make test ARGS=...` around us (make exports them): they would reach the chain.
+    outer = ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "ARGS", "LAUNCH", "SEED", "STAGE", "PROMPT", "PROFILE")
+    env = {k: v for k, v in os.environ.items() if k not in outer}
+    env.update(WANDB_MODE="disabled", HF_HUB_OFFLINE="1", COMPARISONS_ARGS="--prompts 16 --k 3 --max_new_tokens 16")
+    argv = [sys.executable, "-m", "evaluation.methods", "--run_dir", str(run), "--profile", "tiny", *args]
+    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.slow
+def test_the_bench_end_to_end_on_tiny(tmp_path):
+    run = tmp_path / "run"
+    proc = bench(run, "--seeds", "3", "--quick", "true", "--best_of_n", "4")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = run / "methods"
+    text = (out / "methods.md").read_text()
+    for plot in ("frontier.png", "cost.png", "win_rates.png", "overoptimisation.png"):
+        assert (out / plot).stat().st_size > 0 and f"]({plot})" in text
+    rows = json.loads((out / "methods.json").read_text())["rows"]
+    assert {r["method"] for r in rows} == set(METHODS)
+    # Every row's figures are its own run's manifest's, and the run read the chain of world 3.
+    for r in rows:
+        manifest = json.loads(open(r["manifest"]).read())
+        m = manifest["metrics"]
+        if r["method"] == "best_of_n":
+            point = next(p for p in m["curve"] if f"n {p['k']}" == r["setting"])
+            assert (r["gold"], r["kl"], r["proxy"]) == (point["gold"], point["kl"], point["proxy"])
+            assert manifest["parent"]["sft"] == str(run / "sft")
+            continue
+        assert (r["gold"], r["win"], r["kl"]) == (m["gold_score"], m["gold_win_rate"], m["kl_to_sft"])
+        assert (r["hallucination"], r["refusal"]) == (m["hallucination_rate"], m["harmful_refusal_rate"])
+        assert r["over_refusal"] == m["over_refusal_rate"] and r["seconds"] == manifest["seconds"]
+        assert r["win_ci"] == m["gold_win_rate_ci"] and r["prompts"] == m["eval_prompts"]
+        assert os.path.realpath(manifest["parent"]["path"]) == os.path.realpath(run / "sft")
+        row = f"| {r['gold']:.3f} [{r['gold_ci'][0]:.3f}, {r['gold_ci'][1]:.3f}] | {r['win']:.3f} ["
+        assert row in text, (row, text)
+    assert json.loads((run / "world" / "summary.json").read_text())["config"]["seed"] == 3
+
+    # Nothing changed: a rerun starts no job. A bad option for the stages: one line, non-zero, and the
+    # table of the runs that finished stays as it was.
+    again = bench(run, "--seeds", "3", "--quick", "true", "--best_of_n", "4")
+    assert again.returncode == 0 and "started" not in again.stdout, again.stdout
+    bad = bench(run, "--seeds", "3", "--quick", "true", "--best_of_n", "4", "--stage_args", "--no_such_option", "1")
+    assert bad.returncode == 2 and "failed" in bad.stderr and "no_such_option" in bad.stderr, bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert (out / "methods.md").read_text() == text
