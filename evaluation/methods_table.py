@@ -153,8 +153,17 @@ def matched_kl(rows: list[dict]) -> list[dict]:
                 scores[method] = t_interval(per_world)
         if scores:
             leader = max(scores, key=lambda m: scores[m][0])
-            out.append({"kl": target, "scores": scores, "leader": leader})
+            out.append({"kl": target, "scores": scores, "leader": leader, "close": close_to(scores, leader)})
     return out
+
+
+def close_to(scores: dict[str, tuple], leader: str) -> list[str]:
+    """The methods whose interval reaches the leader's: the lead over them is not told apart from noise.
+    Without intervals (one world) none are named."""
+    _, low, _ = scores[leader]
+    if low is None:
+        return []
+    return [m for m, (_, _, high) in scores.items() if m != leader and high is not None and high >= low]
 
 
 # ---- Markdown ---------------------------------------------------------------------------------
@@ -210,7 +219,8 @@ def matched_table(matched: list[dict]) -> str:
     ]
     for x in matched:
         cells = [with_ci(x["scores"][m][0], x["scores"][m][1:]) if m in x["scores"] else "-" for m in methods]
-        lines.append(f"| {x['kl']:g} | " + " | ".join(cells) + f" | {NAMES[x['leader']]} |")
+        close = f" (intervals overlap {', '.join(NAMES[m] for m in x['close'])})" if x["close"] else ""
+        lines.append(f"| {x['kl']:g} | " + " | ".join(cells) + f" | {NAMES[x['leader']]}{close} |")
     return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from evaluation.methods import METHODS, MethodsOptions, plan
+from evaluation.methods_table import matched_kl, over_worlds
 from pipeline.stats import interpolate, t_interval
 from tests.conftest import ROOT
 
@@ -31,6 +32,27 @@ def test_interpolate_reads_a_frontier_between_its_points_only():
     assert interpolate(points, 2.0) == pytest.approx(0.6)
     assert interpolate(points, 0.4) is None and interpolate(points, 2.1) is None
     assert interpolate([(1.0, 0.7)], 1.0) == 0.7 and interpolate([(1.0, 0.7)], 0.9) is None
+
+
+def test_matched_kl_reads_every_worlds_frontier_and_names_a_lead_within_the_intervals():
+    def row(seed, method, setting, kl, gold):
+        return {"seed": seed, "method": method, "setting": setting, "default": setting == "b", "kl": kl, "gold": gold}
+
+    rows = []
+    for seed, shift in ((0, 0.0), (1, 0.02), (2, -0.02)):
+        rows += [row(seed, "ppo", "a", 0.5, 0.50 + shift), row(seed, "ppo", "b", 1.5, 0.70 + shift)]
+        rows += [row(seed, "grpo", "a", 0.8, 0.40 + shift), row(seed, "grpo", "b", 1.2, 0.44 + shift)]
+        rows += [row(seed, "dpo", "a", 1.0 + seed, 0.3)]  # reaches KL 1 in world 0 only
+    by_kl = {x["kl"]: x for x in matched_kl(rows)}
+    assert set(by_kl) == {0.5, 1.0}  # 0.25 and 2+ lie outside every method's settings
+    mean, low, high = by_kl[1.0]["scores"]["ppo"]
+    assert mean == pytest.approx(0.60) and low < mean < high
+    assert by_kl[1.0]["scores"]["grpo"][0] == pytest.approx(0.42)
+    assert "dpo" not in by_kl[1.0]["scores"]  # not reached in worlds 1 and 2
+    assert by_kl[1.0]["leader"] == "ppo" and by_kl[1.0]["close"] == []  # 0.60 +- 0.05 against 0.42 +- 0.05
+    assert by_kl[0.5]["leader"] == "ppo" and list(by_kl[0.5]["scores"]) == ["ppo"]
+    entry = next(e for e in over_worlds(rows) if e["method"] == "ppo" and e["setting"] == "b")
+    assert entry["worlds"] == 3 and entry["gold"][0] == pytest.approx(0.70) and entry["kl"][1:] == (1.5, 1.5)
 
 
 def test_the_full_plan_runs_every_method_at_three_kl_settings_on_three_worlds(tmp_path):
