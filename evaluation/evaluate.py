@@ -280,12 +280,16 @@ def floor_of(judge, prompts: list, families: list[str], sft: Judged | None, opti
 
 
 def sampling_temperature(stage_dir: Path) -> float:
-    """The temperature an RL stage sampled and scored its rollouts at, from its manifest's config (its
-    kl_to_sft is measured there); 1 for a stage that samples nothing (DPO) or whose config has none. The
-    config, not a metric: it is what ran."""
+    """The temperature a stage's manifest measured its kl_to_sft at, from its config: an RL stage's
+    sampling `temperature` (its rollouts were sampled and scored there), DPO's `kl_temperature` (it samples
+    nothing in training; its profile names PPO's); 1 for a config that names neither. The config, not a
+    metric: it is what ran."""
     config = (read_manifest(stage_dir) or {}).get("config") or {}
-    t = config.get("temperature")
-    return float(t) if isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0 else 1.0
+    for key in ("temperature", "kl_temperature"):
+        t = config.get(key)
+        if isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0:
+            return float(t)
+    return 1.0
 
 
 def kl_to_sft(stages: dict[str, Path], prompts: list, options: EvalOptions, device) -> dict[str, dict]:

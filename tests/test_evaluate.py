@@ -26,6 +26,7 @@ from evaluation.evaluate import (
     load_causal_lm,
     load_prompt_files,
     markdown_table,
+    sampling_temperature,
     select_prompts,
 )
 from evaluation.evaluate import main as evaluate_main
@@ -385,6 +386,11 @@ def test_evaluate_measures_kl_at_ppos_sampling_temperature(staged_run, tmp_path)
     )
     assert result["kl_to_sft"]["ppo"]["temperature"] == 1.0
     assert result["kl_to_sft"]["ppo"]["mean"] == pytest.approx(sum(at_one) / 4)
+    # DPO samples nothing in training: its manifest's KL is at its config's kl_temperature, and so is eval's.
+    assert sampling_temperature(run / "ppo") == 1.0
+    manifest["config"]["kl_temperature"] = 0.8
+    write_json_atomic(run / "ppo" / "manifest.json", manifest)
+    assert sampling_temperature(run / "ppo") == 0.8
 
 
 def test_evaluate_without_world_or_stages_says_what_to_run(tmp_path, staged_run):
