@@ -29,7 +29,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.ppo import ROOT, build_run, versions
+from bench.ppo import ROOT, bench_env, build_run, versions
 
 DEFAULT_OUT = ROOT / "runs" / "bench" / "grpo"
 
@@ -195,15 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     out = a.out.resolve()
     run = out / f"run_l{a.n_layers}_h{a.hidden_size}_c{a.context}_s{a.seed}"
     build_run(run, a.n_layers, a.hidden_size, a.context, a.seed)
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "HF_HUB_OFFLINE": "1",
-        "WANDB_MODE": "disabled",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    if a.threads:
-        env.update(OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
+    env = bench_env(a.threads)
 
     sides = {"ours": lambda: run_ours("grpo", run, a, env), "trl": lambda: run_trl(run, a, env)}
     if a.ppo:

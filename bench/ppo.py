@@ -153,6 +153,20 @@ def build_run(run: Path, n_layers: int, hidden: int, context: int, seed: int) ->
         write_json_atomic(run / stage / "manifest.json", {"stage": stage, "bench_stand_in": True})
 
 
+def bench_env(threads: int) -> dict:
+    """Both sides' environment: offline, no wandb, and `threads` torch threads each (0: the machine's)."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return env
+
+
 def run_ours(run: Path, a, env: dict) -> dict:
     cmd = [
         sys.executable,
@@ -291,15 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     python = ensure_trl_venv()
     run = OUT / f"ppo_l{a.n_layers}_h{a.hidden_size}_c{a.context}_s{a.seed}"
     build_run(run, a.n_layers, a.hidden_size, a.context, a.seed)
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "HF_HUB_OFFLINE": "1",
-        "WANDB_MODE": "disabled",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    if a.threads:
-        env.update(OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
+    env = bench_env(a.threads)
 
     results = {"ours": [], "trl": []}
     for i in range(a.repeats):
