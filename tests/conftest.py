@@ -18,6 +18,28 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
+# What the RL stage logs each update, and every gold_every updates on the world (tests/test_ppo.py checks
+# a run logs them; the report's stand-in PPO run logs them too).
+PPO_UPDATE_KEYS = (
+    "objective/score",
+    "objective/kl",
+    "objective/kl_coef",
+    "objective/total_reward",
+    "policy/entropy",
+    "loss/policy",
+    "loss/value",
+    "policy/clipfrac",
+    "value/clipfrac",
+    "policy/approx_kl",
+    "value/explained_variance",
+    "response/length",
+    "response/no_eos_rate",
+    "perf/episodes_per_s",
+    "perf/tokens_per_s",
+    "policy/approx_kl_first",
+    "policy/clipfrac_first",
+)
+PPO_GOLD_KEYS = ("gold/score", "gold/hallucination_rate", "gold/proxy_score")
 
 
 def run_module(
@@ -269,25 +291,7 @@ def _stand_in_metrics(stage: str) -> list[dict]:
         return [{"step": s, "loss": 0.7 - 0.02 * s} for s in range(1, 11)] + [
             {"step": s, "eval_loss": 0.65, "eval_accuracy": 0.55 + 0.01 * s} for s in (5, 10)
         ]
-    keys = (
-        "objective/score",
-        "objective/kl",
-        "objective/kl_coef",
-        "objective/total_reward",
-        "policy/entropy",
-        "loss/policy",
-        "loss/value",
-        "policy/clipfrac",
-        "value/clipfrac",
-        "policy/approx_kl",
-        "value/explained_variance",
-        "response/length",
-        "response/no_eos_rate",
-        "perf/episodes_per_s",
-        "gold/score",
-        "gold/hallucination_rate",
-        "gold/proxy_score",
-    )
+    keys = (*PPO_UPDATE_KEYS, *PPO_GOLD_KEYS)
     return [{"step": s, **{k: math.sin(s + i) + 1.0 for i, k in enumerate(keys)}} for s in range(1, 9)]
 
 

@@ -23,6 +23,8 @@ from pipeline.generation import chat_ids, left_pad
 from pipeline.packing import packs_sequences
 from tests.conftest import (
     NO_SYSTEM_TEMPLATE,
+    PPO_GOLD_KEYS,
+    PPO_UPDATE_KEYS,
     assert_replicas_saved,
     kill_after_checkpoint,
     one_line_error,
@@ -34,26 +36,6 @@ from tests.conftest import (
     write_jsonl,
 )
 
-PER_UPDATE_KEYS = [
-    "objective/score",
-    "objective/kl",
-    "objective/kl_coef",
-    "objective/total_reward",
-    "policy/entropy",
-    "loss/policy",
-    "loss/value",
-    "policy/clipfrac",
-    "value/clipfrac",
-    "policy/approx_kl",
-    "value/explained_variance",
-    "response/length",
-    "response/no_eos_rate",
-    "perf/episodes_per_s",
-    "perf/tokens_per_s",
-    "policy/approx_kl_first",
-    "policy/clipfrac_first",
-]
-GOLD_KEYS = ["gold/score", "gold/hallucination_rate", "gold/proxy_score"]
 # Tiny models are faster on one thread, and two cores are shared with other test processes.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
@@ -96,10 +78,10 @@ def test_smoke_logs_finite_metrics_changes_policy_not_reference(parents, tmp_pat
     updates = [r for r in rows if "objective/score" in r]
     assert [r["step"] for r in updates] == [1, 2, 3, 4]
     for r in updates:
-        for key in PER_UPDATE_KEYS:
+        for key in PPO_UPDATE_KEYS:
             assert isinstance(r[key], float) and math.isfinite(r[key]), (key, r)
     gold = [r for r in rows if "gold/score" in r]
-    assert [r["step"] for r in gold] == [0, 2, 4] and all(math.isfinite(r[k]) for r in gold for k in GOLD_KEYS)
+    assert [r["step"] for r in gold] == [0, 2, 4] and all(math.isfinite(r[k]) for r in gold for k in PPO_GOLD_KEYS)
     assert updates[0]["objective/kl"] == pytest.approx(0.0, abs=1e-3), "policy and reference start equal"
 
     manifest = json.loads((stage / "manifest.json").read_text())
