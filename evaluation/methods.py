@@ -215,6 +215,11 @@ def best_of_n(job: Job, options: MethodsOptions) -> None:
     ..., n (pipeline.stats.best_of_k), and the pick among all n judged in full against SFT's greedy answers."""
     started, n = time.time(), options.best_of_n
     rl = parse_config(PPOConfig, "ppo", ["--profile", options.profile])
+    config = {"n": n, "temperature": rl.temperature, "max_new_tokens": rl.max_new_tokens, "seed": 0}
+    parents = {p: manifest_hash(read_manifest(job.chain / p)) for p in ("sft", "reward")}
+    done = read_manifest(job.out)
+    if done is not None and done.get("config") == config and done.get("parent_hashes") == parents:
+        return  # the same samples again: up to date, as a stage with the same config and parents
     world = WorldJudge.load(job.chain / "world")
     records = load_eval_prompts(job.chain / "world", world)
     prompts = [r["prompt"] for r in records]
@@ -251,9 +256,8 @@ def best_of_n(job: Job, options: MethodsOptions) -> None:
         "tokens_generated": curve[-1]["tokens_generated"],
         "eval_prompts": len(prompts),
     }
-    config = {"n": n, "temperature": rl.temperature, "max_new_tokens": rl.max_new_tokens, "seed": 0}
     manifest = {"stage": "best_of_n", "config": config, "metrics": metrics, "git_commit": git_commit()}
-    manifest.update(parent={"sft": str(job.chain / "sft"), "reward": str(job.chain / "reward")})
+    manifest.update(parent={"sft": str(job.chain / "sft"), "reward": str(job.chain / "reward")}, parent_hashes=parents)
     manifest.update(started=started, seconds=round(time.time() - started, 1))
     write_json_atomic(job.out / "manifest.json", manifest)
 
