@@ -83,7 +83,7 @@ grpo dr_grpo rloo reinforce_pp: setup data
 	$(call STAGE_CMD,$@)
 
 # Which method wins: every method after SFT (and best-of-n) from one SFT and reward model per world, at
-# three KL settings, on worlds --seed 0/1/2; RUN/methods/methods.md. METHODS_ARGS: `python -m evaluation.methods --help`.
+# three KL settings, on worlds --seed 0/1/2; RUN/methods.md. METHODS_ARGS: `python -m evaluation.methods --help`.
 METHODS_ARGS ?=
 methods: setup data
 	$(PY) -m evaluation.methods --run_dir $(RUN) --profile $(PROFILE) $(METHODS_ARGS)

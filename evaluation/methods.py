@@ -7,7 +7,7 @@ For each world, one chain up to the reward model (`make data pretrain sft compar
 world reuses RUN itself). From its SFT and reward models, every method runs at its default profile with its
 KL knob (PPO, GRPO, RLOO and REINFORCE++: kl_coef; DPO: beta) times each of --kl_factors, and best-of-n
 samples SFT and keeps the answer the reward model likes best (its KL is analytic: log n - (n-1)/n).
-RUN/methods/methods.md, methods.json and the plots beside them are built from those runs' manifests only
+RUN/methods.md, RUN/methods.json and the plots in RUN/methods/ are built from those runs' manifests only
 (evaluation/methods_table.py).
 
     RUN/methods/seed1/                          world 1's chain (world, pretrain, sft, comparisons, reward)

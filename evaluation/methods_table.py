@@ -1,4 +1,4 @@
-"""RUN/methods/methods.md, methods.json and the plots of `make methods` (evaluation/methods.py).
+"""RUN/methods.md, RUN/methods.json and the plots in RUN/methods/ of `make methods` (evaluation/methods.py).
 
 Every figure comes from a finished run of the bench: the stages' manifests (their final evaluation:
 greedy answers to the world's held-out prompts judged by the gold judge against SFT's, the win rate's
@@ -333,7 +333,7 @@ def overoptimisation_plot(rows: list[dict], path: Path) -> None:
 
 
 def write_tables(run_dir: Path, jobs) -> Path:
-    """methods.json, the plots and methods.md (last) in RUN/methods; returns the Markdown's path."""
+    """RUN/methods.json, the plots in RUN/methods/ and RUN/methods.md (last); returns the Markdown's path."""
     out = Path(run_dir) / "methods"
     rows = collect(jobs)
     entries, matched = over_worlds(rows), matched_kl(rows)
@@ -342,5 +342,5 @@ def write_tables(run_dir: Path, jobs) -> Path:
     win_plot(entries, out / "win_rates.png")
     overoptimisation_plot(rows, out / "overoptimisation.png")
     plots = [p for p in ("frontier.png", "cost.png", "win_rates.png", "overoptimisation.png") if (out / p).is_file()]
-    write_json_atomic(out / "methods.json", {"rows": rows, "over_worlds": entries, "matched_kl": matched})
-    return write_text_atomic(out / "methods.md", markdown(rows, entries, matched, plots))
+    write_json_atomic(run_dir / "methods.json", {"rows": rows, "over_worlds": entries, "matched_kl": matched})
+    return write_text_atomic(run_dir / "methods.md", markdown(rows, entries, matched, [f"methods/{p}" for p in plots]))

@@ -98,10 +98,10 @@ def test_the_bench_end_to_end_on_tiny(tmp_path):
     proc = bench(run, "--seeds", "3", "--quick", "true", "--best_of_n", "4")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = run / "methods"
-    text = (out / "methods.md").read_text()
+    text = (run / "methods.md").read_text()
     for plot in ("frontier.png", "cost.png", "win_rates.png", "overoptimisation.png"):
-        assert (out / plot).stat().st_size > 0 and f"]({plot})" in text
-    rows = json.loads((out / "methods.json").read_text())["rows"]
+        assert (out / plot).stat().st_size > 0 and f"](methods/{plot})" in text
+    rows = json.loads((run / "methods.json").read_text())["rows"]
     assert {r["method"] for r in rows} == set(METHODS)
     # Every row's figures are its own run's manifest's, and the run read the chain of world 3.
     for r in rows:
@@ -134,4 +134,4 @@ def test_the_bench_end_to_end_on_tiny(tmp_path):
     bad = bench(run, "--seeds", "3", "--quick", "true", "--best_of_n", "4", "--stage_args", "--no_such_option", "1")
     assert bad.returncode == 2 and "failed" in bad.stderr and "no_such_option" in bad.stderr, bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
-    assert (out / "methods.md").read_text() == text
+    assert (run / "methods.md").read_text() == text
