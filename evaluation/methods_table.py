@@ -33,6 +33,7 @@ NAMES = {
 # The figures a row holds, in the tables' order: key -> column title.
 COLUMNS = {
     "gold": "gold score",
+    "gain": "gain over SFT",
     "win": "win rate vs SFT",
     "kl": "KL to SFT",
     "hallucination": "hallucination",
@@ -74,6 +75,7 @@ def stage_row(job) -> dict:
         "default": job.factor == 1.0,
         "manifest": str(job.out / "manifest.json"),
         "prompts": m.get("eval_prompts"),
+        "sft_gold": m.get("sft_gold_score"),
         "gold": m.get("gold_score"),
         "gold_ci": m.get("gold_score_ci"),
         "win": m.get("gold_win_rate"),
@@ -109,12 +111,19 @@ def best_of_n_rows(job) -> list[dict]:
 
 
 def collect(jobs) -> list[dict]:
+    """Every row, each with its gain: gold score minus its world's SFT's on the same prompts (the stages'
+    manifests hold SFT's; best-of-n samples the same SFT). Worlds differ in how good their SFT is; the
+    gain, paired within a world, is what the methods are compared on across worlds."""
     rows = []
     for job in jobs:
         if job.kind == "stage":
             rows.append(stage_row(job))
         elif job.kind == "best_of_n":
             rows += best_of_n_rows(job)
+    sft = {r["seed"]: r["sft_gold"] for r in rows if r.get("sft_gold") is not None}
+    for r in rows:
+        r["sft_gold"] = sft.get(r["seed"])
+        r["gain"] = None if r["gold"] is None or r["sft_gold"] is None else r["gold"] - r["sft_gold"]
     return rows
 
 
@@ -137,8 +146,8 @@ def over_worlds(rows: list[dict]) -> list[dict]:
 
 
 def matched_kl(rows: list[dict]) -> list[dict]:
-    """Per KL target: each method's gold score read off its frontier (pipeline.stats.interpolate) in every
-    world, averaged over the worlds where the frontier reaches it, and the method that leads there."""
+    """Per KL target: each method's gain over SFT read off its frontier (pipeline.stats.interpolate) in
+    every world, averaged over the worlds where the frontier reaches it, and the method that leads there."""
     seeds = sorted({r["seed"] for r in rows})
     out = []
     for target in KL_TARGETS:
@@ -146,7 +155,7 @@ def matched_kl(rows: list[dict]) -> list[dict]:
         for method in NAMES:
             per_world = []
             for s in seeds:
-                points = [(r["kl"], r["gold"]) for r in rows if r["method"] == method and r["seed"] == s]
+                points = [(r["kl"], r["gain"]) for r in rows if r["method"] == method and r["seed"] == s]
                 points = [p for p in points if p[0] is not None and p[1] is not None]
                 per_world.append(interpolate(points, target) if points else None)
             if per_world and all(v is not None for v in per_world):
@@ -205,7 +214,7 @@ def means_table(entries: list[dict]) -> str:
     head = "| method | setting | worlds | " + " | ".join(COLUMNS.values()) + " |"
     lines = [head, "|---|---|---:|" + "---:|" * len(COLUMNS)]
     for e in entries:
-        cells = [cell(k, e[k][0], e[k][1:] if k in ("gold", "win", "kl") else None) for k in COLUMNS]
+        cells = [cell(k, e[k][0], e[k][1:] if k in ("gold", "gain", "win", "kl") else None) for k in COLUMNS]
         name = NAMES[e["method"]] + (" (default)" if e["default"] and e["method"] != "best_of_n" else "")
         lines.append(f"| {name} | {e['setting']} | {e['worlds']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -240,9 +249,9 @@ def markdown(rows: list[dict], entries: list[dict], matched: list[dict], plots: 
             if len(seeds) > 1
             else "Intervals: 95% bootstrap over the prompts."
         ),
-        "## Gold score at matched KL",
-        "Each method's frontier (its settings' gold score against KL, a straight line between neighbours) read at "
-        "the same KL; '-' where a method's settings do not reach that KL in every world.",
+        "## Gain over SFT at matched KL",
+        "Each method's frontier (its settings' gold score minus SFT's, against KL; a straight line between "
+        "neighbours) read at the same KL; '-' where a method's settings do not reach that KL in every world.",
         matched_table(matched) if matched else "No KL is reached by any method's settings in every world.",
         "## Means over the worlds" if len(seeds) > 1 else "## Every run",
         means_table(entries),

@@ -37,7 +37,8 @@ def test_interpolate_reads_a_frontier_between_its_points_only():
 
 def test_matched_kl_reads_every_worlds_frontier_and_names_a_lead_within_the_intervals():
     def row(seed, method, setting, kl, gold):
-        return {"seed": seed, "method": method, "setting": setting, "default": setting == "b", "kl": kl, "gold": gold}
+        row = {"seed": seed, "method": method, "setting": setting, "default": setting == "b", "kl": kl, "gold": gold}
+        return row | {"gain": gold - 0.1}
 
     rows = []
     for seed, shift in ((0, 0.0), (1, 0.02), (2, -0.02)):
@@ -47,10 +48,10 @@ def test_matched_kl_reads_every_worlds_frontier_and_names_a_lead_within_the_inte
     by_kl = {x["kl"]: x for x in matched_kl(rows)}
     assert set(by_kl) == {0.5, 1.0}  # 0.25 and 2+ lie outside every method's settings
     mean, low, high = by_kl[1.0]["scores"]["ppo"]
-    assert mean == pytest.approx(0.60) and low < mean < high
-    assert by_kl[1.0]["scores"]["grpo"][0] == pytest.approx(0.42)
+    assert mean == pytest.approx(0.50) and low < mean < high
+    assert by_kl[1.0]["scores"]["grpo"][0] == pytest.approx(0.32)
     assert "dpo" not in by_kl[1.0]["scores"]  # not reached in worlds 1 and 2
-    assert by_kl[1.0]["leader"] == "ppo" and by_kl[1.0]["close"] == []  # 0.60 +- 0.05 against 0.42 +- 0.05
+    assert by_kl[1.0]["leader"] == "ppo" and by_kl[1.0]["close"] == []  # gains 0.50 +- 0.05 against 0.32 +- 0.05
     assert by_kl[0.5]["leader"] == "ppo" and list(by_kl[0.5]["scores"]) == ["ppo"]
     entry = next(e for e in over_worlds(rows) if e["method"] == "ppo" and e["setting"] == "b")
     assert entry["worlds"] == 3 and entry["gold"][0] == pytest.approx(0.70) and entry["kl"][1:] == (1.5, 1.5)
@@ -117,7 +118,9 @@ def test_the_bench_end_to_end_on_tiny(tmp_path):
         assert r["over_refusal"] == m["over_refusal_rate"] and r["seconds"] == manifest["seconds"]
         assert r["win_ci"] == m["gold_win_rate_ci"] and r["prompts"] == m["eval_prompts"]
         assert os.path.realpath(manifest["parent"]["path"]) == os.path.realpath(run / "sft")
-        row = f"| {r['gold']:.3f} [{r['gold_ci'][0]:.3f}, {r['gold_ci'][1]:.3f}] | {r['win']:.3f} ["
+        assert r["gain"] == pytest.approx(m["gold_score"] - m["sft_gold_score"])
+        gold = f"{r['gold']:.3f} [{r['gold_ci'][0]:.3f}, {r['gold_ci'][1]:.3f}]"
+        row = f"| {gold} | {r['gain']:.3f} | {r['win']:.3f} ["
         assert row in text, (row, text)
     assert json.loads((run / "world" / "summary.json").read_text())["config"]["seed"] == 3
 
