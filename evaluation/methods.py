@@ -116,7 +116,9 @@ def knob_default(method: str, profile: str) -> float:
 def plan(options: MethodsOptions, threads: int) -> list[Job]:
     """Every job in the order they may start: a world's chain before the runs that need it."""
     run_dir = Path(options.run_dir)
-    seeds = options.seeds[:1] if options.quick else options.seeds
+    own = world_seed(run_dir)
+    # Quick: RUN's own world (its chain is the one `make all` made), or the first seed where RUN has none yet.
+    seeds = ((options.seeds[0] if own is None else own),) if options.quick else options.seeds
     factors = (1.0,) if options.quick else options.kl_factors
     chains = chain_dirs(run_dir, seeds)
     jobs = []
@@ -345,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick",
         type=lambda s: s.lower() in ("1", "true", "yes"),
         default=False,
-        help="One world (the first seed), each method's default only.",
+        help="One world (RUN's own, or the first seed), each method's default only.",
     )
     p.add_argument(
         "--profile", default="default", help="The profile every stage of the chains and every method run reads."

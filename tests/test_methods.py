@@ -82,6 +82,11 @@ def test_the_full_plan_runs_every_method_at_three_kl_settings_on_three_worlds(tm
     quick = plan(MethodsOptions(run_dir=str(tmp_path / "run"), quick=True), threads=2)
     assert {j.seed for j in quick} == {0} and {j.factor for j in quick if j.kind == "stage"} == {1.0}
     assert {j.method for j in quick if j.kind != "chain"} == set(METHODS)
+    # Quick on a run whose world is another seed: that world, from RUN's own chain.
+    (tmp_path / "run" / "world").mkdir(parents=True)
+    (tmp_path / "run" / "world" / "summary.json").write_text(json.dumps({"config": {"seed": 7}}))
+    quick = plan(MethodsOptions(run_dir=str(tmp_path / "run"), quick=True), threads=2)
+    assert {(j.seed, j.chain) for j in quick} == {(7, tmp_path / "run")}
 
 
 def bench(run, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
