@@ -53,7 +53,7 @@ from pipeline.divergence import sampled_kl
 from pipeline.errors import PipelineError, cli_main
 from pipeline.generation import answer, chat_ids
 from pipeline.stage import read_manifest, write_json_atomic, write_text_atomic
-from pipeline.stats import best_of_k, best_of_k_kl, bootstrap_ci, mean
+from pipeline.stats import best_of_k, best_of_k_curve, bootstrap_ci, mean
 from reward.judging import Answers, Judged, RewardModelJudge, WorldJudge, compare, judge_answers, judge_policies
 from world.judge import FAMILIES
 
@@ -491,13 +491,9 @@ def best_of_n_on(
     proxy_scores, gold_scores = rm.scores(prompts, samples), world.judge(prompts, samples).scores
     proxy = [proxy_scores[i * n : (i + 1) * n] for i in range(len(records))]
     gold = [gold_scores[i * n : (i + 1) * n] for i in range(len(records))]
-    curve = []
-    for k in sorted({2**j for j in range(n.bit_length()) if 2**j <= n} | {n}):  # ends with k = n
-        picks = [best_of_k(p, g, k) for p, g in zip(proxy, gold, strict=True)]
-        curve.append(
-            {"k": k, "kl": best_of_k_kl(k), "proxy": mean([x for x, _ in picks]), "gold": mean([y for _, y in picks])}
-        )
-    # Best-of-n among all n has one pick per prompt: the last picks are its scores (the texts are not kept).
+    curve = best_of_k_curve(proxy, gold, n)
+    # Best-of-n among all n has one pick per prompt: its scores (the texts are not kept).
+    picks = [best_of_k(p, g, n) for p, g in zip(proxy, gold, strict=True)]
     chosen = Judged(None, [r["family"] for r in records], [g for _, g in picks], world.top_score)
     return {"stage": "sft", "n": n, "temperature": options.bon_temperature, "curve": curve}, chosen
 

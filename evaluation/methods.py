@@ -42,7 +42,7 @@ from pipeline.config import parse_config, profile_path
 from pipeline.errors import PipelineError, cli_main
 from pipeline.generation import answer
 from pipeline.stage import file_sha256, git_commit, manifest_hash, read_manifest, write_json_atomic
-from pipeline.stats import best_of_k, best_of_k_kl, mean
+from pipeline.stats import best_of_k_curve, best_of_k_kl, mean
 from reward.judging import Answers, RewardModelJudge, WorldJudge, compare, judge_answers, summarize
 from stages.dpo.config import DPOStageConfig
 from stages.ppo.config import PPOConfig
@@ -232,13 +232,9 @@ def best_of_n(job: Job, options: MethodsOptions) -> None:
     sampled = judge_answers(world, many, samples, proxy=proxy)
     lengths = [len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in samples]
     per = [slice(i * n, (i + 1) * n) for i in range(len(prompts))]
-    curve = []
-    for k in sorted({2**j for j in range(n.bit_length()) if 2**j <= n} | {n}):
-        picks = [best_of_k(sampled.proxy[s], sampled.scores[s], k) for s in per]
-        curve.append(
-            {"k": k, "kl": best_of_k_kl(k), "proxy": mean([p for p, _ in picks]), "gold": mean([g for _, g in picks])}
-        )
-        curve[-1]["tokens_generated"] = k * len(prompts) * mean(lengths)
+    curve = best_of_k_curve([sampled.proxy[s] for s in per], [sampled.scores[s] for s in per], n)
+    for point in curve:
+        point["tokens_generated"] = point["k"] * len(prompts) * mean(lengths)
     picked = [max(range(s.start, s.stop), key=lambda i: sampled.proxy[i]) for s in per]
     best = judge_answers(world, prompts, Answers([samples[i] for i in picked]), proxy=proxy)
     sft = judge_answers(world, prompts, answer(policy, tokenizer, prompts, rl.max_new_tokens), proxy=proxy)

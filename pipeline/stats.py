@@ -79,6 +79,18 @@ def best_of_k(proxy: Sequence[float], gold: Sequence[float], k: int) -> tuple[fl
     )
 
 
+def best_of_k_curve(proxy: Sequence[Sequence[float]], gold: Sequence[Sequence[float]], n: int) -> list[dict]:
+    """Best-of-k over prompts, each with n sampled answers' proxy and gold scores: for k = 1, 2, 4, ..., n
+    (ending with n), KL(best-of-k || sampler) and the mean expected proxy and gold score of the pick."""
+    curve = []
+    for k in sorted({2**j for j in range(n.bit_length()) if 2**j <= n} | {n}):
+        picks = [best_of_k(p, g, k) for p, g in zip(proxy, gold, strict=True)]
+        curve.append(
+            {"k": k, "kl": best_of_k_kl(k), "proxy": mean([x for x, _ in picks]), "gold": mean([y for _, y in picks])}
+        )
+    return curve
+
+
 def best_of_k_kl(k: int) -> float:
     """KL(best-of-k || sampling policy) = log k - (k - 1) / k nats per answer (Stiennon et al. 2020;
     Gao et al. 2022): exact when no two answers are alike, an upper bound otherwise."""
