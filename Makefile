@@ -24,7 +24,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 STAGE_CMD = $(LAUNCH) -m stages.$(1) --profile $(PROFILE) --run_dir $(RUN) $(ARGS)
 
-.PHONY: setup all data pretrain sft comparisons reward round ppo grpo dr_grpo rloo reinforce_pp eval report methods methods-quick chat compare lint test test-fast bench bench-pretrain bench-ppo bench-grpo check-tokenizers clean
+.PHONY: setup all data pretrain sft comparisons reward check-human round label browser ppo grpo dr_grpo rloo reinforce_pp eval report methods methods-quick chat compare lint test test-fast bench bench-pretrain bench-ppo bench-grpo check-tokenizers clean
 
 setup: $(VENV)/.installed
 
@@ -55,8 +55,18 @@ sft: setup data
 comparisons: setup data
 	$(PY) -m reward.comparisons sample --run_dir $(RUN) $(COMPARISONS_ARGS)
 
-reward: setup data
-	$(call STAGE_CMD,reward)
+# Rankings of your own (`make label` appends them to RUN/comparisons/human.jsonl): HUMAN=also adds them to
+# the reward stage's comparisons, HUMAN=only trains on them alone; `make reward` and `make round` alike.
+HUMAN ?=
+HUMAN_FILE = $(RUN)/comparisons/human.jsonl
+HUMAN_TRAIN = $(if $(filter also,$(HUMAN)),--train_files + $(HUMAN_FILE),$(if $(filter only,$(HUMAN)),--train_files $(HUMAN_FILE)))
+check-human:
+	@case "$(HUMAN)" in ""|also|only) ;; *) echo "HUMAN must be also or only, got '$(HUMAN)'"; exit 2;; esac
+	@if [ -n "$(HUMAN)" ] && [ ! -s $(HUMAN_FILE) ]; then \
+		echo "no rankings in $(HUMAN_FILE): rank answers first with \`make label RUN=$(RUN)\`"; exit 2; fi
+
+reward: setup data check-human
+	$(call STAGE_CMD,reward) $(HUMAN_TRAIN)
 
 # DPO (Rafailov et al. 2023): RUN/sft tuned on the reward stage's comparisons directly, no reward model.
 dpo: setup data
@@ -68,10 +78,17 @@ dpo: setup data
 # up from 1; each round replaces RUN/reward and RUN/ppo, and a rerun of the same ROUND resumes it
 # (its comparisons, once written, are kept: RUN/ppo is by then the policy of the next round).
 ROUND_FILE = $(RUN)/comparisons/ppo_round$(ROUND).jsonl
-round: setup data
+# HUMAN=also adds RUN/comparisons/human.jsonl to them; HUMAN=only trains the reward model on it alone
+# (rank RUN/ppo's answers in `make label` first) and samples nothing for the labeler.
+round: setup data check-human
+ifeq ($(HUMAN),only)
+	$(call STAGE_CMD,reward) --train_files $(HUMAN_FILE)
+else
 	@if [ -f $(ROUND_FILE) ]; then echo "[comparisons] up to date: $(ROUND_FILE) (sampled by this round before)"; \
 	else $(PY) -m reward.comparisons sample --run_dir $(RUN) --model $(RUN)/ppo --out $(ROUND_FILE) $(COMPARISONS_ARGS); fi
-	$(call STAGE_CMD,reward) --train_files $(ROUND_TRAIN) $(RUN)/comparisons/*.jsonl
+	$(call STAGE_CMD,reward) --train_files $(ROUND_TRAIN) $$(ls $(RUN)/comparisons/*.jsonl | grep -v '/human\.jsonl$$') \
+		$(if $(filter also,$(HUMAN)),$(HUMAN_FILE))
+endif
 	$(call STAGE_CMD,ppo)
 
 ppo: setup data
@@ -101,11 +118,25 @@ report: setup
 chat: setup
 	$(PY) -m evaluation.chat --model $(RUN)/$(STAGE) $(ARGS)
 
+# A local page (http://127.0.0.1:7860/) to rank every finished stage's answers to a prompt, appended to
+# RUN/comparisons/human.jsonl for `make reward HUMAN=also`, and to read RUN/report.md. ARGS: `python -m evaluation.label --help`.
+label: setup
+	$(PY) -m evaluation.label --run_dir $(RUN) $(ARGS)
+
 compare: setup
 	$(PY) -m evaluation.chat --run_dir $(RUN) --compare "$(PROMPT)" $(ARGS)
 
+# The browser test (tests/test_label.py) drives Debian's Chromium through Playwright: installed here when
+# missing and the machine allows it (root or sudo, apt); where it cannot be, that one test skips and says so.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo "sudo -n" ); \
+		echo "installing Chromium for the browser test (apt)"; \
+		( $$SUDO apt-get install -y -q chromium || { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium; } ) >/dev/null 2>&1 \
+		|| echo "could not install Chromium: the browser test will skip"; }
+
 # The whole suite, offline. pytest's exit 5 ("no tests collected") is a failure, not a pass.
-test: setup
+test: setup browser
 	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -q -p no:cacheprovider $(ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "no tests were collected"; exit 1; fi; exit $$rc
 

@@ -52,7 +52,8 @@ def _to_argv(values: dict[str, Any]) -> list[str]:
 def parse_config(cls: type[T], stage: str, argv: list[str] | None = None) -> T:
     """Build `cls` from `--profile NAME|file.yaml` (default: `default`) plus CLI overrides.
 
-    String fields may say `{run_dir}`; it is replaced by the resolved `run_dir`.
+    String fields may say `{run_dir}`; it is replaced by the resolved `run_dir`. A list option whose
+    first value is `+` adds to the profile's list instead of replacing it (`--train_files + mine.jsonl`).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
@@ -76,6 +77,14 @@ def parse_config(cls: type[T], stage: str, argv: list[str] | None = None) -> T:
     cfg, remaining = parser.parse_args_into_dataclasses(_to_argv(values) + rest, return_remaining_strings=True)
     if remaining:
         raise PipelineError(f"unknown option '{remaining[0]}' for stage '{stage}' (see --help)")
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, list) and value[:1] == ["+"]:
+            if f.name in values:
+                base = values[f.name]
+            else:
+                base = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            setattr(cfg, f.name, list(base) + value[1:])
     run_dir = str(getattr(cfg, "run_dir", ""))
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)

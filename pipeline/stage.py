@@ -55,6 +55,28 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n")
 
 
+def append_jsonl_line(path: str | Path, record: dict) -> None:
+    """Append one JSON line durably: one write() of the whole line on an O_APPEND descriptor, then fsync,
+    so a killed writer leaves the line whole or absent. A torn last line (power loss mid-write) is cut
+    off first, so the file stays a list of complete records."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            with open(path, "rb") as f:
+                os.ftruncate(fd, f.read().rfind(b"\n") + 1)
+        written = os.write(fd, line)
+        if written != len(line):  # a short write (disk full): take the partial line back out
+            os.ftruncate(fd, os.fstat(fd).st_size - written)
+            raise OSError(f"{path}: disk full? wrote {written} of {len(line)} bytes; the record was not saved")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
