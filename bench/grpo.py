@@ -236,7 +236,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{a.updates} updates x {a.rollout_batch_size} episodes (G = {a.num_generations} answers to each of "
         f"{a.rollout_batch_size // a.num_generations} prompts), {a.max_new_tokens} new tokens at temperature "
         f"{a.temperature}, {a.ppo_epochs} epochs x {a.num_minibatches} minibatches (one optimizer step each), "
-        f"lr {a.lr:g}, KL beta {a.kl_coef:g}; {a.threads or 'all'} thread(s); {a.repeats} alternating rounds"
+        f"lr {a.lr:g}, KL beta {a.kl_coef:g}; {a.threads or 'all'} thread(s); fp32 on every side; "
+        f"{a.repeats} alternating rounds"
     )
     names = {
         "ours": "ours (stages.grpo)",

@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{a.updates} updates x {a.rollout_batch_size} episodes, {a.max_new_tokens} new tokens at temperature "
         f"{a.temperature}, {a.ppo_epochs} PPO epochs x {a.num_minibatches} minibatches "
         f"(one optimizer step each); "
-        f"{a.threads or 'default'} thread(s); best of {a.repeats}"
+        f"{a.threads or 'default'} thread(s); fp32 on both sides; best of {a.repeats}"
     )
     lines = [
         f"PPO throughput ({config})",

@@ -52,6 +52,7 @@ from data.tokenizer import template_accepts, use_turn_end_as_eos
 from pipeline.divergence import sampled_kl
 from pipeline.errors import PipelineError, cli_main
 from pipeline.generation import answer, chat_ids
+from pipeline.runtime import precision_autocast, precision_facts, precision_line, resolve_precision
 from pipeline.stage import read_manifest, write_json_atomic, write_text_atomic
 from pipeline.stats import best_of_k, best_of_k_curve, bootstrap_ci, mean
 from reward.judging import Answers, Judged, RewardModelJudge, WorldJudge, compare, judge_answers, judge_policies
@@ -88,6 +89,7 @@ class EvalOptions:
     prompt_files: tuple[str, ...] | list[str] | None = None
     prompt_field: str | tuple[str, ...] | list[str] = "prompt"
     judge_path: str | Path | None = None
+    mixed_precision: str = "auto"
 
     def settings(self) -> dict:
         """The options eval.json records under `settings`."""
@@ -377,9 +379,17 @@ def answer_rows(records: list[dict], world: WorldJudge | None, judged: dict[str,
 
 def evaluate_run(run_dir: str | Path, options: EvalOptions | None = None, log=print) -> dict:
     """Every finished stage answers the held-out prompts, one judge judges them all (reward.judging), and
-    eval.json's dict comes back: stages, win rates, KL(PPO || SFT), floor, best-of-n, every answer."""
+    eval.json's dict comes back: stages, win rates, KL(PPO || SFT), floor, best-of-n, every answer. Every
+    pass runs at the options' precision (auto: bf16 autocast where the hardware has it, as the stages)."""
     options = options or EvalOptions()
-    run_dir, t0 = Path(run_dir), time.time()
+    precision = resolve_precision(options.mixed_precision)
+    with precision_autocast(precision, pick_device(options.device)):
+        result = _evaluate(Path(run_dir), options, log, precision)
+    return result
+
+
+def _evaluate(run_dir: Path, options: EvalOptions, log, precision: str) -> dict:
+    t0 = time.time()
     records, world, judge_info = prompts_and_judge(run_dir, options)
     records = select_prompts(records, options.max_prompts)
     prompts, families = [r["prompt"] for r in records], [r["family"] for r in records]
@@ -393,6 +403,7 @@ def evaluate_run(run_dir: str | Path, options: EvalOptions | None = None, log=pr
     log(
         f"[eval] {len(prompts)} held-out prompts x stages {', '.join(stages)} on {device}, judged by "
         + ("the gold judge" if world else f"the reward model in {judge_info['path']}")
+        + f"; {precision_line(precision)}"
     )
 
     # 1. Every stage answers every prompt. 2. One judge judges them all: the gold judge, else a reward model
@@ -436,6 +447,7 @@ def evaluate_run(run_dir: str | Path, options: EvalOptions | None = None, log=pr
         "run_dir": str(run_dir),
         "judge": judge_info,
         "settings": options.settings(),
+        "precision": precision_facts(precision),
         "num_prompts": len(prompts),
         "prompts_by_family": dict(Counter(families)),
         "stages": {
@@ -750,6 +762,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="reward model that judges --prompts (default: the run's own, RUN/reward)",
     )
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
+    p.add_argument(
+        "--mixed_precision",
+        default="auto",
+        help="auto (bf16 autocast on a GPU with bf16 or a CPU with AMX / AVX-512 BF16, fp32 elsewhere), fp32, bf16",
+    )
     p.add_argument("--out", default="eval", help="write RUN/OUT.json and RUN/OUT.md (make report reads RUN/eval.json)")
     p.add_argument(
         "--threads",
@@ -791,6 +808,7 @@ def options_from(args: argparse.Namespace) -> EvalOptions:
         prompt_files=args.prompts,
         prompt_field=args.prompt_field,
         judge_path=args.judge,
+        mixed_precision=args.mixed_precision,
     )
 
 

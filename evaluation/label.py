@@ -41,6 +41,7 @@ from data.loading import load_records
 from evaluation.evaluate import finished_stages, load_causal_lm, pick_device
 from pipeline.errors import PipelineError, cli_main
 from pipeline.generation import answer
+from pipeline.runtime import precision_autocast, resolve_precision
 from pipeline.stage import append_jsonl_line
 from world.judge import GoldJudge
 
@@ -161,6 +162,7 @@ class Session:
     top_p: float = 0.95
     max_new_tokens: int = 64
     device: str = "auto"
+    precision: str = "no"  # resolved (pipeline.runtime): generation under bf16 autocast where it pays
     judge: GoldJudge | None = None
     held: dict[str, Held] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -212,15 +214,16 @@ class Session:
             for n, name in enumerate(self.stages):
                 count = 1 + (extra if name == extra_stage else 0)
                 model, tokenizer = self.model(name)
-                texts = answer(
-                    model,
-                    tokenizer,
-                    [prompt] * count,
-                    max_new_tokens=self.max_new_tokens,
-                    temperature=self.temperature,
-                    top_p=self.top_p,
-                    seed=seed + 1000 * n,
-                )
+                with precision_autocast(self.precision, model.device):
+                    texts = answer(
+                        model,
+                        tokenizer,
+                        [prompt] * count,
+                        max_new_tokens=self.max_new_tokens,
+                        temperature=self.temperature,
+                        top_p=self.top_p,
+                        seed=seed + 1000 * n,
+                    )
                 written += [(name if i == 0 else f"{name} (sample {i + 1})", t) for i, t in enumerate(texts)]
         random.Random(seed).shuffle(written)
         responses, writers, empty = merge_answers(written)
@@ -324,6 +327,7 @@ def open_session(args) -> Session:
         top_p=args.top_p,
         max_new_tokens=args.max_new_tokens,
         device=args.device,
+        precision=resolve_precision(args.mixed_precision),
         judge=judge,
     )
     for source in session.prompt_sources():  # a bad prompt file fails now, with its record named
@@ -448,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top_p", type=float, default=0.95, help="nucleus sampling threshold")
     p.add_argument("--max_new_tokens", type=int, default=64, help="answer length limit in tokens")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda ...")
+    p.add_argument("--mixed_precision", default="auto", help="auto (bf16 autocast where bf16 is fast), fp32, bf16")
     return p
 
 

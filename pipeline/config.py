@@ -18,6 +18,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from pipeline.errors import PipelineError
+from pipeline.runtime import resolve_precision
 
 T = TypeVar("T")
 STAGES_DIR = Path(__file__).resolve().parent.parent / "stages"
@@ -92,6 +93,9 @@ def parse_config(cls: type[T], stage: str, argv: list[str] | None = None) -> T:
             setattr(cfg, f.name, value.replace("{run_dir}", run_dir))
         elif isinstance(value, list):
             setattr(cfg, f.name, [v.replace("{run_dir}", run_dir) if isinstance(v, str) else v for v in value])
+    if isinstance(getattr(cfg, "mixed_precision", None), str):
+        # auto/fp32 become what accelerate runs ("no", "bf16"), so the run key and manifest say what ran.
+        cfg.mixed_precision = resolve_precision(cfg.mixed_precision)
     check = getattr(cfg, "validate", None)
     if check:
         check()

@@ -21,6 +21,7 @@ from data.formats.comparisons import _kwise, _prompt, _responses
 from data.formats.fields import require_text
 from data.loading import load_records
 from pipeline.errors import PipelineError, cli_main
+from pipeline.runtime import precision_autocast, precision_line, resolve_precision
 from pipeline.stage import (
     file_sha256,
     manifest_hash,
@@ -99,6 +100,9 @@ def sample(args) -> None:
     options = {
         k: getattr(args, k) for k in ("prompts", "k", "temperature", "top_p", "max_new_tokens", "noise", "seed")
     }
+    precision = resolve_precision(args.mixed_precision)
+    if precision != "no":  # keyed only when not fp32, so files sampled before the option stay up to date
+        options["mixed_precision"] = precision
     key = {
         "model": portable(str(model_dir), run_dir),
         "model_manifest": manifest_hash(read_manifest(model_dir)),
@@ -114,16 +118,18 @@ def sample(args) -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     # K samples per prompt in one pass (prompt repeated K times), seeded: the same call gives the same file.
-    answers = answer(
-        model,
-        tokenizer,
-        [p for p in prompts for _ in range(args.k)],
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        batch_size=args.batch_size,
-        seed=args.seed,
-    )
+    print(f"[comparisons] sampling {len(prompts)} prompts x {args.k} from {model_dir}; {precision_line(precision)}")
+    with precision_autocast(precision, model.device):
+        answers = answer(
+            model,
+            tokenizer,
+            [p for p in prompts for _ in range(args.k)],
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            batch_size=args.batch_size,
+            seed=args.seed,
+        )
     rng = random.Random(f"{args.seed}/labeler")
     out, dropped, labels = [], 0, Counter()
     for n, prompt in enumerate(prompts):
@@ -212,6 +218,9 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--batch_size", type=int, default=64, help="generation batch size")
     s.add_argument("--noise", type=float, default=None, help="labeler noise (default: the world's)")
     s.add_argument("--seed", type=int, default=0, help="sampling and labeler seed")
+    s.add_argument(
+        "--mixed_precision", default="auto", help="auto (bf16 autocast where the CPU or GPU has bf16), fp32, bf16"
+    )
     s.add_argument("--out", default=None, help="output (default RUN/comparisons/policy_comparisons.jsonl)")
     s.add_argument("--force", action="store_true", help="resample even if the output is up to date")
     e = sub.add_parser("export", help="write a file of groups for human ranking (empty rankings)")

@@ -174,6 +174,17 @@ def session_threads():
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+@pytest.fixture
+def own_precision():
+    """accelerate keeps one process-wide state, its mixed precision fixed by the first Accelerator: a
+    test that runs the stage at another precision starts and leaves it fresh."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(scope="session")
 def shared_datasets() -> Path:
     assert SHARED_DATASETS.is_dir(), f"real data samples are expected at {SHARED_DATASETS}"

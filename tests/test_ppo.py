@@ -531,17 +531,6 @@ def test_a_prompt_set_of_your_own_holds_some_out_for_the_final_evaluation(parent
 # ---- audit fixes: precision, guards, dropout, evaluation ---------------------------------------------
 
 
-@pytest.fixture
-def own_precision():
-    """accelerate keeps one process-wide state, its mixed precision fixed by the first Accelerator: a
-    test that runs the stage at another precision starts and leaves it fresh."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def fp16_as_on_a_gpu(monkeypatch) -> list:
     """accelerate leaves fp16 off on a CPU (no autocast, no GradScaler); switch on both as it does on a
     GPU, so the stage's fp16 path - autocast, scaled loss, unscale, clipping, scaler step - runs here."""

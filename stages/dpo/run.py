@@ -46,6 +46,8 @@ from pipeline.runtime import (
     load_models_whole,
     merged_from_state_dict,
     peak_memory_mb,
+    precision_facts,
+    precision_line,
     rank_checksums,
     set_threads,
     stage_decides_training_settings,
@@ -472,7 +474,8 @@ def describe(cfg: DPOStageConfig, data: Data, state: PartialState, threads: int,
     state.print(
         f"[dpo] {data.train_groups} training groups -> {len(data.train)} pairs ({cfg.pairs}), "
         f"{len(data.val_groups)} held-out groups; loss {loss}, beta {cfg.beta}; reference: {reference}; "
-        f"max_length {max_length}; {state.num_processes} process(es) x {threads} thread(s)",
+        f"max_length {max_length}; {state.num_processes} process(es) x {threads} thread(s); "
+        f"{precision_line(cfg.mixed_precision)}",
         flush=True,
     )
 
@@ -602,5 +605,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     trainer.log({k: v for k, v in metrics.items() if k.startswith("val_") and isinstance(v, (int, float))})
     facts = {"samples": samples, "processes": state.num_processes, "threads": threads, "max_length": max_length}
+    facts["precision"] = precision_facts(cfg.mixed_precision)
     run.finish(metrics, {**facts, "weights_checksum_per_rank": checksums})
     report(metrics, stage_dir)

@@ -205,7 +205,12 @@ class PPOConfig:
     )
     save_every: int = field(default=10, metadata={"help": "Updates between resumable checkpoints."})
     keep_checkpoints: int = field(default=2, metadata={"help": "Checkpoints kept on disk."})
-    mixed_precision: str = field(default="no", metadata={"help": "accelerate mixed precision: no, bf16 or fp16."})
+    mixed_precision: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (bf16 autocast over fp32 weights on a GPU with bf16 or a CPU with AMX / AVX-512 BF16, fp32 elsewhere), fp32, bf16 or fp16."
+        },
+    )
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Trade compute for memory on large policies."}
     )
@@ -263,8 +268,6 @@ class PPOConfig:
         if self.ptx_coef > 0 and (self.ptx_batch_size < 1 or self.ptx_length < 2):
             raise PipelineError("ptx_coef > 0 needs ptx_batch_size >= 1 and ptx_length >= 2")
         self._validate_method()
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise PipelineError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
 
     def _validate_method(self) -> None:
         """The estimator and its companions: groups where a method compares answers, no critic option

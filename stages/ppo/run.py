@@ -61,6 +61,8 @@ from pipeline.runtime import (
     merged_from_state_dict,
     one_entry_per_parameter,
     peak_memory_mb,
+    precision_facts,
+    precision_line,
     progress,
     rank_checksums,
     save_checkpoint,
@@ -784,7 +786,7 @@ def print_plan(cfg: PPOConfig, accelerator, data: PromptSets, sizes: BatchSizes,
         f"{trainable / 1e6:.2f}M trainable policy parameters, {accelerator.num_processes} process(es) "
         f"x {torch.get_num_threads()} thread(s); per update: {cfg.rollout_batch_size} episodes, "
         f"{cfg.ppo_epochs} epochs x {cfg.num_minibatches} minibatches of {sizes.minibatch} "
-        f"(micro-batches of {sizes.micro}) per process"
+        f"(micro-batches of {sizes.micro}) per process; {precision_line(cfg.mixed_precision)}"
     )
 
 
@@ -1350,6 +1352,7 @@ def finish(
             "samples": samples,
             "processes": accelerator.num_processes,
             "threads": torch.get_num_threads(),
+            "precision": precision_facts(cfg.mixed_precision),
             "reward_path": cfg.reward_path if cfg.uses_reward_model or cfg.has_critic else None,
             "heldout_prompts": HELD_OUT_FILE if data.held_out else None,
             "weights_checksum_per_rank": checksums,

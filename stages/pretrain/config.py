@@ -51,7 +51,12 @@ class PretrainConfig:
     save_every: int = field(default=200, metadata={"help": "Steps between resumable checkpoints."})
     keep_checkpoints: int = field(default=2, metadata={"help": "Checkpoints kept on disk."})
     log_every: int = field(default=10, metadata={"help": "Steps between metric log lines."})
-    mixed_precision: str = field(default="no", metadata={"help": "accelerate mixed precision: no, bf16 or fp16."})
+    mixed_precision: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (bf16 autocast over fp32 weights on a GPU with bf16 or a CPU with AMX / AVX-512 BF16, fp32 elsewhere), fp32, bf16 or fp16."
+        },
+    )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory on large models."})
     sample_prompts: list[str] = field(
         default_factory=list,
@@ -76,5 +81,3 @@ class PretrainConfig:
                 raise PipelineError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.val_fraction < 1:
             raise PipelineError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise PipelineError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")

@@ -31,6 +31,8 @@ from pipeline.runtime import (
     load_checkpoint,
     one_entry_per_parameter,
     peak_memory_mb,
+    precision_facts,
+    precision_line,
     progress,
     rank_checksums,
     save_checkpoint,
@@ -371,6 +373,7 @@ def finish(
             "samples": samples,
             "processes": accelerator.num_processes,
             "threads": torch.get_num_threads(),
+            "precision": precision_facts(cfg.mixed_precision),
             "weights_checksum_per_rank": checksums,
             "train_documents": len(corpus.train_texts),
             "held_out_documents": len(corpus.val_texts),
@@ -417,7 +420,8 @@ def main(argv: list[str] | None = None) -> None:
     accelerator.print(
         f"[pretrain] {n_params / 1e6:.2f}M parameters, {len(corpus.train_stream):,} train tokens, "
         f"{len(corpus.val_stream) if corpus.val_texts else 0:,} held-out tokens, "
-        f"{accelerator.num_processes} process(es) x {torch.get_num_threads()} thread(s)"
+        f"{accelerator.num_processes} process(es) x {torch.get_num_threads()} thread(s); "
+        f"{precision_line(cfg.mixed_precision)}"
     )
 
     # 5. Train.

@@ -127,7 +127,12 @@ class RewardStageConfig:
     )
     keep_checkpoints: int = field(default=2, metadata={"help": "Checkpoints kept on disk."})
     log_every: int = field(default=10, metadata={"help": "Steps between metric log lines."})
-    mixed_precision: str = field(default="no", metadata={"help": "no, bf16 or fp16."})
+    mixed_precision: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (bf16 autocast over fp32 weights on a GPU with bf16 or a CPU with AMX / AVX-512 BF16, fp32 elsewhere), fp32, bf16 or fp16."
+        },
+    )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory on large models."})
     seed: int = field(default=0, metadata={"help": "Random seed (head init, data order)."})
     threads: int = field(
@@ -163,5 +168,3 @@ class RewardStageConfig:
             raise PipelineError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.loss not in LOSSES:
             raise PipelineError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise PipelineError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")

@@ -35,6 +35,8 @@ from pipeline.runtime import (
     load_models_whole,
     merged_from_state_dict,
     peak_memory_mb,
+    precision_facts,
+    precision_line,
     rank_checksums,
     set_threads,
     stage_decides_training_settings,
@@ -423,7 +425,8 @@ def tokenized(
         print(
             f"[reward] {len(data.train)} training groups ({sum(len(g.responses) for g in data.train)} responses, "
             f"{pair_count(data.train)} pairs), {len(data.val)} held-out groups, {state.num_processes} process(es) "
-            f"x {threads} thread(s); {truncated} sequences cut to {max_length} tokens",
+            f"x {threads} thread(s); {truncated} sequences cut to {max_length} tokens; "
+            f"{precision_line(cfg.mixed_precision)}",
             flush=True,
         )
     return train_ds, val_ds, truncated
@@ -590,12 +593,19 @@ def training_metrics(
 
 
 def manifest_facts(
-    state: PartialState, threads: int, norm: Normalisation, truncated: int, max_length: int, checksums: list[float]
+    state: PartialState,
+    threads: int,
+    norm: Normalisation,
+    truncated: int,
+    max_length: int,
+    checksums: list[float],
+    precision: str,
 ) -> dict:
     """What the manifest records beside the metrics: how the run ran, and where the reward's offset lives."""
     return {
         "processes": state.num_processes,
         "threads": threads,
+        "precision": precision_facts(precision),
         BIAS_KEY: norm.offset,
         "reward_bias_folded": norm.folded,
         "truncated_sequences": truncated,
@@ -684,5 +694,5 @@ def main(argv: list[str] | None = None) -> None:
         )
     metrics.update(training_metrics(result, train_loss, data, norm, reward_model))
     trainer.log({k: v for k, v in metrics.items() if k.startswith(("val_", "reference_"))})  # -> metrics.jsonl, wandb
-    run.finish(metrics, manifest_facts(state, threads, norm, truncated, max_length, checksums))
+    run.finish(metrics, manifest_facts(state, threads, norm, truncated, max_length, checksums, cfg.mixed_precision))
     report(metrics, norm, stage_dir)

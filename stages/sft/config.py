@@ -101,7 +101,12 @@ class SFTStageConfig:
             "help": "Batch demonstrations of similar length together: ~40 percent less padding on the world, but same-length batches (e.g. all refusals) learn worse at the default lr."
         },
     )
-    bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision (GPUs)."})
+    mixed_precision: str = field(
+        default="auto",
+        metadata={
+            "help": "auto (bf16 autocast over fp32 weights on a GPU with bf16 or a CPU with AMX / AVX-512 BF16, fp32 elsewhere), fp32, bf16 or fp16."
+        },
+    )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory on large models."})
     eval_every: int = field(
         default=0, metadata={"help": "Steps between validation-loss evaluations during training; 0: only at the end."}

@@ -41,6 +41,8 @@ from pipeline.runtime import (
     load_models_whole,
     merged_from_state_dict,
     peak_memory_mb,
+    precision_facts,
+    precision_line,
     rank_checksums,
     set_threads,
     stage_decides_training_settings,
@@ -226,7 +228,8 @@ def training_args(cfg: SFTStageConfig, stage_dir: Path) -> SFTConfig:
         warmup_steps=cfg.warmup_ratio,  # a float below 1 is a share of all steps
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.grad_clip,
-        bf16=cfg.bf16,  # TRL defaults it to True; on a CPU we want fp32
+        bf16=cfg.mixed_precision == "bf16",  # TRL defaults it to True: ours is resolved (pipeline.runtime)
+        fp16=cfg.mixed_precision == "fp16",
         activation_checkpointing=cfg.gradient_checkpointing,  # TRL turns it on by default; tiny models need not
         eval_strategy="steps" if cfg.eval_every else "no",
         eval_steps=cfg.eval_every or None,
@@ -526,7 +529,7 @@ def describe(
     print(
         f"[sft] {len(data.train)} demonstrations{mixed} ({len(data.val)} held out), {trainable / 1e6:.2f}M of "
         f"{total / 1e6:.2f}M parameters trained{' (LoRA)' if cfg.lora_r else ''}, {processes} process(es) x "
-        f"{threads} thread(s)",
+        f"{threads} thread(s); {precision_line(cfg.mixed_precision)}",
         flush=True,
     )
 
@@ -587,6 +590,7 @@ def manifest_facts(
         "samples": samples,
         "processes": processes,
         "threads": threads,
+        "precision": precision_facts(cfg.mixed_precision),
         "lora": bool(cfg.lora_r),
         "weights_checksum_per_rank": checksums,
     }
