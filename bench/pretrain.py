@@ -7,6 +7,10 @@ same width, depth and context in the same loop.
 
 FLOPs per token follow the PaLM / nanoGPT estimate: 6 * N (weights) + 12 * layers * width * context
 (attention scores and values), forward plus backward.
+
+Both run fp32. Where the CPU multiplies bf16 in hardware (AMX, AVX-512 BF16; `--bf16 auto`, the default)
+or when asked (`--bf16 yes`), our step is also timed under bf16 autocast over fp32 weights - what the
+stages' `mixed_precision: auto` runs there - beside the fp32 matmul and bf16 matmul peaks.
 """
 
 from __future__ import annotations
@@ -17,12 +21,13 @@ import time
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from pipeline.runtime import bf16_hardware, cpu_model
 from stages.pretrain.run import param_groups
 
 
-def matmul_peak_flops(n: int = 1024, seconds: float = 2.0) -> float:
-    """Best fp32 matmul rate over a few timed bursts: the machine's practical peak."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak_flops(n: int = 1024, seconds: float = 2.0, dtype=torch.float32) -> float:
+    """Best matmul rate over a few timed bursts: the machine's practical peak at `dtype`."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(3):
         a @ b
     best = 0.0
@@ -65,15 +70,16 @@ def gpt2(vocab: int, layers: int, width: int, heads: int, context: int):
     )
 
 
-def time_training(model, vocab: int, batch: int, context: int, steps: int) -> float:
-    """Tokens per second of full training steps (after warm-up steps)."""
+def time_training(model, vocab: int, batch: int, context: int, steps: int, bf16: bool = False) -> float:
+    """Tokens per second of full training steps (after warm-up steps), optionally under bf16 autocast."""
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95))
     model.train()
     x = torch.randint(0, vocab, (batch, context))
     for i in range(steps + 3):
         if i == 3:
             t = time.perf_counter()
-        loss = model(input_ids=x, labels=x).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=x, labels=x).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -90,13 +96,28 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument(
+        "--bf16",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="also time ours under bf16 autocast (auto: on bf16 hardware)",
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
+    hardware = bf16_hardware()
+    bf16 = args.bf16 == "yes" or (args.bf16 == "auto" and hardware is not None)
     peak = matmul_peak_flops()
     sizes = [("tiny (2x64)", 512, 2, 64, 2, 64), ("default (2x256)", 1024, 2, 256, 4, 128)]
-    print(f"fp32 matmul peak on this machine: {peak / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads)\n")
-    print("| model | params | ours (Llama) tokens/s | ours MFU | GPT-2 reference tokens/s | GPT-2 MFU | ratio |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"{cpu_model()} ({hardware or 'no bf16 hardware'}), {torch.get_num_threads()} threads")
+    print(f"fp32 matmul peak on this machine: {peak / 1e9:.1f} GFLOP/s")
+    if bf16:
+        print(f"bf16 matmul peak: {matmul_peak_flops(dtype=torch.bfloat16) / 1e9:.1f} GFLOP/s")
+    print("\nfp32 on both sides" + ("; ours also under bf16 autocast (fp32 weights)" if bf16 else "") + "\n")
+    extra = " ours bf16 autocast tokens/s | bf16 / fp32 |" if bf16 else ""
+    print(
+        f"| model | params | ours (Llama) tokens/s | ours MFU | GPT-2 reference tokens/s | GPT-2 MFU | ratio |{extra}"
+    )
+    print("|---|---|---|---|---|---|---|" + ("---|---|" if bf16 else ""))
     for name, vocab, layers, width, heads, context in sizes:
         ours, ref = llama(vocab, layers, width, heads, context), gpt2(vocab, layers, width, heads, context)
         tps_ours = time_training(ours, vocab, args.batch, context, args.steps)
@@ -104,9 +125,15 @@ def main() -> None:
         mfu_ours = tps_ours * flops_per_token(ours, layers, width, context) / peak
         mfu_ref = tps_ref * flops_per_token(ref, layers, width, context) / peak
         params = sum(p.numel() for p in ours.parameters())
+        cells = ""
+        if bf16:
+            tps_bf16 = time_training(
+                llama(vocab, layers, width, heads, context), vocab, args.batch, context, args.steps, True
+            )
+            cells = f" {tps_bf16:,.0f} | {tps_bf16 / tps_ours:.2f}x |"
         print(
             f"| {name} | {params / 1e6:.2f}M | {tps_ours:,.0f} | {mfu_ours:.1%} | {tps_ref:,.0f} | {mfu_ref:.1%} "
-            f"| {tps_ours / tps_ref:.2f}x |"
+            f"| {tps_ours / tps_ref:.2f}x |{cells}"
         )
 
 
