@@ -36,6 +36,11 @@ PPO_UPDATE_KEYS = (
     "response/no_eos_rate",
     "perf/episodes_per_s",
     "perf/tokens_per_s",
+    "perf/generate_s",
+    "perf/score_s",
+    "perf/reference_s",
+    "perf/values_s",
+    "perf/update_s",
     "policy/approx_kl_first",
     "policy/clipfrac_first",
 )

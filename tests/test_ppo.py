@@ -98,6 +98,10 @@ def test_smoke_logs_finite_metrics_changes_policy_not_reference(parents, tmp_pat
         "gold_win_rate_ceiling",
     ):
         assert math.isfinite(manifest["metrics"][key]), key
+    # The phases of every update, within the loop's time (which also holds the gold checks and logging).
+    phases = manifest["metrics"]["phase_seconds"]
+    assert set(phases) == {"generate", "score", "reference", "values", "update"}
+    assert 0 < min(phases.values()) and sum(phases.values()) <= manifest["metrics"]["train_seconds"]
     assert (
         0.5 <= manifest["metrics"]["gold_win_rate_ceiling"]
         and manifest["metrics"]["gold_win_rate"] <= manifest["metrics"]["gold_win_rate_ceiling"]

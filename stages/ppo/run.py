@@ -26,6 +26,7 @@ import functools
 import json
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -819,6 +820,23 @@ class Rollout:
     has_eos: torch.Tensor  # [B]
 
 
+class Laps:
+    """Seconds spent in each phase of an update (on a GPU, once its queued work has run): where the
+    time goes, generation against the training passes, logged as perf/<phase>_s."""
+
+    def __init__(self, device: torch.device):
+        self.sync = device.type == "cuda"
+        self.seconds: dict[str, float] = {}
+        self.t = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        if self.sync:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self.t
+        self.t = now
+
+
 def rollout(
     cfg: PPOConfig,
     learner: Learner,
@@ -827,6 +845,7 @@ def rollout(
     records: list[dict],
     tokenizer,
     kl_coef: float,
+    laps: Laps,
 ) -> Rollout:
     """Steps (1)-(6) on this process's prompts of the update (each already repeated samples_per_prompt
     times): no-grad passes on full weights at the training forward's precision (`as_trained`)."""
@@ -837,6 +856,7 @@ def rollout(
         raw, sampled_logprobs = sample(
             learner.policy, query, query_mask, cfg.max_new_tokens, cfg.temperature, eos, pad
         )
+        laps.lap("generate")
         # (2) Truncate after the first EOS: later tokens become padding, masked out everywhere.
         responses, mask, has_eos = truncate_after_eos(raw, eos, pad)
         seq = torch.cat([query, responses], dim=1)
@@ -848,6 +868,7 @@ def rollout(
         # fixed penalty (N+).
         reward, rule_scores = score_episodes(cfg, learner, parts, prompts, responses, records, tokenizer)
         scores = apply_no_eos_penalty(reward, has_eos, cfg.no_eos_penalty) if cfg.penalize_no_eos else reward
+        laps.lap("score")
         # (4) Old log-probs of the policy and the reference (logits / temperature, N+), and the
         # critic's values of the states before each response token. Under mixed precision the
         # policy's come from the forward the update and the reference run, not from sampling (cached,
@@ -860,11 +881,13 @@ def rollout(
         ) * mask
         with reference(learner.policy, learner.ref_model) as ref:
             ref_logprobs = rollout_logprobs(ref, parts, cfg.temperature) * mask
+        laps.lap("reference")  # and the policy's old log-probs, under mixed precision
         values = (
             torch.cat([learner.critic(ep) for ep in parts]) * mask
             if learner.critic is not None
             else torch.zeros_like(logprobs)
         )
+        laps.lap("values")
         # (5)-(6) KL-shaped rewards and the estimator's advantages.
         rewards, kl, advantages, returns = estimate(cfg, scores, logprobs, ref_logprobs, values, mask, kl_coef)
     return Rollout(
@@ -1105,6 +1128,7 @@ def update_metrics(
     mean_score: float,
     mean_kl: float,
     t0: float,
+    laps: Laps,
 ) -> dict:
     """What the tracker logs for an update that began at time `t0`."""
     lengths = batch.mask.sum(1).float()
@@ -1144,6 +1168,7 @@ def update_metrics(
         "response/no_eos_rate": rollout[1],
         "perf/episodes_per_s": cfg.rollout_batch_size / seconds,
         "perf/tokens_per_s": rollout[3] * accelerator.num_processes / seconds,
+        **{f"perf/{phase}_s": s for phase, s in laps.seconds.items()},
     }
     if not cfg.has_critic:
         for key in ("loss/value", "value/clipfrac", "value/explained_variance"):
@@ -1184,7 +1209,9 @@ def gold_metrics(cfg: PPOConfig, learner: Learner, tokenizer, data: PromptSets) 
     }
 
 
-def train_summary(cfg: PPOConfig, last: dict, trainable: int, start: int, loop_seconds: float) -> dict:
+def train_summary(
+    cfg: PPOConfig, last: dict, trainable: int, start: int, loop_seconds: float, phases: dict[str, float]
+) -> dict:
     return {
         "updates": cfg.num_updates,
         "episodes": cfg.num_updates * cfg.rollout_batch_size,
@@ -1194,6 +1221,8 @@ def train_summary(cfg: PPOConfig, last: dict, trainable: int, start: int, loop_s
         # Throughput of this process's loop (a resumed run counts its own updates only).
         "train_seconds": loop_seconds,
         "episodes_per_s": (cfg.num_updates - start) * cfg.rollout_batch_size / max(loop_seconds, 1e-9),
+        # Where the loop's time went: generate, score, reference, values, update (bench-ppo's split).
+        "phase_seconds": {phase: round(s, 3) for phase, s in phases.items()},
     }
 
 
@@ -1440,17 +1469,20 @@ def main(argv: list[str] | None = None, stage: str = "ppo") -> None:
 
     # 6. Updates: a rollout (1)-(6), the guards, the PPO epochs (7), then log and checkpoint.
     # The bar closes before any error is printed (a rule reward's, say), so the error is the last line.
-    last, loop_start = {}, time.time()
+    last, loop_start, phases = {}, time.time(), Counter()
     with progress(cfg.num_updates, start, stage, is_main) as bar:
         for update in range(start, cfg.num_updates):
             t0, kl_coef, stop = time.time(), kl_ctl.value, stopper(bar, run.checkpoints, update, stage)
             prompts, ids, records = update_prompts(cfg, data, update, accelerator.process_index, sizes)
-            batch = rollout(cfg, learner, prompts, ids, records, tokenizer, kl_coef)
+            laps = Laps(accelerator.device)
+            batch = rollout(cfg, learner, prompts, ids, records, tokenizer, kl_coef, laps)
             mean_score, mean_kl = guards(cfg, accelerator, batch, stop)
             stats = ppo_update(cfg, learner, batch, sizes, update, data.ptx_stream, kl_coef, stop)
+            laps.lap("update")
             kl_ctl.update(mean_kl, cfg.rollout_batch_size)
             # Log, checkpoint, and now and then ask the gold judge.
-            last = update_metrics(cfg, accelerator, batch, stats, kl_coef, mean_score, mean_kl, t0)
+            last = update_metrics(cfg, accelerator, batch, stats, kl_coef, mean_score, mean_kl, t0, laps)
+            phases.update(laps.seconds)
             if watch_gold and (update + 1) % cfg.gold_every == 0:
                 last.update(gold_metrics(cfg, learner, tokenizer, data))
             tracker.log(last, update + 1)
@@ -1459,7 +1491,7 @@ def main(argv: list[str] | None = None, stage: str = "ppo") -> None:
             if (update + 1) % cfg.save_every == 0 and update + 1 < cfg.num_updates:
                 extra = {"kl_coef": kl_ctl.value, "episodes": (update + 1) * cfg.rollout_batch_size}
                 save_checkpoint(accelerator, run.checkpoints, update + 1, cfg.keep_checkpoints, extra)
-    summary = train_summary(cfg, last, models.trainable, start, time.time() - loop_start)
+    summary = train_summary(cfg, last, models.trainable, start, time.time() - loop_start, phases)
 
     # 7-8. Final weights, evaluation against the SFT policy, save, manifest.
     finish(cfg, run, learner, tokenizer, data, summary, stage)
