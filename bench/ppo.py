@@ -1,15 +1,18 @@
 """PPO throughput: our stage against TRL 1.12's PPOTrainer (`trl.experimental.ppo`, the last TRL
-release with PPO) on an identical tiny config, same machine, back to back.
+release with PPO) on identical configs at three shapes, same machine, rounds alternating.
 
-    python -m bench.ppo [--updates 10] [--repeats 2] [--threads 1]        (= make bench-ppo)
+    python -m bench.ppo [--shapes tiny,64x32,4x256] [--updates 10] [--repeats 3] [--threads 1]
+    (= make bench-ppo)
 
-Both sides get the same models (a tiny random Llama policy and a reward model of the same shape,
+Both sides get the same models (a random Llama policy and a reward model of the same shape,
 built here over a tokenizer trained here), the same prompts (the embedded world's PPO prompts),
 rollout batch, response length, temperature, PPO epochs and minibatches, and so the same optimizer
 steps per update: PPO epochs x minibatches (`trl_settings`; TRL's own count is measured and checked).
-Measured: episodes per second of the PPO loop (model loading and saving excluded on both sides) and
-peak resident memory of each process. Runs alternate (ours, TRL, ours, TRL, ...) and the best of each
-side is reported, so a burst of load from elsewhere on a shared machine does not decide the ratio.
+Measured: episodes per second of the PPO loop (model loading and saving excluded on both sides), peak
+resident memory, and the seconds per update of each phase (generate, score, reference, values, gc,
+update; ours from the stage's manifest, TRL's by timing the functions its loop calls). Rounds alternate
+(ours, TRL, ours, TRL, ...) and each side's median run is reported, so a burst of load from elsewhere on
+a shared machine does not decide the ratio. Both sides run fp32.
 
 TRL runs in its own virtual environment, bench/.trl-venv, created on first use with trl==1.12.0 and
 the same torch, transformers and accelerate versions as the project's environment.
@@ -221,6 +224,7 @@ def run_ours(run: Path, a, env: dict) -> dict:
     m = manifest["metrics"]
     return {
         "threads": manifest["threads"],
+        "phase_seconds": m.get("phase_seconds"),
         "episodes": m["episodes"],
         "train_seconds": m["train_seconds"],
         "episodes_per_s": m["episodes_per_s"],
@@ -277,9 +281,41 @@ def run_trl(python: Path, run: Path, a, env: dict) -> dict:
     return r
 
 
+# The shapes the benchmark runs (each overrides the options): the tiny default; more and longer episodes;
+# a model with real width (4 x 256) on a small rollout with more minibatches, where the training passes dominate.
+SHAPES = {
+    "tiny": {},
+    "64x32": {"rollout_batch_size": 64, "max_new_tokens": 32},
+    "4x256": {
+        "n_layers": 4,
+        "hidden_size": 256,
+        "rollout_batch_size": 16,
+        "max_new_tokens": 32,
+        "ppo_epochs": 2,
+        "num_minibatches": 4,
+    },
+}
+PHASES = ("generate", "score", "reference", "values", "gc", "update")
+
+
+def describe(a) -> str:
+    return (
+        f"Llama {a.n_layers} x {a.hidden_size}, vocab 512, context {a.context}; {a.updates} updates x "
+        f"{a.rollout_batch_size} episodes, {a.max_new_tokens} new tokens at temperature {a.temperature}, "
+        f"{a.ppo_epochs} PPO epochs x {a.num_minibatches} minibatches (one optimizer step each)"
+    )
+
+
+def split(r: dict) -> str:
+    """A run's phase seconds per update, in PHASES order (- where the side has no such phase)."""
+    phases, updates = r.get("phase_seconds") or {}, r["episodes"] / r["rollout_batch_size"]
+    return " / ".join(f"{phases[p] / updates:.3f}" if p in phases else "-" for p in PHASES)
+
+
 def main(argv: list[str] | None = None) -> None:
-    # Over 80 lines: its options and the alternating rounds, each a few lines read once, top to bottom.
+    # Over 80 lines: its options, the alternating rounds per shape and the table, each read once, top to bottom.
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of: {', '.join(SHAPES)}")
     ap.add_argument("--updates", type=int, default=10)
     ap.add_argument("--rollout_batch_size", type=int, default=32)
     ap.add_argument("--num_minibatches", type=int, default=2)
@@ -292,72 +328,64 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--hidden_size", type=int, default=64)
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--repeats", type=int, default=2, help="alternating runs per side; the best of each is reported")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating rounds per shape; medians are reported")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run (both sides); 0 leaves the default")
-    a = ap.parse_args(argv)
-    # A shape TRL cannot replay step for step fails here, before any install.
-    if (
-        trl_optimizer_steps_per_update(trl_settings(a.rollout_batch_size, a.num_minibatches), a.ppo_epochs)
-        != a.ppo_epochs * a.num_minibatches
-    ):
-        raise SystemExit("TRL's settings would not take one optimizer step per minibatch")
+    base = ap.parse_args(argv)
+    shapes = [s.strip() for s in base.shapes.split(",") if s.strip()]
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        raise SystemExit(f"unknown shape {unknown[0]!r} (have: {', '.join(SHAPES)})")
+    runs_of = {name: argparse.Namespace(**{**vars(base), **SHAPES[name]}) for name in shapes}
+    for a in runs_of.values():  # a shape TRL cannot replay step for step fails here, before any install
+        if (
+            trl_optimizer_steps_per_update(trl_settings(a.rollout_batch_size, a.num_minibatches), a.ppo_epochs)
+            != a.ppo_epochs * a.num_minibatches
+        ):
+            raise SystemExit(f"TRL's settings would not take one optimizer step per minibatch ({describe(a)})")
 
     python = ensure_trl_venv()
-    run = OUT / f"ppo_l{a.n_layers}_h{a.hidden_size}_c{a.context}_s{a.seed}"
-    build_run(run, a.n_layers, a.hidden_size, a.context, a.seed)
-    env = bench_env(a.threads)
+    env = bench_env(base.threads)
+    results = {}
+    for name, a in runs_of.items():
+        run = OUT / f"ppo_l{a.n_layers}_h{a.hidden_size}_c{a.context}_s{a.seed}"
+        build_run(run, a.n_layers, a.hidden_size, a.context, a.seed)
+        results[name] = {"ours": [], "trl": []}
+        for i in range(a.repeats):
+            for side in ("ours", "trl"):
+                r = run_ours(run, a, env) if side == "ours" else run_trl(python, run, a, env)
+                r["rollout_batch_size"] = a.rollout_batch_size
+                results[name][side].append(r)
+                print(
+                    f"[bench] {name} round {i + 1}/{a.repeats} {side}: {r['episodes_per_s']:.2f} episodes/s, "
+                    f"peak {r['peak_memory_mb']:.0f} MB, {r['optimizer_steps_per_update']:g} optimizer steps/update",
+                    flush=True,
+                )
 
-    results = {"ours": [], "trl": []}
-    for i in range(a.repeats):
-        for side, fn in (("ours", lambda: run_ours(run, a, env)), ("trl", lambda: run_trl(python, run, a, env))):
-            r = fn()
-            results[side].append(r)
-            print(
-                f"[bench] run {i + 1}/{a.repeats} {side}: {r['episodes_per_s']:.2f} episodes/s, "
-                f"peak {r['peak_memory_mb']:.0f} MB, {r['optimizer_steps_per_update']:g} optimizer steps/update",
-                flush=True,
-            )
-    best = {side: max(rs, key=lambda r: r["episodes_per_s"]) for side, rs in results.items()}
-    ratio = best["ours"]["episodes_per_s"] / best["trl"]["episodes_per_s"]
-    median = {side: sorted(r["episodes_per_s"] for r in rs)[len(rs) // 2] for side, rs in results.items()}
+    def median_run(rs: list[dict]) -> dict:
+        return sorted(rs, key=lambda r: r["episodes_per_s"])[len(rs) // 2]
 
-    config = (
-        f"policy and reward: Llama {a.n_layers} layers, width {a.hidden_size}, vocab 512, context {a.context}; "
-        f"{a.updates} updates x {a.rollout_batch_size} episodes, {a.max_new_tokens} new tokens at temperature "
-        f"{a.temperature}, {a.ppo_epochs} PPO epochs x {a.num_minibatches} minibatches "
-        f"(one optimizer step each); "
-        f"{a.threads or 'default'} thread(s); fp32 on both sides; best of {a.repeats}"
-    )
     lines = [
-        f"PPO throughput ({config})",
+        f"PPO throughput, ours (stages.ppo) against TRL {TRL_VERSION} PPOTrainer: fp32 on both sides, "
+        f"{base.threads or 'default'} thread(s) each, median of {base.repeats} alternating rounds",
         "",
-        "| implementation | episodes/s | PPO loop seconds | peak memory (MB) | optimizer steps / update |",
-        "|---|---:|---:|---:|---:|",
-        *(
-            f"| {name} | {best[side]['episodes_per_s']:.2f} | {best[side]['train_seconds']:.1f} | "
-            f"{best[side]['peak_memory_mb']:.0f} | {best[side]['optimizer_steps_per_update']:g} |"
-            for side, name in (("ours", "ours (stages.ppo)"), ("trl", f"TRL {TRL_VERSION} PPOTrainer"))
-        ),
-        "",
-        f"**speed-up: {ratio:.2f}x** (best of each side; target >= 2x); median runs: ours {median['ours']:.2f}, "
-        f"TRL {median['trl']:.2f} episodes/s ({median['ours'] / median['trl']:.2f}x)",
+        "| shape | ours episodes/s | TRL episodes/s | ours / TRL | ours s per update: "
+        + " / ".join(PHASES)
+        + " | TRL |",
+        "|---|---:|---:|---:|---|---|",
     ]
+    summary = {}
+    for name, sides in results.items():
+        ours, trl = median_run(sides["ours"]), median_run(sides["trl"])
+        ratio = ours["episodes_per_s"] / trl["episodes_per_s"]
+        summary[name] = {"config": vars(runs_of[name]), "ours": ours, "trl": trl, "ratio": ratio}
+        lines.append(
+            f"| {name} | {ours['episodes_per_s']:.2f} | {trl['episodes_per_s']:.2f} | **{ratio:.2f}x** | "
+            f"{split(ours)} | {split(trl)} |"
+        )
+    lines += ["", *(f"- {name}: {describe(a)}" for name, a in runs_of.items())]
     print("\n".join(lines))
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "ppo.json").write_text(
-        json.dumps(
-            {
-                "config": vars(a),
-                "trl_settings": trl_settings(a.rollout_batch_size, a.num_minibatches),
-                "runs": results,
-                "best": best,
-                "ratio": ratio,
-                "median": median,
-                "versions": versions(),
-            },
-            indent=2,
-        )
-    )
+    (OUT / "ppo.json").write_text(json.dumps({"shapes": summary, "runs": results, "versions": versions()}, indent=2))
     (OUT / "ppo.md").write_text("\n".join(lines) + "\n")
 
 

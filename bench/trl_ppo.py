@@ -2,7 +2,10 @@
 
 Self-contained on purpose (torch, transformers, datasets, trl only): it runs in TRL's own environment.
 Prints one JSON line: {"episodes", "train_seconds", "episodes_per_s", "peak_memory_mb", "optimizer_steps",
-"optimizer_steps_per_update", "trl"}. The batch settings come from bench/ppo.py's `trl_settings`.
+"optimizer_steps_per_update", "phase_seconds", "trl"}. The batch settings come from bench/ppo.py's
+`trl_settings`. The phase split times the functions PPOTrainer.train calls by name in its module
+(batch_generation; forward without gradients = the reference; get_reward on the value model or the reward
+model; gc.collect); "update" is the rest of the loop: the PPO epochs, GAE and the bookkeeping between.
 """
 
 from __future__ import annotations
@@ -19,6 +22,35 @@ import trl
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from trl.experimental.ppo import PPOConfig, PPOTrainer
+from trl.experimental.ppo import ppo_trainer as trl_module
+
+
+def time_phases(reward_model) -> dict[str, float]:
+    """Wrap what the trainer's loop calls so each call's seconds add to its phase."""
+    seconds = {"generate": 0.0, "score": 0.0, "reference": 0.0, "values": 0.0, "gc": 0.0}
+
+    def timed(fn, phase_of):
+        def wrapper(*args, **kwargs):
+            t = time.perf_counter()
+            out = fn(*args, **kwargs)
+            phase = phase_of(*args)
+            if phase:
+                seconds[phase] += time.perf_counter() - t
+            return out
+
+        return wrapper
+
+    trl_module.batch_generation = timed(trl_module.batch_generation, lambda *a: "generate")
+    trl_module.forward = timed(trl_module.forward, lambda *a: None if torch.is_grad_enabled() else "reference")
+    trl_module.get_reward = timed(
+        trl_module.get_reward, lambda model, *a: "score" if model is reward_model else "values"
+    )
+
+    class TimedGc:
+        collect = staticmethod(timed(trl_module.gc.collect, lambda *a: "gc"))
+
+    trl_module.gc = TimedGc
+    return seconds
 
 
 def main() -> None:
@@ -106,6 +138,7 @@ def main() -> None:
         steps = [0]
         inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
         inner.register_step_post_hook(lambda *_: steps.__setitem__(0, steps[0] + 1))
+        phases = time_phases(trainer.reward_model)
         start = time.time()
         trainer.train()
         seconds = time.time() - start
@@ -119,6 +152,7 @@ def main() -> None:
                 "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "optimizer_steps": steps[0],
                 "optimizer_steps_per_update": steps[0] / a.updates,
+                "phase_seconds": {**phases, "update": seconds - sum(phases.values())},
                 "trl": trl.__version__,
             }
         )
