@@ -155,6 +155,9 @@ class Held:
 
 @dataclass
 class Session:
+    """One labeling server's state: the run's answering stages (loaded on first use), the world's judge,
+    the groups shown and not yet ranked, and the file the rankings go to."""
+
     run_dir: Path
     stages: dict[str, Path]  # name in the evaluation ("base", "sft", "ppo", ...) -> stage dir
     prompts_file: str | None = None

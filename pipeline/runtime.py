@@ -77,9 +77,10 @@ PRECISIONS = ("auto", "fp32", "no", "bf16", "fp16")
 def bf16_hardware() -> str | None:
     """What multiplies bf16 natively on this CPU: "AMX" (Intel Sapphire Rapids and later), "AVX512-BF16"
     (Cooper Lake, AMD Zen 4 and later), or None where bf16 would be emulated (AVX2 only: slower than fp32)."""
-    if torch.cpu._is_amx_tile_supported():
+    # torch's own probes (private, so looked up: a torch without them reports no bf16 hardware).
+    if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
         return "AMX"
-    if torch.cpu._is_avx512_bf16_supported():
+    if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
         return "AVX512-BF16"
     return None
 
