@@ -119,13 +119,13 @@ def precision_facts(resolved: str) -> dict:
     return {
         "mixed_precision": "fp32" if resolved == "no" else resolved,
         "cpu": cpu_model(),
-        "cpu_bf16_hardware": bf16_hardware(),
+        "cpu_bf16_hardware": bf16_hardware() or "none",
     }
 
 
 def precision_line(resolved: str) -> str:
     facts = precision_facts(resolved)
-    hardware = facts["cpu_bf16_hardware"] or "no bf16 hardware"
+    hardware = "no bf16 hardware" if facts["cpu_bf16_hardware"] == "none" else facts["cpu_bf16_hardware"]
     what = "fp32" if resolved == "no" else f"{resolved} autocast, fp32 weights"
     return f"precision {what} ({facts['cpu']}: {hardware})"
 
