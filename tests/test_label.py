@@ -323,9 +323,12 @@ def test_the_reward_stage_trains_on_human_rankings_alone_or_with_the_worlds(tmp_
 def test_make_reward_and_round_take_the_human_file_on_request(tmp_path):
     run = tmp_path / "run"
 
+    # A make of its own: not the variables of a `make test` this may run under (ARGS, passed down in MAKEFLAGS).
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "ARGS")}
+
     def make(*args):
         return subprocess.run(
-            ["make", "--no-print-directory", *args, f"RUN={run}"], cwd=ROOT, capture_output=True, text=True
+            ["make", "--no-print-directory", *args, f"RUN={run}"], cwd=ROOT, capture_output=True, text=True, env=env
         )
 
     human = f"{run}/comparisons/human.jsonl"
