@@ -36,7 +36,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from data.formats.comparisons import _kwise
-from data.formats.fields import require_text
+from data.formats.prompts import prompt_of
 from data.loading import load_records
 from evaluation.evaluate import finished_stages, load_causal_lm, pick_device
 from pipeline.errors import PipelineError, cli_main
@@ -245,7 +245,8 @@ class Session:
     def rank(self, group_id: str, ranks: list) -> dict:
         """Check the ranks, append the group to human.jsonl, and say who wrote what."""
         with self.lock:
-            if group_id in self.ranked_ids():
+            saved = read_human(self.human_path)
+            if any(r.get("group_id") == group_id for r in saved):
                 raise BadRanking("this group is ranked and saved already; draw the next one")
             held = self.held.get(group_id)
             if held is None:
@@ -276,32 +277,18 @@ class Session:
             append_jsonl_line(self.human_path, record)
             del self.held[group_id]
         agreement = pair_agreement(ranking, record["gold_scores"]) if held.gold is not None else None
-        return {"record": record, "agreement": agreement, "empty": held.empty, **self.counts()}
+        return {"record": record, "agreement": agreement, "empty": held.empty, **self.counts([*saved, record])}
 
-    def ranked_ids(self) -> set[str]:
-        return {r.get("group_id") for r in read_human(self.human_path)}
-
-    def counts(self) -> dict:
-        """Groups ranked so far and, over those with gold scores, the person's agreement with the judge."""
-        records = read_human(self.human_path)
+    def counts(self, records: list[dict] | None = None) -> dict:
+        """Groups ranked so far (`records`, else the file's) and, over those with gold scores, the person's
+        agreement with the judge."""
+        records = read_human(self.human_path) if records is None else records
         agree = pairs = 0
         for r in records:
             if "gold_scores" in r:
                 a, p = pair_agreement(r["ranking"], r["gold_scores"])
                 agree, pairs = agree + a, pairs + p
         return {"ranked": len(records), "agree_total": agree, "pairs_total": pairs}
-
-
-def prompt_of(record: dict) -> str | list[dict]:
-    """A prompt record: `prompt` (text or messages) or `messages` ending in a user turn."""
-    if "prompt" in record:
-        return record["prompt"] if isinstance(record["prompt"], list) else require_text(record, "prompt")
-    messages = record.get("messages")
-    if isinstance(messages, list) and messages and messages[-1].get("role") == "user":
-        return messages
-    raise PipelineError(
-        f"{record['_where']}: needs field 'prompt' (text or messages) or 'messages' ending in a user turn"
-    )
 
 
 def open_session(args) -> Session:
