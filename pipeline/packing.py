@@ -78,6 +78,9 @@ def _segments(position_ids: torch.Tensor) -> tuple[int, int, torch.Tensor, torch
     return layout
 
 
+# Under torch.compile this runs eagerly: where sequences start is read from the data, which a traced
+# graph cannot branch on; the blocks' other work still compiles around it.
+@torch.compiler.disable
 def varlen_sdpa_attention(
     module,
     query,

@@ -20,13 +20,16 @@ def deepspeed_launched() -> bool:
 
 def stage_decides_training_settings() -> None:
     """Drop what `accelerate launch` passes down from its config about mixed precision, gradient
-    accumulation and clipping (configs written by `accelerate config` carry all three): each stage's
-    own config decides them (the `gpu` profiles: bf16). Left in place they would silently replace
-    the stage's settings (our loops) or stop the run over the mismatch (transformers' Trainer)."""
+    accumulation, clipping and torch.compile (configs written by `accelerate config` carry them):
+    each stage's own config decides them (the `gpu` profiles: bf16; `--compile`). Left in place they
+    would silently replace the stage's settings (our loops) or stop the run over the mismatch
+    (transformers' Trainer). A dynamo backend would also compile the models whole when prepared,
+    and transformers' torch_compile leaves one behind in this process for every later stage."""
     for name in (
         "ACCELERATE_MIXED_PRECISION",
         "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
         "ACCELERATE_GRADIENT_CLIPPING",
+        *[name for name in os.environ if name.startswith("ACCELERATE_DYNAMO_")],
     ):
         os.environ.pop(name, None)
 
@@ -190,6 +193,27 @@ def load_models_whole() -> None:
     from transformers.integrations import unset_hf_deepspeed_config
 
     unset_hf_deepspeed_config()
+
+
+def compile_blocks(model, dynamic: bool | None = None) -> int:
+    """torch.compile each transformer block of `model` in place; returns how many were compiled.
+
+    Regional compilation: the blocks are identical, so one compiled graph serves them all and the
+    compile time is that of one block whatever the depth (a whole-model graph grows with it). The
+    blocks are the classes transformers itself keeps whole (`_no_split_modules`, found through wrappers
+    such as peft's); a model naming none is compiled whole. Parameter names do not change, so
+    checkpoints save and load as before. `dynamic=True` traces sequence lengths symbolically: one
+    graph for every length."""
+    blocks = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or [])}
+    compiled = 0
+    for module in model.modules():
+        if type(module).__name__ in blocks:
+            module.compile(dynamic=dynamic)
+            compiled += 1
+    if not compiled:
+        model.compile(dynamic=dynamic)
+        compiled = 1
+    return compiled
 
 
 def configure_deepspeed(accelerator: Accelerator, micro_batch: int, grad_clip: float) -> None:

@@ -181,8 +181,9 @@ def session_threads():
 
 @pytest.fixture
 def own_precision():
-    """accelerate keeps one process-wide state, its mixed precision fixed by the first Accelerator: a
-    test that runs the stage at another precision starts and leaves it fresh."""
+    """accelerate keeps one process-wide state, its mixed precision (and dynamo backend) fixed by the
+    first Accelerator: a test that runs the stage at another precision, or compiled by transformers'
+    torch_compile, starts and leaves it fresh."""
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)

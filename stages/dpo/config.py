@@ -164,6 +164,12 @@ class DPOStageConfig:
         },
     )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory on large models."})
+    compile: bool = field(
+        default=False,
+        metadata={
+            "help": "torch.compile the model (transformers' torch_compile); when it repays its compile time: docs/experiments.md."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Random seed (data order, adapters, KL samples)."})
     threads: int = field(
         default=0,

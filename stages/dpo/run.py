@@ -421,6 +421,7 @@ def training_args(cfg: DPOStageConfig, run: StageRun, max_length: int, evaluates
         bf16=cfg.mixed_precision == "bf16",  # TRL defaults it to True; on a CPU we want fp32
         fp16=cfg.mixed_precision == "fp16",
         activation_checkpointing=cfg.gradient_checkpointing,  # TRL turns it on by default; tiny models need not
+        torch_compile=cfg.compile,
         disable_dropout=True,
         logging_steps=cfg.log_every,
         save_strategy="steps",

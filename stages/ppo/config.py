@@ -214,6 +214,12 @@ class PPOConfig:
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Trade compute for memory on large policies."}
     )
+    compile: bool = field(
+        default=False,
+        metadata={
+            "help": "torch.compile the update's policy and critic forward (symbolic lengths); when it pays: docs/experiments.md."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Random seed (prompt order, sampling)."})
     threads: int = field(
         default=0,

@@ -737,7 +737,12 @@ def prepare(
         fused=accelerator.device.type in ("cpu", "cuda"),  # one kernel, not a loop over tensors
     )
     configure_deepspeed(accelerator, sizes.micro, cfg.grad_clip)
-    model, optimizer = accelerator.prepare(ActorCritic(models.policy, models.critic), optimizer)
+    pair = ActorCritic(models.policy, models.critic)
+    if cfg.compile:
+        # The update's forward only: generation keeps calling the eager policy. Every update's answers
+        # have new lengths, so lengths are symbolic: one graph serves them all.
+        pair.compile(dynamic=True)
+    model, optimizer = accelerator.prepare(pair, optimizer)
     # No-grad passes (generation, reference, rollout values, evaluation) skip the DDP wrapper.
     unwrapped, critic_net = accelerator.unwrap_model(model).policy, accelerator.unwrap_model(model).critic
     if models.ref_model is not None:  # DeepSpeed's bf16 casts the policy it prepares: the reference follows

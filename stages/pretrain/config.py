@@ -58,6 +58,12 @@ class PretrainConfig:
         },
     )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory on large models."})
+    compile: bool = field(
+        default=False,
+        metadata={
+            "help": "torch.compile each transformer block (one graph serves all); when it repays its compile time: docs/experiments.md."
+        },
+    )
     sample_prompts: list[str] = field(
         default_factory=list,
         metadata={"help": "Prompts for the final sample completions; default: openings of held-out documents."},

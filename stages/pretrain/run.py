@@ -27,6 +27,7 @@ from pipeline.config import config_dict, parse_config
 from pipeline.errors import PipelineError, cli_main
 from pipeline.packing import document_stream
 from pipeline.runtime import (
+    compile_blocks,
     configure_deepspeed,
     load_checkpoint,
     one_entry_per_parameter,
@@ -222,6 +223,8 @@ def prepare_training(cfg: PretrainConfig, model, accelerator):
     Returns (model, optimizer, scheduler)."""
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if cfg.compile:
+        compile_blocks(model)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.95))
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, cfg.warmup_steps, cfg.max_steps, min_lr_rate=cfg.min_lr_ratio

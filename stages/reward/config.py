@@ -134,6 +134,12 @@ class RewardStageConfig:
         },
     )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory on large models."})
+    compile: bool = field(
+        default=False,
+        metadata={
+            "help": "torch.compile the model (transformers' torch_compile); when it repays its compile time: docs/experiments.md."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Random seed (head init, data order)."})
     threads: int = field(
         default=0,

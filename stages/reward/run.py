@@ -465,6 +465,7 @@ def training_args(cfg: RewardStageConfig, run: StageRun, evaluates: bool) -> Rew
         bf16=cfg.mixed_precision == "bf16",
         fp16=cfg.mixed_precision == "fp16",
         activation_checkpointing=cfg.gradient_checkpointing,
+        torch_compile=cfg.compile,
         disable_dropout=True,
         max_length=None,
         logging_steps=cfg.log_every,

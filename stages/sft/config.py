@@ -108,6 +108,12 @@ class SFTStageConfig:
         },
     )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory on large models."})
+    compile: bool = field(
+        default=False,
+        metadata={
+            "help": "torch.compile the model (transformers' torch_compile); when it repays its compile time: docs/experiments.md."
+        },
+    )
     eval_every: int = field(
         default=0, metadata={"help": "Steps between validation-loss evaluations during training; 0: only at the end."}
     )

@@ -231,6 +231,7 @@ def training_args(cfg: SFTStageConfig, stage_dir: Path) -> SFTConfig:
         bf16=cfg.mixed_precision == "bf16",  # TRL defaults it to True: ours is resolved (pipeline.runtime)
         fp16=cfg.mixed_precision == "fp16",
         activation_checkpointing=cfg.gradient_checkpointing,  # TRL turns it on by default; tiny models need not
+        torch_compile=cfg.compile,
         eval_strategy="steps" if cfg.eval_every else "no",
         eval_steps=cfg.eval_every or None,
         save_strategy="steps",

@@ -1,0 +1,123 @@
+"""`--compile`: regional torch.compile of the transformer blocks (pretrain, PPO's update) and transformers'
+torch_compile (SFT). The compiled model must compute what the eager one does - packed, padding-free rows
+included, whose attention runs eagerly inside the compiled blocks - and save under the same names."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from pipeline.packing import pack_rows, use_varlen_attention
+from pipeline.runtime import compile_blocks
+from stages.ppo import run as ppo_run
+from stages.pretrain.run import main as pretrain_main
+from stages.sft.run import main as sft_main
+from tests.conftest import make_corpus, read_jsonl, rl_run, tiny_args, tiny_rl, write_jsonl
+
+
+def tiny_llama(layers: int = 2) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+def test_compile_blocks_compiles_each_decoder_layer_and_keeps_names_and_outputs():
+    model = tiny_llama()
+    keys = list(model.state_dict())
+    x = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        eager = model(input_ids=x).logits
+        assert compile_blocks(model) == 2
+        compiled = model(input_ids=x).logits
+    assert list(model.state_dict()) == keys
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_blocks_keep_packed_sequences_apart_across_lengths():
+    model = tiny_llama()
+    assert use_varlen_attention(model)
+    compile_blocks(model, dynamic=True)
+    for rows in ([[5, 6, 7, 8], [9, 10, 11]], [[3, 4, 5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15]]):
+        ids, positions, where = pack_rows([rows])
+        with torch.no_grad():
+            alone = [model(input_ids=torch.tensor([r]), use_cache=False).logits[0] for r in rows]
+            packed = model(
+                input_ids=torch.tensor([ids]), position_ids=torch.tensor([positions]), use_cache=False
+            ).logits[0]
+        for seq, at in zip(alone, where, strict=True):
+            torch.testing.assert_close(packed[torch.tensor(at)], seq, atol=1e-4, rtol=1e-4)
+
+
+def test_compile_blocks_finds_blocks_through_a_wrapper_and_compiles_other_models_whole():
+    class Head(nn.Module):  # a value head around a transformers body, as the PPO critic is
+        def __init__(self):
+            super().__init__()
+            self.body = tiny_llama(layers=3)
+
+    assert compile_blocks(Head()) == 3
+    plain = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    assert compile_blocks(plain) == 1
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(plain(x), torch.relu(plain[0](x)))
+
+
+@pytest.mark.slow
+def test_pretrain_with_compile_trains_and_saves_a_plain_checkpoint(tmp_path):
+    corpus = make_corpus(tmp_path)
+    stages = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile", "true"])):
+        run = tmp_path / name
+        pretrain_main(tiny_args(run, corpus, "--max_steps", "6", "--save_every", "100", "--threads", "1", *extra))
+        stages[name] = run / "pretrain"
+    assert json.loads((stages["compiled"] / "manifest.json").read_text())["config"]["compile"] is True
+    eager, compiled = (AutoModelForCausalLM.from_pretrained(s).state_dict() for s in stages.values())
+    assert list(compiled) == list(eager)
+    # Six steps from the same start: compiled kernels round differently, the weights stay close.
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name], atol=2e-3, rtol=0, msg=name)
+
+
+@pytest.mark.slow
+def test_sft_with_compile_trains_and_saves_a_plain_checkpoint(pretrained_run, world_dir, tmp_path, own_precision):
+    run = tmp_path / "run"
+    run.mkdir()
+    for stage in ("world", "pretrain"):
+        os.symlink(pretrained_run / stage, run / stage)
+    demos = write_jsonl(tmp_path / "train.jsonl", read_jsonl(world_dir / "sft_train.jsonl")[:32])
+    sft_main(
+        ["--profile", "tiny", "--run_dir", str(run), "--threads", "1", "--train_files", str(demos), "--max_steps", "3",
+         "--eval_prompts", "0", "--compile", "true"]
+    )  # fmt: skip
+    assert json.loads((run / "sft" / "manifest.json").read_text())["config"]["compile"] is True
+    saved = AutoModelForCausalLM.from_pretrained(run / "sft").state_dict()
+    assert list(saved) == list(AutoModelForCausalLM.from_pretrained(run / "pretrain").state_dict())
+
+
+@pytest.mark.slow
+def test_ppo_with_compile_runs_updates_on_packed_episodes(parents, tmp_path):
+    run = rl_run(parents, tmp_path)
+    ppo_run.main(tiny_rl(run, "--num_updates", "2", "--compile", "true"))
+    manifest = json.loads((run / "ppo" / "manifest.json").read_text())
+    assert manifest["config"]["compile"] is True and manifest["config"]["padding_free"] is True
+    assert manifest["metrics"]["episodes"] > 0
+    assert AutoModelForCausalLM.from_pretrained(run / "ppo") is not None
+
+
+def test_a_dynamo_backend_from_accelerate_or_transformers_does_not_reach_the_stage(tmp_path, monkeypatch):
+    # `accelerate config` can set one for every launch, and transformers' torch_compile sets one for the
+    # rest of its process: accelerate would then compile the model whole in prepare(), behind --compile.
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "inductor")
+    monkeypatch.setenv("ACCELERATE_DYNAMO_USE_DYNAMIC", "true")
+    run = tmp_path / "run"
+    pretrain_main(tiny_args(run, make_corpus(tmp_path), "--max_steps", "2", "--save_every", "100", "--threads", "1"))
+    assert not [name for name in os.environ if name.startswith("ACCELERATE_DYNAMO_")]
+    assert (run / "pretrain" / "model.safetensors").is_file()
+    assert json.loads((run / "pretrain" / "manifest.json").read_text())["config"]["compile"] is False
