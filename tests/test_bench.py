@@ -116,3 +116,91 @@ def test_bench_grpo_smoke(tmp_path):
         assert result["best"][side]["episodes"] == 8 and result["best"][side]["optimizer_steps_per_update"] == 2
         assert result["best"][side]["threads"] == 1
     assert result["ratio"]["best"] > 0 and (tmp_path / "grpo.md").is_file()
+
+
+# ---- bench/pretrain.py: nanoGPT's own train.py beside our stage ----------------------------------
+
+FAKE_TRAIN = """
+import os, pickle, sys
+import numpy as np
+exec(open("configurator.py").read())  # nanoGPT reads its overrides from the working directory
+meta = pickle.load(open(os.path.join("data", dataset, "meta.pkl"), "rb"))
+tokens = np.fromfile(os.path.join("data", dataset, "train.bin"), dtype=np.uint16)
+assert tokens.max() < meta["vocab_size"], "tokens outside the vocabulary"
+os.makedirs(out_dir, exist_ok=True)
+seen = [meta["vocab_size"], len(tokens), batch_size, block_size, compile, device, os.environ["OMP_NUM_THREADS"]]
+open(os.path.join(out_dir, "seen.txt"), "w").write(" ".join(map(str, seen)))
+for it in range(max_iters + 1):
+    print(f"iter {it}: loss 1.2345, time {100.0 * (it + 1):.2f}ms, mfu -100.00%")
+"""
+
+FAKE_CONFIGURATOR = """
+import sys
+from ast import literal_eval
+for arg in sys.argv[1:]:
+    key, val = arg[2:].split("=", 1)
+    assert key in globals(), key
+    try:
+        globals()[key] = literal_eval(val)
+    except (SyntaxError, ValueError):
+        globals()[key] = val
+"""
+
+
+def fake_nanogpt_tree(root: Path) -> Path:
+    tree = root / "nanoGPT"
+    tree.mkdir()
+    # nanoGPT's train.py declares its settings before reading the overrides; the fake declares the ones it is given.
+    settings = {"dataset": "''", "out_dir": "''", "batch_size": 0, "block_size": 0, "compile": 1, "device": "'gpu'"}
+    names = "max_iters dtype n_layer n_head n_embd gradient_accumulation_steps dropout bias eval_interval eval_iters"
+    settings |= dict.fromkeys([*names.split(), "log_interval", "always_save_checkpoint", "wandb_log"], 0)
+    defaults = "".join(f"{k} = {v}\n" for k, v in settings.items())
+    (tree / "train.py").write_text(defaults + FAKE_TRAIN)
+    (tree / "configurator.py").write_text(FAKE_CONFIGURATOR)
+    return tree
+
+
+def test_nanogpt_side_runs_its_train_py_on_our_tokens_and_reads_its_own_timings(tmp_path):
+    import torch
+
+    from bench.pretrain import WARMUP, Shape, nanogpt, write_nanogpt_data
+
+    tree = fake_nanogpt_tree(tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    stream = torch.randint(0, 1201, (5000,))
+    write_nanogpt_data(work, stream, 1201)
+    (work / "configurator.py").symlink_to(tree / "configurator.py")
+    shape = Shape("t", 2, 64, 2, 32, 4)
+    steps = 5
+    tps = nanogpt(tree, work, shape, steps, threads=1)
+    # iterations WARMUP..WARMUP+steps-1 took (it + 1) * 100 ms each
+    seconds = sum(0.1 * (it + 1) for it in range(WARMUP, WARMUP + steps))
+    assert tps == pytest.approx(steps * 4 * 32 / seconds)
+    seen = (work / "out" / "seen.txt").read_text().split()
+    assert seen == ["1201", "5000", "4", "32", "False", "cpu", "1"]
+    assert sorted(p.name for p in tree.iterdir()) == ["configurator.py", "train.py"]  # the tree is not written to
+
+
+def test_nanogpt_timings_too_few_iterations_is_an_error():
+    from bench.pretrain import Shape, nanogpt_tokens_per_s
+
+    out = "iter 0: loss 2.0, time 5.00ms, mfu -100.00%\niter 3: loss 2.0, time 5.00ms, mfu -100.00%\n"
+    with pytest.raises(RuntimeError, match="1 timed iterations, expected 4"):
+        nanogpt_tokens_per_s(out, Shape("t", 1, 8, 1, 8, 1), 4)
+
+
+def test_our_side_times_the_stage_step(tmp_path):
+    import torch
+
+    from bench.pretrain import Shape, ours
+    from data.tokenizer import train_tokenizer
+    from pipeline.runtime import setup
+
+    texts = [f"document {i} says the number {i * 7} twice: {i * 7}." for i in range(200)]
+    tokenizer = train_tokenizer(texts, 300)
+    stream = torch.tensor([t for s in texts for t in tokenizer(s)["input_ids"]])
+    tps, first, params = ours(Shape("t", 1, 32, 2, 16, 2), tokenizer, stream, 3, setup(0, "no"))
+    assert tps > 0 and first > 0
+    # tied embedding; one block: q, k, v, o, the SwiGLU MLP at 8/3 x 32 rounded up to 128, two norms; final norm
+    assert params == len(tokenizer) * 32 + (4 * 32 * 32 + 3 * 32 * 128 + 2 * 32) + 32
