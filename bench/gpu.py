@@ -1,5 +1,6 @@
 """GPU check (`python -m bench.gpu`): every stage on its `gpu` profile for a bounded number of steps
-on one GPU, printing throughput and peak GPU memory. Sized for under 8 minutes on one GPU.
+on one GPU, printing throughput and peak GPU memory, then the pretraining again with `--compile`.
+Sized for under 8 minutes on one GPU.
 
 It runs offline: the data is the embedded world (scaled up) instead of the profiles' Hub corpora.
 `--profile tiny` runs the same harness on a CPU in a minute, to check the harness itself.
@@ -40,7 +41,7 @@ STEPS = {  # bounded work per stage: (profile -> overrides)
         "ppo": ["--num_updates", "6", "--save_every", "1000", "--gold_every", "3", "--eval_size", "64"],
     },
     "tiny": {
-        "pretrain": ["--max_steps", "10"],
+        "pretrain": ["--max_steps", "10", "--train_files", "{run}/world/corpus.jsonl"],
         "sft": ["--max_steps", "5"],
         "reward": ["--max_steps", "5"],
         "ppo": ["--num_updates", "2"],
@@ -71,6 +72,25 @@ def last(rows: list[dict], key: str):
     return values[-1] if values else None
 
 
+def stage_row(stage: str, run: Path, seconds: float, peak_tflops: float) -> dict:
+    """A finished stage's table row: wall time, throughput (MFU for pretraining), peak memory."""
+    manifest = json.loads((run / stage / "manifest.json").read_text())
+    metrics = [json.loads(line) for line in (run / stage / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    m = manifest["metrics"]
+    row = {"stage": stage, "seconds": round(seconds, 1), "peak_memory_mb": m.get("peak_memory_mb")}
+    if stage == "pretrain":
+        tps = last(metrics, "perf/tokens_per_s")
+        cfg = manifest["config"]
+        flops = 6 * m["params"] + 12 * cfg["n_layers"] * cfg["hidden_size"] * cfg["context"]
+        row.update(throughput=f"{tps:,.0f} tokens/s", mfu=f"{tps * flops / (peak_tflops * 1e12):.1%}")
+    elif stage == "ppo":
+        row.update(throughput=f"{last(metrics, 'perf/episodes_per_s'):.2f} episodes/s")
+    else:
+        sps = last(metrics, "train_samples_per_second")
+        row.update(throughput=f"{sps:,.1f} samples/s" if sps else "-")
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="gpu")
@@ -98,23 +118,13 @@ def main() -> None:
     rows = []
     for stage in ("pretrain", "sft", "reward", "ppo"):
         seconds = run_stage(stage, args.profile, run, STEPS[args.profile][stage])
-        manifest = json.loads((run / stage / "manifest.json").read_text())
-        metrics = [
-            json.loads(line) for line in (run / stage / "metrics.jsonl").read_text().splitlines() if line.strip()
-        ]
-        m = manifest["metrics"]
-        row = {"stage": stage, "seconds": round(seconds, 1), "peak_memory_mb": m.get("peak_memory_mb")}
-        if stage == "pretrain":
-            tps = last(metrics, "perf/tokens_per_s")
-            cfg = manifest["config"]
-            flops = 6 * m["params"] + 12 * cfg["n_layers"] * cfg["hidden_size"] * cfg["context"]
-            row.update(throughput=f"{tps:,.0f} tokens/s", mfu=f"{tps * flops / (args.peak_tflops * 1e12):.1%}")
-        elif stage == "ppo":
-            row.update(throughput=f"{last(metrics, 'perf/episodes_per_s'):.2f} episodes/s")
-        else:
-            sps = last(metrics, "train_samples_per_second")
-            row.update(throughput=f"{sps:,.1f} samples/s" if sps else "-")
-        rows.append(row)
+        rows.append(stage_row(stage, run, seconds, args.peak_tflops))
+    # The same pretraining with --compile (regional torch.compile), in a run of its own: what
+    # compiling buys on this machine once its compile time is paid.
+    compiled = run.with_name(run.name + "-compile")
+    extra = [a.replace("{run}", str(run)) for a in STEPS[args.profile]["pretrain"]] + ["--compile", "true"]
+    seconds = run_stage("pretrain", args.profile, compiled, extra)
+    rows.append({**stage_row("pretrain", compiled, seconds, args.peak_tflops), "stage": "pretrain --compile"})
 
     print("| stage | wall s | throughput | MFU | peak memory MB |")
     print("|---|---|---|---|---|")
