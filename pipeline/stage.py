@@ -32,6 +32,9 @@ MAKE_TARGET = {"pretrain": "pretrain", "sft": "sft", "reward": "reward", "ppo": 
 # stage nor discards checkpoints. A thread count changes only the order of float sums, so a stage made
 # on two threads is up to date for a rerun on one (`make methods` runs its jobs side by side on one each).
 RUNTIME_KEYS = {"save_every", "log_every", "keep_checkpoints", "report_to", "progress", "threads"}
+# Options added after runs were made, with the value every earlier run implicitly had: hashed only
+# away from it, so stages finished before the option existed stay up to date.
+LATER_KEYS = {"compile": False}
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
@@ -299,7 +302,11 @@ def portable(value: Any, run_dir: str | Path) -> Any:
 
 def _run_key(config: dict, parent_hash: str | None, data: dict) -> str:
     run_dir = config.get("run_dir", "")
-    stable = {k: portable(v, run_dir) for k, v in config.items() if k not in RUNTIME_KEYS}
+    stable = {
+        k: portable(v, run_dir)
+        for k, v in config.items()
+        if k not in RUNTIME_KEYS and not (k in LATER_KEYS and v == LATER_KEYS[k])
+    }
     if "threads" in config:  # hashed at its default, so stages finished before it was a runtime key stay up to date
         stable["threads"] = 0
     blob = json.dumps(

@@ -121,3 +121,11 @@ def test_a_dynamo_backend_from_accelerate_or_transformers_does_not_reach_the_sta
     assert not [name for name in os.environ if name.startswith("ACCELERATE_DYNAMO_")]
     assert (run / "pretrain" / "model.safetensors").is_file()
     assert json.loads((run / "pretrain" / "manifest.json").read_text())["config"]["compile"] is False
+
+
+def test_compile_off_keeps_the_run_key_of_stages_finished_before_the_option_existed():
+    from pipeline.stage import _run_key
+
+    before = {"run_dir": "runs/x", "lr": 0.001, "max_steps": 10}
+    assert _run_key({**before, "compile": False}, None, {}) == _run_key(before, None, {})
+    assert _run_key({**before, "compile": True}, None, {}) != _run_key(before, None, {})
