@@ -16,13 +16,16 @@ steps (after 3 warm-up steps). MFU: FLOPs per token by the PaLM / nanoGPT estima
 12 * layers * width * context, against the fp32 matmul peak measured in the same run.
 
 `--compile` also times our step with the stage's `--compile` (regional torch.compile), reporting the
-first (compiling) step apart. Where the CPU multiplies bf16 in hardware (AMX, AVX-512 BF16; `--bf16
-auto`, the default) or when asked (`--bf16 yes`), our step is also timed under bf16 autocast.
+first (compiling) step apart, and nanoGPT's with its own --compile=True. Where the CPU multiplies bf16
+in hardware (AMX, AVX-512 BF16; `--bf16 auto`, the default) or when asked (`--bf16 yes`), our step is
+also timed under bf16 autocast.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import pickle
 import re
@@ -184,13 +187,13 @@ def nanogpt_tokens_per_s(output: str, shape: Shape, steps: int) -> float:
     return steps * shape.batch * shape.context / sum(times[:steps])
 
 
-def nanogpt(tree: Path, workdir: Path, shape: Shape, steps: int, threads: int) -> float:
+def nanogpt(tree: Path, workdir: Path, shape: Shape, steps: int, threads: int, compile_: bool = False) -> float:
     """Tokens/s of nanoGPT's own train.py at `shape`, run from `workdir` (data and out_dir there)."""
     args = {
         "dataset": "bench",
         "out_dir": str(workdir / "out"),
         "device": "cpu",
-        "compile": False,
+        "compile": compile_,
         "dtype": "float32",
         "n_layer": shape.layers,
         "n_head": shape.heads,
@@ -225,7 +228,8 @@ def nanogpt_params(tree: Path, shape: Shape, vocab: int) -> int:
         block_size=shape.context, vocab_size=vocab, n_layer=shape.layers, n_head=shape.heads,
         n_embd=shape.width, dropout=0.0, bias=False,
     )  # fmt: skip
-    return sum(p.numel() for p in GPT(config).parameters())
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its parameter count
+        return sum(p.numel() for p in GPT(config).parameters())
 
 
 def main() -> None:
@@ -234,7 +238,9 @@ def main() -> None:
     ap.add_argument("--run", type=Path, default=Path("runs/default"), help="run whose world (and tokenizer) to use")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per side per round")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds; figures are medians")
-    ap.add_argument("--compile", action="store_true", help="also time ours with --compile (regional torch.compile)")
+    ap.add_argument(
+        "--compile", action="store_true", help="also time ours with --compile (and nanoGPT with its --compile=True)"
+    )
     ap.add_argument(
         "--bf16",
         choices=("auto", "yes", "no"),
@@ -262,6 +268,8 @@ def main() -> None:
     rule = "|---|---|---|---|---|---|"
     if args.compile:
         head, rule = head + " ours --compile tokens/s | first step s | compiled / eager |", rule + "---|---|---|"
+        if args.nanogpt:
+            head, rule = head + " nanoGPT --compile=True tokens/s | both compiled: ours / it |", rule + "---|---|"
     if bf16:
         head, rule = head + " ours bf16 autocast tokens/s | bf16 / fp32 |", rule + "---|---|"
     print(head + "\n" + rule)
@@ -270,7 +278,7 @@ def main() -> None:
             write_nanogpt_data(Path(tmp), stream, vocab)
             (Path(tmp) / "configurator.py").symlink_to((args.nanogpt / "configurator.py").resolve())
         for shape in SHAPES:
-            ours_tps, ref_tps, compiled, firsts = [], [], [], []
+            ours_tps, ref_tps, compiled, firsts, ref_compiled = [], [], [], [], []
             for r in range(args.rounds):
                 sides = ["ours", "ref"] if r % 2 == 0 else ["ref", "ours"]
                 for side in sides:
@@ -286,6 +294,8 @@ def main() -> None:
                     tps, first, _ = ours(shape, tokenizer, stream, args.steps, accelerator, compile_=True)
                     compiled.append(tps)
                     firsts.append(first)
+                    if args.nanogpt:
+                        ref_compiled.append(nanogpt(args.nanogpt, Path(tmp), shape, args.steps, threads, True))
             mine, ref = statistics.median(ours_tps), statistics.median(ref_tps)
             n_ref = nanogpt_params(args.nanogpt, shape, vocab) if args.nanogpt else gpt2_params(shape, vocab)
             mfu = mine * flops_per_token(n_ours, shape.layers, shape.width, shape.context) / peak
@@ -297,6 +307,9 @@ def main() -> None:
             if args.compile:
                 c = statistics.median(compiled)
                 cells += f" {c:,.0f} | {firsts[0]:.1f} | {c / mine:.2f}x |"  # the first round's compile: the coldest
+                if args.nanogpt:
+                    rc = statistics.median(ref_compiled)
+                    cells += f" {rc:,.0f} | {c / rc:.2f}x |"
             if bf16:
                 b = ours(shape, tokenizer, stream, args.steps, accelerator, bf16=True)[0]
                 cells += f" {b:,.0f} | {b / mine:.2f}x |"

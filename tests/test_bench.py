@@ -179,6 +179,8 @@ def test_nanogpt_side_runs_its_train_py_on_our_tokens_and_reads_its_own_timings(
     assert tps == pytest.approx(steps * 4 * 32 / seconds)
     seen = (work / "out" / "seen.txt").read_text().split()
     assert seen == ["1201", "5000", "4", "32", "False", "cpu", "1"]
+    nanogpt(tree, work, shape, steps, threads=2, compile_=True)  # --compile: its own compile too
+    assert (work / "out" / "seen.txt").read_text().split()[4:] == ["True", "cpu", "2"]
     assert sorted(p.name for p in tree.iterdir()) == ["configurator.py", "train.py"]  # the tree is not written to
 
 
