@@ -140,6 +140,8 @@ def gpt2_reference(shape: Shape, vocab: int, stream, steps: int) -> float:
             resid_pdrop=0.0,
             embd_pdrop=0.0,
             attn_pdrop=0.0,
+            bos_token_id=None,  # GPT-2's own ids lie outside a small vocabulary
+            eos_token_id=None,
         )
     )
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95))
@@ -156,7 +158,14 @@ def gpt2_reference(shape: Shape, vocab: int, stream, steps: int) -> float:
 
 
 def gpt2_params(shape: Shape, vocab: int) -> int:
-    config = GPT2Config(vocab_size=vocab, n_embd=shape.width, n_layer=shape.layers, n_head=shape.heads)
+    config = GPT2Config(
+        vocab_size=vocab,
+        n_embd=shape.width,
+        n_layer=shape.layers,
+        n_head=shape.heads,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
     config.n_positions = shape.context
     return sum(p.numel() for p in GPT2LMHeadModel(config).parameters())
 
