@@ -153,8 +153,9 @@ test-fast: setup
 
 bench: bench-pretrain bench-ppo
 
-bench-pretrain: setup
-	$(PY) -m bench.pretrain
+# ARGS="--nanogpt PATH --compile": beside nanoGPT's own train.py from a work tree you cloned.
+bench-pretrain: setup data
+	$(PY) -m bench.pretrain --run $(RUN) $(ARGS)
 
 bench-ppo: setup
 	$(PY) -m bench.ppo
