@@ -1,6 +1,7 @@
-"""`--compile`: regional torch.compile of the transformer blocks (pretrain, PPO's update) and transformers'
-torch_compile (SFT). The compiled model must compute what the eager one does - packed, padding-free rows
-included, whose attention runs eagerly inside the compiled blocks - and save under the same names."""
+"""`--compile`: regional torch.compile of the transformer blocks (pretrain), the update's policy+critic
+forward (PPO, with symbolic lengths) and transformers' torch_compile (SFT). The compiled model must compute
+what the eager one does - packed, padding-free rows included, whose attention runs eagerly inside the
+compiled graphs - without a new graph per answer length, and save under the same names."""
 
 from __future__ import annotations
 
@@ -99,6 +100,35 @@ def test_sft_with_compile_trains_and_saves_a_plain_checkpoint(pretrained_run, wo
     assert json.loads((run / "sft" / "manifest.json").read_text())["config"]["compile"] is True
     saved = AutoModelForCausalLM.from_pretrained(run / "sft").state_dict()
     assert list(saved) == list(AutoModelForCausalLM.from_pretrained(run / "pretrain").state_dict())
+
+
+@pytest.mark.slow  # compiles a forward and its three shapes: about 20 s
+def test_compiled_update_forward_matches_eager_and_does_not_recompile_for_new_answer_lengths(parents):
+    from torch._dynamo.utils import counters
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from pipeline.generation import chat_ids, left_pad
+    from pipeline.packing import packs_sequences
+
+    torch._dynamo.reset()
+    policy = AutoModelForCausalLM.from_pretrained(parents / "sft").eval()
+    critic = ppo_run.Critic(AutoModelForSequenceClassification.from_pretrained(parents / "reward").eval(), 0.5)
+    assert packs_sequences(policy) and packs_sequences(critic.body)
+    tok = AutoTokenizer.from_pretrained(parents / "sft")
+    eager = ppo_run.ActorCritic(policy, critic)
+    compiled = ppo_run.ActorCritic(policy, critic)
+    compiled.compile(dynamic=True)  # as stages.ppo prepares it under --compile
+    graphs = []
+    for answer in ([5, 6, 7], [5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16]):  # a new answer length each time
+        prompts = [chat_ids(tok, p) + answer for p in ("Who is Ana Lint?", "Hi", "Where is Port Red?")]
+        seq, mask = left_pad(prompts, tok.pad_token_id)
+        ep = ppo_run.episodes(seq, mask, mask[:, -len(answer) :], packed=True)
+        with torch.no_grad():
+            (logits, values, _), (want_logits, want_values, _) = compiled(ep, 0.7), eager(ep, 0.7)
+        torch.testing.assert_close(logits, want_logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(values, want_values, atol=1e-4, rtol=1e-4)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[2] == graphs[1], f"graphs compiled after each call: {graphs}"
 
 
 @pytest.mark.slow
