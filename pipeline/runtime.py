@@ -195,25 +195,22 @@ def load_models_whole() -> None:
     unset_hf_deepspeed_config()
 
 
-def compile_blocks(model, dynamic: bool | None = None) -> int:
+def compile_blocks(model) -> int:
     """torch.compile each transformer block of `model` in place; returns how many were compiled.
 
     Regional compilation: the blocks are identical, so one compiled graph serves them all and the
     compile time is that of one block whatever the depth (a whole-model graph grows with it). The
-    blocks are the classes transformers itself keeps whole (`_no_split_modules`, found through wrappers
-    such as peft's); a model naming none is compiled whole. Parameter names do not change, so
-    checkpoints save and load as before. `dynamic=True` traces sequence lengths symbolically: one
-    graph for every length."""
-    blocks = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or [])}
+    blocks are the classes transformers itself keeps whole (`_no_split_modules`); a model naming none
+    is compiled whole. Parameter names do not change, so checkpoints save and load as before."""
+    blocks = set(getattr(model, "_no_split_modules", None) or [])
     compiled = 0
     for module in model.modules():
         if type(module).__name__ in blocks:
-            module.compile(dynamic=dynamic)
+            module.compile()
             compiled += 1
     if not compiled:
-        model.compile(dynamic=dynamic)
-        compiled = 1
-    return compiled
+        model.compile()
+    return max(compiled, 1)
 
 
 def configure_deepspeed(accelerator: Accelerator, micro_batch: int, grad_clip: float) -> None:
