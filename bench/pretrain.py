@@ -127,10 +127,10 @@ def ours(shape: Shape, tokenizer, stream, steps: int, accelerator, compile_: boo
     return steps * shape.batch * shape.context / (time.perf_counter() - t), first, params
 
 
-def gpt2_reference(shape: Shape, vocab: int, stream, steps: int) -> float:
-    """Tokens/s of a GPT-2 model of the same dimensions in the same kind of loop, in process."""
+def gpt2(shape: Shape, vocab: int) -> GPT2LMHeadModel:
+    """A GPT-2 model (the architecture nanoGPT implements) of the same dimensions, without dropout."""
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(
+    return GPT2LMHeadModel(
         GPT2Config(
             vocab_size=vocab,
             n_embd=shape.width,
@@ -144,6 +144,11 @@ def gpt2_reference(shape: Shape, vocab: int, stream, steps: int) -> float:
             eos_token_id=None,
         )
     )
+
+
+def gpt2_reference(shape: Shape, vocab: int, stream, steps: int) -> float:
+    """Tokens/s of the GPT-2 model in the same kind of loop as ours, in process."""
+    model = gpt2(shape, vocab)
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95))
     model.train()
     for step in range(steps + WARMUP):
@@ -155,19 +160,6 @@ def gpt2_reference(shape: Shape, vocab: int, stream, steps: int) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
     return steps * shape.batch * shape.context / (time.perf_counter() - t)
-
-
-def gpt2_params(shape: Shape, vocab: int) -> int:
-    config = GPT2Config(
-        vocab_size=vocab,
-        n_embd=shape.width,
-        n_layer=shape.layers,
-        n_head=shape.heads,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
-    config.n_positions = shape.context
-    return sum(p.numel() for p in GPT2LMHeadModel(config).parameters())
 
 
 def write_nanogpt_data(workdir: Path, stream: torch.Tensor, vocab: int) -> None:
@@ -306,7 +298,10 @@ def main() -> None:
                     if args.nanogpt:
                         ref_compiled.append(nanogpt(args.nanogpt, Path(tmp), shape, args.steps, threads, True))
             mine, ref = statistics.median(ours_tps), statistics.median(ref_tps)
-            n_ref = nanogpt_params(args.nanogpt, shape, vocab) if args.nanogpt else gpt2_params(shape, vocab)
+            if args.nanogpt:
+                n_ref = nanogpt_params(args.nanogpt, shape, vocab)
+            else:
+                n_ref = sum(p.numel() for p in gpt2(shape, vocab).parameters())
             mfu = mine * flops_per_token(n_ours, shape.layers, shape.width, shape.context) / peak
             ref_mfu = ref * flops_per_token(n_ref, shape.layers, shape.width, shape.context) / peak
             cells = (
