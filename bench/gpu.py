@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.pretrain import flops_per_token
+
 # H200 / H100 SXM dense bf16 peak (NVIDIA data sheet), used for MFU when no other figure is given.
 DEFAULT_PEAK_TFLOPS = 989.0
 
@@ -81,7 +83,7 @@ def stage_row(stage: str, run: Path, seconds: float, peak_tflops: float) -> dict
     if stage == "pretrain":
         tps = last(metrics, "perf/tokens_per_s")
         cfg = manifest["config"]
-        flops = 6 * m["params"] + 12 * cfg["n_layers"] * cfg["hidden_size"] * cfg["context"]
+        flops = flops_per_token(m["params"], cfg["n_layers"], cfg["hidden_size"], cfg["context"])
         row.update(throughput=f"{tps:,.0f} tokens/s", mfu=f"{tps * flops / (peak_tflops * 1e12):.1%}")
     elif stage == "ppo":
         row.update(throughput=f"{last(metrics, 'perf/episodes_per_s'):.2f} episodes/s")

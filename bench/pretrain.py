@@ -80,6 +80,7 @@ def matmul_peak_flops(n: int = 1024, seconds: float = 2.0, dtype=torch.float32) 
 
 
 def flops_per_token(params: int, layers: int, width: int, context: int) -> float:
+    """Training FLOPs per token (PaLM / nanoGPT): 6 per weight, plus attention's scores and values."""
     return 6 * params + 12 * layers * width * context
 
 

@@ -60,6 +60,7 @@ def test_compiled_blocks_keep_packed_sequences_apart_across_lengths():
 def test_compile_blocks_compiles_a_model_without_named_blocks_whole():
     plain = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     assert compile_blocks(plain) == 1
+    assert plain._compiled_call_impl is not None  # what nn.Module.compile() sets: calls go through dynamo
     x = torch.randn(3, 4)
     torch.testing.assert_close(plain(x), torch.relu(plain[0](x)))
 

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from pipeline.config import config_dict, parse_config
 from pipeline.errors import PipelineError
-from pipeline.runtime import bf16_hardware, precision_facts, precision_line, resolve_precision
+from pipeline.runtime import bf16_hardware, cpu_model, precision_facts, precision_line, resolve_precision
 from pipeline.stage import read_manifest
 from stages.pretrain.config import PretrainConfig
 from tests.conftest import make_corpus, read_jsonl, tiny_args, write_jsonl
@@ -71,11 +71,7 @@ def test_the_header_and_manifest_say_what_ran_on_which_cpu(cpu_with):
     assert facts["mixed_precision"] == "bf16" and facts["cpu_bf16_hardware"] == "AMX" and facts["cpu"]
     assert "bf16 autocast, fp32 weights" in precision_line("bf16") and "AMX" in precision_line("bf16")
     cpu_with()
-    assert precision_facts("no") == {
-        "mixed_precision": "fp32",
-        "cpu": precision_facts("no")["cpu"],
-        "cpu_bf16_hardware": "none",
-    }
+    assert precision_facts("no") == {"mixed_precision": "fp32", "cpu": cpu_model(), "cpu_bf16_hardware": "none"}
     assert "no bf16 hardware" in precision_line("no")
 
 
