@@ -146,14 +146,6 @@ def plan(options: MethodsOptions, threads: int) -> list[Job]:
     return jobs
 
 
-def start_order(jobs: list[Job]) -> list[Job]:
-    """The order jobs start in: the chains (every other job waits on its world's), then the longest kinds of
-    run first, so the bench does not end on one long run with the other cores idle (ending on a DPO run
-    left one of two cores idle for 81 s). The plan's own order stays the order of the tables."""
-    rank = ("chain", "dpo", "ppo", "grpo", "rloo", "reinforce_pp", "best_of_n")  # seconds a run, most first
-    return sorted(jobs, key=lambda j: rank.index("chain" if j.kind == "chain" else j.method))
-
-
 # ---- stamps: what a finished job ran ------------------------------------------------------------
 
 
@@ -388,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     started = time.time()
     bench = Bench(options, jobs, threads)
-    bench.run_all(start_order(todo))
+    bench.run_all(todo)
     if bench.failed:
         raise PipelineError(f"{len(bench.failed)} job(s) failed; the first: {bench.failed[0]}")
     md = write_tables(Path(options.run_dir), todo)
