@@ -267,6 +267,9 @@ class Bench:
     def __init__(self, options: MethodsOptions, jobs: int, threads: int):
         self.options, self.jobs, self.threads = options, jobs, threads
         self.lock = threading.Lock()
+        # Best-of-n samples here, in this process, through torch's global RNG (transformers' generate
+        # takes no generator): two at once would interleave their draws and move each other's figures.
+        self.sampling = threading.Lock()
         self.failed: list[str] = []
 
     def say(self, text: str) -> None:
@@ -287,8 +290,9 @@ class Bench:
             if job.kind == "stage":
                 link_chain(job)
             if job.kind == "best_of_n":
-                torch.set_num_threads(self.threads)
-                best_of_n(job, self.options)
+                with self.sampling:
+                    torch.set_num_threads(self.threads)
+                    best_of_n(job, self.options)
             else:
                 run_process(job, log, self.threads)
             if read_manifest(job.out) is None:

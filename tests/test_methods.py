@@ -89,6 +89,37 @@ def test_the_full_plan_runs_every_method_at_three_kl_settings_on_three_worlds(tm
     assert {(j.seed, j.chain) for j in quick} == {(7, tmp_path / "run")}
 
 
+def test_best_of_n_jobs_sample_one_at_a_time_whatever_the_jobs(tmp_path, monkeypatch):
+    """Best-of-n runs in the bench's own process on torch's global RNG: jobs side by side must not
+    interleave their draws, or a world's figures would depend on what ran beside it."""
+    import threading
+    import time
+
+    import evaluation.methods as methods
+
+    active, most = [0], [0]
+    count = threading.Lock()
+
+    def fake_best_of_n(job, options):
+        with count:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        time.sleep(0.2)
+        job.out.mkdir(parents=True)
+        (job.out / "manifest.json").write_text(json.dumps({"stage": "best_of_n"}))
+        with count:
+            active[0] -= 1
+
+    monkeypatch.setattr(methods, "best_of_n", fake_best_of_n)
+    monkeypatch.setattr(methods, "stamp", lambda job, options: {"job": job.key})
+    options = MethodsOptions(run_dir=str(tmp_path), jobs=3)
+    plan_ = [methods.Job(f"seed{s}-best_of_n", s, "best_of_n", tmp_path, tmp_path / f"s{s}") for s in range(3)]
+    bench_ = methods.Bench(options, jobs=3, threads=1)
+    bench_.run_all(plan_)
+    assert bench_.failed == [] and most[0] == 1
+    assert all((job.out / "manifest.json").is_file() for job in plan_)
+
+
 def bench(run, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     # Not the variables of a `make test ARGS=...` around us (make exports them): they would reach the chain.
     outer = ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "ARGS", "LAUNCH", "SEED", "STAGE", "PROMPT", "PROFILE")
