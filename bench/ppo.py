@@ -10,7 +10,9 @@ rollout batch, response length, temperature, PPO epochs and minibatches, and so 
 steps per update: PPO epochs x minibatches (`trl_settings`; TRL's own count is measured and checked).
 Measured: episodes per second of the PPO loop (model loading and saving excluded on both sides), peak
 resident memory, and the seconds per update of each phase (generate, score, reference, values, gc,
-update; ours from the stage's manifest, TRL's by timing the functions its loop calls). Rounds alternate
+update; ours from the stage's manifest, TRL's by timing the functions its loop calls), and the work each
+side's loop does: one more, untimed run per side under torch's FLOP counter (bench/ppo_flops.py for ours),
+its FLOPs per update against the one-thread fp32 matmul peak measured here. Rounds alternate
 (ours, TRL, ours, TRL, ...) and each side's median run is reported, so a burst of load from elsewhere on
 a shared machine does not decide the ratio. Both sides run fp32.
 
@@ -29,6 +31,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+from bench.pretrain import matmul_peak_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 TRL_VENV = ROOT / "bench" / ".trl-venv"
@@ -170,11 +174,9 @@ def bench_env(threads: int) -> dict:
     return env
 
 
-def run_ours(run: Path, a, env: dict) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "stages.ppo",
+def ours_options(run: Path, a) -> list[str]:
+    """Our stage's command-line options for the benchmark's settings `a`."""
+    options = [
         "--profile",
         "tiny",
         "--run_dir",
@@ -217,7 +219,12 @@ def run_ours(run: Path, a, env: dict) -> dict:
         "--threads",
         a.threads,
     ]
-    proc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env, capture_output=True, text=True)
+    return [str(o) for o in options]
+
+
+def run_ours(run: Path, a, env: dict) -> dict:
+    cmd = [sys.executable, "-m", "stages.ppo", *ours_options(run, a)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"our PPO failed:\n{proc.stderr[-3000:]}")
     manifest = json.loads((run / "ppo" / "manifest.json").read_text())
@@ -279,6 +286,25 @@ def run_trl(python: Path, run: Path, a, env: dict) -> dict:
             f"{a.ppo_epochs * a.num_minibatches}: the sides do not compare"
         )
     return r
+
+
+def count_ours(run: Path, a, env: dict) -> float:
+    """FLOPs per update of our stage's loop (rollout and PPO update), from an untimed counting run."""
+    cmd = [sys.executable, "-m", "bench.ppo_flops", *ours_options(run, a)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"counting our PPO's FLOPs failed:\n{proc.stderr[-3000:]}")
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    return (r["rollout"] + r["update"]) / r["updates"]
+
+
+def count_trl(python: Path, run: Path, a, env: dict) -> float:
+    """FLOPs per update of TRL's `train()`, from an untimed counting run."""
+    cmd = trl_command(python, run, a) + ["--count_flops"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**env, "PYTHONPATH": ""}, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"counting TRL PPO's FLOPs failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["flops"] / a.updates
 
 
 # The shapes the benchmark runs (each overrides the options): the tiny default; more and longer episodes;
@@ -345,7 +371,10 @@ def main(argv: list[str] | None = None) -> None:
 
     python = ensure_trl_venv()
     env = bench_env(base.threads)
-    results = {}
+    if base.threads:
+        torch.set_num_threads(base.threads)
+    peak = matmul_peak_flops()  # at the sides' thread count, for their share of it
+    results, flops = {}, {}
     for name, a in runs_of.items():
         run = OUT / f"ppo_l{a.n_layers}_h{a.hidden_size}_c{a.context}_s{a.seed}"
         build_run(run, a.n_layers, a.hidden_size, a.context, a.seed)
@@ -360,6 +389,12 @@ def main(argv: list[str] | None = None) -> None:
                     f"peak {r['peak_memory_mb']:.0f} MB, {r['optimizer_steps_per_update']:g} optimizer steps/update",
                     flush=True,
                 )
+        flops[name] = {"ours": count_ours(run, a, env), "trl": count_trl(python, run, a, env)}
+        print(
+            f"[bench] {name} GFLOP per update: ours {flops[name]['ours'] / 1e9:.1f}, "
+            f"TRL {flops[name]['trl'] / 1e9:.1f}",
+            flush=True,
+        )
 
     def median_run(rs: list[dict]) -> dict:
         return sorted(rs, key=lambda r: r["episodes_per_s"])[len(rs) // 2]
@@ -370,22 +405,34 @@ def main(argv: list[str] | None = None) -> None:
         "",
         "| shape | ours episodes/s | TRL episodes/s | ours / TRL | ours s per update: "
         + " / ".join(PHASES)
-        + " | TRL |",
-        "|---|---:|---:|---:|---|---|",
+        + " | TRL | GFLOP per update: ours / TRL | share of the matmul peak: ours / TRL |",
+        "|---|---:|---:|---:|---|---|---|---|",
     ]
     summary = {}
     for name, sides in results.items():
         ours, trl = median_run(sides["ours"]), median_run(sides["trl"])
         ratio = ours["episodes_per_s"] / trl["episodes_per_s"]
-        summary[name] = {"config": vars(runs_of[name]), "ours": ours, "trl": trl, "ratio": ratio}
+        work = {side: flops[name][side] / runs_of[name].rollout_batch_size for side in ("ours", "trl")}
+        # FLOPs per episode x episodes per second: the rate each side's loop ran at, against the peak.
+        share = {side: work[side] * r["episodes_per_s"] / peak for side, r in (("ours", ours), ("trl", trl))}
+        summary[name] = {
+            **{"config": vars(runs_of[name]), "ours": ours, "trl": trl, "ratio": ratio},
+            **{"flops_per_update": flops[name], "peak_share": share},
+        }
         lines.append(
             f"| {name} | {ours['episodes_per_s']:.2f} | {trl['episodes_per_s']:.2f} | **{ratio:.2f}x** | "
-            f"{split(ours)} | {split(trl)} |"
+            f"{split(ours)} | {split(trl)} | {flops[name]['ours'] / 1e9:.1f} / {flops[name]['trl'] / 1e9:.1f} | "
+            f"{share['ours']:.0%} / {share['trl']:.0%} |"
         )
     lines += ["", *(f"- {name}: {describe(a)}" for name, a in runs_of.items())]
+    lines.append(
+        f"- fp32 matmul peak at {base.threads or 'the default'} thread(s), measured here: {peak / 1e9:.1f} GFLOP/s"
+    )
     print("\n".join(lines))
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "ppo.json").write_text(json.dumps({"shapes": summary, "runs": results, "versions": versions()}, indent=2))
+    (OUT / "ppo.json").write_text(
+        json.dumps({"shapes": summary, "runs": results, "peak_flops": peak, "versions": versions()}, indent=2)
+    )
     (OUT / "ppo.md").write_text("\n".join(lines) + "\n")
 
 

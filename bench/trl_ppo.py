@@ -2,7 +2,8 @@
 
 Self-contained on purpose (torch, transformers, datasets, trl only): it runs in TRL's own environment.
 Prints one JSON line: {"episodes", "train_seconds", "episodes_per_s", "peak_memory_mb", "optimizer_steps",
-"optimizer_steps_per_update", "phase_seconds", "trl"}. The batch settings come from bench/ppo.py's
+"optimizer_steps_per_update", "phase_seconds", "trl"}; with --count_flops, an untimed run under torch's
+FLOP counter, "flops" too: what `train()` executed. The batch settings come from bench/ppo.py's
 `trl_settings`. The phase split times the functions PPOTrainer.train calls by name in its module
 (batch_generation; forward without gradients = the reference; get_reward on the value model or the reward
 model; gc.collect); "update" is the rest of the loop: the PPO epochs, GAE and the bookkeeping between.
@@ -11,6 +12,7 @@ model; gc.collect); "update" is the rest of the loop: the PPO epochs, GAE and th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -20,6 +22,7 @@ import time
 import torch
 import trl
 from datasets import Dataset
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from trl.experimental.ppo import PPOConfig, PPOTrainer
 from trl.experimental.ppo import ppo_trainer as trl_module
@@ -73,6 +76,7 @@ def main() -> None:
         ("local_rollout_forward_batch_size", int),
     ]:
         ap.add_argument(f"--{name}", type=kind, required=True)
+    ap.add_argument("--count_flops", action="store_true")
     a = ap.parse_args()
     sft, reward = os.path.join(a.run_dir, "sft"), os.path.join(a.run_dir, "reward")
 
@@ -140,8 +144,10 @@ def main() -> None:
         inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
         inner.register_step_post_hook(lambda *_: steps.__setitem__(0, steps[0] + 1))
         phases = time_phases(trainer.reward_model)
+        counter = FlopCounterMode(display=False) if a.count_flops else contextlib.nullcontext()
         start = time.time()
-        trainer.train()
+        with counter:
+            trainer.train()
         seconds = time.time() - start
     episodes = a.updates * a.rollout_batch_size
     print(
@@ -155,6 +161,7 @@ def main() -> None:
                 "optimizer_steps_per_update": steps[0] / a.updates,
                 "phase_seconds": {**phases, "update": seconds - sum(phases.values())},
                 "trl": trl.__version__,
+                **({"flops": counter.get_total_flops()} if a.count_flops else {}),
             }
         )
     )

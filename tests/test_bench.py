@@ -11,6 +11,7 @@ import pytest
 
 from bench import grpo
 from bench.ppo import trl_command, trl_optimizer_steps_per_update, trl_settings
+from tests.conftest import rl_run, run_module, tiny_rl
 
 
 @pytest.mark.parametrize("rollout, minibatches, epochs", [(32, 2, 4), (64, 4, 4), (8, 8, 1), (16, 1, 3)])
@@ -206,3 +207,22 @@ def test_our_side_times_the_stage_step(tmp_path):
     assert tps > 0 and first > 0
     # tied embedding; one block: q, k, v, o, the SwiGLU MLP at 8/3 x 32 rounded up to 128, two norms; final norm
     assert params == len(tokenizer) * 32 + (4 * 32 * 32 + 3 * 32 * 128 + 2 * 32) + 32
+
+
+# ---- bench/ppo_flops.py: the work our PPO loop does, counted ---------------------------------------
+
+
+def test_ppo_flops_counts_the_rollout_once_and_the_update_per_epoch(parents, tmp_path):
+    """Twice the PPO epochs on the same rollouts: the same rollout FLOPs, about twice the update's (the
+    shuffled minibatches pad attention a little differently)."""
+    counts = []
+    for epochs in (1, 2):
+        run = rl_run(parents, tmp_path, f"run{epochs}")
+        args = tiny_rl(run, "--num_updates", 1, "--ppo_epochs", epochs, "--gold_every", 0, "--eval_size", 4)
+        proc = run_module("bench.ppo_flops", *args, env={"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        counts.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    one, two = counts
+    assert one["updates"] == two["updates"] == 1
+    assert one["rollout"] == two["rollout"] > 0
+    assert two["update"] / one["update"] == pytest.approx(2, rel=0.05)
