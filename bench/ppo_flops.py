@@ -3,7 +3,8 @@
     python -m bench.ppo_flops <the stage's command-line options>
 
 Prints one JSON line: {"rollout", "update", "updates"}: the FLOPs the rollouts (generation, scores,
-reference, values, advantages) and the PPO updates executed, summed over the run. Only the loop is
+reference, values, advantages) and the PPO updates executed, summed over the run, and the number of
+updates it ran. Only the loop is
 counted, as TRL's side counts its `train()`: not loading, the final evaluation or saving.
 """
 
@@ -22,19 +23,20 @@ def counted(name: str, fn, totals: dict):
         with FlopCounterMode(display=False) as counter:
             out = fn(*args, **kwargs)
         totals[name] += counter.get_total_flops()
+        if name == "update":
+            totals["updates"] += 1
         return out
 
     return wrapper
 
 
 def main() -> None:
-    totals = {"rollout": 0, "update": 0}
+    totals = {"rollout": 0, "update": 0, "updates": 0}
     # main() calls both through the module's globals, so wrapping them here counts every call.
     ppo.rollout = counted("rollout", ppo.rollout, totals)
     ppo.ppo_update = counted("update", ppo.ppo_update, totals)
-    argv = sys.argv[1:]
-    ppo.main(argv)
-    print(json.dumps({**totals, "updates": int(argv[argv.index("--num_updates") + 1])}))
+    ppo.main(sys.argv[1:])
+    print(json.dumps(totals))
 
 
 if __name__ == "__main__":

@@ -8,9 +8,12 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
+import evaluation.methods as methods
 from evaluation.methods import METHODS, MethodsOptions, plan
 from evaluation.methods_table import matched_kl, over_worlds
 from pipeline.stats import interpolate, t_interval
@@ -92,11 +95,6 @@ def test_the_full_plan_runs_every_method_at_three_kl_settings_on_three_worlds(tm
 def test_best_of_n_jobs_sample_one_at_a_time_whatever_the_jobs(tmp_path, monkeypatch):
     """Best-of-n runs in the bench's own process on torch's global RNG: jobs side by side must not
     interleave their draws, or a world's figures would depend on what ran beside it."""
-    import threading
-    import time
-
-    import evaluation.methods as methods
-
     active, most = [0], [0]
     count = threading.Lock()
 
