@@ -272,9 +272,13 @@ def trl_command(python: Path, run: Path, a) -> list[str]:
     return [str(c) for c in cmd]
 
 
-def run_trl(python: Path, run: Path, a, env: dict) -> dict:
+def run_trl(python: Path, run: Path, a, env: dict, *extra: str) -> dict:
     proc = subprocess.run(
-        trl_command(python, run, a), cwd=ROOT, env={**env, "PYTHONPATH": ""}, capture_output=True, text=True
+        trl_command(python, run, a) + list(extra),
+        cwd=ROOT,
+        env={**env, "PYTHONPATH": ""},
+        capture_output=True,
+        text=True,
     )
     if proc.returncode != 0:
         raise SystemExit(f"TRL PPO failed:\n{proc.stderr[-3000:]}")
@@ -300,11 +304,7 @@ def count_ours(run: Path, a, env: dict) -> float:
 
 def count_trl(python: Path, run: Path, a, env: dict) -> float:
     """FLOPs per update of TRL's `train()`, from an untimed counting run."""
-    cmd = trl_command(python, run, a) + ["--count_flops"]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**env, "PYTHONPATH": ""}, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"counting TRL PPO's FLOPs failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])["flops"] / a.updates
+    return run_trl(python, run, a, env, "--count_flops")["flops"] / a.updates
 
 
 # The shapes the benchmark runs (each overrides the options): the tiny default; more and longer episodes;

@@ -18,25 +18,24 @@ from torch.utils.flop_counter import FlopCounterMode
 import stages.ppo.run as ppo
 
 
-def counted(name: str, fn, totals: dict):
+def counted(name: str, fn, totals: dict, calls: dict):
     def wrapper(*args, **kwargs):
         with FlopCounterMode(display=False) as counter:
             out = fn(*args, **kwargs)
         totals[name] += counter.get_total_flops()
-        if name == "update":
-            totals["updates"] += 1
+        calls[name] += 1
         return out
 
     return wrapper
 
 
 def main() -> None:
-    totals = {"rollout": 0, "update": 0, "updates": 0}
+    totals, calls = {"rollout": 0, "update": 0}, {"rollout": 0, "update": 0}
     # main() calls both through the module's globals, so wrapping them here counts every call.
-    ppo.rollout = counted("rollout", ppo.rollout, totals)
-    ppo.ppo_update = counted("update", ppo.ppo_update, totals)
+    ppo.rollout = counted("rollout", ppo.rollout, totals, calls)
+    ppo.ppo_update = counted("update", ppo.ppo_update, totals, calls)
     ppo.main(sys.argv[1:])
-    print(json.dumps(totals))
+    print(json.dumps({**totals, "updates": calls["update"]}))
 
 
 if __name__ == "__main__":
