@@ -59,7 +59,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 vocab, name, out = sys.argv[1:]
 try:
     tok = AutoTokenizer.from_pretrained(vocab, gguf_file=f"ggml-vocab-{name}.gguf")
-except Exception:  # transformers 5.24 cannot read Gemma 4's model config from the file; its tokenizer part it can
+except Exception:  # transformers 5.25 cannot read Gemma 4's model config from the file; its tokenizer part it can
     from transformers import PreTrainedTokenizerFast
     from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer, get_gguf_tokenizer
     architecture, vocabulary, settings = get_gguf_tokenizer(f"{vocab}/ggml-vocab-{name}.gguf")
