@@ -7,12 +7,14 @@ import os
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from accelerate import Accelerator
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from data.formats.text import load_texts
 from data.tokenizer import train_tokenizer
+from stages.pretrain.config import PretrainConfig
+from stages.pretrain.run import evaluate, optimizer_step, sample_batch
 from stages.pretrain.run import main as pretrain_main
-from stages.pretrain.run import sample_batch
 from tests.conftest import (
     assert_replicas_saved,
     kill_after_checkpoint,
@@ -121,6 +123,27 @@ def test_batches_are_a_function_of_the_seed():
     stream = torch.arange(1000)
     assert torch.equal(sample_batch(stream, 4, 16, 7), sample_batch(stream, 4, 16, 7))
     assert not torch.equal(sample_batch(stream, 4, 16, 7), sample_batch(stream, 4, 16, 8))
+
+
+def test_training_and_held_out_forwards_build_no_kv_cache(monkeypatch):
+    """transformers builds a KV cache in any forward not told otherwise; the step and the held-out loss
+    need none. Checked by counting caches built: a plain forward of the same model builds one."""
+    built = []
+    init = DynamicCache.__init__
+    monkeypatch.setattr(DynamicCache, "__init__", lambda self, *a, **kw: (built.append(1), init(self, *a, **kw))[1])
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
+    )
+    model, accelerator = LlamaForCausalLM(config), Accelerator(cpu=True)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    stream = torch.randint(0, 64, (500,))
+    optimizer_step(PretrainConfig(batch_size=2, context=16), accelerator, model, optimizer, scheduler, stream, 0)
+    evaluate(model, accelerator, stream[:64].view(4, 16), batch_size=2)
+    assert built == []
+    model(input_ids=stream[:16][None])
+    assert built == [1]
 
 
 def _fails(capsys, argv, *expected) -> str:

@@ -163,7 +163,13 @@ def answer_logps(model, tokenized: list[TokenizedGroup], pad_id: int, batch_size
         width = int(kept.max())  # >= 1: tokenize_groups dropped the prompts that fill max_length
         ids, mask = (t.to(device) for t in left_pad(rows, pad_id))
         logits = (
-            model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=width + 1)
+            model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=position_ids(mask),
+                use_cache=False,
+                logits_to_keep=width + 1,
+            )
             .logits[:, :-1]
             .float()
         )  # the positions that predict the last `width` tokens

@@ -76,7 +76,7 @@ def evaluate(model, accelerator, blocks: torch.Tensor, batch_size: int) -> float
     total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
     for i in range(0, len(mine), batch_size):
         x = mine[i : i + batch_size].to(accelerator.device)
-        total += model(input_ids=x, labels=x).loss.float() * len(x)
+        total += model(input_ids=x, labels=x, use_cache=False).loss.float() * len(x)
         count += len(x)
     total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
     model.train()
@@ -306,7 +306,9 @@ def optimizer_step(
         seed = hash((cfg.seed, accelerator.process_index, step, micro)) % 2**62
         x = sample_batch(stream, cfg.batch_size, cfg.context, seed).to(accelerator.device)
         with accelerator.accumulate(model):
-            loss = model(input_ids=x, labels=x).loss
+            # use_cache=False: transformers would otherwise build a KV cache in every training forward,
+            # copying each layer's keys and values into it for nothing.
+            loss = model(input_ids=x, labels=x, use_cache=False).loss
             accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.grad_clip > 0:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
