@@ -4,8 +4,8 @@
 
 Prints one JSON line: {"rollout", "update", "updates"}: the FLOPs the rollouts (generation, scores,
 reference, values, advantages) and the PPO updates executed, summed over the run, and the number of
-updates it ran. Only the loop is
-counted, as TRL's side counts its `train()`: not loading, the final evaluation or saving.
+updates it ran. Only the loop is counted, as TRL's side counts its `train()`: not loading, the final
+evaluation or saving.
 """
 
 from __future__ import annotations

@@ -130,7 +130,12 @@ def test_training_and_held_out_forwards_build_no_kv_cache(monkeypatch):
     need none. Checked by counting caches built: a plain forward of the same model builds one."""
     built = []
     init = DynamicCache.__init__
-    monkeypatch.setattr(DynamicCache, "__init__", lambda self, *a, **kw: (built.append(1), init(self, *a, **kw))[1])
+
+    def counting_init(self, *args, **kwargs):
+        built.append(1)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(DynamicCache, "__init__", counting_init)
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
